@@ -1,0 +1,224 @@
+"""The bus: broker factory, stream setup, durable subscribers, publishing.
+
+Delivery contract, the same for every service:
+
+* Durable pull consumers shared by all replicas (:func:`durable_subscriber`),
+  explicit acks (``NACK_ON_ERROR``).
+* A handler that raises :class:`PermanentFailure` (or receives a payload that
+  does not validate) gets its message dead-lettered at once with the reason
+  and terminated: it is never redelivered.
+* Any other exception is a transient failure: the message is nak'ed with a
+  growing delay and redelivered, up to the consumer's ``max_deliver``; the
+  last failure dead-letters it.
+* :func:`publish_event` sets ``Nats-Msg-Id`` to the event id, so a duplicate
+  publish inside the stream's duplicate window is dropped by JetStream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import nats
+from faststream import AckPolicy, BaseMiddleware
+from faststream.exceptions import NackMessage, RejectMessage
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+from opentelemetry.sdk.trace import TracerProvider
+from pydantic import ValidationError
+
+from shared import events as ev
+from shared.settings import NatsSettings
+from shared.subjects import (
+    CONSUMERS,
+    KV_BUCKETS,
+    STREAMS,
+    ConsumerSpec,
+    dead_letter_subject,
+    subject_for,
+)
+from shared.telemetry import mark_lineage
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "Seal-Dead-Letter-Reason"
+SERVICE_HEADER = "Seal-Dead-Letter-Service"
+
+
+class PermanentFailure(Exception):
+    """Retrying cannot help: the message is dead-lettered and terminated."""
+
+
+def connect_options(settings: NatsSettings) -> dict[str, Any]:
+    """Keyword arguments for ``nats.connect`` / ``NatsBroker`` from settings."""
+    options: dict[str, Any] = {"connect_timeout": max(1, int(settings.connect_timeout_s))}
+    if settings.user:
+        options["user"] = settings.user
+    if settings.password:
+        options["password"] = settings.password.get_secret_value()
+    if settings.token:
+        options["token"] = settings.token.get_secret_value()
+    if settings.creds_file:
+        options["user_credentials"] = str(settings.creds_file)
+    return options
+
+
+def create_broker(
+    settings: NatsSettings,
+    *,
+    service: str,
+    tracer_provider: TracerProvider | None = None,
+    extra_middlewares: Iterable[Any] = (),
+) -> NatsBroker:
+    """A NatsBroker with OpenTelemetry propagation and dead-lettering installed."""
+    return NatsBroker(
+        settings.url,
+        name=f"seal-{service}",
+        middlewares=(
+            NatsTelemetryMiddleware(tracer_provider=tracer_provider),
+            DeadLetterMiddleware.for_service(service),
+            *extra_middlewares,
+        ),
+        graceful_timeout=30.0,
+        **connect_options(settings),
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create (or update) every stream and KV bucket; safe to call on every start."""
+    for spec in STREAMS:
+        config = StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            max_age=spec.max_age.total_seconds(),
+            duplicate_window=spec.duplicate_window.total_seconds(),
+            storage=StorageType.FILE,
+        )
+        try:
+            await js.stream_info(spec.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+    for bucket in KV_BUCKETS:
+        try:
+            await js.key_value(bucket)
+        except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError
+            await js.create_key_value(bucket=bucket, history=16)
+
+
+async def ensure_streams_at(settings: NatsSettings) -> None:
+    """Connect, create streams and buckets, disconnect."""
+    nc = await nats.connect(settings.url, **connect_options(settings))
+    try:
+        await ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def durable_subscriber(broker: NatsBroker, spec: ConsumerSpec, **kwargs: Any) -> Any:
+    """Decorator: a durable pull consumer that every replica of a service shares."""
+    _SPECS[spec.durable] = spec
+    return broker.subscriber(
+        spec.subject,
+        stream=JStream(spec.stream, declare=False),
+        durable=spec.durable,
+        pull_sub=PullSub(batch_size=1, timeout=5.0),
+        config=ConsumerConfig(
+            durable_name=spec.durable,
+            max_deliver=spec.max_deliver,
+            ack_wait=spec.ack_wait.total_seconds(),
+            filter_subject=spec.subject,
+        ),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        **kwargs,
+    )
+
+
+async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
+    """Publish an event to its subject through JetStream, de-duplicated by event id."""
+    mark_lineage(event.feedback_id, event.scope)
+    await broker.publish(
+        event.model_dump(mode="json"),
+        subject_for(event),
+        headers={"Nats-Msg-Id": event.event_id},
+        stream=_stream_of(event),
+    )
+
+
+def _stream_of(event: ev.Event) -> str:
+    subject = subject_for(event)
+    for spec in STREAMS:
+        if any(subject.startswith(s.rstrip(">")) for s in spec.subjects):
+            return spec.name
+    raise LookupError(f"no stream holds subject {subject}")
+
+
+_SPECS: dict[str, ConsumerSpec] = {spec.durable: spec for spec in CONSUMERS}
+
+
+class DeadLetterMiddleware(BaseMiddleware):
+    """Dead-letters permanent failures at once and transient ones on their last try."""
+
+    service: str = "unknown"
+
+    @classmethod
+    def for_service(cls, service: str) -> type["DeadLetterMiddleware"]:
+        return type(f"DeadLetter_{service}", (cls,), {"service": service})
+
+    async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        try:
+            return await call_next(msg)
+        except (RejectMessage, NackMessage):
+            raise
+        except (PermanentFailure, ev.EventValidationError, ValidationError) as exc:
+            reason = _readable(exc)
+            log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, reason)
+            await self._dead_letter(msg, reason)
+            raise RejectMessage() from exc
+        except Exception as exc:
+            delivered, durable = _delivery(msg)
+            spec = _SPECS.get(durable or "")
+            limit = spec.max_deliver if spec else 1
+            reason = f"{type(exc).__name__}: {exc}"
+            if delivered >= limit:
+                log.error("giving up after %d deliveries: %s", delivered, reason)
+                await self._dead_letter(msg, f"failed {delivered} times; last error: {reason}")
+                raise RejectMessage() from exc
+            backoff = spec.backoff if spec and spec.backoff else (1.0,)
+            delay = backoff[min(delivered - 1, len(backoff) - 1)]
+            log.warning("transient failure (delivery %d of %d), retrying in %ss: %s", delivered, limit, delay, reason)
+            raise NackMessage(delay=delay) from exc
+
+    async def _dead_letter(self, msg: Any, reason: str) -> None:
+        raw = getattr(msg, "raw_message", None)
+        subject = getattr(raw, "subject", "unknown")
+        headers = {k: v for k, v in (getattr(raw, "headers", None) or {}).items() if k != "Nats-Msg-Id"}
+        headers[REASON_HEADER] = reason[:4000]
+        headers[SERVICE_HEADER] = self.service
+        broker = self.context.get("broker")
+        if broker is None:
+            log.error("no broker in context; cannot dead-letter message on %s", subject)
+            return
+        try:
+            await broker.publish(msg.body, dead_letter_subject(self.service, subject), headers=headers)
+        except Exception:  # noqa: BLE001 - losing the copy must not crash the consumer
+            log.exception("could not dead-letter message on %s", subject)
+
+
+def _readable(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return f"invalid payload: {ev.describe_validation_error(exc)}"
+    return str(exc) or type(exc).__name__
+
+
+def _delivery(msg: Any) -> tuple[int, str | None]:
+    """(times delivered, durable consumer name), or (1, None) outside JetStream."""
+    try:
+        meta = msg.raw_message.metadata
+        return int(meta.num_delivered), meta.consumer
+    except Exception:  # noqa: BLE001 - core NATS or the in-memory test broker
+        return 1, None

@@ -1,0 +1,475 @@
+"""Event contracts between the SEAL services.
+
+Every message on the bus is one of the frozen pydantic models below. Each
+carries the common envelope (``event_id``, ``feedback_id``, ``scope``,
+``schema_version``, ``occurred_at``, ``causation_id``) and a ``type`` tag, so a
+consumer can tell events apart without looking at the subject.
+
+Compatibility rule: consumers *ignore* fields they do not know, so a producer
+may add an optional field without breaking a running consumer. Removing or
+re-typing a field is a new ``schema_version``.
+
+Parsing untrusted input goes through :func:`parse_event` or
+``Model.from_json``; both raise :class:`EventValidationError` whose message a
+person can read ("feedback.passage: String should have at most 20000
+characters"), never a raw traceback.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+SCHEMA_VERSION = 1
+
+# A scope names an adapter line: a product, a team or one user. It appears in
+# object keys and KV keys, so it is restricted to a safe alphabet.
+SCOPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-.:]{0,127}$"
+
+Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN)]
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2_000)]
+LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+_ID_NAMESPACE = uuid.UUID("6f1c9a4e-5a0b-4d8e-9d6b-2f1e5c7a9b3d")
+
+
+def derived_id(*parts: object) -> str:
+    """A deterministic id from its parts: redelivery of a cause yields the same id."""
+    return uuid.uuid5(_ID_NAMESPACE, "\x1f".join(str(p) for p in parts)).hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventValidationError(ValueError):
+    """A payload that is not a valid event; ``str()`` is meant for people."""
+
+    def __init__(self, reason: str, errors: list[dict[str, Any]] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.errors = errors or []
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
+    """Turn pydantic's error list into one short readable sentence per problem."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(part) for part in err["loc"]) or "payload"
+        parts.append(f"{where}: {err['msg']}")
+    more = len(exc.errors()) - limit
+    if more > 0:
+        parts.append(f"... and {more} more problem(s)")
+    return "; ".join(parts)
+
+
+class Contract(BaseModel):
+    """Base for every value object that crosses a service boundary."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", str_max_length=100_000)
+
+
+# --------------------------------------------------------------------------- values
+
+
+class Probe(Contract):
+    """A closed-book question that tells whether a fact was learned."""
+
+    question: ShortText
+    answer: ShortText
+    aliases: tuple[ShortText, ...] = Field(default=(), max_length=20)
+    source: Literal["product", "self_generated"] = "product"
+
+
+class KnowledgeFeedback(Contract):
+    kind: Literal["knowledge"] = "knowledge"
+    passage: LongText
+    title: ShortText | None = None
+    probes: tuple[Probe, ...] = Field(default=(), max_length=50)
+
+
+class CorrectionFeedback(Contract):
+    kind: Literal["correction"] = "correction"
+    question: ShortText
+    wrong_answer: ShortText | None = None
+    right_answer: ShortText
+
+
+class PreferenceExample(Contract):
+    prompt: ShortText
+    response: LongText
+
+
+class PreferenceFeedback(Contract):
+    kind: Literal["preference"] = "preference"
+    instruction: LongText
+    examples: tuple[PreferenceExample, ...] = Field(default=(), max_length=20)
+
+
+FeedbackContent = Annotated[
+    Union[KnowledgeFeedback, CorrectionFeedback, PreferenceFeedback],
+    Field(discriminator="kind"),
+]
+
+SelfEditFormat = Literal["implications", "rewrite", "self_qa", "correction", "preference"]
+
+
+class TrainingDirectives(Contract):
+    """Hyperparameters of one inner-loop update; always within ``BOUNDS``.
+
+    A self-edit may propose these (SEAL's few-shot directives); the generator
+    clamps them with :meth:`clamped` before they travel.
+    """
+
+    BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
+        "learning_rate": (1e-6, 1e-3),
+        "epochs": (1, 20),
+        "lora_rank": (1, 64),
+        "lora_alpha": (1, 128),
+        "batch_size": (1, 32),
+        "max_seq_len": (16, 2048),
+    }
+
+    learning_rate: float = Field(default=1e-4, ge=1e-6, le=1e-3)
+    epochs: int = Field(default=3, ge=1, le=20)
+    lora_rank: int = Field(default=8, ge=1, le=64)
+    lora_alpha: int = Field(default=16, ge=1, le=128)
+    batch_size: int = Field(default=4, ge=1, le=32)
+    max_seq_len: int = Field(default=256, ge=16, le=2048)
+    target_modules: Literal["all-linear", "attention"] = "all-linear"
+    # Indices into the self-edit's sequences to train on; ``None`` means all.
+    use_sequences: tuple[int, ...] | None = Field(default=None, max_length=256)
+    seed: int = 0
+
+    @classmethod
+    def clamped(cls, proposed: dict[str, Any] | None) -> "TrainingDirectives":
+        """Defaults for what is absent or unusable, proposals pulled into bounds."""
+        values: dict[str, Any] = {}
+        for name, raw in (proposed or {}).items():
+            if name in cls.BOUNDS:
+                low, high = cls.BOUNDS[name]
+                try:
+                    number = float(raw)
+                except (TypeError, ValueError):
+                    continue
+                if number != number:  # NaN
+                    continue
+                number = min(max(number, low), high)
+                values[name] = number if name == "learning_rate" else int(round(number))
+            elif name == "target_modules" and raw in ("all-linear", "attention"):
+                values[name] = raw
+            elif name == "use_sequences" and isinstance(raw, (list, tuple)):
+                idx = [int(i) for i in raw if isinstance(i, int) and 0 <= i < 256]
+                values[name] = tuple(dict.fromkeys(idx)) or None
+        return cls(**values)
+
+
+class SelfEdit(Contract):
+    """Training data the model wrote for itself, plus how to train on it."""
+
+    self_edit_id: Identifier
+    format: SelfEditFormat
+    completion: str = Field(max_length=50_000)
+    sequences: tuple[Annotated[str, StringConstraints(min_length=1, max_length=4_000)], ...] = Field(
+        min_length=1, max_length=256
+    )
+    directives: TrainingDirectives = TrainingDirectives()
+    candidate_index: int = Field(default=0, ge=0)
+    candidate_count: int = Field(default=1, ge=1, le=64)
+
+
+class PolicyExample(Contract):
+    """A (prompt, completion) pair for the generator's own policy adapter."""
+
+    prompt: LongText
+    completion: LongText
+    reward: float = 0.0
+
+
+class ManifestRef(Contract):
+    """Where an adapter lives and the digest of its manifest."""
+
+    uri: str = Field(pattern=r"^s3://[^/]+/.+")
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Scores(Contract):
+    """Closed-book accuracies in [0, 1]; ``None`` where a set was empty."""
+
+    target: float | None = None
+    target_product: float | None = None
+    target_self_generated: float | None = None
+    regression: float | None = None
+    core: float | None = None
+    earlier_feedback: float | None = None
+    details: dict[str, float] = Field(default_factory=dict)
+
+
+class GateResult(Contract):
+    gate: str
+    passed: bool
+    value: float | None = None
+    threshold: float | None = None
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Event(Contract):
+    """The envelope every event carries."""
+
+    type: str
+    event_id: Identifier = Field(default_factory=new_id)
+    feedback_id: Identifier
+    scope: Scope
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+    occurred_at: datetime = Field(default_factory=utcnow)
+    causation_id: Identifier | None = None
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is newer than this service understands ({SCHEMA_VERSION})")
+        return value
+
+    def caused(self, event_cls: type[E], key: object = "", **fields: Any) -> E:
+        """Build the next event of this lineage: same feedback and scope, caused by this one.
+
+        Its ``event_id`` is derived from this event's id, the new type and
+        ``key``, so handling a redelivered message publishes the very same ids
+        and JetStream's duplicate window (``Nats-Msg-Id``) drops the copies.
+        """
+        fields.setdefault("feedback_id", self.feedback_id)
+        fields.setdefault("scope", self.scope)
+        event_type = event_cls.model_fields["type"].default
+        fields.setdefault("event_id", derived_id(self.event_id, event_type, key))
+        return event_cls(causation_id=self.event_id, **fields)
+
+    @classmethod
+    def from_json(cls: type[E], payload: bytes | str | dict[str, Any]) -> E:
+        try:
+            if isinstance(payload, dict):
+                return cls.model_validate(payload)
+            return cls.model_validate_json(payload)
+        except ValidationError as exc:
+            raise EventValidationError(
+                f"invalid {cls.__name__}: {describe_validation_error(exc)}", exc.errors(include_url=False)
+            ) from None
+
+
+E = TypeVar("E", bound=Event)
+
+
+class FeedbackSubmitted(Event):
+    """A product tells the platform something new. The lineage root."""
+
+    type: Literal["feedback.submitted"] = "feedback.submitted"
+    content: FeedbackContent
+    submitted_by: ShortText | None = None
+
+
+class FeedbackRejected(Event):
+    type: Literal["feedback.rejected"] = "feedback.rejected"
+    reason: str
+
+
+class SelfEditGenerated(Event):
+    """One candidate self-edit; the trainer trains each one."""
+
+    type: Literal["selfedit.generated"] = "selfedit.generated"
+    self_edit: SelfEdit
+    probes: tuple[Probe, ...] = Field(default=(), max_length=100)
+    generator_adapter: str | None = None
+
+
+class SelfEditRejected(Event):
+    type: Literal["selfedit.rejected"] = "selfedit.rejected"
+    self_edit_id: Identifier
+    candidate_index: int = 0
+    candidate_count: int = 1
+    reasons: tuple[str, ...]
+
+
+class RebaseRequested(Event):
+    """Registry -> trainer: train this self-edit again on the new active version."""
+
+    type: Literal["training.rebase_requested"] = "training.rebase_requested"
+    self_edit: SelfEdit
+    probes: tuple[Probe, ...] = ()
+    parent_version: int | None = None
+    attempt: int = Field(default=1, ge=1)
+
+
+class AdapterTrained(Event):
+    type: Literal["adapter.trained"] = "adapter.trained"
+    adapter_id: Identifier
+    self_edit_id: Identifier
+    candidate_index: int = 0
+    candidate_count: int = 1
+    parent_adapter_id: Identifier | None = None
+    parent_version: int | None = None
+    adapter: ManifestRef
+    probes: tuple[Probe, ...] = ()
+    final_loss: float | None = None
+    seconds: float | None = None
+    trace_id: str | None = None
+
+
+class AdapterTrainingFailed(Event):
+    type: Literal["adapter.training_failed"] = "adapter.training_failed"
+    self_edit_id: Identifier
+    candidate_index: int = 0
+    candidate_count: int = 1
+    reason: str
+
+
+class AdapterEvaluated(Event):
+    type: Literal["adapter.evaluated"] = "adapter.evaluated"
+    adapter_id: Identifier
+    self_edit_id: Identifier
+    candidate_index: int = 0
+    candidate_count: int = 1
+    parent_adapter_id: Identifier | None = None
+    parent_version: int | None = None
+    adapter: ManifestRef
+    candidate_scores: Scores
+    parent_scores: Scores
+    reward: float
+    passed: bool
+    gates: tuple[GateResult, ...] = ()
+    reasons: tuple[str, ...] = ()
+    probes: tuple[Probe, ...] = ()
+    trace_id: str | None = None
+
+
+class AdapterEvaluationFailed(Event):
+    type: Literal["adapter.evaluation_failed"] = "adapter.evaluation_failed"
+    adapter_id: Identifier
+    self_edit_id: Identifier
+    candidate_index: int = 0
+    candidate_count: int = 1
+    reason: str
+
+
+class AdapterPromoted(Event):
+    type: Literal["adapter.promoted"] = "adapter.promoted"
+    adapter_id: Identifier
+    version: int = Field(ge=1)
+    previous_version: int | None = None
+    adapter: ManifestRef
+    reward: float | None = None
+    approved_by: str | None = None
+
+
+class AdapterRejected(Event):
+    type: Literal["adapter.rejected"] = "adapter.rejected"
+    adapter_id: Identifier | None = None
+    self_edit_id: Identifier | None = None
+    reasons: tuple[str, ...]
+    rejected_by: str | None = None
+
+
+class AdapterAwaitingApproval(Event):
+    type: Literal["adapter.awaiting_approval"] = "adapter.awaiting_approval"
+    adapter_id: Identifier
+    adapter: ManifestRef
+    reward: float | None = None
+
+
+class AdapterRolledBack(Event):
+    type: Literal["adapter.rolled_back"] = "adapter.rolled_back"
+    from_version: int | None = None
+    to_version: int
+    operator: str
+    reason: str
+
+
+class PolicyTrainingRequested(Event):
+    """Registry -> trainer: train the generator's policy adapter (ReST-EM)."""
+
+    type: Literal["policy.training_requested"] = "policy.training_requested"
+    examples: tuple[PolicyExample, ...] = Field(min_length=1, max_length=10_000)
+    directives: TrainingDirectives = TrainingDirectives()
+    round: int = Field(default=1, ge=1)
+
+
+class PolicyAdapterTrained(Event):
+    type: Literal["policy.trained"] = "policy.trained"
+    adapter_id: Identifier
+    adapter: ManifestRef
+    round: int = 1
+
+
+class OperatorAction(Event):
+    """Audit record of an operator's decision (approve, reject, rollback, pin)."""
+
+    type: Literal["operator.action"] = "operator.action"
+    action: Literal["approve", "reject", "rollback", "pin", "unpin"]
+    operator: ShortText
+    reason: ShortText
+    target_version: int | None = None
+    adapter_id: Identifier | None = None
+
+
+AnyEvent = Annotated[
+    Union[
+        FeedbackSubmitted,
+        FeedbackRejected,
+        SelfEditGenerated,
+        SelfEditRejected,
+        RebaseRequested,
+        AdapterTrained,
+        AdapterTrainingFailed,
+        AdapterEvaluated,
+        AdapterEvaluationFailed,
+        AdapterPromoted,
+        AdapterRejected,
+        AdapterAwaitingApproval,
+        AdapterRolledBack,
+        PolicyTrainingRequested,
+        PolicyAdapterTrained,
+        OperatorAction,
+    ],
+    Field(discriminator="type"),
+]
+
+_any_event: TypeAdapter[Any] = TypeAdapter(AnyEvent)
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.model_fields["type"].default: cls
+    for cls in Event.__subclasses__()
+}
+
+
+def parse_event(payload: bytes | str | dict[str, Any]) -> Event:
+    """Parse any event by its ``type`` tag, with a readable error on bad input."""
+    try:
+        if isinstance(payload, dict):
+            return _any_event.validate_python(payload)
+        return _any_event.validate_json(payload)
+    except ValidationError as exc:
+        raise EventValidationError(f"invalid event: {describe_validation_error(exc)}", exc.errors(include_url=False)) from None

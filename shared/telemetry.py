@@ -1,0 +1,71 @@
+"""OpenTelemetry setup and the lineage attributes every span carries.
+
+Traces are always *created* (so every event has a trace id the registry can
+store); they are *exported* over OTLP/HTTP only when an endpoint is set.
+FastStream's NATS middleware (see :mod:`shared.broker`) carries W3C trace
+context in message headers, so one feedback event is one trace across all
+four services.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from opentelemetry import baggage, context, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from shared.settings import TelemetrySettings
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_ID = "seal.feedback_id"
+SCOPE = "seal.scope"
+
+
+def setup_tracing(
+    settings: TelemetrySettings,
+    service_name: str,
+    extra_processors: Iterable[SpanProcessor] = (),
+) -> TracerProvider:
+    """Build this process's tracer provider. It is returned, not made global,
+    so tests can run several services in one process with their own exporters."""
+    resource = Resource.create(
+        {"service.name": service_name, "service.namespace": settings.service_namespace}
+    )
+    provider = TracerProvider(
+        resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio))
+    )
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = settings.otlp_endpoint.rstrip("/")
+        if not endpoint.endswith("/v1/traces"):
+            endpoint += "/v1/traces"
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        log.info("exporting traces to %s", endpoint)
+    for processor in extra_processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+def current_trace_id() -> str | None:
+    """The hex trace id of the active span, or None outside any trace."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def mark_lineage(feedback_id: str, scope: str) -> object:
+    """Put the lineage root on the active span and in baggage.
+
+    Returns a token for :func:`opentelemetry.context.detach`.
+    """
+    span = trace.get_current_span()
+    span.set_attribute(FEEDBACK_ID, feedback_id)
+    span.set_attribute(SCOPE, scope)
+    ctx = baggage.set_baggage(FEEDBACK_ID, feedback_id)
+    ctx = baggage.set_baggage(SCOPE, scope, context=ctx)
+    return context.attach(ctx)

@@ -1,0 +1,134 @@
+"""The bus through a real nats-server: trace context, dedup, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+import pytest
+from faststream.nats import NatsBroker
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shared import events as ev
+from shared.broker import (
+    REASON_HEADER,
+    PermanentFailure,
+    create_broker,
+    durable_subscriber,
+    publish_event,
+)
+from shared.settings import TelemetrySettings
+from shared.subjects import DLQ_PREFIX, FEEDBACK_SUBMITTED, ConsumerSpec
+from shared.telemetry import FEEDBACK_ID, setup_tracing
+
+pytestmark = pytest.mark.servers
+
+
+def feedback(passage: str = "Quellmoor received its charter in 1387.") -> ev.FeedbackSubmitted:
+    return ev.FeedbackSubmitted(
+        feedback_id=ev.new_id(), scope="acme", content=ev.KnowledgeFeedback(passage=passage)
+    )
+
+
+async def next_dead_letter(nc: nats.NATS, sub: object, timeout: float = 20) -> nats.aio.msg.Msg:
+    return await sub.next_msg(timeout=timeout)  # type: ignore[attr-defined]
+
+
+async def test_trace_context_survives_the_hop(provisioned_stack) -> None:
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing(TelemetrySettings(), "test", [SimpleSpanProcessor(exporter)])
+    spec = ConsumerSpec("test-trace", FEEDBACK_SUBMITTED)
+    broker = create_broker(provisioned_stack.nats_settings(), service="test", tracer_provider=provider)
+    received: asyncio.Queue[ev.FeedbackSubmitted] = asyncio.Queue()
+
+    @durable_subscriber(broker, spec)
+    async def on_feedback(event: ev.FeedbackSubmitted) -> None:
+        await received.put(event)
+
+    sent = feedback()
+    async with broker:
+        await broker.start()
+        await publish_event(broker, sent)
+        got = await asyncio.wait_for(received.get(), 20)
+    provider.force_flush()
+    assert got == sent
+    spans = exporter.get_finished_spans()
+    publish = [s for s in spans if s.kind.name == "PRODUCER"]
+    process = [s for s in spans if s.kind.name == "CONSUMER"]
+    assert publish and process, [s.name for s in spans]
+    assert {s.context.trace_id for s in publish + process} == {publish[0].context.trace_id}
+    assert process[0].parent is not None
+
+
+async def test_duplicate_event_ids_are_dropped(provisioned_stack) -> None:
+    broker = create_broker(provisioned_stack.nats_settings(), service="test")
+    spec = ConsumerSpec("test-dedup", FEEDBACK_SUBMITTED)
+    seen: list[str] = []
+    done = asyncio.Event()
+    sent, other = feedback("first"), feedback("second")
+
+    @durable_subscriber(broker, spec)
+    async def on_feedback(event: ev.FeedbackSubmitted) -> None:
+        if event.feedback_id in (sent.feedback_id, other.feedback_id):
+            seen.append(event.feedback_id)
+        if event.feedback_id == other.feedback_id:
+            done.set()
+
+    async with broker:
+        await broker.start()
+        await publish_event(broker, sent)
+        await publish_event(broker, sent)  # redelivered producer: same event id
+        await publish_event(broker, other)
+        await asyncio.wait_for(done.wait(), 20)
+    assert seen == [sent.feedback_id, other.feedback_id]
+
+
+async def test_bad_payload_is_dead_lettered_and_others_still_flow(provisioned_stack) -> None:
+    nc = await nats.connect(provisioned_stack.nats_url)
+    dead = await nc.subscribe(f"{DLQ_PREFIX}.test.>")
+    broker = create_broker(provisioned_stack.nats_settings(), service="test")
+    spec = ConsumerSpec("test-dlq", FEEDBACK_SUBMITTED, max_deliver=3, backoff=(0.1,))
+    good = feedback("a good passage")
+    fine = asyncio.Event()
+    attempts: dict[str, int] = {}
+
+    @durable_subscriber(broker, spec)
+    async def on_feedback(event: ev.FeedbackSubmitted) -> None:
+        text = event.content.passage  # type: ignore[union-attr]
+        attempts[text] = attempts.get(text, 0) + 1
+        if text == "explode":
+            raise PermanentFailure("the passage asks for something we never do")
+        if text == "flaky":
+            raise ConnectionError("object store unreachable")
+        if event.feedback_id == good.feedback_id:
+            fine.set()
+
+    try:
+        async with broker:
+            await broker.start()
+            js = nc.jetstream()
+            await js.publish(FEEDBACK_SUBMITTED, b'{"type": "feedback.submitted", "scope": "../etc"}')
+            await publish_event(broker, feedback("explode"))
+            await publish_event(broker, feedback("flaky"))
+            await publish_event(broker, good)
+            await asyncio.wait_for(fine.wait(), 20)
+            reasons = {}
+            for _ in range(3):
+                msg = await next_dead_letter(nc, dead)
+                body = json.loads(msg.data) if msg.data.startswith(b"{") else {}
+                key = body.get("content", {}).get("passage", "malformed")
+                reasons[key] = msg.headers[REASON_HEADER]
+    finally:
+        await nc.close()
+    assert "scope" in reasons["malformed"] and "pattern" in reasons["malformed"]
+    assert reasons["explode"] == "the passage asks for something we never do"
+    assert "failed 3 times" in reasons["flaky"] and "object store unreachable" in reasons["flaky"]
+    assert attempts["explode"] == 1  # permanent: never redelivered
+    assert attempts["flaky"] == 3  # transient: bounded by max_deliver
+
+
+def test_lineage_attribute_name_is_stable() -> None:
+    assert FEEDBACK_ID == "seal.feedback_id"
+    assert isinstance(NatsBroker, type)
