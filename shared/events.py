@@ -333,6 +333,7 @@ class AdapterTrained(Event):
     candidate_count: int = 1
     parent_adapter_id: Identifier | None = None
     parent_version: int | None = None
+    parent_adapter: ManifestRef | None = None
     adapter: ManifestRef
     probes: tuple[Probe, ...] = ()
     final_loss: float | None = None
@@ -356,6 +357,7 @@ class AdapterEvaluated(Event):
     candidate_count: int = 1
     parent_adapter_id: Identifier | None = None
     parent_version: int | None = None
+    parent_adapter: ManifestRef | None = None
     adapter: ManifestRef
     candidate_scores: Scores
     parent_scores: Scores

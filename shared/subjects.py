@@ -96,6 +96,8 @@ REGISTRY_EVALUATED = ConsumerSpec("registry-evaluated", ADAPTER_EVALUATED)
 REGISTRY_FAILURES = ConsumerSpec("registry-failures", f"{EVENTS_PREFIX}.*.*_failed")
 REGISTRY_SELFEDIT_REJECTED = ConsumerSpec("registry-selfedit-rejected", SELFEDIT_REJECTED)
 REGISTRY_FEEDBACK = ConsumerSpec("registry-feedback", FEEDBACK_SUBMITTED)
+REGISTRY_FEEDBACK_REJECTED = ConsumerSpec("registry-feedback-rejected", FEEDBACK_REJECTED)
+REGISTRY_POLICY_TRAINED = ConsumerSpec("registry-policy-trained", POLICY_TRAINED)
 
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     GENERATOR_FEEDBACK,
@@ -107,6 +109,8 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     REGISTRY_FAILURES,
     REGISTRY_SELFEDIT_REJECTED,
     REGISTRY_FEEDBACK,
+    REGISTRY_FEEDBACK_REJECTED,
+    REGISTRY_POLICY_TRAINED,
 )
 
 # JetStream key-value buckets (registry state, compare-and-set).

@@ -1,0 +1,153 @@
+"""The part of registry state other services read, and per-scope policy.
+
+The registry owns the ``seal_registry`` and ``seal_scope_settings`` KV
+buckets and is the only writer of the keys below; the generator, trainer and
+evaluator only read them. Keys (``<scope>`` is safe in a KV key by
+construction, see :data:`shared.events.SCOPE_PATTERN`):
+
+* ``active.<scope>``: :class:`ActiveAdapter`, the version new updates build on.
+* ``probes.<scope>``: :class:`AcceptedProbes`, the probes of the scope's
+  accepted feedback: the evaluator's regression set for that scope.
+* ``policy.<scope>`` and ``policy._global``: :class:`PolicyAdapterRef`, the
+  generator's own policy adapter (ReST-EM outer loop).
+* in ``seal_scope_settings``, key ``<scope>``: :class:`ScopePolicy`.
+
+Writers use :func:`compare_and_set` so two registry replicas cannot overwrite
+each other's updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from pydantic import BaseModel, Field
+
+from shared.events import Contract, ManifestRef, Probe, TrainingDirectives
+from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ActiveAdapter(Contract):
+    scope: str
+    version: int
+    adapter_id: str
+    adapter: ManifestRef
+    pinned: bool = False
+
+
+class AcceptedProbes(Contract):
+    scope: str
+    # (feedback_id, probe) pairs, oldest first, bounded by the registry.
+    probes: tuple[tuple[str, Probe], ...] = ()
+
+
+class PolicyAdapterRef(Contract):
+    adapter_id: str
+    adapter: ManifestRef
+    round: int = 1
+
+
+class ScopePolicy(Contract):
+    """Per-scope knobs, with production-safe defaults for a scope never configured."""
+
+    # generator
+    candidates: int = Field(default=3, ge=1, le=16)
+    self_edit_format: Literal["implications", "rewrite", "self_qa", "sampled"] = "sampled"
+    model_proposes_directives: bool = False
+    default_directives: TrainingDirectives = TrainingDirectives()
+    blocklist: tuple[str, ...] = ()
+    # evaluator gates
+    min_gain: float = Field(default=0.01, ge=-1.0, le=1.0)
+    max_regression_drop: float = Field(default=0.02, ge=0.0, le=1.0)
+    # registry decision
+    approval: Literal["auto", "manual"] = "auto"
+    decision_timeout_s: float = Field(default=1800.0, gt=0)
+
+
+def active_key(scope: str) -> str:
+    return f"active.{scope}"
+
+
+def probes_key(scope: str) -> str:
+    return f"probes.{scope}"
+
+
+def policy_key(scope: str | None) -> str:
+    return f"policy.{scope or '_global'}"
+
+
+async def read_model(js: JetStreamContext, bucket: str, key: str, model: type[M]) -> tuple[M | None, int]:
+    """The value at ``key`` parsed as ``model`` and its revision (0 when absent)."""
+    kv = await js.key_value(bucket)
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None, 0
+    if entry.value is None or entry.operation in ("DEL", "PURGE"):
+        return None, entry.revision or 0
+    return model.model_validate_json(entry.value), entry.revision or 0
+
+
+async def read_active(js: JetStreamContext, scope: str) -> ActiveAdapter | None:
+    return (await read_model(js, KV_REGISTRY, active_key(scope), ActiveAdapter))[0]
+
+
+async def read_accepted_probes(js: JetStreamContext, scope: str) -> AcceptedProbes:
+    found = (await read_model(js, KV_REGISTRY, probes_key(scope), AcceptedProbes))[0]
+    return found or AcceptedProbes(scope=scope)
+
+
+async def read_policy_adapter(js: JetStreamContext, scope: str) -> PolicyAdapterRef | None:
+    """The scope's policy adapter, else the global one, else None (the base model)."""
+    for key in (policy_key(scope), policy_key(None)):
+        found = (await read_model(js, KV_REGISTRY, key, PolicyAdapterRef))[0]
+        if found is not None:
+            return found
+    return None
+
+
+async def read_scope_policy(js: JetStreamContext, scope: str) -> ScopePolicy:
+    found = (await read_model(js, KV_SCOPE_SETTINGS, scope, ScopePolicy))[0]
+    return found or ScopePolicy()
+
+
+class ConflictError(Exception):
+    """A compare-and-set lost the race too many times."""
+
+
+async def compare_and_set(
+    js: JetStreamContext,
+    bucket: str,
+    key: str,
+    model: type[M],
+    change: Callable[[M | None], M | None],
+    attempts: int = 10,
+) -> M | None:
+    """Read, apply ``change``, write only if nobody wrote in between; retry on conflict.
+
+    ``change`` returning None means "leave it as it is".
+    """
+    kv = await js.key_value(bucket)
+    for _ in range(attempts):
+        current, revision = await read_model(js, bucket, key, model)
+        updated = change(current)
+        if updated is None:
+            return current
+        body = updated.model_dump_json().encode()
+        try:
+            if revision == 0:
+                await kv.create(key, body)
+            else:
+                await kv.update(key, body, last=revision)
+            return updated
+        except KeyWrongLastSequenceError:
+            continue
+        except Exception as exc:  # nats-py reports "key exists" on create races this way
+            if "wrong last sequence" in str(exc).lower() or "key exists" in str(exc).lower():
+                continue
+            raise
+    raise ConflictError(f"{bucket}/{key}: gave up after {attempts} conflicting writes")

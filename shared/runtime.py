@@ -1,0 +1,61 @@
+"""Running a service process: logging, health and readiness endpoints, serving.
+
+Every service is an ASGI app (``AsgiFastStream``) so Kubernetes can probe it:
+
+* ``GET /healthz``: liveness; 200 while the broker answers a ping.
+* ``GET /readyz``: readiness; 200 once the service's own check passes (for
+  example: the base model is loaded and the object store answers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
+from faststream.nats import NatsBroker
+
+from shared.settings import ServiceSettings
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def service_app(
+    broker: NatsBroker,
+    *,
+    ready: Callable[[], bool] = lambda: True,
+    on_startup: Sequence[Callable[..., Any]] = (),
+    after_startup: Sequence[Callable[..., Any]] = (),
+    on_shutdown: Sequence[Callable[..., Any]] = (),
+    routes: Sequence[tuple[str, Any]] = (),
+) -> AsgiFastStream:
+    @get
+    async def readyz(scope: Any) -> AsgiResponse:
+        ok = False
+        try:
+            ok = bool(ready())
+        except Exception:  # noqa: BLE001 - a failing check means "not ready"
+            ok = False
+        return AsgiResponse(b"ready" if ok else b"not ready", status_code=200 if ok else 503)
+
+    return AsgiFastStream(
+        broker,
+        asgi_routes=[("/healthz", make_ping_asgi(broker, timeout=5.0)), ("/readyz", readyz), *routes],
+        on_startup=on_startup,
+        after_startup=after_startup,
+        on_shutdown=on_shutdown,
+    )
+
+
+def serve(app: AsgiFastStream, settings: ServiceSettings) -> None:
+    """Run until SIGTERM/SIGINT; FastStream drains in-flight messages on the way out."""
+    import uvicorn
+
+    configure_logging(settings.log_level)
+    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level=settings.log_level.lower())
