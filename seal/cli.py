@@ -1,0 +1,155 @@
+"""The ``seal`` command: run the embedded stack, and operate the platform.
+
+    seal up              start nats-server, the S3 server and the services; Ctrl-C stops all
+    seal up --check      start, show health, stop (used by scripts and CI)
+    seal status          is a running stack healthy?
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from seal.stack import LocalStack, StackPorts
+from shared.broker import ensure_streams_at
+from shared.store import AdapterStore
+
+app = typer.Typer(help="SEAL platform: self-adapting language models.", no_args_is_help=True)
+console = Console()
+
+SERVICES = ("registry", "generator", "trainer", "evaluator")
+HomeOption = typer.Option(
+    Path(".seal"), "--home", envvar="SEAL_HOME", help="Folder holding all local stack data."
+)
+
+
+def provision(stack: LocalStack) -> None:
+    """Streams, KV buckets and the adapter bucket: idempotent."""
+    asyncio.run(ensure_streams_at(stack.nats_settings()))
+    AdapterStore.from_settings(stack.store_settings()).ensure_bucket()
+
+
+def health_table(stack: LocalStack, services: dict[str, subprocess.Popen] | None = None) -> Table:
+    table = Table(title="SEAL local stack")
+    table.add_column("component")
+    table.add_column("address")
+    table.add_column("state")
+    ok = "[green]healthy[/]"
+    bad = "[red]down[/]"
+    table.add_row("nats-server (JetStream)", stack.nats_url, ok if stack.nats_healthy() else bad)
+    table.add_row("S3 (SeaweedFS)", f"http://{stack.s3_endpoint}  bucket {stack.bucket}", ok if stack.s3_healthy() else bad)
+    for name, proc in (services or {}).items():
+        state = ok.replace("healthy", "running") if proc.poll() is None else f"[red]exited {proc.returncode}[/]"
+        table.add_row(f"service: {name}", f"pid {proc.pid}", state)
+    table.caption = f"data: {stack.data_dir}"
+    return table
+
+
+def start_services(stack: LocalStack, home: Path, model: str, names: tuple[str, ...]) -> dict[str, subprocess.Popen]:
+    """Each service as its own process, pointed at the stack by environment."""
+    import importlib.util
+    import os
+
+    procs: dict[str, subprocess.Popen] = {}
+    logs = home / "logs"
+    for offset, name in enumerate(names):
+        if importlib.util.find_spec(f"services.{name}.__main__") is None:
+            console.print(f"[yellow]service {name} is not available yet; skipping[/]")
+            continue
+        env = {
+            **os.environ,
+            **stack.env(),
+            "SEAL_MODEL__NAME": model,
+            "SEAL_HTTP_HOST": "127.0.0.1",
+            "SEAL_HTTP_PORT": str(18080 + offset),
+        }
+        out = (logs / f"{name}.log").open("ab")
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+    return procs
+
+
+def stop_services(procs: dict[str, subprocess.Popen]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for name, proc in procs.items():
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            console.print(f"[yellow]{name} did not stop in 30s; killing it[/]")
+            proc.kill()
+
+
+@app.command()
+def up(
+    home: Path = HomeOption,
+    check: bool = typer.Option(False, "--check", help="Start, show health, then stop."),
+    services: bool = typer.Option(True, "--services/--no-services", help="Also run the four services."),
+    model: str = typer.Option("default", "--model", envvar="SEAL_MODEL__NAME", help="Base model: default, tiny, a hub id or a path."),
+) -> None:
+    """Start the embedded stack (and the services) and keep it running until Ctrl-C."""
+    home = home.resolve()
+    stack = LocalStack(home)
+    started = time.monotonic()
+    with console.status("starting nats-server and the S3 server..."):
+        try:
+            stack.start()
+        except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+            console.print(f"[red]could not start the stack:[/] {exc}")
+            raise typer.Exit(1) from exc
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        provision(stack)
+        if services and not check:
+            procs = start_services(stack, home, model, SERVICES)
+        console.print(health_table(stack, procs))
+        console.print(f"ready in {time.monotonic() - started:.1f}s; logs in {home / 'logs'}")
+        if check:
+            if not (stack.nats_healthy() and stack.s3_healthy()):
+                raise typer.Exit(1)
+            return
+        console.print("press Ctrl-C to stop")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        stop_services(procs)
+        stack.stop()
+        console.print("stopped; data kept in", str(home))
+
+
+@app.command()
+def status(home: Path = HomeOption) -> None:
+    """Show whether the local stack's servers answer."""
+    stack = LocalStack(home.resolve(), StackPorts())
+    console.print(health_table(stack))
+    if not (stack.nats_healthy() and stack.s3_healthy()):
+        raise typer.Exit(1)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from seal.ops import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":
+    app()

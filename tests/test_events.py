@@ -1,0 +1,144 @@
+"""Event contracts: round trips, tolerance of unknown fields, readable rejection."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from shared import events as ev
+from shared.subjects import CONSUMERS, STREAMS, SUBJECTS, subject_for
+
+REF = ev.ManifestRef(uri="s3://seal-adapters/adapters/acme/a1", manifest_sha256="ab" * 32)
+PROBE = ev.Probe(question="When was Quellmoor chartered?", answer="1387", aliases=("in 1387",))
+SELF_EDIT = ev.SelfEdit(
+    self_edit_id="se1",
+    format="implications",
+    completion="Quellmoor was chartered in 1387.",
+    sequences=("Quellmoor was chartered in 1387.",),
+    directives=ev.TrainingDirectives(learning_rate=1e-4, epochs=2),
+    candidate_index=1,
+    candidate_count=3,
+)
+COMMON = {"feedback_id": "fb1", "scope": "acme"}
+
+EXAMPLES: list[ev.Event] = [
+    ev.FeedbackSubmitted(**COMMON, content=ev.KnowledgeFeedback(passage="Quellmoor ...", title="Q", probes=(PROBE,))),
+    ev.FeedbackSubmitted(**COMMON, content=ev.CorrectionFeedback(question="Capital?", wrong_answer="Lyon", right_answer="Paris")),
+    ev.FeedbackSubmitted(
+        **COMMON,
+        content=ev.PreferenceFeedback(instruction="Answer tersely.", examples=(ev.PreferenceExample(prompt="Hi", response="Hello."),)),
+    ),
+    ev.FeedbackRejected(**COMMON, reason="passage is empty"),
+    ev.SelfEditGenerated(**COMMON, self_edit=SELF_EDIT, probes=(PROBE,)),
+    ev.SelfEditRejected(**COMMON, self_edit_id="se1", reasons=("contains an email address",)),
+    ev.RebaseRequested(**COMMON, self_edit=SELF_EDIT, parent_version=2),
+    ev.AdapterTrained(**COMMON, adapter_id="a1", self_edit_id="se1", adapter=REF, parent_adapter=REF, final_loss=0.5),
+    ev.AdapterTrainingFailed(**COMMON, self_edit_id="se1", reason="loss became NaN at step 3"),
+    ev.AdapterEvaluated(
+        **COMMON, adapter_id="a1", self_edit_id="se1", adapter=REF,
+        candidate_scores=ev.Scores(target=0.6, core=0.99), parent_scores=ev.Scores(target=0.2, core=1.0),
+        reward=0.4, passed=True, gates=(ev.GateResult(gate="min_gain", passed=True, value=0.4, threshold=0.01),),
+    ),
+    ev.AdapterEvaluationFailed(**COMMON, adapter_id="a1", self_edit_id="se1", reason="sha256 mismatch"),
+    ev.AdapterPromoted(**COMMON, adapter_id="a1", version=1, adapter=REF, reward=0.4),
+    ev.AdapterRejected(**COMMON, adapter_id="a1", reasons=("regression drop 0.05 > 0.02",)),
+    ev.AdapterAwaitingApproval(**COMMON, adapter_id="a1", adapter=REF),
+    ev.AdapterRolledBack(**COMMON, from_version=2, to_version=1, operator="sre@acme", reason="bad answers"),
+    ev.PolicyTrainingRequested(**COMMON, examples=(ev.PolicyExample(prompt="p", completion="c", reward=0.4),)),
+    ev.PolicyAdapterTrained(**COMMON, adapter_id="p1", adapter=REF),
+    ev.OperatorAction(**COMMON, action="approve", operator="sre@acme", reason="looks right", adapter_id="a1"),
+]
+
+
+def test_every_event_type_has_an_example_and_a_subject() -> None:
+    assert {type(e) for e in EXAMPLES} == set(ev.EVENT_TYPES.values())
+    assert set(SUBJECTS) == set(ev.EVENT_TYPES.values())
+    assert len(set(SUBJECTS.values())) == len(SUBJECTS)
+
+
+@pytest.mark.parametrize("event", EXAMPLES, ids=lambda e: e.type)
+def test_round_trip_through_json(event: ev.Event) -> None:
+    wire = event.model_dump_json()
+    assert type(event).from_json(wire) == event
+    assert ev.parse_event(wire) == event
+    assert ev.parse_event(json.loads(wire)) == event
+
+
+@pytest.mark.parametrize("event", EXAMPLES, ids=lambda e: e.type)
+def test_unknown_fields_are_tolerated(event: ev.Event) -> None:
+    payload = json.loads(event.model_dump_json())
+    payload["added_in_a_later_release"] = {"anything": [1, 2]}
+    assert ev.parse_event(payload) == event
+
+
+def test_envelope_is_complete_and_frozen() -> None:
+    event = EXAMPLES[0]
+    for field in ("event_id", "feedback_id", "scope", "schema_version", "occurred_at", "causation_id"):
+        assert field in type(event).model_fields
+    with pytest.raises(Exception):
+        event.scope = "other"  # type: ignore[misc]
+    naive = ev.FeedbackRejected(**COMMON, reason="x", occurred_at=datetime(2026, 1, 1))
+    assert naive.occurred_at.tzinfo is UTC
+
+
+def test_caused_events_keep_lineage_and_are_deterministic() -> None:
+    root = EXAMPLES[0]
+    first = root.caused(ev.FeedbackRejected, reason="a")
+    again = root.caused(ev.FeedbackRejected, reason="a")
+    other = root.caused(ev.FeedbackRejected, key=2, reason="a")
+    assert first.causation_id == root.event_id
+    assert (first.feedback_id, first.scope) == (root.feedback_id, root.scope)
+    assert first.event_id == again.event_id != other.event_id
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ("{not json", "Invalid JSON"),
+        ({"type": "feedback.submitted"}, "feedback_id: Field required"),
+        ({"type": "gossip", "feedback_id": "f", "scope": "s"}, "does not match any of the expected tags"),
+        (
+            {"type": "feedback.submitted", "feedback_id": "f", "scope": "../../etc", "content": {"kind": "knowledge", "passage": "x"}},
+            "scope: String should match pattern",
+        ),
+        (
+            {"type": "feedback.submitted", "feedback_id": "f", "scope": "s", "content": {"kind": "knowledge", "passage": "x" * 20001}},
+            "passage: String should have at most 20000 characters",
+        ),
+        (
+            {"type": "feedback.submitted", "feedback_id": "f", "scope": "s", "content": {"kind": "rumour", "text": "x"}},
+            "Input tag 'rumour'",
+        ),
+        (
+            {"type": "feedback.rejected", "feedback_id": "f", "scope": "s", "reason": "x", "schema_version": 99},
+            "schema_version 99 is newer",
+        ),
+    ],
+)
+def test_bad_payloads_raise_readable_errors(payload: object, expected: str) -> None:
+    with pytest.raises(ev.EventValidationError) as info:
+        ev.parse_event(payload if isinstance(payload, (str, dict)) else json.dumps(payload))
+    assert expected in str(info.value)
+    assert "Traceback" not in str(info.value) and "https://" not in str(info.value)
+
+
+def test_directives_are_clamped_to_bounds() -> None:
+    d = ev.TrainingDirectives.clamped(
+        {"learning_rate": 5.0, "epochs": "ten", "lora_rank": 1e9, "batch_size": float("nan"), "use_sequences": [0, 0, 3, -1, "x"], "shell": "rm -rf /"}
+    )
+    assert d.learning_rate == 1e-3 and d.lora_rank == 64
+    assert d.epochs == ev.TrainingDirectives().epochs and d.batch_size == ev.TrainingDirectives().batch_size
+    assert d.use_sequences == (0, 3)
+    with pytest.raises(Exception):
+        ev.TrainingDirectives(learning_rate=1.0)
+
+
+def test_streams_hold_every_subject_and_consumers_are_unique() -> None:
+    prefixes = [s.rstrip(">") for spec in STREAMS for s in spec.subjects]
+    for subject in SUBJECTS.values():
+        assert any(subject.startswith(p) for p in prefixes), subject
+    durables = [c.durable for c in CONSUMERS]
+    assert len(durables) == len(set(durables))
+    assert subject_for(EXAMPLES[0]) == "seal.events.feedback.submitted"

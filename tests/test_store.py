@@ -1,0 +1,63 @@
+"""The adapter store against the real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from shared.events import ManifestRef
+from shared.store import AdapterManifest, AdapterNotFound, AdapterStore, IntegrityError, parse_uri
+
+pytestmark = pytest.mark.servers
+
+
+def make_adapter(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
+    (folder / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    return folder
+
+
+def manifest(adapter_id: str) -> AdapterManifest:
+    return AdapterManifest(adapter_id=adapter_id, scope="acme", base_model="tiny", feedback_ids=("fb1",), self_edit_id="se1")
+
+
+def test_round_trip_keeps_bytes_and_manifest(adapter_store: AdapterStore, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "src")
+    ref = adapter_store.put_adapter(src, manifest("round-trip"))
+    assert adapter_store.exists(ref.uri)
+    got = adapter_store.get_adapter(ref, tmp_path / "dst")
+    assert set(got.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    for name in got.files:
+        assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes()
+    assert got.feedback_ids == ("fb1",) and got.self_edit_id == "se1"
+
+
+def test_tampered_file_is_refused(adapter_store: AdapterStore, tmp_path: Path) -> None:
+    ref = adapter_store.put_adapter(make_adapter(tmp_path / "src"), manifest("tampered"))
+    bucket, prefix = parse_uri(ref.uri)
+    evil = b"\x00" * 100
+    adapter_store.client.put_object(bucket, f"{prefix}/adapter_model.safetensors", io.BytesIO(evil), len(evil))
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors: sha256"):
+        adapter_store.get_adapter(ref, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_tampered_manifest_is_refused(adapter_store: AdapterStore, tmp_path: Path) -> None:
+    ref = adapter_store.put_adapter(make_adapter(tmp_path / "src"), manifest("manifest-swap"))
+    forged = ManifestRef(uri=ref.uri, manifest_sha256="0" * 64)
+    with pytest.raises(IntegrityError, match="does not match the digest"):
+        adapter_store.get_adapter(forged, tmp_path / "dst")
+
+
+def test_missing_file_and_missing_adapter(adapter_store: AdapterStore, tmp_path: Path) -> None:
+    ref = adapter_store.put_adapter(make_adapter(tmp_path / "src"), manifest("half-gone"))
+    bucket, prefix = parse_uri(ref.uri)
+    adapter_store.client.remove_object(bucket, f"{prefix}/adapter_config.json")
+    with pytest.raises(IntegrityError, match="missing"):
+        adapter_store.get_adapter(ref, tmp_path / "dst")
+    assert not adapter_store.exists(f"s3://{bucket}/adapters/acme/never-written")
+    with pytest.raises(AdapterNotFound):
+        adapter_store.read_manifest(f"s3://{bucket}/adapters/acme/never-written")
