@@ -1,0 +1,228 @@
+"""What an operator can do: approve, reject, roll back, pin, unpin, set a scope's policy.
+
+Each action is recorded in the audit stream as an :class:`OperatorAction`
+with who and why. Actions carry a request id (the CLI makes one per call), so
+an operator who retries after a timeout gets the same events, not a second
+rollback.
+"""
+
+from __future__ import annotations
+
+from shared import events as ev
+from shared.registry_view import ScopePolicy
+from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
+
+from . import decision as dc
+from .ledger import Ledger, NotFound, Refused
+from .records import FeedbackRecord, Marker, ScopeHead, head_key
+
+
+def _operator_action(
+    key: object,
+    feedback_id: str,
+    scope: str,
+    action: str,
+    operator: str,
+    reason: str,
+    **fields: object,
+) -> ev.OperatorAction:
+    return ev.OperatorAction(
+        event_id=ev.derived_id("operator", key, action),
+        feedback_id=feedback_id,
+        scope=scope,
+        action=action,  # type: ignore[arg-type]
+        operator=operator,
+        reason=reason,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def approve(ledger: Ledger, feedback_id: str, operator: str, reason: str) -> FeedbackRecord:
+    """Promote the candidate a feedback is held with. If the active version moved
+    since it was trained, it is rebased (and held again when it comes back)."""
+    record = await ledger.find_record(feedback_id)
+    if record.state != "awaiting_approval" or record.chosen is None:
+        raise Refused(f"feedback {feedback_id} is {record.state}, not awaiting approval")
+    head = await ledger.head(record.scope)
+    if head is not None and head.pinned:
+        raise Refused(f"scope {record.scope} is pinned at v{head.version} by {head.pinned_by}; unpin it first")
+    chosen = record.candidate(record.chosen)
+    assert chosen is not None
+    audit = _operator_action(
+        (feedback_id, chosen.index, chosen.attempt, chosen.adapter_id),
+        feedback_id,
+        record.scope,
+        "approve",
+        operator,
+        reason,
+        adapter_id=chosen.adapter_id,
+        causation_id=chosen.evaluation_event_id,
+    )
+    now = ledger.ports.clock()
+
+    def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+        if current is None or current.state != "awaiting_approval" or current.chosen != chosen.index:
+            return None
+        cand = current.candidate(chosen.index)
+        assert cand is not None
+        moved = current.with_candidate(cand.model_copy(update={"verdict": None, "reasons": ()})).model_copy(
+            update={"state": "promoting", "decided_by": operator, "decided_at": now, "hold": None, "reasons": ()}
+        )
+        return dc.with_outbox(moved, audit)
+
+    updated = await ledger._update(record.scope, feedback_id, change)
+    if updated is None or not any(i["event_id"] == audit.event_id for i in updated.outbox):
+        raise Refused(f"feedback {feedback_id} changed while approving it; look again")
+    return await ledger.settle(record.scope, feedback_id) or updated
+
+
+async def reject(ledger: Ledger, feedback_id: str, operator: str, reason: str) -> FeedbackRecord:
+    """Reject a feedback that is held or still in flight, with every candidate it has."""
+    record = await ledger.find_record(feedback_id)
+    rejectable = ("collecting", "rebasing", "awaiting_approval")
+    if record.state not in rejectable:
+        raise Refused(f"feedback {feedback_id} is {record.state}; only held or undecided feedback can be rejected")
+    audit = _operator_action(
+        (feedback_id, record.state), feedback_id, record.scope, "reject", operator, reason
+    )
+    plan = dc.Plan("reject", reasons=(f"rejected by {operator}: {reason}",))
+    now = ledger.ports.clock()
+
+    def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+        if current is None or current.state not in rejectable:
+            return None
+        if current.state == "awaiting_approval":
+            current = dc.reopen(current)
+        return dc.with_outbox(dc.to_rejected(current, plan, now, by=operator), audit)
+
+    updated = await ledger._update(record.scope, feedback_id, change)
+    if updated is None or updated.state != "rejected":
+        raise Refused(f"feedback {feedback_id} changed while rejecting it; look again")
+    return await ledger.settle(record.scope, feedback_id) or updated
+
+
+async def rollback(
+    ledger: Ledger, scope: str, to_version: int, operator: str, reason: str, request_id: str
+) -> ScopeHead:
+    """Make an earlier (or any other existing) version active again."""
+    target = await ledger.version(scope, to_version)
+    now = ledger.ports.clock()
+    outcome: dict[str, object] = {}
+
+    def change(head: ScopeHead | None) -> ScopeHead | None:
+        outcome.clear()
+        if head is None:
+            outcome["missing"] = True
+            return None
+        if head.last_request_id == request_id:
+            outcome["from"] = head.previous_version
+            return None
+        if head.version == to_version:
+            outcome["same"] = True
+            return None
+        outcome["from"] = head.version
+        return head.model_copy(
+            update={
+                "version": to_version,
+                "adapter_id": target.adapter_id,
+                "adapter": target.adapter,
+                "feedback_id": target.feedback_id,
+                "previous_version": head.version,
+                "last_request_id": request_id,
+                "updated_at": now,
+            }
+        )
+
+    head = await ledger.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, change)
+    if outcome.get("missing") or head is None:
+        raise NotFound(f"scope {scope!r} has no active version to roll back from")
+    if outcome.get("same"):
+        raise Refused(f"v{to_version} is already the active version of {scope}")
+    await ledger.rebuild_probes(scope, to_version)
+    audit = _operator_action(
+        request_id, target.feedback_id, scope, "rollback", operator, reason,
+        target_version=to_version, adapter_id=target.adapter_id,
+    )
+    await ledger.ports.publish(audit)
+    await ledger.ports.publish(
+        ev.AdapterRolledBack(
+            event_id=ev.derived_id("operator", request_id, "adapter.rolled_back"),
+            feedback_id=target.feedback_id,
+            scope=scope,
+            causation_id=audit.event_id,
+            from_version=outcome.get("from"),  # type: ignore[arg-type]
+            to_version=to_version,
+            operator=operator,
+            reason=reason,
+        )
+    )
+    return head
+
+
+async def set_pin(
+    ledger: Ledger, scope: str, pinned: bool, operator: str, reason: str, request_id: str
+) -> ScopeHead:
+    """Pin: hold every promotion of the scope for approval until unpinned.
+    Unpinning decides again what was held only because of the pin."""
+    now = ledger.ports.clock()
+    outcome: dict[str, object] = {}
+
+    def change(head: ScopeHead | None) -> ScopeHead | None:
+        outcome.clear()
+        if head is None:
+            outcome["missing"] = True
+            return None
+        if head.last_request_id == request_id:
+            return None
+        if head.pinned == pinned:
+            outcome["same"] = True
+            return None
+        return head.model_copy(
+            update={
+                "pinned": pinned,
+                "pinned_by": operator if pinned else None,
+                "pin_reason": reason if pinned else None,
+                "last_request_id": request_id,
+                "updated_at": now,
+            }
+        )
+
+    head = await ledger.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, change)
+    if outcome.get("missing") or head is None:
+        raise NotFound(f"scope {scope!r} has no active version to pin")
+    if outcome.get("same"):
+        raise Refused(f"scope {scope} is already {'pinned' if pinned else 'unpinned'}")
+    await ledger.ports.publish(
+        _operator_action(
+            request_id, head.feedback_id or f"scope-{scope}", scope, "pin" if pinned else "unpin", operator, reason,
+            target_version=head.version, adapter_id=head.adapter_id,
+        )
+    )
+    if not pinned:
+        for record in await held_records(ledger, scope):
+            if record.hold == "pinned":
+                await ledger._update(
+                    scope,
+                    record.feedback_id,
+                    lambda cur: dc.reopen(cur) if cur is not None and cur.hold == "pinned" else None,
+                )
+                await ledger.settle(scope, record.feedback_id)
+    return head
+
+
+async def held_records(ledger: Ledger, scope: str) -> list[FeedbackRecord]:
+    markers = await ledger.ports.state.entries(KV_REGISTRY, f"open.{scope}.*", Marker)
+    records = []
+    for marker in markers.values():
+        if marker.feedback_id:
+            record = await ledger.record(scope, marker.feedback_id)
+            if record is not None and record.state == "awaiting_approval":
+                records.append(record)
+    return records
+
+
+async def set_policy(ledger: Ledger, scope: str, policy: ScopePolicy) -> ScopePolicy:
+    result = await ledger.ports.state.compare_and_set(
+        KV_SCOPE_SETTINGS, scope, ScopePolicy, lambda current: None if current == policy else policy
+    )
+    return result or policy

@@ -1,0 +1,103 @@
+"""``seal ask``: answer a question with a scope's active adapter over the base model.
+
+The base model loads on the first question (not at startup: the registry
+does not need it to decide anything). Adapters are downloaded once per
+adapter id, checked against their manifest (sha256 of every file), and kept
+loaded side by side in one PEFT model; the scope's active one is switched in
+for each answer. One question is answered at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from shared.generation import chat_prompt, generate
+from shared.models import LoadedModel, load_model
+from shared.settings import ModelSettings
+from shared.store import AdapterStore
+
+from .ledger import Ledger, Refused
+
+log = logging.getLogger(__name__)
+
+MAX_LOADED_ADAPTERS = 8
+
+
+class ActiveModelAnswerer:
+    def __init__(
+        self,
+        model_settings: ModelSettings,
+        store: AdapterStore,
+        ledger: Ledger,
+        cache_dir: Path,
+        max_new_tokens: int = 64,
+    ):
+        self.model_settings = model_settings
+        self.store = store
+        self.ledger = ledger
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.max_new_tokens = max_new_tokens
+        self._lock = asyncio.Lock()
+        self._base: LoadedModel | None = None
+        self._peft: Any = None
+        self._loaded: list[str] = []
+
+    async def answer(self, scope: str, question: str, max_new_tokens: int | None) -> dict[str, Any]:
+        head = await self.ledger.head(scope)
+        async with self._lock:
+            return await asyncio.to_thread(self._answer, scope, head, question, max_new_tokens or self.max_new_tokens)
+
+    def _answer(self, scope: str, head: Any, question: str, max_new_tokens: int) -> dict[str, Any]:
+        if self._base is None:
+            self._base = load_model(self.model_settings)
+        base = self._base
+        adapter_id = None
+        if head is None and self._peft is None:
+            text = self._generate(base, base.model, question, max_new_tokens)
+        elif head is None:
+            with self._peft.disable_adapter():
+                text = self._generate(base, self._peft, question, max_new_tokens)
+        else:
+            self._activate(head.adapter_id, head.adapter, scope)
+            text = self._generate(base, self._peft, question, max_new_tokens)
+            adapter_id = head.adapter_id
+        return {
+            "scope": scope,
+            "question": question,
+            "answer": text,
+            "version": head.version if head else None,
+            "adapter_id": adapter_id,
+            "base_model": base.name,
+        }
+
+    def _generate(self, base: LoadedModel, model: Any, question: str, max_new_tokens: int) -> str:
+        lm = dataclasses.replace(base, model=model)
+        out = generate(lm, [chat_prompt(lm, question)], max_new_tokens=max_new_tokens, temperature=0.0)
+        return out[0][0].split("\n")[0].strip() if out and out[0] else ""
+
+    def _activate(self, adapter_id: str, ref: Any, scope: str) -> None:
+        from peft import PeftModel
+
+        assert self._base is not None
+        if adapter_id not in self._loaded:
+            dest = self.cache_dir / scope / adapter_id
+            manifest = self.store.get_adapter(ref, dest)  # verifies every file's sha256
+            base_sha = self._base.weights_sha256
+            if manifest.base_model_sha256 and base_sha and manifest.base_model_sha256 != base_sha:
+                raise Refused(
+                    f"adapter {adapter_id} was trained on another base model ({manifest.base_model}); "
+                    f"this registry serves {self._base.name}"
+                )
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._base.model, str(dest), adapter_name=adapter_id)
+                self._peft.eval()
+            else:
+                self._peft.load_adapter(str(dest), adapter_name=adapter_id)
+            self._loaded.append(adapter_id)
+            while len(self._loaded) > MAX_LOADED_ADAPTERS:
+                self._peft.delete_adapter(self._loaded.pop(0))
+        self._peft.set_adapter(adapter_id)

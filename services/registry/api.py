@@ -1,0 +1,135 @@
+"""The registry's HTTP API (FastAPI): queries, operator actions, health.
+
+OpenAPI docs are served at ``/docs``. Errors come back as
+``{"detail": "..."}`` with 404 (unknown scope, version or feedback), 409
+(an action that does not apply now), 422 (invalid input) or 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
+
+from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
+from shared.registry_view import ConflictError
+
+from .ledger import NotFound, Refused
+from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
+
+ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
+FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    def handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+        async def respond(request: Request, exc: Exception) -> JSONResponse:
+            detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            return JSONResponse({"detail": detail}, status_code=status)
+
+        return respond
+
+    app.add_exception_handler(NotFound, handler(404))
+    app.add_exception_handler(Refused, handler(409))
+    app.add_exception_handler(ConflictError, handler(409))
+    app.add_exception_handler(ValidationError, handler(422))
+    app.add_exception_handler(AskUnavailable, handler(503))
+
+
+def health_router(alive: Callable[[], Awaitable[bool]], ready: Callable[[], Awaitable[bool]]) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> PlainTextResponse:
+        ok = await alive()
+        return PlainTextResponse("ok" if ok else "broker unreachable", status_code=200 if ok else 503)
+
+    @router.get("/readyz", response_class=PlainTextResponse)
+    async def readyz() -> PlainTextResponse:
+        ok = await ready()
+        return PlainTextResponse("ready" if ok else "not ready", status_code=200 if ok else 503)
+
+    return router
+
+
+def registry_router(ops: Operations) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["registry"])
+
+    @router.get("/scopes")
+    async def scopes() -> list[dict[str, Any]]:
+        return await ops.scopes()
+
+    @router.get("/scopes/{scope}/versions")
+    async def versions(scope: ScopePath) -> list[dict[str, Any]]:
+        return await ops.versions(scope)
+
+    @router.get("/scopes/{scope}/versions/{version}/lineage")
+    async def lineage(scope: ScopePath, version: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
+        return await ops.lineage(scope, version)
+
+    @router.get("/scopes/{scope}/feedback")
+    async def feedback_list(scope: ScopePath, state: Annotated[str | None, Query()] = None) -> list[dict[str, Any]]:
+        return await ops.feedback_list(scope, state)
+
+    @router.get("/feedback/{feedback_id}")
+    async def feedback(feedback_id: FeedbackPath) -> dict[str, Any]:
+        return await ops.feedback(feedback_id)
+
+    @router.post("/feedback", status_code=202)
+    async def submit(body: SubmitFeedback) -> dict[str, Any]:
+        return await ops.submit(body)
+
+    @router.post("/feedback/{feedback_id}/approve")
+    async def approve(feedback_id: FeedbackPath, body: OperatorRequest) -> dict[str, Any]:
+        return await ops.approve(feedback_id, body)
+
+    @router.post("/feedback/{feedback_id}/reject")
+    async def reject(feedback_id: FeedbackPath, body: OperatorRequest) -> dict[str, Any]:
+        return await ops.reject(feedback_id, body)
+
+    @router.post("/scopes/{scope}/rollback")
+    async def rollback(scope: ScopePath, body: RollbackRequest) -> dict[str, Any]:
+        return await ops.rollback(scope, body)
+
+    @router.post("/scopes/{scope}/pin")
+    async def pin(scope: ScopePath, body: OperatorRequest) -> dict[str, Any]:
+        return await ops.pin(scope, body, pinned=True)
+
+    @router.post("/scopes/{scope}/unpin")
+    async def unpin(scope: ScopePath, body: OperatorRequest) -> dict[str, Any]:
+        return await ops.pin(scope, body, pinned=False)
+
+    @router.get("/scopes/{scope}/policy")
+    async def get_policy(scope: ScopePath) -> dict[str, Any]:
+        return await ops.get_policy(scope)
+
+    @router.patch("/scopes/{scope}/policy")
+    async def set_policy(scope: ScopePath, changes: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        return await ops.set_policy(scope, changes)
+
+    @router.post("/scopes/{scope}/ask")
+    async def ask(scope: ScopePath, body: AskRequest) -> dict[str, Any]:
+        return await ops.ask(scope, body)
+
+    return router
+
+
+def build_api(
+    ops: Operations,
+    alive: Callable[[], Awaitable[bool]],
+    ready: Callable[[], Awaitable[bool]],
+    lifespan: Any = None,
+) -> FastAPI:
+    app = FastAPI(
+        title="SEAL registry",
+        description="Adapter versions, decisions and lineage of the SEAL platform.",
+        version="1",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health_router(alive, ready))
+    app.include_router(registry_router(ops))
+    return app

@@ -1,0 +1,209 @@
+"""Wiring: the FastStream broker (consumers, request-reply) inside a FastAPI app.
+
+``create_app(settings, ports=None)`` builds everything; the app's lifespan
+connects to NATS (KV for state, JetStream for events), starts the broker and
+the sweep that decides feedback whose timeout passed. Tests pass
+:class:`AppPorts` with an in-memory state and a fake manifest reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import nats
+from fastapi import FastAPI
+from faststream.nats import NatsBroker
+
+from shared import events as ev
+from shared.broker import connect_options, create_broker, durable_subscriber, ensure_streams, publish_event
+from shared.store import AdapterStore
+from shared.subjects import (
+    ADAPTER_TRAINED,
+    REGISTRY_EVALUATED,
+    REGISTRY_FAILURES,
+    REGISTRY_FEEDBACK,
+    REGISTRY_FEEDBACK_REJECTED,
+    REGISTRY_POLICY_TRAINED,
+    REGISTRY_SELFEDIT_REJECTED,
+    SELFEDIT_GENERATED,
+    ConsumerSpec,
+)
+from shared.telemetry import current_trace_id, setup_tracing
+
+from . import handlers
+from .api import build_api
+from .kv import NatsState, State
+from .ledger import Ledger, Manifests, Ports, StoreManifests
+from .operations import Operations
+from .rpc import register_rpc
+from .settings import RegistrySettings
+
+log = logging.getLogger(__name__)
+
+# The registry's own consumers beyond those in shared.subjects: it keeps each
+# candidate's self-edit (to rebase it, and for lineage) and its training run.
+REGISTRY_SELFEDITS = ConsumerSpec("registry-selfedits", SELFEDIT_GENERATED)
+REGISTRY_TRAINED = ConsumerSpec("registry-trained", ADAPTER_TRAINED)
+
+
+@dataclass
+class AppPorts:
+    """Replacements for the real adapters (tests); what is None is built from settings."""
+
+    state: State | None = None
+    manifests: Manifests | None = None
+    store: AdapterStore | None = None
+    clock: Callable[[], datetime] | None = None
+
+
+class Runtime:
+    """What the app holds while it runs: the connection, the ledger, the sweep."""
+
+    def __init__(self, settings: RegistrySettings, broker: NatsBroker, ports: AppPorts):
+        self.settings = settings
+        self.broker = broker
+        self.ports = ports
+        self._ledger: Ledger | None = None
+        self._nc: nats.NATS | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.answerer: Any = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise RuntimeError("the registry has not started")
+        return self._ledger
+
+    async def publish(self, event: ev.Event) -> None:
+        await publish_event(self.broker, event)
+
+    async def attach(self) -> Ledger:
+        """Build the ledger over the configured state (connecting to NATS KV if needed)."""
+        state = self.ports.state
+        if state is None:
+            self._nc = await nats.connect(self.settings.nats.url, **connect_options(self.settings.nats))
+            js = self._nc.jetstream()
+            await ensure_streams(js)
+            state = NatsState(js)
+        store = self.ports.store
+        if store is None and (self.ports.manifests is None or self.settings.registry.ask_enabled):
+            store = AdapterStore.from_settings(self.settings.store)
+        manifests = self.ports.manifests or StoreManifests(store)
+        self._ledger = Ledger(
+            Ports(
+                state=state,
+                publish=self.publish,
+                manifests=manifests,
+                clock=self.ports.clock or ev.utcnow,
+                trace_id=current_trace_id,
+            ),
+            self.settings.registry,
+        )
+        if self.settings.registry.ask_enabled and store is not None:
+            from .answering import ActiveModelAnswerer
+
+            self.answerer = ActiveModelAnswerer(
+                self.settings.model,
+                store,
+                self._ledger,
+                self.settings.registry.adapter_cache_dir,
+                self.settings.registry.ask_max_new_tokens,
+            )
+        return self._ledger
+
+    async def start(self) -> None:
+        await self.attach()
+        await self.broker.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweep")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.broker.stop()
+        if self._nc is not None:
+            await self._nc.close()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.ledger.sweep()
+            except Exception:  # noqa: BLE001 - the sweep must outlive a bad pass
+                log.exception("sweep failed")
+            await asyncio.sleep(self.settings.registry.sweep_interval_s)
+
+    async def alive(self) -> bool:
+        try:
+            return bool(await self.broker.ping(timeout=2.0))
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def ready(self) -> bool:
+        if self._ledger is None or not await self.alive():
+            return False
+        return self._nc is None or self._nc.is_connected
+
+
+def subscribe(broker: NatsBroker, runtime: Runtime) -> None:
+    @durable_subscriber(broker, REGISTRY_FEEDBACK)
+    async def feedback_submitted(event: ev.FeedbackSubmitted) -> None:
+        await handlers.on_feedback_submitted(event, runtime.ledger, current_trace_id())
+
+    @durable_subscriber(broker, REGISTRY_FEEDBACK_REJECTED)
+    async def feedback_rejected(event: ev.FeedbackRejected) -> None:
+        await handlers.on_feedback_rejected(event, runtime.ledger)
+
+    @durable_subscriber(broker, REGISTRY_SELFEDITS)
+    async def selfedit_generated(event: ev.SelfEditGenerated) -> None:
+        await handlers.on_selfedit_generated(event, runtime.ledger)
+
+    @durable_subscriber(broker, REGISTRY_SELFEDIT_REJECTED)
+    async def selfedit_rejected(event: ev.SelfEditRejected) -> None:
+        await handlers.on_selfedit_rejected(event, runtime.ledger)
+
+    @durable_subscriber(broker, REGISTRY_TRAINED)
+    async def adapter_trained(event: ev.AdapterTrained) -> None:
+        await handlers.on_adapter_trained(event, runtime.ledger)
+
+    @durable_subscriber(broker, REGISTRY_FAILURES)
+    async def pipeline_failure(body: dict[str, Any]) -> None:
+        await handlers.on_pipeline_failure(ev.parse_event(body), runtime.ledger)
+
+    @durable_subscriber(broker, REGISTRY_EVALUATED)
+    async def adapter_evaluated(event: ev.AdapterEvaluated) -> None:
+        await handlers.on_adapter_evaluated(event, runtime.ledger)
+
+    @durable_subscriber(broker, REGISTRY_POLICY_TRAINED)
+    async def policy_trained(event: ev.PolicyAdapterTrained) -> None:
+        await handlers.on_policy_trained(event, runtime.ledger)
+
+
+def create_app(settings: RegistrySettings, ports: AppPorts | None = None) -> FastAPI:
+    provider = setup_tracing(settings.telemetry, "registry")
+    broker = create_broker(settings.nats, service="registry", tracer_provider=provider)
+    runtime = Runtime(settings, broker, ports or AppPorts())
+    subscribe(broker, runtime)
+    ops = Operations(lambda: runtime.ledger, runtime.publish, answerer=None)
+    register_rpc(broker, ops)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        ops.answerer = runtime.answerer
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = build_api(ops, runtime.alive, runtime.ready, lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.broker = broker
+    app.state.operations = ops
+    return app

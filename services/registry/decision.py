@@ -1,0 +1,291 @@
+"""The decision state machine, pure: records in, records (with an outbox) out.
+
+A feedback record is ``collecting`` until every candidate ``0..k-1`` has a
+result (evaluated, training or evaluation failed, self-edit rejected) or its
+deadline passes. Then :func:`plan_decision` picks the best candidate that
+passed every gate and says what to do with it:
+
+* ``promote``: its parent is the scope's active version and nothing holds it;
+* ``hold``: the scope policy wants approval, or the scope is pinned;
+* ``rebase``: it was trained on a version that is no longer active, so it
+  goes back to the trainer to be trained on the active one (never promoted
+  over it, never dropped);
+* ``reject``: nothing passed, or it kept losing the race to newer versions.
+
+Every other candidate is rejected with its reasons. The transition functions
+below put the events that announce each step in the record's ``outbox``, in
+the same compare-and-set as the step itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from shared import events as ev
+from shared.registry_view import ScopePolicy
+
+from .records import Attempt, CandidateRecord, FeedbackRecord, ScopeHead
+
+Action = Literal["wait", "promote", "hold", "rebase", "reject"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    action: Action
+    chosen: int | None = None
+    # candidate index -> why it is rejected
+    rejections: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    reasons: tuple[str, ...] = ()
+    hold: Literal["manual", "pinned"] | None = None
+
+
+def active_version(head: ScopeHead | None) -> int | None:
+    return head.version if head is not None else None
+
+
+def describe_version(version: int | None) -> str:
+    return f"v{version}" if version is not None else "the base model"
+
+
+def select_best_candidate(candidates: list[CandidateRecord]) -> CandidateRecord | None:
+    """Highest reward among those that passed every gate; the lower index wins a tie."""
+    passing = [c for c in candidates if c.result == "evaluated" and c.passed]
+    if not passing:
+        return None
+    return max(passing, key=lambda c: (c.reward if c.reward is not None else float("-inf"), -c.index))
+
+
+def failure_reasons(cand: CandidateRecord) -> tuple[str, ...]:
+    if cand.result == "evaluated" and not cand.passed:
+        failed = [g.reason or f"gate {g.gate} failed" for g in cand.gates if not g.passed]
+        return tuple(dict.fromkeys([*cand.reasons, *failed])) or ("did not pass the evaluation gates",)
+    return cand.reasons or (f"candidate {cand.index}: {cand.result.replace('_', ' ')}",)
+
+
+def plan_decision(
+    record: FeedbackRecord,
+    head: ScopeHead | None,
+    policy: ScopePolicy,
+    now: datetime,
+    max_attempts: int,
+) -> Plan:
+    if record.state not in ("collecting", "rebasing"):
+        return Plan("wait")
+    live = [c for c in record.candidates if not c.decided]
+    timed_out = record.deadline_at is not None and now >= record.deadline_at
+    complete = record.candidate_count is not None and bool(live) and all(c.result != "pending" for c in live)
+    if not complete and not timed_out:
+        return Plan("wait")
+    rejections: dict[int, tuple[str, ...]] = {}
+    for cand in live:
+        if cand.result == "pending":
+            rejections[cand.index] = (
+                f"no outcome within the decision timeout ({policy.decision_timeout_s:g}s)",
+            )
+    considered = [c for c in live if c.result != "pending"]
+    best = select_best_candidate(considered)
+    for cand in considered:
+        if best is None or cand.index != best.index:
+            if cand.result == "evaluated" and cand.passed and best is not None:
+                rejections[cand.index] = (
+                    f"candidate {best.index} ranked higher (reward {best.reward:.4f} > {cand.reward:.4f})",
+                )
+            else:
+                rejections[cand.index] = failure_reasons(cand)
+    if best is None:
+        if not live:
+            reason = "no candidate arrived before the decision timeout"
+        else:
+            reason = f"none of {len(live)} candidate(s) passed every gate"
+        return Plan("reject", rejections=rejections, reasons=(reason,))
+    current = active_version(head)
+    if best.parent_version != current:
+        if best.attempt >= max_attempts:
+            reason = (
+                f"trained on {describe_version(best.parent_version)} but the scope moved to "
+                f"{describe_version(current)} {best.attempt} time(s); giving up after {max_attempts} attempts"
+            )
+            rejections[best.index] = (reason,)
+            return Plan("reject", rejections=rejections, reasons=(reason,))
+        return Plan("rebase", chosen=best.index, rejections=rejections)
+    if head is not None and head.pinned:
+        by = f" by {head.pinned_by}" if head.pinned_by else ""
+        return Plan("hold", best.index, rejections, (f"scope is pinned at v{head.version}{by}",), hold="pinned")
+    if policy.approval == "manual":
+        return Plan("hold", best.index, rejections, ("scope policy requires approval",), hold="manual")
+    return Plan("promote", best.index, rejections)
+
+
+# ----------------------------------------------------------------- transitions
+
+
+def _event_id(record: FeedbackRecord, *parts: object) -> str:
+    return ev.derived_id(record.feedback_id, *parts)
+
+
+def _cause(record: FeedbackRecord, cand: CandidateRecord | None = None) -> str | None:
+    if cand is not None and cand.evaluation_event_id:
+        return cand.evaluation_event_id
+    return record.feedback_event_id
+
+
+def rejected_event(
+    record: FeedbackRecord, cand: CandidateRecord, reasons: tuple[str, ...], by: str | None = None
+) -> ev.AdapterRejected:
+    return ev.AdapterRejected(
+        event_id=_event_id(record, "adapter.rejected", cand.index, cand.attempt, cand.adapter_id),
+        feedback_id=record.feedback_id,
+        scope=record.scope,
+        causation_id=_cause(record, cand),
+        adapter_id=cand.adapter_id,
+        self_edit_id=cand.self_edit_id,
+        reasons=reasons or ("rejected",),
+        rejected_by=by,
+    )
+
+
+def with_outbox(record: FeedbackRecord, *events: ev.Event) -> FeedbackRecord:
+    known = {item["event_id"] for item in record.outbox}
+    added = tuple(e.model_dump(mode="json") for e in events if e.event_id not in known)
+    return record.model_copy(update={"outbox": record.outbox + added})
+
+
+def apply_rejections(
+    record: FeedbackRecord, rejections: dict[int, tuple[str, ...]], by: str | None = None
+) -> FeedbackRecord:
+    for index, reasons in sorted(rejections.items()):
+        cand = record.candidate(index)
+        if cand is None or cand.decided:
+            continue
+        result = "timed_out" if cand.result == "pending" else cand.result
+        updated = cand.model_copy(update={"verdict": "rejected", "result": result, "reasons": reasons})
+        record = with_outbox(record.with_candidate(updated), rejected_event(record, updated, reasons, by))
+    return record
+
+
+def to_promoting(record: FeedbackRecord, plan: Plan, now: datetime, by: str | None = None) -> FeedbackRecord:
+    record = apply_rejections(record, plan.rejections)
+    return record.model_copy(
+        update={"state": "promoting", "chosen": plan.chosen, "decided_at": now, "decided_by": by, "hold": None}
+    )
+
+
+def to_held(record: FeedbackRecord, plan: Plan, now: datetime) -> FeedbackRecord:
+    record = apply_rejections(record, plan.rejections)
+    cand = record.candidate(plan.chosen)  # type: ignore[arg-type]
+    assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
+    cand = cand.model_copy(update={"verdict": "awaiting_approval", "reasons": plan.reasons})
+    event = ev.AdapterAwaitingApproval(
+        event_id=_event_id(record, "adapter.awaiting_approval", cand.index, cand.attempt, plan.hold),
+        feedback_id=record.feedback_id,
+        scope=record.scope,
+        causation_id=_cause(record, cand),
+        adapter_id=cand.adapter_id,
+        adapter=cand.adapter,
+        reward=cand.reward,
+    )
+    record = record.with_candidate(cand).model_copy(
+        update={"state": "awaiting_approval", "chosen": cand.index, "hold": plan.hold, "reasons": plan.reasons}
+    )
+    return with_outbox(record, event)
+
+
+def reopen(record: FeedbackRecord) -> FeedbackRecord:
+    """A held record goes back to collecting so it is decided again (after an unpin)."""
+    if record.state != "awaiting_approval" or record.chosen is None:
+        return record
+    cand = record.candidate(record.chosen)
+    assert cand is not None
+    cand = cand.model_copy(update={"verdict": None, "reasons": ()})
+    return record.with_candidate(cand).model_copy(
+        update={"state": "collecting", "chosen": None, "hold": None, "reasons": ()}
+    )
+
+
+def to_rebasing(
+    record: FeedbackRecord,
+    plan: Plan,
+    self_edit: ev.SelfEdit,
+    probes: tuple[ev.Probe, ...],
+    head: ScopeHead | None,
+    now: datetime,
+    timeout_s: float,
+) -> FeedbackRecord:
+    record = apply_rejections(record, plan.rejections)
+    cand = record.candidate(plan.chosen)  # type: ignore[arg-type]
+    assert cand is not None
+    target = active_version(head)
+    earlier = Attempt(
+        attempt=cand.attempt,
+        adapter_id=cand.adapter_id,
+        parent_version=cand.parent_version,
+        reward=cand.reward,
+        passed=cand.passed,
+        outcome=f"trained on {describe_version(cand.parent_version)}; rebased onto {describe_version(target)}",
+    )
+    fresh = CandidateRecord(
+        index=cand.index,
+        attempt=cand.attempt + 1,
+        self_edit_id=cand.self_edit_id,
+        earlier_attempts=(*cand.earlier_attempts, earlier),
+        product_probes=cand.product_probes,
+    )
+    event = ev.RebaseRequested(
+        event_id=_event_id(record, "training.rebase_requested", cand.index, fresh.attempt),
+        feedback_id=record.feedback_id,
+        scope=record.scope,
+        causation_id=_cause(record, cand),
+        self_edit=self_edit,
+        probes=probes,
+        parent_version=target,
+        attempt=fresh.attempt,
+    )
+    record = record.with_candidate(fresh).model_copy(
+        update={
+            "state": "rebasing",
+            "chosen": None,
+            "hold": None,
+            "deadline_at": now + timedelta(seconds=timeout_s),
+            "reasons": (earlier.outcome,),
+        }
+    )
+    return with_outbox(record, event)
+
+
+def to_rejected(
+    record: FeedbackRecord, plan: Plan, now: datetime, by: str | None = None
+) -> FeedbackRecord:
+    rejections = dict(plan.rejections)
+    for cand in record.candidates:
+        if not cand.decided and cand.index not in rejections:
+            rejections[cand.index] = plan.reasons
+    record = apply_rejections(record, rejections, by)
+    return record.model_copy(
+        update={"state": "rejected", "reasons": plan.reasons, "decided_at": now, "decided_by": by, "chosen": None}
+    )
+
+
+def to_promoted(
+    record: FeedbackRecord, version: int, previous: int | None, now: datetime, by: str | None
+) -> FeedbackRecord:
+    cand = record.candidate(record.chosen)  # type: ignore[arg-type]
+    assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
+    cand = cand.model_copy(update={"verdict": "promoted", "reasons": ()})
+    event = ev.AdapterPromoted(
+        event_id=_event_id(record, "adapter.promoted", cand.index, cand.attempt, version),
+        feedback_id=record.feedback_id,
+        scope=record.scope,
+        causation_id=_cause(record, cand),
+        adapter_id=cand.adapter_id,
+        version=version,
+        previous_version=previous,
+        adapter=cand.adapter,
+        reward=cand.reward,
+        approved_by=by,
+    )
+    record = record.with_candidate(cand).model_copy(
+        update={"state": "promoted", "version": version, "decided_at": record.decided_at or now, "reasons": ()}
+    )
+    return with_outbox(record, event)

@@ -1,0 +1,455 @@
+"""The ledger: feedback records in KV, decisions applied step by step, events out.
+
+Each step is one compare-and-set on one key and is safe to run again:
+
+1. an event from the pipeline is noted on the feedback record (:mod:`.intake`);
+2. :meth:`Ledger.settle` plans the decision (:mod:`.decision`) and moves the
+   record to ``promoting``, ``awaiting_approval``, ``rebasing`` or ``rejected``,
+   with the events that announce it in the record's outbox;
+3. a ``promoting`` record moves the scope head (``active.<scope>``): the
+   commit point. The head remembers recent promotions by adapter id, so a
+   re-run after a crash finds its own promotion instead of promoting twice;
+   a head that moved under the candidate sends it to be rebased instead;
+4. the version record and accepted probes are written, the record becomes
+   ``promoted``;
+5. the outbox is published (event ids are deterministic, so a re-publish is
+   dropped by JetStream) and then emptied.
+
+A crash anywhere leaves a record that the next redelivery or the periodic
+sweep carries on from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from shared import events as ev
+from shared.registry_view import (
+    AcceptedProbes,
+    PolicyAdapterRef,
+    ScopePolicy,
+    policy_key,
+    probes_key,
+)
+from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
+from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
+from shared.telemetry import current_trace_id
+
+from . import decision as dc
+from .kv import State
+from .records import (
+    FeedbackRecord,
+    Marker,
+    ScopeHead,
+    SelfEditRecord,
+    VersionRecord,
+    feedback_key,
+    head_key,
+    key_token,
+    open_key,
+    seen_key,
+    selfedit_key,
+    version_key,
+)
+from .settings import RegistryConfig
+
+log = logging.getLogger(__name__)
+
+RECENT_PROMOTIONS = 64
+MAX_STEPS = 12
+
+
+class Manifests(Protocol):
+    async def read(self, ref: ev.ManifestRef) -> AdapterManifest: ...
+
+
+class StoreManifests:
+    """Manifests read from the adapter store (blocking client, run in a thread)."""
+
+    def __init__(self, store: Any):
+        self.store = store
+
+    async def read(self, ref: ev.ManifestRef) -> AdapterManifest:
+        return await asyncio.to_thread(self.store.read_manifest, ref)
+
+
+def unrebasable(plan: dc.Plan) -> dc.Plan:
+    reason = "its self-edit is no longer available to train it again on the active version"
+    return dc.Plan(
+        "reject",
+        rejections={**plan.rejections, plan.chosen: (reason,)},  # type: ignore[dict-item]
+        reasons=(f"the chosen candidate could not be rebased: {reason}",),
+    )
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Refused(Exception):
+    """An operator action that does not apply to the current state (HTTP 409)."""
+
+
+@dataclass
+class Ports:
+    state: State
+    publish: Callable[[ev.Event], Awaitable[None]]
+    manifests: Manifests
+    clock: Callable[[], datetime] = ev.utcnow
+    trace_id: Callable[[], str | None] = current_trace_id
+
+
+@dataclass
+class Ledger:
+    ports: Ports
+    config: RegistryConfig = field(default_factory=RegistryConfig)
+
+    # ------------------------------------------------------------------ reads
+
+    async def head(self, scope: str) -> ScopeHead | None:
+        return await self.ports.state.read(KV_REGISTRY, head_key(scope), ScopeHead)
+
+    async def policy(self, scope: str) -> ScopePolicy:
+        found = await self.ports.state.read(KV_SCOPE_SETTINGS, scope, ScopePolicy)
+        return found or ScopePolicy()
+
+    async def record(self, scope: str, feedback_id: str) -> FeedbackRecord | None:
+        return await self.ports.state.read(KV_REGISTRY, feedback_key(scope, feedback_id), FeedbackRecord)
+
+    async def find_record(self, feedback_id: str) -> FeedbackRecord:
+        found = await self.ports.state.entries(KV_REGISTRY, f"feedback.*.{key_token(feedback_id)}", FeedbackRecord)
+        if not found:
+            raise NotFound(f"no feedback {feedback_id!r} is known to the registry")
+        return next(iter(found.values()))
+
+    async def version(self, scope: str, version: int) -> VersionRecord:
+        found = await self.ports.state.read(KV_REGISTRY, version_key(scope, version), VersionRecord)
+        if found is None:
+            raise NotFound(f"scope {scope!r} has no version {version}")
+        return found
+
+    async def self_edit(self, feedback_id: str, index: int) -> SelfEditRecord | None:
+        return await self.ports.state.read(KV_REGISTRY, selfedit_key(feedback_id, index), SelfEditRecord)
+
+    # ----------------------------------------------------------------- intake
+
+    async def note(self, event: ev.Event, note: Callable[..., FeedbackRecord | None], *extra: Any) -> None:
+        """Record one pipeline event on its feedback record, then decide what follows."""
+        policy = await self.policy(event.scope)
+        now = self.ports.clock()
+        await self._mark(event.scope, event.feedback_id, now)
+
+        def change(record: FeedbackRecord | None) -> FeedbackRecord | None:
+            return note(record, event, policy, now, *extra)
+
+        await self._update(event.scope, event.feedback_id, change)
+        await self.settle(event.scope, event.feedback_id)
+
+    async def note_selfedit(self, event: ev.SelfEditGenerated) -> None:
+        record = SelfEditRecord(
+            feedback_id=event.feedback_id,
+            scope=event.scope,
+            event_id=event.event_id,
+            self_edit=event.self_edit,
+            probes=event.probes,
+            generator_adapter=event.generator_adapter,
+        )
+        try:
+            await self.ports.state.put(
+                KV_REGISTRY, selfedit_key(event.feedback_id, event.self_edit.candidate_index), record
+            )
+        except Exception as exc:  # noqa: BLE001 - too large for KV: the manifest keeps it too
+            if "payload" not in str(exc).lower():
+                raise
+            log.warning("self-edit %s not kept in KV (%s); rebase will read the manifest", event.self_edit.self_edit_id, exc)
+
+    async def note_policy_trained(self, event: ev.PolicyAdapterTrained) -> None:
+        key = policy_key(None if event.scope == "global" else event.scope)
+        ref = PolicyAdapterRef(adapter_id=event.adapter_id, adapter=event.adapter, round=event.round)
+
+        def change(current: PolicyAdapterRef | None) -> PolicyAdapterRef | None:
+            if current is not None and (current.round > ref.round or current == ref):
+                return None
+            return ref
+
+        await self.ports.state.compare_and_set(KV_REGISTRY, key, PolicyAdapterRef, change)
+
+    async def _mark(self, scope: str, feedback_id: str, now: datetime) -> None:
+        state = self.ports.state
+        if await self.record(scope, feedback_id) is None:
+            # The index goes first: an open record is always found by the sweep.
+            await state.put(KV_REGISTRY, open_key(scope, feedback_id), Marker(at=now, feedback_id=feedback_id))
+            await state.compare_and_set(KV_REGISTRY, seen_key(scope), Marker, lambda m: None if m else Marker(at=now))
+
+    async def _update(
+        self, scope: str, feedback_id: str, change: Callable[[FeedbackRecord | None], FeedbackRecord | None]
+    ) -> FeedbackRecord | None:
+        return await self.ports.state.compare_and_set(
+            KV_REGISTRY, feedback_key(scope, feedback_id), FeedbackRecord, change
+        )
+
+    # --------------------------------------------------------------- deciding
+
+    async def settle(self, scope: str, feedback_id: str) -> FeedbackRecord | None:
+        """Take every step that is due for this feedback; publish what was decided."""
+        record = await self.record(scope, feedback_id)
+        for _ in range(MAX_STEPS):
+            if record is None:
+                return None
+            if record.outbox:
+                record = await self._flush(record)
+            if not await self._step(record):
+                break
+            record = await self.record(scope, feedback_id)
+        if record is not None and record.outbox:
+            record = await self._flush(record)
+        if record is not None and not record.is_open:
+            await self.ports.state.delete(KV_REGISTRY, open_key(scope, feedback_id))
+        return record
+
+    async def _step(self, record: FeedbackRecord) -> bool:
+        if record.state == "promoting":
+            await self._promote(record)
+            return True
+        if record.state not in ("collecting", "rebasing"):
+            return False
+        head, policy, now = await self.head(record.scope), await self.policy(record.scope), self.ports.clock()
+        plan = dc.plan_decision(record, head, policy, now, self.config.max_rebase_attempts)
+        if plan.action == "wait":
+            return False
+        if plan.action in ("promote", "hold") and not await self._intact(record, plan.chosen):
+            return True
+        intended = (plan.action, plan.chosen)
+        rebase: tuple[ev.SelfEdit, tuple[ev.Probe, ...]] | None = None
+        if plan.action == "rebase":
+            rebase = await self._rebase_material(record, plan.chosen)
+
+        def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+            if current is None:
+                return None
+            again = dc.plan_decision(current, head, policy, now, self.config.max_rebase_attempts)
+            if (again.action, again.chosen) != intended:
+                return None  # someone else moved it; the next step re-plans
+            if again.action == "promote":
+                return dc.to_promoting(current, again, now)
+            if again.action == "hold":
+                return dc.to_held(current, again, now)
+            if again.action == "rebase":
+                if rebase is not None:
+                    return dc.to_rebasing(current, again, *rebase, head, now, policy.decision_timeout_s)
+                again = unrebasable(again)
+            return dc.to_rejected(current, again, now)
+
+        await self._update(record.scope, record.feedback_id, change)
+        return True
+
+    async def _intact(self, record: FeedbackRecord, index: int | None) -> bool:
+        """Check the chosen adapter reads back intact; mark it unusable if not."""
+        cand = record.candidate(index)  # type: ignore[arg-type]
+        assert cand is not None and cand.adapter is not None
+        try:
+            await self.ports.manifests.read(cand.adapter)
+            return True
+        except (IntegrityError, AdapterNotFound) as exc:
+            reason = f"adapter {cand.adapter_id} cannot be used: {exc}"
+            log.warning(reason)
+
+            def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+                now_cand = current.candidate(cand.index) if current else None
+                if current is None or now_cand is None or now_cand.adapter_id != cand.adapter_id or now_cand.decided:
+                    return None
+                return current.with_candidate(now_cand.model_copy(update={"result": "unusable", "passed": False, "reasons": (reason,)}))
+
+            await self._update(record.scope, record.feedback_id, change)
+            return False
+
+    async def _rebase_material(
+        self, record: FeedbackRecord, index: int | None
+    ) -> tuple[ev.SelfEdit, tuple[ev.Probe, ...]] | None:
+        cand = record.candidate(index)  # type: ignore[arg-type]
+        assert cand is not None
+        kept = await self.self_edit(record.feedback_id, cand.index)
+        if kept is not None:
+            return kept.self_edit, kept.probes
+        if cand.adapter is not None:
+            try:
+                manifest = await self.ports.manifests.read(cand.adapter)
+            except (IntegrityError, AdapterNotFound):
+                return None
+            if manifest.self_edit:
+                try:
+                    return ev.SelfEdit.model_validate(manifest.self_edit), cand.product_probes or record.feedback_probes
+                except ValueError:
+                    return None
+        return None
+
+    async def _promote(self, record: FeedbackRecord) -> None:
+        cand = record.candidate(record.chosen)  # type: ignore[arg-type]
+        assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
+        now, by = self.ports.clock(), record.decided_by
+        outcome: dict[str, Any] = {}
+
+        def move_head(head: ScopeHead | None) -> ScopeHead | None:
+            outcome.clear()
+            done = head.promoted_as(cand.adapter_id) if head else None  # type: ignore[arg-type]
+            if done is not None:
+                outcome["version"] = done
+                return None
+            current = dc.active_version(head)
+            if cand.parent_version != current:
+                outcome["stale"] = current
+                return None
+            if head is not None and head.pinned and by is None:
+                outcome["pinned"] = head
+                return None
+            number = (head.latest_version if head else 0) + 1
+            outcome["version"] = number
+            return ScopeHead(
+                scope=record.scope,
+                version=number,
+                adapter_id=cand.adapter_id,  # type: ignore[arg-type]
+                adapter=cand.adapter,  # type: ignore[arg-type]
+                pinned=head.pinned if head else False,
+                pinned_by=head.pinned_by if head else None,
+                pin_reason=head.pin_reason if head else None,
+                feedback_id=record.feedback_id,
+                previous_version=current,
+                latest_version=number,
+                recent=((*head.recent, (number, cand.adapter_id)) if head else ((number, cand.adapter_id),))[-RECENT_PROMOTIONS:],  # type: ignore[arg-type]
+                last_request_id=head.last_request_id if head else None,
+                updated_at=now,
+            )
+
+        head = await self.ports.state.compare_and_set(KV_REGISTRY, head_key(record.scope), ScopeHead, move_head)
+        if "stale" in outcome or "pinned" in outcome:
+            await self._back_off(record, head, now, pinned="pinned" in outcome)
+            return
+        version = outcome["version"]
+        manifest = await self.ports.manifests.read(cand.adapter)
+        probes = cand.product_probes or record.feedback_probes
+        await self.ports.state.put(
+            KV_REGISTRY,
+            version_key(record.scope, version),
+            VersionRecord(
+                scope=record.scope,
+                version=version,
+                adapter_id=cand.adapter_id,
+                adapter=cand.adapter,
+                parent_version=cand.parent_version,
+                parent_adapter_id=cand.parent_adapter_id,
+                feedback_id=record.feedback_id,
+                feedback_ids=tuple(dict.fromkeys((record.feedback_id, *manifest.feedback_ids))),
+                candidate_index=cand.index,
+                self_edit_id=cand.self_edit_id,
+                reward=cand.reward,
+                candidate_scores=cand.candidate_scores,
+                parent_scores=cand.parent_scores,
+                gates=cand.gates,
+                evaluation_event_id=cand.evaluation_event_id,
+                trace_id=cand.trace_id or manifest.trace_id,
+                registry_trace_id=self.ports.trace_id(),
+                base_model=manifest.base_model,
+                base_model_sha256=manifest.base_model_sha256,
+                promoted_at=record.decided_at or now,
+                approved_by=by or "auto",
+                probes=probes,
+            ),
+        )
+        await self._append_probes(record.scope, record.feedback_id, probes)
+        await self._update(
+            record.scope,
+            record.feedback_id,
+            lambda cur: dc.to_promoted(cur, version, cand.parent_version, now, by)
+            if cur is not None and cur.state == "promoting"
+            else None,
+        )
+
+    async def _back_off(self, record: FeedbackRecord, head: ScopeHead | None, now: datetime, pinned: bool) -> None:
+        """The head moved (or got pinned) between the decision and the promotion."""
+        policy = await self.policy(record.scope)
+        plan = dc.Plan("hold", record.chosen, reasons=("scope is pinned",), hold="pinned") if pinned else None
+        material = None
+        if plan is None:
+            cand = record.candidate(record.chosen)  # type: ignore[arg-type]
+            assert cand is not None
+            if cand.attempt >= self.config.max_rebase_attempts:
+                reason = f"the scope moved past its parent {cand.attempt} time(s); giving up"
+                plan = dc.Plan("reject", rejections={cand.index: (reason,)}, reasons=(reason,))
+            else:
+                material = await self._rebase_material(record, record.chosen)
+                plan = dc.Plan("rebase", record.chosen)
+                if material is None:
+                    plan = unrebasable(plan)
+
+        def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+            if current is None or current.state != "promoting":
+                return None
+            reopened = current.model_copy(update={"state": "collecting"})
+            if plan.action == "hold":
+                return dc.to_held(reopened, plan, now)
+            if plan.action == "rebase" and material is not None:
+                return dc.to_rebasing(reopened, plan, *material, head, now, policy.decision_timeout_s)
+            return dc.to_rejected(reopened, plan, now, current.decided_by)
+
+        await self._update(record.scope, record.feedback_id, change)
+
+    async def _append_probes(self, scope: str, feedback_id: str, probes: tuple[ev.Probe, ...]) -> None:
+        limit = self.config.max_accepted_probes
+
+        def change(current: AcceptedProbes | None) -> AcceptedProbes | None:
+            current = current or AcceptedProbes(scope=scope)
+            if any(fid == feedback_id for fid, _ in current.probes) or not probes:
+                return None
+            return current.model_copy(update={"probes": (*current.probes, *((feedback_id, p) for p in probes))[-limit:]})
+
+        await self.ports.state.compare_and_set(KV_REGISTRY, probes_key(scope), AcceptedProbes, change)
+
+    async def rebuild_probes(self, scope: str, version: int) -> None:
+        """probes.<scope> from the chain of versions that ``version`` stands on."""
+        chain: list[VersionRecord] = []
+        number: int | None = version
+        while number is not None and len(chain) < 10_000:
+            found = await self.ports.state.read(KV_REGISTRY, version_key(scope, number), VersionRecord)
+            if found is None:
+                break
+            chain.append(found)
+            number = found.parent_version
+        pairs = tuple((v.feedback_id, p) for v in reversed(chain) for p in v.probes)
+        rebuilt = AcceptedProbes(scope=scope, probes=pairs[-self.config.max_accepted_probes :])
+        await self.ports.state.compare_and_set(
+            KV_REGISTRY, probes_key(scope), AcceptedProbes, lambda cur: None if cur == rebuilt else rebuilt
+        )
+
+    async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
+        sent = set()
+        for item in record.outbox:
+            await self.ports.publish(ev.parse_event(item))
+            sent.add(item["event_id"])
+
+        def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+            if current is None or not any(i["event_id"] in sent for i in current.outbox):
+                return None
+            return current.model_copy(update={"outbox": tuple(i for i in current.outbox if i["event_id"] not in sent)})
+
+        return await self._update(record.scope, record.feedback_id, change) or record
+
+    # ------------------------------------------------------------------ sweep
+
+    async def sweep(self) -> int:
+        """Settle every open feedback (timeouts, interrupted steps); returns how many were looked at."""
+        markers = await self.ports.state.entries(KV_REGISTRY, "open.*.*", Marker)
+        for key, marker in markers.items():
+            scope = key.split(".")[1]
+            if marker.feedback_id is None:
+                await self.ports.state.delete(KV_REGISTRY, key)
+                continue
+            try:
+                await self.settle(scope, marker.feedback_id)
+            except Exception:  # noqa: BLE001 - one bad record must not stop the sweep
+                log.exception("sweep could not settle feedback %s", marker.feedback_id)
+        return len(markers)

@@ -1,0 +1,131 @@
+"""The registry's queries and actions, as both interfaces (HTTP, NATS request-reply) expose them.
+
+Request bodies are pydantic models, so both interfaces validate the same way
+and an operator always has to say who they are and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared import events as ev
+from shared.registry_view import ScopePolicy
+
+from . import actions, queries
+from .ledger import Ledger
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OperatorRequest(Body):
+    operator: ev.ShortText
+    reason: ev.ShortText
+    # The CLI sends one per invocation; a retried request is applied once.
+    request_id: ev.Identifier = Field(default_factory=ev.new_id)
+
+
+class RollbackRequest(OperatorRequest):
+    to_version: int = Field(ge=1)
+
+
+class SubmitFeedback(Body):
+    scope: ev.Scope
+    content: ev.FeedbackContent
+    submitted_by: ev.ShortText | None = None
+    feedback_id: ev.Identifier | None = None
+
+
+class AskRequest(Body):
+    question: ev.ShortText
+    max_new_tokens: int | None = Field(default=None, ge=1, le=512)
+
+
+class Answerer(Protocol):
+    async def answer(self, scope: str, question: str, max_new_tokens: int | None) -> dict[str, Any]: ...
+
+
+class AskUnavailable(Exception):
+    pass
+
+
+class Operations:
+    def __init__(
+        self,
+        ledger: Callable[[], Ledger],
+        publish: Callable[[ev.Event], Awaitable[None]],
+        answerer: Answerer | None = None,
+    ):
+        self._ledger = ledger
+        self._publish = publish
+        self.answerer = answerer
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger()
+
+    # ---------------------------------------------------------------- queries
+
+    async def scopes(self) -> list[dict[str, Any]]:
+        return await queries.list_scopes(self.ledger)
+
+    async def versions(self, scope: str) -> list[dict[str, Any]]:
+        return await queries.list_versions(self.ledger, scope)
+
+    async def lineage(self, scope: str, version: int) -> dict[str, Any]:
+        return await queries.version_lineage(self.ledger, scope, version)
+
+    async def feedback(self, feedback_id: str) -> dict[str, Any]:
+        return await queries.feedback_fate(self.ledger, feedback_id)
+
+    async def feedback_list(self, scope: str, state: str | None = None) -> list[dict[str, Any]]:
+        return await queries.list_feedback(self.ledger, scope, state)
+
+    async def get_policy(self, scope: str) -> dict[str, Any]:
+        return (await self.ledger.policy(scope)).model_dump(mode="json")
+
+    # ---------------------------------------------------------------- actions
+
+    async def submit(self, body: SubmitFeedback) -> dict[str, Any]:
+        event = ev.FeedbackSubmitted(
+            feedback_id=body.feedback_id or ev.new_id(),
+            scope=body.scope,
+            content=body.content,
+            submitted_by=body.submitted_by,
+        )
+        if body.feedback_id:
+            # A product retrying the same feedback id gets the same event id (deduplicated).
+            event = event.model_copy(update={"event_id": ev.derived_id("feedback", body.scope, body.feedback_id)})
+        await self._publish(event)
+        return {"feedback_id": event.feedback_id, "event_id": event.event_id, "scope": event.scope}
+
+    async def approve(self, feedback_id: str, body: OperatorRequest) -> dict[str, Any]:
+        await actions.approve(self.ledger, feedback_id, body.operator, body.reason)
+        return await queries.feedback_fate(self.ledger, feedback_id)
+
+    async def reject(self, feedback_id: str, body: OperatorRequest) -> dict[str, Any]:
+        await actions.reject(self.ledger, feedback_id, body.operator, body.reason)
+        return await queries.feedback_fate(self.ledger, feedback_id)
+
+    async def rollback(self, scope: str, body: RollbackRequest) -> dict[str, Any]:
+        head = await actions.rollback(self.ledger, scope, body.to_version, body.operator, body.reason, body.request_id)
+        return {"scope": scope, **queries.head_summary(head)}
+
+    async def pin(self, scope: str, body: OperatorRequest, pinned: bool = True) -> dict[str, Any]:
+        head = await actions.set_pin(self.ledger, scope, pinned, body.operator, body.reason, body.request_id)
+        return {"scope": scope, **queries.head_summary(head)}
+
+    async def set_policy(self, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``changes`` into the scope's policy (validated as a whole)."""
+        current = await self.ledger.policy(scope)
+        merged = ScopePolicy.model_validate({**current.model_dump(mode="json"), **changes})
+        return (await actions.set_policy(self.ledger, scope, merged)).model_dump(mode="json")
+
+    async def ask(self, scope: str, body: AskRequest) -> dict[str, Any]:
+        if self.answerer is None:
+            raise AskUnavailable("answering is turned off in this registry (registry.ask_enabled)")
+        return await self.answerer.answer(scope, body.question, body.max_new_tokens)

@@ -1,0 +1,189 @@
+"""What the registry answers: scopes, versions, lineage both ways.
+
+Results are plain JSON-ready dicts, the same over HTTP and NATS request-reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.registry_view import ScopePolicy
+from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
+
+from .ledger import Ledger, NotFound
+from .records import FeedbackRecord, Marker, ScopeHead, VersionRecord, feedback_key
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+def head_summary(head: ScopeHead | None) -> dict[str, Any]:
+    if head is None:
+        return {"active_version": None, "previous_version": None, "latest_version": 0, "pinned": False}
+    return {
+        "active_version": head.version,
+        "active_adapter_id": head.adapter_id,
+        "previous_version": head.previous_version,
+        "latest_version": head.latest_version,
+        "pinned": head.pinned,
+        "pinned_by": head.pinned_by,
+        "pin_reason": head.pin_reason,
+        "updated_at": head.updated_at.isoformat() if head.updated_at else None,
+    }
+
+
+async def list_scopes(ledger: Ledger) -> list[dict[str, Any]]:
+    state = ledger.ports.state
+    heads = {k.split(".", 1)[1]: h for k, h in (await state.entries(KV_REGISTRY, "active.*", ScopeHead)).items()}
+    seen = {k.split(".", 1)[1] for k in await state.entries(KV_REGISTRY, "seen.*", Marker)}
+    policies = await state.entries(KV_SCOPE_SETTINGS, "*", ScopePolicy)
+    open_counts: dict[str, int] = {}
+    for key in await state.entries(KV_REGISTRY, "open.*.*", Marker):
+        scope = key.split(".")[1]
+        open_counts[scope] = open_counts.get(scope, 0) + 1
+    scopes = sorted(set(heads) | seen | set(policies))
+    return [
+        {
+            "scope": scope,
+            **head_summary(heads.get(scope)),
+            "approval": (policies.get(scope) or ScopePolicy()).approval,
+            "open_feedback": open_counts.get(scope, 0),
+        }
+        for scope in scopes
+    ]
+
+
+async def list_versions(ledger: Ledger, scope: str) -> list[dict[str, Any]]:
+    head = await ledger.head(scope)
+    versions = await ledger.ports.state.entries(KV_REGISTRY, f"version.{scope}.*", VersionRecord)
+    rows = []
+    for record in sorted(versions.values(), key=lambda v: v.version):
+        aliases = []
+        if head is not None and record.version == head.version:
+            aliases.append("active")
+        if head is not None and record.version == head.previous_version:
+            aliases.append("previous")
+        rows.append({**_dump(record), "aliases": aliases})
+    return rows
+
+
+async def version_lineage(ledger: Ledger, scope: str, version: int) -> dict[str, Any]:
+    """Version -> evaluation -> training run -> self-edit -> feedback, with trace ids."""
+    record = await ledger.version(scope, version)
+    head = await ledger.head(scope)
+    feedback = await ledger.record(scope, record.feedback_id)
+    cand = feedback.candidate(record.candidate_index) if feedback else None
+    kept = await ledger.self_edit(record.feedback_id, record.candidate_index)
+    manifest: dict[str, Any] | None = None
+    manifest_error = None
+    try:
+        found = await ledger.ports.manifests.read(record.adapter)
+        manifest = {
+            k: v
+            for k, v in found.model_dump(mode="json").items()
+            if k in ("base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives", "training", "metrics", "trace_id", "created_at", "files")
+        }
+    except Exception as exc:  # noqa: BLE001 - lineage still answers without the store
+        manifest_error = f"{type(exc).__name__}: {exc}"
+    chain = []
+    number = record.parent_version
+    while number is not None and len(chain) < 1000:
+        try:
+            parent = await ledger.version(scope, number)
+        except NotFound:
+            break
+        chain.append({"version": parent.version, "adapter_id": parent.adapter_id, "feedback_id": parent.feedback_id})
+        number = parent.parent_version
+    aliases = [
+        name
+        for name, number in (("active", head.version if head else None), ("previous", head.previous_version if head else None))
+        if number == version
+    ]
+    return {
+        "version": {**_dump(record), "aliases": aliases},
+        "evaluation": None
+        if cand is None
+        else {
+            "event_id": cand.evaluation_event_id,
+            "trace_id": cand.trace_id,
+            "reward": cand.reward,
+            "passed": cand.passed,
+            "candidate_scores": _dump(cand.candidate_scores) if cand.candidate_scores else None,
+            "parent_scores": _dump(cand.parent_scores) if cand.parent_scores else None,
+            "gates": [_dump(g) for g in cand.gates],
+            "attempt": cand.attempt,
+            "earlier_attempts": [_dump(a) for a in cand.earlier_attempts],
+        },
+        "training": {
+            "run": _dump(cand.training) if cand is not None and cand.training else None,
+            "manifest": manifest,
+            "manifest_error": manifest_error,
+        },
+        "self_edit": None
+        if kept is None
+        else {
+            "event_id": kept.event_id,
+            "generator_adapter": kept.generator_adapter,
+            **_dump(kept.self_edit),
+            "probes": [_dump(p) for p in kept.probes],
+        },
+        "feedback": None if feedback is None else feedback_summary(feedback),
+        "ancestors": chain,
+    }
+
+
+def feedback_summary(record: FeedbackRecord) -> dict[str, Any]:
+    return {
+        "feedback_id": record.feedback_id,
+        "scope": record.scope,
+        "state": record.state,
+        "kind": record.kind,
+        "summary": record.summary,
+        "submitted_by": record.submitted_by,
+        "submitted_at": record.submitted_at.isoformat() if record.submitted_at else None,
+        "event_id": record.feedback_event_id,
+        "trace_id": record.trace_id,
+        "version": record.version,
+        "chosen": record.chosen,
+        "hold": record.hold,
+        "reasons": list(record.reasons),
+        "decided_by": record.decided_by,
+        "decided_at": record.decided_at.isoformat() if record.decided_at else None,
+        "deadline_at": record.deadline_at.isoformat() if record.deadline_at else None,
+    }
+
+
+async def feedback_fate(ledger: Ledger, feedback_id: str) -> dict[str, Any]:
+    """From a feedback id, what became of it: every candidate, its verdict and why."""
+    record = await ledger.find_record(feedback_id)
+    candidates = []
+    for cand in record.candidates:
+        kept = await ledger.self_edit(feedback_id, cand.index)
+        candidates.append(
+            {
+                **_dump(cand),
+                "self_edit_format": kept.self_edit.format if kept else None,
+                "self_edit_event_id": kept.event_id if kept else None,
+            }
+        )
+    return {
+        **feedback_summary(record),
+        "candidate_count": record.candidate_count,
+        "candidates": candidates,
+        "feedback_probes": [_dump(p) for p in record.feedback_probes],
+        "pending_events": len(record.outbox),
+    }
+
+
+async def list_feedback(ledger: Ledger, scope: str, state: str | None = None) -> list[dict[str, Any]]:
+    records = await ledger.ports.state.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord)
+    rows = [feedback_summary(r) for r in records.values() if state is None or r.state == state]
+    return sorted(rows, key=lambda r: r["submitted_at"] or "")
+
+
+async def get_feedback_record(ledger: Ledger, scope: str, feedback_id: str) -> FeedbackRecord:
+    found = await ledger.ports.state.read(KV_REGISTRY, feedback_key(scope, feedback_id), FeedbackRecord)
+    if found is None:
+        raise NotFound(f"no feedback {feedback_id!r} in scope {scope!r}")
+    return found

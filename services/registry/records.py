@@ -1,0 +1,236 @@
+"""What the registry keeps: feedback records, candidates, versions, the scope head.
+
+Everything here is a frozen pydantic model stored as JSON in JetStream KV;
+changes are made with ``model_copy(update=...)`` inside a compare-and-set.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from shared.events import Contract, GateResult, ManifestRef, Probe, Scores, SelfEdit
+from shared.registry_view import ActiveAdapter
+
+# A candidate's *result* is a fact reported by the pipeline; its *verdict* is
+# what the registry decided about it.
+CandidateResult = Literal[
+    "pending",
+    "evaluated",
+    "training_failed",
+    "evaluation_failed",
+    "selfedit_rejected",
+    "unusable",  # its adapter could not be read back intact
+    "timed_out",
+]
+Verdict = Literal["promoted", "awaiting_approval", "rejected"]
+FeedbackState = Literal[
+    "collecting",  # waiting for the outcome of every candidate
+    "rebasing",  # the chosen candidate is being trained again on the new active version
+    "awaiting_approval",  # held for an operator (manual policy or pinned scope)
+    "promoting",  # decided; the scope head is being moved
+    "promoted",
+    "rejected",
+]
+OPEN_STATES: frozenset[str] = frozenset({"collecting", "rebasing", "awaiting_approval", "promoting"})
+
+
+def key_token(identifier: str) -> str:
+    """An id as one KV key token: ``.`` and ``:`` are not allowed there."""
+    return identifier.replace("=", "=3D").replace(".", "=2E").replace(":", "=3A")
+
+
+def head_key(scope: str) -> str:
+    return f"active.{scope}"
+
+
+def version_key(scope: str, version: int) -> str:
+    return f"version.{scope}.{version}"
+
+
+def feedback_key(scope: str, feedback_id: str) -> str:
+    return f"feedback.{scope}.{key_token(feedback_id)}"
+
+
+def open_key(scope: str, feedback_id: str) -> str:
+    return f"open.{scope}.{key_token(feedback_id)}"
+
+
+def selfedit_key(feedback_id: str, index: int) -> str:
+    return f"selfedit.{key_token(feedback_id)}.{index}"
+
+
+def seen_key(scope: str) -> str:
+    return f"seen.{scope}"
+
+
+class Attempt(Contract):
+    """One training + evaluation of a candidate (a rebase makes another)."""
+
+    attempt: int
+    adapter_id: str | None = None
+    parent_version: int | None = None
+    reward: float | None = None
+    passed: bool | None = None
+    outcome: str = ""
+
+
+class TrainingRun(Contract):
+    adapter_id: str
+    event_id: str
+    parent_version: int | None = None
+    parent_adapter_id: str | None = None
+    final_loss: float | None = None
+    seconds: float | None = None
+    trace_id: str | None = None
+
+
+class CandidateRecord(Contract):
+    index: int
+    result: CandidateResult = "pending"
+    verdict: Verdict | None = None
+    attempt: int = 1
+    self_edit_id: str | None = None
+    adapter_id: str | None = None
+    adapter: ManifestRef | None = None
+    parent_version: int | None = None
+    parent_adapter_id: str | None = None
+    reward: float | None = None
+    passed: bool | None = None
+    candidate_scores: Scores | None = None
+    parent_scores: Scores | None = None
+    gates: tuple[GateResult, ...] = ()
+    # Why it failed, was rejected or held, in words a person can read.
+    reasons: tuple[str, ...] = ()
+    evaluation_event_id: str | None = None
+    trace_id: str | None = None
+    training: TrainingRun | None = None
+    earlier_attempts: tuple[Attempt, ...] = ()
+    product_probes: tuple[Probe, ...] = ()
+
+    @property
+    def decided(self) -> bool:
+        return self.verdict is not None
+
+    def known_adapter(self, adapter_id: str) -> bool:
+        return adapter_id == self.adapter_id or any(a.adapter_id == adapter_id for a in self.earlier_attempts)
+
+
+class FeedbackRecord(Contract):
+    """The lineage root: one feedback event and everything that came of it."""
+
+    feedback_id: str
+    scope: str
+    state: FeedbackState = "collecting"
+    kind: str | None = None
+    summary: str | None = None
+    submitted_by: str | None = None
+    submitted_at: datetime | None = None
+    first_seen_at: datetime
+    deadline_at: datetime | None = None
+    feedback_event_id: str | None = None
+    trace_id: str | None = None
+    candidate_count: int | None = None
+    count_from_generator: bool = False
+    candidates: tuple[CandidateRecord, ...] = ()
+    feedback_probes: tuple[Probe, ...] = ()
+    chosen: int | None = None
+    version: int | None = None
+    hold: Literal["manual", "pinned"] | None = None
+    reasons: tuple[str, ...] = ()
+    decided_at: datetime | None = None
+    decided_by: str | None = None
+    # Events decided but not yet published (outbox): published, then removed.
+    outbox: tuple[dict[str, Any], ...] = ()
+
+    def candidate(self, index: int) -> CandidateRecord | None:
+        for cand in self.candidates:
+            if cand.index == index:
+                return cand
+        return None
+
+    def with_candidate(self, cand: CandidateRecord) -> "FeedbackRecord":
+        others = [c for c in self.candidates if c.index != cand.index]
+        return self.model_copy(update={"candidates": tuple(sorted([*others, cand], key=lambda c: c.index))})
+
+    def with_count(self, count: int) -> "FeedbackRecord":
+        """Make sure candidates 0..count-1 exist (placeholders are pending)."""
+        record = self
+        for index in range(count):
+            if record.candidate(index) is None:
+                record = record.with_candidate(CandidateRecord(index=index))
+        return record
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+
+class VersionRecord(Contract):
+    """One promoted version of a scope and its tags."""
+
+    scope: str
+    version: int = Field(ge=1)
+    adapter_id: str
+    adapter: ManifestRef
+    parent_version: int | None = None
+    parent_adapter_id: str | None = None
+    feedback_id: str
+    feedback_ids: tuple[str, ...] = ()
+    candidate_index: int = 0
+    self_edit_id: str | None = None
+    reward: float | None = None
+    candidate_scores: Scores | None = None
+    parent_scores: Scores | None = None
+    gates: tuple[GateResult, ...] = ()
+    evaluation_event_id: str | None = None
+    trace_id: str | None = None
+    registry_trace_id: str | None = None
+    base_model: str | None = None
+    base_model_sha256: str | None = None
+    promoted_at: datetime
+    approved_by: str = "auto"
+    probes: tuple[Probe, ...] = ()
+
+
+class ScopeHead(ActiveAdapter):
+    """``active.<scope>``: what :class:`ActiveAdapter` readers see, plus the aliases.
+
+    ``version``/``adapter_id``/``adapter`` are the active alias; the rest is
+    registry bookkeeping that readers of ``ActiveAdapter`` ignore.
+    """
+
+    feedback_id: str | None = None
+    previous_version: int | None = None
+    latest_version: int = 0
+    pinned_by: str | None = None
+    pin_reason: str | None = None
+    # (version, adapter_id) of recent promotions, newest last: makes a
+    # re-run promotion idempotent even after the head moved on.
+    recent: tuple[tuple[int, str], ...] = ()
+    last_request_id: str | None = None
+    updated_at: datetime | None = None
+
+    def promoted_as(self, adapter_id: str) -> int | None:
+        for version, promoted in self.recent:
+            if promoted == adapter_id:
+                return version
+        return None
+
+
+class SelfEditRecord(Contract):
+    feedback_id: str
+    scope: str
+    event_id: str
+    self_edit: SelfEdit
+    probes: tuple[Probe, ...] = ()
+    generator_adapter: str | None = None
+
+
+class Marker(Contract):
+    """A key whose presence is the information (``seen.<scope>``, ``open.*``)."""
+
+    at: datetime | None = None
+    feedback_id: str | None = None

@@ -1,0 +1,89 @@
+"""NATS request-reply for other services: ``seal.rpc.registry.<operation>``.
+
+Request: a JSON object of arguments. Reply: ``{"ok": true, "result": ...}``
+or ``{"ok": false, "status": 404|409|422|503, "error": "..."}``. Every replica
+answers in the queue group ``registry``, so one request gets one answer.
+
+Operations: ``scopes``; ``versions`` {scope}; ``lineage`` {scope, version};
+``feedback`` {feedback_id}; ``feedback_list`` {scope, state?}; ``submit``
+{scope, content, submitted_by?, feedback_id?}; ``approve`` / ``reject``
+{feedback_id, operator, reason}; ``rollback`` {scope, to_version, operator,
+reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
+``policy_get`` {scope}; ``policy_set`` {scope, changes}; ``ask`` {scope,
+question, max_new_tokens?}.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faststream.nats import NatsBroker
+from pydantic import ValidationError
+
+from shared.events import describe_validation_error
+from shared.registry_view import ConflictError
+from shared.subjects import REGISTRY_RPC
+
+from .ledger import NotFound, Refused
+from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
+
+log = logging.getLogger(__name__)
+
+QUEUE = "registry"
+
+
+def _scope(args: dict[str, Any]) -> str:
+    return str(args["scope"])
+
+
+def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in names}
+
+
+def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
+    return {
+        "scopes": lambda a: ops.scopes(),
+        "versions": lambda a: ops.versions(_scope(a)),
+        "lineage": lambda a: ops.lineage(_scope(a), int(a["version"])),
+        "feedback": lambda a: ops.feedback(str(a["feedback_id"])),
+        "feedback_list": lambda a: ops.feedback_list(_scope(a), a.get("state")),
+        "submit": lambda a: ops.submit(SubmitFeedback.model_validate(a)),
+        "approve": lambda a: ops.approve(str(a["feedback_id"]), OperatorRequest.model_validate(_without(a, "feedback_id"))),
+        "reject": lambda a: ops.reject(str(a["feedback_id"]), OperatorRequest.model_validate(_without(a, "feedback_id"))),
+        "rollback": lambda a: ops.rollback(_scope(a), RollbackRequest.model_validate(_without(a, "scope"))),
+        "pin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=True),
+        "unpin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=False),
+        "policy_get": lambda a: ops.get_policy(_scope(a)),
+        "policy_set": lambda a: ops.set_policy(_scope(a), dict(a.get("changes") or {})),
+        "ask": lambda a: ops.ask(_scope(a), AskRequest.model_validate(_without(a, "scope"))),
+    }
+
+
+async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) -> dict[str, Any]:
+    if not isinstance(args, dict):
+        return {"ok": False, "status": 422, "error": "the request must be a JSON object of arguments"}
+    try:
+        return {"ok": True, "result": await call(args)}
+    except NotFound as exc:
+        return {"ok": False, "status": 404, "error": str(exc)}
+    except (Refused, ConflictError) as exc:
+        return {"ok": False, "status": 409, "error": str(exc)}
+    except ValidationError as exc:
+        return {"ok": False, "status": 422, "error": describe_validation_error(exc)}
+    except KeyError as exc:
+        return {"ok": False, "status": 422, "error": f"missing argument {exc}"}
+    except AskUnavailable as exc:
+        return {"ok": False, "status": 503, "error": str(exc)}
+
+
+def register_rpc(broker: NatsBroker, ops: Operations) -> None:
+    for name, call in operations_table(ops).items():
+        _subscribe(broker, name, call)
+
+
+def _subscribe(broker: NatsBroker, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+    @broker.subscriber(f"{REGISTRY_RPC}.{name}", queue=QUEUE, title=f"registry-rpc-{name}")
+    async def reply(args: Any) -> dict[str, Any]:
+        return await answer(call, args)

@@ -1,0 +1,27 @@
+"""Registry settings: the shared parts plus the decision knobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from shared.settings import ServiceSettings
+
+
+class RegistryConfig(BaseModel):
+    # How often undecided feedback is checked against its decision timeout.
+    sweep_interval_s: float = Field(default=15.0, gt=0)
+    # A candidate whose parent keeps moving is trained again at most this often.
+    max_rebase_attempts: int = Field(default=3, ge=1, le=20)
+    # Bound on probes.<scope> (the evaluator's per-scope regression set).
+    max_accepted_probes: int = Field(default=500, ge=1)
+    # `seal ask`: answers from the scope's active adapter over the base model.
+    ask_enabled: bool = True
+    ask_max_new_tokens: int = Field(default=64, ge=1, le=512)
+    adapter_cache_dir: Path = Path("~/.cache/seal/registry-adapters")
+
+
+class RegistrySettings(ServiceSettings):
+    service_name: str = "registry"
+    registry: RegistryConfig = RegistryConfig()

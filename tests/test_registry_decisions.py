@@ -1,0 +1,269 @@
+"""The decision state machine through the ledger, with an in-memory KV and fakes."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.registry import handlers, intake
+from services.registry.records import FeedbackRecord, ScopeHead, feedback_key
+from shared import events as ev
+from shared.registry_view import AcceptedProbes, ActiveAdapter, ScopePolicy
+from shared.subjects import KV_REGISTRY
+from test_registry_support import (
+    T0,
+    evaluated,
+    feedback,
+    make_world,
+    self_edit,
+    training_failed,
+)
+
+
+async def record_of(world, root: ev.Event) -> FeedbackRecord:
+    found = await world.state.read(KV_REGISTRY, feedback_key(root.scope, root.feedback_id), FeedbackRecord)
+    assert found is not None
+    return found
+
+
+async def test_best_passing_candidate_becomes_the_next_version() -> None:
+    w = make_world()
+    root = feedback()
+    await handlers.on_feedback_submitted(root, w.ledger, "f" * 32)
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 3, reward=0.10), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(root, 1, 3, reward=0.30), w.ledger)
+    assert w.bus.events == []  # 2 of 3 candidates: nothing decided yet
+    await handlers.on_adapter_evaluated(evaluated(root, 2, 3, reward=0.20), w.ledger)
+
+    promoted = w.bus.of(ev.AdapterPromoted)
+    assert [(p.version, p.adapter_id, p.previous_version) for p in promoted] == [(1, f"ad-{root.feedback_id[:8]}-1-1", None)]
+    rejected = {e.adapter_id: e.reasons for e in w.bus.of(ev.AdapterRejected)}
+    assert len(rejected) == 2
+    assert all("candidate 1 ranked higher" in r[0] for r in rejected.values())
+    # Readers that only know ActiveAdapter see the head.
+    active = await w.state.read(KV_REGISTRY, "active.acme", ActiveAdapter)
+    assert active is not None and active.version == 1 and active.adapter_id == promoted[0].adapter_id
+    probes = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
+    assert probes is not None and [(fid, p.answer) for fid, p in probes.probes] == [(root.feedback_id, "1387")]
+    record = await record_of(w, root)
+    assert record.state == "promoted" and record.version == 1 and record.outbox == ()
+    version = await w.ledger.version("acme", 1)
+    assert version.feedback_id == root.feedback_id
+    assert version.trace_id == "e" * 32 and version.base_model == "tiny" and version.reward == pytest.approx(0.30)
+    assert version.candidate_scores is not None and version.approved_by == "auto"
+    # The open index is cleaned up once decided.
+    assert await w.state.entries(KV_REGISTRY, "open.>", ScopeHead) == {}
+
+
+async def test_failures_count_as_outcomes_and_nothing_passing_rejects_all() -> None:
+    w = make_world()
+    root = feedback()
+    await handlers.on_feedback_submitted(root, w.ledger, None)
+    await handlers.on_pipeline_failure(training_failed(root, 0, 3), w.ledger)
+    await handlers.on_selfedit_rejected(
+        root.caused(ev.SelfEditRejected, key=1, self_edit_id="se1", candidate_index=1, candidate_count=3, reasons=("empty",)),
+        w.ledger,
+    )
+    assert w.bus.events == []
+    await handlers.on_adapter_evaluated(evaluated(root, 2, 3, reward=0.0, passed=False), w.ledger)
+
+    record = await record_of(w, root)
+    assert record.state == "rejected"
+    assert record.reasons == ("none of 3 candidate(s) passed every gate",)
+    reasons = {c.index: c.reasons for c in record.candidates}
+    assert reasons[0] == ("training failed: CUDA out of memory",)
+    assert reasons[1] == ("self-edit rejected: empty",)
+    assert "gain 0.000 < 0.01" in reasons[2]
+    assert {c.verdict for c in record.candidates} == {"rejected"}
+    assert w.bus.types() == ["adapter.rejected"] * 3
+    assert await w.state.read(KV_REGISTRY, "active.acme", ActiveAdapter) is None
+
+
+async def test_candidates_may_arrive_before_the_feedback_itself() -> None:
+    w = make_world()
+    root = feedback()
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 2, reward=0.2), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(root, 1, 2, reward=0.1), w.ledger)
+    assert [e.version for e in w.bus.of(ev.AdapterPromoted)] == [1]
+    await handlers.on_feedback_submitted(root, w.ledger, "f" * 32)  # late lineage root: recorded, nothing re-decided
+    record = await record_of(w, root)
+    assert record.state == "promoted" and record.summary and record.trace_id == "f" * 32
+    assert len(w.bus.of(ev.AdapterPromoted)) == 1
+
+
+async def test_decision_timeout_decides_with_what_arrived() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=3, decision_timeout_s=60)
+    root = feedback()
+    await handlers.on_feedback_submitted(root, w.ledger, None)
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 3, reward=0.2), w.ledger)
+    assert await w.ledger.sweep() == 1 and w.bus.events == []  # before the deadline
+    w.clock.advance(61)
+    await w.ledger.sweep()
+    assert [e.version for e in w.bus.of(ev.AdapterPromoted)] == [1]
+    record = await record_of(w, root)
+    timed_out = [c for c in record.candidates if c.result == "timed_out"]
+    assert [c.index for c in timed_out] == [1, 2]
+    assert all("decision timeout (60s)" in c.reasons[0] for c in timed_out)
+
+    # An evaluation that comes after the decision is kept for the lineage and rejected.
+    await handlers.on_adapter_evaluated(evaluated(root, 1, 3, reward=0.9), w.ledger)
+    late = [e for e in w.bus.of(ev.AdapterRejected) if e.adapter_id == f"ad-{root.feedback_id[:8]}-1-1"]
+    assert late and "after the feedback was decided" in late[0].reasons[0]
+    assert (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
+
+
+async def test_nothing_at_all_within_the_timeout_is_rejected() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=2, decision_timeout_s=10)
+    root = feedback()
+    await handlers.on_feedback_submitted(root, w.ledger, None)
+    w.clock.advance(11)
+    await w.ledger.sweep()
+    record = await record_of(w, root)
+    assert record.state == "rejected" and "none of 2" in record.reasons[0]
+    assert all(c.result == "timed_out" for c in record.candidates)
+
+
+async def test_redelivered_events_publish_nothing_new() -> None:
+    w = make_world()
+    root = feedback()
+    events = [evaluated(root, 0, 2, reward=0.2), evaluated(root, 1, 2, reward=0.1)]
+    for event in events + events:
+        await handlers.on_adapter_evaluated(event, w.ledger)
+    assert w.bus.types().count("adapter.promoted") == 1
+    assert len(w.bus.events) == len({e.event_id for e in w.bus.events}) == 2
+
+
+async def test_a_crash_before_publishing_republishes_the_same_event_ids() -> None:
+    w = make_world()
+    root = feedback()
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 2, reward=0.2), w.ledger)
+    last = evaluated(root, 1, 2, reward=0.1)
+    w.bus.fail_next = 1
+    with pytest.raises(ConnectionError):
+        await handlers.on_adapter_evaluated(last, w.ledger)
+    assert (await record_of(w, root)).outbox  # decided, not yet announced
+    await handlers.on_adapter_evaluated(last, w.ledger)  # JetStream redelivers the message
+    first_ids = [e.event_id for e in w.bus.events]
+    # Recomputing the same decision yields the same ids (JetStream would drop copies).
+    w2 = make_world()
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 2, reward=0.2), w2.ledger)
+    await handlers.on_adapter_evaluated(last, w2.ledger)
+    assert sorted(first_ids) == sorted(e.event_id for e in w2.bus.events)
+    assert (await record_of(w, root)).outbox == ()
+
+
+async def test_manual_policy_holds_then_approval_promotes() -> None:
+    from services.registry import actions
+
+    w = make_world()
+    await w.set_policy("acme", candidates=1, approval="manual")
+    root = feedback()
+    await handlers.on_feedback_submitted(root, w.ledger, None)
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2), w.ledger)
+    assert w.bus.types() == ["adapter.awaiting_approval"]
+    record = await record_of(w, root)
+    assert record.state == "awaiting_approval" and record.hold == "manual"
+    assert await w.ledger.head("acme") is None
+
+    await actions.approve(w.ledger, root.feedback_id, "sre-alice", "looked at the scores")
+    promoted = w.bus.of(ev.AdapterPromoted)
+    assert [(p.version, p.approved_by) for p in promoted] == [(1, "sre-alice")]
+    audit = w.bus.of(ev.OperatorAction)
+    assert [(a.action, a.operator, a.reason) for a in audit] == [("approve", "sre-alice", "looked at the scores")]
+    assert (await w.ledger.version("acme", 1)).approved_by == "sre-alice"
+
+
+async def test_operator_rejects_a_held_candidate() -> None:
+    from services.registry import actions
+    from services.registry.ledger import Refused
+
+    w = make_world()
+    await w.set_policy("acme", candidates=1, approval="manual")
+    root = feedback()
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2), w.ledger)
+    await actions.reject(w.ledger, root.feedback_id, "sre-bob", "answers look memorized")
+    record = await record_of(w, root)
+    assert record.state == "rejected" and record.decided_by == "sre-bob"
+    assert record.candidates[0].reasons == ("rejected by sre-bob: answers look memorized",)
+    rejected = w.bus.of(ev.AdapterRejected)
+    assert rejected[-1].rejected_by == "sre-bob"
+    assert w.bus.of(ev.OperatorAction)[0].action == "reject"
+    with pytest.raises(Refused):
+        await actions.approve(w.ledger, root.feedback_id, "sre-bob", "changed my mind")
+
+
+async def test_unreadable_adapter_is_skipped_for_the_next_best() -> None:
+    w = make_world()
+    root = feedback()
+    best, second = evaluated(root, 0, 2, reward=0.5), evaluated(root, 1, 2, reward=0.1)
+    w.manifests.missing.add(best.adapter_id)
+    await handlers.on_adapter_evaluated(best, w.ledger)
+    await handlers.on_adapter_evaluated(second, w.ledger)
+    assert [p.adapter_id for p in w.bus.of(ev.AdapterPromoted)] == [second.adapter_id]
+    record = await record_of(w, root)
+    assert record.candidates[0].result == "unusable" and "no adapter at" in record.candidates[0].reasons[0]
+
+
+async def test_feedback_rejected_by_the_generator_is_recorded() -> None:
+    w = make_world()
+    root = feedback()
+    await handlers.on_feedback_submitted(root, w.ledger, None)
+    await handlers.on_feedback_rejected(root.caused(ev.FeedbackRejected, reason="passage is empty of facts"), w.ledger)
+    record = await record_of(w, root)
+    assert record.state == "rejected" and record.reasons == ("feedback rejected: passage is empty of facts",)
+    assert w.bus.events == []
+
+
+async def test_selfedits_and_training_runs_land_in_the_lineage() -> None:
+    from services.registry import queries
+
+    w = make_world()
+    root = feedback()
+    await handlers.on_feedback_submitted(root, w.ledger, "f" * 32)
+    await handlers.on_selfedit_generated(self_edit(root, 0, 1), w.ledger)
+    done = evaluated(root, 0, 1, reward=0.2)
+    trained = root.caused(
+        ev.AdapterTrained, key="t0", adapter_id=done.adapter_id, self_edit_id=done.self_edit_id,
+        adapter=done.adapter, final_loss=0.42, seconds=3.5, trace_id="a" * 32,
+    )
+    await handlers.on_adapter_trained(trained, w.ledger)
+    await handlers.on_adapter_evaluated(done, w.ledger)
+    lineage = await queries.version_lineage(w.ledger, "acme", 1)
+    assert lineage["version"]["aliases"] == ["active"]
+    assert lineage["evaluation"]["event_id"] == done.event_id and lineage["evaluation"]["trace_id"] == "e" * 32
+    assert lineage["training"]["run"]["final_loss"] == 0.42 and lineage["training"]["run"]["trace_id"] == "a" * 32
+    assert lineage["training"]["manifest"]["base_model"] == "tiny"
+    assert lineage["self_edit"]["format"] == "implications" and lineage["self_edit"]["event_id"]
+    assert lineage["feedback"]["feedback_id"] == root.feedback_id and lineage["feedback"]["trace_id"] == "f" * 32
+    fate = await queries.feedback_fate(w.ledger, root.feedback_id)
+    assert fate["state"] == "promoted" and fate["version"] == 1
+    assert fate["candidates"][0]["verdict"] == "promoted" and fate["candidates"][0]["self_edit_format"] == "implications"
+
+
+async def test_policy_adapter_is_written_and_never_regresses() -> None:
+    from shared.registry_view import PolicyAdapterRef
+
+    w = make_world()
+    root = feedback()
+    ref = evaluated(root, 0, 1, reward=0).adapter
+    for rnd in (2, 1):
+        await handlers.on_policy_trained(
+            ev.PolicyAdapterTrained(feedback_id=root.feedback_id, scope="global", adapter_id=f"pol{rnd}", adapter=ref, round=rnd),
+            w.ledger,
+        )
+    found = await w.state.read(KV_REGISTRY, "policy._global", PolicyAdapterRef)
+    assert found is not None and found.adapter_id == "pol2"
+
+
+def test_plan_is_pure_and_prefers_the_lower_index_on_a_tie() -> None:
+    from services.registry.decision import plan_decision
+
+    root = feedback()
+    policy = ScopePolicy(candidates=2)
+    record = None
+    for i in (1, 0):
+        record = intake.note_evaluated(record, evaluated(root, i, 2, reward=0.3), policy, T0)
+    plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+    assert (plan.action, plan.chosen) == ("promote", 0)
+    assert "candidate 0 ranked higher" in plan.rejections[1][0]

@@ -1,0 +1,144 @@
+"""Operator actions: roll back, pin, unpin, scope policy; each audited with who and why."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.registry import actions, handlers, queries
+from services.registry.ledger import NotFound, Refused
+from shared import events as ev
+from shared.registry_view import AcceptedProbes, ScopePolicy
+from shared.subjects import KV_REGISTRY, OPERATOR_ACTION, subject_for
+from test_registry_support import evaluated, feedback, make_world, self_edit
+
+
+async def three_versions(w):
+    await w.set_policy("acme", candidates=1)
+    roots = [feedback(passage=f"Fact number {i}.") for i in range(3)]
+    for i, root in enumerate(roots):
+        await handlers.on_adapter_evaluated(
+            evaluated(root, 0, 1, reward=0.2, parent_version=i or None), w.ledger
+        )
+    assert [p.version for p in w.bus.of(ev.AdapterPromoted)] == [1, 2, 3]
+    return roots
+
+
+async def test_rollback_moves_active_and_previous_and_is_audited() -> None:
+    w = make_world()
+    roots = await three_versions(w)
+    head = await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v2 and v3 answer badly", "req-1")
+    assert (head.version, head.previous_version, head.latest_version) == (1, 3, 3)
+    assert head.adapter_id == (await w.ledger.version("acme", 1)).adapter_id
+    rolled = w.bus.of(ev.AdapterRolledBack)
+    assert [(r.from_version, r.to_version, r.operator, r.reason) for r in rolled] == [
+        (3, 1, "sre-alice", "v2 and v3 answer badly")
+    ]
+    audit = w.bus.of(ev.OperatorAction)
+    assert [(a.action, a.operator, a.target_version) for a in audit] == [("rollback", "sre-alice", 1)]
+    assert subject_for(audit[0]) == OPERATOR_ACTION
+    # The evaluator's regression set follows the active chain again.
+    probes = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
+    assert probes is not None and {fid for fid, _ in probes.probes} == {roots[0].feedback_id}
+
+    # The same request retried (a timeout on the operator's side) is applied once.
+    before = len(w.bus.events)
+    again = await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v2 and v3 answer badly", "req-1")
+    assert again.version == 1 and again.previous_version == 3
+    assert [e.event_id for e in w.bus.events[before:]] == [e.event_id for e in w.bus.events[before - 2 : before]]
+
+    with pytest.raises(Refused):
+        await actions.rollback(w.ledger, "acme", 1, "sre-alice", "again", "req-2")
+    with pytest.raises(NotFound):
+        await actions.rollback(w.ledger, "acme", 9, "sre-alice", "no such version", "req-3")
+    # Rolling forward to a later existing version is allowed too.
+    await actions.rollback(w.ledger, "acme", 3, "sre-alice", "it was fine after all", "req-4")
+    assert (await w.ledger.head("acme")).version == 3  # type: ignore[union-attr]
+
+
+async def test_after_a_rollback_new_versions_number_on_and_stale_work_is_rebased() -> None:
+    w = make_world()
+    await three_versions(w)
+    await actions.rollback(w.ledger, "acme", 1, "sre-alice", "bad", "req-1")
+    late = feedback()
+    await handlers.on_selfedit_generated(self_edit(late, 0, 1), w.ledger)
+    # Trained on v3 before the rollback: must go back to v1, not land on top of v3.
+    await handlers.on_adapter_evaluated(evaluated(late, 0, 1, reward=0.2, parent_version=3), w.ledger)
+    assert [r.parent_version for r in w.bus.of(ev.RebaseRequested)] == [1]
+    await handlers.on_adapter_evaluated(evaluated(late, 0, 1, reward=0.2, parent_version=1, attempt=2), w.ledger)
+    promoted = w.bus.of(ev.AdapterPromoted)[-1]
+    assert (promoted.version, promoted.previous_version) == (4, 1)
+    lineage = await queries.version_lineage(w.ledger, "acme", 4)
+    assert [a["version"] for a in lineage["ancestors"]] == [1]
+
+
+async def test_pin_holds_promotions_until_unpinned() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    first = feedback()
+    await handlers.on_adapter_evaluated(evaluated(first, 0, 1, reward=0.2), w.ledger)
+    head = await actions.set_pin(w.ledger, "acme", True, "sre-bob", "release freeze", "pin-1")
+    assert head.pinned and head.pinned_by == "sre-bob"
+    with pytest.raises(Refused):
+        await actions.set_pin(w.ledger, "acme", True, "sre-bob", "again", "pin-2")
+
+    held = feedback()
+    await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=1), w.ledger)
+    assert w.bus.types()[-1] == "adapter.awaiting_approval"
+    record = await w.ledger.find_record(held.feedback_id)
+    assert record.state == "awaiting_approval" and record.hold == "pinned"
+    assert "pinned at v1 by sre-bob" in record.reasons[0]
+    with pytest.raises(Refused, match="pinned"):
+        await actions.approve(w.ledger, held.feedback_id, "sre-carol", "ship it")
+    assert (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
+
+    await actions.set_pin(w.ledger, "acme", False, "sre-bob", "freeze over", "unpin-1")
+    promoted = w.bus.of(ev.AdapterPromoted)
+    assert [(p.feedback_id, p.version) for p in promoted] == [(first.feedback_id, 1), (held.feedback_id, 2)]
+    audit = [(a.action, a.operator, a.reason) for a in w.bus.of(ev.OperatorAction)]
+    assert audit == [("pin", "sre-bob", "release freeze"), ("unpin", "sre-bob", "freeze over")]
+
+
+async def test_unpin_keeps_manual_holds_held() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    await handlers.on_adapter_evaluated(evaluated(feedback(), 0, 1, reward=0.2), w.ledger)
+    await w.set_policy("acme", candidates=1, approval="manual")
+    await actions.set_pin(w.ledger, "acme", True, "sre-bob", "freeze", "p1")
+    held = feedback()
+    await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=1), w.ledger)
+    await actions.set_pin(w.ledger, "acme", False, "sre-bob", "thaw", "p2")
+    # Re-decided after the unpin: the manual policy still holds it.
+    record = await w.ledger.find_record(held.feedback_id)
+    assert record.state == "awaiting_approval" and record.hold == "manual"
+    await actions.approve(w.ledger, held.feedback_id, "sre-carol", "reviewed")
+    assert (await w.ledger.head("acme")).version == 2  # type: ignore[union-attr]
+
+
+async def test_approving_after_the_head_moved_rebases_the_held_candidate() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=1, approval="manual")
+    a, b = feedback(), feedback()
+    await handlers.on_selfedit_generated(self_edit(b, 0, 1), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(a, 0, 1, reward=0.2), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.2), w.ledger)
+    await actions.approve(w.ledger, a.feedback_id, "sre", "ok")
+    await actions.approve(w.ledger, b.feedback_id, "sre", "ok")  # trained on the base; v1 is active now
+    assert [r.feedback_id for r in w.bus.of(ev.RebaseRequested)] == [b.feedback_id]
+    assert (await w.ledger.find_record(b.feedback_id)).state == "rebasing"
+    assert (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
+
+
+async def test_pin_and_rollback_need_an_active_version() -> None:
+    w = make_world()
+    with pytest.raises(NotFound):
+        await actions.set_pin(w.ledger, "empty", True, "sre", "why not", "p")
+    with pytest.raises(NotFound):
+        await actions.rollback(w.ledger, "empty", 1, "sre", "why not", "r")
+
+
+async def test_scope_policy_is_read_back_and_listed() -> None:
+    w = make_world()
+    await actions.set_policy(w.ledger, "acme", ScopePolicy(candidates=5, approval="manual"))
+    assert (await w.ledger.policy("acme")).candidates == 5
+    scopes = await queries.list_scopes(w.ledger)
+    assert [(s["scope"], s["approval"], s["active_version"]) for s in scopes] == [("acme", "manual", None)]

@@ -1,0 +1,163 @@
+"""Concurrency: stale parents are rebased, compare-and-set conflicts never lose an update."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.registry import handlers, queries
+from services.registry.records import FeedbackRecord, ScopeHead, feedback_key
+from shared import events as ev
+from shared.subjects import KV_REGISTRY
+from test_registry_support import evaluated, feedback, make_world, ref_for, self_edit
+
+
+async def state_of(w, root: ev.Event) -> FeedbackRecord:
+    found = await w.state.read(KV_REGISTRY, feedback_key(root.scope, root.feedback_id), FeedbackRecord)
+    assert found is not None
+    return found
+
+
+async def test_two_feedbacks_in_flight_both_end_up_in_the_lineage() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    a, b = feedback(passage="Quellmoor got its charter in 1387."), feedback(passage="Its mayor is Ilse Varn.")
+    for root in (a, b):
+        await handlers.on_feedback_submitted(root, w.ledger, None)
+        await handlers.on_selfedit_generated(self_edit(root, 0, 1), w.ledger)
+    # Both were trained on the base model while neither was promoted.
+    await handlers.on_adapter_evaluated(evaluated(a, 0, 1, reward=0.2), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.4), w.ledger)
+
+    assert [(p.feedback_id, p.version) for p in w.bus.of(ev.AdapterPromoted)] == [(a.feedback_id, 1)]
+    rebases = w.bus.of(ev.RebaseRequested)
+    assert len(rebases) == 1
+    rebase = rebases[0]
+    assert rebase.feedback_id == b.feedback_id and rebase.parent_version == 1 and rebase.attempt == 2
+    assert rebase.self_edit.self_edit_id == f"{b.feedback_id}-se0"
+    assert rebase.probes and rebase.probes[0].answer == "1387"
+    assert (await state_of(w, b)).state == "rebasing"
+
+    # A late redelivery of b's first evaluation changes nothing.
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.4), w.ledger)
+    assert (await state_of(w, b)).state == "rebasing"
+
+    # The trainer trains it again on v1; the evaluator reports on that.
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.3, parent_version=1, attempt=2), w.ledger)
+    promoted = w.bus.of(ev.AdapterPromoted)
+    assert [(p.feedback_id, p.version, p.previous_version) for p in promoted] == [
+        (a.feedback_id, 1, None),
+        (b.feedback_id, 2, 1),
+    ]
+    versions = await queries.list_versions(w.ledger, "acme")
+    assert [(v["version"], v["feedback_id"], v["aliases"]) for v in versions] == [
+        (1, a.feedback_id, ["previous"]),
+        (2, b.feedback_id, ["active"]),
+    ]
+    lineage = await queries.version_lineage(w.ledger, "acme", 2)
+    assert lineage["ancestors"] == [{"version": 1, "adapter_id": versions[0]["adapter_id"], "feedback_id": a.feedback_id}]
+    assert lineage["evaluation"]["attempt"] == 2
+    assert "rebased onto v1" in lineage["evaluation"]["earlier_attempts"][0]["outcome"]
+    fate = await queries.feedback_fate(w.ledger, b.feedback_id)
+    assert fate["state"] == "promoted" and fate["version"] == 2
+
+
+async def test_rebase_reads_the_self_edit_from_the_manifest_when_not_kept() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    a, b = feedback(), feedback()
+    await handlers.on_adapter_evaluated(evaluated(a, 0, 1, reward=0.2), w.ledger)
+    stale = evaluated(b, 0, 1, reward=0.2)
+    w.manifests.self_edits[stale.adapter_id] = self_edit(b, 0, 1).self_edit.model_dump(mode="json")
+    await handlers.on_adapter_evaluated(stale, w.ledger)
+    assert [r.self_edit.self_edit_id for r in w.bus.of(ev.RebaseRequested)] == [f"{b.feedback_id}-se0"]
+
+
+async def test_without_its_self_edit_a_stale_candidate_is_rejected_with_a_reason() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    a, b = feedback(), feedback()
+    await handlers.on_adapter_evaluated(evaluated(a, 0, 1, reward=0.2), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.2), w.ledger)
+    record = await state_of(w, b)
+    assert record.state == "rejected" and "could not be rebased" in record.reasons[0]
+    assert w.bus.of(ev.RebaseRequested) == []
+
+
+async def test_a_candidate_that_keeps_losing_the_race_is_rejected_after_max_attempts() -> None:
+    w = make_world(max_rebase_attempts=2)
+    await w.set_policy("acme", candidates=1)
+    a, b, c = feedback(), feedback(), feedback()
+    await handlers.on_selfedit_generated(self_edit(b, 0, 1), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(a, 0, 1, reward=0.2), w.ledger)  # v1
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.2), w.ledger)  # stale: rebase onto v1
+    await handlers.on_adapter_evaluated(evaluated(c, 0, 1, reward=0.2, parent_version=1), w.ledger)  # v2
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.2, parent_version=1, attempt=2), w.ledger)
+    record = await state_of(w, b)
+    assert record.state == "rejected" and "giving up after 2 attempts" in record.reasons[0]
+    assert [p.version for p in w.bus.of(ev.AdapterPromoted)] == [1, 2]
+
+
+async def test_head_conflict_at_promotion_time_rebases_instead_of_overwriting() -> None:
+    """Another replica promotes between our decision and our write of the head."""
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    root = feedback()
+    await handlers.on_selfedit_generated(self_edit(root, 0, 1), w.ledger)
+    intruder = ScopeHead(
+        scope="acme", version=1, adapter_id="other", adapter=ref_for("acme", "other"),
+        latest_version=1, recent=((1, "other"),), feedback_id="someone-else",
+    )
+
+    async def another_replica_promotes(bucket: str, key: str) -> None:
+        if key == "active.acme" and await w.state.read(bucket, key, ScopeHead) is None:
+            await w.state.put(bucket, key, intruder)
+
+    w.state.before_write = another_replica_promotes
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.5), w.ledger)
+    w.state.before_write = None
+
+    assert w.state.conflicts >= 1
+    head = await w.ledger.head("acme")
+    assert head is not None and head.adapter_id == "other" and head.version == 1
+    assert w.bus.of(ev.AdapterPromoted) == []
+    assert [(r.parent_version, r.attempt) for r in w.bus.of(ev.RebaseRequested)] == [(1, 2)]
+    assert (await state_of(w, root)).state == "rebasing"
+
+
+async def test_concurrent_updates_of_one_record_are_all_kept() -> None:
+    """Candidates reported at the same moment (several consumers, several replicas)."""
+    w = make_world()
+    root = feedback()
+
+    async def interleave(bucket: str, key: str) -> None:
+        await asyncio.sleep(0)  # let the other writers read the same revision
+
+    w.state.before_write = interleave
+    k = 4
+    await asyncio.gather(*(handlers.on_adapter_evaluated(evaluated(root, i, k, reward=0.1 * i), w.ledger) for i in range(k)))
+    w.state.before_write = None
+    assert w.state.conflicts > 0
+    record = await state_of(w, root)
+    assert [c.result for c in record.candidates] == ["evaluated"] * k
+    assert [p.adapter_id for p in w.bus.of(ev.AdapterPromoted)] == [f"ad-{root.feedback_id[:8]}-3-1"]
+    assert len(w.bus.of(ev.AdapterRejected)) == k - 1
+
+
+async def test_two_scopes_promote_concurrently_and_one_scope_serializes() -> None:
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    await w.set_policy("globex", candidates=1)
+
+    async def interleave(bucket: str, key: str) -> None:
+        await asyncio.sleep(0)
+
+    w.state.before_write = interleave
+    roots = [feedback("acme"), feedback("acme"), feedback("globex")]
+    for root in roots:
+        await handlers.on_selfedit_generated(self_edit(root, 0, 1), w.ledger)
+    await asyncio.gather(*(handlers.on_adapter_evaluated(evaluated(r, 0, 1, reward=0.2), w.ledger) for r in roots))
+    w.state.before_write = None
+    promoted = {(p.scope, p.version) for p in w.bus.of(ev.AdapterPromoted)}
+    assert promoted == {("acme", 1), ("globex", 1)}
+    # Exactly one acme feedback lost the race and went back for training on v1.
+    assert [(r.scope, r.parent_version) for r in w.bus.of(ev.RebaseRequested)] == [("acme", 1)]
