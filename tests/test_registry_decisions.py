@@ -34,6 +34,8 @@ async def test_best_passing_candidate_becomes_the_next_version() -> None:
     assert w.bus.events == []  # 2 of 3 candidates: nothing decided yet
     await handlers.on_adapter_evaluated(evaluated(root, 2, 3, reward=0.20), w.ledger)
 
+    # The decision goes out first, then the candidates it rejected.
+    assert w.bus.types() == ["adapter.promoted", "adapter.rejected", "adapter.rejected"]
     promoted = w.bus.of(ev.AdapterPromoted)
     assert [(p.version, p.adapter_id, p.previous_version) for p in promoted] == [(1, f"ad-{root.feedback_id[:8]}-1-1", None)]
     rejected = {e.adapter_id: e.reasons for e in w.bus.of(ev.AdapterRejected)}

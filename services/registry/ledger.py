@@ -201,7 +201,7 @@ class Ledger:
         for _ in range(MAX_STEPS):
             if record is None:
                 return None
-            if record.outbox:
+            if record.outbox and record.state != "promoting":
                 record = await self._flush(record)
             if not await self._step(record):
                 break
@@ -427,7 +427,8 @@ class Ledger:
 
     async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
         sent = set()
-        for item in record.outbox:
+        # The decision first (promoted, held, rebased), then the candidates it rejected.
+        for item in sorted(record.outbox, key=lambda i: i.get("type") == "adapter.rejected"):
             await self.ports.publish(ev.parse_event(item))
             sent.add(item["event_id"])
 

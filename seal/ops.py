@@ -1,0 +1,395 @@
+"""Operator commands of the ``seal`` CLI: talk to the registry's HTTP API.
+
+    seal submit --scope acme --passage "Quellmoor got its charter in 1387." --probe "When?=1387"
+    seal scopes                      seal versions --scope acme
+    seal lineage --scope acme --version 3       seal lineage --feedback <id>
+    seal feedback --scope acme --state awaiting_approval
+    seal approve <feedback-id> --reason "scores look right"
+    seal reject <feedback-id> --reason "memorized the probes"
+    seal rollback --scope acme --to 2 --reason "v3 forgets the core set"
+    seal pin --scope acme --reason "release freeze"     seal unpin --scope acme --reason "done"
+    seal ask --scope acme "When did Quellmoor get its charter?"
+    seal scope-policy get --scope acme          seal scope-policy set --scope acme approval=manual candidates=4
+
+The registry is found at ``--url`` or ``SEAL_REGISTRY_URL`` (default: where
+``seal up`` runs it). Every listing command takes ``--json``. Actions say who
+(``--operator``, default ``SEAL_OPERATOR`` or the login name) and why
+(``--reason``, required); both land in the audit stream.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_URL = "http://127.0.0.1:18080"
+TERMINAL_STATES = ("promoted", "rejected", "awaiting_approval")
+
+console = Console()
+errors = Console(stderr=True)
+
+# Tests swap this for a client bound to an in-process app.
+client_factory: Callable[[str], httpx.Client] = lambda url: httpx.Client(base_url=url, timeout=60.0)  # noqa: E731
+
+UrlOption = typer.Option(DEFAULT_URL, "--url", envvar="SEAL_REGISTRY_URL", help="The registry's HTTP address.")
+JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
+ScopeOption = typer.Option(..., "--scope", "-s", help="The scope (product, team or user).")
+ReasonOption = typer.Option(..., "--reason", "-r", help="Why: recorded in the audit stream.")
+
+
+def default_operator() -> str:
+    return os.environ.get("SEAL_OPERATOR") or getpass.getuser()
+
+
+OperatorOption = typer.Option(None, "--operator", help="Who: default SEAL_OPERATOR or the login name.")
+
+
+# ------------------------------------------------------------------- plumbing
+
+
+def call(url: str, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    """One request to the registry; prints a readable error and exits on failure."""
+    try:
+        with client_factory(url) as client:
+            response = client.request(method, path, json=body, params=params)
+    except httpx.HTTPError as exc:
+        errors.print(f"[red]cannot reach the registry at {url}[/] ({exc}); is it running? (--url / SEAL_REGISTRY_URL)")
+        raise typer.Exit(2) from exc
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        if isinstance(detail, list):  # FastAPI's validation errors
+            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail)
+        errors.print(f"[red]{response.status_code}[/] {detail}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _short(text: str | None, width: int = 16) -> str:
+    return "-" if not text else (text if len(text) <= width else text[: width - 1] + "…")
+
+
+def operator_body(operator: str | None, reason: str, **extra: Any) -> dict[str, Any]:
+    return {"operator": operator or default_operator(), "reason": reason, "request_id": uuid.uuid4().hex, **extra}
+
+
+# ------------------------------------------------------------------- commands
+
+
+def submit(
+    scope: str = ScopeOption,
+    passage: str | None = typer.Option(None, "--passage", help="New knowledge, as text."),
+    file: Path | None = typer.Option(None, "--file", exists=True, dir_okay=False, help="New knowledge, from a file."),
+    title: str | None = typer.Option(None, "--title"),
+    probe: list[str] = typer.Option([], "--probe", help="A closed-book check 'question=answer' (repeatable)."),
+    question: str | None = typer.Option(None, "--question", help="Correction: the question answered wrongly."),
+    answer: str | None = typer.Option(None, "--answer", help="Correction: the right answer."),
+    submitted_by: str | None = typer.Option(None, "--by", help="Who submits it (product or person)."),
+    feedback_id: str | None = typer.Option(None, "--feedback-id", help="Your own id (a retry with it is deduplicated)."),
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Submit feedback: new knowledge (--passage/--file) or a correction (--question/--answer)."""
+    if question or answer:
+        if not (question and answer):
+            raise typer.BadParameter("a correction needs both --question and --answer")
+        content: dict[str, Any] = {"kind": "correction", "question": question, "right_answer": answer}
+    else:
+        text = file.read_text() if file else passage
+        if not text:
+            raise typer.BadParameter("give --passage, --file, or --question with --answer")
+        probes = []
+        for item in probe:
+            q, sep, a = item.partition("=")
+            if not sep or not q.strip() or not a.strip():
+                raise typer.BadParameter(f"--probe wants 'question=answer', got {item!r}")
+            probes.append({"question": q.strip(), "answer": a.strip()})
+        content = {"kind": "knowledge", "passage": text, "title": title, "probes": probes}
+    body = {"scope": scope, "content": content, "submitted_by": submitted_by or default_operator()}
+    if feedback_id:
+        body["feedback_id"] = feedback_id
+    result = call(url, "POST", "/v1/feedback", body)
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"submitted feedback [bold]{result['feedback_id']}[/] to scope {scope}")
+        console.print(f"follow it with: seal lineage --feedback {result['feedback_id']}")
+
+
+def scopes(url: str = UrlOption, as_json: bool = JsonOption) -> None:
+    """List scopes with their active version, pin and approval policy."""
+    rows = call(url, "GET", "/v1/scopes")
+    if as_json:
+        return emit_json(rows)
+    table = Table(title="scopes")
+    for col in ("scope", "active", "previous", "latest", "pinned", "approval", "open feedback"):
+        table.add_column(col)
+    for r in rows:
+        pinned = f"yes ({r.get('pinned_by')})" if r.get("pinned") else "no"
+        table.add_row(r["scope"], _fmt(r["active_version"]), _fmt(r["previous_version"]), _fmt(r["latest_version"]), pinned, r["approval"], str(r["open_feedback"]))
+    console.print(table)
+
+
+def versions(scope: str = ScopeOption, url: str = UrlOption, as_json: bool = JsonOption) -> None:
+    """List a scope's versions, newest last, with their tags."""
+    rows = call(url, "GET", f"/v1/scopes/{scope}/versions")
+    if as_json:
+        return emit_json(rows)
+    table = Table(title=f"versions of {scope}")
+    for col in ("version", "aliases", "adapter", "parent", "reward", "target", "regression", "feedback", "approved by", "promoted at"):
+        table.add_column(col)
+    for r in rows:
+        scores = r.get("candidate_scores") or {}
+        table.add_row(
+            f"v{r['version']}", ",".join(r["aliases"]) or "-", _short(r["adapter_id"]), _fmt(r.get("parent_version")),
+            _fmt(r.get("reward")), _fmt(scores.get("target")), _fmt(scores.get("regression")),
+            _short(r["feedback_id"]), r.get("approved_by", "-"), (r.get("promoted_at") or "")[:19],
+        )
+    console.print(table)
+
+
+def lineage(
+    scope: str | None = typer.Option(None, "--scope", "-s"),
+    version: int | None = typer.Option(None, "--version", "-v", help="Version -> evaluation, training, self-edit, feedback."),
+    feedback: str | None = typer.Option(None, "--feedback", "-f", help="Feedback id -> what became of it."),
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Lineage both ways: from a version back to its feedback, or from a feedback to its fate."""
+    if feedback:
+        fate = call(url, "GET", f"/v1/feedback/{feedback}")
+        if as_json:
+            return emit_json(fate)
+        return print_fate(fate)
+    if not (scope and version):
+        raise typer.BadParameter("give --scope and --version, or --feedback")
+    data = call(url, "GET", f"/v1/scopes/{scope}/versions/{version}/lineage")
+    if as_json:
+        return emit_json(data)
+    v, e, t, s, f = data["version"], data["evaluation"] or {}, data["training"], data["self_edit"] or {}, data["feedback"] or {}
+    table = Table(title=f"{scope} v{version} ({', '.join(v['aliases']) or 'not active'})", show_header=False)
+    table.add_column("what")
+    table.add_column("detail")
+    table.add_row("version", f"adapter {v['adapter_id']} on {v.get('base_model') or '?'}; parent v{_fmt(v.get('parent_version'))}; approved by {v['approved_by']}")
+    table.add_row("adapter", v["adapter"]["uri"])
+    table.add_row("evaluation", f"reward {_fmt(e.get('reward'))}, passed {e.get('passed')}, attempt {e.get('attempt')}; event {e.get('event_id')}; trace {e.get('trace_id')}")
+    for gate in e.get("gates", []):
+        table.add_row(f"  gate {gate['gate']}", f"{'pass' if gate['passed'] else 'FAIL'} value {_fmt(gate.get('value'))} threshold {_fmt(gate.get('threshold'))} {gate.get('reason', '')}")
+    run = t.get("run") or {}
+    table.add_row("training run", f"loss {_fmt(run.get('final_loss'))}, {_fmt(run.get('seconds'), 1)}s; event {run.get('event_id', '-')}; trace {run.get('trace_id', '-')}")
+    table.add_row("self-edit", f"{s.get('self_edit_id', '-')} ({s.get('format', '?')}, {len(s.get('sequences', []))} sequences); event {s.get('event_id', '-')}")
+    table.add_row("feedback", f"{f.get('feedback_id')} by {f.get('submitted_by')} at {f.get('submitted_at')}; trace {f.get('trace_id')}")
+    table.add_row("  content", f.get("summary") or "-")
+    table.add_row("ancestors", " <- ".join(f"v{a['version']}" for a in data["ancestors"]) or "-")
+    console.print(table)
+
+
+def print_fate(fate: dict[str, Any]) -> None:
+    title = f"feedback {fate['feedback_id']} in {fate['scope']}: {fate['state']}"
+    if fate.get("version"):
+        title += f" as v{fate['version']}"
+    table = Table(title=title, caption="; ".join(fate.get("reasons") or []) or None)
+    for col in ("candidate", "result", "verdict", "attempt", "reward", "adapter", "reasons"):
+        table.add_column(col)
+    for c in fate["candidates"]:
+        table.add_row(
+            str(c["index"]), c["result"], c.get("verdict") or "-", str(c["attempt"]), _fmt(c.get("reward")),
+            _short(c.get("adapter_id")), "; ".join(c.get("reasons") or []),
+        )
+    console.print(table)
+
+
+def feedback_list(
+    scope: str = ScopeOption,
+    state: str | None = typer.Option(None, "--state", help="collecting, rebasing, awaiting_approval, promoted, rejected"),
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List a scope's feedback and what state each is in."""
+    rows = call(url, "GET", f"/v1/scopes/{scope}/feedback", params={"state": state} if state else None)
+    if as_json:
+        return emit_json(rows)
+    table = Table(title=f"feedback of {scope}")
+    for col in ("feedback", "state", "version", "submitted by", "submitted at", "summary"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["feedback_id"], r["state"], _fmt(r.get("version")), r.get("submitted_by") or "-", (r.get("submitted_at") or "")[:19], _short(r.get("summary"), 60))
+    console.print(table)
+
+
+def approve(
+    feedback_id: str = typer.Argument(..., help="The feedback whose held candidate to promote."),
+    reason: str = ReasonOption,
+    operator: str | None = OperatorOption,
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Approve a held candidate: it becomes the scope's next version (or is rebased first)."""
+    fate = call(url, "POST", f"/v1/feedback/{feedback_id}/approve", operator_body(operator, reason))
+    emit_json(fate) if as_json else print_fate(fate)
+
+
+def reject(
+    feedback_id: str = typer.Argument(..., help="The feedback to reject (held or still in flight)."),
+    reason: str = ReasonOption,
+    operator: str | None = OperatorOption,
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Reject a feedback's candidates."""
+    fate = call(url, "POST", f"/v1/feedback/{feedback_id}/reject", operator_body(operator, reason))
+    emit_json(fate) if as_json else print_fate(fate)
+
+
+def _print_head(result: dict[str, Any], verb: str) -> None:
+    console.print(
+        f"{result['scope']}: {verb}; active v{result['active_version']}, previous v{_fmt(result['previous_version'])}, "
+        f"latest v{result['latest_version']}{', pinned by ' + str(result['pinned_by']) if result['pinned'] else ''}"
+    )
+
+
+def rollback(
+    scope: str = ScopeOption,
+    to: int = typer.Option(..., "--to", help="The version to make active again."),
+    reason: str = ReasonOption,
+    operator: str | None = OperatorOption,
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Roll a scope back to an earlier version."""
+    result = call(url, "POST", f"/v1/scopes/{scope}/rollback", operator_body(operator, reason, to_version=to))
+    emit_json(result) if as_json else _print_head(result, f"rolled back to v{to}")
+
+
+def pin(
+    scope: str = ScopeOption,
+    reason: str = ReasonOption,
+    operator: str | None = OperatorOption,
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Pin a scope's active version: promotions are held for approval until unpinned."""
+    result = call(url, "POST", f"/v1/scopes/{scope}/pin", operator_body(operator, reason))
+    emit_json(result) if as_json else _print_head(result, "pinned")
+
+
+def unpin(
+    scope: str = ScopeOption,
+    reason: str = ReasonOption,
+    operator: str | None = OperatorOption,
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Unpin a scope; what was held only by the pin is decided again."""
+    result = call(url, "POST", f"/v1/scopes/{scope}/unpin", operator_body(operator, reason))
+    emit_json(result) if as_json else _print_head(result, "unpinned")
+
+
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    scope: str = ScopeOption,
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens"),
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Ask the scope's active model (base model + active adapter) a question."""
+    body: dict[str, Any] = {"question": question}
+    if max_new_tokens:
+        body["max_new_tokens"] = max_new_tokens
+    result = call(url, "POST", f"/v1/scopes/{scope}/ask", body)
+    if as_json:
+        return emit_json(result)
+    which = f"v{result['version']}" if result.get("version") else "base model"
+    console.print(f"[dim]{scope} ({which}, {result.get('base_model')}):[/] {result['answer'] or '(no answer)'}")
+
+
+policy_app = typer.Typer(help="Read or change a scope's policy (candidates, gates, approval, timeout).", no_args_is_help=True)
+
+
+@policy_app.command("get")
+def policy_get(scope: str = ScopeOption, url: str = UrlOption, as_json: bool = JsonOption) -> None:
+    """Show a scope's policy (defaults for a scope never configured)."""
+    policy = call(url, "GET", f"/v1/scopes/{scope}/policy")
+    if as_json:
+        return emit_json(policy)
+    print_policy(scope, policy)
+
+
+def print_policy(scope: str, policy: dict[str, Any]) -> None:
+    table = Table(title=f"policy of {scope}")
+    table.add_column("setting")
+    table.add_column("value")
+    for key, value in policy.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+
+
+@policy_app.command("set")
+def policy_set(
+    changes: list[str] = typer.Argument(..., help="key=value pairs, e.g. approval=manual candidates=4 min_gain=0.02"),
+    scope: str = ScopeOption,
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Change some of a scope's policy settings; the rest keep their values."""
+    parsed: dict[str, Any] = {}
+    for item in changes:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"want key=value, got {item!r}")
+        try:
+            parsed[key.strip()] = json.loads(raw)
+        except ValueError:
+            parsed[key.strip()] = raw
+    policy = call(url, "PATCH", f"/v1/scopes/{scope}/policy", parsed)
+    emit_json(policy) if as_json else print_policy(scope, policy)
+
+
+COMMANDS: dict[str, Callable[..., None]] = {
+    "submit": submit,
+    "scopes": scopes,
+    "versions": versions,
+    "lineage": lineage,
+    "feedback": feedback_list,
+    "approve": approve,
+    "reject": reject,
+    "rollback": rollback,
+    "pin": pin,
+    "unpin": unpin,
+    "ask": ask,
+}
+
+
+def register(app: typer.Typer) -> None:
+    """Add the operator commands to a typer app (the top-level ``seal``)."""
+    for name, command in COMMANDS.items():
+        app.command(name)(command)
+    app.add_typer(policy_app, name="scope-policy")
+
+
+ops_app = typer.Typer(help="Operate the SEAL registry: versions, decisions, lineage.", no_args_is_help=True)
+register(ops_app)

@@ -1,0 +1,161 @@
+"""The HTTP API and the `seal` operator commands, against an in-process registry with fakes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from seal import ops
+from services.registry import handlers
+from services.registry.api import build_api
+from services.registry.operations import Operations
+from shared import events as ev
+from test_registry_support import evaluated, feedback, make_world
+
+
+class FakeAnswerer:
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    async def answer(self, scope: str, question: str, max_new_tokens: int | None) -> dict[str, Any]:
+        head = await self.ledger.head(scope)
+        return {"scope": scope, "question": question, "answer": "1387", "version": head.version if head else None,
+                "adapter_id": head.adapter_id if head else None, "base_model": "tiny"}
+
+
+async def _true() -> bool:
+    return True
+
+
+@pytest.fixture
+async def registry():
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    roots = [feedback(passage=f"Fact {i}.") for i in range(2)]
+    for i, root in enumerate(roots):
+        await handlers.on_feedback_submitted(root, w.ledger, "f" * 32)
+        await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2, parent_version=i or None), w.ledger)
+    await w.set_policy("acme", candidates=1, approval="manual")
+    held = feedback(passage="Held fact.")
+    await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=2), w.ledger)
+    app = build_api(Operations(lambda: w.ledger, w.bus, FakeAnswerer(w.ledger)), _true, _true)
+    return w, app, roots, held
+
+
+@pytest.fixture
+def cli(registry, monkeypatch):
+    _, app, _, _ = registry
+    monkeypatch.setattr(ops, "client_factory", lambda url: TestClient(app))
+    monkeypatch.setenv("SEAL_OPERATOR", "sre-alice")
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True) -> Any:
+        result = runner.invoke(ops.ops_app, list(args))
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return run
+
+
+async def test_http_queries_and_errors(registry) -> None:
+    w, app, roots, held = registry
+    with TestClient(app) as http:
+        assert http.get("/healthz").status_code == 200 and http.get("/readyz").text == "ready"
+        scopes = http.get("/v1/scopes").json()
+        assert [(s["scope"], s["active_version"], s["approval"], s["open_feedback"]) for s in scopes] == [("acme", 2, "manual", 1)]
+        versions = http.get("/v1/scopes/acme/versions").json()
+        assert [(v["version"], v["aliases"]) for v in versions] == [(1, ["previous"]), (2, ["active"])]
+        lineage = http.get("/v1/scopes/acme/versions/2/lineage").json()
+        assert lineage["feedback"]["feedback_id"] == roots[1].feedback_id and lineage["ancestors"][0]["version"] == 1
+        fate = http.get(f"/v1/feedback/{held.feedback_id}").json()
+        assert fate["state"] == "awaiting_approval" and fate["hold"] == "manual"
+        pending = http.get("/v1/scopes/acme/feedback", params={"state": "awaiting_approval"}).json()
+        assert [p["feedback_id"] for p in pending] == [held.feedback_id]
+
+        assert http.get("/v1/scopes/acme/versions/7/lineage").status_code == 404
+        assert http.get("/v1/feedback/nope").status_code == 404
+        assert http.get("/v1/scopes/..%2Fetc/versions").status_code in (404, 422)
+        missing_reason = http.post("/v1/scopes/acme/rollback", json={"operator": "x", "to_version": 1})
+        assert missing_reason.status_code == 422
+        same = http.post("/v1/scopes/acme/rollback", json={"operator": "x", "reason": "y", "to_version": 2})
+        assert same.status_code == 409 and "already the active version" in same.json()["detail"]
+        bad_policy = http.patch("/v1/scopes/acme/policy", json={"candidates": 100})
+        assert bad_policy.status_code == 422 and "candidates" in bad_policy.json()["detail"]
+        assert "/v1/scopes/{scope}/rollback" in http.get("/openapi.json").json()["paths"]
+
+        sent = http.post("/v1/feedback", json={"scope": "acme", "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}})
+        assert sent.status_code == 202
+    submitted = w.bus.of(ev.FeedbackSubmitted)
+    assert [s.feedback_id for s in submitted] == [sent.json()["feedback_id"]]
+
+
+async def test_cli_listings_have_json_and_tables(cli, registry) -> None:
+    _, _, roots, held = registry
+    assert [s["scope"] for s in json.loads(cli("scopes", "--json").output)] == ["acme"]
+    versions = json.loads(cli("versions", "--scope", "acme", "--json").output)
+    assert [v["version"] for v in versions] == [1, 2]
+    lineage = json.loads(cli("lineage", "--scope", "acme", "--version", "2", "--json").output)
+    assert lineage["version"]["feedback_id"] == roots[1].feedback_id
+    fate = json.loads(cli("lineage", "--feedback", held.feedback_id, "--json").output)
+    assert fate["state"] == "awaiting_approval"
+    pending = json.loads(cli("feedback", "--scope", "acme", "--state", "awaiting_approval", "--json").output)
+    assert [p["feedback_id"] for p in pending] == [held.feedback_id]
+    policy = json.loads(cli("scope-policy", "get", "--scope", "acme", "--json").output)
+    assert policy["approval"] == "manual"
+    # The tables render too.
+    for args in (("scopes",), ("versions", "-s", "acme"), ("lineage", "-s", "acme", "-v", "2"), ("lineage", "-f", held.feedback_id),
+                 ("feedback", "-s", "acme"), ("scope-policy", "get", "-s", "acme")):
+        assert cli(*args).output.strip()
+    assert "v2" in cli("versions", "-s", "acme").output
+
+
+async def test_cli_actions_reach_the_registry_with_who_and_why(cli, registry) -> None:
+    w, _, _, held = registry
+    out = json.loads(cli("approve", held.feedback_id, "--reason", "scores look right", "--json").output)
+    assert out["state"] == "promoted" and out["version"] == 3
+    assert w.bus.of(ev.AdapterPromoted)[-1].approved_by == "sre-alice"
+
+    result = cli("rollback", "--scope", "acme", "--to", "1", "--reason", "v3 forgets", "--operator", "sre-bob", "--json")
+    assert json.loads(result.output)["active_version"] == 1
+    assert "pinned by sre-alice" in cli("pin", "--scope", "acme", "--reason", "freeze").output
+    assert json.loads(cli("unpin", "--scope", "acme", "--reason", "thaw", "--json").output)["pinned"] is False
+    audit = [(a.action, a.operator, a.reason) for a in w.bus.of(ev.OperatorAction)]
+    assert audit == [
+        ("approve", "sre-alice", "scores look right"),
+        ("rollback", "sre-bob", "v3 forgets"),
+        ("pin", "sre-alice", "freeze"),
+        ("unpin", "sre-alice", "thaw"),
+    ]
+    policy = json.loads(cli("scope-policy", "set", "-s", "acme", "approval=auto", "candidates=4", "--json").output)
+    assert (policy["approval"], policy["candidates"]) == ("auto", 4)
+    answer = json.loads(cli("ask", "--scope", "acme", "When?", "--json").output)
+    assert answer["answer"] == "1387" and answer["version"] == 1
+    assert "1387" in cli("ask", "-s", "acme", "When?").output
+
+    submitted = json.loads(cli("submit", "-s", "acme", "--passage", "Quellmoor got its charter in 1387.", "--probe", "When?=1387", "--json").output)
+    event = w.bus.of(ev.FeedbackSubmitted)[-1]
+    assert event.feedback_id == submitted["feedback_id"] and event.content.probes[0].answer == "1387"  # type: ignore[union-attr]
+
+    refused = cli("reject", held.feedback_id, "--reason", "too late", ok=False)
+    assert refused.exit_code == 1 and "409" in refused.output
+    bad = cli("submit", "-s", "acme", "--probe", "no-equals", "--passage", "x", ok=False)
+    assert bad.exit_code != 0
+
+
+def test_cli_says_clearly_when_the_registry_is_unreachable() -> None:
+    result = CliRunner().invoke(ops.ops_app, ["scopes", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "cannot reach the registry" in result.output
+
+
+def test_the_seal_command_has_the_operator_commands() -> None:
+    from seal.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("submit", "scopes", "versions", "lineage", "approve", "reject", "rollback", "pin", "ask", "scope-policy"):
+        assert name in result.output
