@@ -50,6 +50,19 @@ def render_text(path: str) -> str:
     return result.stdout
 
 
+def render_directory(directory: Path) -> list[dict[str, Any]]:
+    """Render a kustomization outside k8s/ (a test's own overlay over ours)."""
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", "--load-restrictor=LoadRestrictionsNone", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"kubectl kustomize {directory} failed:\n{result.stderr}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 def render(path: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(render_text(path)) if doc]
 
