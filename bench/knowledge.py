@@ -1,0 +1,248 @@
+"""Knowledge incorporation benchmark: does the platform teach a model new facts, and at what cost?
+
+    python bench/knowledge.py --data ../shared/data/dev.jsonl --limit 10
+
+For each passage of a file in the format of ``shared/data/dev.jsonl``, in one
+run on the same base model, it measures closed-book accuracy on the passage's
+questions (the passage is never in the prompt) under four conditions:
+
+* ``none``: no update;
+* ``passage``: a fresh LoRA trained on the passage alone;
+* ``platform``: the platform's full update, driven through the four running
+  services on an embedded stack. The feedback carries the passage (and title)
+  only: the file's questions are never shown to the platform, whose probes are
+  self-generated, so this measures what a product would see. Each passage
+  gets its own scope, so every update starts from the base model as in SEAL;
+  a rejected update leaves the scope on the base model;
+* ``gold``: a fresh LoRA trained on the gold question-answer pairs: a ceiling,
+  not a method.
+
+It also reports the core-knowledge accuracy after each update (its drop is
+forgetting) and seconds per update, and writes JSON and a Markdown table
+under ``bench/results/``. Scoring is :func:`shared.scoring.closed_book_accuracy`,
+the evaluator's own function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from seal.demo import DemoItem, load_items  # noqa: E402
+from services.trainer.lora_training import LoraTrainer, TrainingJob  # noqa: E402
+from shared.events import Probe, TrainingDirectives  # noqa: E402
+from shared.lora import AdapterHost  # noqa: E402
+from shared.models import LoadedModel, load_model  # noqa: E402
+from shared.scoring import closed_book_accuracy  # noqa: E402
+from shared.settings import ModelSettings  # noqa: E402
+
+CORE = REPO / "services" / "evaluator" / "data" / "core.jsonl"
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass
+class Condition:
+    name: str
+    correct: int = 0
+    total: int = 0
+    core_correct: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    per_passage: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def load_core(path: Path) -> list[Probe]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Probe(question=r["question"], answer=r["answer"], aliases=tuple(r.get("aliases", ()))) for r in rows]
+
+
+def score_adapter(lm: LoadedModel, host: AdapterHost, directory: Path | None, item: DemoItem, core: list[Probe]) -> tuple[int, int]:
+    """(questions right, core questions right) with ``directory``'s adapter on the base (or the base)."""
+    if directory is None:
+        return closed_book_accuracy(lm, item.questions).correct, closed_book_accuracy(lm, core).correct
+    host.load("bench", directory)
+    host.activate("bench")
+    try:
+        return closed_book_accuracy(lm, item.questions).correct, closed_book_accuracy(lm, core).correct
+    finally:
+        host.remove("bench")
+
+
+def run_training_condition(
+    name: str, lm: LoadedModel, trainer: LoraTrainer, items: list[DemoItem], core: list[Probe], directives: TrainingDirectives
+) -> Condition:
+    cond = Condition(name)
+    for item in items:
+        if name == "passage":
+            job = TrainingJob(adapter_id=f"{name}-{item.id}", directives=directives, texts=(item.passage,))
+        else:
+            pairs = tuple((q.question, q.answer) for q in item.questions)
+            job = TrainingJob(adapter_id=f"{name}-{item.id}", directives=directives, pairs=pairs)
+        started = time.monotonic()
+        trained = trainer.train(job)
+        cond.seconds.append(time.monotonic() - started)
+        right, core_right = score_adapter(lm, trainer.host, trained.directory, item, core)
+        cond.correct += right
+        cond.total += len(item.questions)
+        cond.core_correct.append(core_right)
+        cond.per_passage[item.id] = right
+        print(f"  {name} {item.id}: {right}/{len(item.questions)} core {core_right}/{len(core)} ({cond.seconds[-1]:.0f}s)", flush=True)
+    return cond
+
+
+def run_platform_condition(lm: LoadedModel, host: AdapterHost, items: list[DemoItem], core: list[Probe], model: str, timeout: float) -> Condition:
+    """Start the stack and the four services, submit each passage to its own scope, score the result."""
+    from seal.cli import provision, start_services, stop_services
+    from seal.stack import LocalStack, StackPorts
+    from seal.watch import PlatformWatcher
+    from shared import events as ev
+    from shared.registry_view import read_active
+    from shared.store import AdapterStore
+
+    cond = Condition("platform")
+    home = Path(tempfile.mkdtemp(prefix="seal-bench-"))
+    stack = LocalStack(home, StackPorts.free()).start()
+    procs = {}
+    try:
+        provision(stack)
+        (home / "logs").mkdir(exist_ok=True)
+        procs = start_services(stack, home, model, ("registry", "generator", "trainer", "evaluator"))
+        store = AdapterStore.from_settings(stack.store_settings())
+
+        async def drive() -> dict[str, tuple[object, float, str]]:
+            import nats
+
+            results = {}
+            async with PlatformWatcher(stack.nats_settings()) as watcher:
+                nc = await nats.connect(stack.nats_url)
+                for item in items:
+                    scope = f"bench-{item.id}"
+                    event = ev.FeedbackSubmitted(
+                        feedback_id=ev.new_id(), scope=scope,
+                        content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
+                    )
+                    started = time.monotonic()
+                    await watcher.submit(event)
+                    progress = watcher.progress[event.feedback_id]
+                    try:
+                        await watcher.wait_until(lambda: progress.decided, timeout)
+                    except TimeoutError:
+                        pass
+                    active = await read_active(nc.jetstream(), scope)
+                    results[item.id] = (active, time.monotonic() - started, progress.stage())
+                    print(f"  platform {item.id}: {progress.stage()} in {results[item.id][1]:.0f}s", flush=True)
+                await nc.close()
+            return results
+
+        outcomes = asyncio.run(drive())
+        for item in items:
+            active, seconds, stage = outcomes[item.id]
+            directory = None
+            if active is not None:
+                directory = Path(tempfile.mkdtemp(prefix="seal-bench-adapter-")) / "adapter"
+                store.get_adapter(active.adapter, directory)  # type: ignore[attr-defined]
+            right, core_right = score_adapter(lm, host, directory, item, core)
+            cond.correct += right
+            cond.total += len(item.questions)
+            cond.core_correct.append(core_right)
+            cond.seconds.append(seconds)
+            cond.per_passage[item.id] = right
+            cond.notes.append(f"{item.id}: {stage}")
+            print(f"  platform {item.id}: {right}/{len(item.questions)} core {core_right}/{len(core)}", flush=True)
+    finally:
+        stop_services(procs)
+        stack.stop()
+    return cond
+
+
+def markdown(conds: list[Condition], core_total: int, base_core: int, meta: dict[str, object]) -> str:
+    lines = [
+        f"Knowledge incorporation on `{meta['data']}` (first {meta['passages']} passages, {meta['questions']} closed-book questions), "
+        f"model `{meta['model']}`, {meta['date']}, {meta['machine']}.",
+        "",
+        "| condition | correct | accuracy | core kept (mean) | core drop (points) | seconds per update |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in conds:
+        core_mean = sum(c.core_correct) / len(c.core_correct) if c.core_correct else base_core
+        drop = 100 * (base_core - core_mean) / core_total if core_total else 0.0
+        secs = f"{sum(c.seconds) / len(c.seconds):.0f}" if c.seconds else "-"
+        lines.append(
+            f"| {c.name} | {c.correct}/{c.total} | {100 * c.accuracy:.1f}% | {core_mean:.1f}/{core_total} | {drop:.1f} | {secs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="passages with questions (dev.jsonl format)")
+    parser.add_argument("--limit", type=int, default=10, help="first N passages")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--core", type=Path, default=CORE)
+    parser.add_argument("--conditions", default="none,passage,platform,gold")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one platform decision")
+    args = parser.parse_args()
+    directives = TrainingDirectives()  # the platform's defaults, for a like-for-like baseline
+
+    items = load_items(args.data)[: args.limit]
+    core = load_core(args.core)
+    wanted = args.conditions.split(",")
+    lm = load_model(ModelSettings(name=args.model))
+    work = Path(tempfile.mkdtemp(prefix="seal-bench-work-"))
+    trainer = LoraTrainer(lm, work)
+    conds: list[Condition] = []
+
+    base = Condition("none")
+    base_core = closed_book_accuracy(lm, core).correct
+    for item in items:
+        right = closed_book_accuracy(lm, item.questions).correct
+        base.correct += right
+        base.total += len(item.questions)
+        base.per_passage[item.id] = right
+    base.core_correct = [base_core]
+    print(f"none: {base.correct}/{base.total}, core {base_core}/{len(core)}", flush=True)
+    if "none" in wanted:
+        conds.append(base)
+    for name in ("passage", "gold"):
+        if name in wanted:
+            conds.append(run_training_condition(name, lm, trainer, items, core, directives))
+    if "platform" in wanted:
+        conds.insert(min(2, len(conds)), run_platform_condition(lm, trainer.host, items, core, args.model, args.timeout))
+
+    import platform as _platform
+    import os
+
+    meta = {
+        "data": str(args.data),
+        "passages": len(items),
+        "questions": sum(len(i.questions) for i in items),
+        "model": args.model,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{_platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}",
+        "baseline_directives": directives.model_dump(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    table = markdown(conds, len(core), base_core, meta)
+    (RESULTS / f"knowledge-{stamp}.md").write_text(table)
+    (RESULTS / f"knowledge-{stamp}.json").write_text(
+        json.dumps({"meta": meta, "core_total": len(core), "base_core": base_core, "conditions": [asdict(c) for c in conds]}, indent=2)
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
