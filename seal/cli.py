@@ -26,6 +26,7 @@ app = typer.Typer(help="SEAL platform: self-adapting language models.", no_args_
 console = Console()
 
 SERVICES = ("registry", "generator", "trainer", "evaluator")
+SERVICE_PORT_BASE = 18080  # registry 18080 (HTTP API), generator 18081, trainer 18082, evaluator 18083
 HomeOption = typer.Option(
     Path(".seal"), "--home", envvar="SEAL_HOME", help="Folder holding all local stack data."
 )
@@ -69,7 +70,7 @@ def start_services(stack: LocalStack, home: Path, model: str, names: tuple[str, 
             **stack.env(),
             "SEAL_MODEL__NAME": model,
             "SEAL_HTTP_HOST": "127.0.0.1",
-            "SEAL_HTTP_PORT": str(18080 + offset),
+            "SEAL_HTTP_PORT": str(SERVICE_PORT_BASE + offset),
         }
         out = (logs / f"{name}.log").open("ab")
         procs[name] = subprocess.Popen(
@@ -78,6 +79,27 @@ def start_services(stack: LocalStack, home: Path, model: str, names: tuple[str, 
         )
         out.close()
     return procs
+
+
+def wait_services_ready(procs: dict[str, subprocess.Popen], timeout: float = 600.0) -> None:
+    """Wait until every service answers 200 on /readyz (its model is loaded)."""
+    import httpx
+
+    pending = {name: SERVICE_PORT_BASE + SERVICES.index(name) for name in procs}
+    deadline = time.monotonic() + timeout
+    while pending:
+        for name, port in list(pending.items()):
+            if procs[name].poll() is not None:
+                raise RuntimeError(f"service {name} exited with code {procs[name].returncode}; see its log")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    del pending[name]
+            except httpx.HTTPError:
+                pass
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"services not ready after {timeout:.0f}s: {', '.join(pending)}")
+        if pending:
+            time.sleep(0.5)
 
 
 def stop_services(procs: dict[str, subprocess.Popen]) -> None:
@@ -129,6 +151,43 @@ def up(
         stop_services(procs)
         stack.stop()
         console.print("stopped; data kept in", str(home))
+
+
+@app.command()
+def demo(
+    home: Path = HomeOption,
+    model: str = typer.Option("default", "--model", envvar="SEAL_MODEL__NAME", help="Base model for all services."),
+    data: Path = typer.Option(None, "--data", help="Passages with questions (dev.jsonl format); default: the demo set."),
+    scope: str = typer.Option("demo", "--scope", help="Scope (adapter line) the demo teaches."),
+) -> None:
+    """Run the whole loop on the embedded stack: feedback in, adapter versions out."""
+    from seal.demo import DEMO_DATA, load_items, run_demo
+    from shared.models import load_model
+    from shared.settings import ModelSettings
+
+    home = home.resolve()
+    items = load_items(data or DEMO_DATA)
+    stack = LocalStack(home)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        with console.status("starting nats-server, the S3 server and the four services..."):
+            stack.start()
+            provision(stack)
+            procs = start_services(stack, home, model, SERVICES)
+            lm = load_model(ModelSettings(name=model))
+            wait_services_ready(procs)
+        console.print(health_table(stack, procs))
+        asyncio.run(
+            run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope, console=console)
+        )
+    except KeyboardInterrupt:
+        console.print("interrupted")
+    except (RuntimeError, TimeoutError) as exc:
+        console.print(f"[red]demo failed:[/] {exc}; logs in {home / 'logs'}")
+        raise typer.Exit(1) from exc
+    finally:
+        stop_services(procs)
+        stack.stop()
 
 
 @app.command()
