@@ -105,7 +105,7 @@ def run_training_condition(
 
 def run_platform_condition(lm: LoadedModel, host: AdapterHost, items: list[DemoItem], core: list[Probe], model: str, timeout: float) -> Condition:
     """Start the stack and the four services, submit each passage to its own scope, score the result."""
-    from seal.cli import provision, start_services, stop_services
+    from seal.cli import provision, start_services, stop_services, wait_services_ready
     from seal.stack import LocalStack, StackPorts
     from seal.watch import PlatformWatcher
     from shared import events as ev
@@ -120,6 +120,7 @@ def run_platform_condition(lm: LoadedModel, host: AdapterHost, items: list[DemoI
         provision(stack)
         (home / "logs").mkdir(exist_ok=True)
         procs = start_services(stack, home, model, ("registry", "generator", "trainer", "evaluator"))
+        wait_services_ready(procs)
         store = AdapterStore.from_settings(stack.store_settings())
 
         async def drive() -> dict[str, tuple[object, float, str]]:

@@ -1,0 +1,138 @@
+"""Sequential updates: how much does each new update make the scope forget? (SEAL's forgetting figure)
+
+    python bench/forgetting.py --data ../shared/data/dev.jsonl --updates 8
+
+Submits N passages one after another to ONE scope through the running
+platform (embedded stack, four services), so each update builds on the
+scope's active version. After each decision it scores the active version on
+the questions of every passage submitted so far, and on the core set. The
+result is a lower-triangular matrix: row i = after update i, column j =
+accuracy on passage j. Retention of the first passage = its accuracy after
+the last update / its accuracy right after its own update. JSON and Markdown
+go to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from knowledge import CORE, RESULTS, load_core, score_adapter  # noqa: E402
+
+from seal.cli import provision, start_services, stop_services, wait_services_ready  # noqa: E402
+from seal.demo import load_items  # noqa: E402
+from seal.stack import LocalStack, StackPorts  # noqa: E402
+from seal.watch import PlatformWatcher  # noqa: E402
+from shared import events as ev  # noqa: E402
+from shared.lora import AdapterHost  # noqa: E402
+from shared.models import load_model  # noqa: E402
+from shared.registry_view import read_active  # noqa: E402
+from shared.settings import ModelSettings  # noqa: E402
+from shared.store import AdapterStore  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--updates", type=int, default=8)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--core", type=Path, default=CORE)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    items = load_items(args.data)[: args.updates]
+    core = load_core(args.core)
+    lm = load_model(ModelSettings(name=args.model))
+    host = AdapterHost(lm.model)
+    scope = f"forgetting-{time.strftime('%H%M%S')}"
+    home = Path(tempfile.mkdtemp(prefix="seal-forgetting-"))
+    stack = LocalStack(home, StackPorts.free()).start()
+    procs = {}
+    matrix: list[list[int]] = []
+    core_after: list[int] = []
+    stages: list[str] = []
+    seconds: list[float] = []
+    try:
+        provision(stack)
+        (home / "logs").mkdir(exist_ok=True)
+        procs = start_services(stack, home, args.model, ("registry", "generator", "trainer", "evaluator"))
+        wait_services_ready(procs)
+        store = AdapterStore.from_settings(stack.store_settings())
+
+        async def drive() -> None:
+            import nats
+
+            nc = await nats.connect(stack.nats_url)
+            async with PlatformWatcher(stack.nats_settings()) as watcher:
+                for i, item in enumerate(items):
+                    event = ev.FeedbackSubmitted(
+                        feedback_id=ev.new_id(), scope=scope,
+                        content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
+                    )
+                    started = time.monotonic()
+                    await watcher.submit(event)
+                    progress = watcher.progress[event.feedback_id]
+                    try:
+                        await watcher.wait_until(lambda: progress.decided, args.timeout)
+                    except TimeoutError:
+                        pass
+                    seconds.append(time.monotonic() - started)
+                    stages.append(progress.stage())
+                    active = await read_active(nc.jetstream(), scope)
+                    directory = None
+                    if active is not None:
+                        directory = Path(tempfile.mkdtemp(prefix="seal-forget-")) / "adapter"
+                        store.get_adapter(active.adapter, directory)
+                    row = []
+                    for earlier in items[: i + 1]:
+                        right, _ = score_adapter(lm, host, directory, earlier, [])
+                        row.append(right)
+                    _, core_right = score_adapter(lm, host, directory, items[0], core)
+                    matrix.append(row)
+                    core_after.append(core_right)
+                    print(f"after update {i + 1} ({stages[-1]}, {seconds[-1]:.0f}s): {row} core {core_right}/{len(core)}", flush=True)
+            await nc.close()
+
+        asyncio.run(drive())
+    finally:
+        stop_services(procs)
+        stack.stop()
+
+    n_q = [len(item.questions) for item in items]
+    first_own = matrix[0][0] if matrix else 0
+    first_last = matrix[-1][0] if matrix else 0
+    retention = (first_last / first_own) if first_own else None
+    lines = [
+        f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| after update | outcome | " + " | ".join(f"p{j + 1}" for j in range(len(items))) + " | core |",
+        "|---|---|" + "---|" * len(items) + "---|",
+    ]
+    for i, row in enumerate(matrix):
+        cells = [f"{row[j]}/{n_q[j]}" if j < len(row) else "" for j in range(len(items))]
+        lines.append(f"| {i + 1} | {stages[i]} | " + " | ".join(cells) + f" | {core_after[i]}/{len(core)} |")
+    lines.append("")
+    lines.append(
+        f"First passage: {first_own}/{n_q[0] if n_q else 0} right after its update, {first_last} after the last; "
+        + (f"retention {100 * retention:.0f}%." if retention is not None else "retention undefined (nothing learned at first).")
+    )
+    table = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"forgetting-{stamp}.md").write_text(table)
+    (RESULTS / f"forgetting-{stamp}.json").write_text(
+        json.dumps({"matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
