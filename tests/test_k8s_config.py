@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import json
 import os
@@ -81,6 +82,29 @@ def test_config_keys_are_settings_the_services_read(name, monkeypatch, tmp_path)
         else:
             assert str(actual) == value, key
     assert not any(word in key for key in data for word in ("PASSWORD", "SECRET", "TOKEN")), "secrets go in seal-secrets"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_per_service_env_keys_are_that_services_settings(service, monkeypatch, tmp_path):
+    """SEAL_* variables set on one Deployment (e.g. SEAL_REGISTRY__ADAPTER_CACHE_DIR) exist in
+    that service's own settings class."""
+    try:
+        module = importlib.import_module(f"services.{service}.settings")
+    except ModuleNotFoundError:
+        pytest.skip(f"services/{service}/settings.py does not exist yet")
+    (settings_cls,) = [
+        v for v in vars(module).values() if isinstance(v, type) and issubclass(v, ServiceSettings) and v is not ServiceSettings
+    ]
+    for key in list(os.environ):
+        if key.startswith("SEAL_"):
+            monkeypatch.delenv(key)
+    container = main_container(find(overlay("prod"), "Deployment", service))
+    literal = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("SEAL_") and "value" in e}
+    for key, value in literal.items():
+        monkeypatch.setenv(key, value)
+    settings = settings_cls(_secrets_dir=str(tmp_path))
+    for key, value in literal.items():
+        assert str(setting(settings, key)) == value, key
 
 
 def test_settings_read_the_secret_keys_from_a_kubernetes_secret_volume(monkeypatch, tmp_path):

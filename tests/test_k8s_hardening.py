@@ -115,15 +115,15 @@ def test_writable_paths_are_volumes(name):
         volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
         mounts = {m["mountPath"]: m for m in main_container(deployment)["volumeMounts"]}
         assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]["name"]]
-        if service != "registry":
-            cache = settings["SEAL_MODEL__CACHE_DIR"]
-            hf_home = settings["HF_HOME"]
-            for path in (cache, hf_home):
-                mount = next((m for p, m in mounts.items() if path == p or path.startswith(p.rstrip("/") + "/")), None)
-                assert mount is not None, f"{service}: {path} is not on a volume"
-                assert not mount.get("readOnly"), f"{service}: {path} is read-only"
-                volume = volumes[mount["name"]]
-                assert "emptyDir" in volume or "persistentVolumeClaim" in volume
+        env = {e["name"]: e.get("value") for e in main_container(deployment)["env"]}
+        cache_paths = [settings["SEAL_MODEL__CACHE_DIR"], settings["HF_HOME"]]
+        cache_paths += [v for k, v in env.items() if k.endswith("_CACHE_DIR") and v]
+        for path in cache_paths:
+            mount = next((m for p, m in mounts.items() if path == p or path.startswith(p.rstrip("/") + "/")), None)
+            assert mount is not None, f"{service}: {path} is not on a volume"
+            assert not mount.get("readOnly"), f"{service}: {path} is read-only"
+            volume = volumes[mount["name"]]
+            assert "emptyDir" in volume or "persistentVolumeClaim" in volume
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -187,7 +187,7 @@ def test_evaluator_gpu_component_puts_the_evaluator_on_a_gpu(tmp_path):
 def test_model_threads_follow_the_cpu_limit():
     """torch would otherwise start one thread per node CPU and fight the CPU limit."""
     objects = overlay("prod")
-    for service in ("generator", "trainer", "evaluator"):
+    for service in SERVICES:
         env = {e["name"]: e for e in main_container(find(objects, "Deployment", service))["env"]}
         for var in ("SEAL_MODEL__THREADS", "OMP_NUM_THREADS"):
             ref = env[var]["valueFrom"]["resourceFieldRef"]
