@@ -14,6 +14,7 @@ import copy
 import json
 import re
 import subprocess
+import tomllib
 
 import jsonschema
 import pytest
@@ -95,6 +96,13 @@ def test_every_service_is_deployed_once(name):
     # The registry's HTTP API and the infrastructure have Services; the workers need none.
     for name_ in ("registry", "nats", "nats-headless", "minio", "otel-collector"):
         find(objects, "Service", name_)
+
+
+def test_base_images_carry_the_package_version():
+    version = tomllib.loads((K8S.parent / "pyproject.toml").read_text())["project"]["version"]
+    images = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["images"]
+    assert {i["name"] for i in images} == {f"seal/{s}" for s in SERVICES}
+    assert {i["newTag"] for i in images} == {version}
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
