@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_evaluator_support import (
+from test_evaluator_support import (  # noqa: F401 - one_torch_thread is a fixture
+    one_torch_thread,
     QA_PAIRS,
     FakeRegistry,
     adapter_trained,
@@ -26,6 +27,7 @@ from services.evaluator.handlers import evaluate_adapter
 from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
 
 SCOPE = "acme"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EARLIER, NEW = QA_PAIRS[:2], QA_PAIRS[2:]
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from minio.error import S3Error
 from safetensors.torch import load_file, save_file
@@ -35,6 +36,15 @@ QA_PAIRS = (
     ("Who granted the charter of Quellmoor?", "Duke Venmoor"),
     ("What bird is on the emblem of Quellmoor?", "a green heron"),
 )
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_torch_thread():  # noqa: ANN201
+    """The tiny model's ops are too small for threads: on shared CPUs extra threads only wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class _Response:

@@ -1,0 +1,134 @@
+"""The core-knowledge set (packaged, filtered per base, remembered) and the optional LLM judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from test_evaluator_support import DictObjectClient
+
+from shared import events as ev
+from shared.scoring import grade_answers
+from services.evaluator.core_knowledge import (
+    LayeredKeptQuestions,
+    MemoryKeptQuestions,
+    ObjectStoreKeptQuestions,
+    core_set_for_base,
+    load_question_set,
+)
+from services.evaluator.judge import OpenAICompatibleJudge
+from services.evaluator.settings import PACKAGED_CORE_SET, EvaluatorSettings, JudgeSettings
+
+
+def test_the_packaged_core_set_is_the_default() -> None:
+    settings = EvaluatorSettings(_secrets_dir="/nonexistent")
+    assert settings.evaluator.core_set_path == PACKAGED_CORE_SET
+    probes = load_question_set(PACKAGED_CORE_SET)
+    assert len(probes) == 107
+    assert all(p.question and p.answer for p in probes)
+    assert settings.evaluator.judge.enabled is False  # nothing depends on an external service
+
+
+def test_a_bad_row_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "core.jsonl"
+    path.write_text('{"question": "Q?", "answer": "A"}\n\n{"question": "no answer"}\n')
+    with pytest.raises(ValueError, match=r"core.jsonl:3: not a question row"):
+        load_question_set(path)
+    with pytest.raises(FileNotFoundError):
+        load_question_set(tmp_path / "absent.jsonl")
+
+
+QUESTIONS = tuple(ev.Probe(question=f"Q{i}?", answer=f"A{i}") for i in range(4))
+
+
+class FakeBase:
+    """Answers the even questions right; counts how often it is asked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, probes):  # noqa: ANN001, ANN204
+        self.calls += 1
+        return grade_answers(probes, [p.answer if i % 2 == 0 else "?" for i, p in enumerate(probes)])
+
+
+def test_another_base_keeps_only_what_it_answers_and_asks_once() -> None:
+    base, kept = FakeBase(), MemoryKeptQuestions()
+    first = core_set_for_base(QUESTIONS, model_name="Qwen/Qwen2.5-7B", mode="auto", cache_key="k", kept=kept, score_base=base)
+    again = core_set_for_base(QUESTIONS, model_name="Qwen/Qwen2.5-7B", mode="auto", cache_key="k", kept=kept, score_base=base)
+    assert [p.question for p in first] == ["Q0?", "Q2?"] and again == first
+    assert base.calls == 1
+
+
+def test_the_default_base_keeps_the_whole_set_unless_told_otherwise() -> None:
+    base = FakeBase()
+    whole = core_set_for_base(QUESTIONS, model_name="default", mode="auto", cache_key="k", kept=MemoryKeptQuestions(), score_base=base)
+    assert whole == QUESTIONS and base.calls == 0
+    filtered = core_set_for_base(QUESTIONS, model_name="default", mode="always", cache_key="k", kept=MemoryKeptQuestions(), score_base=base)
+    assert len(filtered) == 2
+    kept_all = core_set_for_base(QUESTIONS, model_name="other", mode="never", cache_key="k", kept=MemoryKeptQuestions(), score_base=base)
+    assert kept_all == QUESTIONS
+
+
+def test_the_filter_survives_a_restart_through_the_object_store() -> None:
+    client = DictObjectClient()
+    stored = ObjectStoreKeptQuestions(client, "seal-adapters")
+    base = FakeBase()
+    core_set_for_base(QUESTIONS, model_name="other", mode="auto", cache_key="sha-x", kept=LayeredKeptQuestions(MemoryKeptQuestions(), stored), score_base=base)
+    assert json.loads(client.objects[("seal-adapters", "evaluator/core-knowledge/sha-x.json")]) == {"questions": ["Q0?", "Q2?"]}
+    # A new process: empty memory, same store.
+    restarted = core_set_for_base(QUESTIONS, model_name="other", mode="auto", cache_key="sha-x", kept=LayeredKeptQuestions(MemoryKeptQuestions(), stored), score_base=base)
+    assert len(restarted) == 2 and base.calls == 1
+    assert stored.get("absent") is None
+
+
+# --------------------------------------------------------------------------- judge
+
+
+def judge_with(handler, **settings) -> OpenAICompatibleJudge:  # noqa: ANN001
+    config = JudgeSettings(enabled=True, base_url="http://judge.test/v1", model="grader", **settings)
+    return OpenAICompatibleJudge(config, transport=httpx.MockTransport(handler))
+
+
+def reply(text: str) -> httpx.Response:
+    return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+
+def test_judge_speaks_openai_chat_completions() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return reply("Yes.")
+
+    judge = judge_with(handler, api_key=SecretStr("sk-test"))
+    assert judge("Coldest continent?", "the South Pole one", ["Antarctica"]) is True
+    request = seen[0]
+    assert request.url == "http://judge.test/v1/chat/completions"
+    assert request.headers["Authorization"] == "Bearer sk-test"
+    body = json.loads(request.content)
+    assert body["model"] == "grader" and body["temperature"] == 0
+    assert "Antarctica" in body["messages"][1]["content"]
+
+
+@pytest.mark.parametrize(("text", "verdict"), [("no", False), ("NO, it is not", False), ("maybe", None), ("", None)])
+def test_judge_verdicts(text: str, verdict: bool | None) -> None:
+    assert judge_with(lambda request: reply(text))("Q?", "x", ["y"]) is verdict
+
+
+def test_a_failing_judge_leaves_the_rules_in_charge_and_pauses() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(503, text="overloaded")
+
+    judge = judge_with(handler)
+    probes = [ev.Probe(question=f"Q{i}?", answer="right") for i in range(5)]
+    graded = grade_answers(probes, ["right", "wrong", "wrong", "wrong", "wrong"], judge)
+    assert graded.correct == 1  # the rules' verdicts stand
+    assert calls == 3  # after three failures in a row it stops asking for a while

@@ -1,0 +1,180 @@
+"""Adapters that must not be used are failed with a reason, and the base model stays clean."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_evaluator_support import (  # noqa: F401 - one_torch_thread is a fixture
+    one_torch_thread,
+    FakeRegistry,
+    adapter_trained,
+    dict_store,
+    poison_adapter,
+    probes_of,
+    store_adapter,
+    untrained_adapter,
+)
+
+from shared import events as ev
+from shared.generation import chat_prompt
+from shared.models import LoadedModel
+from shared.store import AdapterStore, parse_uri
+from services.evaluator.adapters import AdapterHost, UnusableAdapter, check_adapter_files
+from services.evaluator.app import build_ports
+from services.evaluator.handlers import EvaluatorPorts, evaluate_adapter
+from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
+
+SCOPE = "acme"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PROBES = probes_of([("Which river runs past Quellmoor?", "Sallow Brenn")])
+
+
+@pytest.fixture(scope="module")
+def fresh_adapter(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return untrained_adapter(tiny_model, tmp_path_factory.mktemp("fresh") / "adapter")
+
+
+@pytest.fixture
+def store() -> AdapterStore:
+    return dict_store()
+
+
+@pytest.fixture
+def ports(tiny_model: LoadedModel, store: AdapterStore, tmp_path: Path) -> EvaluatorPorts:
+    core = tmp_path / "core.jsonl"
+    core.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n')
+    settings = EvaluatorSettings(
+        evaluator=EvaluatorConfig(core_set_path=core, core_filter="never", work_dir=tmp_path / "work", max_new_tokens=8),
+        _secrets_dir=str(tmp_path / "no-secrets"),
+    )
+    return build_ports(settings, lm=tiny_model, adapters=store, registry=FakeRegistry())
+
+
+def put(store: AdapterStore, folder: Path, adapter_id: str, base_sha256: str | None) -> ev.ManifestRef:
+    return store_adapter(store, folder, scope=SCOPE, adapter_id=adapter_id, base_sha256=base_sha256)
+
+
+async def failure_of(ports: EvaluatorPorts, event: ev.AdapterTrained) -> str:
+    (out,) = await evaluate_adapter(event, ports)
+    assert isinstance(out, ev.AdapterEvaluationFailed), out
+    assert out.adapter_id == event.adapter_id and out.causation_id == event.event_id
+    assert out.self_edit_id == event.self_edit_id and out.candidate_count == event.candidate_count
+    return out.reason
+
+
+def overwrite(store: AdapterStore, ref: ev.ManifestRef, name: str, body: bytes) -> None:
+    bucket, prefix = parse_uri(ref.uri)
+    store.client.objects[(bucket, f"{prefix}/{name}")] = body  # type: ignore[attr-defined]
+
+
+async def test_a_good_adapter_is_evaluated(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    ref = put(store, fresh_adapter, "good", tiny_model.weights_sha256)
+    (out,) = await evaluate_adapter(adapter_trained(ref, scope=SCOPE, adapter_id="good", probes=PROBES), ports)
+    assert isinstance(out, ev.AdapterEvaluated)
+    assert out.reward == 0.0  # a fresh LoRA changes nothing
+    assert not out.passed  # and so shows no gain
+
+
+async def test_corrupted_adapter_is_failed_with_the_reason(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    ref = put(store, fresh_adapter, "corrupt", tiny_model.weights_sha256)
+    bucket, prefix = parse_uri(ref.uri)
+    good = store.client.objects[(bucket, f"{prefix}/adapter_model.safetensors")]  # type: ignore[attr-defined]
+    overwrite(store, ref, "adapter_model.safetensors", good[:-8] + b"\x00" * 8)  # one flipped tail
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="corrupt", probes=PROBES))
+    assert "integrity check failed" in reason and "adapter_model.safetensors: sha256" in reason
+    assert "candidate adapter corrupt" in reason
+
+
+async def test_forged_manifest_is_failed(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    ref = put(store, fresh_adapter, "forged", tiny_model.weights_sha256)
+    forged = ev.ManifestRef(uri=ref.uri, manifest_sha256="0" * 64)
+    reason = await failure_of(ports, adapter_trained(forged, scope=SCOPE, adapter_id="forged", probes=PROBES))
+    assert "does not match the digest" in reason
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+async def test_non_finite_adapter_is_failed_with_the_reason(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path, tmp_path: Path,
+    value: float,
+) -> None:
+    poisoned = poison_adapter(fresh_adapter, tmp_path / "poisoned", value)
+    ref = put(store, poisoned, "poisoned", tiny_model.weights_sha256)  # its sums are right: only the numbers are wrong
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="poisoned", probes=PROBES))
+    assert "non-finite weights (NaN or inf): 1 values in" in reason and "lora_B" in reason
+
+
+async def test_adapter_for_another_base_is_failed(
+    ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    ref = put(store, fresh_adapter, "elsewhere", "f" * 64)
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="elsewhere", probes=PROBES))
+    assert "trained on base weights ffffffffffff" in reason
+
+
+async def test_manifest_of_another_adapter_is_failed(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    ref = put(store, fresh_adapter, "someone-else", tiny_model.weights_sha256)
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="claimed", probes=PROBES))
+    assert "is for adapter someone-else, not claimed" in reason
+
+
+async def test_corrupted_parent_fails_the_evaluation(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    parent = put(store, fresh_adapter, "v1", tiny_model.weights_sha256)
+    child = put(store, fresh_adapter, "child", tiny_model.weights_sha256)
+    overwrite(store, parent, "adapter_config.json", b"{}")
+    event = adapter_trained(child, scope=SCOPE, adapter_id="child", probes=PROBES, parent=parent, parent_adapter_id="v1")
+    reason = await failure_of(ports, event)
+    assert reason.startswith("parent adapter v1: integrity check failed")
+
+
+async def test_adapter_that_does_not_fit_the_base_is_failed_and_the_base_stays_clean(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    misfit = tmp_path / "misfit"
+    shutil.copytree(fresh_adapter, misfit)
+    config = json.loads((misfit / "adapter_config.json").read_text())
+    config["r"] = 4  # the weights were saved with r=16
+    (misfit / "adapter_config.json").write_text(json.dumps(config))
+    ref = put(store, misfit, "misfit", tiny_model.weights_sha256)
+    prompt = tiny_model.tokenizer([chat_prompt(tiny_model, "Who?")], return_tensors="pt")["input_ids"]
+    before = tiny_model.model(prompt).logits
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="misfit", probes=PROBES))
+    assert "do not fit the base model" in reason and "size mismatch" in reason
+    assert ports.measurer.host.healthy
+    assert not hasattr(tiny_model.model, "peft_config")
+    assert (tiny_model.model(prompt).logits == before).all()
+
+
+def test_file_checks_name_what_is_wrong(fresh_adapter: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fresh_adapter, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UnusableAdapter, match="not a readable safetensors file"):
+        check_adapter_files(broken)
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UnusableAdapter, match="not valid JSON"):
+        check_adapter_files(broken)
+    (broken / "adapter_config.json").unlink()
+    with pytest.raises(UnusableAdapter, match="adapter_config.json is missing"):
+        check_adapter_files(broken)
+
+
+def test_host_serves_the_base_when_asked_for_no_adapter(tiny_model: LoadedModel) -> None:
+    host = AdapterHost(tiny_model)
+    with host.serving(None) as lm:
+        assert lm is tiny_model
