@@ -1,0 +1,209 @@
+"""From a feedback and the scope's policy to k candidate self-edits.
+
+:func:`plan_candidates` decides what to ask (one prompt per candidate, the
+format fixed by the scope or sampled); the model answers all of them in one
+batched call (:mod:`.writer`); :func:`candidate_events` turns the answers
+into one event per candidate: ``selfedit.generated`` with its sequences,
+directives and probes, or ``selfedit.rejected`` with its reasons.
+
+Everything here is deterministic given the feedback, the policy and the
+completions: event ids derive from the feedback event and the candidate
+index, so handling a redelivered feedback yields the very same events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.generator.parsing import clamp_directives, parse_completion, passage_sequences
+from services.generator.probes import self_generated_probes
+from services.generator.prompts import (
+    KNOWLEDGE_FORMATS,
+    Prompt,
+    correction_prompt,
+    knowledge_prompt,
+    preference_prompt,
+)
+from services.generator.screening import feedback_texts
+from services.generator.settings import GeneratorConfig
+from services.generator.validation import Grounding, Limits, Verdict, validate_candidate
+from shared.events import (
+    CorrectionFeedback,
+    Event,
+    FeedbackSubmitted,
+    KnowledgeFeedback,
+    PreferenceFeedback,
+    Probe,
+    SelfEdit,
+    SelfEditFormat,
+    SelfEditGenerated,
+    SelfEditRejected,
+    derived_id,
+)
+from shared.registry_view import ScopePolicy
+
+log = logging.getLogger(__name__)
+
+SEQUENCE_HARD_LIMIT = 4_000  # SelfEdit.sequences items
+COMPLETION_HARD_LIMIT = 50_000  # SelfEdit.completion
+PREFERENCE_PROBE_MAX_CHARS = 200
+
+
+@dataclass(frozen=True)
+class CandidatePlan:
+    index: int
+    format: SelfEditFormat
+    prompt: Prompt
+
+
+def feedback_seed(feedback_id: str) -> int:
+    """The sampling seed of a feedback: a retry samples the very same candidates."""
+    return int(hashlib.sha256(feedback_id.encode()).hexdigest()[:8], 16)
+
+
+def self_edit_id(feedback: FeedbackSubmitted, index: int) -> str:
+    return derived_id(feedback.event_id, "self_edit", index)
+
+
+def plan_candidates(feedback: FeedbackSubmitted, policy: ScopePolicy, seed: int) -> list[CandidatePlan]:
+    """k prompts for one feedback; with the format "sampled", every format in turn, in a seeded order."""
+    content, k = feedback.content, policy.candidates
+    propose = policy.model_proposes_directives
+    if isinstance(content, CorrectionFeedback):
+        return [CandidatePlan(i, "correction", correction_prompt(content, propose)) for i in range(k)]
+    if isinstance(content, PreferenceFeedback):
+        return [CandidatePlan(i, "preference", preference_prompt(content, propose)) for i in range(k)]
+    if policy.self_edit_format == "sampled":
+        rng = random.Random(seed)
+        formats: list[str] = []
+        while len(formats) < k:
+            round_ = list(KNOWLEDGE_FORMATS)
+            rng.shuffle(round_)
+            formats += round_
+    else:
+        formats = [policy.self_edit_format] * k
+    return [CandidatePlan(i, fmt, knowledge_prompt(fmt, content, propose)) for i, fmt in enumerate(formats[:k])]  # type: ignore[arg-type]
+
+
+def probes_for(feedback: FeedbackSubmitted, config: GeneratorConfig) -> tuple[Probe, ...]:
+    """The product's probes; for a passage without any, grounded self-generated ones."""
+    content = feedback.content
+    if isinstance(content, KnowledgeFeedback):
+        if content.probes:
+            return content.probes
+        return self_generated_probes(content.passage, content.title, config.self_probe_count)
+    if isinstance(content, CorrectionFeedback):
+        return (Probe(question=content.question, answer=content.right_answer, source="product"),)
+    return tuple(
+        Probe(question=ex.prompt, answer=ex.response, source="product")
+        for ex in content.examples
+        if len(ex.response) <= PREFERENCE_PROBE_MAX_CHARS
+    )
+
+
+def feedback_sequences(feedback: FeedbackSubmitted, limits: Limits) -> list[str]:
+    """What the feedback itself contributes to every candidate (kept after the written pieces)."""
+    content = feedback.content
+    if isinstance(content, KnowledgeFeedback):
+        return passage_sequences(content.title, content.passage, limits.max_sequence_chars)
+    if isinstance(content, CorrectionFeedback):
+        sequences = [
+            f"Question: {content.question}\nAnswer: {content.right_answer}",
+            f'The answer to "{content.question}" is {content.right_answer}.',
+        ]
+    else:
+        sequences = [f"User: {ex.prompt}\nAssistant: {ex.response}" for ex in content.examples]
+    return [s for s in sequences if len(s) <= SEQUENCE_HARD_LIMIT]
+
+
+def candidate_events(
+    feedback: FeedbackSubmitted,
+    policy: ScopePolicy,
+    plans: Sequence[CandidatePlan],
+    completions: Sequence[str],
+    config: GeneratorConfig,
+    generator_adapter: str | None = None,
+) -> list[Event]:
+    """One event per candidate, generated or rejected, in candidate order."""
+    content = feedback.content
+    limits = Limits(config.max_sequences, config.max_sequence_chars, config.min_sequence_chars)
+    overlap = config.grounding_min_overlap * (0.5 if isinstance(content, PreferenceFeedback) else 1.0)
+    grounding = Grounding.of(feedback_texts(content), overlap)
+    kept = feedback_sequences(feedback, limits)
+    probes = probes_for(feedback, config)
+    title = content.title if isinstance(content, KnowledgeFeedback) else None
+    must_contain = content.right_answer if isinstance(content, CorrectionFeedback) else None
+    accepted: dict[tuple[str, ...], int] = {}
+    events: list[Event] = []
+    for plan, completion in zip(plans, completions, strict=True):
+        text = _joined(plan.prompt.prefill, completion)[:COMPLETION_HARD_LIMIT]
+        parsed = parse_completion(plan.format, text, read_directives=policy.model_proposes_directives)
+        verdict = validate_candidate(
+            text,
+            parsed.pieces,
+            grounding=grounding,
+            title=title,
+            kept=kept,
+            blocklist=policy.blocklist,
+            limits=limits,
+            must_contain=must_contain,
+        )
+        reasons = verdict.reasons or _duplicate_reason(verdict, accepted)
+        edit_id = self_edit_id(feedback, plan.index)
+        log.info(
+            "candidate %d/%d of %s (%s): %d written sequences kept, %d dropped%s",
+            plan.index + 1, len(plans), feedback.feedback_id, plan.format, verdict.written,
+            len(verdict.notes), f"; rejected: {'; '.join(reasons)}" if reasons else "",
+        )
+        if reasons:
+            events.append(
+                feedback.caused(
+                    SelfEditRejected,
+                    key=plan.index,
+                    self_edit_id=edit_id,
+                    candidate_index=plan.index,
+                    candidate_count=len(plans),
+                    reasons=tuple(reasons),
+                )
+            )
+            continue
+        accepted[verdict.sequences] = plan.index
+        directives = clamp_directives(parsed.proposed_directives, policy.default_directives, len(verdict.sequences))
+        self_edit = SelfEdit(
+            self_edit_id=edit_id,
+            format=plan.format,
+            completion=text,
+            sequences=verdict.sequences,
+            directives=directives,
+            candidate_index=plan.index,
+            candidate_count=len(plans),
+        )
+        events.append(
+            feedback.caused(
+                SelfEditGenerated, key=plan.index, self_edit=self_edit, probes=probes,
+                generator_adapter=generator_adapter,
+            )
+        )
+    return events
+
+
+def _joined(prefill: str, completion: str) -> str:
+    if not prefill:
+        return completion
+    return f"{prefill} {completion}" if completion and not completion[0].isspace() else prefill + completion
+
+
+def _duplicate_reason(verdict: Verdict, accepted: dict[tuple[str, ...], int]) -> tuple[str, ...]:
+    earlier = accepted.get(verdict.sequences)
+    if earlier is None:
+        return ()
+    why = f"same training data as candidate {earlier}"
+    if verdict.written == 0 and verdict.notes:
+        why += f": none of the {len(verdict.notes)} written pieces survived validation ({verdict.notes[0]})"
+    elif verdict.written == 0:
+        why += ": the completion held no usable piece"
+    return (why,)

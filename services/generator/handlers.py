@@ -1,0 +1,127 @@
+"""Handling one ``feedback.submitted`` message: plain functions over ports.
+
+:func:`handle_feedback` takes the raw payload (so that a malformed one can
+still be answered) and the ports; it publishes what it decided and returns
+it. No FastStream here: :mod:`.app` only feeds messages in.
+
+* Malformed feedback: ``feedback.rejected`` (when the envelope says whose
+  it was), then :class:`~shared.broker.PermanentFailure`: the message is
+  dead-lettered and terminated, never redelivered.
+* Feedback that must not be learned (PII, secrets, injection, blocked
+  terms): ``feedback.rejected``, and the message is acknowledged.
+* Otherwise: one ``selfedit.generated`` or ``selfedit.rejected`` per candidate.
+
+Idempotent: the ledger records each handled feedback id; a redelivery
+produces nothing new (see :mod:`.state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from opentelemetry import context, trace
+
+from services.generator.candidates import candidate_events, feedback_seed, plan_candidates
+from services.generator.feedback import MalformedFeedback, parse_feedback
+from services.generator.prompts import Prompt
+from services.generator.screening import screen_feedback
+from services.generator.settings import GeneratorConfig
+from services.generator.state import LedgerEntry
+from services.generator.writer import Written
+from shared.broker import PermanentFailure
+from shared.events import Event, FeedbackRejected, FeedbackSubmitted, SelfEditGenerated, SelfEditRejected
+from shared.registry_view import PolicyAdapterRef, ScopePolicy
+from shared.telemetry import mark_lineage
+
+log = logging.getLogger(__name__)
+
+
+class ScopeState(Protocol):
+    async def scope_policy(self, scope: str) -> ScopePolicy: ...
+
+    async def policy_adapter(self, scope: str) -> PolicyAdapterRef | None: ...
+
+
+class Ledger(Protocol):
+    async def recall(self, feedback_id: str) -> LedgerEntry | None: ...
+
+    async def record(self, feedback_id: str, entry: LedgerEntry) -> None: ...
+
+
+class Writer(Protocol):
+    def write(self, prompts: Sequence[Prompt], *, seed: int, adapter: PolicyAdapterRef | None = None) -> Written: ...
+
+
+@dataclass
+class GeneratorPorts:
+    scope_state: ScopeState
+    ledger: Ledger
+    writer: Writer
+    publish: Callable[[Event], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    feedback_id: str
+    events: tuple[Event, ...]
+    duplicate: bool = False
+
+    @property
+    def generated(self) -> int:
+        return sum(isinstance(e, SelfEditGenerated) for e in self.events)
+
+    @property
+    def rejected(self) -> int:
+        return sum(isinstance(e, (SelfEditRejected, FeedbackRejected)) for e in self.events)
+
+
+async def handle_feedback(payload: bytes | str | dict[str, Any], ports: GeneratorPorts, config: GeneratorConfig) -> Outcome:
+    try:
+        feedback = parse_feedback(payload)
+    except MalformedFeedback as exc:
+        if exc.rejection is not None:
+            await ports.publish(exc.rejection)
+        raise PermanentFailure(f"malformed feedback: {exc.reason}") from None
+    token = mark_lineage(feedback.feedback_id, feedback.scope)
+    try:
+        return await _handle_once(feedback, ports, config)
+    finally:
+        context.detach(token)  # type: ignore[arg-type]
+
+
+async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> Outcome:
+    entry = await ports.ledger.recall(feedback.feedback_id)
+    if entry is not None and entry.status == "done":
+        log.info("feedback %s was already handled (%d events); nothing to do", feedback.feedback_id, len(entry.event_ids))
+        return Outcome(feedback.feedback_id, (), duplicate=True)
+    if entry is not None and entry.events:
+        log.info("feedback %s was handled but maybe not published; republishing its events", feedback.feedback_id)
+        events = list(entry.events)
+    else:
+        events = await write_self_edits(feedback, ports, config)
+        await ports.ledger.record(feedback.feedback_id, LedgerEntry.pending(events))
+    for event in events:
+        await ports.publish(event)
+    await ports.ledger.record(feedback.feedback_id, LedgerEntry.done(events))
+    outcome = Outcome(feedback.feedback_id, tuple(events))
+    span = trace.get_current_span()
+    span.set_attribute("seal.generator.generated", outcome.generated)
+    span.set_attribute("seal.generator.rejected", outcome.rejected)
+    return outcome
+
+
+async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> list[Event]:
+    """The events one feedback deserves: a rejection, or one event per candidate."""
+    policy = await ports.scope_state.scope_policy(feedback.scope)
+    problems = screen_feedback(feedback.content, policy.blocklist)
+    if problems:
+        return [feedback.caused(FeedbackRejected, reason="the feedback " + "; ".join(problems))]
+    seed = feedback_seed(feedback.feedback_id)
+    plans = plan_candidates(feedback, policy, seed)
+    adapter = await ports.scope_state.policy_adapter(feedback.scope)
+    written = await asyncio.to_thread(ports.writer.write, [p.prompt for p in plans], seed=seed, adapter=adapter)
+    return candidate_events(feedback, policy, plans, written.completions, config, written.adapter_id)

@@ -1,0 +1,37 @@
+"""Generator settings: the shared service parts plus the generator's own knobs.
+
+Environment: ``SEAL_GENERATOR__MAX_NEW_TOKENS=384``,
+``SEAL_GENERATOR__TEMPERATURE=0.8`` and so on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from shared.settings import ServiceSettings
+
+
+class GeneratorConfig(BaseModel):
+    # Sampling (SEAL samples self-edits at temperature 1.0).
+    max_new_tokens: int = Field(default=256, ge=16, le=4096)
+    temperature: float = Field(default=1.0, gt=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_prompt_tokens: int = Field(default=1536, ge=64)
+    # Validation bounds for one candidate.
+    max_sequences: int = Field(default=64, ge=1, le=256)
+    max_sequence_chars: int = Field(default=1500, ge=64, le=4000)
+    min_sequence_chars: int = Field(default=12, ge=1)
+    # Share of a written sequence's content words that must occur in the feedback.
+    grounding_min_overlap: float = Field(default=0.6, ge=0.0, le=1.0)
+    # Probe questions written from the passage when the product sends none.
+    self_probe_count: int = Field(default=5, ge=0, le=20)
+    # Policy adapters downloaded from the object store; None: a temporary directory.
+    adapter_cache_dir: Path | None = None
+    max_loaded_adapters: int = Field(default=4, ge=1, le=64)
+
+
+class GeneratorSettings(ServiceSettings):
+    service_name: str = "generator"
+    generator: GeneratorConfig = GeneratorConfig()
