@@ -88,7 +88,7 @@ def create_broker(
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Create (or update) every stream and KV bucket; safe to call on every start."""
     for spec in STREAMS:
         config = StreamConfig(
@@ -97,6 +97,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
             max_age=spec.max_age.total_seconds(),
             duplicate_window=spec.duplicate_window.total_seconds(),
             storage=StorageType.FILE,
+            num_replicas=replicas,
         )
         try:
             await js.stream_info(spec.name)
@@ -107,14 +108,14 @@ async def ensure_streams(js: JetStreamContext) -> None:
         try:
             await js.key_value(bucket)
         except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError
-            await js.create_key_value(bucket=bucket, history=16)
+            await js.create_key_value(bucket=bucket, history=16, replicas=replicas)
 
 
 async def ensure_streams_at(settings: NatsSettings) -> None:
     """Connect, create streams and buckets, disconnect."""
     nc = await nats.connect(settings.url, **connect_options(settings))
     try:
-        await ensure_streams(nc.jetstream())
+        await ensure_streams(nc.jetstream(), settings.stream_replicas)
     finally:
         await nc.close()
 

@@ -30,6 +30,8 @@ class NatsSettings(BaseModel):
     token: SecretStr | None = None
     creds_file: Path | None = None
     connect_timeout_s: float = 5.0
+    # Replicas of every stream and KV bucket: 3 on a 3-node JetStream cluster.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
 
 
 class StoreSettings(BaseModel):
