@@ -1,0 +1,147 @@
+"""The evaluator on the bus: in memory (TestNatsBroker) and against the real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import nats
+import pytest
+from faststream.nats import JStream, TestNatsBroker
+from test_evaluator_support import (  # noqa: F401 - one_torch_thread is a fixture
+    QA_PAIRS,
+    FakeRegistry,
+    adapter_trained,
+    dict_store,
+    one_torch_thread,
+    poison_adapter,
+    probes_of,
+    store_adapter,
+    untrained_adapter,
+)
+
+from shared import events as ev
+from shared.broker import publish_event
+from shared.models import LoadedModel
+from shared.registry_view import AcceptedProbes, ScopePolicy, probes_key
+from shared.settings import ModelSettings
+from shared.subjects import (
+    ADAPTER_EVALUATED,
+    ADAPTER_EVALUATION_FAILED,
+    EVENTS_STREAM,
+    KV_REGISTRY,
+    KV_SCOPE_SETTINGS,
+)
+from services.evaluator.app import build_ports, create_app
+from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+MODEL_CACHE = Path(os.environ.get("SEAL_TEST_MODEL_CACHE", "~/.cache/seal/models")).expanduser()
+
+
+@pytest.fixture(scope="module")
+def fresh_adapter(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return untrained_adapter(tiny_model, tmp_path_factory.mktemp("app-fresh") / "adapter")
+
+
+async def test_subscriber_turns_adapter_trained_into_adapter_evaluated(
+    tiny_model: LoadedModel, fresh_adapter: Path, tmp_path: Path
+) -> None:
+    core = tmp_path / "core.jsonl"
+    core.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n')
+    settings = EvaluatorSettings(
+        evaluator=EvaluatorConfig(core_set_path=core, core_filter="never", work_dir=tmp_path / "w", max_new_tokens=8),
+        _secrets_dir=str(tmp_path / "no-secrets"),
+    )
+    store = dict_store()
+    ports = build_ports(settings, lm=tiny_model, adapters=store, registry=FakeRegistry())
+    app = create_app(settings, ports)
+    broker = app.broker
+    got: asyncio.Queue[dict] = asyncio.Queue()
+
+    @broker.subscriber(ADAPTER_EVALUATED, stream=JStream(EVENTS_STREAM, declare=False))
+    async def evaluated(body: dict) -> None:
+        await got.put(body)
+
+    @broker.subscriber(ADAPTER_EVALUATION_FAILED, stream=JStream(EVENTS_STREAM, declare=False))
+    async def failed(body: dict) -> None:
+        await got.put(body)
+
+    good = store_adapter(store, fresh_adapter, scope="acme", adapter_id="good", base_sha256=tiny_model.weights_sha256)
+    nan = store_adapter(
+        store, poison_adapter(fresh_adapter, tmp_path / "nan"), scope="acme", adapter_id="nan",
+        base_sha256=tiny_model.weights_sha256,
+    )
+    async with TestNatsBroker(broker) as test_broker:
+        sent = adapter_trained(good, scope="acme", adapter_id="good", probes=probes_of(QA_PAIRS[:1]))
+        await publish_event(test_broker, sent)
+        first = ev.parse_event(await asyncio.wait_for(got.get(), 30))
+        await publish_event(test_broker, adapter_trained(nan, scope="acme", adapter_id="nan", probes=()))
+        second = ev.parse_event(await asyncio.wait_for(got.get(), 30))
+    assert isinstance(first, ev.AdapterEvaluated) and first.causation_id == sent.event_id
+    assert first.candidate_scores.target_product == 0.0 and first.candidate_scores.core == 0.0
+    assert isinstance(second, ev.AdapterEvaluationFailed) and "non-finite" in second.reason
+    assert ports.evaluated == ["good"]
+
+
+@pytest.mark.servers
+async def test_evaluator_on_real_servers_reads_scope_policy_and_earlier_probes(
+    provisioned_stack, tiny_model: LoadedModel, fresh_adapter: Path, tmp_path: Path
+) -> None:
+    """Real NATS (KV for policy and accepted probes) and the real S3 server; the app's own startup."""
+    settings = EvaluatorSettings(
+        nats=provisioned_stack.nats_settings(),
+        store=provisioned_stack.store_settings(),
+        model=ModelSettings(name="tiny", cache_dir=MODEL_CACHE, device="cpu"),
+        evaluator=EvaluatorConfig(work_dir=tmp_path / "w", max_new_tokens=8),
+        _secrets_dir=str(tmp_path / "no-secrets"),
+    )
+    app = create_app(settings)
+    runtime = app.state_runtime  # type: ignore[attr-defined]
+    assert not runtime.ready()
+    await runtime.start()  # loads the tiny base, filters the core set for it
+    assert runtime.ready() and runtime.ports.core_set == ()  # the random base knows no core facts
+
+    from shared.store import AdapterStore
+
+    store = AdapterStore.from_settings(settings.store)
+    scope = "evaluator-real"
+    sha = tiny_model.weights_sha256
+    good = store_adapter(store, fresh_adapter, scope=scope, adapter_id="real-good", base_sha256=sha)
+    nan = store_adapter(store, poison_adapter(fresh_adapter, tmp_path / "nan"), scope=scope, adapter_id="real-nan", base_sha256=sha)
+
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        js = nc.jetstream()
+        policy = ScopePolicy(min_gain=-0.5, max_regression_drop=0.3)
+        await (await js.key_value(KV_SCOPE_SETTINGS)).put(scope, policy.model_dump_json().encode())
+        earlier = AcceptedProbes(scope=scope, probes=(("fb-old", probes_of(QA_PAIRS[1:2])[0]),))
+        await (await js.key_value(KV_REGISTRY)).put(probes_key(scope), earlier.model_dump_json().encode())
+        sub = await nc.subscribe("seal.events.adapter.*")
+        async with app.broker:
+            await app.broker.start()
+            sent = adapter_trained(good, scope=scope, adapter_id="real-good", probes=probes_of(QA_PAIRS[:1]))
+            bad = adapter_trained(nan, scope=scope, adapter_id="real-nan", probes=())
+            await publish_event(app.broker, sent)
+            await publish_event(app.broker, bad)
+            out = {}
+            while len(out) < 2:
+                msg = await sub.next_msg(timeout=60)
+                event = ev.parse_event(json.loads(msg.data))
+                if event.causation_id in (sent.event_id, bad.event_id):
+                    out[event.causation_id] = event
+    finally:
+        await nc.close()
+    evaluated, failed = out[sent.event_id], out[bad.event_id]
+    assert isinstance(evaluated, ev.AdapterEvaluated)
+    gates = {g.gate: g for g in evaluated.gates}
+    assert gates["min_gain"].threshold == -0.5 and gates["max_regression_drop"].threshold == 0.3
+    assert evaluated.passed  # reward 0 >= -0.5; nothing forgotten
+    assert evaluated.candidate_scores.details["earlier_feedback.total"] == 1.0
+    assert evaluated.trace_id and len(evaluated.trace_id) == 32 and evaluated.trace_id != "a" * 32
+    assert isinstance(failed, ev.AdapterEvaluationFailed) and "non-finite weights" in failed.reason
+    # The core filter for this base was remembered in the object store.
+    names = [o.object_name for o in store.client.list_objects(store.bucket, prefix="evaluator/core-knowledge/", recursive=True)]
+    assert any(name.startswith(f"evaluator/core-knowledge/{sha}") for name in names)
