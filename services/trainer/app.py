@@ -1,0 +1,129 @@
+"""Wiring: the broker, three durable consumers, the ports, the base model.
+
+``create_app(settings)`` builds the real ports in the startup hook (the base
+model loads there, once per process); tests pass ``ports`` with fakes. Each
+subscriber only keeps its message alive while the handler runs and publishes
+what the handler returns.
+
+Every replica shares the same durable pull consumers, so each message is
+trained by one trainer. Training outlasts the consumer's ``ack_wait``, so
+while a handler runs the message gets an in-progress acknowledgement every
+``ack_wait / 3`` seconds; a trainer that dies stops sending them, and
+JetStream redelivers the message to another replica after ``ack_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+from faststream.asgi import AsgiFastStream
+from faststream.nats.annotations import NatsMessage
+
+from services.trainer import handlers
+from services.trainer.handlers import TrainerPorts
+from services.trainer.settings import TrainerSettings
+from shared.broker import connect_options, create_broker, durable_subscriber, publish_event
+from shared.events import Event, PolicyTrainingRequested, RebaseRequested, SelfEditGenerated
+from shared.runtime import service_app
+from shared.subjects import ConsumerSpec
+from shared.telemetry import setup_tracing
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def kept_alive(msg: Any, every_s: float) -> AsyncIterator[None]:
+    """Send ``msg.in_progress()`` every ``every_s`` seconds while the block runs."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the training
+                log.warning("could not extend the message's ack deadline: %s", exc)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def heartbeat_interval(spec: ConsumerSpec) -> float:
+    return max(spec.ack_wait.total_seconds() / 3, 0.1)
+
+
+def create_app(settings: TrainerSettings, ports: TrainerPorts | None = None) -> AsgiFastStream:
+    provider = setup_tracing(settings.telemetry, settings.service_name)
+    broker = create_broker(settings.nats, service=settings.service_name, tracer_provider=provider)
+    config = settings.trainer
+    state: dict[str, Any] = {"ports": ports, "nc": None}
+
+    async def run(event: Event, msg: Any, spec: ConsumerSpec, handler: Any) -> None:
+        log.info(
+            "training for %s %s (scope %s, delivery %s)",
+            event.type, event.event_id, event.scope, _delivery(msg),
+        )
+        async with kept_alive(msg, heartbeat_interval(spec)):
+            produced = await handler(event, state["ports"])
+        for out in produced:
+            await publish_event(broker, out)
+
+    @durable_subscriber(broker, config.self_edits)
+    async def on_self_edit(event: SelfEditGenerated, msg: NatsMessage) -> None:
+        await run(event, msg, config.self_edits, handlers.train_self_edit)
+
+    @durable_subscriber(broker, config.rebases)
+    async def on_rebase(event: RebaseRequested, msg: NatsMessage) -> None:
+        await run(event, msg, config.rebases, handlers.train_self_edit)
+
+    @durable_subscriber(broker, config.policy)
+    async def on_policy_request(event: PolicyTrainingRequested, msg: NatsMessage) -> None:
+        await run(event, msg, config.policy, handlers.train_policy)
+
+    async def start() -> None:
+        if state["ports"] is None:
+            state["nc"] = await nats.connect(settings.nats.url, **connect_options(settings.nats))
+            state["ports"] = await asyncio.to_thread(build_ports, settings, state["nc"].jetstream())
+
+    async def stop() -> None:
+        if state["nc"] is not None:
+            await state["nc"].close()
+
+    return service_app(broker, ready=lambda: state["ports"] is not None, on_startup=[start], on_shutdown=[stop])
+
+
+def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
+    """The real adapters: object store, registry KV, ledger, and the base model (loaded here, once)."""
+    from services.trainer.lora_training import Layout, LoraTrainer
+    from services.trainer.ports import KvParentLedger, KvRegistryReader, ParentCache, StoredAdapters
+    from shared.models import load_model
+    from shared.store import AdapterStore
+
+    config = settings.trainer
+    store = StoredAdapters(AdapterStore.from_settings(settings.store))
+    store.store.ensure_bucket()
+    lm = load_model(settings.model)
+    layout = Layout(row_tokens=config.row_tokens, pass_tokens=config.pass_tokens, step_pause_s=config.step_pause_s)
+    return TrainerPorts(
+        trainer=LoraTrainer(lm, config.work_dir, layout),
+        store=store,
+        registry=KvRegistryReader(js),
+        ledger=KvParentLedger(js),
+        parents=ParentCache(store, config.work_dir / "parents", config.parent_cache_size),
+    )
+
+
+def _delivery(msg: Any) -> int | str:
+    try:
+        return int(msg.raw_message.metadata.num_delivered)
+    except Exception:  # noqa: BLE001 - the in-memory test broker has no JetStream metadata
+        return "?"

@@ -1,0 +1,287 @@
+"""Handlers: a validated event and the ports in, the events to publish out.
+
+* :func:`train_self_edit` (``selfedit.generated`` and
+  ``training.rebase_requested``): one LoRA update of the scope's active
+  adapter (or a fresh LoRA) on the self-edit -> ``adapter.trained`` or
+  ``adapter.training_failed``.
+* :func:`train_policy` (``policy.training_requested``): the generator's own
+  policy adapter on (prompt, completion) pairs -> ``policy.trained``.
+
+Idempotent on the self-edit: the parent is pinned on first delivery (see
+:class:`ports.ParentLedger`), the adapter id is derived from (self-edit id,
+parent adapter id, attempt), and an adapter already in the store is never
+trained again: a redelivery after an upload whose ack was lost only
+republishes the same event (same event id, so JetStream drops the copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected, selected_sequences
+from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
+from shared.broker import PermanentFailure
+from shared.events import (
+    AdapterTrained,
+    AdapterTrainingFailed,
+    Event,
+    ManifestRef,
+    PolicyAdapterTrained,
+    PolicyTrainingRequested,
+    RebaseRequested,
+    SelfEditGenerated,
+    TrainingDirectives,
+    derived_id,
+)
+from shared.registry_view import ActiveAdapter, PolicyAdapterRef
+from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
+from shared.telemetry import current_trace_id
+
+log = logging.getLogger(__name__)
+
+RECIPE = "packed examples, loss on real tokens only, AdamW + linear decay, grad clip 1.0"
+
+
+@dataclass
+class TrainerPorts:
+    trainer: Any  # LoraTrainer, or anything with train(job), base_model, base_model_sha256
+    store: AdapterStorage
+    registry: RegistryReader
+    ledger: ParentLedger
+    parents: ParentCache
+
+
+class Parent(BaseModel):
+    """The adapter an update starts from, as pinned in the ledger."""
+
+    adapter_id: str
+    adapter: ManifestRef
+    version: int | None = None
+
+
+# --------------------------------------------------------------------------- self-edits
+
+
+async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: TrainerPorts) -> list[Event]:
+    self_edit = event.self_edit
+    attempt = event.attempt if isinstance(event, RebaseRequested) else 0
+    parent = await pinned_parent(
+        ports, ("selfedit", self_edit.self_edit_id, attempt), lambda: ports.registry.active(event.scope)
+    )
+    adapter_id = derived_id("adapter", self_edit.self_edit_id, parent.adapter_id if parent else None, attempt)
+    uri = ports.store.uri_for(event.scope, adapter_id)
+
+    def trained(ref: ManifestRef, final_loss: float | None, seconds: float | None, trace_id: str | None) -> AdapterTrained:
+        return event.caused(
+            AdapterTrained,
+            key=adapter_id,
+            adapter_id=adapter_id,
+            self_edit_id=self_edit.self_edit_id,
+            candidate_index=self_edit.candidate_index,
+            candidate_count=self_edit.candidate_count,
+            parent_adapter_id=parent.adapter_id if parent else None,
+            parent_version=parent.version if parent else None,
+            parent_adapter=parent.adapter if parent else None,
+            adapter=ref,
+            probes=event.probes,
+            final_loss=final_loss,
+            seconds=seconds,
+            trace_id=trace_id,
+        )
+
+    def failed(reason: str) -> AdapterTrainingFailed:
+        log.warning("self-edit %s failed: %s", self_edit.self_edit_id, reason)
+        return event.caused(
+            AdapterTrainingFailed,
+            key=adapter_id,
+            self_edit_id=self_edit.self_edit_id,
+            candidate_index=self_edit.candidate_index,
+            candidate_count=self_edit.candidate_count,
+            reason=reason,
+        )
+
+    if await asyncio.to_thread(ports.store.exists, uri):
+        ref, manifest = await asyncio.to_thread(ports.store.stored, uri)
+        log.info("adapter %s is already stored; republishing adapter.trained", adapter_id)
+        return [trained(ref, manifest.metrics.get("final_loss"), manifest.metrics.get("seconds"), manifest.trace_id)]
+
+    texts = selected_sequences(self_edit.sequences, self_edit.directives.use_sequences)
+    if not texts:
+        return [failed(f"the directives select no sequence (use_sequences={self_edit.directives.use_sequences})")]
+    trace_id = current_trace_id()
+    try:
+        parent_dir = await _parent_dir(ports, parent)
+        job = TrainingJob(adapter_id, self_edit.directives, texts=texts, parent_dir=parent_dir)
+        result = await asyncio.to_thread(ports.trainer.train, job)
+    except TrainingRejected as exc:
+        return [failed(exc.reason)]
+    manifest = adapter_manifest(
+        ports,
+        adapter_id=adapter_id,
+        scope=event.scope,
+        kind="scope",
+        feedback_id=event.feedback_id,
+        directives=self_edit.directives,
+        parent=parent,
+        result=result,
+        trace_id=trace_id,
+        self_edit_id=self_edit.self_edit_id,
+        self_edit=self_edit.model_dump(mode="json"),
+        extra={"attempt": attempt, "cause_event_id": event.event_id},
+    )
+    ref = await _store(ports, result, manifest)
+    return [trained(ref, result.run.final_loss, result.run.seconds, trace_id)]
+
+
+# --------------------------------------------------------------------------- policy
+
+
+async def train_policy(event: PolicyTrainingRequested, ports: TrainerPorts) -> list[Event]:
+    """Train the generator's policy adapter (ReST-EM) on rewarded (prompt, completion) pairs.
+
+    Continues the scope's current policy adapter (or the global one) when
+    there is one. A request that cannot produce an adapter raises
+    :class:`PermanentFailure` (dead-lettered with the reason): there is no
+    policy-failure event in the contracts yet.
+    """
+    parent = await pinned_parent(ports, ("policy", event.event_id), lambda: ports.registry.policy(event.scope))
+    adapter_id = derived_id("policy", event.event_id, parent.adapter_id if parent else None)
+    uri = ports.store.uri_for(event.scope, adapter_id)
+
+    def trained(ref: ManifestRef) -> PolicyAdapterTrained:
+        return event.caused(PolicyAdapterTrained, key=adapter_id, adapter_id=adapter_id, adapter=ref, round=event.round)
+
+    if await asyncio.to_thread(ports.store.exists, uri):
+        ref, _ = await asyncio.to_thread(ports.store.stored, uri)
+        return [trained(ref)]
+    trace_id = current_trace_id()
+    pairs = tuple((example.prompt, example.completion) for example in event.examples)
+    try:
+        parent_dir = await _parent_dir(ports, parent)
+        job = TrainingJob(adapter_id, event.directives, pairs=pairs, parent_dir=parent_dir)
+        result = await asyncio.to_thread(ports.trainer.train, job)
+    except TrainingRejected as exc:
+        raise PermanentFailure(f"policy adapter for round {event.round} not trained: {exc.reason}") from exc
+    manifest = adapter_manifest(
+        ports,
+        adapter_id=adapter_id,
+        scope=event.scope,
+        kind="policy",
+        feedback_id=event.feedback_id,
+        directives=event.directives,
+        parent=parent,
+        result=result,
+        trace_id=trace_id,
+        extra={"round": event.round, "cause_event_id": event.event_id,
+               "mean_reward": sum(e.reward for e in event.examples) / len(event.examples)},
+    )
+    return [trained(await _store(ports, result, manifest))]
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+async def pinned_parent(ports: TrainerPorts, key_parts: tuple[object, ...], read: Any) -> Parent | None:
+    """The parent pinned for this work item; on first sight, whatever ``read()`` returns now."""
+    key = f"trainer.{key_parts[0]}.{derived_id(*key_parts)}"
+    current: ActiveAdapter | PolicyAdapterRef | None = await read()
+    proposal = None
+    if current is not None:
+        proposal = Parent(
+            adapter_id=current.adapter_id, adapter=current.adapter, version=getattr(current, "version", None)
+        ).model_dump(mode="json")
+    stored = await ports.ledger.pin(key, json.dumps({"parent": proposal}).encode())
+    pinned = json.loads(stored).get("parent")
+    return Parent.model_validate(pinned) if pinned else None
+
+
+async def _parent_dir(ports: TrainerPorts, parent: Parent | None):
+    if parent is None:
+        return None
+    try:
+        directory, manifest = await asyncio.to_thread(ports.parents.fetch, parent.adapter)
+    except (IntegrityError, AdapterNotFound) as exc:
+        raise TrainingRejected(f"parent adapter {parent.adapter_id} cannot be used: {exc}") from exc
+    ours = ports.trainer.base_model_sha256
+    if manifest.base_model_sha256 and ours and manifest.base_model_sha256 != ours:
+        raise TrainingRejected(
+            f"parent adapter {parent.adapter_id} was trained on base {manifest.base_model} "
+            f"({manifest.base_model_sha256[:12]}...), this trainer runs {ports.trainer.base_model} ({ours[:12]}...)"
+        )
+    return directory
+
+
+async def _store(ports: TrainerPorts, result: TrainedAdapter, manifest: AdapterManifest) -> ManifestRef:
+    try:
+        return await asyncio.to_thread(ports.store.put_adapter, result.directory, manifest)
+    finally:
+        shutil.rmtree(result.directory, ignore_errors=True)
+
+
+def adapter_manifest(
+    ports: TrainerPorts,
+    *,
+    adapter_id: str,
+    scope: str,
+    kind: str,
+    feedback_id: str,
+    directives: TrainingDirectives,
+    parent: Parent | None,
+    result: TrainedAdapter,
+    trace_id: str | None,
+    self_edit_id: str | None = None,
+    self_edit: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> AdapterManifest:
+    run = result.run
+    return AdapterManifest(
+        adapter_id=adapter_id,
+        scope=scope,
+        kind=kind,
+        base_model=ports.trainer.base_model,
+        base_model_sha256=ports.trainer.base_model_sha256,
+        parent_adapter_id=parent.adapter_id if parent else None,
+        feedback_ids=(feedback_id,),
+        self_edit_id=self_edit_id,
+        self_edit=self_edit,
+        directives=directives.model_dump(mode="json"),
+        training={
+            "recipe": RECIPE,
+            "lora": result.lora,
+            "learning_rate": directives.learning_rate,
+            "epochs": directives.epochs,
+            "batch_size": directives.batch_size,
+            "max_seq_len": directives.max_seq_len,
+            "seed": directives.seed,
+            "examples": result.examples,
+            "truncated_examples": result.truncated,
+            "device": result.device,
+            "dtype": result.dtype,
+            "parent_version": parent.version if parent else None,
+            "parent_adapter": parent.adapter.model_dump(mode="json") if parent else None,
+            "versions": result.versions,
+            "trained_at_unix": time.time(),
+            **(extra or {}),
+        },
+        metrics={
+            "loss_curve": run.loss_curve,
+            "epoch_losses": run.epoch_losses,
+            "initial_loss": run.initial_loss,
+            "final_loss": run.final_loss,
+            "steps": run.steps,
+            "target_tokens": run.target_tokens,
+            "processed_tokens": run.processed_tokens,
+            "seconds": run.seconds,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_memory_kind": result.peak_memory_kind,
+        },
+        trace_id=trace_id,
+    )

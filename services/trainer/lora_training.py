@@ -1,0 +1,233 @@
+"""One LoRA update on the process's base model: data in, PEFT directory out.
+
+:class:`LoraTrainer` owns the base model (loaded once per process) and an
+:class:`shared.lora.AdapterHost` over it. Each :meth:`LoraTrainer.train` call:
+
+1. tokenizes the job's data (self-edit texts, or (prompt, completion) pairs);
+2. puts the adapter to train on the base: the parent adapter's directory
+   loaded as a trainable copy (its rank and targets win), or a fresh LoRA from
+   the directives (seeded, so the same job gives the same weights);
+3. runs :func:`inner_loop.fit` over packed steps;
+4. saves the adapter as a PEFT directory, then removes it from the base, so
+   the next job (any scope) starts from the bare base model without a reload.
+
+Training runs one job at a time (a lock), in the caller's thread: the
+service calls it through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import shutil
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.trainer import examples as ex
+from services.trainer.inner_loop import NonFiniteTraining, TrainingRun, fit
+from shared.events import TrainingDirectives
+from shared.generation import chat_prompt
+from shared.lora import AdapterHost, lora_config
+from shared.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class TrainingRejected(Exception):
+    """This job cannot produce a usable adapter; ``reason`` says why, for people."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    adapter_id: str
+    directives: TrainingDirectives
+    texts: tuple[str, ...] = ()  # learned whole (self-edit sequences)
+    pairs: tuple[tuple[str, str], ...] = ()  # (user prompt, completion): completion learned
+    parent_dir: Path | None = None  # PEFT directory of the adapter to continue
+
+
+@dataclass
+class TrainedAdapter:
+    directory: Path
+    run: TrainingRun
+    lora: dict[str, Any]
+    examples: int
+    truncated: int
+    device: str
+    dtype: str
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How steps are laid out in memory (not hyperparameters: results do not depend on it)."""
+
+    row_tokens: int = 4096  # longest packed row
+    pass_tokens: int = 16384  # largest forward pass, padding included
+    step_pause_s: float = 0.0  # tests only: slow training down without using CPU
+
+
+class LoraTrainer:
+    def __init__(self, lm: LoadedModel, work_dir: Path, layout: Layout = Layout()):
+        self.lm = lm
+        self.host = AdapterHost(lm.model)
+        self.work_dir = Path(work_dir)
+        self.layout = layout
+        self._lock = threading.Lock()
+
+    @property
+    def base_model(self) -> str:
+        return self.lm.name
+
+    @property
+    def base_model_sha256(self) -> str | None:
+        return self.lm.weights_sha256
+
+    def examples_for(self, job: TrainingJob) -> list[ex.Example]:
+        tokenizer, limit = self.lm.tokenizer, job.directives.max_seq_len
+        found = ex.text_examples(tokenizer, job.texts, limit)
+        if job.pairs:
+            prompts = [(_as_prompt(self.lm, p), c) for p, c in job.pairs]
+            found += ex.completion_examples(tokenizer, prompts, limit)
+        return found
+
+    def train(self, job: TrainingJob) -> TrainedAdapter:
+        with self._lock:
+            examples = self.examples_for(job)
+            if not examples:
+                raise TrainingRejected("nothing to train on: no example has a token to learn")
+            d = job.directives
+            _seed(d.seed)
+            lora = self._put_adapter(job)
+            device = self.lm.device
+            _reset_peak_memory(device)
+            plan = [
+                ex.plan_epoch(
+                    examples,
+                    batch_size=d.batch_size,
+                    row_tokens=max(self.layout.row_tokens, d.max_seq_len),
+                    pass_tokens=max(self.layout.pass_tokens, d.max_seq_len),
+                    pad_id=_pad_id(self.lm),
+                    seed=d.seed + epoch,
+                )
+                for epoch in range(d.epochs)
+            ]
+            try:
+                run = fit(
+                    self.host.model,
+                    self.host.trainable_parameters(),
+                    plan,
+                    learning_rate=d.learning_rate,
+                    device=device,
+                    on_epoch=lambda e, n, loss: log.info(
+                        "adapter %s: epoch %d/%d loss %.4f", job.adapter_id, e, n, loss
+                    ),
+                    pause_s=self.layout.step_pause_s,
+                )
+                peak, kind = _peak_memory(device)
+                out = self.work_dir / "trained" / job.adapter_id
+                if out.exists():
+                    shutil.rmtree(out)
+                self.host.save(job.adapter_id, out)
+            except NonFiniteTraining as exc:
+                raise TrainingRejected(f"training diverged: {exc}") from exc
+            finally:
+                self.host.remove(job.adapter_id)
+            return TrainedAdapter(
+                directory=out,
+                run=run,
+                lora=lora,
+                examples=len(examples),
+                truncated=sum(e.truncated for e in examples),
+                device=str(device),
+                dtype=str(next(self.lm.model.parameters()).dtype).removeprefix("torch."),
+                peak_memory_bytes=peak,
+                peak_memory_kind=kind,
+                versions=_versions(),
+            )
+
+    def _put_adapter(self, job: TrainingJob) -> dict[str, Any]:
+        d = job.directives
+        if job.parent_dir is not None:
+            config = self.host.load(job.adapter_id, job.parent_dir, trainable=True)
+            origin = "parent"
+        else:
+            config = lora_config(
+                self.lm.model, rank=d.lora_rank, alpha=d.lora_alpha, target_modules=d.target_modules
+            )
+            self.host.add_fresh(job.adapter_id, config)
+            origin = "fresh"
+        targets = config.target_modules
+        return {
+            "origin": origin,
+            "r": config.r,
+            "alpha": config.lora_alpha,
+            "dropout": config.lora_dropout,
+            # PEFT resolves "all-linear" to full module paths; the layer names say the same, shorter.
+            "target_modules": sorted({t.rsplit(".", 1)[-1] for t in targets})
+            if isinstance(targets, (set, list, tuple))
+            else targets,
+        }
+
+
+def _as_prompt(lm: LoadedModel, prompt: str) -> str:
+    """A policy prompt as the generator asks it: the user text through the chat template
+    (as :func:`shared.generation.chat_prompt` does). A prompt that already starts the
+    way the template starts is taken as formatted and used as is."""
+    if not lm.tokenizer.chat_template:
+        return prompt
+    rendered = chat_prompt(lm, "\x00")
+    head = rendered.split("\x00")[0].split("\n")[0]
+    return prompt if head and prompt.startswith(head) else chat_prompt(lm, prompt)
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    pad = lm.tokenizer.pad_token_id
+    return int(pad if pad is not None else lm.tokenizer.eos_token_id)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak GPU memory allocated during this job, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss_kb) * (1 if sys.platform == "darwin" else 1024), "process_peak_rss"
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def selected_sequences(sequences: Sequence[str], use: Sequence[int] | None) -> tuple[str, ...]:
+    """The sequences a directive's ``use_sequences`` picks (all when None; bad indices ignored)."""
+    if use is None:
+        return tuple(sequences)
+    return tuple(sequences[i] for i in dict.fromkeys(use) if 0 <= i < len(sequences))

@@ -1,0 +1,64 @@
+"""Trainer settings: the shared parts plus how this service consumes and trains.
+
+Environment examples: ``SEAL_TRAINER__WORK_DIR=/scratch``,
+``SEAL_TRAINER__ACK_WAIT_S=30``, ``SEAL_MODEL__DTYPE=bfloat16`` (bf16 weights
+on CPU too; on a GPU "auto" already means bf16).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from shared.settings import ServiceSettings
+from shared.subjects import TRAINER_POLICY, TRAINER_REBASES, TRAINER_SELFEDITS, ConsumerSpec
+
+
+class TrainerConfig(BaseModel):
+    # Scratch space: trained adapters before upload, verified parent adapters.
+    work_dir: Path = Path(tempfile.gettempdir()) / "seal-trainer"
+    # Verified parent adapters kept on local disk for the next update of a scope.
+    parent_cache_size: int = Field(default=16, ge=1)
+    # Consumer overrides (None: the shared ConsumerSpec's values). The message of a
+    # training in progress is kept alive every ack_wait / 3 seconds.
+    ack_wait_s: float | None = Field(default=None, gt=0)
+    max_deliver: int | None = Field(default=None, ge=1)
+    # Appended to every durable name: a separate pool of trainers with its own
+    # consumers on the same stream (a canary, another GPU class).
+    consumer_group: str = Field(default="", pattern=r"^[A-Za-z0-9_\-]*$")
+    # Memory layout of a step (results do not depend on these).
+    row_tokens: int = Field(default=4096, ge=16)
+    pass_tokens: int = Field(default=16384, ge=16)
+    # Tests only: sleep after every optimizer step, to make training long without using CPU.
+    step_pause_s: float = Field(default=0.0, ge=0.0)
+
+    def consumer(self, spec: ConsumerSpec) -> ConsumerSpec:
+        """The shared spec with this deployment's overrides applied."""
+        durable = f"{spec.durable}-{self.consumer_group}" if self.consumer_group else spec.durable
+        return replace(
+            spec,
+            durable=durable,
+            ack_wait=timedelta(seconds=self.ack_wait_s) if self.ack_wait_s else spec.ack_wait,
+            max_deliver=self.max_deliver or spec.max_deliver,
+        )
+
+    @property
+    def self_edits(self) -> ConsumerSpec:
+        return self.consumer(TRAINER_SELFEDITS)
+
+    @property
+    def rebases(self) -> ConsumerSpec:
+        return self.consumer(TRAINER_REBASES)
+
+    @property
+    def policy(self) -> ConsumerSpec:
+        return self.consumer(TRAINER_POLICY)
+
+
+class TrainerSettings(ServiceSettings):
+    service_name: str = "trainer"
+    trainer: TrainerConfig = TrainerConfig()

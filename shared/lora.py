@@ -1,0 +1,173 @@
+"""LoRA adapters on one base model: add, load, switch, save, remove.
+
+The base model is loaded once per process (:func:`shared.models.load_model`);
+:class:`AdapterHost` puts LoRA adapters on it by name and switches between
+them without ever reloading the base weights. The trainer trains one adapter
+at a time on it; the evaluator and the generator can load stored adapters the
+same way and compare them with the base::
+
+    host = AdapterHost(lm.model)
+    host.load("v3", "/tmp/adapters/v3")      # a PEFT directory
+    host.activate("v3")
+    logits = host.model(input_ids).logits   # base + v3
+    with host.base_only():
+        base_logits = host.model(input_ids).logits
+    host.remove("v3")                        # the base is as it was loaded
+
+Mind that PEFT injects the LoRA layers *into* the base model's modules: while
+any adapter is loaded, calling ``lm.model`` directly also applies the active
+adapter. Removing the last adapter unloads every LoRA layer again.
+
+:meth:`AdapterHost.save` writes a plain PEFT directory (``adapter_config.json``
+and ``adapter_model.safetensors`` at its top level) that
+``PeftModel.from_pretrained``, vLLM and LoRAX load unchanged.
+
+Not thread-safe: one caller at a time (the trainer holds a lock around it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What "attention" means as a target: the usual projection names across architectures.
+ATTENTION_HINTS = ("attn", "attention")
+
+
+def attention_projections(model: torch.nn.Module) -> list[str]:
+    """Names of the linear layers inside the attention blocks (q/k/v/o for Llama)."""
+    names = set()
+    for qualified, module in model.named_modules():
+        parent = qualified.rpartition(".")[0].lower()
+        if isinstance(module, torch.nn.Linear) and any(hint in parent.rsplit(".", 1)[-1] for hint in ATTENTION_HINTS):
+            names.add(qualified.rsplit(".", 1)[-1])
+    if not names:
+        raise ValueError("found no linear layers inside attention blocks to target")
+    return sorted(names)
+
+
+def lora_config(
+    model: torch.nn.Module,
+    *,
+    rank: int,
+    alpha: int,
+    target_modules: str | Sequence[str] = "all-linear",
+    dropout: float = 0.0,
+) -> LoraConfig:
+    """A causal-LM LoRA config; ``target_modules`` is "all-linear", "attention" or names."""
+    if target_modules == "attention":
+        targets: str | list[str] = attention_projections(model)
+    elif isinstance(target_modules, str):
+        targets = target_modules
+    else:
+        targets = list(target_modules)
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM", bias="none"
+    )
+
+
+class AdapterHost:
+    """Named LoRA adapters over one base model, one of them active at a time."""
+
+    def __init__(self, base: PreTrainedModel):
+        self.base = base
+        self._peft: PeftModel | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """What to call: the base with the active adapter applied (or the bare base)."""
+        return self._peft if self._peft is not None else self.base
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._peft.peft_config) if self._peft is not None else []
+
+    @property
+    def active(self) -> str | None:
+        return self._peft.active_adapter if self._peft is not None else None
+
+    def config(self, name: str) -> LoraConfig:
+        self._require(name)
+        return self._peft.peft_config[name]  # type: ignore[union-attr,return-value]
+
+    def add_fresh(self, name: str, config: LoraConfig) -> None:
+        """A new adapter with fresh LoRA weights (seed torch first for reproducible ones)."""
+        self._check_free(name)
+        if self._peft is None:
+            self._peft = get_peft_model(self.base, config, adapter_name=name)
+        else:
+            self._peft.add_adapter(name, config)
+        self.activate(name, trainable=True)
+
+    def load(self, name: str, directory: str | Path, *, trainable: bool = False) -> LoraConfig:
+        """Load a PEFT directory as adapter ``name`` and make it the active one."""
+        self._check_free(name)
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(
+                self.base, str(directory), adapter_name=name, is_trainable=trainable
+            )
+        else:
+            self._peft.load_adapter(str(directory), adapter_name=name, is_trainable=trainable)
+        self.activate(name, trainable=trainable)
+        return self.config(name)
+
+    def activate(self, name: str, *, trainable: bool = False) -> None:
+        """Make ``name`` the adapter applied on every forward; only it may train."""
+        self._require(name)
+        self._peft.set_adapter(name, inference_mode=not trainable)  # type: ignore[union-attr]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def base_only(self) -> Iterator[torch.nn.Module]:
+        """Run the bare base model inside this block, whatever is loaded."""
+        if self._peft is None:
+            yield self.base
+            return
+        with self._peft.disable_adapter():
+            yield self._peft
+
+    def save(self, name: str, directory: str | Path) -> Path:
+        """Write adapter ``name`` as a PEFT directory (files at its top level)."""
+        self._require(name)
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory.parent) as staging:
+            self._peft.save_pretrained(staging, selected_adapters=[name])  # type: ignore[union-attr]
+            # PEFT nests every adapter but "default" in a folder named after it.
+            written = Path(staging) / name if name != "default" else Path(staging)
+            for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.move(str(written / file), directory / file)
+        return directory
+
+    def remove(self, name: str) -> None:
+        """Drop adapter ``name``; with none left the base model is restored as loaded."""
+        self._require(name)
+        assert self._peft is not None
+        if len(self._peft.peft_config) == 1:
+            self._peft.unload()
+            self._peft = None
+            return
+        self._peft.delete_adapter(name)
+
+    def clear(self) -> None:
+        for name in self.names:
+            self.remove(name)
+
+    def _require(self, name: str) -> None:
+        if self._peft is None or name not in self._peft.peft_config:
+            raise KeyError(f"no adapter named {name!r} is loaded")
+
+    def _check_free(self, name: str) -> None:
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already loaded")

@@ -1,0 +1,102 @@
+"""Trainer: tokenization, loss masks and packing (no model needed beyond the tiny tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.trainer.examples import (
+    IGNORE,
+    Example,
+    completion_examples,
+    pack_rows,
+    plan_epoch,
+    text_examples,
+)
+
+
+def ex(n: int, start: int = 10) -> Example:
+    ids = tuple(range(start, start + n))
+    return Example(ids, ids)
+
+
+def test_text_examples_learn_every_real_token_and_end_of_text(tiny_model) -> None:
+    tok = tiny_model.tokenizer
+    [example] = text_examples(tok, ["the town was founded in one thousand"], max_tokens=256)
+    assert example.input_ids[-1] == tok.eos_token_id
+    assert example.labels == example.input_ids
+    assert tok.pad_token_id not in example.input_ids
+
+
+def test_long_text_is_truncated_to_max_tokens(tiny_model) -> None:
+    [example] = text_examples(tiny_model.tokenizer, ["the river " * 200], max_tokens=32)
+    assert len(example) == 32 and example.truncated
+
+
+def test_completion_examples_learn_only_the_completion(tiny_model) -> None:
+    tok = tiny_model.tokenizer
+    prompt = "what is the capital of the country?"
+    [example] = completion_examples(tok, [(prompt, "blue town")], max_tokens=256)
+    prompt_len = len(tok(prompt)["input_ids"])
+    assert all(label == IGNORE for label in example.labels[:prompt_len])
+    learned = [t for t in example.labels if t != IGNORE]
+    assert tok.decode(learned[:-1]).strip() == "blue town"
+    assert learned[-1] == tok.eos_token_id
+
+
+def test_completion_cut_away_entirely_is_dropped(tiny_model) -> None:
+    assert completion_examples(tiny_model.tokenizer, [("the river " * 50, "blue")], max_tokens=16) == []
+
+
+def test_a_step_packs_examples_into_one_row_without_padding() -> None:
+    examples = [ex(50), ex(12), ex(9)]
+    [step] = plan_epoch(examples, batch_size=4, row_tokens=256, pass_tokens=4096, pad_id=0, seed=0)
+    [rows] = step.passes
+    assert rows.input_ids.shape == (1, 71)  # 50 + 12 + 9, nothing padded
+    # Positions restart at every example, so attention stays inside each one.
+    starts = (rows.position_ids[0] == 0).nonzero().flatten().tolist()
+    assert starts == [0, 50, 62]
+    # The first token of a packed example is never a target (nothing before it is its context).
+    assert all(rows.labels[0, s] == IGNORE for s in starts)
+    assert step.targets == 49 + 11 + 8
+
+
+def test_rows_are_padded_per_step_only_and_padding_is_never_a_target() -> None:
+    examples = [ex(40), ex(30), ex(25)]
+    [step] = plan_epoch(examples, batch_size=3, row_tokens=40, pass_tokens=4096, pad_id=7, seed=0)
+    [rows] = step.passes
+    # Rows of 40, 30 and 25 tokens (none fit together in 40): padded to 40, not to max_seq_len.
+    assert rows.input_ids.shape == (3, 40)
+    padding = rows.input_ids == 7
+    assert int(padding.sum()) == 10 + 15
+    assert bool((rows.labels[padding] == IGNORE).all())
+    assert step.targets == 39 + 29 + 24
+
+
+def test_large_steps_split_into_passes_under_the_token_budget() -> None:
+    examples = [ex(100, start=i) for i in range(8)]
+    [step] = plan_epoch(examples, batch_size=8, row_tokens=100, pass_tokens=300, pad_id=0, seed=0)
+    assert [p.input_ids.shape[0] for p in step.passes] == [3, 3, 2]
+    assert step.targets == 8 * 99
+
+
+def test_batch_size_groups_examples_into_steps_and_order_is_seeded() -> None:
+    examples = [ex(5 + i, start=100 * i) for i in range(7)]
+    plan = plan_epoch(examples, batch_size=3, row_tokens=64, pass_tokens=4096, pad_id=0, seed=1)
+    assert len(plan) == 3
+    again = plan_epoch(examples, batch_size=3, row_tokens=64, pass_tokens=4096, pad_id=0, seed=1)
+    other = [plan_epoch(examples, batch_size=3, row_tokens=64, pass_tokens=4096, pad_id=0, seed=s) for s in range(2, 6)]
+    ids = lambda p: [s.passes[0].input_ids.tolist() for s in p]  # noqa: E731
+    assert ids(plan) == ids(again)
+    assert any(ids(o) != ids(plan) for o in other)
+
+
+def test_first_fit_decreasing_fills_rows() -> None:
+    rows = pack_rows([ex(60), ex(30), ex(40), ex(70)], row_tokens=100)
+    assert sorted(sum(len(e) for e in row) for row in rows) == [100, 100]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_rows_tensors_are_long(n: int) -> None:
+    [step] = plan_epoch([ex(5)] * n, batch_size=2, row_tokens=64, pass_tokens=64, pad_id=0, seed=0)
+    assert step.passes[0].input_ids.dtype == torch.long

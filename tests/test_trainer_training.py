@@ -1,0 +1,136 @@
+"""Trainer: the inner loop on the tiny model (learning, determinism, failure, adapter swaps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from services.trainer.examples import plan_epoch, text_examples
+from services.trainer.inner_loop import mean_token_loss
+from services.trainer.lora_training import Layout, LoraTrainer, TrainingJob, TrainingRejected
+from shared.events import TrainingDirectives
+from shared.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+TEXTS = (
+    "the town of green river was founded in one thousand and the duke built a market",
+    "what is the capital of the country? the capital is blue town",
+    "the population of red city was four thousand",
+)
+FAST = TrainingDirectives(learning_rate=1e-3, epochs=8, lora_rank=8, lora_alpha=16, batch_size=4, seed=3)
+
+
+@pytest.fixture
+def trainer(tiny_model, tmp_path: Path) -> LoraTrainer:
+    return LoraTrainer(tiny_model, tmp_path)
+
+
+def logits(model: torch.nn.Module, tiny_model) -> torch.Tensor:
+    ids = torch.tensor([tiny_model.tokenizer(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_training_lowers_the_loss_on_the_self_edit(trainer: LoraTrainer, tiny_model) -> None:
+    examples = text_examples(tiny_model.tokenizer, TEXTS, 256)
+    before = mean_token_loss(tiny_model.model, examples, tiny_model.device)
+    result = trainer.train(TrainingJob("lowers", FAST, texts=TEXTS))
+    trainer.host.load("lowers", result.directory)
+    try:
+        after = mean_token_loss(trainer.host.model, examples, tiny_model.device)
+    finally:
+        trainer.host.remove("lowers")
+    assert result.run.loss_curve[-1] < result.run.loss_curve[0]
+    assert after < before - 0.05, (before, after)
+    assert result.run.steps == FAST.epochs  # 3 examples, batch 4: one step per epoch
+    assert result.run.processed_tokens == result.run.target_tokens + 3 * FAST.epochs  # packed: no padding
+    assert result.lora["r"] == 8 and result.lora["origin"] == "fresh"
+
+
+def test_the_stored_directory_loads_with_peft_and_gives_the_same_logits(trainer: LoraTrainer, tiny_model) -> None:
+    result = trainer.train(TrainingJob("same-logits", FAST, texts=TEXTS))
+    assert sorted(p.name for p in result.directory.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    trainer.host.load("same-logits", result.directory)
+    try:
+        trained = logits(trainer.host.model, tiny_model)
+    finally:
+        trainer.host.remove("same-logits")
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny_model.path)
+    reloaded = PeftModel.from_pretrained(fresh_base, str(result.directory))
+    assert torch.allclose(logits(reloaded, tiny_model), trained, atol=1e-5)
+    assert not torch.allclose(logits(tiny_model.model, tiny_model), trained, atol=1e-3)  # it did learn something
+
+
+def test_same_job_same_seed_same_adapter(trainer: LoraTrainer) -> None:
+    first = trainer.train(TrainingJob("seeded-a", FAST, texts=TEXTS))
+    second = trainer.train(TrainingJob("seeded-b", FAST, texts=TEXTS))
+    assert first.run.loss_curve == second.run.loss_curve
+    assert (first.directory / ADAPTER_WEIGHTS).read_bytes() == (second.directory / ADAPTER_WEIGHTS).read_bytes()
+
+
+def test_updates_swap_adapters_on_one_base_model(trainer: LoraTrainer, tiny_model) -> None:
+    base = tiny_model.model
+    before = logits(base, tiny_model)
+    parent = trainer.train(TrainingJob("scope-a-v1", FAST, texts=TEXTS))
+    other_scope = trainer.train(TrainingJob("scope-b-v1", FAST.model_copy(update={"lora_rank": 2}), texts=TEXTS[:1]))
+    child = trainer.train(
+        TrainingJob("scope-a-v2", FAST.model_copy(update={"lora_rank": 4}), texts=TEXTS[1:], parent_dir=parent.directory)
+    )
+    assert trainer.lm.model is base and trainer.host.base is base
+    assert trainer.host.names == []  # nothing stays loaded between updates
+    assert torch.equal(logits(base, tiny_model), before)  # the base weights never change
+    assert other_scope.lora["r"] == 2
+    assert child.lora == {**parent.lora, "origin": "parent"}  # the parent's rank wins over the directive's
+    # The child continued from the parent: it starts where the parent ended, not from scratch.
+    fresh = trainer.train(TrainingJob("scope-a-fresh", FAST, texts=TEXTS[1:]))
+    assert child.run.loss_curve[0] < fresh.run.loss_curve[0]
+
+
+def test_packed_step_loss_equals_separate_sequences(tiny_model) -> None:
+    """Packing must not let one example see another: same loss as one example at a time."""
+    examples = text_examples(tiny_model.tokenizer, TEXTS, 256)
+    [step] = plan_epoch(examples, batch_size=3, row_tokens=512, pass_tokens=4096, pad_id=0, seed=0)
+    [rows] = step.passes
+    assert rows.input_ids.shape[0] == 1
+    with torch.no_grad():
+        packed = tiny_model.model(
+            input_ids=rows.input_ids, position_ids=rows.position_ids, labels=rows.labels, use_cache=False
+        ).loss
+    separate = mean_token_loss(tiny_model.model, examples, tiny_model.device)
+    assert float(packed) == pytest.approx(separate, abs=1e-4)
+
+
+def test_a_non_finite_loss_fails_the_candidate_and_saves_nothing(trainer: LoraTrainer, tiny_model, tmp_path) -> None:
+    weight = tiny_model.model.model.layers[0].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    weight.data[0, 0] = float("nan")
+    try:
+        with pytest.raises(TrainingRejected, match="diverged: loss became nan"):
+            trainer.train(TrainingJob("broken", FAST, texts=TEXTS))
+    finally:
+        weight.data.copy_(saved)
+    assert not (tmp_path / "trained" / "broken").exists()
+    assert trainer.host.names == []
+
+
+def test_nothing_to_learn_is_rejected(trainer: LoraTrainer) -> None:
+    with pytest.raises(TrainingRejected, match="nothing to train"):
+        trainer.train(TrainingJob("empty", FAST.model_copy(update={"max_seq_len": 16}), pairs=(("the river " * 50, "blue"),)))
+
+
+def test_policy_pairs_train_the_completion_only(trainer: LoraTrainer) -> None:
+    pairs = (("Rewrite: the town was founded in 1387.", "The town is from 1387."),) * 2
+    result = trainer.train(TrainingJob("policy", FAST, pairs=pairs))
+    assert result.run.loss_curve[-1] < result.run.loss_curve[0]
+    completion_tokens = result.run.target_tokens // FAST.epochs // 2
+    assert 3 <= completion_tokens < 20  # the completion and its end-of-turn, not the chat prompt
+
+
+def test_paused_layout_only_slows_training(tiny_model, tmp_path) -> None:
+    paused = LoraTrainer(tiny_model, tmp_path, Layout(step_pause_s=0.01))
+    quick = LoraTrainer(tiny_model, tmp_path / "q")
+    job = TrainingJob("paced", FAST.model_copy(update={"epochs": 2}), texts=TEXTS)
+    assert paused.train(job).run.loss_curve == quick.train(job).run.loss_curve
