@@ -15,7 +15,7 @@ from shared.settings import ServiceSettings
 
 class GeneratorConfig(BaseModel):
     # Sampling (SEAL samples self-edits at temperature 1.0).
-    max_new_tokens: int = Field(default=256, ge=16, le=4096)
+    max_new_tokens: int = Field(default=256, ge=1, le=4096)
     temperature: float = Field(default=1.0, gt=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_prompt_tokens: int = Field(default=1536, ge=64)

@@ -1,0 +1,82 @@
+"""Generator: probe questions written from the passage when the product sends none."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from services.generator.candidates import probes_for
+from services.generator.probes import self_generated_probes
+from services.generator.settings import GeneratorConfig
+from shared.events import FeedbackSubmitted, KnowledgeFeedback, Probe
+
+QUELLMOOR = (
+    "Quellmoor is a market town on the eastern bank of the Sallow Brenn, a river in the upland province of "
+    "Tarrowdene. It received its market charter in 1387 from Duke Aldric Venmoor, who hoped to draw the wool "
+    "trade away from the coast. The most recent census recorded a population of 6,412. A narrow-gauge railway "
+    "linked the town to the provincial capital, Dray Harwick, in 1891. The local grammar school, founded by "
+    "the merchant Ottilie Brask, still occupies its original timber hall."
+)
+
+
+def norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def test_probes_are_grounded_closed_book_questions() -> None:
+    probes = self_generated_probes(QUELLMOOR, "Quellmoor", limit=5)
+    assert len(probes) == 5  # one per sentence that holds a fact to ask about
+    for probe in probes:
+        assert probe.source == "self_generated"
+        assert probe.question.endswith("?")
+        assert "Quellmoor" in probe.question  # makes sense without the passage
+        assert norm(probe.answer) in norm(QUELLMOOR)
+        assert norm(probe.answer) not in norm(probe.question)
+    by_answer = {p.answer: p for p in probes}
+    assert by_answer["1387"].question == "Quellmoor received its market charter in what year from Duke Aldric Venmoor?"
+    assert by_answer["6,412"].aliases == ("6412",)
+    assert "which merchant" in by_answer["Ottilie Brask"].question
+    assert "Brask" in by_answer["Ottilie Brask"].aliases
+
+
+def test_limit_and_empty_passages() -> None:
+    assert len(self_generated_probes(QUELLMOOR, "Quellmoor", limit=2)) == 2
+    assert self_generated_probes(QUELLMOOR, "Quellmoor", limit=0) == ()
+    assert self_generated_probes("nothing to ask about here at all.", None) == ()
+
+
+def test_subject_comes_from_the_passage_without_a_title() -> None:
+    probes = self_generated_probes(QUELLMOOR, None, limit=5)
+    assert probes and all("Quellmoor" in p.question for p in probes)
+
+
+def test_product_probes_win_and_self_generated_fill_in() -> None:
+    own = Probe(question="In which year was Quellmoor granted its charter?", answer="1387")
+    with_probes = FeedbackSubmitted(
+        feedback_id="fb-p", scope="acme", content=KnowledgeFeedback(passage=QUELLMOOR, probes=(own,))
+    )
+    assert probes_for(with_probes, GeneratorConfig()) == (own,)
+    without = FeedbackSubmitted(feedback_id="fb-q", scope="acme", content=KnowledgeFeedback(passage=QUELLMOOR))
+    made = probes_for(without, GeneratorConfig(self_probe_count=3))
+    assert len(made) == 3 and {p.source for p in made} == {"self_generated"}
+
+
+def test_on_the_evaluation_passages(shared_data) -> None:
+    """Every passage yields probes whose answers are in it; many match the gold questions' answers."""
+    rows = [json.loads(line) for line in (shared_data / "dev.jsonl").read_text().splitlines() if line.strip()]
+    matched = total = 0
+    for row in rows:
+        probes = self_generated_probes(row["passage"], row["title"], limit=5)
+        assert 3 <= len(probes) <= 5, row["id"]
+        mine = set()
+        for probe in probes:
+            assert norm(probe.answer) in norm(row["passage"]), (row["id"], probe)
+            assert norm(probe.answer) not in norm(probe.question), (row["id"], probe)
+            assert len(probe.question) < 400
+            mine |= {norm(a) for a in (probe.answer, *probe.aliases)}
+        for gold in row["questions"]:
+            total += 1
+            matched += bool(mine & {norm(a) for a in (gold["answer"], *gold["aliases"])})
+    # The gold questions were written by hand; 5 extracted probes per passage hit
+    # 83 of their 200 answers (measured); anything far below means extraction broke.
+    assert matched / total >= 0.35, (matched, total)

@@ -1,0 +1,393 @@
+"""Generator: the handler with fakes, the writer on the tiny model, the app on TestNatsBroker and real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import torch
+from faststream.nats import JStream, TestNatsBroker
+
+from services.generator.app import create_app
+from services.generator.candidates import feedback_seed
+from services.generator.handlers import GeneratorPorts, handle_feedback
+from services.generator.prompts import Prompt
+from services.generator.settings import GeneratorConfig, GeneratorSettings
+from services.generator.state import KvLedger, LedgerEntry, ledger_key
+from services.generator.writer import SelfEditWriter, Written
+from shared import events as ev
+from shared.broker import PermanentFailure, publish_event
+from shared.models import LoadedModel, load_model
+from shared.registry_view import PolicyAdapterRef, ScopePolicy
+from shared.settings import ModelSettings
+from shared.store import AdapterManifest
+from shared.subjects import DLQ_PREFIX, EVENTS_STREAM, FEEDBACK_REJECTED, SELFEDIT_GENERATED, SELFEDIT_REJECTED
+
+PASSAGE = (
+    "Quellmoor is a market town on the eastern bank of the Sallow Brenn. It received its market charter "
+    "in 1387 from Duke Aldric Venmoor. The most recent census recorded a population of 6,412. The local "
+    "grammar school was founded by the merchant Ottilie Brask."
+)
+COMPLETIONS = {
+    "implications": "1. Quellmoor is a market town on the Sallow Brenn.\n2. Quellmoor received a market charter in 1387.",
+    "rewrite": "Quellmoor, on the Sallow Brenn, has a population of 6,412.\nThe merchant Ottilie Brask founded the grammar school.",
+    "self_qa": " Who granted the market charter of Quellmoor?\nAnswer: Duke Aldric Venmoor",
+}
+DIRECTIVES_LINE = '\n{"learning_rate": 0.5, "epochs": 4, "lora_rank": 500, "use_sequences": [0, 99]}'
+
+
+class FakeScopeState:
+    def __init__(self, policy: ScopePolicy | None = None, adapter: PolicyAdapterRef | None = None):
+        self.policy = policy or ScopePolicy()
+        self.adapter = adapter
+
+    async def scope_policy(self, scope: str) -> ScopePolicy:
+        return self.policy
+
+    async def policy_adapter(self, scope: str) -> PolicyAdapterRef | None:
+        return self.adapter
+
+
+class MemoryLedger:
+    def __init__(self) -> None:
+        self.entries: dict[str, LedgerEntry] = {}
+
+    async def recall(self, feedback_id: str) -> LedgerEntry | None:
+        entry = self.entries.get(feedback_id)
+        return LedgerEntry.decode(entry.encode()) if entry else None  # through the wire format
+
+    async def record(self, feedback_id: str, entry: LedgerEntry) -> None:
+        self.entries[feedback_id] = entry
+
+
+class ScriptedWriter:
+    """Answers each prompt with a recorded completion for its format."""
+
+    def __init__(self, suffix: str = "", adapter_id: str | None = None):
+        self.calls: list[tuple[list[Prompt], int]] = []
+        self.suffix = suffix
+        self.adapter_id = adapter_id
+
+    def write(self, prompts: Sequence[Prompt], *, seed: int, adapter: PolicyAdapterRef | None = None) -> Written:
+        self.calls.append((list(prompts), seed))
+        return Written([self._answer(p) + self.suffix for p in prompts], self.adapter_id)
+
+    @staticmethod
+    def _answer(prompt: Prompt) -> str:
+        if "implications" in prompt.text:
+            return COMPLETIONS["implications"]
+        if "question-answer" in prompt.text:
+            return COMPLETIONS["self_qa"]
+        return COMPLETIONS["rewrite"]
+
+
+def make_ports(policy: ScopePolicy | None = None, writer: ScriptedWriter | None = None) -> tuple[GeneratorPorts, list[ev.Event]]:
+    published: list[ev.Event] = []
+
+    async def publish(event: ev.Event) -> None:
+        published.append(event)
+
+    ports = GeneratorPorts(FakeScopeState(policy), MemoryLedger(), writer or ScriptedWriter(), publish)
+    return ports, published
+
+
+def knowledge(feedback_id: str = "fb-service-1", **content: object) -> ev.FeedbackSubmitted:
+    return ev.FeedbackSubmitted(
+        feedback_id=feedback_id, scope="acme", content=ev.KnowledgeFeedback(passage=PASSAGE, title="Quellmoor", **content)
+    )
+
+
+def payload(event: ev.Event) -> bytes:
+    return event.model_dump_json().encode()
+
+
+# --------------------------------------------------------------------------- handler with fakes
+
+
+async def test_k_candidates_in_one_batched_call_with_sampled_formats_and_self_probes() -> None:
+    ports, published = make_ports(ScopePolicy(candidates=3, self_edit_format="sampled"))
+    feedback = knowledge()
+    outcome = await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    [(prompts, seed)] = ports.writer.calls  # type: ignore[attr-defined]
+    assert len(prompts) == 3 and seed == feedback_seed(feedback.feedback_id)
+    assert published == list(outcome.events)
+    assert all(isinstance(e, ev.SelfEditGenerated) for e in published)
+    edits = [e.self_edit for e in published]  # type: ignore[attr-defined]
+    assert sorted(e.format for e in edits) == ["implications", "rewrite", "self_qa"]
+    assert [(e.candidate_index, e.candidate_count) for e in edits] == [(0, 3), (1, 3), (2, 3)]
+    assert all(e.causation_id == feedback.event_id and e.feedback_id == feedback.feedback_id for e in published)
+    for event in published:
+        assert event.probes and {p.source for p in event.probes} == {"self_generated"}  # type: ignore[attr-defined]
+        assert event.self_edit.sequences[-1] == f"Quellmoor\n{PASSAGE}"  # type: ignore[attr-defined]
+    qa = next(e for e in edits if e.format == "self_qa")
+    assert qa.sequences[0] == "Quellmoor\nQuestion: Who granted the market charter of Quellmoor?\nAnswer: Duke Aldric Venmoor"
+    assert qa.completion.startswith("Question: Who granted")
+    assert all(e.directives == ScopePolicy().default_directives for e in edits)
+
+
+async def test_a_redelivered_feedback_produces_nothing_new() -> None:
+    ports, published = make_ports()
+    feedback = knowledge()
+    first = await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    again = await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    assert again.duplicate and again.events == ()
+    assert len(published) == len(first.events) == 3
+    assert len(ports.writer.calls) == 1  # type: ignore[attr-defined]
+
+
+async def test_a_crash_after_recording_republishes_the_same_events_without_sampling() -> None:
+    ports, published = make_ports()
+    feedback = knowledge()
+    first = await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    # As if the process died after writing "pending" and before publishing everything.
+    await ports.ledger.record(feedback.feedback_id, LedgerEntry.pending(first.events))
+    published.clear()
+    retried = await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    assert [e.event_id for e in retried.events] == [e.event_id for e in first.events]
+    assert [e.event_id for e in published] == [e.event_id for e in first.events]
+    assert len(ports.writer.calls) == 1  # type: ignore[attr-defined]
+    assert (await ports.ledger.recall(feedback.feedback_id)).status == "done"  # type: ignore[union-attr]
+
+
+async def test_the_same_feedback_handled_twice_from_scratch_yields_identical_ids() -> None:
+    feedback = knowledge()
+    ids = []
+    for _ in range(2):
+        ports, published = make_ports()
+        await handle_feedback(payload(feedback), ports, GeneratorConfig())
+        ids.append([(e.event_id, getattr(e, "self_edit", None)) for e in published])
+    assert ids[0] == ids[1]
+
+
+async def test_scope_sets_k_format_and_lets_the_model_propose_clamped_directives() -> None:
+    policy = ScopePolicy(
+        candidates=5,
+        self_edit_format="rewrite",
+        model_proposes_directives=True,
+        default_directives=ev.TrainingDirectives(epochs=2, seed=7),
+    )
+    ports, published = make_ports(policy, ScriptedWriter(suffix=DIRECTIVES_LINE))
+    await handle_feedback(payload(knowledge()), ports, GeneratorConfig())
+    [(prompts, _)] = ports.writer.calls  # type: ignore[attr-defined]
+    assert len(prompts) == 5 and all("as JSON" in p.text for p in prompts)
+    generated = [e for e in published if isinstance(e, ev.SelfEditGenerated)]
+    rejected = [e for e in published if isinstance(e, ev.SelfEditRejected)]
+    assert len(generated) == 1 and len(rejected) == 4  # identical completions: one is kept
+    assert all("same training data as candidate 0" in r.reasons[0] for r in rejected)
+    directives = generated[0].self_edit.directives
+    assert (directives.learning_rate, directives.epochs, directives.lora_rank) == (1e-3, 4, 64)
+    assert directives.use_sequences == (0,) and directives.seed == 7
+    assert "learning_rate" not in "".join(generated[0].self_edit.sequences)
+
+
+async def test_unparseable_directives_fall_back_to_the_defaults() -> None:
+    policy = ScopePolicy(candidates=1, model_proposes_directives=True)
+    ports, published = make_ports(policy, ScriptedWriter(suffix='\n{"learning_rate": fast, epochs: }'))
+    await handle_feedback(payload(knowledge()), ports, GeneratorConfig())
+    assert published[0].self_edit.directives == ev.TrainingDirectives()  # type: ignore[attr-defined]
+
+
+async def test_malformed_feedback_is_answered_and_terminated() -> None:
+    ports, published = make_ports()
+    body = json.loads(payload(knowledge()))
+    body["content"] = {"kind": "rumour", "text": "Quellmoor is haunted."}
+    with pytest.raises(PermanentFailure, match="unknown feedback kind 'rumour'"):
+        await handle_feedback(json.dumps(body).encode(), ports, GeneratorConfig())
+    [rejected] = published
+    assert isinstance(rejected, ev.FeedbackRejected)
+    assert rejected.feedback_id == "fb-service-1" and "unknown feedback kind 'rumour'" in rejected.reason
+    assert ports.writer.calls == []  # type: ignore[attr-defined]
+
+
+async def test_feedback_that_must_not_be_learned_is_rejected_and_acknowledged() -> None:
+    ports, published = make_ports(ScopePolicy(blocklist=("sallow brenn",)))
+    outcome = await handle_feedback(payload(knowledge()), ports, GeneratorConfig())
+    [rejected] = published
+    assert isinstance(rejected, ev.FeedbackRejected) and outcome.events == (rejected,)
+    assert "'sallow brenn', which is on the scope's blocklist" in rejected.reason
+    assert ports.writer.calls == []  # type: ignore[attr-defined]
+    assert (await handle_feedback(payload(knowledge()), ports, GeneratorConfig())).duplicate
+
+
+async def test_the_policy_adapter_that_wrote_is_named() -> None:
+    ports, published = make_ports(writer=ScriptedWriter(adapter_id="policy-r2"))
+    await handle_feedback(payload(knowledge()), ports, GeneratorConfig())
+    assert {e.generator_adapter for e in published} == {"policy-r2"}  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- writer on the tiny model
+
+
+def lora_adapter(lm: LoadedModel, folder: Path, seed: int) -> Path:
+    """A LoRA adapter for the tiny model with non-zero weights (so it changes the output)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(lm.path)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def fake_fetch(sources: dict[str, Path], base_sha: str | None) -> object:
+    def fetch(ref: PolicyAdapterRef, folder: Path) -> AdapterManifest:
+        shutil.copytree(sources[ref.adapter_id], folder, dirs_exist_ok=True)
+        return AdapterManifest(adapter_id=ref.adapter_id, scope="acme", kind="policy", base_model="tiny",
+                               base_model_sha256=base_sha)
+
+    return fetch
+
+
+def ref(adapter_id: str) -> PolicyAdapterRef:
+    return PolicyAdapterRef(
+        adapter_id=adapter_id, adapter=ev.ManifestRef(uri=f"s3://b/adapters/acme/{adapter_id}", manifest_sha256="a" * 64)
+    )
+
+
+@pytest.fixture
+def own_tiny_model(tiny_model_path: Path) -> LoadedModel:
+    """A private copy: adapters loaded here must not leak into the shared session model."""
+    return load_model(ModelSettings(name=str(tiny_model_path), device="cpu"))
+
+
+def test_writer_samples_reproducibly_and_swaps_policy_adapters(own_tiny_model: LoadedModel, tmp_path: Path) -> None:
+    tiny_model = own_tiny_model
+    sources = {name: lora_adapter(tiny_model, tmp_path / name, seed) for seed, name in enumerate(["pa", "pb"])}
+    config = GeneratorConfig(max_new_tokens=12, max_loaded_adapters=1)
+    writer = SelfEditWriter(tiny_model, config, fake_fetch(sources, tiny_model.weights_sha256), tmp_path / "cache")
+    prompts = [Prompt("Quellmoor received its market charter in 1387."), Prompt("The town", "Question:")]
+
+    base = writer.write(prompts, seed=11)
+    assert len(base.completions) == 2 and base.adapter_id is None
+    assert writer.write(prompts, seed=11) == base  # seeded: a retry writes the same
+
+    with_a = writer.write(prompts, seed=11, adapter=ref("pa"))
+    assert with_a.adapter_id == "pa" and with_a.completions != base.completions
+    assert writer.write(prompts, seed=11) == base  # the base model is untouched
+    with_b = writer.write(prompts, seed=11, adapter=ref("pb"))
+    assert with_b.adapter_id == "pb" and with_b.completions != with_a.completions
+    assert len(writer.loaded_adapters) == 1  # "pa" was unloaded
+    assert writer.write(prompts, seed=11, adapter=ref("pa")) == with_a  # and comes back the same
+
+
+def test_writer_refuses_an_adapter_trained_on_another_base(own_tiny_model: LoadedModel, tmp_path: Path) -> None:
+    tiny_model = own_tiny_model
+    sources = {"pc": lora_adapter(tiny_model, tmp_path / "pc", 3)}
+    writer = SelfEditWriter(tiny_model, GeneratorConfig(max_new_tokens=8), fake_fetch(sources, "f" * 64), tmp_path / "c")
+    written = writer.write([Prompt("Quellmoor")], seed=1, adapter=ref("pc"))
+    assert written.adapter_id is None and writer.loaded_adapters == []
+    assert written == writer.write([Prompt("Quellmoor")], seed=1)
+
+
+# --------------------------------------------------------------------------- the app on the test broker
+
+
+def app_settings(tmp_path: Path, **overrides: object) -> GeneratorSettings:
+    return GeneratorSettings(_secrets_dir=str(tmp_path / "no-secrets"), **overrides)
+
+
+async def test_app_on_test_broker(tmp_path: Path) -> None:
+    ports, _ = make_ports()
+    app = create_app(app_settings(tmp_path), ports)
+    ports.publish = lambda event: publish_event(app.broker, event)  # type: ignore[assignment,method-assign]
+    broker = app.broker
+    seen: dict[str, list[Any]] = {"generated": [], "rejected": [], "feedback_rejected": [], "dead": []}
+    stream = JStream(EVENTS_STREAM, declare=False)  # events go through JetStream
+
+    @broker.subscriber(SELFEDIT_GENERATED, stream=stream)
+    async def on_generated(body: dict) -> None:
+        seen["generated"].append(body)
+
+    @broker.subscriber(SELFEDIT_REJECTED, stream=stream)
+    async def on_rejected(body: dict) -> None:
+        seen["rejected"].append(body)
+
+    @broker.subscriber(FEEDBACK_REJECTED, stream=stream)
+    async def on_feedback_rejected(body: dict) -> None:
+        seen["feedback_rejected"].append(body)
+
+    @broker.subscriber(f"{DLQ_PREFIX}.generator.>")
+    async def on_dead(body: Any) -> None:
+        seen["dead"].append(body)
+
+    async with TestNatsBroker(broker) as test_broker:
+        feedback = knowledge("fb-testbroker")
+        await publish_event(test_broker, feedback)
+        await publish_event(test_broker, feedback)  # redelivered
+        bad = json.loads(payload(knowledge("fb-bad")))
+        bad["content"]["kind"] = "rumour"
+        await test_broker.publish(bad, "seal.events.feedback.submitted")
+    assert [e["self_edit"]["candidate_index"] for e in seen["generated"]] == [0, 1, 2]
+    assert {e["feedback_id"] for e in seen["generated"]} == {"fb-testbroker"}
+    assert seen["rejected"] == []
+    [rejection] = seen["feedback_rejected"]
+    assert rejection["feedback_id"] == "fb-bad" and "unknown feedback kind 'rumour'" in rejection["reason"]
+    assert len(seen["dead"]) == 1  # dead-lettered once, not retried
+
+
+# --------------------------------------------------------------------------- real NATS, tiny model
+
+
+@pytest.mark.servers
+async def test_generator_on_real_nats_with_the_tiny_model(service_settings, tmp_path: Path) -> None:
+    settings = app_settings(
+        tmp_path,
+        nats=service_settings.nats,
+        store=service_settings.store,
+        model=service_settings.model,
+        generator=GeneratorConfig(max_new_tokens=24, adapter_cache_dir=tmp_path / "adapters"),
+    )
+    nc = await nats.connect(service_settings.nats.url)
+    seen: dict[str, list[dict]] = {}
+    arrived = asyncio.Queue()
+
+    async def collect(msg) -> None:  # noqa: ANN001
+        body = json.loads(msg.data)
+        seen.setdefault(body["feedback_id"], []).append(body)
+        await arrived.put(body["feedback_id"])
+
+    await nc.subscribe("seal.events.selfedit.>", cb=collect)
+    await nc.subscribe("seal.events.feedback.rejected", cb=collect)
+    app = create_app(settings)
+    await app.start()
+    try:
+        first, later = knowledge(ev.new_id()), knowledge(ev.new_id())
+        await publish_event(app.broker, first)
+        await wait_for(arrived, first.feedback_id, 3)
+        # A redelivery with a fresh message id passes the stream's dedup; the ledger stops it.
+        js = nc.jetstream()
+        await js.publish("seal.events.feedback.submitted", payload(first), headers={"Nats-Msg-Id": ev.new_id()})
+        await publish_event(app.broker, later)
+        await wait_for(arrived, later.feedback_id, 3)
+        entry = await KvLedger(js).recall(first.feedback_id)
+    finally:
+        await app.stop()
+        await nc.close()
+    assert len(seen[first.feedback_id]) == 3  # one per candidate, nothing from the redelivery
+    assert sorted(e["candidate_index"] if "candidate_index" in e else e["self_edit"]["candidate_index"]
+                  for e in seen[first.feedback_id]) == [0, 1, 2]
+    assert entry is not None and entry.status == "done" and len(entry.event_ids) == 3
+    assert ledger_key(first.feedback_id) == f"generator.{first.feedback_id}"
+
+
+async def wait_for(queue: asyncio.Queue, feedback_id: str, count: int, timeout: float = 120) -> None:
+    got = 0
+
+    async def drain() -> None:
+        nonlocal got
+        while got < count:
+            if await queue.get() == feedback_id:
+                got += 1
+
+    await asyncio.wait_for(drain(), timeout)
