@@ -163,11 +163,11 @@ def clamp_directives(
 
     ``use_sequences`` keeps only indices of sequences that exist; none left means all.
     """
-    merged = defaults.model_dump()
-    if proposed:
-        merged.update({k: v for k, v in proposed.items() if isinstance(k, str)})
-    directives = TrainingDirectives.clamped(merged)
-    chosen = directives.use_sequences
+    # ``clamped`` sets only what it could use; everything else keeps the scope's default.
+    usable = TrainingDirectives.clamped(proposed or {})
+    update = {name: getattr(usable, name) for name in usable.model_fields_set}
+    chosen = update.get("use_sequences", defaults.use_sequences)
     if chosen is not None:
         chosen = tuple(i for i in chosen if i < sequence_count) or None
-    return directives.model_copy(update={"seed": defaults.seed, "use_sequences": chosen})
+    update["use_sequences"] = chosen
+    return TrainingDirectives.model_validate({**defaults.model_dump(), **update})

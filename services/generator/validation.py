@@ -88,6 +88,7 @@ class Grounding:
     def problem(self, text: str) -> str | None:
         """Why ``text`` is not grounded in the feedback, or None when it is."""
         content: list[str] = []
+        maybe_names = 0
         for match in WORD.finditer(text):
             token = match.group()
             if token[0].isdigit():
@@ -96,16 +97,19 @@ class Grounding:
                 content.append(number_key(token))
                 continue
             key = stem(token)
-            if token[0].isupper() and key not in self.stems and not _sentence_start(text, match.start()):
-                return f"names {token!r}, which the feedback does not"
-            if token.lower() not in STOPWORDS and token.lower() not in FRAME_WORDS and len(key) > 2:
+            ordinary = token.lower() in STOPWORDS or token.lower() in FRAME_WORDS
+            if token[0].isupper() and key not in self.stems and not ordinary:
+                if not _sentence_start(text, match.start()):
+                    return f"names {token!r}, which the feedback does not"
+                maybe_names += 1  # an unknown capitalised first word may be a name: it counts twice
+            if not ordinary and len(key) > 2:
                 content.append(key)
         if not content:
             return "has no content words"
         known = sum(1 for c in content if c in self.stems or c in self.numbers)
-        share = known / len(content)
+        share = known / (len(content) + maybe_names)
         if share < self.min_overlap or known < min(2, len(content)):
-            return f"shares too little with the feedback ({known} of {len(content)} content words)"
+            return f"shares too little with the feedback ({known} of {len(content)} content words known)"
         return None
 
     def answer_problem(self, answer: str) -> str | None:
