@@ -215,6 +215,16 @@ async def test_feedback_that_must_not_be_learned_is_rejected_and_acknowledged() 
     assert (await handle_feedback(payload(knowledge()), ports, GeneratorConfig())).duplicate
 
 
+async def test_a_passage_too_long_for_one_self_edit_is_rejected() -> None:
+    ports, published = make_ports()
+    long_passage = " ".join(f"Quellmoor fact number {i} is about the Sallow Brenn." for i in range(300))
+    feedback = ev.FeedbackSubmitted(feedback_id="fb-long", scope="acme", content=ev.KnowledgeFeedback(passage=long_passage))
+    await handle_feedback(payload(feedback), ports, GeneratorConfig(max_sequences=8))
+    [rejected] = published
+    assert isinstance(rejected, ev.FeedbackRejected)
+    assert "too long to train on" in rejected.reason and "limit of 8" in rejected.reason
+
+
 async def test_the_policy_adapter_that_wrote_is_named() -> None:
     ports, published = make_ports(writer=ScriptedWriter(adapter_id="policy-r2"))
     await handle_feedback(payload(knowledge()), ports, GeneratorConfig())

@@ -25,12 +25,13 @@ from typing import Any, Protocol
 
 from opentelemetry import context, trace
 
-from services.generator.candidates import candidate_events, feedback_seed, plan_candidates
+from services.generator.candidates import candidate_events, feedback_seed, feedback_sequences, plan_candidates
 from services.generator.feedback import MalformedFeedback, parse_feedback
 from services.generator.prompts import Prompt
 from services.generator.screening import screen_feedback
 from services.generator.settings import GeneratorConfig
 from services.generator.state import LedgerEntry
+from services.generator.validation import Limits
 from services.generator.writer import Written
 from shared.broker import PermanentFailure
 from shared.events import Event, FeedbackRejected, FeedbackSubmitted, SelfEditGenerated, SelfEditRejected
@@ -118,6 +119,12 @@ async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, c
     """The events one feedback deserves: a rejection, or one event per candidate."""
     policy = await ports.scope_state.scope_policy(feedback.scope)
     problems = screen_feedback(feedback.content, policy.blocklist)
+    own = feedback_sequences(feedback, Limits(config.max_sequences, config.max_sequence_chars))
+    if len(own) > config.max_sequences:
+        problems.append(
+            f"is too long to train on: it needs {len(own)} sequences of at most {config.max_sequence_chars} "
+            f"characters, more than the limit of {config.max_sequences}"
+        )
     if problems:
         return [feedback.caused(FeedbackRejected, reason="the feedback " + "; ".join(problems))]
     seed = feedback_seed(feedback.feedback_id)

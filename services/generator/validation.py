@@ -177,7 +177,7 @@ def validate_candidate(
     written: list[str] = []
     room = max(0, limits.max_sequences - len(kept))
     for number, piece in enumerate(pieces, start=1):
-        problem = _piece_problem(piece, grounding, limits, must_contain)
+        problem = _piece_problem(piece, grounding, limits, must_contain, title)
         key = normalized(piece.text)
         if problem is None and key in seen:
             problem = "repeats an earlier sequence"
@@ -197,10 +197,12 @@ def validate_candidate(
     return Verdict(sequences, len(written), (), tuple(notes))
 
 
-def _piece_problem(piece: Piece, grounding: Grounding, limits: Limits, must_contain: str | None) -> str | None:
-    size = len(piece.text)
-    if size < limits.min_sequence_chars:
-        return f"is too short ({size} characters, at least {limits.min_sequence_chars})"
+def _piece_problem(
+    piece: Piece, grounding: Grounding, limits: Limits, must_contain: str | None, title: str | None
+) -> str | None:
+    if len(piece.text) < limits.min_sequence_chars:
+        return f"is too short ({len(piece.text)} characters, at least {limits.min_sequence_chars})"
+    size = len(with_title(title, piece.text))  # the title travels with it
     if size > limits.max_sequence_chars:
         return f"is too long ({size} characters, at most {limits.max_sequence_chars})"
     if must_contain and normalized(must_contain) not in normalized(piece.text):
