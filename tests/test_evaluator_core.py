@@ -132,3 +132,30 @@ def test_a_failing_judge_leaves_the_rules_in_charge_and_pauses() -> None:
     graded = grade_answers(probes, ["right", "wrong", "wrong", "wrong", "wrong"], judge)
     assert graded.correct == 1  # the rules' verdicts stand
     assert calls == 3  # after three failures in a row it stops asking for a while
+
+
+def test_filtering_at_startup_is_also_the_base_core_score(tiny_model, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The startup pass over the core set doubles as the parent's (the base's) core score."""
+    from test_evaluator_support import FakeRegistry, dict_store
+
+    from services.evaluator import measurement
+    from services.evaluator.app import build_ports
+    from services.evaluator.measurement import base_model_key
+    from services.evaluator.settings import EvaluatorConfig
+
+    core = tmp_path / "core.jsonl"
+    core.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"A{i}"}) + "\n" for i in range(4)))
+    asked: list[str] = []
+
+    def answers(lm, questions, **kwargs):  # noqa: ANN001, ANN202 - a base that knows the even ones
+        asked.extend(questions)
+        return [f"A{q[1]}" if int(q[1]) % 2 == 0 else "no idea" for q in questions]
+
+    monkeypatch.setattr(measurement, "closed_book_answers", answers)
+    settings = EvaluatorSettings(evaluator=EvaluatorConfig(core_set_path=core), _secrets_dir=str(tmp_path / "none"))
+    ports = build_ports(settings, lm=tiny_model, adapters=dict_store(), registry=FakeRegistry())
+    assert [p.question for p in ports.core_set] == ["Q0?", "Q2?"]
+    base = base_model_key(tiny_model.weights_sha256, tiny_model.name)
+    results = ports.measurer.measure(base, lambda: None, {"core": ports.core_set})
+    assert results["core"].accuracy == 1.0
+    assert len(asked) == 4  # only the startup pass asked anything

@@ -28,7 +28,7 @@ from shared.events import AdapterTrained, Probe
 from shared.models import LoadedModel, load_model
 from shared.registry_view import AcceptedProbes, ScopePolicy, read_accepted_probes, read_scope_policy
 from shared.runtime import service_app
-from shared.scoring import ClosedBookResult, closed_book_accuracy
+from shared.scoring import ClosedBookResult
 from shared.store import AdapterStore
 from shared.subjects import EVALUATOR_ADAPTERS
 from shared.telemetry import setup_tracing
@@ -42,7 +42,7 @@ from services.evaluator.core_knowledge import (
     load_question_set,
 )
 from services.evaluator.handlers import EvaluatorPorts, RegistryReader, evaluate_adapter
-from services.evaluator.measurement import Measurer, ScoreCache
+from services.evaluator.measurement import Measurer, ScoreCache, base_model_key
 from services.evaluator.settings import EvaluatorSettings
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,12 @@ def build_ports(
         judge_identity=judge_identity,
     )
     questions = load_question_set(config.core_set_path)
+    base_key = base_model_key(lm.weights_sha256, lm.name)
+    asked: list[ClosedBookResult] = []
 
     def score_base(probes: Sequence[Probe]) -> ClosedBookResult:
-        return closed_book_accuracy(
-            lm, probes, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, judge=judge
-        )
+        asked.append(measurer.measure(base_key, lambda: None, {"core": probes})["core"])
+        return asked[-1]
 
     core = core_set_for_base(
         questions,
@@ -100,6 +101,10 @@ def build_ports(
         kept=kept or MemoryKeptQuestions(),
         score_base=score_base,
     )
+    if asked:
+        # The base answered every kept question correctly just now: that is its core score.
+        kept_items = {p.question for p in core}
+        measurer.remember(base_key, core, ClosedBookResult(tuple(i for i in asked[0].items if i.question in kept_items)))
     log.info("core knowledge: %d of %d questions for base %s", len(core), len(questions), lm.name)
     work_dir = (config.work_dir or Path(tempfile.gettempdir()) / "seal-evaluator").expanduser()
     return EvaluatorPorts(
