@@ -1,0 +1,112 @@
+"""Trainer app: subscriptions through FastStream's in-memory broker, and the keep-alive."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from faststream.nats import JStream, TestNatsBroker
+from test_trainer_handlers import DIRECTIVES, SEQUENCES, FakeLedger, FakeRegistry, FakeStore
+
+from services.trainer.app import create_app, heartbeat_interval, kept_alive
+from services.trainer.handlers import TrainerPorts
+from services.trainer.lora_training import LoraTrainer
+from services.trainer.ports import ParentCache
+from services.trainer.settings import TrainerConfig, TrainerSettings
+from shared import events as ev
+from shared.settings import ModelSettings
+from shared.subjects import (
+    ADAPTER_TRAINED,
+    EVENTS_STREAM,
+    POLICY_TRAINED,
+    POLICY_TRAINING_REQUESTED,
+    SELFEDIT_GENERATED,
+    TRAINER_SELFEDITS,
+)
+
+
+@pytest.fixture
+def app_and_ports(tiny_model, tmp_path: Path):
+    store = FakeStore()
+    ports = TrainerPorts(
+        trainer=LoraTrainer(tiny_model, tmp_path),
+        store=store,
+        registry=FakeRegistry(),
+        ledger=FakeLedger(),
+        parents=ParentCache(store, tmp_path / "parents"),
+    )
+    settings = TrainerSettings(model=ModelSettings(name="tiny"), _secrets_dir=str(tmp_path / "none"))
+    return create_app(settings, ports), ports
+
+
+async def test_a_self_edit_on_the_bus_becomes_adapter_trained(app_and_ports) -> None:
+    app, ports = app_and_ports
+    broker = app.broker
+    trained: asyncio.Queue[ev.AdapterTrained] = asyncio.Queue()
+
+    @broker.subscriber(ADAPTER_TRAINED, stream=JStream(EVENTS_STREAM, declare=False))
+    async def collect(event: ev.AdapterTrained) -> None:
+        await trained.put(event)
+
+    edit = ev.SelfEdit(self_edit_id="se-1", format="rewrite", completion="x", sequences=SEQUENCES, directives=DIRECTIVES)
+    sent = ev.SelfEditGenerated(feedback_id="fb-1", scope="acme", self_edit=edit)
+    async with TestNatsBroker(broker) as test_broker:
+        await test_broker.publish(sent.model_dump(mode="json"), SELFEDIT_GENERATED)
+        out = await asyncio.wait_for(trained.get(), 60)
+    assert out.self_edit_id == "se-1" and out.causation_id == sent.event_id
+    assert ports.store.exists(out.adapter.uri)
+
+
+async def test_a_policy_request_on_the_bus_becomes_policy_trained(app_and_ports) -> None:
+    app, ports = app_and_ports
+    got: asyncio.Queue[ev.PolicyAdapterTrained] = asyncio.Queue()
+
+    @app.broker.subscriber(POLICY_TRAINED, stream=JStream(EVENTS_STREAM, declare=False))
+    async def collect(event: ev.PolicyAdapterTrained) -> None:
+        await got.put(event)
+
+    request = ev.PolicyTrainingRequested(
+        feedback_id="fb-2", scope="acme", directives=DIRECTIVES,
+        examples=(ev.PolicyExample(prompt="Rewrite: a fact.", completion="A fact, rewritten."),),
+    )
+    async with TestNatsBroker(app.broker) as test_broker:
+        await test_broker.publish(request.model_dump(mode="json"), POLICY_TRAINING_REQUESTED)
+        out = await asyncio.wait_for(got.get(), 60)
+    assert out.round == 1 and ports.store.exists(out.adapter.uri)
+
+
+async def test_an_invalid_self_edit_is_rejected_without_training(app_and_ports) -> None:
+    app, ports = app_and_ports
+    async with TestNatsBroker(app.broker) as test_broker:
+        await test_broker.publish({"type": "selfedit.generated", "scope": "acme", "feedback_id": "f"}, SELFEDIT_GENERATED)
+    assert ports.store.objects == {}
+
+
+class FakeMessage:
+    def __init__(self) -> None:
+        self.beats = 0
+
+    async def in_progress(self) -> None:
+        self.beats += 1
+
+
+async def test_long_work_keeps_its_message_alive() -> None:
+    msg = FakeMessage()
+    async with kept_alive(msg, every_s=0.05):
+        await asyncio.sleep(0.3)
+    beats = msg.beats
+    await asyncio.sleep(0.15)
+    assert beats >= 3
+    assert msg.beats == beats  # no beats once the work is done
+
+
+def test_consumer_overrides_keep_the_shared_subject() -> None:
+    config = TrainerConfig(ack_wait_s=6, max_deliver=3, consumer_group="canary")
+    spec = config.self_edits
+    assert spec.subject == TRAINER_SELFEDITS.subject
+    assert spec.durable == "trainer-selfedits-canary"
+    assert spec.ack_wait == timedelta(seconds=6) and spec.max_deliver == 3
+    assert heartbeat_interval(spec) == pytest.approx(2.0)
+    assert TrainerConfig().self_edits == TRAINER_SELFEDITS

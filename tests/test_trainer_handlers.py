@@ -1,0 +1,260 @@
+"""Trainer handlers with fakes at the boundary (object store, registry, ledger) and the tiny model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from services.trainer import handlers
+from services.trainer.handlers import TrainerPorts
+from services.trainer.lora_training import LoraTrainer
+from services.trainer.ports import ParentCache
+from shared import events as ev
+from shared.broker import PermanentFailure
+from shared.registry_view import ActiveAdapter, PolicyAdapterRef
+from shared.store import MANIFEST, AdapterManifest, AdapterNotFound, IntegrityError, adapter_prefix, sha256_file
+
+SEQUENCES = (
+    "the town of green river was founded in one thousand",
+    "the duke built a market in the city of red",
+    "what is the capital of the country? the capital is blue town",
+)
+DIRECTIVES = ev.TrainingDirectives(learning_rate=1e-3, epochs=3, lora_rank=4, lora_alpha=8, batch_size=4)
+
+
+class FakeStore:
+    """Object storage in a dict of {uri: {file name: bytes}}, checked like the real one."""
+
+    bucket = "fake-bucket"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, bytes]] = {}
+        self.puts = 0
+
+    def uri_for(self, scope: str, adapter_id: str) -> str:
+        return f"s3://{self.bucket}/{adapter_prefix(scope, adapter_id)}"
+
+    def exists(self, uri: str) -> bool:
+        return MANIFEST in self.objects.get(uri, {})
+
+    def stored(self, uri: str) -> tuple[ev.ManifestRef, AdapterManifest]:
+        body = self.objects[uri][MANIFEST]
+        return ev.ManifestRef(uri=uri, manifest_sha256=hashlib.sha256(body).hexdigest()), AdapterManifest.model_validate_json(body)
+
+    def put_adapter(self, local_dir: Path, manifest: AdapterManifest) -> ev.ManifestRef:
+        self.puts += 1
+        uri = self.uri_for(manifest.scope, manifest.adapter_id)
+        files = {p.name: p.read_bytes() for p in Path(local_dir).iterdir()}
+        sums = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        body = json.dumps(manifest.model_copy(update={"files": sums}).model_dump(mode="json")).encode()
+        self.objects[uri] = {**files, MANIFEST: body}
+        return ev.ManifestRef(uri=uri, manifest_sha256=hashlib.sha256(body).hexdigest())
+
+    def get_adapter(self, ref: ev.ManifestRef | str, dest: Path) -> AdapterManifest:
+        uri = ref.uri if isinstance(ref, ev.ManifestRef) else ref
+        if uri not in self.objects:
+            raise AdapterNotFound(uri)
+        ref_obj, manifest = self.stored(uri)
+        if isinstance(ref, ev.ManifestRef) and ref.manifest_sha256 != ref_obj.manifest_sha256:
+            raise IntegrityError(f"manifest of {uri} does not match")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, expected in manifest.files.items():
+            (dest / name).write_bytes(self.objects[uri][name])
+            if sha256_file(dest / name) != expected:
+                shutil.rmtree(dest)
+                raise IntegrityError(f"{uri}/{name} does not match its manifest")
+        (dest / MANIFEST).write_text(manifest.model_dump_json())
+        return manifest
+
+    def prefixes(self, scope: str) -> list[str]:
+        return sorted(uri for uri in self.objects if f"/adapters/{scope}/" in uri)
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.active_adapters: dict[str, ActiveAdapter] = {}
+        self.policies: dict[str, PolicyAdapterRef] = {}
+
+    async def active(self, scope: str) -> ActiveAdapter | None:
+        return self.active_adapters.get(scope)
+
+    async def policy(self, scope: str) -> PolicyAdapterRef | None:
+        return self.policies.get(scope)
+
+
+class FakeLedger:
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+
+    async def pin(self, key: str, value: bytes) -> bytes:
+        return self.values.setdefault(key, value)
+
+
+class CountingTrainer(LoraTrainer):
+    jobs = 0
+
+    def train(self, job):  # type: ignore[no-untyped-def]
+        self.jobs += 1
+        return super().train(job)
+
+
+@pytest.fixture
+def ports(tiny_model, tmp_path: Path) -> TrainerPorts:
+    store = FakeStore()
+    return TrainerPorts(
+        trainer=CountingTrainer(tiny_model, tmp_path / "work"),
+        store=store,
+        registry=FakeRegistry(),
+        ledger=FakeLedger(),
+        parents=ParentCache(store, tmp_path / "parents"),
+    )
+
+
+def self_edit_event(scope: str = "acme", directives: ev.TrainingDirectives = DIRECTIVES, **edit: object) -> ev.SelfEditGenerated:
+    fields = {"self_edit_id": ev.new_id(), "format": "implications", "completion": "\n".join(SEQUENCES),
+              "sequences": SEQUENCES, "directives": directives, "candidate_index": 1, "candidate_count": 3, **edit}
+    probe = ev.Probe(question="What was founded?", answer="green river")
+    return ev.SelfEditGenerated(feedback_id=ev.new_id(), scope=scope, self_edit=ev.SelfEdit(**fields), probes=(probe,))
+
+
+def activate(ports: TrainerPorts, scope: str, trained: ev.AdapterTrained, version: int = 1) -> None:
+    ports.registry.active_adapters[scope] = ActiveAdapter(  # type: ignore[attr-defined]
+        scope=scope, version=version, adapter_id=trained.adapter_id, adapter=trained.adapter
+    )
+
+
+async def test_first_update_of_a_scope_trains_a_fresh_lora_and_stores_a_full_manifest(ports, tiny_model) -> None:
+    event = self_edit_event()
+    [out] = await handlers.train_self_edit(event, ports)
+    assert isinstance(out, ev.AdapterTrained)
+    assert out.causation_id == event.event_id and out.feedback_id == event.feedback_id
+    assert out.parent_adapter_id is None and out.parent_adapter is None
+    assert (out.candidate_index, out.candidate_count) == (1, 3)
+    assert out.probes == event.probes
+    assert out.adapter.uri == ports.store.uri_for("acme", out.adapter_id)
+    _, manifest = ports.store.stored(out.adapter.uri)
+    assert manifest.kind == "scope" and manifest.self_edit_id == event.self_edit.self_edit_id
+    assert manifest.base_model == "tiny" and manifest.base_model_sha256 == tiny_model.weights_sha256
+    assert manifest.feedback_ids == (event.feedback_id,)
+    assert manifest.directives == DIRECTIVES.model_dump(mode="json")
+    assert manifest.training["lora"]["r"] == 4 and manifest.training["lora"]["origin"] == "fresh"
+    assert len(manifest.metrics["loss_curve"]) == 3 and manifest.metrics["final_loss"] == out.final_loss
+    for key in ("target_tokens", "seconds", "peak_memory_bytes", "peak_memory_kind"):
+        assert manifest.metrics[key]
+    assert set(manifest.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert manifest.trace_id == out.trace_id
+
+
+async def test_next_update_continues_the_active_adapter(ports, tmp_path) -> None:
+    [first] = await handlers.train_self_edit(self_edit_event(), ports)
+    activate(ports, "acme", first, version=4)
+    bigger = DIRECTIVES.model_copy(update={"lora_rank": 16})
+    [second] = await handlers.train_self_edit(self_edit_event(directives=bigger), ports)
+    assert second.parent_adapter_id == first.adapter_id
+    assert (second.parent_version, second.parent_adapter) == (4, first.adapter)
+    _, manifest = ports.store.stored(second.adapter.uri)
+    assert manifest.parent_adapter_id == first.adapter_id
+    assert manifest.training["lora"]["origin"] == "parent" and manifest.training["lora"]["r"] == 4  # the parent's rank
+    # The stored child loads with PEFT like any adapter.
+    directory = tmp_path / "child"
+    ports.store.get_adapter(second.adapter, directory)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ports.trainer.lm.path), str(directory))
+    assert model.peft_config["default"].r == 4
+
+
+async def test_redelivery_is_idempotent_on_the_self_edit(ports) -> None:
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    # Meanwhile another candidate was promoted: the redelivered self-edit must not build on it.
+    activate(ports, "acme", first)
+    [again] = await handlers.train_self_edit(event, ports)
+    assert again.event_id == first.event_id and again.adapter == first.adapter
+    assert ports.trainer.jobs == 1 and ports.store.puts == 1
+    assert ports.store.prefixes("acme") == [first.adapter.uri]
+
+
+async def test_an_adapter_stored_before_a_crash_is_republished_not_retrained(ports) -> None:
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    ports.ledger.values.clear()  # even without the ledger, the same parent gives the same adapter id
+    [again] = await handlers.train_self_edit(event, ports)
+    assert again.event_id == first.event_id and ports.trainer.jobs == 1
+
+
+async def test_a_rebase_trains_the_self_edit_again_on_the_new_active_version(ports) -> None:
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    [other] = await handlers.train_self_edit(self_edit_event(), ports)
+    activate(ports, "acme", other, version=2)
+    rebase = ev.RebaseRequested(
+        feedback_id=event.feedback_id, scope="acme", self_edit=event.self_edit, probes=event.probes,
+        parent_version=2, attempt=1,
+    )
+    [rebased] = await handlers.train_self_edit(rebase, ports)
+    assert rebased.parent_adapter_id == other.adapter_id and rebased.parent_version == 2
+    assert rebased.adapter_id not in (first.adapter_id, other.adapter_id)
+    assert rebased.self_edit_id == event.self_edit.self_edit_id
+
+
+async def test_a_non_finite_loss_publishes_a_failure_and_stores_nothing(ports) -> None:
+    event = self_edit_event()
+    weight = ports.trainer.lm.model.model.layers[1].self_attn.q_proj.weight
+    saved = weight.detach().clone()
+    weight.data.fill_(float("inf"))
+    try:
+        [out] = await handlers.train_self_edit(event, ports)
+    finally:
+        weight.data.copy_(saved)
+    assert isinstance(out, ev.AdapterTrainingFailed)
+    assert "diverged" in out.reason and out.self_edit_id == event.self_edit.self_edit_id
+    assert ports.store.objects == {}
+
+
+async def test_directives_selecting_no_sequence_fail_with_a_reason(ports) -> None:
+    event = self_edit_event(directives=DIRECTIVES.model_copy(update={"use_sequences": (7, 9)}))
+    [out] = await handlers.train_self_edit(event, ports)
+    assert isinstance(out, ev.AdapterTrainingFailed) and "select no sequence" in out.reason
+
+
+async def test_a_corrupt_parent_fails_the_candidate(ports) -> None:
+    [first] = await handlers.train_self_edit(self_edit_event(), ports)
+    ports.store.objects[first.adapter.uri]["adapter_model.safetensors"] = b"garbage"
+    activate(ports, "acme", first)
+    [out] = await handlers.train_self_edit(self_edit_event(), ports)
+    assert isinstance(out, ev.AdapterTrainingFailed) and "cannot be used" in out.reason
+
+
+async def test_policy_adapter_trains_on_prompt_completion_pairs(ports) -> None:
+    examples = tuple(
+        ev.PolicyExample(prompt=f"Write implications of: passage {i}", completion=f"It follows that {i}.", reward=0.5)
+        for i in range(3)
+    )
+    request = ev.PolicyTrainingRequested(feedback_id=ev.new_id(), scope="acme", examples=examples, directives=DIRECTIVES, round=2)
+    [out] = await handlers.train_policy(request, ports)
+    assert isinstance(out, ev.PolicyAdapterTrained) and out.round == 2
+    _, manifest = ports.store.stored(out.adapter.uri)
+    assert manifest.kind == "policy" and manifest.parent_adapter_id is None
+    assert manifest.training["round"] == 2 and manifest.training["examples"] == 3
+    # Next round continues the policy adapter the registry holds.
+    ports.registry.policies["acme"] = PolicyAdapterRef(adapter_id=out.adapter_id, adapter=out.adapter, round=2)
+    nxt = request.model_copy(update={"event_id": ev.new_id(), "round": 3})
+    [second] = await handlers.train_policy(nxt, ports)
+    assert ports.store.stored(second.adapter.uri)[1].parent_adapter_id == out.adapter_id
+    [again] = await handlers.train_policy(nxt, ports)
+    assert again.event_id == second.event_id and ports.trainer.jobs == 2
+
+
+async def test_policy_request_that_cannot_train_is_a_permanent_failure(ports) -> None:
+    tiny = DIRECTIVES.model_copy(update={"max_seq_len": 16})
+    request = ev.PolicyTrainingRequested(
+        feedback_id=ev.new_id(), scope="acme", directives=tiny,
+        examples=(ev.PolicyExample(prompt="the river " * 40, completion="blue"),),
+    )
+    with pytest.raises(PermanentFailure, match="not trained"):
+        await handlers.train_policy(request, ports)

@@ -1,0 +1,187 @@
+"""Trainer against the real servers: the real object store, and trainers killed mid-training."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import nats
+import pytest
+import torch
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from peft import PeftModel
+from test_trainer_handlers import DIRECTIVES, SEQUENCES, FakeLedger, FakeRegistry
+from transformers import AutoModelForCausalLM
+
+from seal.stack import free_port
+from services.trainer import handlers
+from services.trainer.handlers import TrainerPorts
+from services.trainer.lora_training import LoraTrainer
+from services.trainer.ports import ParentCache, StoredAdapters
+from services.trainer.settings import TrainerConfig
+from shared import events as ev
+from shared.broker import connect_options
+from shared.store import AdapterStore
+from shared.subjects import ADAPTER_TRAINED, EVENTS_STREAM, SELFEDIT_GENERATED
+
+pytestmark = pytest.mark.servers
+
+MODEL_CACHE = Path(os.environ.get("SEAL_TEST_MODEL_CACHE", "~/.cache/seal/models")).expanduser()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def adapter_ids(store: AdapterStore, scope: str) -> set[str]:
+    objects = store.client.list_objects(store.bucket, prefix=f"adapters/{scope}/", recursive=True)
+    return {obj.object_name.split("/")[2] for obj in objects}
+
+
+async def test_stored_adapter_loads_with_peft_and_matches_the_trained_model(
+    adapter_store: AdapterStore, tiny_model, tmp_path: Path
+) -> None:
+    storage = StoredAdapters(adapter_store)
+    trainer = LoraTrainer(tiny_model, tmp_path / "work")
+    ids = torch.tensor([tiny_model.tokenizer(SEQUENCES[0])["input_ids"]])
+    recorded: dict[str, torch.Tensor] = {}
+    save = trainer.host.save
+
+    def save_and_record(name: str, directory: Path) -> Path:
+        with torch.no_grad():
+            recorded["logits"] = trainer.host.model(input_ids=ids).logits
+        return save(name, directory)
+
+    trainer.host.save = save_and_record  # type: ignore[method-assign]
+    ports = TrainerPorts(trainer, storage, FakeRegistry(), FakeLedger(), ParentCache(storage, tmp_path / "parents"))
+    edit = ev.SelfEdit(self_edit_id=ev.new_id(), format="implications", completion="x", sequences=SEQUENCES, directives=DIRECTIVES)
+    event = ev.SelfEditGenerated(feedback_id=ev.new_id(), scope=f"s3-{edit.self_edit_id[:8]}", self_edit=edit)
+    [out] = await handlers.train_self_edit(event, ports)
+    assert isinstance(out, ev.AdapterTrained)
+
+    manifest = adapter_store.get_adapter(out.adapter, tmp_path / "downloaded")  # checks every sha256
+    assert set(manifest.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model.path), str(tmp_path / "downloaded"))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, recorded["logits"], atol=1e-5)
+    # A second delivery finds it stored: same event, nothing retrained or rewritten.
+    [again] = await handlers.train_self_edit(event, ports)
+    assert again.event_id == out.event_id and again.adapter == out.adapter
+
+
+class Trainer:
+    """``python -m services.trainer`` as a child process, its log lines in a shared queue."""
+
+    def __init__(self, name: str, env: dict[str, str], lines: asyncio.Queue[tuple[str, str]]):
+        self.name, self.env, self.lines = name, env, lines
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+
+    async def start(self) -> "Trainer":
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.trainer", cwd=ROOT, env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            await self.lines.put((self.name, line))
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def test_a_trainer_killed_mid_training_still_yields_exactly_one_adapter(
+    provisioned_stack, adapter_store: AdapterStore, tmp_path: Path
+) -> None:
+    group = f"kill{ev.new_id()[:8]}"
+    config = TrainerConfig(ack_wait_s=1.5, consumer_group=group)
+    scope = f"kill-{group}"
+    nc = await nats.connect(provisioned_stack.nats_url, **connect_options(provisioned_stack.nats_settings()))
+    js = nc.jetstream()
+    # The trainers' consumers, created here so they see only what this test publishes.
+    for spec in (config.self_edits, config.rebases, config.policy):
+        await js.add_consumer(EVENTS_STREAM, ConsumerConfig(
+            durable_name=spec.durable, filter_subject=spec.subject, deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=1.5, max_deliver=5,
+        ))
+    trained: asyncio.Queue[ev.AdapterTrained] = asyncio.Queue()
+
+    async def on_trained(msg: nats.aio.msg.Msg) -> None:
+        event = ev.AdapterTrained.from_json(msg.data)
+        if event.scope == scope:
+            await trained.put(event)
+
+    await nc.subscribe(ADAPTER_TRAINED, cb=on_trained)
+    lines: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    trainers = {}
+    for name in ("a", "b"):
+        env = {
+            **os.environ, **provisioned_stack.env(),
+            "SEAL_MODEL__NAME": "tiny", "SEAL_MODEL__CACHE_DIR": str(MODEL_CACHE), "SEAL_MODEL__DEVICE": "cpu",
+            "SEAL_HTTP_HOST": "127.0.0.1", "SEAL_HTTP_PORT": str(free_port()), "SEAL_LOG_LEVEL": "INFO",
+            "SEAL_TRAINER__ACK_WAIT_S": "1.5", "SEAL_TRAINER__CONSUMER_GROUP": group,
+            "SEAL_TRAINER__STEP_PAUSE_S": "0.25", "SEAL_TRAINER__WORK_DIR": str(tmp_path / name),
+        }
+        trainers[name] = await Trainer(name, env, lines).start()
+    # 3 sequences, batch 1, 12 epochs: 36 paced steps, about 9 s of training, six times ack_wait.
+    slow = DIRECTIVES.model_copy(update={"epochs": 12, "batch_size": 1})
+    edit = ev.SelfEdit(self_edit_id=ev.new_id(), format="implications", completion="x", sequences=SEQUENCES, directives=slow)
+    event = ev.SelfEditGenerated(feedback_id=ev.new_id(), scope=scope, self_edit=edit)
+    try:
+        await js.publish(SELFEDIT_GENERATED, event.model_dump_json().encode(), headers={"Nats-Msg-Id": event.event_id})
+        started: list[str] = []
+        victim = None
+
+        async def watch() -> str:
+            while True:
+                name, line = await lines.get()
+                if f"training for selfedit.generated {event.event_id}" in line:
+                    started.append(name)
+                if started and name == started[0] and "epoch 4/12" in line:
+                    return name  # trained past 2 x ack_wait, its message kept alive so far
+
+        victim = await asyncio.wait_for(watch(), 180)
+        # Kept alive by in-progress acks: nobody else got the message while the victim trained.
+        assert started == [victim]
+        await trainers[victim].stop(signal.SIGKILL)
+        out = await asyncio.wait_for(trained.get(), 120)
+        survivor = "b" if victim == "a" else "a"
+        for trainer in trainers.values():
+            await trainer.stop()
+    finally:
+        for trainer in trainers.values():
+            await trainer.stop(signal.SIGKILL)
+    try:
+        assert out.self_edit_id == edit.self_edit_id
+        assert any(f"{event.event_id} (scope {scope}, delivery 2)" in line for line in trainers[survivor].log)
+        # Exactly one adapter in the bucket, exactly one adapter.trained in the stream.
+        assert adapter_ids(adapter_store, scope) == {out.adapter_id}
+        info = await js.consumer_info(EVENTS_STREAM, config.self_edits.durable)
+        assert info.delivered.consumer_seq == 2  # the victim's delivery and the survivor's, no other
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+        reader = await js.pull_subscribe(ADAPTER_TRAINED, stream=EVENTS_STREAM, config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30))
+        published = []
+        while (await reader.consumer_info()).num_pending:
+            for msg in await reader.fetch(100, timeout=5):
+                body = json.loads(msg.data)
+                if body.get("scope") == scope:
+                    published.append(body["event_id"])
+        assert published == [out.event_id]
+    finally:
+        for spec in (config.self_edits, config.rebases, config.policy):
+            await js.delete_consumer(EVENTS_STREAM, spec.durable)
+        await nc.close()
