@@ -21,7 +21,7 @@ from shared import events as ev
 from shared.generation import chat_prompt
 from shared.models import LoadedModel
 from shared.store import AdapterStore, parse_uri
-from services.evaluator.adapters import AdapterHost, UnusableAdapter, check_adapter_files
+from services.evaluator.adapters import AdapterSlot, UnusableAdapter, check_adapter_files
 from services.evaluator.app import build_ports
 from services.evaluator.handlers import EvaluatorPorts, evaluate_adapter
 from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
@@ -175,6 +175,6 @@ def test_file_checks_name_what_is_wrong(fresh_adapter: Path, tmp_path: Path) -> 
 
 
 def test_host_serves_the_base_when_asked_for_no_adapter(tiny_model: LoadedModel) -> None:
-    host = AdapterHost(tiny_model)
+    host = AdapterSlot(tiny_model)
     with host.serving(None) as lm:
         assert lm is tiny_model

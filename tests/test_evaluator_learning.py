@@ -21,7 +21,7 @@ from shared import events as ev
 from shared.models import LoadedModel
 from shared.registry_view import AcceptedProbes, ScopePolicy
 from shared.scoring import closed_book_accuracy
-from services.evaluator.adapters import AdapterHost
+from services.evaluator.adapters import AdapterSlot
 from services.evaluator.app import build_ports
 from services.evaluator.handlers import evaluate_adapter
 from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
@@ -45,8 +45,10 @@ def adapters(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) 
 def test_an_adapter_trained_on_qa_pairs_scores_higher_than_its_parent(
     tiny_model: LoadedModel, adapters: dict[str, Path]
 ) -> None:
-    host = AdapterHost(tiny_model)
+    host = AdapterSlot(tiny_model)
     probes = probes_of(QA_PAIRS)
+    ids = tiny_model.tokenizer(["Which river runs past Quellmoor?"], return_tensors="pt")["input_ids"]
+    logits = tiny_model.model(ids).logits
     with host.serving(None) as base:
         before = closed_book_accuracy(base, probes)
     with host.serving(adapters["all"]) as tuned:
@@ -56,8 +58,9 @@ def test_an_adapter_trained_on_qa_pairs_scores_higher_than_its_parent(
     assert after.accuracy is not None and before.accuracy is not None
     assert after.accuracy >= 0.75 > before.accuracy, [i.prediction for i in after.items]
     assert after.mean_f1 > before.mean_f1  # type: ignore[operator]
-    # Taking the adapter off gives the very same base model back.
+    # Taking the adapter off (LoRA layers and its trained norm copies) gives the very same base back.
     assert [i.prediction for i in again.items] == [i.prediction for i in before.items]
+    assert (tiny_model.model(ids).logits == logits).all()
     assert host.healthy
 
 

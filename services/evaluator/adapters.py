@@ -10,8 +10,14 @@ An adapter is used only after every check passed:
 4. PEFT loads it onto the base model without missing or mis-shaped weights.
 
 Any failed check raises :class:`UnusableAdapter` with a reason a person can
-read. The base model is loaded once; :class:`AdapterHost` puts at most one
+read. The base model is loaded once; :class:`AdapterSlot` puts at most one
 adapter on it at a time and takes it off again afterwards.
+
+Why not :class:`shared.lora.AdapterHost`: the evaluator loads adapters it
+must not trust, so its slot also cleans up after a load that fails halfway
+and checks that the base is exactly as loaded afterwards; and it deletes the
+adapter before unloading, because PEFT's ``unload()`` keeps an active
+adapter's ``modules_to_save`` copies in the base model.
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ def check_weights_finite(path: Path) -> None:
         raise UnusableAdapter(f"non-finite weights (NaN or inf): {total} values in {shown}")
 
 
-class AdapterHost:
+class AdapterSlot:
     """The base model, loaded once, serving either itself or one adapter at a time.
 
     ``with host.serving(adapter_dir) as lm:`` gives a LoadedModel that answers

@@ -32,7 +32,7 @@ from shared.scoring import ClosedBookResult
 from shared.store import AdapterStore
 from shared.subjects import EVALUATOR_ADAPTERS
 from shared.telemetry import setup_tracing
-from services.evaluator.adapters import AdapterHost, AdapterSource
+from services.evaluator.adapters import AdapterSlot, AdapterSource
 from services.evaluator.core_knowledge import (
     KeptQuestions,
     LayeredKeptQuestions,
@@ -78,7 +78,7 @@ def build_ports(
         judge = OpenAICompatibleJudge(config.judge)
         judge_identity = judge.identity
     measurer = Measurer(
-        AdapterHost(lm),
+        AdapterSlot(lm),
         ScoreCache(config.score_cache_entries),
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,

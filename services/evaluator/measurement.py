@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shared.events import Probe
 from shared.scoring import ClosedBookResult, Judge, closed_book_answers, grade_answers, probe_set_digest
-from services.evaluator.adapters import AdapterHost
+from services.evaluator.adapters import AdapterSlot
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,11 @@ def adapter_model_key(base_sha256: str | None, model_name: str, manifest_sha256:
 
 
 class Measurer:
-    """Scores models on probe sets through one AdapterHost, remembering what it measured."""
+    """Scores models on probe sets through one AdapterSlot, remembering what it measured."""
 
     def __init__(
         self,
-        host: AdapterHost,
+        host: AdapterSlot,
         cache: ScoreCache,
         *,
         max_new_tokens: int,
