@@ -161,3 +161,20 @@ async def test_first_version_is_measured_against_the_base_model(
     assert out.reward == out.candidate_scores.target - out.parent_scores.target  # type: ignore[operator]
     assert out.passed and out.parent_scores.regression is None
     assert {g.gate for g in out.gates} == {"min_gain", "max_regression_drop"}
+
+
+def test_the_evaluator_measures_exactly_what_closed_book_accuracy_measures(
+    tiny_model: LoadedModel, adapters: dict[str, Path]
+) -> None:
+    """One scoring function: the evaluator's batched pass over all sets grades like the public one."""
+    from services.evaluator.measurement import Measurer, ScoreCache
+
+    slot = AdapterSlot(tiny_model)
+    measurer = Measurer(slot, ScoreCache(), max_new_tokens=16, batch_size=32)
+    sets = {"target": probes_of(NEW), "earlier": probes_of(EARLIER), "other": probes_of([("Who?", "Nobody")])}
+    measured = measurer.measure("all", lambda: adapters["all"], sets)
+    with slot.serving(adapters["all"]) as lm:
+        alone = {name: closed_book_accuracy(lm, probes, max_new_tokens=16) for name, probes in sets.items()}
+    for name in sets:
+        assert measured[name] == alone[name], name
+    assert measured["target"].accuracy == 1.0 and measured["other"].accuracy == 0.0
