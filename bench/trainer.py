@@ -95,14 +95,15 @@ def run_trainer(lm, batch_size: int) -> dict:
         max_seq_len=REFERENCE_LENGTH, target_modules="all-linear", seed=SEED,
     )
     trainer = LoraTrainer(lm, Path(tempfile.mkdtemp(prefix="bench-trainer-")))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     trained = trainer.train(TrainingJob("bench", directives, texts=SELF_EDIT))
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     # Evaluate the stored adapter on the same base, as every later consumer will.
     trainer.host.load("bench", trained.directory)
     loss = real_token_loss(lm, trainer.host.model)
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "steps": trained.run.steps,
         "processed_tokens": trained.run.processed_tokens,
         "target_tokens": trained.run.target_tokens,
@@ -119,7 +120,7 @@ def run_reference(lm) -> dict:
 
     tokenizer = lm.tokenizer
     tokenizer.pad_token = tokenizer.eos_token or tokenizer.pad_token
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(SEED)
     rows = []
     for seq in SELF_EDIT:
@@ -144,10 +145,11 @@ def run_reference(lm) -> dict:
     )
     result = trainer.train()
     model.save_pretrained(os.path.join(out, "final_adapter"))
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "steps": result.global_step,
         "processed_tokens": len(SELF_EDIT) * REFERENCE_LENGTH * EPOCHS,
         "final_train_loss": losses[-1] if losses else None,
@@ -157,6 +159,7 @@ def run_reference(lm) -> dict:
 
 
 def child(recipe: str, model: str, dtype: str) -> dict:
+    load_before = os.getloadavg()[0]
     lm = load_base(model, dtype)
     base_loss = real_token_loss(lm, lm.model)
     if recipe == "reference":
@@ -169,7 +172,7 @@ def child(recipe: str, model: str, dtype: str) -> dict:
     return {
         "recipe": recipe, "base_real_token_loss": base_loss, "peak_memory_bytes": peak,
         "peak_memory_kind": kind, "device": str(lm.device), "dtype": dtype,
-        "threads": torch.get_num_threads(), **result,
+        "threads": torch.get_num_threads(), "load_average": [load_before, os.getloadavg()[0]], **result,
     }
 
 
@@ -177,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--dtype", default="bfloat16", help="base weights dtype (SEAL loads bf16)")
-    parser.add_argument("--recipes", default="trainer-b4,trainer-b1,reference,trainer-b4")
+    parser.add_argument("--recipes", default="trainer-b4,reference,trainer-b4,trainer-b1")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trainer.json")
     args = parser.parse_args()
@@ -196,12 +199,15 @@ def main() -> None:
         results.append(json.loads(line[len("RESULT "):]))
         print(json.dumps(results[-1]), flush=True)
     reference = next(r for r in results if r["recipe"] == "reference")
-    print(f"\n| recipe | seconds | speed-up | steps | tokens through the model | peak memory (GiB) | real-token loss |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| recipe | wall s | speed-up (wall) | CPU s | speed-up (CPU) | steps | tokens through the model "
+          "| peak memory (GiB) | real-token loss | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['recipe']} | {r['seconds']:.1f} | {reference['seconds'] / r['seconds']:.1f}x | {r['steps']} | "
-            f"{r['processed_tokens']} | {r['peak_memory_bytes'] / 2**30:.2f} | {r['real_token_loss']:.4f} |"
+            f"| {r['recipe']} | {r['seconds']:.1f} | {reference['seconds'] / r['seconds']:.1f}x | "
+            f"{r['cpu_seconds']:.1f} | {reference['cpu_seconds'] / r['cpu_seconds']:.1f}x | {r['steps']} | "
+            f"{r['processed_tokens']} | {r['peak_memory_bytes'] / 2**30:.2f} | {r['real_token_loss']:.4f} | "
+            f"{r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |"
         )
     print(f"\nbase model real-token loss: {reference['base_real_token_loss']:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from typing import Any
 import nats
 from faststream.asgi import AsgiFastStream
 from faststream.nats.annotations import NatsMessage
+from opentelemetry.sdk.trace import TracerProvider
 
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
@@ -31,7 +32,7 @@ from shared.broker import connect_options, create_broker, durable_subscriber, pu
 from shared.events import Event, PolicyTrainingRequested, RebaseRequested, SelfEditGenerated
 from shared.runtime import service_app
 from shared.subjects import ConsumerSpec
-from shared.telemetry import setup_tracing
+from shared.telemetry import FEEDBACK_ID, SCOPE, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +62,28 @@ def heartbeat_interval(spec: ConsumerSpec) -> float:
     return max(spec.ack_wait.total_seconds() / 3, 0.1)
 
 
-def create_app(settings: TrainerSettings, ports: TrainerPorts | None = None) -> AsgiFastStream:
-    provider = setup_tracing(settings.telemetry, settings.service_name)
+def create_app(
+    settings: TrainerSettings,
+    ports: TrainerPorts | None = None,
+    *,
+    tracer_provider: TracerProvider | None = None,
+) -> AsgiFastStream:
+    provider = tracer_provider or setup_tracing(settings.telemetry, settings.service_name)
+    tracer = provider.get_tracer("seal.trainer")
     broker = create_broker(settings.nats, service=settings.service_name, tracer_provider=provider)
     config = settings.trainer
     state: dict[str, Any] = {"ports": ports, "nc": None}
 
     async def run(event: Event, msg: Any, spec: ConsumerSpec, handler: Any) -> None:
-        log.info(
-            "training for %s %s (scope %s, delivery %s)",
-            event.type, event.event_id, event.scope, _delivery(msg),
-        )
-        async with kept_alive(msg, heartbeat_interval(spec)):
-            produced = await handler(event, state["ports"])
-        for out in produced:
-            await publish_event(broker, out)
+        delivery = _delivery(msg)
+        log.info("training for %s %s (scope %s, delivery %s)", event.type, event.event_id, event.scope, delivery)
+        attributes = {FEEDBACK_ID: event.feedback_id, SCOPE: event.scope, "seal.event_id": event.event_id,
+                      "messaging.delivery": str(delivery)}
+        with tracer.start_as_current_span("trainer.train", attributes=attributes):
+            async with kept_alive(msg, heartbeat_interval(spec)):
+                produced = await handler(event, state["ports"])
+            for out in produced:
+                await publish_event(broker, out)
 
     @durable_subscriber(broker, config.self_edits)
     async def on_self_edit(event: SelfEditGenerated, msg: NatsMessage) -> None:
