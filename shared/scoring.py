@@ -4,7 +4,8 @@ What is measured is what is optimised, so every caller goes through this
 module and nothing else decides whether an answer is right.
 
 Asking: :func:`closed_book_answers` puts each question alone into the
-model's chat template (no passage, no system prompt), decodes greedily in
+model's chat template (no passage; no system prompt of ours, so the
+template's default applies, e.g. SmolLM2's), decodes greedily in
 batches through :mod:`shared.generation`, and keeps the first line of each
 answer (short answers: ``max_new_tokens`` is small).
 
@@ -42,6 +43,25 @@ from typing import Protocol
 
 from shared.generation import chat_prompt, generate
 from shared.models import LoadedModel
+
+__all__ = [
+    "ClosedBookResult",
+    "Grade",
+    "GradedAnswer",
+    "Judge",
+    "QuestionLike",
+    "closed_book_accuracy",
+    "closed_book_answers",
+    "contains_answer",
+    "exact_match",
+    "first_line",
+    "grade",
+    "grade_answers",
+    "normalize_answer",
+    "probe_set_digest",
+    "token_f1",
+    "weighted_target",
+]
 
 MAX_NEW_TOKENS = 32
 BATCH_SIZE = 32
