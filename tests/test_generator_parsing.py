@@ -1,10 +1,10 @@
 """Generator: completions to training sequences, the way SEAL does, on recorded completions.
 
 The ``RECORDED_*`` completions were written by SmolLM2-135M-Instruct (the
-default model) through the generator's prompts at temperature 1.0, for the
-passages dev-003 (Velliver Instruments) and dev-004 (Pellicott tide clock)
-of ``shared/data/dev.jsonl``. The ``CLEAN_*`` ones show the shape a better
-model writes.
+default model) through the generator's prompts, for the passages dev-003
+(Velliver Instruments) and dev-004 (Pellicott tide clock) of
+``shared/data/dev.jsonl``: at temperature 1.0 (SEAL's, the default) and
+0.7 (``*_T07``). The ``CLEAN_*`` ones show the shape a better model writes.
 """
 
 from __future__ import annotations
@@ -55,6 +55,24 @@ RECORDED_SELF_QA = (  # the prompt pre-fills "Question:"
     "Query: What is Abraham Knapp?\n"
     "Answer: Abraham Knapp was born on December 24, 1476 in Venice."
 )
+RECORDED_REWRITE_T07 = (  # dev-004
+    "Penthesolion tide clock\n"
+    "In 1771, a mechanical clock was invented by Jessamy Pellicott.\n"
+    "The first commercial model was built in 1771, by Anselm Drewitt.\n"
+    "Early examples of the Pellicott tide clock were built in the first four decades (1771-1820), before being "
+    "discontinued.\n"
+    "In 1779, a wooden Pellicott tide clock was built in Cobble Reach, and is still to this day.\n"
+    "The Pellicott tide clock used a mechanical clock to show time, not a manual one.\n"
+    "The Pellicott tide clock is an example of a mechanical clock in history."
+)
+RECORDED_SELF_QA_T07 = (  # dev-004, after the pre-filled "Question:"
+    "Question: What is the Pellicott tide clock?\n\n"
+    "Answer: The Pellicott tide clock, also known as the Pellicott tide clock, is a mechanical instrument that "
+    "shows the state of the tide rather than the time of day. Its inventor, Jessamy Pellicott, was the first to "
+    "use a mechanical arm to adjust the tide, making it a mechanical timepiece.\n\n"
+    "Answer: Pellicott's invention, the Pellicott tide clock, is a mechanical oscillation device, which is "
+    "considered one of the earliest examples of mechanical control and was invented by Jessamy Pellicott."
+)
 CLEAN_IMPLICATIONS = (
     "Implications:\n"
     "1. Velliver Instruments made surveying equipment.\n"
@@ -91,6 +109,13 @@ def test_rewrite_one_sequence_per_line() -> None:
     ]
 
 
+def test_rewrite_at_a_lower_temperature() -> None:
+    title, passage = "Pellicott tide clock", "The Pellicott tide clock was invented in 1766."
+    sequences = seal_sequences("rewrite", RECORDED_REWRITE_T07, title, passage)
+    assert len(sequences) == 8 and sequences[-1] == f"{title}\n{passage}"
+    assert sequences[1] == f"{title}\nIn 1771, a mechanical clock was invented by Jessamy Pellicott."
+
+
 def test_self_qa_one_sequence_per_question_answer_pair() -> None:
     pieces = parse_completion("self_qa", RECORDED_SELF_QA).pieces
     assert [p.text for p in pieces] == [
@@ -100,6 +125,9 @@ def test_self_qa_one_sequence_per_question_answer_pair() -> None:
         "Question: What is an Opportunity?\nAnswer: A financial opportunity that you are offered?",
     ]  # "Query: ... Answer: ..." is not a question of the asked format
     assert [p.answer for p in pieces][0] == "Velliver Instruments"
+    [pair] = parse_completion("self_qa", RECORDED_SELF_QA_T07).pieces  # a blank line between Q and A
+    assert pair.text.startswith("Question: What is the Pellicott tide clock?\nAnswer: The Pellicott tide clock, also")
+    assert pair.answer.endswith("making it a mechanical timepiece.")
     clean = seal_sequences("self_qa", CLEAN_SELF_QA, TITLE, PASSAGE)
     assert clean == [
         f"{TITLE}\nQuestion: When was Velliver Instruments founded?\nAnswer: 1902",
@@ -120,13 +148,13 @@ def test_recorded_self_edits_keep_only_grounded_pieces(shared_data) -> None:
     """What validation keeps of the recorded completions, against their real passages."""
     rows = {row["id"]: row for row in map(json.loads, (shared_data / "dev.jsonl").read_text().splitlines())}
     cases = [("dev-003", "implications", RECORDED_IMPLICATIONS), ("dev-004", "rewrite", RECORDED_REWRITE),
-             ("dev-003", "self_qa", RECORDED_SELF_QA)]
+             ("dev-003", "self_qa", RECORDED_SELF_QA), ("dev-004", "rewrite_t07", RECORDED_REWRITE_T07)]
     kept = {}
     for row_id, fmt, completion in cases:
         row = rows[row_id]
         grounding = Grounding.of([row["title"], row["passage"]])
         verdict = validate_candidate(
-            completion, parse_completion(fmt, completion).pieces, grounding=grounding, title=row["title"],
+            completion, parse_completion(fmt.split("_t")[0], completion).pieces, grounding=grounding, title=row["title"],
             kept=passage_sequences(row["title"], row["passage"], 1500), blocklist=(), limits=Limits(),
         )
         assert verdict.accepted and verdict.sequences[-1] == f"{row['title']}\n{row['passage']}"
@@ -137,6 +165,10 @@ def test_recorded_self_edits_keep_only_grounded_pieces(shared_data) -> None:
     assert kept["self_qa"] == (
         "Velliver Instruments\nQuestion: Who owned the Hallenbrook Velliver Company?\nAnswer: Velliver Instruments",
     )
+    # At 0.7 the rewrite keeps to the passage's words: all but the invented name survive
+    # (grounding cannot tell "invented in 1771" from the passage's 1766; the reward can).
+    assert len(kept["rewrite_t07"]) == 6
+    assert not any("Penthesolion" in s for s in kept["rewrite_t07"])
 
 
 # --------------------------------------------------------------------------- prompts and plans
