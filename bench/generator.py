@@ -10,7 +10,9 @@ call with the configured sampling, parsing, validation, self-generated
 probes. The bus and KV are in-memory fakes, so the time is the generator's.
 Results are printed as JSON lines; ``--out`` also writes them to a file.
 
-It reports seconds per feedback (the model load is not counted), how many
+It reports seconds per feedback (wall clock and this process's CPU time,
+which contention from other processes does not inflate; the model load is
+not counted), how many
 candidates were generated or rejected, how many written sequences survived
 validation, and how many self-generated probes share their answer with the
 file's gold questions.
@@ -92,9 +94,9 @@ async def run(args: argparse.Namespace) -> dict:
             content=ev.KnowledgeFeedback(passage=row["passage"], title=row.get("title")),
         )
         published.clear()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await handle_feedback(feedback.model_dump_json().encode(), ports, config)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         generated = [e for e in published if isinstance(e, ev.SelfEditGenerated)]
         rejected = [e for e in published if isinstance(e, ev.SelfEditRejected)]
         probes = generated[0].probes if generated else ()
@@ -102,6 +104,8 @@ async def run(args: argparse.Namespace) -> dict:
         record = {
             "id": row["id"],
             "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1),
+            "load_average_1m": round(os.getloadavg()[0], 1),
             "generated": len(generated),
             "rejected": len(rejected),
             "formats": [e.self_edit.format for e in generated],
@@ -130,6 +134,7 @@ async def run(args: argparse.Namespace) -> dict:
         "temperature": args.temperature,
         "model_load_seconds": round(load_s, 1),
         "seconds_per_feedback_mean": round(statistics.mean(seconds), 1),
+        "cpu_seconds_per_feedback_mean": round(statistics.mean(r["cpu_seconds"] for r in per_feedback), 1),
         "seconds_per_feedback": seconds,
         "feedback": per_feedback,
     }
