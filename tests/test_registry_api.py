@@ -42,7 +42,7 @@ async def registry():
     await w.set_policy("acme", candidates=1, approval="manual")
     held = feedback(passage="Held fact.")
     await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=2), w.ledger)
-    app = build_api(Operations(lambda: w.ledger, w.bus, FakeAnswerer(w.ledger)), _true, _true)
+    app = build_api(Operations(lambda: w.ledger, w.bus, lambda: FakeAnswerer(w.ledger)), _true, _true)
     return w, app, roots, held
 
 

@@ -72,12 +72,26 @@ async def test_rebase_reads_the_self_edit_from_the_manifest_when_not_kept() -> N
     assert [r.self_edit.self_edit_id for r in w.bus.of(ev.RebaseRequested)] == [f"{b.feedback_id}-se0"]
 
 
-async def test_without_its_self_edit_a_stale_candidate_is_rejected_with_a_reason() -> None:
+async def test_a_stale_candidate_waits_for_its_self_edit_event() -> None:
+    """The self-edit consumer may lag behind the evaluation consumer."""
     w = make_world()
     await w.set_policy("acme", candidates=1)
     a, b = feedback(), feedback()
     await handlers.on_adapter_evaluated(evaluated(a, 0, 1, reward=0.2), w.ledger)
     await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.2), w.ledger)
+    assert (await state_of(w, b)).state == "collecting" and w.bus.of(ev.RebaseRequested) == []
+    await handlers.on_selfedit_generated(self_edit(b, 0, 1), w.ledger)
+    assert [r.feedback_id for r in w.bus.of(ev.RebaseRequested)] == [b.feedback_id]
+
+
+async def test_without_its_self_edit_a_stale_candidate_is_rejected_with_a_reason() -> None:
+    w = make_world(selfedit_wait_s=300)
+    await w.set_policy("acme", candidates=1)
+    a, b = feedback(), feedback()
+    await handlers.on_adapter_evaluated(evaluated(a, 0, 1, reward=0.2), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(b, 0, 1, reward=0.2), w.ledger)
+    w.clock.advance(301)
+    await w.ledger.sweep()
     record = await state_of(w, b)
     assert record.state == "rejected" and "could not be rebased" in record.reasons[0]
     assert w.bus.of(ev.RebaseRequested) == []

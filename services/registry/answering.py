@@ -85,6 +85,7 @@ class ActiveModelAnswerer:
         assert self._base is not None
         if adapter_id not in self._loaded:
             dest = self.cache_dir / scope / adapter_id
+            dest.parent.mkdir(parents=True, exist_ok=True)  # get_adapter stages beside dest
             manifest = self.store.get_adapter(ref, dest)  # verifies every file's sha256
             base_sha = self._base.weights_sha256
             if manifest.base_model_sha256 and base_sha and manifest.base_model_sha256 != base_sha:

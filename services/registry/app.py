@@ -24,9 +24,10 @@ from shared import events as ev
 from shared.broker import connect_options, create_broker, durable_subscriber, ensure_streams, publish_event
 from shared.store import AdapterStore
 from shared.subjects import (
+    ADAPTER_EVALUATION_FAILED,
     ADAPTER_TRAINED,
+    ADAPTER_TRAINING_FAILED,
     REGISTRY_EVALUATED,
-    REGISTRY_FAILURES,
     REGISTRY_FEEDBACK,
     REGISTRY_FEEDBACK_REJECTED,
     REGISTRY_POLICY_TRAINED,
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 # candidate's self-edit (to rebase it, and for lineage) and its training run.
 REGISTRY_SELFEDITS = ConsumerSpec("registry-selfedits", SELFEDIT_GENERATED)
 REGISTRY_TRAINED = ConsumerSpec("registry-trained", ADAPTER_TRAINED)
+# shared.subjects.REGISTRY_FAILURES filters on "seal.events.*.*_failed", which
+# is not a NATS wildcard ("*" must be a whole token): the server would match
+# nothing. One consumer per failure subject instead.
+REGISTRY_TRAINING_FAILED = ConsumerSpec("registry-training-failed", ADAPTER_TRAINING_FAILED)
+REGISTRY_EVALUATION_FAILED = ConsumerSpec("registry-evaluation-failed", ADAPTER_EVALUATION_FAILED)
 
 
 @dataclass
@@ -172,9 +178,13 @@ def subscribe(broker: NatsBroker, runtime: Runtime) -> None:
     async def adapter_trained(event: ev.AdapterTrained) -> None:
         await handlers.on_adapter_trained(event, runtime.ledger)
 
-    @durable_subscriber(broker, REGISTRY_FAILURES)
-    async def pipeline_failure(body: dict[str, Any]) -> None:
-        await handlers.on_pipeline_failure(ev.parse_event(body), runtime.ledger)
+    @durable_subscriber(broker, REGISTRY_TRAINING_FAILED)
+    async def training_failed(event: ev.AdapterTrainingFailed) -> None:
+        await handlers.on_pipeline_failure(event, runtime.ledger)
+
+    @durable_subscriber(broker, REGISTRY_EVALUATION_FAILED)
+    async def evaluation_failed(event: ev.AdapterEvaluationFailed) -> None:
+        await handlers.on_pipeline_failure(event, runtime.ledger)
 
     @durable_subscriber(broker, REGISTRY_EVALUATED)
     async def adapter_evaluated(event: ev.AdapterEvaluated) -> None:
@@ -190,13 +200,12 @@ def create_app(settings: RegistrySettings, ports: AppPorts | None = None) -> Fas
     broker = create_broker(settings.nats, service="registry", tracer_provider=provider)
     runtime = Runtime(settings, broker, ports or AppPorts())
     subscribe(broker, runtime)
-    ops = Operations(lambda: runtime.ledger, runtime.publish, answerer=None)
+    ops = Operations(lambda: runtime.ledger, runtime.publish, answerer=lambda: runtime.answerer)
     register_rpc(broker, ops)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
-        ops.answerer = runtime.answerer
         try:
             yield
         finally:

@@ -37,7 +37,7 @@ async def on_adapter_trained(event: ev.AdapterTrained, ledger: Ledger) -> None:
 
 
 async def on_pipeline_failure(event: ev.Event, ledger: Ledger) -> None:
-    """``seal.events.*.*_failed``: a candidate's training or evaluation failed."""
+    """A candidate's training or evaluation failed."""
     if isinstance(event, ev.AdapterTrainingFailed):
         await ledger.note(event, intake.note_training_failed)
     elif isinstance(event, ev.AdapterEvaluationFailed):

@@ -57,7 +57,9 @@ def note_feedback(
     if record is not None and record.feedback_event_id == event.event_id:
         return None
     record = record or new_record(event, policy, now)
-    started = min(event.occurred_at, record.first_seen_at)
+    # The clock starts when the registry first heard of the feedback, not at the
+    # producer's timestamp: a skewed clock or a replayed event must not time out at once.
+    started = record.first_seen_at
     update: dict = {
         "kind": event.content.kind,
         "summary": summarize(event.content),
@@ -213,6 +215,7 @@ def note_evaluated(
             "gates": event.gates,
             "reasons": event.reasons,
             "evaluation_event_id": event.event_id,
+            "reported_at": now,
             "trace_id": event.trace_id,
             "product_probes": tuple(p for p in event.probes if p.source == "product") or cand.product_probes,
         }

@@ -108,6 +108,7 @@ class Ports:
 class Ledger:
     ports: Ports
     config: RegistryConfig = field(default_factory=RegistryConfig)
+    _locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ reads
 
@@ -196,7 +197,25 @@ class Ledger:
     # --------------------------------------------------------------- deciding
 
     async def settle(self, scope: str, feedback_id: str) -> FeedbackRecord | None:
-        """Take every step that is due for this feedback; publish what was decided."""
+        """Take every step that is due for this feedback; publish what was decided.
+
+        Within one process a feedback is settled by one task at a time (the
+        consumers and the sweep would otherwise publish the same outbox
+        twice); across replicas compare-and-set and event ids keep it right."""
+        key = (scope, feedback_id)
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await self._settle(scope, feedback_id)
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def _settle(self, scope: str, feedback_id: str) -> FeedbackRecord | None:
         record = await self.record(scope, feedback_id)
         for _ in range(MAX_STEPS):
             if record is None:
@@ -228,6 +247,8 @@ class Ledger:
         rebase: tuple[ev.SelfEdit, tuple[ev.Probe, ...]] | None = None
         if plan.action == "rebase":
             rebase = await self._rebase_material(record, plan.chosen)
+            if rebase is None and not self._done_waiting_for_selfedit(record, plan.chosen, now):
+                return False  # its self-edit event is still on the way; the sweep looks again
 
         def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
             if current is None:
@@ -247,6 +268,12 @@ class Ledger:
 
         await self._update(record.scope, record.feedback_id, change)
         return True
+
+    def _done_waiting_for_selfedit(self, record: FeedbackRecord, index: int | None, now: datetime) -> bool:
+        cand = record.candidate(index)  # type: ignore[arg-type]
+        if cand is None or cand.reported_at is None:
+            return True
+        return (now - cand.reported_at).total_seconds() >= self.config.selfedit_wait_s
 
     async def _intact(self, record: FeedbackRecord, index: int | None) -> bool:
         """Check the chosen adapter reads back intact; mark it unusable if not."""
@@ -370,31 +397,19 @@ class Ledger:
         )
 
     async def _back_off(self, record: FeedbackRecord, head: ScopeHead | None, now: datetime, pinned: bool) -> None:
-        """The head moved (or got pinned) between the decision and the promotion."""
-        policy = await self.policy(record.scope)
-        plan = dc.Plan("hold", record.chosen, reasons=("scope is pinned",), hold="pinned") if pinned else None
-        material = None
-        if plan is None:
-            cand = record.candidate(record.chosen)  # type: ignore[arg-type]
-            assert cand is not None
-            if cand.attempt >= self.config.max_rebase_attempts:
-                reason = f"the scope moved past its parent {cand.attempt} time(s); giving up"
-                plan = dc.Plan("reject", rejections={cand.index: (reason,)}, reasons=(reason,))
-            else:
-                material = await self._rebase_material(record, record.chosen)
-                plan = dc.Plan("rebase", record.chosen)
-                if material is None:
-                    plan = unrebasable(plan)
+        """The head moved (or got pinned) between the decision and the promotion.
+
+        Pinned: the candidate is held. Moved: the record goes back to
+        ``collecting``, where the next step plans its rebase (or gives up)."""
 
         def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
             if current is None or current.state != "promoting":
                 return None
-            reopened = current.model_copy(update={"state": "collecting"})
-            if plan.action == "hold":
-                return dc.to_held(reopened, plan, now)
-            if plan.action == "rebase" and material is not None:
-                return dc.to_rebasing(reopened, plan, *material, head, now, policy.decision_timeout_s)
-            return dc.to_rejected(reopened, plan, now, current.decided_by)
+            if pinned:
+                reason = f"scope is pinned at v{head.version}" if head else "scope is pinned"
+                plan = dc.Plan("hold", current.chosen, reasons=(reason,), hold="pinned")
+                return dc.to_held(current.model_copy(update={"state": "collecting"}), plan, now)
+            return current.model_copy(update={"state": "collecting", "chosen": None, "decided_by": None, "decided_at": None})
 
         await self._update(record.scope, record.feedback_id, change)
 

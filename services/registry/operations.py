@@ -58,11 +58,11 @@ class Operations:
         self,
         ledger: Callable[[], Ledger],
         publish: Callable[[ev.Event], Awaitable[None]],
-        answerer: Answerer | None = None,
+        answerer: Callable[[], Answerer | None] = lambda: None,
     ):
         self._ledger = ledger
         self._publish = publish
-        self.answerer = answerer
+        self._answerer = answerer
 
     @property
     def ledger(self) -> Ledger:
@@ -126,6 +126,7 @@ class Operations:
         return (await actions.set_policy(self.ledger, scope, merged)).model_dump(mode="json")
 
     async def ask(self, scope: str, body: AskRequest) -> dict[str, Any]:
-        if self.answerer is None:
+        answerer = self._answerer()
+        if answerer is None:
             raise AskUnavailable("answering is turned off in this registry (registry.ask_enabled)")
-        return await self.answerer.answer(scope, body.question, body.max_new_tokens)
+        return await answerer.answer(scope, body.question, body.max_new_tokens)

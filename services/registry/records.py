@@ -105,6 +105,7 @@ class CandidateRecord(Contract):
     # Why it failed, was rejected or held, in words a person can read.
     reasons: tuple[str, ...] = ()
     evaluation_event_id: str | None = None
+    reported_at: datetime | None = None
     trace_id: str | None = None
     training: TrainingRun | None = None
     earlier_attempts: tuple[Attempt, ...] = ()

@@ -14,6 +14,9 @@ class RegistryConfig(BaseModel):
     sweep_interval_s: float = Field(default=15.0, gt=0)
     # A candidate whose parent keeps moving is trained again at most this often.
     max_rebase_attempts: int = Field(default=3, ge=1, le=20)
+    # A candidate to rebase whose self-edit has not reached the registry yet
+    # (its consumer lags) waits this long for it before being rejected.
+    selfedit_wait_s: float = Field(default=600.0, ge=0)
     # Bound on probes.<scope> (the evaluator's per-scope regression set).
     max_accepted_probes: int = Field(default=500, ge=1)
     # `seal ask`: answers from the scope's active adapter over the base model.

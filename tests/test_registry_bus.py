@@ -1,0 +1,106 @@
+"""The registry's subscriptions and request-reply through FastStream's in-memory broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from faststream.nats import JStream, TestNatsBroker
+
+from services.registry.app import AppPorts, create_app
+from services.registry.kv import MemoryState
+from services.registry.settings import RegistryConfig, RegistrySettings
+from shared import events as ev
+from shared.subjects import (
+    ADAPTER_EVALUATED,
+    ADAPTER_PROMOTED,
+    ADAPTER_REJECTED,
+    ADAPTER_TRAINING_FAILED,
+    AUDIT_STREAM,
+    DLQ_PREFIX,
+    EVENTS_STREAM,
+    FEEDBACK_SUBMITTED,
+    OPERATOR_ACTION,
+    REGISTRY_RPC,
+)
+from test_registry_support import Clock, FakeManifests, evaluated, feedback, training_failed
+
+# Published events go through JetStream; the in-memory broker routes them by stream too.
+EVENTS = JStream(EVENTS_STREAM, declare=False)
+
+
+@pytest.fixture
+def registry_app(tmp_path):
+    settings = RegistrySettings(registry=RegistryConfig(ask_enabled=False), _secrets_dir=str(tmp_path / "none"))
+    return create_app(settings, AppPorts(state=MemoryState(), manifests=FakeManifests(), clock=Clock()))
+
+
+async def test_events_in_decisions_out_and_bad_payloads_dead_lettered(registry_app) -> None:
+    broker = registry_app.state.broker
+    seen: dict[str, list[dict]] = {"promoted": [], "rejected": [], "dead": []}
+    got_promoted = asyncio.Event()
+
+    @broker.subscriber(ADAPTER_PROMOTED, stream=EVENTS)
+    async def promoted(body: dict) -> None:
+        seen["promoted"].append(body)
+        got_promoted.set()
+
+    @broker.subscriber(ADAPTER_REJECTED, stream=EVENTS)
+    async def rejected(body: dict) -> None:
+        seen["rejected"].append(body)
+
+    @broker.subscriber(f"{DLQ_PREFIX}.registry.>")
+    async def dead(body: Any) -> None:
+        seen["dead"].append({"body": body})
+
+    root = feedback()
+    async with TestNatsBroker(broker) as br:
+        await registry_app.state.runtime.attach()
+        await br.publish(root.model_dump(mode="json"), FEEDBACK_SUBMITTED)
+        await br.publish(evaluated(root, 0, 3, reward=0.3).model_dump(mode="json"), ADAPTER_EVALUATED)
+        await br.publish(training_failed(root, 1, 3).model_dump(mode="json"), ADAPTER_TRAINING_FAILED)
+        await br.publish(evaluated(root, 2, 3, reward=0.1).model_dump(mode="json"), ADAPTER_EVALUATED)
+        await asyncio.wait_for(got_promoted.wait(), 5)
+        await br.publish({"type": "adapter.evaluated", "scope": "acme"}, ADAPTER_EVALUATED)
+
+        # Request-reply: the same queries the CLI makes over HTTP.
+        reply = await br.request({"scope": "acme"}, f"{REGISTRY_RPC}.versions")
+        versions = json.loads(reply.body)
+        missing = json.loads((await br.request({"scope": "acme", "version": 9}, f"{REGISTRY_RPC}.lineage")).body)
+        fate = json.loads((await br.request({"feedback_id": root.feedback_id}, f"{REGISTRY_RPC}.feedback")).body)
+        invalid = json.loads((await br.request({"scope": "acme", "operator": "x"}, f"{REGISTRY_RPC}.rollback")).body)
+
+    assert [(p["version"], p["feedback_id"]) for p in seen["promoted"]] == [(1, root.feedback_id)]
+    assert len(seen["rejected"]) == 2
+    assert len(seen["dead"]) == 1
+    assert versions["ok"] and [v["version"] for v in versions["result"]] == [1]
+    assert missing == {"ok": False, "status": 404, "error": "scope 'acme' has no version 9"}
+    assert fate["ok"] and fate["result"]["state"] == "promoted"
+    assert invalid["ok"] is False and invalid["status"] == 422
+
+
+async def test_operator_actions_over_request_reply_land_in_the_audit_subject(registry_app) -> None:
+    broker = registry_app.state.broker
+    audit: list[dict] = []
+    heard = asyncio.Event()
+
+    @broker.subscriber(OPERATOR_ACTION, stream=JStream(AUDIT_STREAM, declare=False))
+    async def on_audit(body: dict) -> None:
+        audit.append(body)
+        heard.set()
+
+    async with TestNatsBroker(broker) as br:
+        ledger = await registry_app.state.runtime.attach()
+        root = feedback()
+        from services.registry import handlers
+
+        await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2), ledger)
+        reply = await br.request(
+            {"scope": "acme", "operator": "sre-alice", "reason": "freeze"}, f"{REGISTRY_RPC}.pin"
+        )
+        await asyncio.wait_for(heard.wait(), 5)
+    assert json.loads(reply.body)["result"]["pinned"] is True
+    assert [(a["action"], a["operator"], a["reason"]) for a in audit] == [("pin", "sre-alice", "freeze")]
+    assert ev.parse_event(audit[0]).type == "operator.action"

@@ -1,0 +1,239 @@
+"""The registry in-process against a real nats-server and S3 server.
+
+Crafted pipeline events go in over JetStream; the test waits on the events
+the registry publishes (subscriptions, no sleeping), and checks KV, the HTTP
+API, NATS request-reply and `ask` with a real (tiny) adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from services.registry.app import create_app
+from services.registry.kv import NatsState
+from services.registry.settings import RegistryConfig, RegistrySettings
+from shared import events as ev
+from shared.broker import REASON_HEADER
+from shared.registry_view import read_accepted_probes, read_active
+from shared.store import AdapterManifest
+from shared.subjects import ADAPTER_EVALUATED, AUDIT_PREFIX, DLQ_PREFIX, EVENTS_PREFIX, REGISTRY_RPC, subject_for
+from test_registry_support import evaluated, feedback, self_edit
+
+pytestmark = pytest.mark.servers
+
+
+class Events:
+    """Everything published under seal.events.> and seal.audit.>, for waiting on."""
+
+    def __init__(self, nc: nats.NATS):
+        self.nc = nc
+        self.queue: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.seen: list[ev.Event] = []
+
+    async def start(self) -> "Events":
+        async def on(msg) -> None:
+            try:
+                await self.queue.put(ev.parse_event(msg.data))
+            except ev.EventValidationError:
+                pass
+
+        await self.nc.subscribe(f"{EVENTS_PREFIX}.>", cb=on)
+        await self.nc.subscribe(f"{AUDIT_PREFIX}.>", cb=on)
+        return self
+
+    async def wait_for(self, match: Callable[[ev.Event], bool], timeout: float = 30) -> ev.Event:
+        for event in self.seen:
+            if match(event):
+                self.seen.remove(event)
+                return event
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            event = await asyncio.wait_for(self.queue.get(), max(0.01, deadline - loop.time()))
+            if match(event):
+                return event
+            self.seen.append(event)
+
+
+def of(cls: type[ev.Event], scope: str, **fields: object) -> Callable[[ev.Event], bool]:
+    return lambda e: isinstance(e, cls) and e.scope == scope and all(getattr(e, k) == v for k, v in fields.items())
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tiny_model, tmp_path_factory) -> Path:
+    """A real LoRA adapter for the tiny model (random, but loadable)."""
+    from peft import LoraConfig, get_peft_model
+
+    path = tmp_path_factory.mktemp("adapter")
+    model = get_peft_model(copy.deepcopy(tiny_model.model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+async def running(service_settings, adapter_store, tmp_path):
+    settings = RegistrySettings(
+        nats=service_settings.nats,
+        store=service_settings.store,
+        model=service_settings.model,
+        registry=RegistryConfig(sweep_interval_s=0.5, adapter_cache_dir=tmp_path / "adapters"),
+        _secrets_dir=str(tmp_path / "none"),
+    )
+    app = create_app(settings)
+    nc = await nats.connect(settings.nats.url)
+    events = await Events(nc).start()
+    await app.state.runtime.start()
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://registry")
+    try:
+        yield app, nc, events, http
+    finally:
+        await http.aclose()
+        stopping = asyncio.ensure_future(app.state.runtime.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=45)
+        if not done:  # say where it is stuck rather than hang the session
+            for task in asyncio.all_tasks():
+                task.print_stack(limit=6)
+            pytest.fail("the registry did not stop within 45s")
+        await nc.close()
+
+
+def stored(adapter_store, peft_dir: Path, event: ev.AdapterEvaluated, base_sha: str | None) -> ev.AdapterEvaluated:
+    """Put a real adapter where the crafted evaluation says it is."""
+    ref = adapter_store.put_adapter(
+        peft_dir,
+        AdapterManifest(
+            adapter_id=event.adapter_id, scope=event.scope, base_model="tiny", base_model_sha256=base_sha,
+            feedback_ids=(event.feedback_id,), self_edit_id=event.self_edit_id, trace_id=event.trace_id,
+        ),
+    )
+    return event.model_copy(update={"adapter": ref})
+
+
+async def publish(nc: nats.NATS, event: ev.Event) -> None:
+    await nc.jetstream().publish(subject_for(event), event.model_dump_json().encode(), headers={"Nats-Msg-Id": event.event_id})
+
+
+async def test_concurrent_feedback_is_rebased_promoted_rolled_back_and_asked(
+    running, adapter_store, peft_dir, tiny_model
+) -> None:
+    app, nc, events, http = running
+    scope = f"reg-{ev.new_id()[:10]}"
+    a, b = feedback(scope, passage="Quellmoor got its charter in 1387."), feedback(scope, passage="Its mayor is Ilse Varn.")
+    sha = tiny_model.weights_sha256
+    for root in (a, b):
+        await publish(nc, root)
+        await publish(nc, self_edit(root, 0, 1))
+    # Both candidates were trained on the base model, both reported at once.
+    first = [await asyncio.to_thread(stored, adapter_store, peft_dir, evaluated(r, 0, 1, reward=0.2), sha) for r in (a, b)]
+    await asyncio.gather(*(publish(nc, e) for e in first))
+
+    promoted = await events.wait_for(of(ev.AdapterPromoted, scope))
+    rebase = await events.wait_for(of(ev.RebaseRequested, scope))
+    assert promoted.version == 1 and rebase.parent_version == 1 and rebase.attempt == 2  # type: ignore[attr-defined]
+    assert {promoted.feedback_id, rebase.feedback_id} == {a.feedback_id, b.feedback_id}
+    other = a if rebase.feedback_id == a.feedback_id else b
+    assert rebase.self_edit.self_edit_id == f"{other.feedback_id}-se0"  # type: ignore[attr-defined]
+
+    # Playing trainer and evaluator: the rebased candidate, trained on v1.
+    again = await asyncio.to_thread(
+        stored, adapter_store, peft_dir, evaluated(other, 0, 1, reward=0.3, parent_version=1, attempt=2), sha
+    )
+    await publish(nc, again)
+    second = await events.wait_for(of(ev.AdapterPromoted, scope, version=2))
+    assert (second.feedback_id, second.previous_version) == (other.feedback_id, 1)  # type: ignore[attr-defined]
+
+    js = nc.jetstream()
+    active = await read_active(js, scope)
+    assert active is not None and active.version == 2 and active.adapter_id == again.adapter_id
+    probes = await read_accepted_probes(js, scope)
+    assert {fid for fid, _ in probes.probes} == {a.feedback_id, b.feedback_id}
+
+    versions = (await http.get(f"/v1/scopes/{scope}/versions")).json()
+    assert [(v["version"], v["aliases"]) for v in versions] == [(1, ["previous"]), (2, ["active"])]
+    assert {v["feedback_id"] for v in versions} == {a.feedback_id, b.feedback_id}
+    lineage = (await http.get(f"/v1/scopes/{scope}/versions/2/lineage")).json()
+    assert lineage["feedback"]["feedback_id"] == other.feedback_id and lineage["feedback"]["trace_id"]
+    assert lineage["training"]["manifest"]["base_model"] == "tiny" and lineage["self_edit"]["format"] == "implications"
+    assert lineage["version"]["registry_trace_id"] and lineage["evaluation"]["attempt"] == 2
+    fate = (await http.get(f"/v1/feedback/{other.feedback_id}")).json()
+    assert fate["state"] == "promoted" and fate["version"] == 2
+
+    # Roll back over HTTP: audited, and active.<scope> moves.
+    reply = await http.post(
+        f"/v1/scopes/{scope}/rollback", json={"to_version": 1, "operator": "sre-alice", "reason": "v2 regressed"}
+    )
+    assert reply.status_code == 200 and reply.json()["active_version"] == 1
+    rolled = await events.wait_for(of(ev.AdapterRolledBack, scope))
+    audit = await events.wait_for(of(ev.OperatorAction, scope, action="rollback"))
+    assert (rolled.from_version, rolled.to_version) == (2, 1)  # type: ignore[attr-defined]
+    assert (audit.operator, audit.reason) == ("sre-alice", "v2 regressed")  # type: ignore[attr-defined]
+    assert (await read_active(js, scope)).version == 1  # type: ignore[union-attr]
+
+    # Pin over NATS request-reply, as another service would.
+    msg = await nc.request(f"{REGISTRY_RPC}.pin", json.dumps({"scope": scope, "operator": "sre-bob", "reason": "freeze"}).encode(), timeout=10)
+    assert json.loads(msg.data)["result"]["pinned"] is True
+    assert (await read_active(js, scope)).pinned  # type: ignore[union-attr]
+
+    # Ask the scope's active model: the base model plus v1's adapter.
+    answer = await http.post(f"/v1/scopes/{scope}/ask", json={"question": "When did Quellmoor get its charter?", "max_new_tokens": 8})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["version"], body["adapter_id"], body["base_model"]) == (1, promoted.adapter_id, "tiny")  # type: ignore[attr-defined]
+    assert isinstance(body["answer"], str)
+
+
+async def test_timeout_sweep_and_dead_letters_over_a_real_server(running, adapter_store, peft_dir) -> None:
+    app, nc, events, http = running
+    scope = f"reg-{ev.new_id()[:10]}"
+    policy = await http.patch(f"/v1/scopes/{scope}/policy", json={"candidates": 2, "decision_timeout_s": 1.0})
+    assert policy.status_code == 200
+    root = feedback(scope)
+    dead = await nc.subscribe(f"{DLQ_PREFIX}.registry.>")
+    await publish(nc, root)
+    only = await asyncio.to_thread(stored, adapter_store, peft_dir, evaluated(root, 0, 2, reward=0.2), None)
+    await publish(nc, only)  # candidate 1 never reports: the sweep decides after the timeout
+    promoted = await events.wait_for(of(ev.AdapterPromoted, scope), timeout=30)
+    timed_out = await events.wait_for(of(ev.AdapterRejected, scope), timeout=10)
+    assert promoted.feedback_id == root.feedback_id
+    assert "decision timeout" in timed_out.reasons[0]  # type: ignore[attr-defined]
+
+    await nc.jetstream().publish(ADAPTER_EVALUATED, b'{"type": "adapter.evaluated", "scope": "../etc"}')
+    letter = await dead.next_msg(timeout=20)
+    assert "scope" in letter.headers[REASON_HEADER]
+
+
+async def test_compare_and_set_over_real_kv_loses_no_update(running) -> None:
+    _, nc, _, _ = running
+    other = await nats.connect(nc.connected_url.geturl())
+    try:
+        states = [NatsState(nc.jetstream()), NatsState(other.jetstream())]
+        key = f"test.counter.{ev.new_id()[:8]}"
+        from shared.registry_view import AcceptedProbes
+        from shared.subjects import KV_REGISTRY
+
+        def add_one(current: AcceptedProbes | None) -> AcceptedProbes:
+            current = current or AcceptedProbes(scope="counter")
+            probe = ev.Probe(question=f"q{len(current.probes)}", answer="a")
+            return current.model_copy(update={"probes": (*current.probes, ("f", probe))})
+
+        async def writer(state: NatsState) -> None:
+            for _ in range(10):
+                await state.compare_and_set(KV_REGISTRY, key, AcceptedProbes, add_one)
+
+        await asyncio.gather(*(writer(s) for s in states))
+        final = await states[0].read(KV_REGISTRY, key, AcceptedProbes)
+        assert final is not None and len(final.probes) == 20
+        assert [p.question for _, p in final.probes] == [f"q{i}" for i in range(20)]
+        listed = await states[1].entries(KV_REGISTRY, "test.counter.*", AcceptedProbes)
+        assert key in listed
+        await states[0].delete(KV_REGISTRY, key)
+    finally:
+        await other.close()
