@@ -178,7 +178,7 @@ async def test_manual_policy_holds_then_approval_promotes() -> None:
 
 async def test_operator_rejects_a_held_candidate() -> None:
     from services.registry import actions
-    from services.registry.ledger import Refused
+    from services.registry.ports import Refused
 
     w = make_world()
     await w.set_policy("acme", candidates=1, approval="manual")

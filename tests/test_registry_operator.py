@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.registry import actions, handlers, queries
-from services.registry.ledger import NotFound, Refused
+from services.registry.ports import NotFound, Refused
 from shared import events as ev
 from shared.registry_view import AcceptedProbes, ScopePolicy
 from shared.subjects import KV_REGISTRY, OPERATOR_ACTION, subject_for

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from services.registry.kv import MemoryState
-from services.registry.ledger import Ledger, Ports
+from services.registry.ledger import Ledger
+from services.registry.ports import Ports
 from services.registry.settings import RegistryConfig
 from shared import events as ev
 from shared.registry_view import ScopePolicy

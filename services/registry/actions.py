@@ -13,7 +13,8 @@ from shared.registry_view import ScopePolicy
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 from . import decision as dc
-from .ledger import Ledger, NotFound, Refused
+from .ledger import Ledger
+from .ports import NotFound, Refused
 from .records import FeedbackRecord, Marker, ScopeHead, head_key
 
 

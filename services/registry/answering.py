@@ -20,7 +20,8 @@ from shared.models import LoadedModel, load_model
 from shared.settings import ModelSettings
 from shared.store import AdapterStore
 
-from .ledger import Ledger, Refused
+from .ledger import Ledger
+from .ports import Refused
 
 log = logging.getLogger(__name__)
 

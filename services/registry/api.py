@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError
 
-from .ledger import NotFound, Refused
+from .ports import NotFound, Refused
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]

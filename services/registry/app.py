@@ -40,7 +40,8 @@ from shared.telemetry import current_trace_id, setup_tracing
 from . import handlers
 from .api import build_api
 from .kv import NatsState, State
-from .ledger import Ledger, Manifests, Ports, StoreManifests
+from .ledger import Ledger
+from .ports import Manifests, Ports, StoreManifests
 from .operations import Operations
 from .rpc import register_rpc
 from .settings import RegistrySettings

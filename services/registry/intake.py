@@ -72,7 +72,7 @@ def note_feedback(
     if record.state == "collecting":
         update["deadline_at"] = started + timedelta(seconds=policy.decision_timeout_s)
     record = record.model_copy(update=update)
-    if not record.count_from_generator:
+    if not record.count_from_generator and record.state == "collecting":
         record = record.model_copy(update={"candidate_count": policy.candidates}).with_count(policy.candidates)
     return record
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from shared import events as ev
 from shared.registry_view import (
@@ -36,12 +36,12 @@ from shared.registry_view import (
     policy_key,
     probes_key,
 )
-from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
+from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
-from shared.telemetry import current_trace_id
 
 from . import decision as dc
-from .kv import State
+from . import promotion as pr
+from .ports import NotFound, Ports
 from .records import (
     FeedbackRecord,
     Marker,
@@ -60,22 +60,7 @@ from .settings import RegistryConfig
 
 log = logging.getLogger(__name__)
 
-RECENT_PROMOTIONS = 64
 MAX_STEPS = 12
-
-
-class Manifests(Protocol):
-    async def read(self, ref: ev.ManifestRef) -> AdapterManifest: ...
-
-
-class StoreManifests:
-    """Manifests read from the adapter store (blocking client, run in a thread)."""
-
-    def __init__(self, store: Any):
-        self.store = store
-
-    async def read(self, ref: ev.ManifestRef) -> AdapterManifest:
-        return await asyncio.to_thread(self.store.read_manifest, ref)
 
 
 def unrebasable(plan: dc.Plan) -> dc.Plan:
@@ -85,23 +70,6 @@ def unrebasable(plan: dc.Plan) -> dc.Plan:
         rejections={**plan.rejections, plan.chosen: (reason,)},  # type: ignore[dict-item]
         reasons=(f"the chosen candidate could not be rebased: {reason}",),
     )
-
-
-class NotFound(LookupError):
-    pass
-
-
-class Refused(Exception):
-    """An operator action that does not apply to the current state (HTTP 409)."""
-
-
-@dataclass
-class Ports:
-    state: State
-    publish: Callable[[ev.Event], Awaitable[None]]
-    manifests: Manifests
-    clock: Callable[[], datetime] = ev.utcnow
-    trace_id: Callable[[], str | None] = current_trace_id
 
 
 @dataclass
@@ -317,77 +285,26 @@ class Ledger:
 
     async def _promote(self, record: FeedbackRecord) -> None:
         cand = record.candidate(record.chosen)  # type: ignore[arg-type]
-        assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
+        assert cand is not None and cand.adapter is not None
         now, by = self.ports.clock(), record.decided_by
-        outcome: dict[str, Any] = {}
-
-        def move_head(head: ScopeHead | None) -> ScopeHead | None:
-            outcome.clear()
-            done = head.promoted_as(cand.adapter_id) if head else None  # type: ignore[arg-type]
-            if done is not None:
-                outcome["version"] = done
-                return None
-            current = dc.active_version(head)
-            if cand.parent_version != current:
-                outcome["stale"] = current
-                return None
-            if head is not None and head.pinned and by is None:
-                outcome["pinned"] = head
-                return None
-            number = (head.latest_version if head else 0) + 1
-            outcome["version"] = number
-            return ScopeHead(
-                scope=record.scope,
-                version=number,
-                adapter_id=cand.adapter_id,  # type: ignore[arg-type]
-                adapter=cand.adapter,  # type: ignore[arg-type]
-                pinned=head.pinned if head else False,
-                pinned_by=head.pinned_by if head else None,
-                pin_reason=head.pin_reason if head else None,
-                feedback_id=record.feedback_id,
-                previous_version=current,
-                latest_version=number,
-                recent=((*head.recent, (number, cand.adapter_id)) if head else ((number, cand.adapter_id),))[-RECENT_PROMOTIONS:],  # type: ignore[arg-type]
-                last_request_id=head.last_request_id if head else None,
-                updated_at=now,
-            )
-
-        head = await self.ports.state.compare_and_set(KV_REGISTRY, head_key(record.scope), ScopeHead, move_head)
-        if "stale" in outcome or "pinned" in outcome:
-            await self._back_off(record, head, now, pinned="pinned" in outcome)
-            return
-        version = outcome["version"]
-        manifest = await self.ports.manifests.read(cand.adapter)
-        probes = cand.product_probes or record.feedback_probes
-        await self.ports.state.put(
-            KV_REGISTRY,
-            version_key(record.scope, version),
-            VersionRecord(
-                scope=record.scope,
-                version=version,
-                adapter_id=cand.adapter_id,
-                adapter=cand.adapter,
-                parent_version=cand.parent_version,
-                parent_adapter_id=cand.parent_adapter_id,
-                feedback_id=record.feedback_id,
-                feedback_ids=tuple(dict.fromkeys((record.feedback_id, *manifest.feedback_ids))),
-                candidate_index=cand.index,
-                self_edit_id=cand.self_edit_id,
-                reward=cand.reward,
-                candidate_scores=cand.candidate_scores,
-                parent_scores=cand.parent_scores,
-                gates=cand.gates,
-                evaluation_event_id=cand.evaluation_event_id,
-                trace_id=cand.trace_id or manifest.trace_id,
-                registry_trace_id=self.ports.trace_id(),
-                base_model=manifest.base_model,
-                base_model_sha256=manifest.base_model_sha256,
-                promoted_at=record.decided_at or now,
-                approved_by=by or "auto",
-                probes=probes,
-            ),
+        found = pr.HeadMove()
+        head = await self.ports.state.compare_and_set(
+            KV_REGISTRY, head_key(record.scope), ScopeHead, lambda h: pr.move_head(h, record, cand, now, by, found)
         )
-        await self._append_probes(record.scope, record.feedback_id, probes)
+        if found.stale or found.pinned:
+            await self._back_off(record, head, now, pinned=found.pinned)
+            return
+        version = found.version
+        assert version is not None
+        manifest = await self.ports.manifests.read(cand.adapter)
+        tags = pr.version_record(record, cand, version, manifest, self.ports.trace_id(), now)
+        await self.ports.state.put(KV_REGISTRY, version_key(record.scope, version), tags)
+        await self.ports.state.compare_and_set(
+            KV_REGISTRY,
+            probes_key(record.scope),
+            AcceptedProbes,
+            lambda cur: pr.with_accepted(cur, record.scope, record.feedback_id, tags.probes, self.config.max_accepted_probes),
+        )
         await self._update(
             record.scope,
             record.feedback_id,
@@ -413,17 +330,6 @@ class Ledger:
 
         await self._update(record.scope, record.feedback_id, change)
 
-    async def _append_probes(self, scope: str, feedback_id: str, probes: tuple[ev.Probe, ...]) -> None:
-        limit = self.config.max_accepted_probes
-
-        def change(current: AcceptedProbes | None) -> AcceptedProbes | None:
-            current = current or AcceptedProbes(scope=scope)
-            if any(fid == feedback_id for fid, _ in current.probes) or not probes:
-                return None
-            return current.model_copy(update={"probes": (*current.probes, *((feedback_id, p) for p in probes))[-limit:]})
-
-        await self.ports.state.compare_and_set(KV_REGISTRY, probes_key(scope), AcceptedProbes, change)
-
     async def rebuild_probes(self, scope: str, version: int) -> None:
         """probes.<scope> from the chain of versions that ``version`` stands on."""
         chain: list[VersionRecord] = []
@@ -434,8 +340,7 @@ class Ledger:
                 break
             chain.append(found)
             number = found.parent_version
-        pairs = tuple((v.feedback_id, p) for v in reversed(chain) for p in v.probes)
-        rebuilt = AcceptedProbes(scope=scope, probes=pairs[-self.config.max_accepted_probes :])
+        rebuilt = pr.chain_probes(chain, scope, self.config.max_accepted_probes)
         await self.ports.state.compare_and_set(
             KV_REGISTRY, probes_key(scope), AcceptedProbes, lambda cur: None if cur == rebuilt else rebuilt
         )

@@ -10,8 +10,9 @@ from typing import Any
 from shared.registry_view import ScopePolicy
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
-from .ledger import Ledger, NotFound
-from .records import FeedbackRecord, Marker, ScopeHead, VersionRecord, feedback_key
+from .ledger import Ledger
+from .ports import NotFound
+from .records import FeedbackRecord, Marker, ScopeHead, VersionRecord
 
 
 def _dump(model: Any) -> dict[str, Any]:
@@ -181,9 +182,3 @@ async def list_feedback(ledger: Ledger, scope: str, state: str | None = None) ->
     rows = [feedback_summary(r) for r in records.values() if state is None or r.state == state]
     return sorted(rows, key=lambda r: r["submitted_at"] or "")
 
-
-async def get_feedback_record(ledger: Ledger, scope: str, feedback_id: str) -> FeedbackRecord:
-    found = await ledger.ports.state.read(KV_REGISTRY, feedback_key(scope, feedback_id), FeedbackRecord)
-    if found is None:
-        raise NotFound(f"no feedback {feedback_id!r} in scope {scope!r}")
-    return found

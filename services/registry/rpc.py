@@ -26,7 +26,7 @@ from shared.events import describe_validation_error
 from shared.registry_view import ConflictError
 from shared.subjects import REGISTRY_RPC
 
-from .ledger import NotFound, Refused
+from .ports import NotFound, Refused
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 
 log = logging.getLogger(__name__)
