@@ -70,6 +70,11 @@ async def test_rebase_reads_the_self_edit_from_the_manifest_when_not_kept() -> N
     w.manifests.self_edits[stale.adapter_id] = self_edit(b, 0, 1).self_edit.model_dump(mode="json")
     await handlers.on_adapter_evaluated(stale, w.ledger)
     assert [r.self_edit.self_edit_id for r in w.bus.of(ev.RebaseRequested)] == [f"{b.feedback_id}-se0"]
+    rebased = evaluated(b, 0, 1, reward=0.2, parent_version=1, attempt=2)
+    w.manifests.self_edits[rebased.adapter_id] = w.manifests.self_edits[stale.adapter_id]
+    await handlers.on_adapter_evaluated(rebased, w.ledger)
+    lineage = await queries.version_lineage(w.ledger, "acme", 2)
+    assert lineage["self_edit"]["source"] == "manifest" and lineage["self_edit"]["self_edit_id"] == f"{b.feedback_id}-se0"
 
 
 async def test_a_stale_candidate_waits_for_its_self_edit_event() -> None:

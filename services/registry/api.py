@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError
+from shared.store import AdapterNotFound, IntegrityError
 
 from .ports import NotFound, Refused
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
@@ -37,6 +38,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ConflictError, handler(409))
     app.add_exception_handler(ValidationError, handler(422))
     app.add_exception_handler(AskUnavailable, handler(503))
+    app.add_exception_handler(AdapterNotFound, handler(404))
+    app.add_exception_handler(IntegrityError, handler(409))
 
 
 def health_router(alive: Callable[[], Awaitable[bool]], ready: Callable[[], Awaitable[bool]]) -> APIRouter:

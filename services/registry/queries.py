@@ -15,6 +15,12 @@ from .ports import NotFound
 from .records import FeedbackRecord, Marker, ScopeHead, VersionRecord
 
 
+MANIFEST_FIELDS = (
+    "base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives",
+    "training", "metrics", "trace_id", "created_at", "files",
+)
+
+
 def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
@@ -78,13 +84,11 @@ async def version_lineage(ledger: Ledger, scope: str, version: int) -> dict[str,
     kept = await ledger.self_edit(record.feedback_id, record.candidate_index)
     manifest: dict[str, Any] | None = None
     manifest_error = None
+    stored_self_edit: dict[str, Any] | None = None
     try:
         found = await ledger.ports.manifests.read(record.adapter)
-        manifest = {
-            k: v
-            for k, v in found.model_dump(mode="json").items()
-            if k in ("base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives", "training", "metrics", "trace_id", "created_at", "files")
-        }
+        stored_self_edit = found.self_edit
+        manifest = {k: v for k, v in found.model_dump(mode="json").items() if k in MANIFEST_FIELDS}
     except Exception as exc:  # noqa: BLE001 - lineage still answers without the store
         manifest_error = f"{type(exc).__name__}: {exc}"
     chain = []
@@ -121,10 +125,13 @@ async def version_lineage(ledger: Ledger, scope: str, version: int) -> dict[str,
             "manifest": manifest,
             "manifest_error": manifest_error,
         },
-        "self_edit": None
+        "self_edit": {"event_id": None, "source": "manifest", **stored_self_edit}
+        if kept is None and stored_self_edit
+        else None
         if kept is None
         else {
             "event_id": kept.event_id,
+            "source": "selfedit.generated",
             "generator_adapter": kept.generator_adapter,
             **_dump(kept.self_edit),
             "probes": [_dump(p) for p in kept.probes],
