@@ -20,7 +20,7 @@ from shared.broker import connect_options
 from shared.settings import NatsSettings
 from shared.subjects import EVENTS_PREFIX, subject_for
 
-TERMINAL = (ev.AdapterPromoted, ev.AdapterRejected, ev.AdapterAwaitingApproval, ev.FeedbackRejected)
+FINAL = (ev.AdapterPromoted, ev.AdapterAwaitingApproval, ev.FeedbackRejected)
 
 
 @dataclass
@@ -41,7 +41,15 @@ class FeedbackProgress:
 
     @property
     def decided(self) -> bool:
-        return any(isinstance(e, TERMINAL) for e in self.events)
+        """Promoted, held for approval, feedback rejected, or every candidate rejected.
+
+        The registry publishes one ``adapter.rejected`` per losing candidate,
+        some while the winner is still being rebased, so one is not the end.
+        """
+        if any(isinstance(e, FINAL) for e in self.events):
+            return True
+        rejected = {e.self_edit_id for e in self.of(ev.AdapterRejected)}  # type: ignore[attr-defined]
+        return self.candidates > 0 and len(rejected) >= self.candidates
 
     def stage(self) -> str:
         if self.of(ev.FeedbackRejected):
@@ -50,7 +58,7 @@ class FeedbackProgress:
             return f"promoted v{promoted[-1].version}"  # type: ignore[attr-defined]
         if self.of(ev.AdapterAwaitingApproval):
             return "awaiting approval"
-        if self.of(ev.AdapterRejected):
+        if self.decided:
             return "rejected"
         if self.of(ev.RebaseRequested):
             return "rebasing"

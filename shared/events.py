@@ -305,6 +305,9 @@ class SelfEditGenerated(Event):
     self_edit: SelfEdit
     probes: tuple[Probe, ...] = Field(default=(), max_length=100)
     generator_adapter: str | None = None
+    # The prompt the generator completed: with the completion, an outer-loop
+    # (ReST-EM) training example once the self-edit is rewarded.
+    generator_prompt: str | None = Field(default=None, max_length=50_000)
 
 
 class SelfEditRejected(Event):
@@ -431,7 +434,7 @@ class OperatorAction(Event):
     """Audit record of an operator's decision (approve, reject, rollback, pin)."""
 
     type: Literal["operator.action"] = "operator.action"
-    action: Literal["approve", "reject", "rollback", "pin", "unpin"]
+    action: Literal["approve", "reject", "rollback", "pin", "unpin", "set_policy"]
     operator: ShortText
     reason: ShortText
     target_version: int | None = None

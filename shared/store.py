@@ -185,7 +185,8 @@ class AdapterStore:
         uri = ref.uri if isinstance(ref, ManifestRef) else ref
         bucket, prefix = parse_uri(uri)
         dest = Path(dest)
-        staging = Path(tempfile.mkdtemp(prefix=".seal-dl-", dir=dest.parent if dest.parent.exists() else None))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".seal-dl-", dir=dest.parent))
         try:
             for name, expected in manifest.files.items():
                 if name.startswith("/") or ".." in Path(name).parts:

@@ -93,7 +93,10 @@ TRAINER_REBASES = ConsumerSpec("trainer-rebases", REBASE_REQUESTED, ack_wait=tim
 TRAINER_POLICY = ConsumerSpec("trainer-policy", POLICY_TRAINING_REQUESTED, ack_wait=timedelta(seconds=60))
 EVALUATOR_ADAPTERS = ConsumerSpec("evaluator-adapters", ADAPTER_TRAINED, ack_wait=timedelta(seconds=120))
 REGISTRY_EVALUATED = ConsumerSpec("registry-evaluated", ADAPTER_EVALUATED)
-REGISTRY_FAILURES = ConsumerSpec("registry-failures", f"{EVENTS_PREFIX}.*.*_failed")
+REGISTRY_TRAINING_FAILED = ConsumerSpec("registry-training-failed", ADAPTER_TRAINING_FAILED)
+REGISTRY_EVALUATION_FAILED = ConsumerSpec("registry-evaluation-failed", ADAPTER_EVALUATION_FAILED)
+REGISTRY_SELFEDITS = ConsumerSpec("registry-selfedits", SELFEDIT_GENERATED)
+REGISTRY_TRAINED = ConsumerSpec("registry-trained", ADAPTER_TRAINED)
 REGISTRY_SELFEDIT_REJECTED = ConsumerSpec("registry-selfedit-rejected", SELFEDIT_REJECTED)
 REGISTRY_FEEDBACK = ConsumerSpec("registry-feedback", FEEDBACK_SUBMITTED)
 REGISTRY_FEEDBACK_REJECTED = ConsumerSpec("registry-feedback-rejected", FEEDBACK_REJECTED)
@@ -106,7 +109,10 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     TRAINER_POLICY,
     EVALUATOR_ADAPTERS,
     REGISTRY_EVALUATED,
-    REGISTRY_FAILURES,
+    REGISTRY_TRAINING_FAILED,
+    REGISTRY_EVALUATION_FAILED,
+    REGISTRY_SELFEDITS,
+    REGISTRY_TRAINED,
     REGISTRY_SELFEDIT_REJECTED,
     REGISTRY_FEEDBACK,
     REGISTRY_FEEDBACK_REJECTED,

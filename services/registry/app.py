@@ -24,16 +24,15 @@ from shared import events as ev
 from shared.broker import connect_options, create_broker, durable_subscriber, ensure_streams, publish_event
 from shared.store import AdapterStore
 from shared.subjects import (
-    ADAPTER_EVALUATION_FAILED,
-    ADAPTER_TRAINED,
-    ADAPTER_TRAINING_FAILED,
     REGISTRY_EVALUATED,
+    REGISTRY_EVALUATION_FAILED,
     REGISTRY_FEEDBACK,
     REGISTRY_FEEDBACK_REJECTED,
     REGISTRY_POLICY_TRAINED,
     REGISTRY_SELFEDIT_REJECTED,
-    SELFEDIT_GENERATED,
-    ConsumerSpec,
+    REGISTRY_SELFEDITS,
+    REGISTRY_TRAINED,
+    REGISTRY_TRAINING_FAILED,
 )
 from shared.telemetry import current_trace_id, setup_tracing
 
@@ -47,17 +46,6 @@ from .rpc import register_rpc
 from .settings import RegistrySettings
 
 log = logging.getLogger(__name__)
-
-# The registry's own consumers beyond those in shared.subjects: it keeps each
-# candidate's self-edit (to rebase it, and for lineage) and its training run.
-REGISTRY_SELFEDITS = ConsumerSpec("registry-selfedits", SELFEDIT_GENERATED)
-REGISTRY_TRAINED = ConsumerSpec("registry-trained", ADAPTER_TRAINED)
-# shared.subjects.REGISTRY_FAILURES filters on "seal.events.*.*_failed", which
-# is not a NATS wildcard ("*" must be a whole token): the server would match
-# nothing. One consumer per failure subject instead.
-REGISTRY_TRAINING_FAILED = ConsumerSpec("registry-training-failed", ADAPTER_TRAINING_FAILED)
-REGISTRY_EVALUATION_FAILED = ConsumerSpec("registry-evaluation-failed", ADAPTER_EVALUATION_FAILED)
-
 
 @dataclass
 class AppPorts:
@@ -96,7 +84,7 @@ class Runtime:
         if state is None:
             self._nc = await nats.connect(self.settings.nats.url, **connect_options(self.settings.nats))
             js = self._nc.jetstream()
-            await ensure_streams(js)
+            await ensure_streams(js, self.settings.nats.stream_replicas)
             state = NatsState(js)
         store = self.ports.store
         if store is None and (self.ports.manifests is None or self.settings.registry.ask_enabled):
