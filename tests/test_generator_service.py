@@ -128,6 +128,9 @@ async def test_k_candidates_in_one_batched_call_with_sampled_formats_and_self_pr
     qa = next(e for e in edits if e.format == "self_qa")
     assert qa.sequences[0] == "Quellmoor\nQuestion: Who granted the market charter of Quellmoor?\nAnswer: Duke Aldric Venmoor"
     assert qa.completion.startswith("Question: Who granted")
+    qa_event = next(e for e in published if e.self_edit.format == "self_qa")  # type: ignore[attr-defined]
+    assert qa_event.generator_prompt.startswith("Let's read the following passage")  # type: ignore[attr-defined]
+    assert f"Quellmoor\n{PASSAGE}" in qa_event.generator_prompt  # type: ignore[attr-defined]
     assert all(e.directives == ScopePolicy().default_directives for e in edits)
 
 

@@ -186,6 +186,9 @@ def candidate_events(
             feedback.caused(
                 SelfEditGenerated, key=plan.index, self_edit=self_edit, probes=probes,
                 generator_adapter=generator_adapter,
+                # The user turn the model completed; the completion holds the pre-filled start,
+                # so (prompt, completion) is a ReST-EM example as the trainer renders it.
+                generator_prompt=plan.prompt.text,
             )
         )
     return events
