@@ -416,3 +416,50 @@ async def wait_for(queue: asyncio.Queue, feedback_id: str, count: int, timeout: 
                 got += 1
 
     await asyncio.wait_for(drain(), timeout)
+
+
+@pytest.mark.servers
+async def test_a_scope_with_a_policy_adapter_writes_with_it(service_settings, adapter_store, tiny_model_path: Path, tmp_path: Path) -> None:
+    """The policy adapter comes from the object store and the registry's KV record, on real servers."""
+    from shared.models import weights_sha256
+    from shared.registry_view import policy_key
+    from shared.subjects import KV_REGISTRY
+
+    lm = load_model(ModelSettings(name=str(tiny_model_path), device="cpu"))
+    adapter_id = f"policy-{ev.new_id()[:8]}"
+    manifest = AdapterManifest(adapter_id=adapter_id, scope="acme-policy", kind="policy", base_model="tiny",
+                               base_model_sha256=weights_sha256(tiny_model_path))
+    stored = adapter_store.put_adapter(lora_adapter(lm, tmp_path / "lora", seed=5), manifest)
+    nc = await nats.connect(service_settings.nats.url)
+    js = nc.jetstream()
+    kv = await js.key_value(KV_REGISTRY)
+    await kv.put(policy_key("acme-policy"), PolicyAdapterRef(adapter_id=adapter_id, adapter=stored).model_dump_json().encode())
+    arrived: asyncio.Queue = asyncio.Queue()
+
+    async def collect(msg) -> None:  # noqa: ANN001
+        await arrived.put(json.loads(msg.data))
+
+    await nc.subscribe("seal.events.selfedit.>", cb=collect)
+    settings = app_settings(
+        tmp_path, nats=service_settings.nats, store=service_settings.store, model=service_settings.model,
+        generator=GeneratorConfig(max_new_tokens=16, adapter_cache_dir=tmp_path / "adapters"),
+    )
+    app = create_app(settings)
+    await app.start()
+    try:
+        feedback = ev.FeedbackSubmitted(
+            feedback_id=ev.new_id(), scope="acme-policy", content=ev.KnowledgeFeedback(passage=PASSAGE, title="Quellmoor")
+        )
+        await publish_event(app.broker, feedback)
+        events = []
+        while len(events) < 3:
+            body = await asyncio.wait_for(arrived.get(), 120)
+            if body["feedback_id"] == feedback.feedback_id:
+                events.append(body)
+    finally:
+        await app.stop()
+        await kv.delete(policy_key("acme-policy"))
+        await nc.close()
+    generated = [e for e in events if e["type"] == "selfedit.generated"]
+    assert generated and {e["generator_adapter"] for e in generated} == {adapter_id}
+
