@@ -35,6 +35,7 @@ from shared import events as ev
 from shared.settings import NatsSettings
 from shared.subjects import (
     CONSUMERS,
+    DLQ_PREFIX,
     KV_BUCKETS,
     STREAMS,
     ConsumerSpec,
@@ -197,6 +198,10 @@ class DeadLetterMiddleware(BaseMiddleware):
     async def _dead_letter(self, msg: Any, reason: str) -> None:
         raw = getattr(msg, "raw_message", None)
         subject = getattr(raw, "subject", "unknown")
+        if subject.startswith(f"{DLQ_PREFIX}."):
+            # A dead letter that fails again is dropped here, never dead-lettered in a loop.
+            log.error("dropping unprocessable dead letter on %s: %s", subject, reason)
+            return
         headers = {k: v for k, v in (getattr(raw, "headers", None) or {}).items() if k != "Nats-Msg-Id"}
         headers[REASON_HEADER] = reason[:4000]
         headers[SERVICE_HEADER] = self.service
