@@ -76,7 +76,8 @@ def completion_examples(
     eos = _eos_id(tokenizer)
     examples = []
     for prompt, completion in pairs:
-        prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        # The prompt is already formatted (chat template): tokenized as generation tokenizes it.
+        prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         answer_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [eos]
         ids = prompt_ids + answer_ids
         labels = [IGNORE] * len(prompt_ids) + answer_ids

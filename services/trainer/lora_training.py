@@ -76,7 +76,7 @@ class Layout:
     """How steps are laid out in memory (not hyperparameters: results do not depend on it)."""
 
     row_tokens: int = 4096  # longest packed row
-    pass_tokens: int = 16384  # largest forward pass, padding included
+    pass_tokens: int = 8192  # largest forward pass, padding included
     step_pause_s: float = 0.0  # tests only: slow training down without using CPU
 
 

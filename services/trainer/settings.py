@@ -32,7 +32,7 @@ class TrainerConfig(BaseModel):
     consumer_group: str = Field(default="", pattern=r"^[A-Za-z0-9_\-]*$")
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
-    pass_tokens: int = Field(default=16384, ge=16)
+    pass_tokens: int = Field(default=8192, ge=16)
     # Tests only: sleep after every optimizer step, to make training long without using CPU.
     step_pause_s: float = Field(default=0.0, ge=0.0)
 
