@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,13 @@ def test_paused_layout_only_slows_training(tiny_model, tmp_path) -> None:
     quick = LoraTrainer(tiny_model, tmp_path / "q")
     job = TrainingJob("paced", FAST.model_copy(update={"epochs": 2}), texts=TEXTS)
     assert paused.train(job).run.loss_curve == quick.train(job).run.loss_curve
+
+
+def test_a_parent_that_does_not_fit_the_base_is_rejected(trainer: LoraTrainer, tmp_path) -> None:
+    parent = trainer.train(TrainingJob("misfit-parent", FAST, texts=TEXTS))
+    config = parent.directory / ADAPTER_CONFIG
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "r": settings["r"] + 3}))  # weights no longer fit their config
+    with pytest.raises(TrainingRejected, match="parent adapter does not load"):
+        trainer.train(TrainingJob("misfit-child", FAST, texts=TEXTS, parent_dir=parent.directory))
+    assert trainer.host.names == []

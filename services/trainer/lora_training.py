@@ -111,7 +111,13 @@ class LoraTrainer:
                 raise TrainingRejected("nothing to train on: no example has a token to learn")
             d = job.directives
             _seed(d.seed)
-            lora = self._put_adapter(job)
+            try:
+                lora = self._put_adapter(job)
+            except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                if job.adapter_id in self.host.names:
+                    self.host.remove(job.adapter_id)
+                what = "the parent adapter does not load" if job.parent_dir else "no LoRA fits"
+                raise TrainingRejected(f"{what} on this base model: {exc}") from exc
             device = self.lm.device
             _reset_peak_memory(device)
             plan = [
