@@ -16,8 +16,10 @@ Delivery contract, the same for every service:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import nats
@@ -228,3 +230,34 @@ def _delivery(msg: Any) -> tuple[int, str | None]:
         return int(meta.num_delivered), meta.consumer
     except Exception:  # noqa: BLE001 - core NATS or the in-memory test broker
         return 1, None
+
+
+@contextlib.asynccontextmanager
+async def kept_in_progress(message: Any, every_s: float) -> AsyncIterator[None]:
+    """Tell JetStream every ``every_s`` seconds that ``message`` is still being worked on.
+
+    For handlers that run longer than the consumer's ack wait (generation,
+    training, evaluation), so the message is not redelivered meanwhile. The
+    beat stops on a flag as well as on cancellation: nats-py swallows a
+    cancellation that lands inside a publish, which would leave it running.
+    """
+    done = asyncio.Event()
+
+    async def beat() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), every_s)
+                return
+            try:
+                await message.in_progress()
+            except Exception as exc:  # noqa: BLE001 - a missed beat only risks a redelivery
+                log.warning("could not extend the ack deadline: %s", exc)
+
+    task = asyncio.create_task(beat(), name="in-progress-beat")
+    try:
+        yield
+    finally:
+        done.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

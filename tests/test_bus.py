@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import nats
@@ -17,6 +18,7 @@ from shared.broker import (
     PermanentFailure,
     create_broker,
     durable_subscriber,
+    kept_in_progress,
     publish_event,
 )
 from shared.settings import TelemetrySettings
@@ -132,3 +134,40 @@ async def test_bad_payload_is_dead_lettered_and_others_still_flow(provisioned_st
 def test_lineage_attribute_name_is_stable() -> None:
     assert FEEDBACK_ID == "seal.feedback_id"
     assert isinstance(NatsBroker, type)
+
+
+class BeatingMessage:
+    """Counts in-progress acks; optionally swallows a cancellation like nats-py's publish does."""
+
+    def __init__(self, swallow_cancel: bool = False) -> None:
+        self.beats = 0
+        self.swallow_cancel = swallow_cancel
+
+    async def in_progress(self) -> None:
+        self.beats += 1
+        if self.swallow_cancel:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.2)
+
+
+async def test_long_work_keeps_its_message_in_progress_and_stops_after() -> None:
+    msg = BeatingMessage()
+    async with kept_in_progress(msg, every_s=0.05):
+        await asyncio.sleep(0.3)
+    beats = msg.beats
+    await asyncio.sleep(0.15)
+    assert beats >= 3
+    assert msg.beats == beats  # no beats once the work is done
+
+
+async def test_the_beat_stops_even_when_a_publish_swallows_the_cancellation() -> None:
+    msg = BeatingMessage(swallow_cancel=True)
+
+    async def work() -> None:
+        async with kept_in_progress(msg, every_s=0.01):
+            await asyncio.sleep(0.05)  # leaves the beat inside in_progress
+
+    await asyncio.wait_for(work(), timeout=5)
+    beats = msg.beats
+    await asyncio.sleep(0.1)
+    assert msg.beats == beats

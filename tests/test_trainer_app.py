@@ -10,7 +10,7 @@ import pytest
 from faststream.nats import JStream, TestNatsBroker
 from test_trainer_handlers import DIRECTIVES, SEQUENCES, FakeLedger, FakeRegistry, FakeStore
 
-from services.trainer.app import create_app, heartbeat_interval, kept_alive
+from services.trainer.app import create_app, heartbeat_interval
 from services.trainer.handlers import TrainerPorts
 from services.trainer.lora_training import LoraTrainer
 from services.trainer.ports import ParentCache
@@ -82,24 +82,6 @@ async def test_an_invalid_self_edit_is_rejected_without_training(app_and_ports) 
     async with TestNatsBroker(app.broker) as test_broker:
         await test_broker.publish({"type": "selfedit.generated", "scope": "acme", "feedback_id": "f"}, SELFEDIT_GENERATED)
     assert ports.store.objects == {}
-
-
-class FakeMessage:
-    def __init__(self) -> None:
-        self.beats = 0
-
-    async def in_progress(self) -> None:
-        self.beats += 1
-
-
-async def test_long_work_keeps_its_message_alive() -> None:
-    msg = FakeMessage()
-    async with kept_alive(msg, every_s=0.05):
-        await asyncio.sleep(0.3)
-    beats = msg.beats
-    await asyncio.sleep(0.15)
-    assert beats >= 3
-    assert msg.beats == beats  # no beats once the work is done
 
 
 def test_consumer_overrides_keep_the_shared_subject() -> None:

@@ -10,12 +10,10 @@ tests pass ready-made :class:`EvaluatorPorts` (fakes, the tiny model) instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from faststream.asgi import AsgiFastStream
 from faststream.nats import NatsBroker
@@ -23,7 +21,7 @@ from faststream.nats.annotations import NatsMessage
 from nats.js import JetStreamContext
 from opentelemetry.sdk.trace import TracerProvider
 
-from shared.broker import create_broker, durable_subscriber, publish_event
+from shared.broker import create_broker, durable_subscriber, kept_in_progress, publish_event
 from shared.events import AdapterTrained, Probe
 from shared.models import LoadedModel, load_model
 from shared.registry_view import AcceptedProbes, ScopePolicy, read_accepted_probes, read_scope_policy
@@ -119,26 +117,6 @@ def build_ports(
     )
 
 
-@contextlib.asynccontextmanager
-async def keep_alive(message: Any, every_s: float) -> AsyncIterator[None]:
-    """Tell JetStream the message is still being worked on, so a long evaluation is not redelivered."""
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                await message.in_progress()
-            except Exception as exc:  # noqa: BLE001 - the in-memory test broker has no acks
-                log.debug("in-progress ack failed: %s", exc)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
 
 class Runtime:
     """What the app holds: the ports once built."""
@@ -184,7 +162,7 @@ def create_app(
 
     @durable_subscriber(broker, EVALUATOR_ADAPTERS)
     async def on_adapter_trained(event: AdapterTrained, message: NatsMessage) -> None:
-        async with keep_alive(message, heartbeat_s):
+        async with kept_in_progress(message, heartbeat_s):
             events = await evaluate_adapter(event, runtime.require())
         for out in events:
             await publish_event(broker, out)

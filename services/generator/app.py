@@ -10,9 +10,7 @@ alive with in-progress acks while the model writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,14 @@ from services.generator.handlers import GeneratorPorts, handle_feedback
 from services.generator.settings import GeneratorSettings
 from services.generator.state import KvLedger, KvScopeState
 from services.generator.writer import SelfEditWriter
-from shared.broker import connect_options, create_broker, durable_subscriber, ensure_streams, publish_event
+from shared.broker import (
+    connect_options,
+    create_broker,
+    durable_subscriber,
+    ensure_streams,
+    kept_in_progress,
+    publish_event,
+)
 from shared.events import Event
 from shared.models import load_model
 from shared.registry_view import PolicyAdapterRef
@@ -63,7 +68,7 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
     async def on_feedback(body: Any, message: NatsMessage) -> None:
         if runtime.ports is None:
             raise RuntimeError("the generator is not started yet")
-        async with keep_alive(message, heartbeat_s):
+        async with kept_in_progress(message, heartbeat_s):
             outcome = await handle_feedback(message.body, runtime.ports, settings.generator)
         log.info(
             "feedback %s: %d self-edits generated, %d rejected%s",
@@ -101,23 +106,3 @@ def _fetcher(store: AdapterStore) -> Any:
 
     return fetch
 
-
-@contextlib.asynccontextmanager
-async def keep_alive(message: Any, every_s: float) -> AsyncIterator[None]:
-    """Tell JetStream the message is still being worked on, every ``every_s`` seconds."""
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                await message.in_progress()
-            except Exception as exc:  # noqa: BLE001 - a missed beat only risks a redelivery
-                log.warning("could not extend the ack deadline: %s", exc)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

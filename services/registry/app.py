@@ -67,6 +67,7 @@ class Runtime:
         self._ledger: Ledger | None = None
         self._nc: nats.NATS | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.answerer: Any = None
 
     @property
@@ -118,6 +119,9 @@ class Runtime:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweep")
 
     async def stop(self) -> None:
+        # nats-py swallows a cancellation that lands inside a publish, so the
+        # sweep also watches a flag: cancelling alone could leave it running.
+        self._stopping.set()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -127,12 +131,13 @@ class Runtime:
             await self._nc.close()
 
     async def _sweep_forever(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.ledger.sweep()
             except Exception:  # noqa: BLE001 - the sweep must outlive a bad pass
                 log.exception("sweep failed")
-            await asyncio.sleep(self.settings.registry.sweep_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.registry.sweep_interval_s)
 
     async def alive(self) -> bool:
         try:

@@ -15,9 +15,7 @@ JetStream redelivers the message to another replica after ``ack_wait``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -28,7 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
 from services.trainer.settings import TrainerSettings
-from shared.broker import connect_options, create_broker, durable_subscriber, publish_event
+from shared.broker import connect_options, create_broker, durable_subscriber, kept_in_progress, publish_event
 from shared.events import Event, PolicyTrainingRequested, RebaseRequested, SelfEditGenerated
 from shared.runtime import service_app
 from shared.subjects import ConsumerSpec
@@ -36,26 +34,6 @@ from shared.telemetry import FEEDBACK_ID, SCOPE, setup_tracing
 
 log = logging.getLogger(__name__)
 
-
-@contextlib.asynccontextmanager
-async def kept_alive(msg: Any, every_s: float) -> AsyncIterator[None]:
-    """Send ``msg.in_progress()`` every ``every_s`` seconds while the block runs."""
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                await msg.in_progress()
-            except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the training
-                log.warning("could not extend the message's ack deadline: %s", exc)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def heartbeat_interval(spec: ConsumerSpec) -> float:
@@ -80,7 +58,7 @@ def create_app(
         attributes = {FEEDBACK_ID: event.feedback_id, SCOPE: event.scope, "seal.event_id": event.event_id,
                       "messaging.delivery": str(delivery)}
         with tracer.start_as_current_span("trainer.train", attributes=attributes):
-            async with kept_alive(msg, heartbeat_interval(spec)):
+            async with kept_in_progress(msg, heartbeat_interval(spec)):
                 produced = await handler(event, state["ports"])
             for out in produced:
                 await publish_event(broker, out)
