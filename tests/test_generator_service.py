@@ -14,7 +14,7 @@ import pytest
 import torch
 from faststream.nats import JStream, TestNatsBroker
 
-from services.generator.app import create_app, keep_alive
+from services.generator.app import create_app
 from services.generator.candidates import feedback_seed
 from services.generator.handlers import GeneratorPorts, handle_feedback
 from services.generator.prompts import Prompt
@@ -347,18 +347,6 @@ async def test_app_on_test_broker(tmp_path: Path) -> None:
     [rejection] = seen["feedback_rejected"]
     assert rejection["feedback_id"] == "fb-bad" and "unknown feedback kind 'rumour'" in rejection["reason"]
     assert len(seen["dead"]) == 1  # dead-lettered once, not retried
-
-
-async def test_long_work_keeps_its_message_alive() -> None:
-    beats: asyncio.Queue[int] = asyncio.Queue()
-
-    class Message:
-        async def in_progress(self) -> None:
-            await beats.put(1)
-
-    async with keep_alive(Message(), every_s=0.01):
-        for _ in range(2):
-            await asyncio.wait_for(beats.get(), 5)
 
 
 # --------------------------------------------------------------------------- real NATS, tiny model
