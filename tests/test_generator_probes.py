@@ -80,3 +80,33 @@ def test_on_the_evaluation_passages(shared_data) -> None:
     # The gold questions were written by hand; 5 extracted probes per passage hit
     # 83 of their 200 answers (measured); anything far below means extraction broke.
     assert matched / total >= 0.35, (matched, total)
+
+
+def test_grounded_pairs_ask_every_fact_answer_with_its_sentence_and_hold_out_the_probes() -> None:
+    from services.generator.probes import grounded_pairs
+
+    probes = self_generated_probes(QUELLMOOR, "Quellmoor", limit=5)
+    pairs = grounded_pairs(QUELLMOOR, "Quellmoor", probes)
+    asked = {p.question for p in pairs}
+    assert not asked & {p.question for p in probes}  # the reward is not measured on trained pairs
+    assert len(pairs) >= 3  # the other facts of the probes' sentences
+    by_answer = {p.answer: p for p in pairs}
+    duke = by_answer["Aldric Venmoor"]
+    assert duke.question == "Quellmoor received its market charter in 1387 from which duke?"
+    # The answer is the sentence, named: "It received ..." would not stand alone.
+    assert duke.sentence.startswith("Quellmoor received its market charter in 1387 from Duke Aldric Venmoor")
+    for pair in pairs:
+        assert norm(pair.answer) in norm(pair.sentence) and norm(pair.answer) not in norm(pair.question)
+    assert len(grounded_pairs(QUELLMOOR, "Quellmoor", limit=2)) == 2
+
+
+def test_every_candidate_of_a_passage_carries_the_grounded_pairs() -> None:
+    from services.generator.candidates import grounded_sequences
+
+    event = FeedbackSubmitted(
+        feedback_id="fb-1", scope="s", content=KnowledgeFeedback(title="Quellmoor", passage=QUELLMOOR), submitted_by="t"
+    )
+    probes = probes_for(event, GeneratorConfig())
+    sequences = grounded_sequences(event, probes, GeneratorConfig())
+    assert sequences and all(s.startswith("Question: ") and "\nAnswer: " in s for s in sequences)
+    assert grounded_sequences(event, probes, GeneratorConfig(grounded_pairs=0)) == []

@@ -198,7 +198,8 @@ def test_identical_candidates_are_rejected_as_duplicates_with_a_readable_reason(
     completions = ["Camels ate wool.", "Gold and diamonds of Ramdney.", "Quellmoor received its market charter in 1387."]
     events = candidate_events(event, policy, plans, completions, GeneratorConfig())
     assert [type(e) for e in events] == [SelfEditGenerated, SelfEditRejected, SelfEditGenerated]
-    assert events[0].self_edit.sequences == (f"{TITLE}\n{PASSAGE}",)  # the passage alone is still data
+    assert events[0].self_edit.sequences[-1] == f"{TITLE}\n{PASSAGE}"  # the passage alone is still data
+    assert all(s.startswith("Question: ") for s in events[0].self_edit.sequences[:-1])  # grounded pairs
     assert "same training data as candidate 0" in events[1].reasons[0]
     assert "Ramdney" in events[1].reasons[0]
 

@@ -145,3 +145,40 @@ def test_a_parent_that_does_not_fit_the_base_is_rejected(trainer: LoraTrainer, t
     with pytest.raises(TrainingRejected, match="parent adapter does not load"):
         trainer.train(TrainingJob("misfit-child", FAST, texts=TEXTS, parent_dir=parent.directory))
     assert trainer.host.names == []
+
+
+def test_question_answer_sequences_are_trained_as_chat_turns() -> None:
+    from services.trainer.lora_training import split_question_answers
+
+    texts, pairs = split_question_answers((
+        "Question: Which duke granted the charter?\nAnswer: Duke Aldric Venmoor granted it in 1387.",
+        "Quellmoor\nQuellmoor is a market town.",
+        "Question: two lines\nof question\nAnswer: is not a pair",
+    ))
+    assert pairs == (("Which duke granted the charter?", "Duke Aldric Venmoor granted it in 1387."),)
+    assert texts == ("Quellmoor\nQuellmoor is a market town.", "Question: two lines\nof question\nAnswer: is not a pair")
+
+
+def test_a_rehearsing_job_mixes_in_the_base_models_own_answers(default_model, tmp_path) -> None:
+    from services.trainer.rehearsal import Rehearsal, packaged_prompts
+
+    rehearsal = Rehearsal(("Say hello.", "Name a colour.", "Count to three."), count=2)
+    trainer = LoraTrainer(default_model, tmp_path, rehearsal=rehearsal)  # the tiny model answers nothing
+    job = TrainingJob("plain", FAST, texts=TEXTS[:1])
+    alone = trainer.examples_for(job)
+    mixed = trainer.examples_for(TrainingJob("rehearsing", FAST, texts=TEXTS[:1], rehearse=True))
+    assert len(alone) == 1 and len(mixed) == 3  # two of the three prompts, sampled by the seed
+    answers = rehearsal.answers(default_model)
+    assert answers is rehearsal.answers(default_model)  # generated once
+    assert len(answers) == 3 and all(prompt in rehearsal.prompts and answer for prompt, answer in answers)
+    assert rehearsal.sample(default_model, seed=1) == rehearsal.sample(default_model, seed=1)
+    assert len(packaged_prompts()) >= 32
+
+
+def test_the_rehearsal_prompts_are_not_core_questions() -> None:
+    from services.trainer.rehearsal import packaged_prompts
+    from shared.scoring import normalize_answer
+
+    core = Path(__file__).resolve().parents[1] / "services" / "evaluator" / "data" / "core.jsonl"
+    core_questions = {normalize_answer(json.loads(line)["question"]) for line in core.read_text().splitlines() if line}
+    assert not core_questions & {normalize_answer(p) for p in packaged_prompts()}

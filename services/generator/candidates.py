@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.generator.parsing import clamp_directives, parse_completion, passage_sequences
-from services.generator.probes import self_generated_probes
+from services.generator.probes import grounded_pairs, self_generated_probes
 from services.generator.prompts import (
     KNOWLEDGE_FORMATS,
     Prompt,
@@ -120,6 +120,21 @@ def feedback_sequences(feedback: FeedbackSubmitted, limits: Limits) -> list[str]
     return [s for s in sequences if len(s) <= SEQUENCE_HARD_LIMIT]
 
 
+def grounded_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], config: GeneratorConfig) -> list[str]:
+    """For a passage: a question about each of its facts, answered by the sentence that states it.
+
+    Written by rule from the passage, so grounded by construction; trained as
+    chat turns (the trainer reads the "Question:/Answer:" shape), the shape the
+    model is later asked in. The probes' own questions are left out.
+    """
+    content = feedback.content
+    if not isinstance(content, KnowledgeFeedback) or config.grounded_pairs == 0:
+        return []
+    pairs = grounded_pairs(content.passage, content.title, tuple(probes), limit=config.grounded_pairs)
+    sequences = [f"Question: {p.question}\nAnswer: {p.sentence}" for p in pairs]
+    return [s for s in sequences if len(s) <= config.max_sequence_chars]
+
+
 def candidate_events(
     feedback: FeedbackSubmitted,
     policy: ScopePolicy,
@@ -133,8 +148,9 @@ def candidate_events(
     limits = Limits(config.max_sequences, config.max_sequence_chars, config.min_sequence_chars)
     overlap = config.grounding_min_overlap * (0.5 if isinstance(content, PreferenceFeedback) else 1.0)
     grounding = Grounding.of(feedback_texts(content), overlap)
-    kept = feedback_sequences(feedback, limits)
     probes = probes_for(feedback, config)
+    own = feedback_sequences(feedback, limits)
+    kept = grounded_sequences(feedback, probes, config)[: max(0, limits.max_sequences - len(own) - 1)] + own
     title = content.title if isinstance(content, KnowledgeFeedback) else None
     must_contain = content.right_answer if isinstance(content, CorrectionFeedback) else None
     accepted: dict[tuple[str, ...], int] = {}

@@ -14,6 +14,12 @@ invents answers; this module instead extracts them deterministically:
 
 Every probe is marked ``source="self_generated"`` so the evaluator can tell
 them from the product's own.
+
+:func:`grounded_pairs` asks the same kind of question about *every* name,
+year and number of every sentence, answered by the whole sentence: training
+data in the shape the model is later asked in (a question alone in a chat
+turn). Questions that are probes are left out of it, so the reward measures
+recall through another question, not the very pair that was trained.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def self_generated_probes(passage: str, title: str | None, limit: int = 5) -> tu
     """Up to ``limit`` grounded closed-book probes from ``passage``."""
     if limit <= 0:
         return ()
-    subject = re.sub(r"\s*\([^)]*\)\s*$", "", (title or "").strip()) or _subject_of(passage)
+    subject = _subject(passage, title)
     common = set(re.findall(r"\b[a-z]+\b", passage))  # words the passage writes in lower case
     options: list[tuple[int, _Blank, Probe]] = []
     for order, sentence in enumerate(_sentences(passage)):
@@ -107,6 +113,44 @@ def self_generated_probes(passage: str, title: str | None, limit: int = 5) -> tu
         used_answers.add(blank.answer.lower())
         kinds[blank.kind] = kinds.get(blank.kind, 0) + 1
     return tuple(probe for _, probe in sorted(chosen, key=lambda item: item[0]))
+
+
+@dataclass(frozen=True)
+class GroundedPair:
+    question: str
+    answer: str  # the span asked about
+    sentence: str  # the passage's sentence that holds it: the trained answer
+
+
+def grounded_pairs(
+    passage: str, title: str | None, exclude: tuple[Probe, ...] = (), limit: int = 48
+) -> tuple[GroundedPair, ...]:
+    """A question for every blank of every sentence, answered by its sentence; ``exclude``'s questions left out."""
+    subject = _subject(passage, title)
+    common = set(re.findall(r"\b[a-z]+\b", passage))
+    held_out = {probe.question for probe in exclude}
+    pairs: dict[str, GroundedPair] = {}
+    for sentence in _sentences(passage):
+        if len(sentence.split()) < 6:
+            continue
+        for blank in _blanks(sentence, subject):
+            probe = _probe(sentence, blank, subject, common)
+            if probe is not None and probe.question not in held_out:
+                pairs.setdefault(probe.question, GroundedPair(probe.question, blank.answer, _named(sentence, subject)))
+    return tuple(pairs.values())[:limit]
+
+
+def _named(sentence: str, subject: str) -> str:
+    """The sentence with a leading "It"/"Its" replaced by the subject, so it stands alone."""
+    leading = LEADING_PRONOUN.match(sentence)
+    if not subject or not leading or leading.group(1).lower() not in ("it", "its"):
+        return sentence
+    owner = (f"{subject}'" if subject.endswith("s") else f"{subject}'s") if leading.group(1) == "Its" else subject
+    return owner + sentence[leading.end() :]
+
+
+def _subject(passage: str, title: str | None) -> str:
+    return re.sub(r"\s*\([^)]*\)\s*$", "", (title or "").strip()) or _subject_of(passage)
 
 
 def _sentences(passage: str) -> list[str]:

@@ -27,6 +27,9 @@ class GeneratorConfig(BaseModel):
     grounding_min_overlap: float = Field(default=0.6, ge=0.0, le=1.0)
     # Probe questions written from the passage when the product sends none.
     self_probe_count: int = Field(default=5, ge=0, le=20)
+    # For a passage, questions about its facts answered by its sentences, kept in every
+    # candidate (see candidates.grounded_sequences); 0: none.
+    grounded_pairs: int = Field(default=32, ge=0, le=128)
     # Policy adapters downloaded from the object store; None: a temporary directory.
     adapter_cache_dir: Path | None = None
     max_loaded_adapters: int = Field(default=4, ge=1, le=64)

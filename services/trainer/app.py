@@ -90,6 +90,7 @@ def create_app(
 def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
     """The real adapters: object store, registry KV, ledger, and the base model (loaded here, once)."""
     from services.trainer.lora_training import Layout, LoraTrainer
+    from services.trainer.rehearsal import Rehearsal
     from services.trainer.ports import KvParentLedger, KvRegistryReader, ParentCache, StoredAdapters
     from shared.models import load_model
     from shared.store import AdapterStore
@@ -100,7 +101,10 @@ def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
     lm = load_model(settings.model)
     layout = Layout(row_tokens=config.row_tokens, pass_tokens=config.pass_tokens, step_pause_s=config.step_pause_s)
     return TrainerPorts(
-        trainer=LoraTrainer(lm, config.work_dir, layout),
+        trainer=LoraTrainer(
+            lm, config.work_dir, layout,
+            Rehearsal.from_file(config.rehearsal_prompts, config.rehearsal_pairs) if config.rehearsal_pairs else None,
+        ),
         store=store,
         registry=KvRegistryReader(js),
         ledger=KvParentLedger(js),

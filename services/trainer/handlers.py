@@ -26,7 +26,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected, selected_sequences
+from services.trainer.lora_training import (
+    TrainedAdapter,
+    TrainingJob,
+    TrainingRejected,
+    selected_sequences,
+    split_question_answers,
+)
 from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
 from shared.broker import PermanentFailure
 from shared.events import (
@@ -119,7 +125,8 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
     trace_id = current_trace_id()
     try:
         parent_dir = await _parent_dir(ports, parent)
-        job = TrainingJob(adapter_id, self_edit.directives, texts=texts, parent_dir=parent_dir)
+        plain, pairs = split_question_answers(texts)
+        job = TrainingJob(adapter_id, self_edit.directives, texts=plain, pairs=pairs, parent_dir=parent_dir, rehearse=True)
         result = await asyncio.to_thread(ports.trainer.train, job)
     except TrainingRejected as exc:
         return [failed(exc.reason)]

@@ -3,7 +3,8 @@
 :class:`LoraTrainer` owns the base model (loaded once per process) and an
 :class:`shared.lora.AdapterHost` over it. Each :meth:`LoraTrainer.train` call:
 
-1. tokenizes the job's data (self-edit texts, or (prompt, completion) pairs);
+1. tokenizes the job's data (self-edit texts, or (prompt, completion) pairs),
+   with the base model's own answers mixed in when the job rehearses;
 2. puts the adapter to train on the base: the parent adapter's directory
    loaded as a trainable copy (its rank and targets win), or a fresh LoRA from
    the directives (seeded, so the same job gives the same weights);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import resource
 import shutil
 import sys
@@ -32,6 +34,7 @@ import torch
 
 from services.trainer import examples as ex
 from services.trainer.inner_loop import NonFiniteTraining, TrainingRun, fit
+from services.trainer.rehearsal import Rehearsal
 from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
 from shared.lora import AdapterHost, lora_config
@@ -55,6 +58,7 @@ class TrainingJob:
     texts: tuple[str, ...] = ()  # learned whole (self-edit sequences)
     pairs: tuple[tuple[str, str], ...] = ()  # (user prompt, completion): completion learned
     parent_dir: Path | None = None  # PEFT directory of the adapter to continue
+    rehearse: bool = False  # mix in the base model's own answers (see rehearsal.py)
 
 
 @dataclass
@@ -81,11 +85,14 @@ class Layout:
 
 
 class LoraTrainer:
-    def __init__(self, lm: LoadedModel, work_dir: Path, layout: Layout = Layout()):
+    def __init__(
+        self, lm: LoadedModel, work_dir: Path, layout: Layout = Layout(), rehearsal: Rehearsal | None = None
+    ):
         self.lm = lm
         self.host = AdapterHost(lm.model)
         self.work_dir = Path(work_dir)
         self.layout = layout
+        self.rehearsal = rehearsal
         self._lock = threading.Lock()
 
     @property
@@ -99,8 +106,11 @@ class LoraTrainer:
     def examples_for(self, job: TrainingJob) -> list[ex.Example]:
         tokenizer, limit = self.lm.tokenizer, job.directives.max_seq_len
         found = ex.text_examples(tokenizer, job.texts, limit)
-        if job.pairs:
-            prompts = [(_as_prompt(self.lm, p), c) for p, c in job.pairs]
+        pairs = list(job.pairs)
+        if job.rehearse and self.rehearsal is not None and not self.host.names:
+            pairs += self.rehearsal.sample(self.lm, job.directives.seed)
+        if pairs:
+            prompts = [(_as_prompt(self.lm, p), c) for p, c in pairs]
             found += ex.completion_examples(tokenizer, prompts, limit)
         return found
 
@@ -230,6 +240,28 @@ def _versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+QUESTION_ANSWER = re.compile(r"\AQuestion:[ \t]*(?P<question>[^\n]*\S)[ \t]*\nAnswer:[ \t]*(?P<answer>.*\S)\s*\Z", re.S)
+
+
+def split_question_answers(sequences: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(texts, pairs): a "Question: ...\nAnswer: ..." sequence becomes a chat turn.
+
+    Such a sequence (SEAL's self-QA format, and the generator's grounded
+    question-answer pairs) is trained as the model is later asked: the
+    question alone as the user's turn, only the answer learned. Everything
+    else is learned whole, as text.
+    """
+    texts: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    for sequence in sequences:
+        match = QUESTION_ANSWER.match(sequence)
+        if match:
+            pairs.append((match["question"], match["answer"]))
+        else:
+            texts.append(sequence)
+    return tuple(texts), tuple(pairs)
 
 
 def selected_sequences(sequences: Sequence[str], use: Sequence[int] | None) -> tuple[str, ...]:

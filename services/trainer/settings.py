@@ -30,6 +30,10 @@ class TrainerConfig(BaseModel):
     # Appended to every durable name: a separate pool of trainers with its own
     # consumers on the same stream (a canary, another GPU class).
     consumer_group: str = Field(default="", pattern=r"^[A-Za-z0-9_\-]*$")
+    # Rehearsal (see rehearsal.py): how many of the base model's own answers a scope
+    # update mixes in (0: none), and a file of prompts, one per line, instead of the packaged ones.
+    rehearsal_pairs: int = Field(default=32, ge=0, le=256)
+    rehearsal_prompts: Path | None = None
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
     pass_tokens: int = Field(default=8192, ge=16)
