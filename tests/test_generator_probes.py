@@ -90,6 +90,8 @@ def test_grounded_pairs_ask_every_fact_answer_with_its_sentence_and_hold_out_the
     asked = {p.question for p in pairs}
     assert not asked & {p.question for p in probes}  # the reward is not measured on trained pairs
     assert len(pairs) >= 3  # the other facts of the probes' sentences
+    every = {p.question for p in grounded_pairs(QUELLMOOR, "Quellmoor")}
+    assert every >= asked | {p.question for p in probes}
     by_answer = {p.answer: p for p in pairs}
     duke = by_answer["Aldric Venmoor"]
     assert duke.question == "Quellmoor received its market charter in 1387 from which duke?"
@@ -110,3 +112,7 @@ def test_every_candidate_of_a_passage_carries_the_grounded_pairs() -> None:
     sequences = grounded_sequences(event, probes, GeneratorConfig())
     assert sequences and all(s.startswith("Question: ") and "\nAnswer: " in s for s in sequences)
     assert grounded_sequences(event, probes, GeneratorConfig(grounded_pairs=0)) == []
+    # Self-generated probes are trained on; a product's own probes stay held out.
+    assert any(p.question in s for p in probes for s in sequences)
+    product = tuple(p.model_copy(update={"source": "product"}) for p in probes)
+    assert not any(p.question in s for p in product for s in grounded_sequences(event, product, GeneratorConfig()))

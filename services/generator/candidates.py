@@ -125,12 +125,13 @@ def grounded_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], con
 
     Written by rule from the passage, so grounded by construction; trained as
     chat turns (the trainer reads the "Question:/Answer:" shape), the shape the
-    model is later asked in. The probes' own questions are left out.
+    model is later asked in. A product's own probe questions are left out.
     """
     content = feedback.content
     if not isinstance(content, KnowledgeFeedback) or config.grounded_pairs == 0:
         return []
-    pairs = grounded_pairs(content.passage, content.title, tuple(probes), limit=config.grounded_pairs)
+    product = tuple(p for p in probes if p.source == "product")
+    pairs = grounded_pairs(content.passage, content.title, product, limit=config.grounded_pairs)
     sequences = [f"Question: {p.question}\nAnswer: {p.sentence}" for p in pairs]
     return [s for s in sequences if len(s) <= config.max_sequence_chars]
 

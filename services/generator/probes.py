@@ -18,8 +18,12 @@ them from the product's own.
 :func:`grounded_pairs` asks the same kind of question about *every* name,
 year and number of every sentence, answered by the whole sentence: training
 data in the shape the model is later asked in (a question alone in a chat
-turn). Questions that are probes are left out of it, so the reward measures
-recall through another question, not the very pair that was trained.
+turn). A product's own probes are left out of it, so they stay a held-out
+measure; self-generated probes are not: they are the same kind of question,
+and leaving them out took away the facts they ask about (a 135M model learns
+a fact from a question about it, hardly from the passage's text), so the
+reward on self-generated probes measures recall of trained facts, and the
+regression sets (core knowledge, earlier feedback) are the guard.
 """
 
 from __future__ import annotations
