@@ -46,6 +46,7 @@ from shared.scoring import closed_book_accuracy  # noqa: E402
 from shared.settings import ModelSettings  # noqa: E402
 
 CORE = REPO / "services" / "evaluator" / "data" / "core.jsonl"
+SEAL_DIRECTIVES = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=32, lora_alpha=64, batch_size=4)
 RESULTS = REPO / "bench" / "results"
 
 
@@ -184,6 +185,18 @@ def markdown(conds: list[Condition], core_total: int, base_core: int, meta: dict
         lines.append(
             f"| {c.name} | {c.correct}/{c.total} | {100 * c.accuracy:.1f}% | {core_mean:.1f}/{core_total} | {drop:.1f} | {secs} |"
         )
+    by_name = {c.name: c for c in conds}
+    if "platform" in by_name and "passage" in by_name:
+        ours, passage = by_name["platform"], by_name["passage"]
+        ratio = f"{ours.accuracy / passage.accuracy:.2f}x" if passage.accuracy else "n/a (passage alone scored 0)"
+        points = 100 * (ours.accuracy - passage.accuracy)
+        core_mean = sum(ours.core_correct) / len(ours.core_correct) if ours.core_correct else base_core
+        lines += [
+            "",
+            f"Platform vs passage alone: {ratio}, {points:+.1f} points; platform core drop "
+            f"{100 * (base_core - core_mean) / core_total:.1f} points "
+            "(targets: >= 1.4x, >= +15 points, <= 2 points).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -195,8 +208,12 @@ def main() -> None:
     parser.add_argument("--core", type=Path, default=CORE)
     parser.add_argument("--conditions", default="none,passage,platform,gold")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one platform decision")
+    parser.add_argument("--baseline", choices=("seal", "platform"), default="seal",
+                        help="directives of the passage and gold conditions: SEAL's settings or the platform's defaults")
     args = parser.parse_args()
-    directives = TrainingDirectives()  # the platform's defaults, for a like-for-like baseline
+    # The baselines use SEAL's settings, the "where we start" (fresh LoRA r=32, alpha 64, all
+    # linear layers, lr 1e-3, 10 epochs); --baseline platform uses the platform's default directives.
+    directives = SEAL_DIRECTIVES if args.baseline == "seal" else TrainingDirectives()
 
     items = load_items(args.data)[: args.limit]
     core = load_core(args.core)

@@ -193,7 +193,7 @@ async def test_unparseable_directives_fall_back_to_the_defaults() -> None:
     policy = ScopePolicy(candidates=1, model_proposes_directives=True)
     ports, published = make_ports(policy, ScriptedWriter(suffix='\n{"learning_rate": fast, epochs: }'))
     await handle_feedback(payload(knowledge()), ports, GeneratorConfig())
-    assert published[0].self_edit.directives == ev.TrainingDirectives()  # type: ignore[attr-defined]
+    assert published[0].self_edit.directives == policy.default_directives  # type: ignore[attr-defined]
 
 
 async def test_malformed_feedback_is_answered_and_terminated() -> None:
