@@ -158,6 +158,12 @@ async def run_demo(
     }
 
 
+def failed_part(reason: str) -> str:
+    """A verdict's reason from its first failed gate on: what a person needs to see first."""
+    at = reason.find("failed ")
+    return reason[at:] if at > 0 else reason
+
+
 def describe_outcome(progress: FeedbackProgress) -> str:
     promoted = progress.of(ev.AdapterPromoted)
     rejected = progress.of(ev.AdapterRejected)
@@ -166,8 +172,9 @@ def describe_outcome(progress: FeedbackProgress) -> str:
     if promoted:
         return f"promoted v{promoted[-1].version} (candidate rewards {rewards})"  # type: ignore[attr-defined]
     if rejected:
-        reasons = "; ".join(r for e in rejected for r in e.reasons)  # type: ignore[attr-defined]
-        return f"rejected: {reasons[:200]}" + (f" (rewards {rewards})" if rewards else "")
+        reasons = "; ".join(dict.fromkeys(failed_part(r) for e in rejected for r in e.reasons))  # type: ignore[attr-defined]
+        cut = reasons if len(reasons) <= 300 else reasons[:299] + "…"
+        return f"rejected: {cut}" + (f" (rewards {rewards})" if rewards else "")
     if progress.of(ev.FeedbackRejected):
         return "feedback rejected: " + progress.of(ev.FeedbackRejected)[0].reason  # type: ignore[attr-defined]
     return progress.stage()
