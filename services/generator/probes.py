@@ -86,16 +86,8 @@ def self_generated_probes(passage: str, title: str | None, limit: int = 5) -> tu
     """Up to ``limit`` grounded closed-book probes from ``passage``."""
     if limit <= 0:
         return ()
-    subject = _subject(passage, title)
-    common = set(re.findall(r"\b[a-z]+\b", passage))  # words the passage writes in lower case
-    options: list[tuple[int, _Blank, Probe]] = []
-    for order, sentence in enumerate(_sentences(passage)):
-        if len(sentence.split()) < 6:
-            continue
-        for blank in _blanks(sentence, subject):
-            probe = _probe(sentence, blank, subject, common)
-            if probe is not None:
-                options.append((order, blank, probe))
+    _, asked = _questions(passage, title)
+    options = [(order, blank, probe) for order, _, blank, probe in asked]
     # Greedy: the best blank of an unused sentence, a kind already chosen counting for less.
     chosen: list[tuple[int, Probe]] = []
     used_sentences: set[int] = set()
@@ -130,18 +122,28 @@ def grounded_pairs(
     passage: str, title: str | None, exclude: tuple[Probe, ...] = (), limit: int = 48
 ) -> tuple[GroundedPair, ...]:
     """A question for every blank of every sentence, answered by its sentence; ``exclude``'s questions left out."""
-    subject = _subject(passage, title)
-    common = set(re.findall(r"\b[a-z]+\b", passage))
+    subject, asked = _questions(passage, title)
     held_out = {probe.question for probe in exclude}
     pairs: dict[str, GroundedPair] = {}
-    for sentence in _sentences(passage):
+    for _, sentence, blank, probe in asked:
+        if probe.question not in held_out:
+            pairs.setdefault(probe.question, GroundedPair(probe.question, blank.answer, _named(sentence, subject)))
+    return tuple(pairs.values())[:limit]
+
+
+def _questions(passage: str, title: str | None) -> tuple[str, list[tuple[int, str, _Blank, Probe]]]:
+    """The subject, and (sentence number, sentence, blank, probe) for every blank a question can be asked about."""
+    subject = _subject(passage, title)
+    common = set(re.findall(r"\b[a-z]+\b", passage))  # words the passage writes in lower case
+    asked = []
+    for order, sentence in enumerate(_sentences(passage)):
         if len(sentence.split()) < 6:
             continue
         for blank in _blanks(sentence, subject):
             probe = _probe(sentence, blank, subject, common)
-            if probe is not None and probe.question not in held_out:
-                pairs.setdefault(probe.question, GroundedPair(probe.question, blank.answer, _named(sentence, subject)))
-    return tuple(pairs.values())[:limit]
+            if probe is not None:
+                asked.append((order, sentence, blank, probe))
+    return subject, asked
 
 
 def _named(sentence: str, subject: str) -> str:
@@ -149,8 +151,12 @@ def _named(sentence: str, subject: str) -> str:
     leading = LEADING_PRONOUN.match(sentence)
     if not subject or not leading or leading.group(1).lower() not in ("it", "its"):
         return sentence
-    owner = (f"{subject}'" if subject.endswith("s") else f"{subject}'s") if leading.group(1) == "Its" else subject
-    return owner + sentence[leading.end() :]
+    return (_owner(subject) if leading.group(1) == "Its" else subject) + sentence[leading.end() :]
+
+
+def _owner(subject: str) -> str:
+    """The subject's possessive: "Quellmoor's", "Velliver Instruments'"."""
+    return f"{subject}'" if subject.endswith("s") else f"{subject}'s"
 
 
 def _subject(passage: str, title: str | None) -> str:
@@ -283,8 +289,7 @@ def _probe(sentence: str, blank: _Blank, subject: str, common: set[str]) -> Prob
         leading = LEADING_PRONOUN.match(text)
         if leading and leading.group(1).lower() in ("it", "its", "it's"):
             possessive = leading.group(1).lower() == "its"
-            owner = f"{subject}'" if subject.endswith("s") else f"{subject}'s"
-            text = LEADING_PRONOUN.sub(owner if possessive else subject, text, count=1)
+            text = LEADING_PRONOUN.sub(_owner(subject) if possessive else subject, text, count=1)
         elif not _mentions(text, subject):
             text = f"About {subject}: {text[0].lower() + text[1:] if _lower_ok(text, common) else text}"
     question = text + "?"

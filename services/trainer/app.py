@@ -102,8 +102,7 @@ def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
     layout = Layout(row_tokens=config.row_tokens, pass_tokens=config.pass_tokens, step_pause_s=config.step_pause_s)
     return TrainerPorts(
         trainer=LoraTrainer(
-            lm, config.work_dir, layout,
-            Rehearsal.from_file(config.rehearsal_prompts, config.rehearsal_pairs) if config.rehearsal_pairs else None,
+            lm, config.work_dir, layout, Rehearsal.from_file(config.rehearsal_prompts, config.rehearsal_pairs)
         ),
         store=store,
         registry=KvRegistryReader(js),
