@@ -159,20 +159,62 @@ def test_question_answer_sequences_are_trained_as_chat_turns() -> None:
     assert texts == ("Quellmoor\nQuellmoor is a market town.", "Question: two lines\nof question\nAnswer: is not a pair")
 
 
-def test_a_rehearsing_job_mixes_in_the_base_models_own_answers(default_model, tmp_path) -> None:
+def test_a_rehearsing_job_is_held_to_the_base_models_own_answers(default_model, tmp_path) -> None:
+    from services.trainer.lora_training import Anchoring
     from services.trainer.rehearsal import Rehearsal, packaged_prompts
 
     rehearsal = Rehearsal(("Say hello.", "Name a colour.", "Count to three."), count=2)
-    trainer = LoraTrainer(default_model, tmp_path, rehearsal=rehearsal)  # the tiny model answers nothing
-    job = TrainingJob("plain", FAST, texts=TEXTS[:1])
-    alone = trainer.examples_for(job)
-    mixed = trainer.examples_for(TrainingJob("rehearsing", FAST, texts=TEXTS[:1], rehearse=True))
-    assert len(alone) == 1 and len(mixed) == 3  # two of the three prompts, sampled by the seed
+    trainer = LoraTrainer(default_model, tmp_path, rehearsal=rehearsal)
+    plain = TrainingJob("plain", FAST, texts=TEXTS[:1])
+    rehearsing = TrainingJob("rehearsing", FAST, texts=TEXTS[:1], rehearse=True)
+    assert trainer.rehearsal_examples(plain) == []
+    held = trainer.rehearsal_examples(rehearsing)
+    assert len(held) == 2  # two of the three prompts, sampled by the seed
+    assert len(trainer.examples_for(rehearsing)) == 1  # the answers are held to, not trained as data
     answers = rehearsal.answers(default_model)
     assert answers is rehearsal.answers(default_model)  # generated once
     assert len(answers) == 3 and all(prompt in rehearsal.prompts and answer for prompt, answer in answers)
     assert rehearsal.sample(default_model, seed=1) == rehearsal.sample(default_model, seed=1)
-    assert len(packaged_prompts()) >= 32
+    assert LoraTrainer(default_model, tmp_path, rehearsal=rehearsal, anchoring=Anchoring(weight=0)).rehearsal_examples(rehearsing) == []
+    assert len(packaged_prompts()) >= 64
+
+
+class FixedAnswers:
+    """Stands in for the base's generated answers (the tiny model's are noise)."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def sample(self, lm, seed, host=None):
+        return self.pairs
+
+
+def test_the_kl_anchor_holds_the_model_near_the_base_on_the_rehearsal_answers(tiny_model, tmp_path) -> None:
+    from services.trainer.lora_training import Anchoring
+    from services.trainer.rehearsal import KlAnchor
+
+    # Answers that share words with the training texts, so that training alone moves them.
+    pairs = (("the town of", "green river was founded"), ("the population of", "red city was four"), ("what is the", "capital of blue town"))
+    hard = FAST.model_copy(update={"learning_rate": 1e-2, "epochs": 12})
+    job = TrainingJob("anchored", hard, texts=TEXTS, rehearse=True)
+    trainer = LoraTrainer(tiny_model, tmp_path, rehearsal=FixedAnswers(pairs))
+    measure = KlAnchor(trainer.host, trainer.rehearsal_examples(job), weight=1.0, batch=2, pad_id=0, device=tiny_model.device)
+    assert measure.divergence(trainer.host.model) == pytest.approx(0.0, abs=1e-6)  # the bare base: nothing moved
+    moved = {}
+    for weight in (0.0, 5.0):
+        trainer.anchoring = Anchoring(weight, 2)
+        result = trainer.train(job)
+        assert result.rehearsal_examples == (3 if weight else 0)
+        assert len(result.run.anchor_curve) == (result.run.steps if weight else 0)
+        trainer.host.load("anchored", result.directory)
+        try:
+            moved[weight] = measure.divergence(trainer.host.model)
+        finally:
+            trainer.host.remove("anchored")
+        if weight:
+            assert result.rehearsal_kl == pytest.approx(moved[weight], rel=1e-3)
+            assert result.run.anchor_curve[0] == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA starts at the base
+    assert moved[0.0] > 0.01 and moved[5.0] < moved[0.0] / 2, moved
 
 
 def test_the_rehearsal_prompts_are_not_core_questions() -> None:

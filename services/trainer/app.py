@@ -89,7 +89,7 @@ def create_app(
 
 def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
     """The real adapters: object store, registry KV, ledger, and the base model (loaded here, once)."""
-    from services.trainer.lora_training import Layout, LoraTrainer
+    from services.trainer.lora_training import Anchoring, Layout, LoraTrainer
     from services.trainer.rehearsal import Rehearsal
     from services.trainer.ports import KvParentLedger, KvRegistryReader, ParentCache, StoredAdapters
     from shared.models import load_model
@@ -102,7 +102,11 @@ def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
     layout = Layout(row_tokens=config.row_tokens, pass_tokens=config.pass_tokens, step_pause_s=config.step_pause_s)
     return TrainerPorts(
         trainer=LoraTrainer(
-            lm, config.work_dir, layout, Rehearsal.from_file(config.rehearsal_prompts, config.rehearsal_pairs)
+            lm,
+            config.work_dir,
+            layout,
+            Rehearsal.from_file(config.rehearsal_prompts, config.rehearsal_pairs),
+            Anchoring(weight=config.rehearsal_weight, batch=config.rehearsal_batch),
         ),
         store=store,
         registry=KvRegistryReader(js),

@@ -53,7 +53,7 @@ from shared.telemetry import current_trace_id
 
 log = logging.getLogger(__name__)
 
-RECIPE = "packed examples, loss on real tokens only, AdamW + linear decay, grad clip 1.0"
+RECIPE = "packed examples, loss on real tokens only, AdamW + linear decay, grad clip 1.0, KL to the base on rehearsal answers"
 
 
 @dataclass
@@ -270,6 +270,7 @@ def adapter_manifest(
             "seed": directives.seed,
             "examples": result.examples,
             "truncated_examples": result.truncated,
+            "rehearsal_examples": result.rehearsal_examples,
             "device": result.device,
             "dtype": result.dtype,
             "parent_version": parent.version if parent else None,
@@ -281,6 +282,8 @@ def adapter_manifest(
         metrics={
             "loss_curve": run.loss_curve,
             "epoch_losses": run.epoch_losses,
+            "rehearsal_kl_curve": run.anchor_curve,
+            "rehearsal_kl": result.rehearsal_kl,
             "initial_loss": run.initial_loss,
             "final_loss": run.final_loss,
             "steps": run.steps,

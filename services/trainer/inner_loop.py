@@ -7,6 +7,10 @@ the same thing here), over steps from :func:`examples.plan_epoch`. The loss of
 a step is the mean over its real target tokens; a step split into several
 forward passes weights each pass by its share of the step's targets.
 
+An ``anchor`` (see :class:`services.trainer.rehearsal.KlAnchor`) adds its
+own back-propagated term to every step before the gradient is clipped; its
+values are kept apart from the loss on the examples (``anchor_curve``).
+
 Any non-finite loss, gradient or weight stops training with
 :class:`NonFiniteTraining`; nothing half-trained leaves this module.
 
@@ -39,6 +43,7 @@ class NonFiniteTraining(Exception):
 class TrainingRun:
     loss_curve: list[float] = field(default_factory=list)  # one value per optimizer step
     epoch_losses: list[float] = field(default_factory=list)  # target-weighted mean per epoch
+    anchor_curve: list[float] = field(default_factory=list)  # the anchor's term per step (none: empty)
     steps: int = 0
     target_tokens: int = 0  # tokens the loss was taken on, all epochs
     processed_tokens: int = 0  # tokens that went through the model, padding included
@@ -62,6 +67,7 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[int, int, float], None] | None = None,
     pause_s: float = 0.0,
+    anchor: Callable[[torch.nn.Module, int], float] | None = None,
 ) -> TrainingRun:
     """Train ``parameters`` of ``model`` over the planned ``epochs``; returns the run."""
     if not parameters:
@@ -79,6 +85,11 @@ def fit(
                 loss = _step(model, step, device)
                 if not math.isfinite(loss):
                     raise NonFiniteTraining(f"loss became {loss} at step {run.steps + 1} (epoch {epoch})")
+                if anchor is not None:
+                    held = anchor(model, run.steps)
+                    if not math.isfinite(held):
+                        raise NonFiniteTraining(f"the anchor's term became {held} at step {run.steps + 1} (epoch {epoch})")
+                    run.anchor_curve.append(held)
                 norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
                 if not torch.isfinite(norm):
                     raise NonFiniteTraining(f"gradient norm became {float(norm)} at step {run.steps + 1} (epoch {epoch})")

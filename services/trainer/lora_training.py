@@ -3,8 +3,9 @@
 :class:`LoraTrainer` owns the base model (loaded once per process) and an
 :class:`shared.lora.AdapterHost` over it. Each :meth:`LoraTrainer.train` call:
 
-1. tokenizes the job's data (self-edit texts, or (prompt, completion) pairs),
-   with the base model's own answers mixed in when the job rehearses;
+1. tokenizes the job's data (self-edit texts, or (prompt, completion) pairs)
+   and, when the job rehearses, the base model's own answers to unrelated
+   prompts, which every step holds the model to (rehearsal.py);
 2. puts the adapter to train on the base: the parent adapter's directory
    loaded as a trainable copy (its rank and targets win), or a fresh LoRA from
    the directives (seeded, so the same job gives the same weights);
@@ -34,7 +35,7 @@ import torch
 
 from services.trainer import examples as ex
 from services.trainer.inner_loop import NonFiniteTraining, TrainingRun, fit
-from services.trainer.rehearsal import Rehearsal
+from services.trainer.rehearsal import KlAnchor, Rehearsal
 from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
 from shared.lora import AdapterHost, lora_config
@@ -58,7 +59,7 @@ class TrainingJob:
     texts: tuple[str, ...] = ()  # learned whole (self-edit sequences)
     pairs: tuple[tuple[str, str], ...] = ()  # (user prompt, completion): completion learned
     parent_dir: Path | None = None  # PEFT directory of the adapter to continue
-    rehearse: bool = False  # mix in the base model's own answers (see rehearsal.py)
+    rehearse: bool = False  # hold the model to the base's answers to unrelated prompts (rehearsal.py)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class TrainedAdapter:
     lora: dict[str, Any]
     examples: int
     truncated: int
+    rehearsal_examples: int
+    rehearsal_kl: float | None  # after training: how far the model moved from the base on them
     device: str
     dtype: str
     peak_memory_bytes: int
@@ -84,15 +87,29 @@ class Layout:
     step_pause_s: float = 0.0  # tests only: slow training down without using CPU
 
 
+@dataclass(frozen=True)
+class Anchoring:
+    """How hard rehearsal holds the model: the KL term's weight and examples per step."""
+
+    weight: float = 1.0
+    batch: int = 8
+
+
 class LoraTrainer:
     def __init__(
-        self, lm: LoadedModel, work_dir: Path, layout: Layout = Layout(), rehearsal: Rehearsal | None = None
+        self,
+        lm: LoadedModel,
+        work_dir: Path,
+        layout: Layout = Layout(),
+        rehearsal: Rehearsal | None = None,
+        anchoring: Anchoring = Anchoring(),
     ):
         self.lm = lm
         self.host = AdapterHost(lm.model)
         self.work_dir = Path(work_dir)
         self.layout = layout
         self.rehearsal = rehearsal
+        self.anchoring = anchoring
         self._lock = threading.Lock()
 
     @property
@@ -106,19 +123,25 @@ class LoraTrainer:
     def examples_for(self, job: TrainingJob) -> list[ex.Example]:
         tokenizer, limit = self.lm.tokenizer, job.directives.max_seq_len
         found = ex.text_examples(tokenizer, job.texts, limit)
-        pairs = list(job.pairs)
-        if job.rehearse and self.rehearsal is not None and not self.host.names:
-            pairs += self.rehearsal.sample(self.lm, job.directives.seed)
-        if pairs:
-            prompts = [(_as_prompt(self.lm, p), c) for p, c in pairs]
+        if job.pairs:
+            prompts = [(_as_prompt(self.lm, p), c) for p, c in job.pairs]
             found += ex.completion_examples(tokenizer, prompts, limit)
         return found
+
+    def rehearsal_examples(self, job: TrainingJob) -> list[ex.Example]:
+        """The base's answers a rehearsing job is held to (none without rehearsal or a weight)."""
+        if not (job.rehearse and self.rehearsal is not None and self.anchoring.weight > 0):
+            return []
+        pairs = self.rehearsal.sample(self.lm, job.directives.seed, self.host)
+        prompts = [(_as_prompt(self.lm, p), c) for p, c in pairs]
+        return ex.completion_examples(self.lm.tokenizer, prompts, job.directives.max_seq_len)
 
     def train(self, job: TrainingJob) -> TrainedAdapter:
         with self._lock:
             examples = self.examples_for(job)
             if not examples:
                 raise TrainingRejected("nothing to train on: no example has a token to learn")
+            rehearsal = self.rehearsal_examples(job)
             d = job.directives
             _seed(d.seed)
             try:
@@ -129,6 +152,19 @@ class LoraTrainer:
                 what = "the parent adapter does not load" if job.parent_dir else "no LoRA fits"
                 raise TrainingRejected(f"{what} on this base model: {exc}") from exc
             device = self.lm.device
+            anchor = (
+                KlAnchor(
+                    self.host,
+                    rehearsal,
+                    weight=self.anchoring.weight,
+                    batch=self.anchoring.batch,
+                    pad_id=_pad_id(self.lm),
+                    device=device,
+                    pass_tokens=max(self.layout.pass_tokens, d.max_seq_len),
+                )
+                if rehearsal
+                else None
+            )
             _reset_peak_memory(device)
             plan = [
                 ex.plan_epoch(
@@ -152,7 +188,9 @@ class LoraTrainer:
                         "adapter %s: epoch %d/%d loss %.4f", job.adapter_id, e, n, loss
                     ),
                     pause_s=self.layout.step_pause_s,
+                    anchor=anchor,
                 )
+                held = anchor.divergence(self.host.model) if anchor is not None else None
                 peak, kind = _peak_memory(device)
                 out = self.work_dir / "trained" / job.adapter_id
                 if out.exists():
@@ -167,6 +205,8 @@ class LoraTrainer:
                 run=run,
                 lora=lora,
                 examples=len(examples),
+                rehearsal_examples=len(rehearsal),
+                rehearsal_kl=held,
                 truncated=sum(e.truncated for e in examples),
                 device=str(device),
                 dtype=str(next(self.lm.model.parameters()).dtype).removeprefix("torch."),

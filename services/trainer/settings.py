@@ -31,9 +31,13 @@ class TrainerConfig(BaseModel):
     # consumers on the same stream (a canary, another GPU class).
     consumer_group: str = Field(default="", pattern=r"^[A-Za-z0-9_\-]*$")
     # Rehearsal (see rehearsal.py): how many of the base model's own answers a scope
-    # update mixes in (0: none), and a file of prompts, one per line, instead of the packaged ones.
-    rehearsal_pairs: int = Field(default=32, ge=0, le=256)
+    # update is held to (0: none), a file of prompts, one per line, instead of the
+    # packaged ones, the weight of the KL term that holds them (0: none) and how many
+    # of them each optimizer step takes.
+    rehearsal_pairs: int = Field(default=64, ge=0, le=512)
     rehearsal_prompts: Path | None = None
+    rehearsal_weight: float = Field(default=1.0, ge=0.0, le=100.0)
+    rehearsal_batch: int = Field(default=8, ge=1, le=256)
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
     pass_tokens: int = Field(default=8192, ge=16)
