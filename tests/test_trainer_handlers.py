@@ -98,9 +98,11 @@ class FakeLedger:
 
 class CountingTrainer(LoraTrainer):
     jobs = 0
+    last_job = None
 
     def train(self, job):  # type: ignore[no-untyped-def]
         self.jobs += 1
+        self.last_job = job
         return super().train(job)
 
 
@@ -166,6 +168,37 @@ async def test_next_update_continues_the_active_adapter(ports, tmp_path) -> None
     ports.store.get_adapter(second.adapter, directory)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ports.trainer.lm.path), str(directory))
     assert model.peft_config["default"].r == 4
+
+
+async def test_a_continuing_update_replays_the_lineages_earlier_sequences(ports) -> None:
+    [first] = await handlers.train_self_edit(self_edit_event(), ports)
+    activate(ports, "acme", first)
+    later = ("the river of red city was crossed by a bridge of stone", "Question: What crossed the river?\nAnswer: a stone bridge")
+    [second] = await handlers.train_self_edit(self_edit_event(sequences=later, completion="\n".join(later)), ports)
+    job = ports.trainer.last_job
+    assert set(job.texts) == {later[0], *SEQUENCES}  # the new self-edit and the first one, replayed
+    assert job.pairs == (("What crossed the river?", "a stone bridge"),)
+    _, manifest = ports.store.stored(second.adapter.uri)
+    assert manifest.training["lineage_sequences"] == [*SEQUENCES, *later]
+    assert manifest.training["replayed_sequences"] == len(SEQUENCES)
+    _, first_manifest = ports.store.stored(first.adapter.uri)
+    assert first_manifest.training["lineage_sequences"] == list(SEQUENCES)
+    assert first_manifest.training["replayed_sequences"] == 0
+
+
+async def test_replay_is_a_bounded_seeded_sample_of_the_lineage(ports) -> None:
+    earlier = [f"sequence {i}" for i in range(40)]
+    picked = handlers.replayed(earlier, 16, seed=7)
+    assert len(picked) == 16 and set(picked) <= set(earlier)
+    assert picked == handlers.replayed(earlier, 16, seed=7)
+    assert handlers.replayed(earlier[:5], 16, seed=7) == tuple(earlier[:5])
+    assert handlers.replayed(earlier, 0, seed=7) == ()
+    # A parent stored before lineages were recorded: its own selected sequences.
+    old = ev.SelfEdit(self_edit_id="s", format="rewrite", completion="a\nb\nc", sequences=("a", "b", "c"),
+                      directives=DIRECTIVES.model_copy(update={"use_sequences": (2, 0)}))
+    manifest = type("M", (), {"training": {}, "self_edit": old.model_dump(mode="json")})()
+    assert handlers.lineage_sequences(manifest) == ["c", "a"]
+    assert handlers.lineage_sequences(None) == []
 
 
 async def test_redelivery_is_idempotent_on_the_self_edit(ports) -> None:

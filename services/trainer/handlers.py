@@ -3,7 +3,9 @@
 * :func:`train_self_edit` (``selfedit.generated`` and
   ``training.rebase_requested``): one LoRA update of the scope's active
   adapter (or a fresh LoRA) on the self-edit -> ``adapter.trained`` or
-  ``adapter.training_failed``.
+  ``adapter.training_failed``. Every manifest records the sequences of its
+  whole lineage; an update that continues an adapter replays a seeded sample
+  of them beside the new self-edit, so the scope keeps what it learned before.
 * :func:`train_policy` (``policy.training_requested``): the generator's own
   policy adapter on (prompt, completion) pairs -> ``policy.trained``.
 
@@ -19,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -53,6 +57,7 @@ from shared.telemetry import current_trace_id
 
 log = logging.getLogger(__name__)
 
+LINEAGE_SEQUENCES = "lineage_sequences"
 RECIPE = "packed examples, loss on real tokens only, AdamW + linear decay, grad clip 1.0, KL to the base on rehearsal answers"
 
 
@@ -63,6 +68,8 @@ class TrainerPorts:
     registry: RegistryReader
     ledger: ParentLedger
     parents: ParentCache
+    # Earlier sequences of the scope's lineage replayed in a continuing update (0: none).
+    replay_sequences: int = 16
 
 
 class Parent(BaseModel):
@@ -124,8 +131,10 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
         return [failed(f"the directives select no sequence (use_sequences={self_edit.directives.use_sequences})")]
     trace_id = current_trace_id()
     try:
-        parent_dir = await _parent_dir(ports, parent)
-        plain, pairs = split_question_answers(texts)
+        parent_dir, parent_manifest = await _parent_adapter(ports, parent)
+        earlier = lineage_sequences(parent_manifest)
+        replay = replayed(earlier, ports.replay_sequences, self_edit.directives.seed)
+        plain, pairs = split_question_answers(texts + replay)
         job = TrainingJob(adapter_id, self_edit.directives, texts=plain, pairs=pairs, parent_dir=parent_dir, rehearse=True)
         result = await asyncio.to_thread(ports.trainer.train, job)
     except TrainingRejected as exc:
@@ -142,10 +151,37 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
         trace_id=trace_id,
         self_edit_id=self_edit.self_edit_id,
         self_edit=self_edit.model_dump(mode="json"),
-        extra={"attempt": attempt, "cause_event_id": event.event_id},
+        extra={
+            "attempt": attempt,
+            "cause_event_id": event.event_id,
+            "replayed_sequences": len(replay),
+            LINEAGE_SEQUENCES: [*earlier, *texts],
+        },
     )
     ref = await _store(ports, result, manifest)
     return [trained(ref, result.run.final_loss, result.run.seconds, trace_id)]
+
+
+def lineage_sequences(manifest: AdapterManifest | None) -> list[str]:
+    """Every sequence the scope's lineage up to this adapter was trained on, oldest first."""
+    if manifest is None:
+        return []
+    found = manifest.training.get(LINEAGE_SEQUENCES)
+    if isinstance(found, list):
+        return [s for s in found if isinstance(s, str)]
+    # An adapter stored before lineages were recorded: its own self-edit, as far as it says.
+    self_edit = manifest.self_edit or {}
+    sequences = [s for s in self_edit.get("sequences") or () if isinstance(s, str)]
+    use = (self_edit.get("directives") or {}).get("use_sequences")
+    return list(selected_sequences(sequences, use if isinstance(use, list) else None))
+
+
+def replayed(earlier: list[str], limit: int, seed: int) -> tuple[str, ...]:
+    """At most ``limit`` of the lineage's earlier sequences (a seeded sample), replayed beside
+    the new ones so a continuing update keeps what the scope learned before."""
+    if len(earlier) <= limit:
+        return tuple(earlier)
+    return tuple(random.Random(seed).sample(earlier, limit))
 
 
 # --------------------------------------------------------------------------- policy
@@ -210,9 +246,14 @@ async def pinned_parent(ports: TrainerPorts, key_parts: tuple[object, ...], read
     return Parent.model_validate(pinned) if pinned else None
 
 
-async def _parent_dir(ports: TrainerPorts, parent: Parent | None):
+async def _parent_dir(ports: TrainerPorts, parent: Parent | None) -> Path | None:
+    return (await _parent_adapter(ports, parent))[0]
+
+
+async def _parent_adapter(ports: TrainerPorts, parent: Parent | None) -> tuple[Path | None, AdapterManifest | None]:
+    """The parent's verified local directory and manifest (None, None for a fresh adapter)."""
     if parent is None:
-        return None
+        return None, None
     try:
         directory, manifest = await asyncio.to_thread(ports.parents.fetch, parent.adapter)
     except (IntegrityError, AdapterNotFound) as exc:
@@ -223,7 +264,7 @@ async def _parent_dir(ports: TrainerPorts, parent: Parent | None):
             f"parent adapter {parent.adapter_id} was trained on base {manifest.base_model} "
             f"({manifest.base_model_sha256[:12]}...), this trainer runs {ports.trainer.base_model} ({ours[:12]}...)"
         )
-    return directory
+    return directory, manifest
 
 
 async def _store(ports: TrainerPorts, result: TrainedAdapter, manifest: AdapterManifest) -> ManifestRef:
