@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from knowledge import CORE, RESULTS, load_core, score_adapter  # noqa: E402
 
-from seal.cli import provision, start_services, stop_services, wait_services_ready  # noqa: E402
+from seal.cli import SERVICES, free_service_port_base, provision, start_services, stop_services, wait_services_ready  # noqa: E402
 from seal.demo import load_items  # noqa: E402
 from seal.stack import LocalStack, StackPorts  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
@@ -63,8 +63,9 @@ def main() -> None:
     try:
         provision(stack)
         (home / "logs").mkdir(exist_ok=True)
-        procs = start_services(stack, home, args.model, ("registry", "generator", "trainer", "evaluator"))
-        wait_services_ready(procs)
+        port_base = free_service_port_base()  # beside another stack (a demo, another bench)
+        procs = start_services(stack, home, args.model, SERVICES, port_base)
+        wait_services_ready(procs, port_base=port_base)
         store = AdapterStore.from_settings(stack.store_settings())
 
         async def drive() -> None:

@@ -108,7 +108,7 @@ def run_platform_condition(
     lm: LoadedModel, host: AdapterHost, items: list[DemoItem], core: list[Probe], model: str, timeout: float
 ) -> tuple[Condition, Condition]:
     """Start the stack and the four services, submit each passage to its own scope, score the result."""
-    from seal.cli import provision, start_services, stop_services, wait_services_ready
+    from seal.cli import SERVICES, free_service_port_base, provision, start_services, stop_services, wait_services_ready
     from seal.stack import LocalStack, StackPorts
     from seal.watch import PlatformWatcher
     from shared import events as ev
@@ -122,8 +122,9 @@ def run_platform_condition(
     try:
         provision(stack)
         (home / "logs").mkdir(exist_ok=True)
-        procs = start_services(stack, home, model, ("registry", "generator", "trainer", "evaluator"))
-        wait_services_ready(procs)
+        port_base = free_service_port_base()  # beside another stack (a demo, another bench)
+        procs = start_services(stack, home, model, SERVICES, port_base)
+        wait_services_ready(procs, port_base=port_base)
         store = AdapterStore.from_settings(stack.store_settings())
 
         async def drive() -> dict[str, tuple[object, float, str]]:

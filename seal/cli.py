@@ -54,14 +54,30 @@ def health_table(stack: LocalStack, services: dict[str, subprocess.Popen] | None
     return table
 
 
-def start_services(stack: LocalStack, home: Path, model: str, names: tuple[str, ...]) -> dict[str, subprocess.Popen]:
-    """Each service as its own process, pointed at the stack by environment."""
+def free_service_port_base() -> int:
+    """A base port with the four service ports above it free: for a second stack beside the first."""
+    import random
+
+    from seal.stack import port_is_free
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000, 10)
+        if all(port_is_free(base + i) for i in range(len(SERVICES))):
+            return base
+    raise RuntimeError("found no four free ports in a row for the services")
+
+
+def start_services(
+    stack: LocalStack, home: Path, model: str, names: tuple[str, ...], port_base: int = SERVICE_PORT_BASE
+) -> dict[str, subprocess.Popen]:
+    """Each service as its own process, pointed at the stack by environment; service ``SERVICES[i]``
+    serves health and its API on ``port_base + i``."""
     import importlib.util
     import os
 
     procs: dict[str, subprocess.Popen] = {}
     logs = home / "logs"
-    for offset, name in enumerate(names):
+    for name in names:
         if importlib.util.find_spec(f"services.{name}.__main__") is None:
             console.print(f"[yellow]service {name} is not available yet; skipping[/]")
             continue
@@ -70,7 +86,7 @@ def start_services(stack: LocalStack, home: Path, model: str, names: tuple[str, 
             **stack.env(),
             "SEAL_MODEL__NAME": model,
             "SEAL_HTTP_HOST": "127.0.0.1",
-            "SEAL_HTTP_PORT": str(SERVICE_PORT_BASE + offset),
+            "SEAL_HTTP_PORT": str(port_base + SERVICES.index(name)),
         }
         out = (logs / f"{name}.log").open("ab")
         procs[name] = subprocess.Popen(
@@ -81,11 +97,13 @@ def start_services(stack: LocalStack, home: Path, model: str, names: tuple[str, 
     return procs
 
 
-def wait_services_ready(procs: dict[str, subprocess.Popen], timeout: float = 600.0) -> None:
+def wait_services_ready(
+    procs: dict[str, subprocess.Popen], timeout: float = 600.0, port_base: int = SERVICE_PORT_BASE
+) -> None:
     """Wait until every service answers 200 on /readyz (its model is loaded)."""
     import httpx
 
-    pending = {name: SERVICE_PORT_BASE + SERVICES.index(name) for name in procs}
+    pending = {name: port_base + SERVICES.index(name) for name in procs}
     deadline = time.monotonic() + timeout
     while pending:
         for name, port in list(pending.items()):

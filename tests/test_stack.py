@@ -50,3 +50,20 @@ def test_busy_port_is_reported(tmp_path: Path, stack: LocalStack) -> None:
     clash = LocalStack(tmp_path / "other", StackPorts(**{**vars(StackPorts.free()), "nats": stack.ports.nats}))
     with pytest.raises(RuntimeError, match=f"nats={stack.ports.nats}"):
         clash.start()
+
+
+def test_a_second_set_of_services_gets_ports_nobody_listens_on() -> None:
+    import socket
+
+    from seal.cli import SERVICE_PORT_BASE, SERVICES, free_service_port_base
+    from seal.stack import port_is_free
+
+    with socket.socket() as held:  # a port in use must never be handed out
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        for _ in range(20):
+            base = free_service_port_base()
+            ports = range(base, base + len(SERVICES))
+            assert taken not in ports and all(port_is_free(p) for p in ports)
+    assert SERVICE_PORT_BASE == 18080  # the documented ports of `seal up` and the demo stay put
