@@ -27,7 +27,15 @@ sys.path.insert(0, str(REPO))
 
 from knowledge import CORE, RESULTS, load_core, score_adapter  # noqa: E402
 
-from seal.cli import SERVICES, free_service_port_base, provision, start_services, stop_services, wait_services_ready  # noqa: E402
+from seal.cli import (  # noqa: E402
+    SERVICES,
+    free_service_port_base,
+    provision,
+    start_services,
+    stop_on_sigterm,
+    stop_services,
+    wait_services_ready,
+)
 from seal.demo import load_items  # noqa: E402
 from seal.stack import LocalStack, StackPorts  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
@@ -47,6 +55,7 @@ def main() -> None:
     parser.add_argument("--core", type=Path, default=CORE)
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
+    stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]
     core = load_core(args.core)

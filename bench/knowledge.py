@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from seal.cli import stop_on_sigterm  # noqa: E402
 from seal.demo import DemoItem, load_items  # noqa: E402
 from services.trainer.lora_training import LoraTrainer, TrainingJob  # noqa: E402
 from shared.events import Probe, TrainingDirectives  # noqa: E402
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--baseline", choices=("seal", "platform"), default="seal",
                         help="directives of the passage and gold conditions: SEAL's settings or the platform's defaults")
     args = parser.parse_args()
+    stop_on_sigterm()  # a killed run still stops its services and stack
     # The baselines use SEAL's settings, the "where we start" (fresh LoRA r=32, alpha 64, all
     # linear layers, lr 1e-3, 10 epochs); --baseline platform uses the platform's default directives.
     directives = SEAL_DIRECTIVES if args.baseline == "seal" else TrainingDirectives()

@@ -54,6 +54,17 @@ def health_table(stack: LocalStack, services: dict[str, subprocess.Popen] | None
     return table
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (a `kill`, a container stop) into SystemExit, so the ``finally`` blocks that
+    stop the services and the stack run: their processes live in sessions of their own and would
+    otherwise outlive this one."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def free_service_port_base() -> int:
     """A base port with the four service ports above it free: for a second stack beside the first."""
     import random
@@ -140,6 +151,7 @@ def up(
     model: str = typer.Option("default", "--model", envvar="SEAL_MODEL__NAME", help="Base model: default, tiny, a hub id or a path."),
 ) -> None:
     """Start the embedded stack (and the services) and keep it running until Ctrl-C."""
+    stop_on_sigterm()
     home = home.resolve()
     stack = LocalStack(home)
     started = time.monotonic()
@@ -179,6 +191,7 @@ def demo(
     scope: str = typer.Option("demo", "--scope", help="Scope (adapter line) the demo teaches."),
 ) -> None:
     """Run the whole loop on the embedded stack: feedback in, adapter versions out."""
+    stop_on_sigterm()
     from seal.demo import DEMO_DATA, load_items, run_demo
     from shared.models import load_model
     from shared.settings import ModelSettings

@@ -67,3 +67,24 @@ def test_a_second_set_of_services_gets_ports_nobody_listens_on() -> None:
             ports = range(base, base + len(SERVICES))
             assert taken not in ports and all(port_is_free(p) for p in ports)
     assert SERVICE_PORT_BASE == 18080  # the documented ports of `seal up` and the demo stay put
+
+
+def test_sigterm_runs_the_cleanup_that_stops_the_services(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    marker = tmp_path / "stopped"
+    script = (
+        "import os, signal, time\n"
+        "from seal.cli import stop_on_sigterm\n"
+        "stop_on_sigterm()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "finally:\n"
+        f"    open({str(marker)!r}, 'w').write('services stopped')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=60)
+    assert done.returncode == 143
+    assert marker.read_text() == "services stopped"
