@@ -10,6 +10,11 @@ result is a lower-triangular matrix: row i = after update i, column j =
 accuracy on passage j. Retention of the first passage = its accuracy after
 the last update / its accuracy right after its own update. JSON and Markdown
 go to ``bench/results/``.
+
+``--policy key=value`` sets the scope's policy first, as ``seal scope-policy
+set`` would: ``--policy max_regression_drop=1.0`` lifts the regression gate,
+which shows how much the trained updates themselves forget (SEAL's figure has
+no gate).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from seal.cli import (  # noqa: E402
     wait_services_ready,
 )
 from seal.demo import load_items  # noqa: E402
+from seal.ops import call  # noqa: E402
 from seal.stack import LocalStack, StackPorts  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
 from shared import events as ev  # noqa: E402
@@ -54,7 +60,18 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--core", type=Path, default=CORE)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
+                        help="scope policy setting for the run (repeatable), e.g. max_regression_drop=1.0")
     args = parser.parse_args()
+    changes = {}
+    for item in args.policy:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            parser.error(f"--policy wants key=value, got {item!r}")
+        try:
+            changes[key] = json.loads(raw)
+        except ValueError:
+            changes[key] = raw
     stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]
@@ -76,6 +93,10 @@ def main() -> None:
         procs = start_services(stack, home, args.model, SERVICES, port_base)
         wait_services_ready(procs, port_base=port_base)
         store = AdapterStore.from_settings(stack.store_settings())
+        if changes:
+            registry = f"http://127.0.0.1:{port_base + SERVICES.index('registry')}"
+            policy = call(registry, "PATCH", f"/v1/scopes/{scope}/policy", changes)
+            print(f"scope {scope} policy: {policy}", flush=True)
 
         async def drive() -> None:
             import nats
@@ -121,7 +142,8 @@ def main() -> None:
     first_last = matrix[-1][0] if matrix else 0
     retention = (first_last / first_own) if first_own else None
     lines = [
-        f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}.",
+        f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}"
+        + (f", policy {changes}." if changes else ", default policy."),
         "",
         "| after update | outcome | " + " | ".join(f"p{j + 1}" for j in range(len(items))) + " | core |",
         "|---|---|" + "---|" * len(items) + "---|",
@@ -139,7 +161,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"forgetting-{stamp}.md").write_text(table)
     (RESULTS / f"forgetting-{stamp}.json").write_text(
-        json.dumps({"matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
+        json.dumps({"policy": changes, "matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
     )
     print(table)
 

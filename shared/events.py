@@ -146,7 +146,9 @@ class TrainingDirectives(Contract):
         "lora_alpha": (1, 128),
         "batch_size": (1, 32),
         "max_seq_len": (16, 2048),
+        "adapter_scale": (0.05, 1.0),
     }
+    FLOATS: ClassVar[frozenset[str]] = frozenset({"learning_rate", "adapter_scale"})
 
     learning_rate: float = Field(default=1e-4, ge=1e-6, le=1e-3)
     epochs: int = Field(default=3, ge=1, le=20)
@@ -155,6 +157,9 @@ class TrainingDirectives(Contract):
     batch_size: int = Field(default=4, ge=1, le=32)
     max_seq_len: int = Field(default=256, ge=16, le=2048)
     target_modules: Literal["all-linear", "attention"] = "all-linear"
+    # The trained LoRA update (B @ A) is multiplied by this before it is stored: below 1, a
+    # gentler version of the same training (the generator's strength ladder, ScopePolicy).
+    adapter_scale: float = Field(default=1.0, ge=0.05, le=1.0)
     # Indices into the self-edit's sequences to train on; ``None`` means all.
     use_sequences: tuple[int, ...] | None = Field(default=None, max_length=256)
     seed: int = 0
@@ -173,7 +178,7 @@ class TrainingDirectives(Contract):
                 if number != number:  # NaN
                     continue
                 number = min(max(number, low), high)
-                values[name] = number if name == "learning_rate" else int(round(number))
+                values[name] = number if name in cls.FLOATS else int(round(number))
             elif name == "target_modules" and raw in ("all-linear", "attention"):
                 values[name] = raw
             elif name == "use_sequences" and isinstance(raw, (list, tuple)):

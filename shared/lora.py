@@ -22,6 +22,9 @@ adapter. Removing the last adapter unloads every LoRA layer again.
 and ``adapter_model.safetensors`` at its top level) that
 ``PeftModel.from_pretrained``, vLLM and LoRAX load unchanged.
 
+:func:`scale_update` scales a saved adapter's update (B @ A) in place: a
+gentler version of the same adapter, still a plain PEFT directory.
+
 Not thread-safe: one caller at a time (the trainer holds a lock around it).
 """
 
@@ -35,6 +38,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -171,3 +176,25 @@ class AdapterHost:
     def _check_free(self, name: str) -> None:
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is already loaded")
+
+
+def scale_update(directory: str | Path, scale: float) -> None:
+    """Multiply the LoRA update of the PEFT directory's adapter by ``scale`` (its B matrices).
+
+    The config is untouched, so servers that read ``lora_alpha`` as an integer
+    (vLLM, LoRAX) load the result unchanged. A ``scale`` of 1 leaves the file as it is.
+    """
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if scale == 1:
+        return
+    path = Path(directory) / ADAPTER_WEIGHTS
+    with safe_open(str(path), framework="pt") as weights:
+        metadata = weights.metadata()
+        tensors = {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118 (not a dict)
+    scaled = [key for key in tensors if ".lora_B." in key or ".lora_embedding_B" in key]
+    if not scaled:
+        raise ValueError(f"{path} holds no LoRA B matrix to scale")
+    for key in scaled:
+        tensors[key] = (tensors[key].float() * scale).to(tensors[key].dtype)
+    save_file(tensors, str(path), metadata=metadata)

@@ -19,7 +19,7 @@ each other's updates.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -63,6 +63,15 @@ class ScopePolicy(Contract):
     # trainer's rehearsal and the evaluator's regression gate hold forgetting back.
     default_directives: TrainingDirectives = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=16, lora_alpha=32)
     blocklist: tuple[str, ...] = ()
+    # A candidate whose training data repeats an earlier candidate's (the usual case with a
+    # small model, whose written self-edits rarely survive validation) is tried at the next
+    # strength of this ladder instead of being dropped as a duplicate: the same trained update
+    # scaled down (TrainingDirectives.adapter_scale), so the regression gate can pick the
+    # strongest version that keeps core knowledge. The first candidate of each distinct training
+    # data takes the first strength; past the end of the ladder a repeat is a duplicate.
+    strength_ladder: tuple[Annotated[float, Field(ge=0.05, le=1.0)], ...] = Field(
+        default=(1.0, 0.5), min_length=1, max_length=16
+    )
     # evaluator gates
     min_gain: float = Field(default=0.01, ge=-1.0, le=1.0)
     max_regression_drop: float = Field(default=0.02, ge=0.0, le=1.0)

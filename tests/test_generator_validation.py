@@ -20,6 +20,7 @@ from shared.events import (
     PreferenceFeedback,
     SelfEditGenerated,
     SelfEditRejected,
+    TrainingDirectives,
 )
 from shared.registry_view import ScopePolicy
 
@@ -191,17 +192,41 @@ def feedback(content: object) -> FeedbackSubmitted:
     return FeedbackSubmitted(feedback_id="fb-validation", scope="acme", content=content)
 
 
-def test_identical_candidates_are_rejected_as_duplicates_with_a_readable_reason() -> None:
+def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate() -> None:
     event = feedback(KnowledgeFeedback(passage=PASSAGE, title=TITLE))
-    policy = ScopePolicy(candidates=3, self_edit_format="implications")
+    policy = ScopePolicy(candidates=4, self_edit_format="implications", strength_ladder=(1.0, 0.5))
     plans = plan_candidates(event, policy, feedback_seed(event.feedback_id))
-    completions = ["Camels ate wool.", "Gold and diamonds of Ramdney.", "Quellmoor received its market charter in 1387."]
+    completions = [
+        "Camels ate wool.",
+        "Gold and diamonds of Ramdney.",
+        "Quellmoor received its market charter in 1387.",
+        "Silver of Ramdney.",
+    ]
     events = candidate_events(event, policy, plans, completions, GeneratorConfig())
-    assert [type(e) for e in events] == [SelfEditGenerated, SelfEditRejected, SelfEditGenerated]
-    assert events[0].self_edit.sequences[-1] == f"{TITLE}\n{PASSAGE}"  # the passage alone is still data
-    assert all(s.startswith("Question: ") for s in events[0].self_edit.sequences[:-1])  # grounded pairs
-    assert "same training data as candidate 0" in events[1].reasons[0]
-    assert "Ramdney" in events[1].reasons[0]
+    assert [type(e) for e in events] == [SelfEditGenerated, SelfEditGenerated, SelfEditGenerated, SelfEditRejected]
+    first, again, own = events[0].self_edit, events[1].self_edit, events[2].self_edit
+    assert first.sequences[-1] == f"{TITLE}\n{PASSAGE}"  # the passage alone is still data
+    assert all(s.startswith("Question: ") for s in first.sequences[:-1])  # grounded pairs
+    # Same data as candidate 0 (nothing written survived): the next, gentler strength.
+    assert again.sequences == first.sequences
+    assert (first.directives.adapter_scale, again.directives.adapter_scale) == (1.0, 0.5)
+    # Different data starts at the top of the ladder.
+    assert own.sequences != first.sequences and own.directives.adapter_scale == 1.0
+    assert "same training data as candidate 0" in events[3].reasons[0]
+    assert "every strength of the ladder (1.0, 0.5)" in events[3].reasons[0]
+    assert "Ramdney" in events[3].reasons[0]
+
+
+def test_the_ladder_scales_the_scopes_own_adapter_scale() -> None:
+    event = feedback(KnowledgeFeedback(passage=PASSAGE, title=TITLE))
+    policy = ScopePolicy(
+        candidates=3, self_edit_format="implications", strength_ladder=(1.0, 0.5, 0.1),
+        default_directives=TrainingDirectives(adapter_scale=0.4),
+    )
+    plans = plan_candidates(event, policy, feedback_seed(event.feedback_id))
+    events = candidate_events(event, policy, plans, ["Camels ate wool."] * 3, GeneratorConfig())
+    scales = [e.self_edit.directives.adapter_scale for e in events]
+    assert scales == [0.4, 0.2, 0.05]  # 0.4 x 0.1 is below the bound: clamped to 0.05
 
 
 def test_correction_sequences_must_state_the_right_answer() -> None:

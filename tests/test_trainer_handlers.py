@@ -153,6 +153,21 @@ async def test_first_update_of_a_scope_trains_a_fresh_lora_and_stores_a_full_man
     assert manifest.trace_id == out.trace_id
 
 
+async def test_the_ladders_gentler_candidate_stores_the_same_training_scaled(ports, tmp_path) -> None:
+    [full] = await handlers.train_self_edit(self_edit_event(), ports)
+    gentle = DIRECTIVES.model_copy(update={"adapter_scale": 0.3})
+    [scaled] = await handlers.train_self_edit(self_edit_event(directives=gentle, candidate_index=2), ports)
+    assert scaled.adapter_id != full.adapter_id
+    _, manifest = ports.store.stored(scaled.adapter.uri)
+    assert manifest.training["adapter_scale"] == 0.3
+    assert manifest.training["reused_training_of"] == full.adapter_id
+    assert manifest.directives["adapter_scale"] == 0.3
+    _, first = ports.store.stored(full.adapter.uri)
+    assert (first.training["adapter_scale"], first.training["reused_training_of"]) == (1.0, None)
+    assert manifest.metrics["loss_curve"] == first.metrics["loss_curve"]
+    assert manifest.files["adapter_model.safetensors"] != first.files["adapter_model.safetensors"]
+
+
 async def test_next_update_continues_the_active_adapter(ports, tmp_path) -> None:
     [first] = await handlers.train_self_edit(self_edit_event(), ports)
     activate(ports, "acme", first, version=4)

@@ -4,7 +4,9 @@
 format fixed by the scope or sampled); the model answers all of them in one
 batched call (:mod:`.writer`); :func:`candidate_events` turns the answers
 into one event per candidate: ``selfedit.generated`` with its sequences,
-directives and probes, or ``selfedit.rejected`` with its reasons.
+directives and probes, or ``selfedit.rejected`` with its reasons. Candidates
+with the same training data are tried at the decreasing strengths of the
+scope's ``strength_ladder`` (``adapter_scale``) before any is a duplicate.
 
 Everything here is deterministic given the feedback, the policy and the
 completions: event ids derive from the feedback event and the candidate
@@ -42,6 +44,7 @@ from shared.events import (
     SelfEditFormat,
     SelfEditGenerated,
     SelfEditRejected,
+    TrainingDirectives,
     derived_id,
 )
 from shared.registry_view import ScopePolicy
@@ -154,7 +157,8 @@ def candidate_events(
     kept = grounded_sequences(feedback, probes, config)[: max(0, limits.max_sequences - len(own) - 1)] + own
     title = content.title if isinstance(content, KnowledgeFeedback) else None
     must_contain = content.right_answer if isinstance(content, CorrectionFeedback) else None
-    accepted: dict[tuple[str, ...], int] = {}
+    accepted: dict[tuple[str, ...], list[int]] = {}  # training data -> candidates that train on it
+    ladder = policy.strength_ladder
     events: list[Event] = []
     for plan, completion in zip(plans, completions, strict=True):
         text = _joined(plan.prompt.prefill, completion)[:COMPLETION_HARD_LIMIT]
@@ -169,7 +173,7 @@ def candidate_events(
             limits=limits,
             must_contain=must_contain,
         )
-        reasons = verdict.reasons or _duplicate_reason(verdict, accepted)
+        reasons = verdict.reasons or _duplicate_reason(verdict, accepted, ladder)
         edit_id = self_edit_id(feedback, plan.index)
         log.info(
             "candidate %d/%d of %s (%s): %d written sequences kept, %d dropped%s",
@@ -188,8 +192,13 @@ def candidate_events(
                 )
             )
             continue
-        accepted[verdict.sequences] = plan.index
+        same_data = accepted.setdefault(verdict.sequences, [])
+        strength = ladder[len(same_data)]
+        same_data.append(plan.index)
         directives = clamp_directives(parsed.proposed_directives, policy.default_directives, len(verdict.sequences))
+        if strength != 1.0:
+            scale = max(TrainingDirectives.BOUNDS["adapter_scale"][0], directives.adapter_scale * strength)
+            directives = directives.model_copy(update={"adapter_scale": scale})
         self_edit = SelfEdit(
             self_edit_id=edit_id,
             format=plan.format,
@@ -217,13 +226,16 @@ def _joined(prefill: str, completion: str) -> str:
     return f"{prefill} {completion}" if completion and not completion[0].isspace() else prefill + completion
 
 
-def _duplicate_reason(verdict: Verdict, accepted: dict[tuple[str, ...], int]) -> tuple[str, ...]:
-    earlier = accepted.get(verdict.sequences)
-    if earlier is None:
+def _duplicate_reason(
+    verdict: Verdict, accepted: dict[tuple[str, ...], list[int]], ladder: Sequence[float]
+) -> tuple[str, ...]:
+    """Why a candidate is a duplicate: its training data was already tried at every strength."""
+    earlier = accepted.get(verdict.sequences, [])
+    if len(earlier) < len(ladder):
         return ()
-    why = f"same training data as candidate {earlier}"
+    why = f"same training data as candidate {earlier[0]}, already tried at every strength of the ladder {tuple(ladder)}"
     if verdict.written == 0 and verdict.notes:
-        why += f": none of the {len(verdict.notes)} written pieces survived validation ({verdict.notes[0]})"
+        why += f"; none of the {len(verdict.notes)} written pieces survived validation ({verdict.notes[0]})"
     elif verdict.written == 0:
-        why += ": the completion held no usable piece"
+        why += "; the completion held no usable piece"
     return (why,)

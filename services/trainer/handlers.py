@@ -312,6 +312,8 @@ def adapter_manifest(
             "examples": result.examples,
             "truncated_examples": result.truncated,
             "rehearsal_examples": result.rehearsal_examples,
+            "adapter_scale": result.adapter_scale,
+            "reused_training_of": result.reused_from,
             "device": result.device,
             "dtype": result.dtype,
             "parent_version": parent.version if parent else None,

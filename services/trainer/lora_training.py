@@ -11,7 +11,13 @@
    the directives (seeded, so the same job gives the same weights);
 3. runs :func:`inner_loop.fit` over packed steps;
 4. saves the adapter as a PEFT directory, then removes it from the base, so
-   the next job (any scope) starts from the bare base model without a reload.
+   the next job (any scope) starts from the bare base model without a reload;
+5. scales the saved update by the directives' ``adapter_scale``.
+
+The unscaled result of the last few trainings is kept on local disk: a job
+that differs from one of them only in ``adapter_scale`` (the generator's
+strength ladder: the same data at gentler strengths) is not trained again,
+only scaled.
 
 Training runs one job at a time (a lock), in the caller's thread: the
 service calls it through ``asyncio.to_thread``.
@@ -19,6 +25,8 @@ service calls it through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import re
@@ -26,8 +34,9 @@ import resource
 import shutil
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +47,12 @@ from services.trainer.inner_loop import NonFiniteTraining, TrainingRun, fit
 from services.trainer.rehearsal import KlAnchor, Rehearsal
 from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
-from shared.lora import AdapterHost, lora_config
+from shared.lora import ADAPTER_WEIGHTS, AdapterHost, lora_config, scale_update
 from shared.models import LoadedModel
 
 log = logging.getLogger(__name__)
+
+KEEP_TRAINED = 4  # unscaled trainings kept for the strength ladder's gentler candidates
 
 
 class TrainingRejected(Exception):
@@ -70,12 +81,14 @@ class TrainedAdapter:
     examples: int
     truncated: int
     rehearsal_examples: int
-    rehearsal_kl: float | None  # after training: how far the model moved from the base on them
+    rehearsal_kl: float | None  # mean KL to the base on the rehearsal answers over the last epoch
     device: str
     dtype: str
     peak_memory_bytes: int
     peak_memory_kind: str
     versions: dict[str, str] = field(default_factory=dict)
+    adapter_scale: float = 1.0
+    reused_from: str | None = None  # the adapter whose training this one scales, not trained again
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ class Anchoring:
     """How hard rehearsal holds the model: the KL term's weight and examples per step."""
 
     weight: float = 1.0
-    batch: int = 8
+    batch: int = 4
 
 
 class LoraTrainer:
@@ -111,6 +124,8 @@ class LoraTrainer:
         self.rehearsal = rehearsal
         self.anchoring = anchoring
         self._lock = threading.Lock()
+        # training key -> (unscaled PEFT directory, what its training gave), oldest first
+        self._trained: OrderedDict[str, tuple[Path, TrainedAdapter]] = OrderedDict()
 
     @property
     def base_model(self) -> str:
@@ -138,82 +153,135 @@ class LoraTrainer:
 
     def train(self, job: TrainingJob) -> TrainedAdapter:
         with self._lock:
-            examples = self.examples_for(job)
-            if not examples:
-                raise TrainingRejected("nothing to train on: no example has a token to learn")
-            rehearsal = self.rehearsal_examples(job)
-            d = job.directives
-            _seed(d.seed)
-            try:
-                lora = self._put_adapter(job)
-            except (ValueError, KeyError, RuntimeError, OSError) as exc:
-                if job.adapter_id in self.host.names:
-                    self.host.remove(job.adapter_id)
-                what = "the parent adapter does not load" if job.parent_dir else "no LoRA fits"
-                raise TrainingRejected(f"{what} on this base model: {exc}") from exc
-            device = self.lm.device
-            anchor = (
-                KlAnchor(
-                    self.host,
-                    rehearsal,
-                    weight=self.anchoring.weight,
-                    batch=self.anchoring.batch,
-                    pad_id=_pad_id(self.lm),
-                    device=device,
-                    pass_tokens=max(self.layout.pass_tokens, d.max_seq_len),
-                )
-                if rehearsal
-                else None
-            )
-            _reset_peak_memory(device)
-            plan = [
-                ex.plan_epoch(
-                    examples,
-                    batch_size=d.batch_size,
-                    row_tokens=max(self.layout.row_tokens, d.max_seq_len),
-                    pass_tokens=max(self.layout.pass_tokens, d.max_seq_len),
-                    pad_id=_pad_id(self.lm),
-                    seed=d.seed + epoch,
-                )
-                for epoch in range(d.epochs)
-            ]
-            try:
-                run = fit(
-                    self.host.model,
-                    self.host.trainable_parameters(),
-                    plan,
-                    learning_rate=d.learning_rate,
-                    device=device,
-                    on_epoch=lambda e, n, loss: log.info(
-                        "adapter %s: epoch %d/%d loss %.4f", job.adapter_id, e, n, loss
-                    ),
-                    pause_s=self.layout.step_pause_s,
-                    anchor=anchor,
-                )
-                held = anchor.divergence(self.host.model) if anchor is not None else None
-                peak, kind = _peak_memory(device)
-                out = self.work_dir / "trained" / job.adapter_id
-                if out.exists():
-                    shutil.rmtree(out)
-                self.host.save(job.adapter_id, out)
-            except NonFiniteTraining as exc:
-                raise TrainingRejected(f"training diverged: {exc}") from exc
-            finally:
+            key = self.training_key(job)
+            done = self._trained.get(key)
+            if done is not None and (done[0] / ADAPTER_WEIGHTS).is_file():
+                self._trained.move_to_end(key)
+                return self._rescaled(job, *done)
+            result = self._train(job)
+            self._remember(key, result)
+            scale_update(result.directory, job.directives.adapter_scale)
+            return replace(result, adapter_scale=job.directives.adapter_scale)
+
+    def training_key(self, job: TrainingJob) -> str:
+        """What determines the trained weights: the job without its id and ``adapter_scale``."""
+        parent = None
+        if job.parent_dir is not None:
+            weights = Path(job.parent_dir) / ADAPTER_WEIGHTS
+            parent = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else str(job.parent_dir)
+        what = {
+            "directives": job.directives.model_dump(mode="json", exclude={"adapter_scale"}),
+            "texts": job.texts,
+            "pairs": job.pairs,
+            "parent": parent,
+            "rehearse": job.rehearse,
+            "rehearsal": (self.rehearsal.prompts, self.rehearsal.count) if self.rehearsal else None,
+            "anchoring": (self.anchoring.weight, self.anchoring.batch),
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _remember(self, key: str, result: TrainedAdapter) -> None:
+        keep = self.work_dir / "unscaled" / key[:32]
+        if keep.exists():
+            shutil.rmtree(keep)
+        shutil.copytree(result.directory, keep)
+        self._trained[key] = (keep, result)
+        while len(self._trained) > KEEP_TRAINED:
+            _, (old, _) = self._trained.popitem(last=False)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _rescaled(self, job: TrainingJob, unscaled: Path, trained: TrainedAdapter) -> TrainedAdapter:
+        out = self.work_dir / "trained" / job.adapter_id
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(unscaled, out)
+        scale_update(out, job.directives.adapter_scale)
+        log.info(
+            "adapter %s: the training of %s scaled by %.2f (not trained again)",
+            job.adapter_id, trained.directory.name, job.directives.adapter_scale,
+        )
+        return replace(trained, directory=out, adapter_scale=job.directives.adapter_scale, reused_from=trained.directory.name)
+
+    def _train(self, job: TrainingJob) -> TrainedAdapter:
+        examples = self.examples_for(job)
+        if not examples:
+            raise TrainingRejected("nothing to train on: no example has a token to learn")
+        rehearsal = self.rehearsal_examples(job)
+        d = job.directives
+        _seed(d.seed)
+        try:
+            lora = self._put_adapter(job)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            if job.adapter_id in self.host.names:
                 self.host.remove(job.adapter_id)
-            return TrainedAdapter(
-                directory=out,
-                run=run,
-                lora=lora,
-                examples=len(examples),
-                rehearsal_examples=len(rehearsal),
-                rehearsal_kl=held,
-                truncated=sum(e.truncated for e in examples),
-                device=str(device),
-                dtype=str(next(self.lm.model.parameters()).dtype).removeprefix("torch."),
-                peak_memory_bytes=peak,
-                peak_memory_kind=kind,
-                versions=_versions(),
+            what = "the parent adapter does not load" if job.parent_dir else "no LoRA fits"
+            raise TrainingRejected(f"{what} on this base model: {exc}") from exc
+        device = self.lm.device
+        anchor = (
+            KlAnchor(
+                self.host,
+                rehearsal,
+                weight=self.anchoring.weight,
+                batch=self.anchoring.batch,
+                pad_id=_pad_id(self.lm),
+                device=device,
+                pass_tokens=max(self.layout.pass_tokens, d.max_seq_len),
             )
+            if rehearsal
+            else None
+        )
+        _reset_peak_memory(device)
+        plan = [
+            ex.plan_epoch(
+                examples,
+                batch_size=d.batch_size,
+                row_tokens=max(self.layout.row_tokens, d.max_seq_len),
+                pass_tokens=max(self.layout.pass_tokens, d.max_seq_len),
+                pad_id=_pad_id(self.lm),
+                seed=d.seed + epoch,
+            )
+            for epoch in range(d.epochs)
+        ]
+        try:
+            run = fit(
+                self.host.model,
+                self.host.trainable_parameters(),
+                plan,
+                learning_rate=d.learning_rate,
+                device=device,
+                on_epoch=lambda e, n, loss: log.info(
+                    "adapter %s: epoch %d/%d loss %.4f", job.adapter_id, e, n, loss
+                ),
+                pause_s=self.layout.step_pause_s,
+                anchor=anchor,
+            )
+            # How far the model moved from the base on the rehearsal answers: the mean of the
+            # anchor's terms over the last epoch (no extra pass over all of them).
+            last = run.anchor_curve[-len(plan[-1]):] if plan and plan[-1] else []
+            held = sum(last) / len(last) if anchor is not None and last else None
+            peak, kind = _peak_memory(device)
+            out = self.work_dir / "trained" / job.adapter_id
+            if out.exists():
+                shutil.rmtree(out)
+            self.host.save(job.adapter_id, out)
+        except NonFiniteTraining as exc:
+            raise TrainingRejected(f"training diverged: {exc}") from exc
+        finally:
+            self.host.remove(job.adapter_id)
+        return TrainedAdapter(
+            directory=out,
+            run=run,
+            lora=lora,
+            examples=len(examples),
+            rehearsal_examples=len(rehearsal),
+            rehearsal_kl=held,
+            truncated=sum(e.truncated for e in examples),
+            device=str(device),
+            dtype=str(next(self.lm.model.parameters()).dtype).removeprefix("torch."),
+            peak_memory_bytes=peak,
+            peak_memory_kind=kind,
+            versions=_versions(),
+        )
 
     def _put_adapter(self, job: TrainingJob) -> dict[str, Any]:
         d = job.directives

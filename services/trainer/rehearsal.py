@@ -17,9 +17,10 @@ more: on two dev passages, 6/10 questions learned either way, core 94/107
 kept with the KL term against 78 with the answers as plain training data
 (base 98; bench/RESULTS.md).
 
-The answers are generated once per process, lazily, with the adapters
-disabled (the bare base), greedily, so they are the same for every job; a
-job takes a seeded sample of ``count`` of them.
+A job takes a seeded sample of ``count`` prompts; their answers are
+generated with the adapters disabled (the bare base), greedily, the first
+time any job samples them, and kept for the life of the process, so they are
+the same for every job.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from shared.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-MAX_ANSWER_TOKENS = 48
+MAX_ANSWER_TOKENS = 32  # the start of an answer is what decides it; more only costs time
 
 
 def packaged_prompts() -> tuple[str, ...]:
@@ -52,12 +53,12 @@ def read_prompts(text: str) -> tuple[str, ...]:
 
 
 class Rehearsal:
-    """The base model's answers to fixed prompts, computed on first use."""
+    """The base model's answers to fixed prompts, each generated the first time a job samples it."""
 
     def __init__(self, prompts: tuple[str, ...], count: int):
         self.prompts = prompts
         self.count = count
-        self._pairs: tuple[tuple[str, str], ...] | None = None
+        self._answers: dict[str, str] = {}  # prompt -> the bare base's greedy answer ("" if none)
         self._lock = threading.Lock()
 
     @classmethod
@@ -65,28 +66,33 @@ class Rehearsal:
         prompts = read_prompts(path.read_text(encoding="utf-8")) if path else packaged_prompts()
         return cls(prompts, count)
 
-    def answers(self, lm: LoadedModel, host: AdapterHost | None = None) -> tuple[tuple[str, str], ...]:
-        """(prompt, answer) for every prompt the bare base answers with something.
+    def answers(
+        self, lm: LoadedModel, host: AdapterHost | None = None, prompts: tuple[str, ...] | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """(prompt, answer) for each of ``prompts`` (default: all) the bare base answers with something.
 
         ``host``: the adapters over ``lm``'s model, disabled while the answers are generated.
         """
+        wanted = self.prompts if prompts is None else prompts
         with self._lock:
-            if self._pairs is None:
-                prompts = [chat_prompt(lm, p) for p in self.prompts]
+            missing = [p for p in dict.fromkeys(wanted) if p not in self._answers]
+            if missing:
+                chats = [chat_prompt(lm, p) for p in missing]
                 if host is None:
-                    outputs = generate(lm, prompts, max_new_tokens=MAX_ANSWER_TOKENS)
+                    outputs = generate(lm, chats, max_new_tokens=MAX_ANSWER_TOKENS)
                 else:
                     with host.base_only():
-                        outputs = generate(lm, prompts, max_new_tokens=MAX_ANSWER_TOKENS)
-                self._pairs = tuple((p, out[0].strip()) for p, out in zip(self.prompts, outputs, strict=True) if out[0].strip())
-                log.info("rehearsal: %d answers of the base model ready", len(self._pairs))
-            return self._pairs
+                        outputs = generate(lm, chats, max_new_tokens=MAX_ANSWER_TOKENS)
+                self._answers.update((p, out[0].strip()) for p, out in zip(missing, outputs, strict=True))
+                log.info("rehearsal: %d more answers of the base model (%d known)", len(missing), len(self._answers))
+            return tuple((p, self._answers[p]) for p in dict.fromkeys(wanted) if self._answers[p])
 
     def sample(self, lm: LoadedModel, seed: int, host: AdapterHost | None = None) -> tuple[tuple[str, str], ...]:
-        pairs = self.answers(lm, host) if self.count else ()
-        if len(pairs) <= self.count:
-            return pairs
-        return tuple(random.Random(seed).sample(pairs, self.count))
+        """A seeded sample of ``count`` prompts with their answers (fewer where the base says nothing)."""
+        if not self.count:
+            return ()
+        chosen = self.prompts if len(self.prompts) <= self.count else tuple(random.Random(seed).sample(self.prompts, self.count))
+        return self.answers(lm, host, chosen)
 
 
 class KlAnchor:

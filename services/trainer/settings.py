@@ -37,7 +37,7 @@ class TrainerConfig(BaseModel):
     rehearsal_pairs: int = Field(default=64, ge=0, le=512)
     rehearsal_prompts: Path | None = None
     rehearsal_weight: float = Field(default=1.0, ge=0.0, le=100.0)
-    rehearsal_batch: int = Field(default=8, ge=1, le=256)
+    rehearsal_batch: int = Field(default=4, ge=1, le=256)
     # A continuing update replays at most this many earlier sequences of the scope's lineage (0: none).
     replay_sequences: int = Field(default=16, ge=0, le=1024)
     # Memory layout of a step (results do not depend on these).
