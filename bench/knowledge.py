@@ -149,7 +149,8 @@ def run_platform_condition(
                         pass
                     active = await read_active(nc.jetstream(), scope)
                     evaluated = progress.of(ev.AdapterEvaluated)
-                    best = max(evaluated, key=lambda e: e.reward, default=None)  # type: ignore[attr-defined]
+                    # the strongest candidate on a tie (the ladder's first rung: full strength)
+                    best = max(evaluated, key=lambda e: (e.reward, -e.candidate_index), default=None)  # type: ignore[attr-defined]
                     results[item.id] = (active, time.monotonic() - started, progress.stage(), best)
                     print(f"  platform {item.id}: {progress.stage()} in {results[item.id][1]:.0f}s", flush=True)
                 await nc.close()

@@ -1,6 +1,6 @@
 """The newcomer's demo: feedback in, adapter versions out, accuracy before and after.
 
-It submits a few fictional passages (``seal/data/demo.jsonl``: no model has
+It submits two fictional passages (``seal/data/demo.jsonl``: no model has
 seen them) as knowledge feedback, one after another, to the services running
 on the embedded stack, shows each one's progress live, and ends with a
 table: per feedback, closed-book accuracy on its questions before and after,

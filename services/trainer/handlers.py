@@ -69,7 +69,7 @@ class TrainerPorts:
     ledger: ParentLedger
     parents: ParentCache
     # Earlier sequences of the scope's lineage replayed in a continuing update (0: none).
-    replay_sequences: int = 16
+    replay_sequences: int = 8
 
 
 class Parent(BaseModel):

@@ -39,7 +39,7 @@ class TrainerConfig(BaseModel):
     rehearsal_weight: float = Field(default=1.0, ge=0.0, le=100.0)
     rehearsal_batch: int = Field(default=4, ge=1, le=256)
     # A continuing update replays at most this many earlier sequences of the scope's lineage (0: none).
-    replay_sequences: int = Field(default=16, ge=0, le=1024)
+    replay_sequences: int = Field(default=8, ge=0, le=1024)
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
     pass_tokens: int = Field(default=8192, ge=16)
