@@ -86,6 +86,38 @@ def main() -> None:
     core_after: list[int] = []
     stages: list[str] = []
     seconds: list[float] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def write_report() -> str:
+        """The matrix so far, as JSON and Markdown (rewritten after every update: a long run that
+        is stopped keeps what it measured)."""
+        n_q = [len(item.questions) for item in items]
+        first_own = matrix[0][0] if matrix else 0
+        first_last = matrix[-1][0] if matrix else 0
+        retention = (first_last / first_own) if first_own else None
+        lines = [
+            f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}"
+            + (f", policy {changes}." if changes else ", default policy."),
+            "",
+            "| after update | outcome | " + " | ".join(f"p{j + 1}" for j in range(len(items))) + " | core |",
+            "|---|---|" + "---|" * len(items) + "---|",
+        ]
+        for i, row in enumerate(matrix):
+            cells = [f"{row[j]}/{n_q[j]}" if j < len(row) else "" for j in range(len(items))]
+            lines.append(f"| {i + 1} | {stages[i]} | " + " | ".join(cells) + f" | {core_after[i]}/{len(core)} |")
+        lines.append("")
+        lines.append(
+            f"First passage: {first_own}/{n_q[0] if n_q else 0} right after its update, {first_last} after the last; "
+            + (f"retention {100 * retention:.0f}%." if retention is not None else "retention undefined (nothing learned at first).")
+        )
+        table = "\n".join(lines) + "\n"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"forgetting-{stamp}.md").write_text(table)
+        (RESULTS / f"forgetting-{stamp}.json").write_text(
+            json.dumps({"policy": changes, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
+        )
+        return table
+
     try:
         provision(stack)
         (home / "logs").mkdir(exist_ok=True)
@@ -130,41 +162,14 @@ def main() -> None:
                     matrix.append(row)
                     core_after.append(core_right)
                     print(f"after update {i + 1} ({stages[-1]}, {seconds[-1]:.0f}s): {row} core {core_right}/{len(core)}", flush=True)
+                    write_report()
             await nc.close()
 
         asyncio.run(drive())
     finally:
         stop_services(procs)
         stack.stop()
-
-    n_q = [len(item.questions) for item in items]
-    first_own = matrix[0][0] if matrix else 0
-    first_last = matrix[-1][0] if matrix else 0
-    retention = (first_last / first_own) if first_own else None
-    lines = [
-        f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}"
-        + (f", policy {changes}." if changes else ", default policy."),
-        "",
-        "| after update | outcome | " + " | ".join(f"p{j + 1}" for j in range(len(items))) + " | core |",
-        "|---|---|" + "---|" * len(items) + "---|",
-    ]
-    for i, row in enumerate(matrix):
-        cells = [f"{row[j]}/{n_q[j]}" if j < len(row) else "" for j in range(len(items))]
-        lines.append(f"| {i + 1} | {stages[i]} | " + " | ".join(cells) + f" | {core_after[i]}/{len(core)} |")
-    lines.append("")
-    lines.append(
-        f"First passage: {first_own}/{n_q[0] if n_q else 0} right after its update, {first_last} after the last; "
-        + (f"retention {100 * retention:.0f}%." if retention is not None else "retention undefined (nothing learned at first).")
-    )
-    table = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"forgetting-{stamp}.md").write_text(table)
-    (RESULTS / f"forgetting-{stamp}.json").write_text(
-        json.dumps({"policy": changes, "matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
-    )
-    print(table)
-
+    print(write_report())
 
 if __name__ == "__main__":
     main()
