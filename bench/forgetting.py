@@ -42,7 +42,7 @@ from seal.cli import (  # noqa: E402
     wait_services_ready,
 )
 from seal.demo import load_items  # noqa: E402
-from seal.ops import call  # noqa: E402
+from seal.ops import call, parse_settings  # noqa: E402
 from seal.stack import LocalStack, StackPorts  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
 from shared import events as ev  # noqa: E402
@@ -63,15 +63,10 @@ def main() -> None:
     parser.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
                         help="scope policy setting for the run (repeatable), e.g. max_regression_drop=1.0")
     args = parser.parse_args()
-    changes = {}
-    for item in args.policy:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            parser.error(f"--policy wants key=value, got {item!r}")
-        try:
-            changes[key] = json.loads(raw)
-        except ValueError:
-            changes[key] = raw
+    try:
+        changes = parse_settings(args.policy)
+    except ValueError as exc:
+        parser.error(f"--policy: {exc}")
     stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]

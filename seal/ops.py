@@ -348,6 +348,20 @@ def print_policy(scope: str, policy: dict[str, Any]) -> None:
     console.print(table)
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs as a dict; a value is read as JSON where it is JSON, else kept as text."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"want key=value, got {item!r}")
+        try:
+            parsed[key.strip()] = json.loads(raw)
+        except ValueError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
 @policy_app.command("set")
 def policy_set(
     changes: list[str] = typer.Argument(..., help="key=value pairs, e.g. approval=manual candidates=4 min_gain=0.02"),
@@ -356,15 +370,10 @@ def policy_set(
     as_json: bool = JsonOption,
 ) -> None:
     """Change some of a scope's policy settings; the rest keep their values."""
-    parsed: dict[str, Any] = {}
-    for item in changes:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"want key=value, got {item!r}")
-        try:
-            parsed[key.strip()] = json.loads(raw)
-        except ValueError:
-            parsed[key.strip()] = raw
+    try:
+        parsed = parse_settings(changes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     policy = call(url, "PATCH", f"/v1/scopes/{scope}/policy", parsed)
     emit_json(policy) if as_json else print_policy(scope, policy)
 

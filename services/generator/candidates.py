@@ -196,9 +196,8 @@ def candidate_events(
         strength = ladder[len(same_data)]
         same_data.append(plan.index)
         directives = clamp_directives(parsed.proposed_directives, policy.default_directives, len(verdict.sequences))
-        if strength != 1.0:
-            scale = max(TrainingDirectives.BOUNDS["adapter_scale"][0], directives.adapter_scale * strength)
-            directives = directives.model_copy(update={"adapter_scale": scale})
+        scale = max(TrainingDirectives.BOUNDS["adapter_scale"][0], directives.adapter_scale * strength)
+        directives = directives.model_copy(update={"adapter_scale": scale})
         self_edit = SelfEdit(
             self_edit_id=edit_id,
             format=plan.format,

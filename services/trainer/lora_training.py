@@ -190,10 +190,15 @@ class LoraTrainer:
             _, (old, _) = self._trained.popitem(last=False)
             shutil.rmtree(old, ignore_errors=True)
 
-    def _rescaled(self, job: TrainingJob, unscaled: Path, trained: TrainedAdapter) -> TrainedAdapter:
-        out = self.work_dir / "trained" / job.adapter_id
+    def _output_dir(self, adapter_id: str) -> Path:
+        """Where a job's PEFT directory is written (emptied of an earlier attempt's)."""
+        out = self.work_dir / "trained" / adapter_id
         if out.exists():
             shutil.rmtree(out)
+        return out
+
+    def _rescaled(self, job: TrainingJob, unscaled: Path, trained: TrainedAdapter) -> TrainedAdapter:
+        out = self._output_dir(job.adapter_id)
         shutil.copytree(unscaled, out)
         scale_update(out, job.directives.adapter_scale)
         log.info(
@@ -260,9 +265,7 @@ class LoraTrainer:
             last = run.anchor_curve[-len(plan[-1]):] if plan and plan[-1] else []
             held = sum(last) / len(last) if anchor is not None and last else None
             peak, kind = _peak_memory(device)
-            out = self.work_dir / "trained" / job.adapter_id
-            if out.exists():
-                shutil.rmtree(out)
+            out = self._output_dir(job.adapter_id)
             self.host.save(job.adapter_id, out)
         except NonFiniteTraining as exc:
             raise TrainingRejected(f"training diverged: {exc}") from exc

@@ -73,9 +73,9 @@ class Rehearsal:
 
         ``host``: the adapters over ``lm``'s model, disabled while the answers are generated.
         """
-        wanted = self.prompts if prompts is None else prompts
+        wanted = list(dict.fromkeys(self.prompts if prompts is None else prompts))
         with self._lock:
-            missing = [p for p in dict.fromkeys(wanted) if p not in self._answers]
+            missing = [p for p in wanted if p not in self._answers]
             if missing:
                 chats = [chat_prompt(lm, p) for p in missing]
                 if host is None:
@@ -85,7 +85,7 @@ class Rehearsal:
                         outputs = generate(lm, chats, max_new_tokens=MAX_ANSWER_TOKENS)
                 self._answers.update((p, out[0].strip()) for p, out in zip(missing, outputs, strict=True))
                 log.info("rehearsal: %d more answers of the base model (%d known)", len(missing), len(self._answers))
-            return tuple((p, self._answers[p]) for p in dict.fromkeys(wanted) if self._answers[p])
+            return tuple((p, self._answers[p]) for p in wanted if self._answers[p])
 
     def sample(self, lm: LoadedModel, seed: int, host: AdapterHost | None = None) -> tuple[tuple[str, str], ...]:
         """A seeded sample of ``count`` prompts with their answers (fewer where the base says nothing)."""
