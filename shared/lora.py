@@ -44,19 +44,29 @@ from transformers import PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# What "attention" means as a target: the usual projection names across architectures.
+# What "attention" and "mlp" mean as targets: the usual block names across architectures.
 ATTENTION_HINTS = ("attn", "attention")
+MLP_HINTS = ("mlp", "feed_forward", "ffn")
 
 
 def attention_projections(model: torch.nn.Module) -> list[str]:
     """Names of the linear layers inside the attention blocks (q/k/v/o for Llama)."""
+    return _linear_layers_in(model, ATTENTION_HINTS, "attention")
+
+
+def mlp_projections(model: torch.nn.Module) -> list[str]:
+    """Names of the linear layers inside the feed-forward blocks (gate/up/down for Llama)."""
+    return _linear_layers_in(model, MLP_HINTS, "feed-forward")
+
+
+def _linear_layers_in(model: torch.nn.Module, hints: tuple[str, ...], what: str) -> list[str]:
     names = set()
     for qualified, module in model.named_modules():
         parent = qualified.rpartition(".")[0].lower()
-        if isinstance(module, torch.nn.Linear) and any(hint in parent.rsplit(".", 1)[-1] for hint in ATTENTION_HINTS):
+        if isinstance(module, torch.nn.Linear) and any(hint in parent.rsplit(".", 1)[-1] for hint in hints):
             names.add(qualified.rsplit(".", 1)[-1])
     if not names:
-        raise ValueError("found no linear layers inside attention blocks to target")
+        raise ValueError(f"found no linear layers inside {what} blocks to target")
     return sorted(names)
 
 
@@ -68,9 +78,11 @@ def lora_config(
     target_modules: str | Sequence[str] = "all-linear",
     dropout: float = 0.0,
 ) -> LoraConfig:
-    """A causal-LM LoRA config; ``target_modules`` is "all-linear", "attention" or names."""
+    """A causal-LM LoRA config; ``target_modules`` is "all-linear", "attention", "mlp" or names."""
     if target_modules == "attention":
         targets: str | list[str] = attention_projections(model)
+    elif target_modules == "mlp":
+        targets = mlp_projections(model)
     elif isinstance(target_modules, str):
         targets = target_modules
     else:

@@ -247,3 +247,18 @@ def test_the_rehearsal_prompts_are_not_core_questions() -> None:
     core = Path(__file__).resolve().parents[1] / "services" / "evaluator" / "data" / "core.jsonl"
     core_questions = {normalize_answer(json.loads(line)["question"]) for line in core.read_text().splitlines() if line}
     assert not core_questions & {normalize_answer(p) for p in packaged_prompts()}
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}), ("mlp", {"gate_proj", "up_proj", "down_proj"})],
+)
+def test_a_directive_can_target_the_attention_or_the_feed_forward_layers_alone(
+    trainer: LoraTrainer, targets: str, expected: set[str]
+) -> None:
+    directives = FAST.model_copy(update={"target_modules": targets, "epochs": 1})
+    result = trainer.train(TrainingJob(f"only-{targets}", directives, texts=TEXTS))
+    config = json.loads((result.directory / ADAPTER_CONFIG).read_text())
+    assert set(config["target_modules"]) == expected
+    weights = load_file(result.directory / ADAPTER_WEIGHTS)
+    assert {name.split(".")[-3] for name in weights} == expected  # ...<layer>.lora_A.weight
