@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
@@ -27,6 +28,15 @@ console = Console()
 
 SERVICES = ("registry", "generator", "trainer", "evaluator")
 SERVICE_PORT_BASE = 18080  # registry 18080 (HTTP API), generator 18081, trainer 18082, evaluator 18083
+# The demo on a CPU: the trainer's default rehearsal (158 base answers, 16 per step, weight 3)
+# makes one update of the default model take about 9 minutes on 2 cores; the demo holds the model
+# with the lighter one (64 answers, 4 per step, weight 1: about 3 minutes) so that two passages
+# fit in about 15. It forgets more (bench/RESULTS.md). Variables set in the environment win.
+DEMO_CPU_SETTINGS = {
+    "SEAL_TRAINER__REHEARSAL_PAIRS": "64",
+    "SEAL_TRAINER__REHEARSAL_WEIGHT": "1.0",
+    "SEAL_TRAINER__REHEARSAL_BATCH": "4",
+}
 HomeOption = typer.Option(
     Path(".seal"), "--home", envvar="SEAL_HOME", help="Folder holding all local stack data."
 )
@@ -79,10 +89,16 @@ def free_service_port_base() -> int:
 
 
 def start_services(
-    stack: LocalStack, home: Path, model: str, names: tuple[str, ...], port_base: int = SERVICE_PORT_BASE
+    stack: LocalStack,
+    home: Path,
+    model: str,
+    names: tuple[str, ...],
+    port_base: int = SERVICE_PORT_BASE,
+    defaults: Mapping[str, str] | None = None,
 ) -> dict[str, subprocess.Popen]:
     """Each service as its own process, pointed at the stack by environment; service ``SERVICES[i]``
-    serves health and its API on ``port_base + i``."""
+    serves health and its API on ``port_base + i``. ``defaults``: settings the caller's own
+    environment overrides."""
     import importlib.util
     import os
 
@@ -93,6 +109,7 @@ def start_services(
             console.print(f"[yellow]service {name} is not available yet; skipping[/]")
             continue
         env = {
+            **(defaults or {}),
             **os.environ,
             **stack.env(),
             "SEAL_MODEL__NAME": model,
@@ -204,8 +221,8 @@ def demo(
         with console.status("starting nats-server, the S3 server and the four services..."):
             stack.start()
             provision(stack)
-            procs = start_services(stack, home, model, SERVICES)
             lm = load_model(ModelSettings(name=model))
+            procs = start_services(stack, home, model, SERVICES, defaults=DEMO_CPU_SETTINGS if lm.device.type == "cpu" else None)
             wait_services_ready(procs)
         console.print(health_table(stack, procs))
         asyncio.run(

@@ -62,9 +62,13 @@ def mlp_projections(model: torch.nn.Module) -> list[str]:
 def _linear_layers_in(model: torch.nn.Module, hints: tuple[str, ...], what: str) -> list[str]:
     names = set()
     for qualified, module in model.named_modules():
-        parent = qualified.rpartition(".")[0].lower()
-        if isinstance(module, torch.nn.Linear) and any(hint in parent.rsplit(".", 1)[-1] for hint in hints):
-            names.add(qualified.rsplit(".", 1)[-1])
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        parts = qualified.split(".")
+        if parts[-1] == "base_layer":  # the original layer inside one PEFT has already wrapped
+            parts = parts[:-1]
+        if len(parts) >= 2 and any(hint in parts[-2].lower() for hint in hints):
+            names.add(parts[-1])
     if not names:
         raise ValueError(f"found no linear layers inside {what} blocks to target")
     return sorted(names)

@@ -58,10 +58,11 @@ class ScopePolicy(Contract):
     candidates: int = Field(default=3, ge=1, le=16)
     self_edit_format: Literal["implications", "rewrite", "self_qa", "sampled"] = "sampled"
     model_proposes_directives: bool = False
-    # What a 135M model needs to recall a passage's facts closed-book (measured on
-    # dev.jsonl: lr 1e-4 x 3 epochs teaches nothing, even on the gold pairs); the
-    # trainer's rehearsal and the evaluator's regression gate hold forgetting back.
-    default_directives: TrainingDirectives = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=16, lora_alpha=32)
+    # What a 135M model needs to recall a passage's facts closed-book: SEAL's settings (lr 1e-3,
+    # 10 epochs, rank 32; lr 1e-4 x 3 epochs teaches nothing, even on the gold pairs, and rank 16
+    # or fewer epochs teach less for the same forgetting: bench/tradeoff.py in bench/RESULTS.md);
+    # the trainer's rehearsal and the evaluator's regression gate hold forgetting back.
+    default_directives: TrainingDirectives = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=32, lora_alpha=64)
     blocklist: tuple[str, ...] = ()
     # A candidate whose training data repeats an earlier candidate's (the usual case with a
     # small model, whose written self-edits rarely survive validation) is tried at the next
@@ -70,7 +71,7 @@ class ScopePolicy(Contract):
     # strongest version that keeps core knowledge. The first candidate of each distinct training
     # data takes the first strength; past the end of the ladder a repeat is a duplicate.
     strength_ladder: tuple[Annotated[float, Field(ge=0.05, le=1.0)], ...] = Field(
-        default=(1.0, 0.5), min_length=1, max_length=16
+        default=(1.0, 0.75, 0.5), min_length=1, max_length=16
     )
     # evaluator gates
     min_gain: float = Field(default=0.01, ge=-1.0, le=1.0)

@@ -95,13 +95,13 @@ async def test_evaluator_on_real_servers_reads_scope_policy_and_earlier_probes(
         nats=provisioned_stack.nats_settings(),
         store=provisioned_stack.store_settings(),
         model=ModelSettings(name="tiny", cache_dir=MODEL_CACHE, device="cpu"),
-        evaluator=EvaluatorConfig(work_dir=tmp_path / "w", max_new_tokens=8),
+        evaluator=EvaluatorConfig(work_dir=tmp_path / "w", max_new_tokens=8, core_filter="always"),
         _secrets_dir=str(tmp_path / "no-secrets"),
     )
     app = create_app(settings)
     runtime = app.state_runtime  # type: ignore[attr-defined]
     assert not runtime.ready()
-    await runtime.start()  # loads the tiny base, filters the core set for it
+    await runtime.start()  # loads the tiny base, filters the core set for it (not the default)
     assert runtime.ready() and runtime.ports.core_set == ()  # the random base knows no core facts
 
     from shared.store import AdapterStore

@@ -20,7 +20,8 @@ from services.evaluator.core_knowledge import (
     load_question_set,
 )
 from services.evaluator.judge import OpenAICompatibleJudge
-from services.evaluator.settings import PACKAGED_CORE_SET, EvaluatorSettings, JudgeSettings
+from services.evaluator.settings import PACKAGED_CORE_SET, EvaluatorConfig, EvaluatorSettings, JudgeSettings
+from services.evaluator.verdict import regression_gate, scores_of
 
 
 def test_the_packaged_core_set_is_the_default() -> None:
@@ -135,7 +136,7 @@ def test_a_failing_judge_leaves_the_rules_in_charge_and_pauses() -> None:
 
 
 def test_filtering_at_startup_is_also_the_base_core_score(tiny_model, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """The startup pass over the core set doubles as the parent's (the base's) core score."""
+    """With the filter on, the startup pass over the core set doubles as the base's core score."""
     from test_evaluator_support import FakeRegistry, dict_store
 
     from services.evaluator import measurement
@@ -152,10 +153,33 @@ def test_filtering_at_startup_is_also_the_base_core_score(tiny_model, tmp_path: 
         return [f"A{q[1]}" if int(q[1]) % 2 == 0 else "no idea" for q in questions]
 
     monkeypatch.setattr(measurement, "closed_book_answers", answers)
-    settings = EvaluatorSettings(evaluator=EvaluatorConfig(core_set_path=core), _secrets_dir=str(tmp_path / "none"))
+    settings = EvaluatorSettings(
+        evaluator=EvaluatorConfig(core_set_path=core, core_filter="always"), _secrets_dir=str(tmp_path / "none")
+    )
     ports = build_ports(settings, lm=tiny_model, adapters=dict_store(), registry=FakeRegistry())
     assert [p.question for p in ports.core_set] == ["Q0?", "Q2?"]
     base = base_model_key(tiny_model.weights_sha256, tiny_model.name)
     results = ports.measurer.measure(base, lambda: None, {"core": ports.core_set})
     assert results["core"].accuracy == 1.0
     assert len(asked) == 4  # only the startup pass asked anything
+
+
+def test_by_default_every_core_question_is_asked_so_churn_nets_out() -> None:
+    """An update that turns one right answer wrong and one wrong answer right drops nothing."""
+    base = FakeBase()
+    config = EvaluatorConfig()
+    asked = core_set_for_base(
+        QUESTIONS, model_name="Qwen/Qwen2.5-7B", mode=config.core_filter, cache_key="k", kept=MemoryKeptQuestions(), score_base=base,
+    )
+    assert asked == QUESTIONS and base.calls == 0
+    before = grade_answers(asked, ["A0", "?", "A2", "?"])
+    after = grade_answers(asked, ["?", "A1", "A2", "?"])  # Q0 lost, Q1 gained
+    parent = scores_of({"core": before}, product_weight=2.0)
+    candidate = scores_of({"core": after}, product_weight=2.0)
+    assert regression_gate(candidate, parent, max_drop=0.02).passed
+    # The one-sided set (only what the base answers right) sees the loss alone.
+    kept = [p for p, item in zip(asked, before.items, strict=True) if item.correct]
+    one_sided_after = grade_answers(kept, ["?", "A2"])
+    assert not regression_gate(
+        scores_of({"core": one_sided_after}, 2.0), scores_of({"core": grade_answers(kept, ["A0", "A2"])}, 2.0), max_drop=0.02
+    ).passed

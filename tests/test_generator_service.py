@@ -181,9 +181,9 @@ async def test_scope_sets_k_format_and_lets_the_model_propose_clamped_directives
     assert len(prompts) == 5 and all("as JSON" in p.text for p in prompts)
     generated = [e for e in published if isinstance(e, ev.SelfEditGenerated)]
     rejected = [e for e in published if isinstance(e, ev.SelfEditRejected)]
-    # Identical completions: one per strength of the default ladder (1.0, 0.5), the rest are duplicates.
-    assert len(generated) == 2 and len(rejected) == 3
-    assert [g.self_edit.directives.adapter_scale for g in generated] == [1.0, 0.5]
+    # Identical completions: one per strength of the default ladder (1.0, 0.75, 0.5), the rest are duplicates.
+    assert len(generated) == 3 and len(rejected) == 2
+    assert [g.self_edit.directives.adapter_scale for g in generated] == [1.0, 0.75, 0.5]
     assert all("same training data as candidate 0" in r.reasons[0] for r in rejected)
     directives = generated[0].self_edit.directives
     assert (directives.learning_rate, directives.epochs, directives.lora_rank) == (1e-3, 4, 64)

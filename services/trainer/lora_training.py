@@ -104,8 +104,8 @@ class Layout:
 class Anchoring:
     """How hard rehearsal holds the model: the KL term's weight and examples per step."""
 
-    weight: float = 1.0
-    batch: int = 4
+    weight: float = 3.0
+    batch: int = 16
 
 
 class LoraTrainer:

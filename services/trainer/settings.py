@@ -31,13 +31,16 @@ class TrainerConfig(BaseModel):
     # consumers on the same stream (a canary, another GPU class).
     consumer_group: str = Field(default="", pattern=r"^[A-Za-z0-9_\-]*$")
     # Rehearsal (see rehearsal.py): how many of the base model's own answers a scope
-    # update is held to (0: none), a file of prompts, one per line, instead of the
-    # packaged ones, the weight of the KL term that holds them (0: none) and how many
-    # of them each optimizer step takes.
-    rehearsal_pairs: int = Field(default=64, ge=0, le=512)
+    # update is held to (0: none; the default takes all 158 packaged prompts), a file of
+    # prompts, one per line, instead of the packaged ones, the weight of the KL term that
+    # holds them (0: none) and how many of them each optimizer step takes. Wider and
+    # heavier than 64 / 1.0 / 4, it halves the core questions lost at full strength for the
+    # same learning (bench/RESULTS.md, "Learning against forgetting"), at about twice the
+    # training time on a CPU.
+    rehearsal_pairs: int = Field(default=256, ge=0, le=512)
     rehearsal_prompts: Path | None = None
-    rehearsal_weight: float = Field(default=1.0, ge=0.0, le=100.0)
-    rehearsal_batch: int = Field(default=4, ge=1, le=256)
+    rehearsal_weight: float = Field(default=3.0, ge=0.0, le=100.0)
+    rehearsal_batch: int = Field(default=16, ge=1, le=256)
     # A continuing update replays at most this many earlier sequences of the scope's lineage (0: none).
     replay_sequences: int = Field(default=8, ge=0, le=1024)
     # Memory layout of a step (results do not depend on these).
