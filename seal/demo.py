@@ -195,8 +195,7 @@ def lineage_table(store: AdapterStore, active: object) -> Table:
             (manifest.self_edit_id or "")[:12],
             manifest.trace_id or "",
         )
-        parent_uri = getattr(manifest, "parent_uri", None) or (manifest.model_extra or {}).get("parent_adapter_uri")
-        ref = parent_uri if isinstance(parent_uri, str) else None
+        ref = store.uri_of(manifest.scope, manifest.parent_adapter_id) if manifest.parent_adapter_id else None
         seen += 1
     if seen == 0:
         table.add_row("(no version yet: the scope still uses the base model)", "", "", "", "")
