@@ -195,7 +195,7 @@ def lineage_table(store: AdapterStore, active: object) -> Table:
             (manifest.self_edit_id or "")[:12],
             manifest.trace_id or "",
         )
-        ref = store.uri_of(manifest.scope, manifest.parent_adapter_id) if manifest.parent_adapter_id else None
+        ref = store.uri_for(manifest.scope, manifest.parent_adapter_id) if manifest.parent_adapter_id else None
         seen += 1
     if seen == 0:
         table.add_row("(no version yet: the scope still uses the base model)", "", "", "", "")

@@ -155,7 +155,7 @@ class AdapterStore:
 
     # ------------------------------------------------------------------- read
 
-    def uri_of(self, scope: str, adapter_id: str) -> str:
+    def uri_for(self, scope: str, adapter_id: str) -> str:
         """Where an adapter of ``scope`` lives in this store (a parent's, from its id)."""
         return f"s3://{self.bucket}/{adapter_prefix(scope, adapter_id)}"
 

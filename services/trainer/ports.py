@@ -26,7 +26,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from shared.events import ManifestRef
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef, read_active, read_policy_adapter
-from shared.store import MANIFEST, AdapterManifest, AdapterStore, adapter_prefix, parse_uri
+from shared.store import MANIFEST, AdapterManifest, AdapterStore, parse_uri
 from shared.subjects import KV_IDEMPOTENCY
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class StoredAdapters:
         self.store = store
 
     def uri_for(self, scope: str, adapter_id: str) -> str:
-        return f"s3://{self.store.bucket}/{adapter_prefix(scope, adapter_id)}"
+        return self.store.uri_for(scope, adapter_id)
 
     def exists(self, uri: str) -> bool:
         return self.store.exists(uri)
