@@ -34,8 +34,8 @@ class TrainerConfig(BaseModel):
     # update is held to (0: none; the default takes all 158 packaged prompts), a file of
     # prompts, one per line, instead of the packaged ones, the weight of the KL term that
     # holds them (0: none) and how many of them each optimizer step takes. Wider and
-    # heavier than 64 / 1.0 / 4, it halves the core questions lost at full strength for the
-    # same learning (bench/RESULTS.md, "Learning against forgetting"), at about twice the
+    # heavier than 64 / 1.0 / 4, it about halves the core questions lost at full strength for the
+    # same learning (bench/RESULTS.md, "Learning against forgetting"), at about three times the
     # training time on a CPU.
     rehearsal_pairs: int = Field(default=256, ge=0, le=512)
     rehearsal_prompts: Path | None = None
