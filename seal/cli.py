@@ -29,8 +29,8 @@ console = Console()
 SERVICES = ("registry", "generator", "trainer", "evaluator")
 SERVICE_PORT_BASE = 18080  # registry 18080 (HTTP API), generator 18081, trainer 18082, evaluator 18083
 # The demo on a CPU: the trainer's default rehearsal (158 base answers, 16 per step, weight 3)
-# makes one update of the default model take about 9 minutes on 2 cores; the demo holds the model
-# with the lighter one (64 answers, 4 per step, weight 1: about 3 minutes) so that two passages
+# makes one update of the default model take 9-10 minutes on 2 cores; the demo holds the model
+# with the lighter one (64 answers, 4 per step, weight 1: 3-4 minutes) so that two passages
 # fit in about 15. It forgets more (bench/RESULTS.md). Variables set in the environment win.
 DEMO_CPU_SETTINGS = {
     "SEAL_TRAINER__REHEARSAL_PAIRS": "64",
