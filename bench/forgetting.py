@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from knowledge import CORE, RESULTS, load_core, score_adapter  # noqa: E402
+from knowledge import CORE, RESULTS, score_adapter  # noqa: E402
 
 from seal.cli import (  # noqa: E402
     SERVICES,
@@ -45,6 +45,7 @@ from seal.demo import load_items  # noqa: E402
 from seal.ops import call, parse_settings  # noqa: E402
 from seal.stack import LocalStack, StackPorts  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
+from services.evaluator.core_knowledge import load_question_set  # noqa: E402
 from shared import events as ev  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
 from shared.models import load_model  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> None:
     stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]
-    core = load_core(args.core)
+    core = load_question_set(args.core)
     lm = load_model(ModelSettings(name=args.model))
     host = AdapterHost(lm.model)
     scope = f"forgetting-{time.strftime('%H%M%S')}"

@@ -31,6 +31,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from seal.cli import stop_on_sigterm  # noqa: E402
 from seal.demo import DemoItem, load_items  # noqa: E402
+from services.evaluator.core_knowledge import load_question_set  # noqa: E402
+from services.evaluator.settings import PACKAGED_CORE_SET as CORE  # noqa: E402
 from services.trainer.lora_training import LoraTrainer, TrainingJob  # noqa: E402
 from shared.events import Probe, TrainingDirectives  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
@@ -46,7 +49,6 @@ from shared.models import LoadedModel, load_model  # noqa: E402
 from shared.scoring import closed_book_accuracy  # noqa: E402
 from shared.settings import ModelSettings  # noqa: E402
 
-CORE = REPO / "services" / "evaluator" / "data" / "core.jsonl"
 SEAL_DIRECTIVES = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=32, lora_alpha=64, batch_size=4)
 RESULTS = REPO / "bench" / "results"
 
@@ -66,12 +68,7 @@ class Condition:
         return self.correct / self.total if self.total else 0.0
 
 
-def load_core(path: Path) -> list[Probe]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Probe(question=r["question"], answer=r["answer"], aliases=tuple(r.get("aliases", ()))) for r in rows]
-
-
-def score_adapter(lm: LoadedModel, host: AdapterHost, directory: Path | None, item: DemoItem, core: list[Probe]) -> tuple[int, int]:
+def score_adapter(lm: LoadedModel, host: AdapterHost, directory: Path | None, item: DemoItem, core: Sequence[Probe]) -> tuple[int, int]:
     """(questions right, core questions right) with ``directory``'s adapter on the base (or the base)."""
     if directory is None:
         return closed_book_accuracy(lm, item.questions).correct, closed_book_accuracy(lm, core).correct
@@ -84,7 +81,7 @@ def score_adapter(lm: LoadedModel, host: AdapterHost, directory: Path | None, it
 
 
 def run_training_condition(
-    name: str, lm: LoadedModel, trainer: LoraTrainer, items: list[DemoItem], core: list[Probe], directives: TrainingDirectives
+    name: str, lm: LoadedModel, trainer: LoraTrainer, items: list[DemoItem], core: Sequence[Probe], directives: TrainingDirectives
 ) -> Condition:
     cond = Condition(name)
     for item in items:
@@ -106,7 +103,7 @@ def run_training_condition(
 
 
 def run_platform_condition(
-    lm: LoadedModel, host: AdapterHost, items: list[DemoItem], core: list[Probe], model: str, timeout: float
+    lm: LoadedModel, host: AdapterHost, items: list[DemoItem], core: Sequence[Probe], model: str, timeout: float
 ) -> tuple[Condition, Condition]:
     """Start the stack and the four services, submit each passage to its own scope, score the result."""
     from seal.cli import SERVICES, free_service_port_base, provision, start_services, stop_services, wait_services_ready
@@ -234,7 +231,7 @@ def main() -> None:
     directives = SEAL_DIRECTIVES if args.baseline == "seal" else TrainingDirectives()
 
     items = load_items(args.data)[: args.limit]
-    core = load_core(args.core)
+    core = load_question_set(args.core)
     wanted = args.conditions.split(",")
     lm = load_model(ModelSettings(name=args.model))
     work = Path(tempfile.mkdtemp(prefix="seal-bench-work-"))

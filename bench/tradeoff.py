@@ -35,6 +35,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -44,9 +45,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from services.evaluator.core_knowledge import load_question_set  # noqa: E402
+from services.evaluator.settings import PACKAGED_CORE_SET as CORE  # noqa: E402
 from shared.events import Probe, TrainingDirectives  # noqa: E402
 
-CORE = REPO / "services" / "evaluator" / "data" / "core.jsonl"
 RESULTS = REPO / "bench" / "results"
 DIRECTIVE_KEYS = {"learning_rate", "epochs", "lora_rank", "lora_alpha", "batch_size", "target_modules"}
 OTHER_KEYS = {"kl_weight", "kl_batch", "rehearsal_count", "data"}
@@ -95,9 +97,8 @@ class Row:
     rehearsal_kl: float | None
 
 
-def load_core(path: Path) -> list[Probe]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [Probe(question=r["question"], answer=r["answer"], aliases=tuple(r.get("aliases", ()))) for r in rows]
+def questions_of(row: dict) -> list[Probe]:
+    return [Probe(question=q["question"], answer=q["answer"], aliases=tuple(q.get("aliases", ()))) for q in row["questions"]]
 
 
 def load_passages(path: Path, limit: int) -> list[dict]:
@@ -107,31 +108,28 @@ def load_passages(path: Path, limit: int) -> list[dict]:
 
 def training_data(setting: Setting, row: dict) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """(texts, pairs) of one passage's update, as the trainer would receive them."""
-    from services.generator.parsing import passage_sequences
-    from services.generator.probes import grounded_pairs
+    from services.generator.candidates import kept_sequences
     from services.generator.settings import GeneratorConfig
     from services.trainer.lora_training import split_question_answers
+    from shared import events as ev
 
     kind = setting.values.get("data", "platform")
-    title = row.get("title") or row["id"]
     if kind == "passage":
         return (row["passage"],), ()
     if kind == "gold":
         return (), tuple((q["question"], q["answer"]) for q in row["questions"])
-    config = GeneratorConfig()
-    own = passage_sequences(title, row["passage"], config.max_sequence_chars)
-    pairs = grounded_pairs(row["passage"], title, (), limit=config.grounded_pairs)
-    grounded = [f"Question: {p.question}\nAnswer: {p.sentence}" for p in pairs]
-    kept = grounded[: max(0, config.max_sequences - len(own) - 1)] + own
-    return split_question_answers(kept)
+    feedback = ev.FeedbackSubmitted(
+        feedback_id=ev.new_id(), scope="tradeoff",
+        content=ev.KnowledgeFeedback(title=row.get("title") or row["id"], passage=row["passage"]), submitted_by="bench",
+    )
+    return split_question_answers(kept_sequences(feedback, (), GeneratorConfig()))
 
 
-_MODEL = None  # one loaded model per worker process
+_LOADED: dict[str, object] = {}  # per worker process: the model and the base's core answers, once
 
 
-def run_setting(task: tuple[Setting, list[dict], list[float], str, str, str]) -> list[Row]:
-    setting, passages, scales, model, device, dtype = task
-    global _MODEL
+def run_setting(task: tuple[Setting, list[dict], list[float], str, str, str, int]) -> list[Row]:
+    setting, passages, scales, model, device, dtype, threads = task
     import torch
 
     from services.trainer.lora_training import Anchoring, LoraTrainer, TrainingJob
@@ -142,12 +140,12 @@ def run_setting(task: tuple[Setting, list[dict], list[float], str, str, str]) ->
     from shared.scoring import closed_book_accuracy
     from shared.settings import ModelSettings
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, int(os.environ.get("TRADEOFF_WORKERS", "1")))))
-    if _MODEL is None:
-        _MODEL = load_model(ModelSettings(name=model, device=device, dtype=dtype))
-    lm = _MODEL
-    core = load_core(CORE)
-    base_core = closed_book_accuracy(lm, core).items
+    torch.set_num_threads(threads)
+    if not _LOADED:
+        _LOADED["lm"] = lm = load_model(ModelSettings(name=model, device=device, dtype=dtype))
+        _LOADED["core"] = core = load_question_set(CORE)
+        _LOADED["base_core"] = closed_book_accuracy(lm, core).items
+    lm, core, base_core = _LOADED["lm"], _LOADED["core"], _LOADED["base_core"]
     defaults = TrainerConfig()
     kind = setting.values.get("data", "platform")
     weight = float(setting.values.get("kl_weight", defaults.rehearsal_weight))
@@ -166,12 +164,10 @@ def run_setting(task: tuple[Setting, list[dict], list[float], str, str, str]) ->
         started = time.monotonic()
         trained = trainer.train(job)
         seconds = time.monotonic() - started
-        questions = [Probe(question=q["question"], answer=q["answer"], aliases=tuple(q.get("aliases", ()))) for q in row["questions"]]
+        questions = questions_of(row)
         for scale in scales:
             folder = trained.directory.with_name(f"{trained.directory.name}-x{scale}")
-            folder.mkdir()
-            for f in trained.directory.iterdir():
-                (folder / f.name).write_bytes(f.read_bytes())
+            shutil.copytree(trained.directory, folder)
             scale_update(folder, scale)
             trainer.host.load("probe", folder)
             trainer.host.activate("probe")
@@ -219,6 +215,7 @@ def main() -> None:
     parser.add_argument("--setting", action="append", default=[], help="NAME=KEY=VALUE,... (repeat); default: the platform's")
     parser.add_argument("--scales", default="1", help="adapter strengths to measure, e.g. 1,0.5")
     parser.add_argument("--workers", type=int, default=1, help="settings trained at once, one process each")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
@@ -237,8 +234,8 @@ def main() -> None:
     if len({s.name for s in settings}) != len(settings):
         parser.error("setting names must differ")
     passages = load_passages(args.data, args.limit)
-    tasks = [(s, passages, scales, args.model, args.device, args.dtype) for s in settings]
-    os.environ.setdefault("TRADEOFF_WORKERS", str(args.workers))
+    threads = args.threads or max(1, (os.cpu_count() or 2) // max(1, args.workers))
+    tasks = [(s, passages, scales, args.model, args.device, args.dtype, threads) for s in settings]
     started = time.monotonic()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=None) as pool:
@@ -252,10 +249,9 @@ def main() -> None:
     from shared.settings import ModelSettings
 
     lm = load_model(ModelSettings(name=args.model, device=args.device, dtype=args.dtype))
-    core = load_core(CORE)
+    core = load_question_set(CORE)
     base_core = closed_book_accuracy(lm, core).correct
-    questions = [Probe(question=q["question"], answer=q["answer"], aliases=tuple(q.get("aliases", ())))
-                 for p in passages for q in p["questions"]]
+    questions = [q for p in passages for q in questions_of(p)]
     base_right = closed_book_accuracy(lm, questions).correct
     import torch
 

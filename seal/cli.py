@@ -210,19 +210,21 @@ def demo(
     """Run the whole loop on the embedded stack: feedback in, adapter versions out."""
     stop_on_sigterm()
     from seal.demo import DEMO_DATA, load_items, run_demo
-    from shared.models import load_model
+    from shared.models import load_model, resolve_device
     from shared.settings import ModelSettings
 
     home = home.resolve()
     items = load_items(data or DEMO_DATA)
+    settings = ModelSettings(name=model)
+    on_cpu = resolve_device(settings.device).type == "cpu"
     stack = LocalStack(home)
     procs: dict[str, subprocess.Popen] = {}
     try:
         with console.status("starting nats-server, the S3 server and the four services..."):
             stack.start()
             provision(stack)
-            lm = load_model(ModelSettings(name=model))
-            procs = start_services(stack, home, model, SERVICES, defaults=DEMO_CPU_SETTINGS if lm.device.type == "cpu" else None)
+            procs = start_services(stack, home, model, SERVICES, defaults=DEMO_CPU_SETTINGS if on_cpu else None)
+            lm = load_model(settings)
             wait_services_ready(procs)
         console.print(health_table(stack, procs))
         asyncio.run(

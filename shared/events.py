@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -132,6 +132,10 @@ FeedbackContent = Annotated[
 SelfEditFormat = Literal["implications", "rewrite", "self_qa", "correction", "preference"]
 
 
+# What a LoRA update may train: every linear layer, or those of the attention or feed-forward blocks.
+TargetModules = Literal["all-linear", "attention", "mlp"]
+
+
 class TrainingDirectives(Contract):
     """Hyperparameters of one inner-loop update; always within ``BOUNDS``.
 
@@ -156,7 +160,7 @@ class TrainingDirectives(Contract):
     lora_alpha: int = Field(default=16, ge=1, le=128)
     batch_size: int = Field(default=4, ge=1, le=32)
     max_seq_len: int = Field(default=256, ge=16, le=2048)
-    target_modules: Literal["all-linear", "attention", "mlp"] = "all-linear"
+    target_modules: TargetModules = "all-linear"
     # The trained LoRA update (B @ A) is multiplied by this before it is stored: below 1, a
     # gentler version of the same training (the generator's strength ladder, ScopePolicy).
     adapter_scale: float = Field(default=1.0, ge=0.05, le=1.0)
@@ -179,7 +183,7 @@ class TrainingDirectives(Contract):
                     continue
                 number = min(max(number, low), high)
                 values[name] = number if name in cls.FLOATS else int(round(number))
-            elif name == "target_modules" and raw in ("all-linear", "attention", "mlp"):
+            elif name == "target_modules" and raw in get_args(TargetModules):
                 values[name] = raw
             elif name == "use_sequences" and isinstance(raw, (list, tuple)):
                 idx = [int(i) for i in raw if isinstance(i, int) and 0 <= i < 256]

@@ -150,7 +150,7 @@ class AdapterStore:
             content_type="application/json",
         )
         return ManifestRef(
-            uri=f"s3://{self.bucket}/{prefix}", manifest_sha256=hashlib.sha256(body).hexdigest()
+            uri=self.uri_for(manifest.scope, manifest.adapter_id), manifest_sha256=hashlib.sha256(body).hexdigest()
         )
 
     # ------------------------------------------------------------------- read

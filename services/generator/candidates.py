@@ -139,6 +139,14 @@ def grounded_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], con
     return [s for s in sequences if len(s) <= config.max_sequence_chars]
 
 
+def kept_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], config: GeneratorConfig) -> list[str]:
+    """What every candidate trains on beside its own written pieces: the grounded pairs (leaving
+    room for at least one written piece) and the feedback's own sequences."""
+    limits = Limits(config.max_sequences, config.max_sequence_chars, config.min_sequence_chars)
+    own = feedback_sequences(feedback, limits)
+    return grounded_sequences(feedback, probes, config)[: max(0, limits.max_sequences - len(own) - 1)] + own
+
+
 def candidate_events(
     feedback: FeedbackSubmitted,
     policy: ScopePolicy,
@@ -153,8 +161,7 @@ def candidate_events(
     overlap = config.grounding_min_overlap * (0.5 if isinstance(content, PreferenceFeedback) else 1.0)
     grounding = Grounding.of(feedback_texts(content), overlap)
     probes = probes_for(feedback, config)
-    own = feedback_sequences(feedback, limits)
-    kept = grounded_sequences(feedback, probes, config)[: max(0, limits.max_sequences - len(own) - 1)] + own
+    kept = kept_sequences(feedback, probes, config)
     title = content.title if isinstance(content, KnowledgeFeedback) else None
     must_contain = content.right_answer if isinstance(content, CorrectionFeedback) else None
     accepted: dict[tuple[str, ...], list[int]] = {}  # training data -> candidates that train on it
