@@ -11,6 +11,12 @@ accuracy on passage j. Retention of the first passage = its accuracy after
 the last update / its accuracy right after its own update. JSON and Markdown
 go to ``bench/results/``.
 
+On a CPU the services run with the demo's lighter rehearsal
+(``seal.cli.DEMO_CPU_SETTINGS``), as ``seal demo`` does; ``--service-env
+KEY=VALUE`` adds to (or overrides) the services' environment, e.g.
+``OMP_WAIT_POLICY=PASSIVE`` so that a trainer and an evaluator busy at once on
+a few cores do not spin against each other. Both are recorded in the JSON.
+
 ``--policy key=value`` sets the scope's policy first, as ``seal scope-policy
 set`` would: ``--policy max_regression_drop=1.0`` lifts the regression gate,
 which shows how much the trained updates themselves forget (SEAL's figure has
@@ -33,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from knowledge import CORE, RESULTS, score_adapter  # noqa: E402
 
 from seal.cli import (  # noqa: E402
+    DEMO_CPU_SETTINGS,
     SERVICES,
     free_service_port_base,
     provision,
@@ -48,7 +55,7 @@ from seal.watch import PlatformWatcher  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402
 from shared import events as ev  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
-from shared.models import load_model  # noqa: E402
+from shared.models import load_model, resolve_device  # noqa: E402
 from shared.registry_view import read_active  # noqa: E402
 from shared.settings import ModelSettings  # noqa: E402
 from shared.store import AdapterStore  # noqa: E402
@@ -63,16 +70,27 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
                         help="scope policy setting for the run (repeatable), e.g. max_regression_drop=1.0")
+    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the services (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     args = parser.parse_args()
     try:
         changes = parse_settings(args.policy)
     except ValueError as exc:
         parser.error(f"--policy: {exc}")
+    extra_env = {}
+    for item in args.service_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
+        extra_env[key] = value
     stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]
     core = load_question_set(args.core)
-    lm = load_model(ModelSettings(name=args.model))
+    model_settings = ModelSettings(name=args.model)
+    on_cpu = resolve_device(model_settings.device).type == "cpu"
+    service_env = {**(DEMO_CPU_SETTINGS if on_cpu else {}), **extra_env}
+    lm = load_model(model_settings)
     host = AdapterHost(lm.model)
     scope = f"forgetting-{time.strftime('%H%M%S')}"
     home = Path(tempfile.mkdtemp(prefix="seal-forgetting-"))
@@ -110,7 +128,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"policy": changes, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
         )
         return table
 
@@ -118,7 +136,7 @@ def main() -> None:
         provision(stack)
         (home / "logs").mkdir(exist_ok=True)
         port_base = free_service_port_base()  # beside another stack (a demo, another bench)
-        procs = start_services(stack, home, args.model, SERVICES, port_base)
+        procs = start_services(stack, home, args.model, SERVICES, port_base, defaults=service_env)
         wait_services_ready(procs, port_base=port_base)
         store = AdapterStore.from_settings(stack.store_settings())
         if changes:

@@ -11,6 +11,7 @@ from services.trainer.examples import (
     completion_examples,
     pack_rows,
     plan_epoch,
+    replay_schedule,
     text_examples,
 )
 
@@ -100,3 +101,27 @@ def test_first_fit_decreasing_fills_rows() -> None:
 def test_rows_tensors_are_long(n: int) -> None:
     [step] = plan_epoch([ex(5)] * n, batch_size=2, row_tokens=64, pass_tokens=64, pad_id=0, seed=0)
     assert step.passes[0].input_ids.dtype == torch.long
+
+
+def test_replay_shares_each_epoch_evenly_and_covers_every_item_in_turn() -> None:
+    groups = [[f"a{i}" for i in range(6)], [f"b{i}" for i in range(6)], ["c0"]]
+    schedule = replay_schedule(groups, per_epoch=5, epochs=6, seed=3)
+    assert [len(epoch) for epoch in schedule] == [5] * 6
+    for epoch in schedule:
+        counts = {g: sum(item.startswith(g) for item in epoch) for g in "abc"}
+        assert counts["c"] == 1 and {counts["a"], counts["b"]} == {2}  # c has one item; a and b share the rest
+    # Within a group, items come up in turn: all six of a's before any repeats.
+    a_items = [item for epoch in schedule for item in epoch if item.startswith("a")]
+    assert sorted(a_items[:6]) == sorted(groups[0]) and a_items[6:12] == a_items[:6]
+    assert schedule == replay_schedule(groups, per_epoch=5, epochs=6, seed=3)
+    assert schedule != replay_schedule(groups, per_epoch=5, epochs=6, seed=4)
+
+
+def test_replay_never_takes_more_than_there_is_and_nothing_without_a_budget() -> None:
+    assert [sorted(e) for e in replay_schedule([["x", "y"]], per_epoch=16, epochs=2, seed=0)] == [["x", "y"]] * 2
+    assert replay_schedule([["x"]], per_epoch=0, epochs=3, seed=0) == [[], [], []]
+    assert replay_schedule([], per_epoch=8, epochs=2, seed=0) == [[], []]
+    # The remainder rotates: with 3 groups and 4 per epoch, each group gets the extra one in turn.
+    groups = [[f"{g}{i}" for i in range(9)] for g in "abc"]
+    extra = [max("abc", key=lambda g: sum(x.startswith(g) for x in epoch)) for epoch in replay_schedule(groups, 4, 3, 0)]
+    assert sorted(extra) == ["a", "b", "c"]

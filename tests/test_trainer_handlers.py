@@ -185,35 +185,36 @@ async def test_next_update_continues_the_active_adapter(ports, tmp_path) -> None
     assert model.peft_config["default"].r == 4
 
 
-async def test_a_continuing_update_replays_the_lineages_earlier_sequences(ports) -> None:
+async def test_a_continuing_update_replays_every_earlier_update_of_its_lineage(ports) -> None:
     [first] = await handlers.train_self_edit(self_edit_event(), ports)
     activate(ports, "acme", first)
     later = ("the river of red city was crossed by a bridge of stone", "Question: What crossed the river?\nAnswer: a stone bridge")
     [second] = await handlers.train_self_edit(self_edit_event(sequences=later, completion="\n".join(later)), ports)
     job = ports.trainer.last_job
-    assert set(job.texts) == {later[0], *SEQUENCES}  # the new self-edit and the first one, replayed
-    assert job.pairs == (("What crossed the river?", "a stone bridge"),)
+    assert job.texts == (later[0],) and job.pairs == (("What crossed the river?", "a stone bridge"),)
+    assert job.replay == (SEQUENCES,) and job.replay_per_epoch == ports.replay_per_epoch
     _, manifest = ports.store.stored(second.adapter.uri)
-    assert manifest.training["lineage_sequences"] == [*SEQUENCES, *later]
-    assert manifest.training["replayed_sequences"] == len(SEQUENCES)
+    assert [g["sequences"] for g in manifest.training["lineage"]] == [list(SEQUENCES), list(later)]
+    assert [g["adapter_id"] for g in manifest.training["lineage"]] == [first.adapter_id, second.adapter_id]
+    assert manifest.training["replayed_per_epoch"] == len(SEQUENCES)  # all 3: fewer than the budget
     _, first_manifest = ports.store.stored(first.adapter.uri)
-    assert first_manifest.training["lineage_sequences"] == list(SEQUENCES)
-    assert first_manifest.training["replayed_sequences"] == 0
+    assert [g["sequences"] for g in first_manifest.training["lineage"]] == [list(SEQUENCES)]
+    assert first_manifest.training["replayed_per_epoch"] == 0
+    # A third update replays both earlier ones, each as its own group.
+    activate(ports, "acme", second, version=2)
+    third = ("the bridge of stone was painted white",)
+    await handlers.train_self_edit(self_edit_event(sequences=third, completion=third[0]), ports)
+    assert ports.trainer.last_job.replay == (SEQUENCES, later)
 
 
-async def test_replay_is_a_bounded_seeded_sample_of_the_lineage(ports) -> None:
-    earlier = [f"sequence {i}" for i in range(40)]
-    picked = handlers.replayed(earlier, 16, seed=7)
-    assert len(picked) == 16 and set(picked) <= set(earlier)
-    assert picked == handlers.replayed(earlier, 16, seed=7)
-    assert handlers.replayed(earlier[:5], 16, seed=7) == tuple(earlier[:5])
-    assert handlers.replayed(earlier, 0, seed=7) == ()
-    # A parent stored before lineages were recorded: its own selected sequences.
+async def test_lineages_stored_by_earlier_trainers_still_replay(ports) -> None:
     old = ev.SelfEdit(self_edit_id="s", format="rewrite", completion="a\nb\nc", sequences=("a", "b", "c"),
                       directives=DIRECTIVES.model_copy(update={"use_sequences": (2, 0)}))
-    manifest = type("M", (), {"training": {}, "self_edit": old.model_dump(mode="json")})()
-    assert handlers.lineage_sequences(manifest) == ["c", "a"]
-    assert handlers.lineage_sequences(None) == []
+    own_only = type("M", (), {"adapter_id": "x", "training": {}, "self_edit": old.model_dump(mode="json")})()
+    assert handlers.lineage(own_only) == [{"adapter_id": "x", "feedback_id": None, "sequences": ["c", "a"]}]
+    flat = type("M", (), {"adapter_id": "y", "training": {"lineage_sequences": ["p", "q", 3]}, "self_edit": None})()
+    assert handlers.lineage(flat) == [{"adapter_id": "y", "feedback_id": None, "sequences": ["p", "q"]}]
+    assert handlers.lineage(None) == []
 
 
 async def test_redelivery_is_idempotent_on_the_self_edit(ports) -> None:

@@ -91,6 +91,27 @@ def test_a_gentler_strength_of_the_same_job_scales_the_training_without_repeatin
     assert any(a[k].abs().sum() > 0 for k in a if ".lora_B." in k)  # trained: B is not all zeros
 
 
+def test_a_replaying_job_also_learns_the_earlier_updates_sequences(trainer: LoraTrainer, tiny_model) -> None:
+    earlier = ("the old mill of blue town ground corn for the duke", "Question: Who owned the mill?\nAnswer: the duke")
+    plain = trainer.train(TrainingJob("plain", FAST, texts=TEXTS[:1]))
+    replaying = trainer.train(TrainingJob("replaying", FAST, texts=TEXTS[:1], replay=(earlier,), replay_per_epoch=4))
+    assert (plain.replayed_per_epoch, replaying.replayed_per_epoch) == (0, 2)  # both earlier sequences, every epoch
+    mill = text_examples(tiny_model.tokenizer, earlier[:1], 256)
+    losses = []
+    for result, name in ((plain, "plain"), (replaying, "replaying")):
+        trainer.host.load(name, result.directory)
+        try:
+            losses.append(mean_token_loss(trainer.host.model, mill, tiny_model.device))
+        finally:
+            trainer.host.remove(name)
+    assert losses[1] < losses[0] - 0.05, losses  # trained on the replayed sequence; the plain job never saw it
+    assert replaying.run.target_tokens > plain.run.target_tokens
+    # Replay is part of what the training is: the same job without it is not reused.
+    assert trainer.training_key(TrainingJob("a", FAST, texts=TEXTS[:1])) != trainer.training_key(
+        TrainingJob("b", FAST, texts=TEXTS[:1], replay=(earlier,), replay_per_epoch=4)
+    )
+
+
 def test_updates_swap_adapters_on_one_base_model(trainer: LoraTrainer, tiny_model) -> None:
     base = tiny_model.model
     before = logits(base, tiny_model)

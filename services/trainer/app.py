@@ -112,7 +112,7 @@ def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
         registry=KvRegistryReader(js),
         ledger=KvParentLedger(js),
         parents=ParentCache(store, config.work_dir / "parents", config.parent_cache_size),
-        replay_sequences=config.replay_sequences,
+        replay_per_epoch=config.replay_per_epoch,
     )
 
 

@@ -25,11 +25,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,39 @@ def plan_epoch(
         rows = pack_rows(group, row_tokens)
         steps.append(Step(_passes(rows, pass_tokens, pad_id)))
     return steps
+
+
+def replay_schedule(groups: Sequence[Sequence[T]], per_epoch: int, epochs: int, seed: int) -> list[list[T]]:
+    """Per epoch, ``per_epoch`` items shared evenly among ``groups`` (the remainder rotating
+    from epoch to epoch; a group with fewer items than its share gives the rest to the others).
+
+    Each group's items are taken in a seeded shuffled order that wraps round, so over the
+    epochs every item of every group comes up as evenly as the budget allows. No epoch takes
+    more than all the items there are.
+    """
+    groups = [list(g) for g in groups if g]
+    if not groups or per_epoch <= 0:
+        return [[] for _ in range(epochs)]
+    rng = random.Random(seed)
+    orders = [rng.sample(g, len(g)) for g in groups]
+    cursors = [0] * len(groups)
+    budget = min(per_epoch, sum(len(g) for g in groups))
+    schedule = []
+    for epoch in range(epochs):
+        shares = [0] * len(groups)
+        turn = epoch % len(groups)
+        for _ in range(budget):
+            while shares[turn] >= len(groups[turn]):
+                turn = (turn + 1) % len(groups)
+            shares[turn] += 1
+            turn = (turn + 1) % len(groups)
+        taken: list[T] = []
+        for g, share in enumerate(shares):
+            order = orders[g]
+            taken += [order[(cursors[g] + i) % len(order)] for i in range(share)]
+            cursors[g] = (cursors[g] + share) % len(order)
+        schedule.append(taken)
+    return schedule
 
 
 def pack_rows(examples: Sequence[Example], row_tokens: int) -> list[list[Example]]:

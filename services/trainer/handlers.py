@@ -4,8 +4,9 @@
   ``training.rebase_requested``): one LoRA update of the scope's active
   adapter (or a fresh LoRA) on the self-edit -> ``adapter.trained`` or
   ``adapter.training_failed``. Every manifest records the sequences of its
-  whole lineage; an update that continues an adapter replays a seeded sample
-  of them beside the new self-edit, so the scope keeps what it learned before.
+  whole lineage, update by update; an update that continues an adapter
+  replays some of every earlier update's in each epoch beside the new
+  self-edit, so the scope keeps what it learned before.
 * :func:`train_policy` (``policy.training_requested``): the generator's own
   policy adapter on (prompt, completion) pairs -> ``policy.trained``.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -57,7 +57,8 @@ from shared.telemetry import current_trace_id
 
 log = logging.getLogger(__name__)
 
-LINEAGE_SEQUENCES = "lineage_sequences"
+LINEAGE = "lineage"  # manifest training key: [{"adapter_id", "feedback_id", "sequences"}, ...], oldest first
+LINEAGE_SEQUENCES = "lineage_sequences"  # the flat list that earlier trainers recorded
 RECIPE = "packed examples, loss on real tokens only, AdamW + linear decay, grad clip 1.0, KL to the base on rehearsal answers"
 
 
@@ -68,8 +69,8 @@ class TrainerPorts:
     registry: RegistryReader
     ledger: ParentLedger
     parents: ParentCache
-    # Earlier sequences of the scope's lineage replayed in a continuing update (0: none).
-    replay_sequences: int = 8
+    # Earlier sequences of the scope's lineage replayed per epoch of a continuing update (0: none).
+    replay_per_epoch: int = 16
 
 
 class Parent(BaseModel):
@@ -132,10 +133,12 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
     trace_id = current_trace_id()
     try:
         parent_dir, parent_manifest = await _parent_adapter(ports, parent)
-        earlier = lineage_sequences(parent_manifest)
-        replay = replayed(earlier, ports.replay_sequences, self_edit.directives.seed)
-        plain, pairs = split_question_answers(texts + replay)
-        job = TrainingJob(adapter_id, self_edit.directives, texts=plain, pairs=pairs, parent_dir=parent_dir, rehearse=True)
+        earlier = lineage(parent_manifest)
+        plain, pairs = split_question_answers(texts)
+        job = TrainingJob(
+            adapter_id, self_edit.directives, texts=plain, pairs=pairs, parent_dir=parent_dir, rehearse=True,
+            replay=tuple(tuple(group["sequences"]) for group in earlier), replay_per_epoch=ports.replay_per_epoch,
+        )
         result = await asyncio.to_thread(ports.trainer.train, job)
     except TrainingRejected as exc:
         return [failed(exc.reason)]
@@ -154,34 +157,38 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
         extra={
             "attempt": attempt,
             "cause_event_id": event.event_id,
-            "replayed_sequences": len(replay),
-            LINEAGE_SEQUENCES: [*earlier, *texts],
+            "replayed_per_epoch": result.replayed_per_epoch,
+            LINEAGE: [*earlier, {"adapter_id": adapter_id, "feedback_id": event.feedback_id, "sequences": list(texts)}],
         },
     )
     ref = await _store(ports, result, manifest)
     return [trained(ref, result.run.final_loss, result.run.seconds, trace_id)]
 
 
-def lineage_sequences(manifest: AdapterManifest | None) -> list[str]:
-    """Every sequence the scope's lineage up to this adapter was trained on, oldest first."""
+def lineage(manifest: AdapterManifest | None) -> list[dict[str, Any]]:
+    """What each update of the scope's lineage up to this adapter was trained on, oldest first:
+    ``{"adapter_id", "feedback_id", "sequences"}`` per update (ids None where not recorded)."""
     if manifest is None:
         return []
-    found = manifest.training.get(LINEAGE_SEQUENCES)
+    found = manifest.training.get(LINEAGE)
     if isinstance(found, list):
-        return [s for s in found if isinstance(s, str)]
-    # An adapter stored before lineages were recorded: its own self-edit, as far as it says.
-    self_edit = manifest.self_edit or {}
-    sequences = [s for s in self_edit.get("sequences") or () if isinstance(s, str)]
-    use = (self_edit.get("directives") or {}).get("use_sequences")
-    return list(selected_sequences(sequences, use if isinstance(use, list) else None))
-
-
-def replayed(earlier: list[str], limit: int, seed: int) -> tuple[str, ...]:
-    """At most ``limit`` of the lineage's earlier sequences (a seeded sample), replayed beside
-    the new ones so a continuing update keeps what the scope learned before."""
-    if len(earlier) <= limit:
-        return tuple(earlier)
-    return tuple(random.Random(seed).sample(earlier, limit))
+        return [
+            {"adapter_id": g.get("adapter_id"), "feedback_id": g.get("feedback_id"),
+             "sequences": [s for s in g.get("sequences") or () if isinstance(s, str)]}
+            for g in found
+            if isinstance(g, dict)
+        ]
+    # Stored before lineages were recorded per update: the whole lineage as one, or, older
+    # still, the adapter's own self-edit as far as it says.
+    flat = manifest.training.get(LINEAGE_SEQUENCES)
+    if isinstance(flat, list):
+        sequences = [s for s in flat if isinstance(s, str)]
+    else:
+        self_edit = manifest.self_edit or {}
+        own = [s for s in self_edit.get("sequences") or () if isinstance(s, str)]
+        use = (self_edit.get("directives") or {}).get("use_sequences")
+        sequences = list(selected_sequences(own, use if isinstance(use, list) else None))
+    return [{"adapter_id": manifest.adapter_id, "feedback_id": None, "sequences": sequences}] if sequences else []
 
 
 # --------------------------------------------------------------------------- policy

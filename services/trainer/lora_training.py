@@ -3,9 +3,11 @@
 :class:`LoraTrainer` owns the base model (loaded once per process) and an
 :class:`shared.lora.AdapterHost` over it. Each :meth:`LoraTrainer.train` call:
 
-1. tokenizes the job's data (self-edit texts, or (prompt, completion) pairs)
-   and, when the job rehearses, the base model's own answers to unrelated
-   prompts, which every step holds the model to (rehearsal.py);
+1. tokenizes the job's data (self-edit texts, or (prompt, completion) pairs),
+   the lineage's earlier sequences that a continuing update replays (a share
+   of them in every epoch, every earlier update alike) and, when the job
+   rehearses, the base model's own answers to unrelated prompts, which every
+   step holds the model to (rehearsal.py);
 2. puts the adapter to train on the base: the parent adapter's directory
    loaded as a trainable copy (its rank and targets win), or a fresh LoRA from
    the directives (seeded, so the same job gives the same weights);
@@ -71,6 +73,11 @@ class TrainingJob:
     pairs: tuple[tuple[str, str], ...] = ()  # (user prompt, completion): completion learned
     parent_dir: Path | None = None  # PEFT directory of the adapter to continue
     rehearse: bool = False  # hold the model to the base's answers to unrelated prompts (rehearsal.py)
+    # Earlier sequences of the lineage, one group per earlier update, oldest first: every epoch
+    # also trains on ``replay_per_epoch`` of them, shared evenly among the groups and taken in
+    # turn within each (examples.replay_schedule), so every earlier update keeps its place.
+    replay: tuple[tuple[str, ...], ...] = ()
+    replay_per_epoch: int = 0
 
 
 @dataclass
@@ -87,6 +94,7 @@ class TrainedAdapter:
     peak_memory_bytes: int
     peak_memory_kind: str
     versions: dict[str, str] = field(default_factory=dict)
+    replayed_per_epoch: int = 0  # earlier examples of the lineage trained on in each epoch
     adapter_scale: float = 1.0
     reused_from: str | None = None  # the adapter whose training this one scales, not trained again
 
@@ -143,6 +151,16 @@ class LoraTrainer:
             found += ex.completion_examples(tokenizer, prompts, limit)
         return found
 
+    def replay_examples(self, job: TrainingJob) -> list[list[ex.Example]]:
+        """The lineage's earlier sequences as examples, one list per earlier update."""
+        if job.replay_per_epoch <= 0:
+            return []
+        groups = []
+        for sequences in job.replay:
+            texts, pairs = split_question_answers(sequences)
+            groups.append(self.examples_for(replace(job, texts=texts, pairs=pairs)))
+        return [g for g in groups if g]
+
     def rehearsal_examples(self, job: TrainingJob) -> list[ex.Example]:
         """The base's answers a rehearsing job is held to (none without rehearsal or a weight)."""
         if not (job.rehearse and self.rehearsal is not None and self.anchoring.weight > 0):
@@ -173,6 +191,8 @@ class LoraTrainer:
             "directives": job.directives.model_dump(mode="json", exclude={"adapter_scale"}),
             "texts": job.texts,
             "pairs": job.pairs,
+            "replay": job.replay if job.replay_per_epoch > 0 else (),
+            "replay_per_epoch": job.replay_per_epoch if job.replay else 0,
             "parent": parent,
             "rehearse": job.rehearse,
             "rehearsal": (self.rehearsal.prompts, self.rehearsal.count) if self.rehearsal else None,
@@ -213,6 +233,7 @@ class LoraTrainer:
             raise TrainingRejected("nothing to train on: no example has a token to learn")
         rehearsal = self.rehearsal_examples(job)
         d = job.directives
+        replay = ex.replay_schedule(self.replay_examples(job), job.replay_per_epoch, d.epochs, d.seed)
         _seed(d.seed)
         try:
             lora = self._put_adapter(job)
@@ -238,7 +259,7 @@ class LoraTrainer:
         _reset_peak_memory(device)
         plan = [
             ex.plan_epoch(
-                examples,
+                examples + replay[epoch],
                 batch_size=d.batch_size,
                 row_tokens=max(self.layout.row_tokens, d.max_seq_len),
                 pass_tokens=max(self.layout.pass_tokens, d.max_seq_len),
@@ -284,6 +305,7 @@ class LoraTrainer:
             peak_memory_bytes=peak,
             peak_memory_kind=kind,
             versions=_versions(),
+            replayed_per_epoch=len(replay[0]) if replay else 0,
         )
 
     def _put_adapter(self, job: TrainingJob) -> dict[str, Any]:

@@ -41,8 +41,9 @@ class TrainerConfig(BaseModel):
     rehearsal_prompts: Path | None = None
     rehearsal_weight: float = Field(default=3.0, ge=0.0, le=100.0)
     rehearsal_batch: int = Field(default=16, ge=1, le=256)
-    # A continuing update replays at most this many earlier sequences of the scope's lineage (0: none).
-    replay_sequences: int = Field(default=8, ge=0, le=1024)
+    # A continuing update also trains, in every epoch, on this many of the sequences its lineage's
+    # earlier updates were trained on, shared evenly among them (0: none).
+    replay_per_epoch: int = Field(default=16, ge=0, le=1024)
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
     pass_tokens: int = Field(default=8192, ge=16)
