@@ -39,10 +39,11 @@ sys.path.insert(0, str(REPO))
 from knowledge import CORE, RESULTS, score_adapter  # noqa: E402
 
 from seal.cli import (  # noqa: E402
-    DEMO_CPU_SETTINGS,
     SERVICES,
     free_service_port_base,
+    parse_env,
     provision,
+    service_defaults,
     start_services,
     stop_on_sigterm,
     stop_services,
@@ -55,7 +56,7 @@ from seal.watch import PlatformWatcher  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402
 from shared import events as ev  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
-from shared.models import load_model, resolve_device  # noqa: E402
+from shared.models import load_model  # noqa: E402
 from shared.registry_view import read_active  # noqa: E402
 from shared.settings import ModelSettings  # noqa: E402
 from shared.store import AdapterStore  # noqa: E402
@@ -77,19 +78,16 @@ def main() -> None:
         changes = parse_settings(args.policy)
     except ValueError as exc:
         parser.error(f"--policy: {exc}")
-    extra_env = {}
-    for item in args.service_env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--service-env takes KEY=VALUE, got {item!r}")
-        extra_env[key] = value
+    try:
+        extra_env = parse_env(args.service_env)
+    except ValueError as exc:
+        parser.error(f"--service-env: {exc}")
     stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]
     core = load_question_set(args.core)
     model_settings = ModelSettings(name=args.model)
-    on_cpu = resolve_device(model_settings.device).type == "cpu"
-    service_env = {**(DEMO_CPU_SETTINGS if on_cpu else {}), **extra_env}
+    service_env = service_defaults(model_settings.device, extra_env)
     lm = load_model(model_settings)
     host = AdapterHost(lm.model)
     scope = f"forgetting-{time.strftime('%H%M%S')}"

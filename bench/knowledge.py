@@ -17,6 +17,11 @@ questions (the passage is never in the prompt) under four conditions:
 * ``gold``: a fresh LoRA trained on the gold question-answer pairs: a ceiling,
   not a method.
 
+On a CPU the services run with the demo's lighter rehearsal
+(``seal.cli.DEMO_CPU_SETTINGS``), as ``seal demo`` does; ``--service-env
+KEY=VALUE`` adds to (or overrides) the services' environment. Both are
+recorded in the JSON.
+
 It also reports the core-knowledge accuracy after each update (its drop is
 forgetting) and seconds per update, and writes JSON and a Markdown table
 under ``bench/results/``. Scoring is :func:`shared.scoring.closed_book_accuracy`,
@@ -38,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from seal.cli import stop_on_sigterm  # noqa: E402
+from seal.cli import parse_env, service_defaults, stop_on_sigterm  # noqa: E402
 from seal.demo import DemoItem, load_items  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402
 from services.evaluator.settings import PACKAGED_CORE_SET as CORE  # noqa: E402
@@ -103,7 +108,13 @@ def run_training_condition(
 
 
 def run_platform_condition(
-    lm: LoadedModel, host: AdapterHost, items: list[DemoItem], core: Sequence[Probe], model: str, timeout: float
+    lm: LoadedModel,
+    host: AdapterHost,
+    items: list[DemoItem],
+    core: Sequence[Probe],
+    model: str,
+    timeout: float,
+    service_env: dict[str, str] | None = None,
 ) -> tuple[Condition, Condition]:
     """Start the stack and the four services, submit each passage to its own scope, score the result."""
     from seal.cli import SERVICES, free_service_port_base, provision, start_services, stop_services, wait_services_ready
@@ -121,7 +132,7 @@ def run_platform_condition(
         provision(stack)
         (home / "logs").mkdir(exist_ok=True)
         port_base = free_service_port_base()  # beside another stack (a demo, another bench)
-        procs = start_services(stack, home, model, SERVICES, port_base)
+        procs = start_services(stack, home, model, SERVICES, port_base, defaults=service_env)
         wait_services_ready(procs, port_base=port_base)
         store = AdapterStore.from_settings(stack.store_settings())
 
@@ -224,7 +235,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one platform decision")
     parser.add_argument("--baseline", choices=("seal", "platform"), default="seal",
                         help="directives of the passage and gold conditions: SEAL's settings or the platform's defaults")
+    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the services (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     args = parser.parse_args()
+    try:
+        extra_env = parse_env(args.service_env)
+    except ValueError as exc:
+        parser.error(f"--service-env: {exc}")
     stop_on_sigterm()  # a killed run still stops its services and stack
     # The baselines use SEAL's settings, the issue's "where we start" (fresh LoRA r=32, alpha 64, all
     # linear layers, lr 1e-3, 10 epochs); --baseline platform uses the platform's default directives.
@@ -233,7 +250,9 @@ def main() -> None:
     items = load_items(args.data)[: args.limit]
     core = load_question_set(args.core)
     wanted = args.conditions.split(",")
-    lm = load_model(ModelSettings(name=args.model))
+    model_settings = ModelSettings(name=args.model)
+    service_env = service_defaults(model_settings.device, extra_env)
+    lm = load_model(model_settings)
     work = Path(tempfile.mkdtemp(prefix="seal-bench-work-"))
     trainer = LoraTrainer(lm, work)
     conds: list[Condition] = []
@@ -253,7 +272,9 @@ def main() -> None:
         if name in wanted:
             conds.append(run_training_condition(name, lm, trainer, items, core, directives))
     if "platform" in wanted:
-        platform, gated = run_platform_condition(lm, trainer.host, items, core, args.model, args.timeout)
+        platform, gated = run_platform_condition(
+            lm, trainer.host, items, core, args.model, args.timeout, service_env
+        )
         conds[min(2, len(conds)):min(2, len(conds))] = [platform, gated]
 
     import platform as _platform
@@ -267,6 +288,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{_platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}",
         "baseline_directives": directives.model_dump(),
+        "command": " ".join(sys.argv),
+        "service_env": service_env if "platform" in wanted else None,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

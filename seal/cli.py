@@ -37,6 +37,28 @@ DEMO_CPU_SETTINGS = {
     "SEAL_TRAINER__REHEARSAL_WEIGHT": "1.0",
     "SEAL_TRAINER__REHEARSAL_BATCH": "4",
 }
+
+
+def service_defaults(device: str = "auto", extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The services' environment defaults for a run on ``device`` (a model setting): on a CPU
+    the demo's lighter rehearsal; then ``extra`` (``KEY=VALUE`` settings a bench passes)."""
+    from shared.models import resolve_device
+
+    on_cpu = resolve_device(device).type == "cpu"
+    return {**(DEMO_CPU_SETTINGS if on_cpu else {}), **(extra or {})}
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items as a dict of environment variables (ValueError on anything else)."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"want KEY=VALUE, got {item!r}")
+        env[key.strip()] = value
+    return env
+
+
 HomeOption = typer.Option(
     Path(".seal"), "--home", envvar="SEAL_HOME", help="Folder holding all local stack data."
 )
@@ -210,20 +232,19 @@ def demo(
     """Run the whole loop on the embedded stack: feedback in, adapter versions out."""
     stop_on_sigterm()
     from seal.demo import DEMO_DATA, load_items, run_demo
-    from shared.models import load_model, resolve_device
+    from shared.models import load_model
     from shared.settings import ModelSettings
 
     home = home.resolve()
     items = load_items(data or DEMO_DATA)
     settings = ModelSettings(name=model)
-    on_cpu = resolve_device(settings.device).type == "cpu"
     stack = LocalStack(home)
     procs: dict[str, subprocess.Popen] = {}
     try:
         with console.status("starting nats-server, the S3 server and the four services..."):
             stack.start()
             provision(stack)
-            procs = start_services(stack, home, model, SERVICES, defaults=DEMO_CPU_SETTINGS if on_cpu else None)
+            procs = start_services(stack, home, model, SERVICES, defaults=service_defaults(settings.device))
             lm = load_model(settings)
             wait_services_ready(procs)
         console.print(health_table(stack, procs))

@@ -45,3 +45,18 @@ def test_without_defaults_the_services_get_the_trainers_own(tmp_path: Path, monk
     assert not any(name in env for name in cli.DEMO_CPU_SETTINGS)
     config = TrainerSettings(_secrets_dir=str(tmp_path / "none")).trainer
     assert (config.rehearsal_pairs, config.rehearsal_weight, config.rehearsal_batch) == (256, 3.0, 16)
+
+
+def test_service_defaults_take_the_light_rehearsal_on_a_cpu_and_a_benchs_extra_settings() -> None:
+    on_cpu = cli.service_defaults("cpu", {"OMP_WAIT_POLICY": "PASSIVE", "SEAL_TRAINER__REHEARSAL_BATCH": "2"})
+    assert on_cpu["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert on_cpu["SEAL_TRAINER__REHEARSAL_BATCH"] == "2"  # the bench's setting over the demo's
+    assert on_cpu["SEAL_TRAINER__REHEARSAL_PAIRS"] == cli.DEMO_CPU_SETTINGS["SEAL_TRAINER__REHEARSAL_PAIRS"]
+    assert cli.service_defaults("cpu") == cli.DEMO_CPU_SETTINGS
+
+
+def test_parse_env_reads_key_value_items_and_refuses_anything_else() -> None:
+    assert cli.parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+    for bad in ("A", "=1"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            cli.parse_env([bad])
