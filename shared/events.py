@@ -203,6 +203,9 @@ class SelfEdit(Contract):
     directives: TrainingDirectives = TrainingDirectives()
     candidate_index: int = Field(default=0, ge=0)
     candidate_count: int = Field(default=1, ge=1, le=64)
+    # How many of ``sequences`` the model wrote; the rest are the feedback's own and
+    # rule-written ones. The outer loop learns only from self-edits that kept some.
+    written: int = Field(default=0, ge=0, le=256)
 
 
 class PolicyExample(Contract):

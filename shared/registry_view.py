@@ -79,6 +79,12 @@ class ScopePolicy(Contract):
     # registry decision
     approval: Literal["auto", "manual"] = "auto"
     decision_timeout_s: float = Field(default=1800.0, gt=0)
+    # outer loop (ReST-EM, services/registry/outer_loop.py): the generator's own policy adapter is
+    # trained on every this many rewarded self-edits (0: off, the default until a benchmark shows it
+    # helps the default model write). A round's examples travel in one event, so at most 32.
+    policy_round_examples: int = Field(default=0, ge=0, le=32)
+    policy_min_reward: float = Field(default=0.01, ge=-1.0, le=1.0)
+    policy_directives: TrainingDirectives = TrainingDirectives()
 
 
 def active_key(scope: str) -> str:

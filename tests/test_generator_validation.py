@@ -212,6 +212,8 @@ def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate()
     assert (first.directives.adapter_scale, again.directives.adapter_scale) == (1.0, 0.5)
     # Different data starts at the top of the ladder.
     assert own.sequences != first.sequences and own.directives.adapter_scale == 1.0
+    # Each self-edit says how much of it the model wrote (what the outer loop learns from).
+    assert (first.written, again.written, own.written) == (0, 0, 1)
     assert "same training data as candidate 0" in events[3].reasons[0]
     assert "every strength of the ladder (1.0, 0.5)" in events[3].reasons[0]
     assert "Ramdney" in events[3].reasons[0]

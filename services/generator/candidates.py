@@ -213,6 +213,7 @@ def candidate_events(
             directives=directives,
             candidate_index=plan.index,
             candidate_count=len(plans),
+            written=verdict.written,
         )
         events.append(
             feedback.caused(

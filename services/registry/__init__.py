@@ -17,6 +17,8 @@ State lives in JetStream KV; every write is a compare-and-set. Keys in the
 * ``probes.<scope>``: :class:`shared.registry_view.AcceptedProbes`, rebuilt
   from the version chain on promotion and on rollback.
 * ``policy.<scope>`` / ``policy._global``: the generator's policy adapter.
+* ``policypool.<scope>``: :class:`outer_loop.PolicyPool`, rewarded self-edits
+  waiting for the scope's next outer-loop round (when the policy turns it on).
 * ``version.<scope>.<n>``: :class:`records.VersionRecord`, the tags of one
   version (scores, reward, feedback ids, trace ids, base model, probes).
 * ``feedback.<scope>.<feedback>``: :class:`records.FeedbackRecord`, the
@@ -25,7 +27,8 @@ State lives in JetStream KV; every write is a compare-and-set. Keys in the
 * ``open.<scope>.<feedback>``: an index of feedback not yet decided
   (swept for decision timeouts).
 * ``selfedit.<feedback>.<index>``: :class:`records.SelfEditRecord`, the
-  self-edit of one candidate (needed to rebase it; also lineage).
+  self-edit of one candidate and the prompt it was written from (needed to
+  rebase it and for the outer loop; also lineage).
 * ``seen.<scope>``: a marker that the scope exists.
 
 Scope policies live in the ``seal_scope_settings`` bucket under ``<scope>``.

@@ -40,6 +40,7 @@ from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 from . import decision as dc
+from . import outer_loop as ol
 from . import promotion as pr
 from .ports import NotFound, Ports
 from .records import (
@@ -127,6 +128,7 @@ class Ledger:
             self_edit=event.self_edit,
             probes=event.probes,
             generator_adapter=event.generator_adapter,
+            generator_prompt=event.generator_prompt,
         )
         try:
             await self.ports.state.put(
@@ -196,6 +198,7 @@ class Ledger:
         if record is not None and record.outbox:
             record = await self._flush(record)
         if record is not None and not record.is_open:
+            await self._count_for_policy(record)  # before the open index goes: a crash is swept again
             await self.ports.state.delete(KV_REGISTRY, open_key(scope, feedback_id))
         return record
 
@@ -358,6 +361,41 @@ class Ledger:
             return current.model_copy(update={"outbox": tuple(i for i in current.outbox if i["event_id"] not in sent)})
 
         return await self._update(record.scope, record.feedback_id, change) or record
+
+    # ------------------------------------------------------------- outer loop
+
+    async def _count_for_policy(self, record: FeedbackRecord) -> None:
+        """Pool a decided feedback's rewarded self-edits for the generator's next round
+        (:mod:`.outer_loop`); publish the round's request once the pool is full."""
+        policy = await self.policy(record.scope)
+        if policy.policy_round_examples <= 0:
+            return
+        self_edits = {}
+        for cand in record.candidates:
+            if cand.result == "evaluated" and cand.passed:
+                kept = await self.self_edit(record.feedback_id, cand.index)
+                if kept is not None:
+                    self_edits[cand.index] = kept
+        examples = ol.rewarded_examples(record, self_edits, policy)
+        key = ol.policy_pool_key(record.scope)
+        pool = await self.ports.state.compare_and_set(
+            KV_REGISTRY, key, ol.PolicyPool, lambda current: ol.with_feedback(current, record, examples, policy)
+        )
+        if pool is None or not pool.outbox:
+            return
+        sent = set()
+        for item in pool.outbox:
+            await self.ports.publish(ev.parse_event(item))
+            sent.add(item["event_id"])
+            log.info("scope %s: outer-loop round %s requested", record.scope, item.get("round"))
+        await self.ports.state.compare_and_set(
+            KV_REGISTRY,
+            key,
+            ol.PolicyPool,
+            lambda current: current.model_copy(update={"outbox": tuple(i for i in current.outbox if i["event_id"] not in sent)})
+            if current is not None and any(i["event_id"] in sent for i in current.outbox)
+            else None,
+        )
 
     # ------------------------------------------------------------------ sweep
 

@@ -228,6 +228,7 @@ class SelfEditRecord(Contract):
     self_edit: SelfEdit
     probes: tuple[Probe, ...] = ()
     generator_adapter: str | None = None
+    generator_prompt: str | None = None  # with the completion, an outer-loop example (outer_loop.py)
 
 
 class Marker(Contract):
