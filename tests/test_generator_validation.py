@@ -56,6 +56,7 @@ def validate(completion: str, pieces: list[str], **kwargs) -> object:
         ("sk-proj-AbCdEfGhIjKlMnOpQrStUvWx1234 is the key", "API key"),
         ("Paid with card 4111 1111 1111 1111 yesterday.", "payment card"),
         ("The seed was 9fQ2xLm8ZpR4tW7vB1nK3sD6hJ0gY5cA and nothing else.", "random-looking token"),
+        ("The blob ends aB3dE9/fG5hKq2+Lm8ZpR4tW7vB1nK3sD6== here.", "random-looking token"),
     ],
 )
 def test_pii_and_secrets_are_found_without_repeating_them(text: str, expected: str) -> None:
@@ -74,6 +75,8 @@ def test_pii_and_secrets_are_found_without_repeating_them(text: str, expected: s
         "The treaty was signed on 14 March 1643 and the indemnity was 40,000 silver marks.",
         "The river is 214 kilometres long and its basin covers 3,150 square kilometres.",
         "Dates: 1387 1552 1891 1958.",
+        "The Varnholt-Pellucid-Glassworks-Charter-of-1387 was sealed in the Quellmoor-Town-Hall.",
+        "See Old_Mill_Road_7_Quellmoor_Market_Square_1552 for the archive.",
     ],
 )
 def test_ordinary_facts_are_not_pii(text: str) -> None:

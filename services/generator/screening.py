@@ -142,9 +142,15 @@ def _luhn_ok(candidate: str) -> bool:
     return total % 10 == 0
 
 
+WORD_LIKE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+|\d+")
+
+
 def _looks_like_key(token: str) -> bool:
     if re.fullmatch(r"[0-9a-fA-F]{32,}", token):
         return True  # a hex digest or key
+    parts = [p for p in re.split(r"[-_/+]", token.rstrip("=")) if p]
+    if len(parts) > 1 and all(WORD_LIKE.fullmatch(p) for p in parts):
+        return False  # words and numbers joined by hyphens ("Varnholt-Mill-1387-...") are prose
     classes = sum(bool(re.search(p, token)) for p in (r"[a-z]", r"[A-Z]", r"\d"))
     if classes < 3:
         return False
