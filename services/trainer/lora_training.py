@@ -47,6 +47,7 @@ import torch
 from services.trainer import examples as ex
 from services.trainer.inner_loop import NonFiniteTraining, TrainingRun, fit
 from services.trainer.rehearsal import KlAnchor, Rehearsal
+from services.trainer.settings import REHEARSAL_BATCH, REHEARSAL_WEIGHT
 from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
 from shared.lora import ADAPTER_WEIGHTS, AdapterHost, lora_config, scale_update
@@ -112,8 +113,8 @@ class Layout:
 class Anchoring:
     """How hard rehearsal holds the model: the KL term's weight and examples per step."""
 
-    weight: float = 3.0
-    batch: int = 16
+    weight: float = REHEARSAL_WEIGHT
+    batch: int = REHEARSAL_BATCH
 
 
 class LoraTrainer:

@@ -18,6 +18,11 @@ from shared.settings import ServiceSettings
 from shared.subjects import TRAINER_POLICY, TRAINER_REBASES, TRAINER_SELFEDITS, ConsumerSpec
 
 
+# How hard rehearsal holds the model by default (the trainer's Anchoring reads these too).
+REHEARSAL_WEIGHT = 3.0
+REHEARSAL_BATCH = 16
+
+
 class TrainerConfig(BaseModel):
     # Scratch space: trained adapters before upload, verified parent adapters.
     work_dir: Path = Path(tempfile.gettempdir()) / "seal-trainer"
@@ -39,8 +44,8 @@ class TrainerConfig(BaseModel):
     # training time on a CPU.
     rehearsal_pairs: int = Field(default=256, ge=0, le=512)
     rehearsal_prompts: Path | None = None
-    rehearsal_weight: float = Field(default=3.0, ge=0.0, le=100.0)
-    rehearsal_batch: int = Field(default=16, ge=1, le=256)
+    rehearsal_weight: float = Field(default=REHEARSAL_WEIGHT, ge=0.0, le=100.0)
+    rehearsal_batch: int = Field(default=REHEARSAL_BATCH, ge=1, le=256)
     # A continuing update also trains, in every epoch, on this many of the sequences its lineage's
     # earlier updates were trained on, shared evenly among them (0: none).
     replay_per_epoch: int = Field(default=16, ge=0, le=1024)
