@@ -365,37 +365,10 @@ class Ledger:
     # ------------------------------------------------------------- outer loop
 
     async def _count_for_policy(self, record: FeedbackRecord) -> None:
-        """Pool a decided feedback's rewarded self-edits for the generator's next round
-        (:mod:`.outer_loop`); publish the round's request once the pool is full."""
+        """Pool a decided feedback's rewarded self-edits for the outer loop (:mod:`.outer_loop`)."""
         policy = await self.policy(record.scope)
-        if policy.policy_round_examples <= 0:
-            return
-        self_edits = {}
-        for cand in record.candidates:
-            if cand.result == "evaluated" and cand.passed:
-                kept = await self.self_edit(record.feedback_id, cand.index)
-                if kept is not None:
-                    self_edits[cand.index] = kept
-        examples = ol.rewarded_examples(record, self_edits, policy)
-        key = ol.policy_pool_key(record.scope)
-        pool = await self.ports.state.compare_and_set(
-            KV_REGISTRY, key, ol.PolicyPool, lambda current: ol.with_feedback(current, record, examples, policy)
-        )
-        if pool is None or not pool.outbox:
-            return
-        sent = set()
-        for item in pool.outbox:
-            await self.ports.publish(ev.parse_event(item))
-            sent.add(item["event_id"])
-            log.info("scope %s: outer-loop round %s requested", record.scope, item.get("round"))
-        await self.ports.state.compare_and_set(
-            KV_REGISTRY,
-            key,
-            ol.PolicyPool,
-            lambda current: current.model_copy(update={"outbox": tuple(i for i in current.outbox if i["event_id"] not in sent)})
-            if current is not None and any(i["event_id"] in sent for i in current.outbox)
-            else None,
-        )
+        if policy.policy_round_examples > 0:
+            await ol.count_decided(record, policy, self.ports.state, self.ports.publish, self.self_edit)
 
     # ------------------------------------------------------------------ sweep
 

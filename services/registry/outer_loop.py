@@ -21,15 +21,20 @@ the round, so a re-published request is dropped by JetStream.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pydantic import Field
 
 from shared import events as ev
 from shared.registry_view import ScopePolicy
+from shared.subjects import KV_REGISTRY
 
+from .kv import State
 from .records import FeedbackRecord, SelfEditRecord
+
+log = logging.getLogger(__name__)
 
 COUNTED_KEPT = 1000  # feedback ids remembered as counted (a redelivery comes long before 1000 more)
 
@@ -107,3 +112,39 @@ def with_feedback(
             "outbox": (*pool.outbox, request.model_dump(mode="json")),
         }
     )
+
+
+async def count_decided(
+    record: FeedbackRecord,
+    policy: ScopePolicy,
+    state: State,
+    publish: Callable[[ev.Event], Awaitable[None]],
+    self_edit: Callable[[str, int], Awaitable[SelfEditRecord | None]],
+) -> None:
+    """Pool a decided feedback's rewarded self-edits; publish the round's request once the
+    pool is full (and any request an earlier attempt failed to publish)."""
+    self_edits = {}
+    for cand in record.candidates:
+        if cand.result == "evaluated" and cand.passed:
+            kept = await self_edit(record.feedback_id, cand.index)
+            if kept is not None:
+                self_edits[cand.index] = kept
+    examples = rewarded_examples(record, self_edits, policy)
+    key = policy_pool_key(record.scope)
+    pool = await state.compare_and_set(
+        KV_REGISTRY, key, PolicyPool, lambda current: with_feedback(current, record, examples, policy)
+    )
+    if pool is None or not pool.outbox:
+        return
+    sent = set()
+    for item in pool.outbox:
+        await publish(ev.parse_event(item))
+        sent.add(item["event_id"])
+        log.info("scope %s: outer-loop round %s requested", record.scope, item.get("round"))
+
+    def published(current: PolicyPool | None) -> PolicyPool | None:
+        if current is None or not any(i["event_id"] in sent for i in current.outbox):
+            return None
+        return current.model_copy(update={"outbox": tuple(i for i in current.outbox if i["event_id"] not in sent)})
+
+    await state.compare_and_set(KV_REGISTRY, key, PolicyPool, published)
