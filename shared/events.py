@@ -17,234 +17,46 @@ characters"), never a raw traceback.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
 )
 
+from shared.contracts import (  # noqa: F401 - re-exported: the values are part of the events' contract
+    ID_PATTERN,
+    SCOPE_PATTERN,
+    Contract,
+    CorrectionFeedback,
+    EventValidationError,
+    FeedbackContent,
+    GateResult,
+    Identifier,
+    KnowledgeFeedback,
+    LongText,
+    ManifestRef,
+    PolicyExample,
+    PreferenceExample,
+    PreferenceFeedback,
+    Probe,
+    Scope,
+    Scores,
+    SelfEdit,
+    SelfEditFormat,
+    ShortText,
+    TargetModules,
+    TrainingDirectives,
+    derived_id,
+    describe_validation_error,
+    new_id,
+    utcnow,
+)
+
 SCHEMA_VERSION = 1
-
-# A scope names an adapter line: a product, a team or one user. It appears in
-# object keys and KV keys, so it is restricted to a safe alphabet.
-SCOPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-.:]{0,127}$"
-
-Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN)]
-Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2_000)]
-LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=20_000)]
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-_ID_NAMESPACE = uuid.UUID("6f1c9a4e-5a0b-4d8e-9d6b-2f1e5c7a9b3d")
-
-
-def derived_id(*parts: object) -> str:
-    """A deterministic id from its parts: redelivery of a cause yields the same id."""
-    return uuid.uuid5(_ID_NAMESPACE, "\x1f".join(str(p) for p in parts)).hex
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class EventValidationError(ValueError):
-    """A payload that is not a valid event; ``str()`` is meant for people."""
-
-    def __init__(self, reason: str, errors: list[dict[str, Any]] | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.errors = errors or []
-
-
-def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
-    """Turn pydantic's error list into one short readable sentence per problem."""
-    parts = []
-    for err in exc.errors()[:limit]:
-        where = ".".join(str(part) for part in err["loc"]) or "payload"
-        parts.append(f"{where}: {err['msg']}")
-    more = len(exc.errors()) - limit
-    if more > 0:
-        parts.append(f"... and {more} more problem(s)")
-    return "; ".join(parts)
-
-
-class Contract(BaseModel):
-    """Base for every value object that crosses a service boundary."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore", str_max_length=100_000)
-
-
-# --------------------------------------------------------------------------- values
-
-
-class Probe(Contract):
-    """A closed-book question that tells whether a fact was learned."""
-
-    question: ShortText
-    answer: ShortText
-    aliases: tuple[ShortText, ...] = Field(default=(), max_length=20)
-    source: Literal["product", "self_generated"] = "product"
-
-
-class KnowledgeFeedback(Contract):
-    kind: Literal["knowledge"] = "knowledge"
-    passage: LongText
-    title: ShortText | None = None
-    probes: tuple[Probe, ...] = Field(default=(), max_length=50)
-
-
-class CorrectionFeedback(Contract):
-    kind: Literal["correction"] = "correction"
-    question: ShortText
-    wrong_answer: ShortText | None = None
-    right_answer: ShortText
-
-
-class PreferenceExample(Contract):
-    prompt: ShortText
-    response: LongText
-
-
-class PreferenceFeedback(Contract):
-    kind: Literal["preference"] = "preference"
-    instruction: LongText
-    examples: tuple[PreferenceExample, ...] = Field(default=(), max_length=20)
-
-
-FeedbackContent = Annotated[
-    Union[KnowledgeFeedback, CorrectionFeedback, PreferenceFeedback],
-    Field(discriminator="kind"),
-]
-
-SelfEditFormat = Literal["implications", "rewrite", "self_qa", "correction", "preference"]
-
-
-# What a LoRA update may train: every linear layer, or those of the attention or feed-forward blocks.
-TargetModules = Literal["all-linear", "attention", "mlp"]
-
-
-class TrainingDirectives(Contract):
-    """Hyperparameters of one inner-loop update; always within ``BOUNDS``.
-
-    A self-edit may propose these (SEAL's few-shot directives); the generator
-    clamps them with :meth:`clamped` before they travel.
-    """
-
-    BOUNDS: ClassVar[dict[str, tuple[float, float]]] = {
-        "learning_rate": (1e-6, 1e-3),
-        "epochs": (1, 20),
-        "lora_rank": (1, 64),
-        "lora_alpha": (1, 128),
-        "batch_size": (1, 32),
-        "max_seq_len": (16, 2048),
-        "adapter_scale": (0.05, 1.0),
-    }
-    FLOATS: ClassVar[frozenset[str]] = frozenset({"learning_rate", "adapter_scale"})
-
-    learning_rate: float = Field(default=1e-4, ge=1e-6, le=1e-3)
-    epochs: int = Field(default=3, ge=1, le=20)
-    lora_rank: int = Field(default=8, ge=1, le=64)
-    lora_alpha: int = Field(default=16, ge=1, le=128)
-    batch_size: int = Field(default=4, ge=1, le=32)
-    max_seq_len: int = Field(default=256, ge=16, le=2048)
-    target_modules: TargetModules = "all-linear"
-    # The trained LoRA update (B @ A) is multiplied by this before it is stored: below 1, a
-    # gentler version of the same training (the generator's strength ladder, ScopePolicy).
-    adapter_scale: float = Field(default=1.0, ge=0.05, le=1.0)
-    # Indices into the self-edit's sequences to train on; ``None`` means all.
-    use_sequences: tuple[int, ...] | None = Field(default=None, max_length=256)
-    seed: int = 0
-
-    @classmethod
-    def clamped(cls, proposed: dict[str, Any] | None) -> "TrainingDirectives":
-        """Defaults for what is absent or unusable, proposals pulled into bounds."""
-        values: dict[str, Any] = {}
-        for name, raw in (proposed or {}).items():
-            if name in cls.BOUNDS:
-                low, high = cls.BOUNDS[name]
-                try:
-                    number = float(raw)
-                except (TypeError, ValueError):
-                    continue
-                if number != number:  # NaN
-                    continue
-                number = min(max(number, low), high)
-                values[name] = number if name in cls.FLOATS else int(round(number))
-            elif name == "target_modules" and raw in get_args(TargetModules):
-                values[name] = raw
-            elif name == "use_sequences" and isinstance(raw, (list, tuple)):
-                idx = [int(i) for i in raw if isinstance(i, int) and 0 <= i < 256]
-                values[name] = tuple(dict.fromkeys(idx)) or None
-        return cls(**values)
-
-
-class SelfEdit(Contract):
-    """Training data the model wrote for itself, plus how to train on it."""
-
-    self_edit_id: Identifier
-    format: SelfEditFormat
-    completion: str = Field(max_length=50_000)
-    sequences: tuple[Annotated[str, StringConstraints(min_length=1, max_length=4_000)], ...] = Field(
-        min_length=1, max_length=256
-    )
-    directives: TrainingDirectives = TrainingDirectives()
-    candidate_index: int = Field(default=0, ge=0)
-    candidate_count: int = Field(default=1, ge=1, le=64)
-    # How many of ``sequences`` the model wrote; the rest are the feedback's own and
-    # rule-written ones. The outer loop learns only from self-edits that kept some.
-    written: int = Field(default=0, ge=0, le=256)
-
-
-class PolicyExample(Contract):
-    """A (prompt, completion) pair for the generator's own policy adapter."""
-
-    prompt: LongText
-    completion: LongText
-    reward: float = 0.0
-
-
-class ManifestRef(Contract):
-    """Where an adapter lives and the digest of its manifest."""
-
-    uri: str = Field(pattern=r"^s3://[^/]+/.+")
-    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class Scores(Contract):
-    """Closed-book accuracies in [0, 1]; ``None`` where a set was empty."""
-
-    target: float | None = None
-    target_product: float | None = None
-    target_self_generated: float | None = None
-    regression: float | None = None
-    core: float | None = None
-    earlier_feedback: float | None = None
-    details: dict[str, float] = Field(default_factory=dict)
-
-
-class GateResult(Contract):
-    gate: str
-    passed: bool
-    value: float | None = None
-    threshold: float | None = None
-    reason: str = ""
-
-
-# --------------------------------------------------------------------------- events
-
 
 class Event(Contract):
     """The envelope every event carries."""
