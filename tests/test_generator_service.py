@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
-import torch
 from faststream.nats import JStream, TestNatsBroker
 
 from services.generator.app import create_app
@@ -20,14 +18,17 @@ from services.generator.handlers import GeneratorPorts, handle_feedback
 from services.generator.prompts import Prompt
 from services.generator.settings import GeneratorConfig, GeneratorSettings
 from services.generator.state import KvLedger, LedgerEntry, ledger_key
-from services.generator.writer import SelfEditWriter, Written
+from services.generator.writer import Written
 from shared import events as ev
 from shared.broker import PermanentFailure, publish_event
-from shared.models import LoadedModel, load_model
 from shared.registry_view import PolicyAdapterRef, ScopePolicy
-from shared.settings import ModelSettings
-from shared.store import AdapterManifest
-from shared.subjects import DLQ_PREFIX, EVENTS_STREAM, FEEDBACK_REJECTED, SELFEDIT_GENERATED, SELFEDIT_REJECTED
+from shared.subjects import (
+    DLQ_PREFIX,
+    EVENTS_STREAM,
+    FEEDBACK_REJECTED,
+    SELFEDIT_GENERATED,
+    SELFEDIT_REJECTED,
+)
 
 PASSAGE = (
     "Quellmoor is a market town on the eastern bank of the Sallow Brenn. It received its market charter "
@@ -236,75 +237,6 @@ async def test_the_policy_adapter_that_wrote_is_named() -> None:
     assert {e.generator_adapter for e in published} == {"policy-r2"}  # type: ignore[attr-defined]
 
 
-# --------------------------------------------------------------------------- writer on the tiny model
-
-
-def lora_adapter(lm: LoadedModel, folder: Path, seed: int) -> Path:
-    """A LoRA adapter for the tiny model with non-zero weights (so it changes the output)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(lm.path)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(folder)
-    return folder
-
-
-def fake_fetch(sources: dict[str, Path], base_sha: str | None) -> object:
-    def fetch(ref: PolicyAdapterRef, folder: Path) -> AdapterManifest:
-        shutil.copytree(sources[ref.adapter_id], folder, dirs_exist_ok=True)
-        return AdapterManifest(adapter_id=ref.adapter_id, scope="acme", kind="policy", base_model="tiny",
-                               base_model_sha256=base_sha)
-
-    return fetch
-
-
-def ref(adapter_id: str) -> PolicyAdapterRef:
-    return PolicyAdapterRef(
-        adapter_id=adapter_id, adapter=ev.ManifestRef(uri=f"s3://b/adapters/acme/{adapter_id}", manifest_sha256="a" * 64)
-    )
-
-
-@pytest.fixture
-def own_tiny_model(tiny_model_path: Path) -> LoadedModel:
-    """A private copy: adapters loaded here must not leak into the shared session model."""
-    return load_model(ModelSettings(name=str(tiny_model_path), device="cpu"))
-
-
-def test_writer_samples_reproducibly_and_swaps_policy_adapters(own_tiny_model: LoadedModel, tmp_path: Path) -> None:
-    tiny_model = own_tiny_model
-    sources = {name: lora_adapter(tiny_model, tmp_path / name, seed) for seed, name in enumerate(["pa", "pb"])}
-    config = GeneratorConfig(max_new_tokens=12, max_loaded_adapters=1)
-    writer = SelfEditWriter(tiny_model, config, fake_fetch(sources, tiny_model.weights_sha256), tmp_path / "cache")
-    prompts = [Prompt("Quellmoor received its market charter in 1387."), Prompt("The town", "Question:")]
-
-    base = writer.write(prompts, seed=11)
-    assert len(base.completions) == 2 and base.adapter_id is None
-    assert writer.write(prompts, seed=11) == base  # seeded: a retry writes the same
-
-    with_a = writer.write(prompts, seed=11, adapter=ref("pa"))
-    assert with_a.adapter_id == "pa" and with_a.completions != base.completions
-    assert writer.write(prompts, seed=11) == base  # the base model is untouched
-    with_b = writer.write(prompts, seed=11, adapter=ref("pb"))
-    assert with_b.adapter_id == "pb" and with_b.completions != with_a.completions
-    assert len(writer.loaded_adapters) == 1  # "pa" was unloaded
-    assert writer.write(prompts, seed=11, adapter=ref("pa")) == with_a  # and comes back the same
-
-
-def test_writer_refuses_an_adapter_trained_on_another_base(own_tiny_model: LoadedModel, tmp_path: Path) -> None:
-    tiny_model = own_tiny_model
-    sources = {"pc": lora_adapter(tiny_model, tmp_path / "pc", 3)}
-    writer = SelfEditWriter(tiny_model, GeneratorConfig(max_new_tokens=8), fake_fetch(sources, "f" * 64), tmp_path / "c")
-    written = writer.write([Prompt("Quellmoor")], seed=1, adapter=ref("pc"))
-    assert written.adapter_id is None and writer.loaded_adapters == []
-    assert written == writer.write([Prompt("Quellmoor")], seed=1)
-
-
 # --------------------------------------------------------------------------- the app on the test broker
 
 
@@ -406,50 +338,3 @@ async def wait_for(queue: asyncio.Queue, feedback_id: str, count: int, timeout: 
                 got += 1
 
     await asyncio.wait_for(drain(), timeout)
-
-
-@pytest.mark.servers
-async def test_a_scope_with_a_policy_adapter_writes_with_it(service_settings, adapter_store, tiny_model_path: Path, tmp_path: Path) -> None:
-    """The policy adapter comes from the object store and the registry's KV record, on real servers."""
-    from shared.models import weights_sha256
-    from shared.registry_view import policy_key
-    from shared.subjects import KV_REGISTRY
-
-    lm = load_model(ModelSettings(name=str(tiny_model_path), device="cpu"))
-    adapter_id = f"policy-{ev.new_id()[:8]}"
-    manifest = AdapterManifest(adapter_id=adapter_id, scope="acme-policy", kind="policy", base_model="tiny",
-                               base_model_sha256=weights_sha256(tiny_model_path))
-    stored = adapter_store.put_adapter(lora_adapter(lm, tmp_path / "lora", seed=5), manifest)
-    nc = await nats.connect(service_settings.nats.url)
-    js = nc.jetstream()
-    kv = await js.key_value(KV_REGISTRY)
-    await kv.put(policy_key("acme-policy"), PolicyAdapterRef(adapter_id=adapter_id, adapter=stored).model_dump_json().encode())
-    arrived: asyncio.Queue = asyncio.Queue()
-
-    async def collect(msg) -> None:  # noqa: ANN001
-        await arrived.put(json.loads(msg.data))
-
-    await nc.subscribe("seal.events.selfedit.>", cb=collect)
-    settings = app_settings(
-        tmp_path, nats=service_settings.nats, store=service_settings.store, model=service_settings.model,
-        generator=GeneratorConfig(max_new_tokens=16, adapter_cache_dir=tmp_path / "adapters"),
-    )
-    app = create_app(settings)
-    await app.start()
-    try:
-        feedback = ev.FeedbackSubmitted(
-            feedback_id=ev.new_id(), scope="acme-policy", content=ev.KnowledgeFeedback(passage=PASSAGE, title="Quellmoor")
-        )
-        await publish_event(app.broker, feedback)
-        events = []
-        while len(events) < 3:
-            body = await asyncio.wait_for(arrived.get(), 120)
-            if body["feedback_id"] == feedback.feedback_id:
-                events.append(body)
-    finally:
-        await app.stop()
-        await kv.delete(policy_key("acme-policy"))
-        await nc.close()
-    generated = [e for e in events if e["type"] == "selfedit.generated"]
-    assert generated and {e["generator_adapter"] for e in generated} == {adapter_id}
-
