@@ -167,4 +167,9 @@ async def test_feedback_becomes_a_traced_version_and_the_next_builds_on_it(
         assert promoted2[0].version == 2  # type: ignore[attr-defined]
         manifest2 = store.read_manifest(promoted2[0].adapter)  # type: ignore[attr-defined]
         assert manifest2.parent_adapter_id == v1.adapter_id  # type: ignore[attr-defined]
+        # It also trained on what version 1 was trained on (replay), and records both updates.
+        lineage = manifest2.training["lineage"]
+        assert [g["adapter_id"] for g in lineage] == [v1.adapter_id, manifest2.adapter_id]  # type: ignore[attr-defined]
+        assert lineage[0]["sequences"] == manifest.training["lineage"][0]["sequences"]
+        assert manifest2.training["replayed_per_epoch"] > 0
         assert await active_version(loop_stack, scope) == 2
