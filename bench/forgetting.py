@@ -50,7 +50,8 @@ from seal.cli import (  # noqa: E402
     wait_services_ready,
 )
 from seal.demo import load_items  # noqa: E402
-from seal.ops import call, parse_settings  # noqa: E402
+from seal.ops import call  # noqa: E402
+from seal.scope_policy import parse_settings  # noqa: E402
 from seal.stack import LocalStack, StackPorts  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402

@@ -327,57 +327,6 @@ def ask(
     console.print(f"[dim]{scope} ({which}, {result.get('base_model')}):[/] {result['answer'] or '(no answer)'}")
 
 
-policy_app = typer.Typer(help="Read or change a scope's policy (candidates, gates, approval, timeout).", no_args_is_help=True)
-
-
-@policy_app.command("get")
-def policy_get(scope: str = ScopeOption, url: str = UrlOption, as_json: bool = JsonOption) -> None:
-    """Show a scope's policy (defaults for a scope never configured)."""
-    policy = call(url, "GET", f"/v1/scopes/{scope}/policy")
-    if as_json:
-        return emit_json(policy)
-    print_policy(scope, policy)
-
-
-def print_policy(scope: str, policy: dict[str, Any]) -> None:
-    table = Table(title=f"policy of {scope}")
-    table.add_column("setting")
-    table.add_column("value")
-    for key, value in policy.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-    console.print(table)
-
-
-def parse_settings(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs as a dict; a value is read as JSON where it is JSON, else kept as text."""
-    parsed: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"want key=value, got {item!r}")
-        try:
-            parsed[key.strip()] = json.loads(raw)
-        except ValueError:
-            parsed[key.strip()] = raw
-    return parsed
-
-
-@policy_app.command("set")
-def policy_set(
-    changes: list[str] = typer.Argument(..., help="key=value pairs, e.g. approval=manual candidates=4 min_gain=0.02"),
-    scope: str = ScopeOption,
-    url: str = UrlOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Change some of a scope's policy settings; the rest keep their values."""
-    try:
-        parsed = parse_settings(changes)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    policy = call(url, "PATCH", f"/v1/scopes/{scope}/policy", parsed)
-    emit_json(policy) if as_json else print_policy(scope, policy)
-
-
 COMMANDS: dict[str, Callable[..., None]] = {
     "submit": submit,
     "scopes": scopes,
@@ -395,6 +344,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
 
 def register(app: typer.Typer) -> None:
     """Add the operator commands to a typer app (the top-level ``seal``)."""
+    from seal.scope_policy import policy_app
+
     for name, command in COMMANDS.items():
         app.command(name)(command)
     app.add_typer(policy_app, name="scope-policy")
