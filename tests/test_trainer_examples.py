@@ -125,3 +125,11 @@ def test_replay_never_takes_more_than_there_is_and_nothing_without_a_budget() ->
     groups = [[f"{g}{i}" for i in range(9)] for g in "abc"]
     extra = [max("abc", key=lambda g: sum(x.startswith(g) for x in epoch)) for epoch in replay_schedule(groups, 4, 3, 0)]
     assert sorted(extra) == ["a", "b", "c"]
+
+
+def test_with_more_earlier_updates_than_the_budget_the_epochs_take_turns_over_all_of_them() -> None:
+    groups = [[f"g{g}-{i}" for i in range(3)] for g in range(30)]
+    schedule = replay_schedule(groups, per_epoch=16, epochs=10, seed=5)
+    assert all(len(epoch) == 16 for epoch in schedule)
+    replayed = {item.split("-")[0] for epoch in schedule for item in epoch}
+    assert replayed == {f"g{g}" for g in range(30)}  # none of the 30 is left out

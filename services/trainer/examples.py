@@ -152,8 +152,9 @@ def plan_epoch(
 
 
 def replay_schedule(groups: Sequence[Sequence[T]], per_epoch: int, epochs: int, seed: int) -> list[list[T]]:
-    """Per epoch, ``per_epoch`` items shared evenly among ``groups`` (the remainder rotating
-    from epoch to epoch; a group with fewer items than its share gives the rest to the others).
+    """Per epoch, ``per_epoch`` items shared evenly among ``groups`` (the remainder, or with more
+    groups than the budget the groups themselves, taking turns from epoch to epoch; a group with
+    fewer items than its share gives the rest to the others).
 
     Each group's items are taken in a seeded shuffled order that wraps round, so over the
     epochs every item of every group comes up as evenly as the budget allows. No epoch takes
@@ -166,10 +167,13 @@ def replay_schedule(groups: Sequence[Sequence[T]], per_epoch: int, epochs: int, 
     orders = [rng.sample(g, len(g)) for g in groups]
     cursors = [0] * len(groups)
     budget = min(per_epoch, sum(len(g) for g in groups))
+    first = rng.randrange(len(groups))
     schedule = []
     for epoch in range(epochs):
         shares = [0] * len(groups)
-        turn = epoch % len(groups)
+        # Each epoch starts where the last one's budget ended: with more groups than the budget,
+        # the epochs take turns over all of them.
+        turn = (first + epoch * budget) % len(groups)
         for _ in range(budget):
             while shares[turn] >= len(groups[turn]):
                 turn = (turn + 1) % len(groups)
