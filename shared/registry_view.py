@@ -84,7 +84,8 @@ class ScopePolicy(Contract):
     # helps the default model write). A round's examples travel in one event, so at most 32.
     policy_round_examples: int = Field(default=0, ge=0, le=32)
     policy_min_reward: float = Field(default=0.01, ge=-1.0, le=1.0)
-    policy_directives: TrainingDirectives = TrainingDirectives()
+    # A policy example is the generator's whole prompt (up to its 1536 tokens) and completion.
+    policy_directives: TrainingDirectives = TrainingDirectives(max_seq_len=2048)
 
 
 def active_key(scope: str) -> str:

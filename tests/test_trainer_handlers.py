@@ -299,6 +299,18 @@ async def test_policy_adapter_trains_on_prompt_completion_pairs(ports) -> None:
     assert again.event_id == second.event_id and ports.trainer.jobs == 2
 
 
+async def test_the_scope_policys_outer_loop_directives_fit_a_whole_generator_prompt(ports) -> None:
+    from shared.registry_view import ScopePolicy
+
+    long_prompt = "Write the implications of this passage. " + "The river of the old town ran past the mill. " * 60
+    request = ev.PolicyTrainingRequested(
+        feedback_id=ev.new_id(), scope="acme", directives=ScopePolicy().policy_directives.model_copy(update={"epochs": 1}),
+        examples=(ev.PolicyExample(prompt=long_prompt, completion="The mill stood by the river.", reward=0.5),),
+    )
+    [out] = await handlers.train_policy(request, ports)  # the completion is not cut away
+    assert isinstance(out, ev.PolicyAdapterTrained)
+
+
 async def test_policy_request_that_cannot_train_is_a_permanent_failure(ports) -> None:
     tiny = DIRECTIVES.model_copy(update={"max_seq_len": 16})
     request = ev.PolicyTrainingRequested(
