@@ -110,7 +110,7 @@ def training_data(setting: Setting, row: dict) -> tuple[tuple[str, ...], tuple[t
     """(texts, pairs) of one passage's update, as the trainer would receive them."""
     from services.generator.candidates import kept_sequences
     from services.generator.settings import GeneratorConfig
-    from services.trainer.lora_training import split_question_answers
+    from services.trainer.examples import split_question_answers
     from shared import events as ev
 
     kind = setting.values.get("data", "platform")

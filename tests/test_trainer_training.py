@@ -188,7 +188,7 @@ def test_a_parent_that_does_not_fit_the_base_is_rejected(trainer: LoraTrainer, t
 
 
 def test_question_answer_sequences_are_trained_as_chat_turns() -> None:
-    from services.trainer.lora_training import split_question_answers
+    from services.trainer.examples import split_question_answers
 
     texts, pairs = split_question_answers((
         "Question: Which duke granted the charter?\nAnswer: Duke Aldric Venmoor granted it in 1387.",

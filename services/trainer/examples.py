@@ -15,6 +15,10 @@ rows are padded only to the longest row of their step. Padding and the first
 token of each packed example are never targets (``IGNORE``), so the loss is
 the mean over real tokens only, never over padding.
 
+:func:`split_question_answers` decides which of a self-edit's sequences are
+chat turns (a "Question:/Answer:" pair) and which are learned whole;
+:func:`replay_schedule` picks the lineage's earlier examples for each epoch.
+
 Compare the SEAL reference recipe, which pads every sequence to 2048 tokens
 and keeps the padding in the labels: with ~100-token sequences about 95% of
 its loss positions are padding.
@@ -23,6 +27,7 @@ its loss positions are padding.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -247,3 +252,32 @@ def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if eos is None:
         raise ValueError("the tokenizer has no end-of-text token")
     return int(eos)
+
+
+QUESTION_ANSWER = re.compile(r"\AQuestion:[ \t]*(?P<question>[^\n]*\S)[ \t]*\nAnswer:[ \t]*(?P<answer>.*\S)\s*\Z", re.S)
+
+
+def split_question_answers(sequences: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(texts, pairs): a "Question: ...\nAnswer: ..." sequence becomes a chat turn.
+
+    Such a sequence (SEAL's self-QA format, and the generator's grounded
+    question-answer pairs) is trained as the model is later asked: the
+    question alone as the user's turn, only the answer learned. Everything
+    else is learned whole, as text.
+    """
+    texts: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    for sequence in sequences:
+        match = QUESTION_ANSWER.match(sequence)
+        if match:
+            pairs.append((match["question"], match["answer"]))
+        else:
+            texts.append(sequence)
+    return tuple(texts), tuple(pairs)
+
+
+def selected_sequences(sequences: Sequence[str], use: Sequence[int] | None) -> tuple[str, ...]:
+    """The sequences a directive's ``use_sequences`` picks (all when None; bad indices ignored)."""
+    if use is None:
+        return tuple(sequences)
+    return tuple(sequences[i] for i in dict.fromkeys(use) if 0 <= i < len(sequences))

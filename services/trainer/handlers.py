@@ -30,13 +30,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.trainer.lora_training import (
-    TrainedAdapter,
-    TrainingJob,
-    TrainingRejected,
-    selected_sequences,
-    split_question_answers,
-)
+from services.trainer.examples import selected_sequences, split_question_answers
+from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected
 from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
 from shared.broker import PermanentFailure
 from shared.events import (

@@ -31,13 +31,11 @@ import hashlib
 import json
 import logging
 import random
-import re
 import resource
 import shutil
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -158,7 +156,7 @@ class LoraTrainer:
             return []
         groups = []
         for sequences in job.replay:
-            texts, pairs = split_question_answers(sequences)
+            texts, pairs = ex.split_question_answers(sequences)
             groups.append(self.examples_for(replace(job, texts=texts, pairs=pairs)))
         return [g for g in groups if g]
 
@@ -374,32 +372,3 @@ def _versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-QUESTION_ANSWER = re.compile(r"\AQuestion:[ \t]*(?P<question>[^\n]*\S)[ \t]*\nAnswer:[ \t]*(?P<answer>.*\S)\s*\Z", re.S)
-
-
-def split_question_answers(sequences: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """(texts, pairs): a "Question: ...\nAnswer: ..." sequence becomes a chat turn.
-
-    Such a sequence (SEAL's self-QA format, and the generator's grounded
-    question-answer pairs) is trained as the model is later asked: the
-    question alone as the user's turn, only the answer learned. Everything
-    else is learned whole, as text.
-    """
-    texts: list[str] = []
-    pairs: list[tuple[str, str]] = []
-    for sequence in sequences:
-        match = QUESTION_ANSWER.match(sequence)
-        if match:
-            pairs.append((match["question"], match["answer"]))
-        else:
-            texts.append(sequence)
-    return tuple(texts), tuple(pairs)
-
-
-def selected_sequences(sequences: Sequence[str], use: Sequence[int] | None) -> tuple[str, ...]:
-    """The sequences a directive's ``use_sequences`` picks (all when None; bad indices ignored)."""
-    if use is None:
-        return tuple(sequences)
-    return tuple(sequences[i] for i in dict.fromkeys(use) if 0 <= i < len(sequences))
