@@ -36,14 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from knowledge import CORE, RESULTS, score_adapter  # noqa: E402
+from knowledge import CORE, RESULTS, add_service_env_option, score_adapter, service_env_of  # noqa: E402
 
 from seal.cli import (  # noqa: E402
     SERVICES,
     free_service_port_base,
-    parse_env,
     provision,
-    service_defaults,
     start_services,
     stop_on_sigterm,
     stop_services,
@@ -72,23 +70,18 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
                         help="scope policy setting for the run (repeatable), e.g. max_regression_drop=1.0")
-    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the services (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
+    add_service_env_option(parser)
     args = parser.parse_args()
     try:
         changes = parse_settings(args.policy)
     except ValueError as exc:
         parser.error(f"--policy: {exc}")
-    try:
-        extra_env = parse_env(args.service_env)
-    except ValueError as exc:
-        parser.error(f"--service-env: {exc}")
+    model_settings = ModelSettings(name=args.model)
+    service_env = service_env_of(parser, args, model_settings)
     stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]
     core = load_question_set(args.core)
-    model_settings = ModelSettings(name=args.model)
-    service_env = service_defaults(model_settings.device, extra_env)
     lm = load_model(model_settings)
     host = AdapterHost(lm.model)
     scope = f"forgetting-{time.strftime('%H%M%S')}"

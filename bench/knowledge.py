@@ -230,11 +230,10 @@ def markdown(conds: list[Condition], core_total: int, base_core: int, meta: dict
         ours, passage = by_name["platform"], by_name["passage"]
         # On the passages both have (a stopped platform run covers the first few).
         shared = [pid for pid in ours.per_passage if pid in passage.per_passage]
-        ours_acc = ours.accuracy
         asked = meta["questions_per_passage"]
         passage_acc = sum(passage.per_passage[pid] for pid in shared) / sum(asked[pid] for pid in shared) if shared else 0.0
-        ratio = f"{ours_acc / passage_acc:.2f}x" if passage_acc else "n/a (passage alone scored 0)"
-        points = 100 * (ours_acc - passage_acc)
+        ratio = f"{ours.accuracy / passage_acc:.2f}x" if passage_acc else "n/a (passage alone scored 0)"
+        points = 100 * (ours.accuracy - passage_acc)
         core_mean = sum(ours.core_correct) / len(ours.core_correct) if ours.core_correct else base_core
         lines += [
             "",
@@ -243,6 +242,20 @@ def markdown(conds: list[Condition], core_total: int, base_core: int, meta: dict
             "(targets: >= 1.4x, >= +15 points, <= 2 points).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def add_service_env_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the services (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
+
+
+def service_env_of(parser: argparse.ArgumentParser, args: argparse.Namespace, model: ModelSettings) -> dict[str, str]:
+    """The services' environment for this run: the demo's CPU settings where the model runs on a
+    CPU, then ``--service-env``."""
+    try:
+        return service_defaults(model.device, parse_env(args.service_env))
+    except ValueError as exc:
+        parser.error(f"--service-env: {exc}")
 
 
 def main() -> None:
@@ -255,13 +268,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one platform decision")
     parser.add_argument("--baseline", choices=("seal", "platform"), default="seal",
                         help="directives of the passage and gold conditions: SEAL's settings or the platform's defaults")
-    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the services (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
+    add_service_env_option(parser)
     args = parser.parse_args()
-    try:
-        extra_env = parse_env(args.service_env)
-    except ValueError as exc:
-        parser.error(f"--service-env: {exc}")
+    model_settings = ModelSettings(name=args.model)
+    service_env = service_env_of(parser, args, model_settings)
     stop_on_sigterm()  # a killed run still stops its services and stack
     # The baselines use SEAL's settings, the issue's "where we start" (fresh LoRA r=32, alpha 64, all
     # linear layers, lr 1e-3, 10 epochs); --baseline platform uses the platform's default directives.
@@ -270,8 +280,6 @@ def main() -> None:
     items = load_items(args.data)[: args.limit]
     core = load_question_set(args.core)
     wanted = args.conditions.split(",")
-    model_settings = ModelSettings(name=args.model)
-    service_env = service_defaults(model_settings.device, extra_env)
     lm = load_model(model_settings)
     work = Path(tempfile.mkdtemp(prefix="seal-bench-work-"))
     trainer = LoraTrainer(lm, work)
