@@ -56,6 +56,7 @@ from .records import (
     seen_key,
     selfedit_key,
     version_key,
+    without_published,
 )
 from .settings import RegistryConfig
 
@@ -354,13 +355,8 @@ class Ledger:
         for item in sorted(record.outbox, key=lambda i: i.get("type") == "adapter.rejected"):
             await self.ports.publish(ev.parse_event(item))
             sent.add(item["event_id"])
-
-        def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
-            if current is None or not any(i["event_id"] in sent for i in current.outbox):
-                return None
-            return current.model_copy(update={"outbox": tuple(i for i in current.outbox if i["event_id"] not in sent)})
-
-        return await self._update(record.scope, record.feedback_id, change) or record
+        updated = await self._update(record.scope, record.feedback_id, lambda current: without_published(current, sent))
+        return updated or record
 
     # ------------------------------------------------------------- outer loop
 

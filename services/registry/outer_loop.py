@@ -32,7 +32,7 @@ from shared.registry_view import ScopePolicy
 from shared.subjects import KV_REGISTRY
 
 from .kv import State
-from .records import FeedbackRecord, SelfEditRecord
+from .records import FeedbackRecord, SelfEditRecord, without_published
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,4 @@ async def count_decided(
         await publish(ev.parse_event(item))
         sent.add(item["event_id"])
         log.info("scope %s: outer-loop round %s requested", record.scope, item.get("round"))
-
-    def published(current: PolicyPool | None) -> PolicyPool | None:
-        if current is None or not any(i["event_id"] in sent for i in current.outbox):
-            return None
-        return current.model_copy(update={"outbox": tuple(i for i in current.outbox if i["event_id"] not in sent)})
-
-    await state.compare_and_set(KV_REGISTRY, key, PolicyPool, published)
+    await state.compare_and_set(KV_REGISTRY, key, PolicyPool, lambda current: without_published(current, sent))

@@ -7,7 +7,7 @@ changes are made with ``model_copy(update=...)`` inside a compare-and-set.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
@@ -236,3 +236,15 @@ class Marker(Contract):
 
     at: datetime | None = None
     feedback_id: str | None = None
+
+
+WithOutbox = TypeVar("WithOutbox", bound=Contract)
+
+
+def without_published(current: WithOutbox | None, sent: set[str]) -> WithOutbox | None:
+    """``current`` (a record with an ``outbox``) with the events in ``sent`` taken out of it;
+    None, for a compare-and-set to leave it, when none of them is there any more."""
+    outbox = getattr(current, "outbox", ())
+    if current is None or not any(item["event_id"] in sent for item in outbox):
+        return None
+    return current.model_copy(update={"outbox": tuple(item for item in outbox if item["event_id"] not in sent)})
