@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from services.trainer.examples import plan_epoch, text_examples
+from services.trainer.examples import IGNORE, plan_epoch, text_examples
 from services.trainer.inner_loop import mean_token_loss
 from services.trainer.lora_training import Layout, LoraTrainer, TrainingJob, TrainingRejected
 from shared.events import TrainingDirectives
@@ -92,7 +92,7 @@ def test_a_gentler_strength_of_the_same_job_scales_the_training_without_repeatin
 
 
 def test_a_replaying_job_also_learns_the_earlier_updates_sequences(trainer: LoraTrainer, tiny_model) -> None:
-    earlier = ("the old mill of blue town ground corn for the duke", "Question: Who owned the mill?\nAnswer: the duke")
+    earlier = ("the old mill of blue town ground corn for the duke", "the mill burned down in the dry year")
     plain = trainer.train(TrainingJob("plain", FAST, texts=TEXTS[:1]))
     replaying = trainer.train(TrainingJob("replaying", FAST, texts=TEXTS[:1], replay=(earlier,), replay_per_epoch=4))
     assert (plain.replayed_per_epoch, replaying.replayed_per_epoch) == (0, 2)  # both earlier sequences, every epoch
@@ -110,6 +110,18 @@ def test_a_replaying_job_also_learns_the_earlier_updates_sequences(trainer: Lora
     assert trainer.training_key(TrainingJob("a", FAST, texts=TEXTS[:1])) != trainer.training_key(
         TrainingJob("b", FAST, texts=TEXTS[:1], replay=(earlier,), replay_per_epoch=4)
     )
+
+
+def test_an_earlier_update_with_question_answer_pairs_replays_the_pairs_alone(trainer: LoraTrainer, tiny_model) -> None:
+    passage = "the old mill of blue town ground corn for the duke until it burned down in the dry year"
+    pair = "Question: Who owned the mill?\nAnswer: the duke"
+    only_prose = ("the mill had four stones", "its wheel was made of oak")
+    job = TrainingJob("r", FAST, texts=TEXTS[:1], replay=((passage, pair), only_prose), replay_per_epoch=8)
+    with_pairs, without = trainer.replay_examples(job)
+    assert len(with_pairs) == 1 and len(without) == 2
+    learned = tiny_model.tokenizer.decode([t for t in with_pairs[0].labels if t != IGNORE])
+    assert "the duke" in learned and "Who owned" not in learned and "corn" not in learned
+    assert [e.input_ids for e in without] == [e.input_ids for e in text_examples(tiny_model.tokenizer, only_prose, 256)]
 
 
 def test_updates_swap_adapters_on_one_base_model(trainer: LoraTrainer, tiny_model) -> None:

@@ -65,7 +65,7 @@ class TrainerPorts:
     ledger: ParentLedger
     parents: ParentCache
     # Earlier sequences of the scope's lineage replayed per epoch of a continuing update (0: none).
-    replay_per_epoch: int = 16
+    replay_per_epoch: int = 64
 
 
 class Parent(BaseModel):

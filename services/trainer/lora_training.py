@@ -73,8 +73,9 @@ class TrainingJob:
     parent_dir: Path | None = None  # PEFT directory of the adapter to continue
     rehearse: bool = False  # hold the model to the base's answers to unrelated prompts (rehearsal.py)
     # Earlier sequences of the lineage, one group per earlier update, oldest first: every epoch
-    # also trains on ``replay_per_epoch`` of them, shared evenly among the groups and taken in
-    # turn within each (examples.replay_schedule), so every earlier update keeps its place.
+    # also trains on ``replay_per_epoch`` of them (an update's question-answer pairs when it has
+    # any), shared evenly among the groups and taken in turn within each
+    # (examples.replay_schedule), so every earlier update keeps its place.
     replay: tuple[tuple[str, ...], ...] = ()
     replay_per_epoch: int = 0
 
@@ -151,13 +152,19 @@ class LoraTrainer:
         return found
 
     def replay_examples(self, job: TrainingJob) -> list[list[ex.Example]]:
-        """The lineage's earlier sequences as examples, one list per earlier update."""
+        """The lineage's earlier sequences as examples, one list per earlier update.
+
+        An update that was trained on question-answer pairs replays those alone: they hold its
+        facts in the form they are asked, in a few dozen tokens each, where the passage and
+        other prose would spend the budget's tokens on the same facts again. An update with no
+        pairs replays its texts.
+        """
         if job.replay_per_epoch <= 0:
             return []
         groups = []
         for sequences in job.replay:
             texts, pairs = ex.split_question_answers(sequences)
-            groups.append(self.examples_for(replace(job, texts=texts, pairs=pairs)))
+            groups.append(self.examples_for(replace(job, texts=() if pairs else texts, pairs=pairs)))
         return [g for g in groups if g]
 
     def rehearsal_examples(self, job: TrainingJob) -> list[ex.Example]:

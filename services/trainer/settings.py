@@ -47,8 +47,10 @@ class TrainerConfig(BaseModel):
     rehearsal_weight: float = Field(default=REHEARSAL_WEIGHT, ge=0.0, le=100.0)
     rehearsal_batch: int = Field(default=REHEARSAL_BATCH, ge=1, le=256)
     # A continuing update also trains, in every epoch, on this many of the sequences its lineage's
-    # earlier updates were trained on, shared evenly among them (0: none).
-    replay_per_epoch: int = Field(default=16, ge=0, le=1024)
+    # earlier updates were trained on (their question-answer pairs, where they have any), shared
+    # evenly among them (0: none). 64 covers about all the pairs of the 7 updates before an
+    # eighth; a longer lineage takes turns (bench/RESULTS.md, "Forgetting").
+    replay_per_epoch: int = Field(default=64, ge=0, le=1024)
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
     pass_tokens: int = Field(default=8192, ge=16)
