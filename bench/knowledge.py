@@ -261,7 +261,8 @@ def service_env_of(parser: argparse.ArgumentParser, args: argparse.Namespace, mo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="passages with questions (dev.jsonl format)")
-    parser.add_argument("--limit", type=int, default=10, help="first N passages")
+    parser.add_argument("--limit", type=int, default=10, help="first N passages (after --skip)")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N passages (to go on from an earlier run)")
     parser.add_argument("--model", default="default")
     parser.add_argument("--core", type=Path, default=CORE)
     parser.add_argument("--conditions", default="none,passage,platform,gold")
@@ -277,7 +278,11 @@ def main() -> None:
     # linear layers, lr 1e-3, 10 epochs); --baseline platform uses the platform's default directives.
     directives = SEAL_DIRECTIVES if args.baseline == "seal" else TrainingDirectives()
 
-    items = load_items(args.data)[: args.limit]
+    if args.skip < 0 or args.limit < 1:
+        parser.error("--skip must be 0 or more and --limit 1 or more")
+    items = load_items(args.data)[args.skip : args.skip + args.limit]
+    if not items:
+        parser.error(f"{args.data} has no passage after the first {args.skip}")
     core = load_question_set(args.core)
     wanted = args.conditions.split(",")
     lm = load_model(model_settings)
@@ -305,6 +310,7 @@ def main() -> None:
     meta = {
         "data": str(args.data),
         "passages": len(items),
+        "passage_ids": [i.id for i in items],
         "questions": sum(len(i.questions) for i in items),
         "questions_per_passage": {i.id: len(i.questions) for i in items},
         "model": args.model,

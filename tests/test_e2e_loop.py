@@ -172,4 +172,7 @@ async def test_feedback_becomes_a_traced_version_and_the_next_builds_on_it(
         assert [g["adapter_id"] for g in lineage] == [v1.adapter_id, manifest2.adapter_id]  # type: ignore[attr-defined]
         assert lineage[0]["sequences"] == manifest.training["lineage"][0]["sequences"]
         assert manifest2.training["replayed_per_epoch"] > 0
+        # And it was measured on what the first feedback taught: its probes are the scope's regression set.
+        details = progress2.of(ev.AdapterEvaluated)[0].candidate_scores.details  # type: ignore[attr-defined]
+        assert details.get("earlier_feedback.total", 0) >= 1, details
         assert await active_version(loop_stack, scope) == 2

@@ -56,6 +56,26 @@ async def test_best_passing_candidate_becomes_the_next_version() -> None:
     assert await w.state.entries(KV_REGISTRY, "open.>", ScopeHead) == {}
 
 
+async def test_a_promoted_passage_without_product_probes_is_guarded_by_its_self_generated_ones() -> None:
+    w = make_world()
+    root = feedback()
+    root = root.model_copy(update={"content": root.content.model_copy(update={"probes": ()})})  # the passage alone
+    await handlers.on_feedback_submitted(root, w.ledger, "f" * 32)
+
+    def own(answer: str) -> tuple[ev.Probe, ...]:
+        return (ev.Probe(question=f"What is {answer}?", answer=answer, source="self_generated"),)
+
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 2, reward=0.2, probes=own("the charter")), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(root, 1, 2, reward=0.1, probes=own("the river")), w.ledger)
+
+    assert w.bus.types()[0] == "adapter.promoted"
+    # The chosen candidate's probes, not the other's, become the scope's regression set.
+    accepted = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
+    assert accepted is not None
+    assert [(fid, p.answer, p.source) for fid, p in accepted.probes] == [(root.feedback_id, "the charter", "self_generated")]
+    assert [p.answer for p in (await w.ledger.version("acme", 1)).probes] == ["the charter"]
+
+
 async def test_failures_count_as_outcomes_and_nothing_passing_rejects_all() -> None:
     w = make_world()
     root = feedback()

@@ -135,6 +135,7 @@ def evaluated(
     parent_version: int | None = None,
     attempt: int = 1,
     parent_adapter_id: str | None = None,
+    probes: tuple[ev.Probe, ...] | None = None,
 ) -> ev.AdapterEvaluated:
     adapter_id = f"ad-{root.feedback_id[:8]}-{index}-{attempt}"
     gates = (
@@ -156,7 +157,7 @@ def evaluated(
         passed=passed,
         gates=gates,
         reasons=() if passed else ("gain 0.000 < 0.01",),
-        probes=getattr(root.content, "probes", ()),
+        probes=getattr(root.content, "probes", ()) if probes is None else probes,
         trace_id="e" * 32,
     )
 

@@ -132,10 +132,22 @@ def note_selfedit(
 ) -> FeedbackRecord | None:
     index, count = event.self_edit.candidate_index, event.self_edit.candidate_count
     record, cand = _candidate_for(record, event, index, count, policy, now)
-    product = tuple(p for p in event.probes if p.source == "product")
-    if cand.self_edit_id == event.self_edit.self_edit_id and cand.product_probes == product:
+    product, own = _by_source(event.probes)
+    if (cand.self_edit_id, cand.product_probes, cand.self_generated_probes) == (event.self_edit.self_edit_id, product, own):
         return None
-    return record.with_candidate(cand.model_copy(update={"self_edit_id": event.self_edit.self_edit_id, "product_probes": product}))
+    return record.with_candidate(
+        cand.model_copy(
+            update={"self_edit_id": event.self_edit.self_edit_id, "product_probes": product, "self_generated_probes": own}
+        )
+    )
+
+
+def _by_source(probes: tuple[ev.Probe, ...]) -> tuple[tuple[ev.Probe, ...], tuple[ev.Probe, ...]]:
+    """(the product's probes, the generator's self-generated ones)."""
+    return (
+        tuple(p for p in probes if p.source == "product"),
+        tuple(p for p in probes if p.source == "self_generated"),
+    )
 
 
 def note_trained(
@@ -200,6 +212,7 @@ def note_evaluated(
     record, cand = _candidate_for(record, event, event.candidate_index, event.candidate_count, policy, now)
     if cand.known_adapter(event.adapter_id):
         return None  # redelivered, or an earlier attempt's evaluation
+    product, own = _by_source(event.probes)
     evaluated = cand.model_copy(
         update={
             "result": "evaluated",
@@ -217,7 +230,8 @@ def note_evaluated(
             "evaluation_event_id": event.event_id,
             "reported_at": now,
             "trace_id": event.trace_id,
-            "product_probes": tuple(p for p in event.probes if p.source == "product") or cand.product_probes,
+            "product_probes": product or cand.product_probes,
+            "self_generated_probes": own or cand.self_generated_probes,
         }
     )
     if cand.result == "pending" and not _late(record, cand):

@@ -282,7 +282,7 @@ class Ledger:
                 return None
             if manifest.self_edit:
                 try:
-                    return ev.SelfEdit.model_validate(manifest.self_edit), cand.product_probes or record.feedback_probes
+                    return ev.SelfEdit.model_validate(manifest.self_edit), record.probes_of(cand)
                 except ValueError:
                     return None
         return None

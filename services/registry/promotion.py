@@ -102,7 +102,7 @@ def version_record(
         base_model_sha256=manifest.base_model_sha256,
         promoted_at=record.decided_at or now,
         approved_by=record.decided_by or "auto",
-        probes=cand.product_probes or record.feedback_probes,
+        probes=record.probes_of(cand),
     )
 
 

@@ -110,6 +110,8 @@ class CandidateRecord(Contract):
     training: TrainingRun | None = None
     earlier_attempts: tuple[Attempt, ...] = ()
     product_probes: tuple[Probe, ...] = ()
+    # The generator's own probes about the feedback, as the candidate was measured on them.
+    self_generated_probes: tuple[Probe, ...] = ()
 
     @property
     def decided(self) -> bool:
@@ -145,6 +147,13 @@ class FeedbackRecord(Contract):
     decided_by: str | None = None
     # Events decided but not yet published (outbox): published, then removed.
     outbox: tuple[dict[str, Any], ...] = ()
+
+    def probes_of(self, cand: CandidateRecord) -> tuple[Probe, ...]:
+        """What a candidate of this feedback is measured on, and what the scope's regression set
+        keeps of the feedback once it is promoted: the product's probes (from the candidate's
+        events, else the feedback's own), then the generator's self-generated ones. Without the
+        latter, feedback that carries a passage alone would leave nothing to guard."""
+        return (*(cand.product_probes or self.feedback_probes), *cand.self_generated_probes)
 
     def candidate(self, index: int) -> CandidateRecord | None:
         for cand in self.candidates:
