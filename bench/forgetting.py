@@ -36,29 +36,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from knowledge import CORE, RESULTS, add_service_env_option, score_adapter, service_env_of  # noqa: E402
-
-from seal.cli import (  # noqa: E402
-    SERVICES,
-    free_service_port_base,
-    provision,
-    start_services,
-    stop_on_sigterm,
-    stop_services,
-    wait_services_ready,
+from knowledge import (  # noqa: E402
+    CORE,
+    RESULTS,
+    add_service_env_option,
+    running_platform,
+    score_adapter,
+    service_env_of,
+    submit_passage,
 )
+
+from seal.cli import SERVICES, stop_on_sigterm  # noqa: E402
 from seal.demo import load_items  # noqa: E402
 from seal.ops import call  # noqa: E402
 from seal.scope_policy import parse_settings  # noqa: E402
-from seal.stack import LocalStack, StackPorts  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402
-from shared import events as ev  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
 from shared.models import load_model  # noqa: E402
 from shared.registry_view import read_active  # noqa: E402
 from shared.settings import ModelSettings  # noqa: E402
-from shared.store import AdapterStore  # noqa: E402
 
 
 def main() -> None:
@@ -85,9 +82,6 @@ def main() -> None:
     lm = load_model(model_settings)
     host = AdapterHost(lm.model)
     scope = f"forgetting-{time.strftime('%H%M%S')}"
-    home = Path(tempfile.mkdtemp(prefix="seal-forgetting-"))
-    stack = LocalStack(home, StackPorts.free()).start()
-    procs = {}
     matrix: list[list[int]] = []
     core_after: list[int] = []
     stages: list[str] = []
@@ -124,36 +118,21 @@ def main() -> None:
         )
         return table
 
-    try:
-        provision(stack)
-        (home / "logs").mkdir(exist_ok=True)
-        port_base = free_service_port_base()  # beside another stack (a demo, another bench)
-        procs = start_services(stack, home, args.model, SERVICES, port_base, defaults=service_env)
-        wait_services_ready(procs, port_base=port_base)
-        store = AdapterStore.from_settings(stack.store_settings())
+    with running_platform(args.model, service_env, "seal-forgetting-") as platform:
+        store = platform.store
         if changes:
-            registry = f"http://127.0.0.1:{port_base + SERVICES.index('registry')}"
+            registry = f"http://127.0.0.1:{platform.port_base + SERVICES.index('registry')}"
             policy = call(registry, "PATCH", f"/v1/scopes/{scope}/policy", changes)
             print(f"scope {scope} policy: {policy}", flush=True)
 
         async def drive() -> None:
             import nats
 
-            nc = await nats.connect(stack.nats_url)
-            async with PlatformWatcher(stack.nats_settings()) as watcher:
+            nc = await nats.connect(platform.stack.nats_url)
+            async with PlatformWatcher(platform.stack.nats_settings()) as watcher:
                 for i, item in enumerate(items):
-                    event = ev.FeedbackSubmitted(
-                        feedback_id=ev.new_id(), scope=scope,
-                        content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
-                    )
-                    started = time.monotonic()
-                    await watcher.submit(event)
-                    progress = watcher.progress[event.feedback_id]
-                    try:
-                        await watcher.wait_until(lambda: progress.decided, args.timeout)
-                    except TimeoutError:
-                        pass
-                    seconds.append(time.monotonic() - started)
+                    progress, waited = await submit_passage(watcher, scope, item, args.timeout)
+                    seconds.append(waited)
                     stages.append(progress.stage())
                     active = await read_active(nc.jetstream(), scope)
                     directory = None
@@ -172,10 +151,8 @@ def main() -> None:
             await nc.close()
 
         asyncio.run(drive())
-    finally:
-        stop_services(procs)
-        stack.stop()
     print(write_report())
+
 
 if __name__ == "__main__":
     main()

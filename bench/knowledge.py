@@ -36,7 +36,8 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,64 @@ def run_training_condition(
     return cond
 
 
+@dataclass
+class Platform:
+    """The embedded stack with the four services running on it."""
+
+    stack: Any  # seal.stack.LocalStack
+    store: Any  # shared.store.AdapterStore
+    port_base: int  # service i listens on port_base + i (seal.cli.SERVICES order)
+
+
+@contextmanager
+def running_platform(model: str, service_env: dict[str, str] | None, prefix: str) -> Iterator[Platform]:
+    """Start the stack and the four services in a new folder; stop them however the block ends."""
+    from seal.cli import (
+        SERVICES,
+        free_service_port_base,
+        provision,
+        start_services,
+        stop_services,
+        wait_services_ready,
+    )
+    from seal.stack import LocalStack, StackPorts
+    from shared.store import AdapterStore
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = LocalStack(home, StackPorts.free()).start()
+    procs = {}
+    try:
+        provision(stack)
+        (home / "logs").mkdir(exist_ok=True)
+        port_base = free_service_port_base()  # beside another stack (a demo, another bench)
+        procs = start_services(stack, home, model, SERVICES, port_base, defaults=service_env)
+        wait_services_ready(procs, port_base=port_base)
+        yield Platform(stack, AdapterStore.from_settings(stack.store_settings()), port_base)
+    finally:
+        stop_services(procs)
+        stack.stop()
+
+
+async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float) -> tuple[Any, float]:
+    """Send a passage (and its title, never its questions) as feedback to ``scope`` and wait for
+    its decision: (its progress, as seal.watch sees it; seconds waited). A feedback still open
+    after ``timeout`` is returned as it stands."""
+    from shared import events as ev
+
+    event = ev.FeedbackSubmitted(
+        feedback_id=ev.new_id(), scope=scope,
+        content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
+    )
+    started = time.monotonic()
+    await watcher.submit(event)
+    progress = watcher.progress[event.feedback_id]
+    try:
+        await watcher.wait_until(lambda: progress.decided, timeout)
+    except TimeoutError:
+        pass
+    return progress, time.monotonic() - started
+
+
 def run_platform_condition(
     lm: LoadedModel,
     host: AdapterHost,
@@ -122,33 +181,14 @@ def run_platform_condition(
 
     ``on_passage(platform, gated)`` is called after each passage is scored, with the conditions
     so far (the bench writes its report then, so a stopped run keeps what it measured)."""
-    from seal.cli import (
-        SERVICES,
-        free_service_port_base,
-        provision,
-        start_services,
-        stop_services,
-        wait_services_ready,
-    )
-    from seal.stack import LocalStack, StackPorts
     from seal.watch import PlatformWatcher
     from shared import events as ev
     from shared.registry_view import read_active
-    from shared.store import AdapterStore
 
     cond = Condition("platform")
-    home = Path(tempfile.mkdtemp(prefix="seal-bench-"))
-    stack = LocalStack(home, StackPorts.free()).start()
-    procs = {}
-    try:
-        provision(stack)
-        (home / "logs").mkdir(exist_ok=True)
-        port_base = free_service_port_base()  # beside another stack (a demo, another bench)
-        procs = start_services(stack, home, model, SERVICES, port_base, defaults=service_env)
-        wait_services_ready(procs, port_base=port_base)
-        store = AdapterStore.from_settings(stack.store_settings())
-
-        gated = Condition("platform best candidate, before the gate")
+    gated = Condition("platform best candidate, before the gate")
+    with running_platform(model, service_env, "seal-bench-") as platform:
+        store = platform.store
 
         def score(item: DemoItem, active: object, seconds: float, stage: str, best: object) -> None:
             """Score one passage's outcome as soon as it is decided (the services are idle then)."""
@@ -179,22 +219,11 @@ def run_platform_condition(
         async def drive() -> None:
             import nats
 
-            async with PlatformWatcher(stack.nats_settings()) as watcher:
-                nc = await nats.connect(stack.nats_url)
+            async with PlatformWatcher(platform.stack.nats_settings()) as watcher:
+                nc = await nats.connect(platform.stack.nats_url)
                 for item in items:
                     scope = f"bench-{item.id}"
-                    event = ev.FeedbackSubmitted(
-                        feedback_id=ev.new_id(), scope=scope,
-                        content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
-                    )
-                    started = time.monotonic()
-                    await watcher.submit(event)
-                    progress = watcher.progress[event.feedback_id]
-                    try:
-                        await watcher.wait_until(lambda: progress.decided, timeout)
-                    except TimeoutError:
-                        pass
-                    seconds = time.monotonic() - started
+                    progress, seconds = await submit_passage(watcher, scope, item, timeout)
                     active = await read_active(nc.jetstream(), scope)
                     evaluated = progress.of(ev.AdapterEvaluated)
                     # the strongest candidate on a tie (the ladder's first rung: full strength)
@@ -204,15 +233,19 @@ def run_platform_condition(
                 await nc.close()
 
         asyncio.run(drive())
-    finally:
-        stop_services(procs)
-        stack.stop()
     return cond, gated
+
+
+def _passages(meta: dict[str, Any]) -> str:
+    ids = meta.get("passage_ids") or []
+    if meta.get("skipped"):
+        return f"{meta['passages']} passages, {ids[0]} to {ids[-1]}" if ids else f"{meta['passages']} passages"
+    return f"first {meta['passages']} passages"
 
 
 def markdown(conds: list[Condition], core_total: int, base_core: int, meta: dict[str, Any]) -> str:
     lines = [
-        f"Knowledge incorporation on `{meta['data']}` (first {meta['passages']} passages, {meta['questions']} closed-book questions), "
+        f"Knowledge incorporation on `{meta['data']}` ({_passages(meta)}, {meta['questions']} closed-book questions), "
         f"model `{meta['model']}`, {meta['date']}, {meta['machine']}.",
         "",
         "| condition | correct | accuracy | core kept (mean) | core drop (points) | seconds per update |",
@@ -311,6 +344,7 @@ def main() -> None:
         "data": str(args.data),
         "passages": len(items),
         "passage_ids": [i.id for i in items],
+        "skipped": args.skip,
         "questions": sum(len(i.questions) for i in items),
         "questions_per_passage": {i.id: len(i.questions) for i in items},
         "model": args.model,
