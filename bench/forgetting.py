@@ -125,6 +125,19 @@ def main() -> None:
             policy = call(registry, "PATCH", f"/v1/scopes/{scope}/policy", changes)
             print(f"scope {scope} policy: {policy}", flush=True)
 
+        def score_row(i: int, active: object) -> None:
+            """The active version's answers on every passage so far, and on the core set."""
+            directory = None
+            if active is not None:
+                directory = Path(tempfile.mkdtemp(prefix="seal-forget-")) / "adapter"
+                store.get_adapter(active.adapter, directory)  # type: ignore[attr-defined]
+            row = [score_adapter(lm, host, directory, earlier, [])[0] for earlier in items[: i + 1]]
+            _, core_right = score_adapter(lm, host, directory, items[0], core)
+            matrix.append(row)
+            core_after.append(core_right)
+            print(f"after update {i + 1} ({stages[-1]}, {seconds[-1]:.0f}s): {row} core {core_right}/{len(core)}", flush=True)
+            write_report()
+
         async def drive() -> None:
             import nats
 
@@ -135,19 +148,8 @@ def main() -> None:
                     seconds.append(waited)
                     stages.append(progress.stage())
                     active = await read_active(nc.jetstream(), scope)
-                    directory = None
-                    if active is not None:
-                        directory = Path(tempfile.mkdtemp(prefix="seal-forget-")) / "adapter"
-                        store.get_adapter(active.adapter, directory)
-                    row = []
-                    for earlier in items[: i + 1]:
-                        right, _ = score_adapter(lm, host, directory, earlier, [])
-                        row.append(right)
-                    _, core_right = score_adapter(lm, host, directory, items[0], core)
-                    matrix.append(row)
-                    core_after.append(core_right)
-                    print(f"after update {i + 1} ({stages[-1]}, {seconds[-1]:.0f}s): {row} core {core_right}/{len(core)}", flush=True)
-                    write_report()
+                    # Off the event loop, so the NATS connections keep answering the server's pings.
+                    await asyncio.to_thread(score_row, i, active)
             await nc.close()
 
         asyncio.run(drive())

@@ -229,7 +229,8 @@ def run_platform_condition(
                     # the strongest candidate on a tie (the ladder's first rung: full strength)
                     best = max(evaluated, key=lambda e: (e.reward, -e.candidate_index), default=None)  # type: ignore[attr-defined]
                     print(f"  platform {item.id}: {progress.stage()} in {seconds:.0f}s", flush=True)
-                    score(item, active, seconds, progress.stage(), best)
+                    # Off the event loop, so the NATS connections keep answering the server's pings.
+                    await asyncio.to_thread(score, item, active, seconds, progress.stage(), best)
                 await nc.close()
 
         asyncio.run(drive())

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.js.api import DeliverPolicy
 
 from shared import events as ev
@@ -21,6 +23,7 @@ from shared.settings import NatsSettings
 from shared.subjects import EVENTS_PREFIX, subject_for
 
 FINAL = (ev.AdapterPromoted, ev.AdapterAwaitingApproval, ev.FeedbackRejected)
+PUBLISH_ATTEMPTS = 5
 
 
 @dataclass
@@ -103,12 +106,22 @@ class PlatformWatcher:
         self.progress.setdefault(event.feedback_id, FeedbackProgress(event.feedback_id)).events.append(event)
         await self.queue.put(event)
 
-    async def submit(self, event: ev.FeedbackSubmitted) -> None:
+    async def submit(self, event: ev.FeedbackSubmitted, attempts: int = PUBLISH_ATTEMPTS) -> None:
+        """Publish a feedback event. A publish the server does not confirm in time (a busy
+        machine, a reconnect) is sent again: JetStream drops a copy by its message id, the event
+        id, so the feedback goes in once. The last failure is raised."""
         assert self.nc is not None, "use PlatformWatcher as an async context manager"
         self.progress.setdefault(event.feedback_id, FeedbackProgress(event.feedback_id))
-        await self.nc.jetstream().publish(
-            subject_for(event), event.model_dump_json().encode(), headers={"Nats-Msg-Id": event.event_id}
-        )
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.nc.jetstream().publish(
+                    subject_for(event), event.model_dump_json().encode(), headers={"Nats-Msg-Id": event.event_id}
+                )
+                return
+            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(attempt)
 
     async def events(self) -> AsyncIterator[ev.Event]:
         while True:
