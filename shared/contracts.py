@@ -9,6 +9,7 @@ import either way.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
@@ -84,6 +85,11 @@ class Probe(Contract):
     answer: ShortText
     aliases: tuple[ShortText, ...] = Field(default=(), max_length=20)
     source: Literal["product", "self_generated"] = "product"
+
+
+def probes_by_source(probes: Sequence[Probe]) -> tuple[tuple[Probe, ...], tuple[Probe, ...]]:
+    """(the product's probes, the generator's self-generated ones), each in the order given."""
+    return tuple(p for p in probes if p.source == "product"), tuple(p for p in probes if p.source == "self_generated")
 
 
 class KnowledgeFeedback(Contract):

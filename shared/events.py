@@ -53,6 +53,7 @@ from shared.contracts import (  # noqa: F401 - re-exported: the values are part 
     derived_id,
     describe_validation_error,
     new_id,
+    probes_by_source,
     utcnow,
 )
 

@@ -30,6 +30,7 @@ from shared.events import (
     Event,
     ManifestRef,
     Probe,
+    probes_by_source,
 )
 from shared.registry_view import AcceptedProbes, ScopePolicy
 from shared.scoring import normalize_answer
@@ -77,8 +78,7 @@ def probe_sets(
     Earlier feedback excludes this feedback's own probes and any question the
     new feedback asks again (a correction changes the expected answer).
     """
-    product = tuple(p for p in event.probes if p.source == "product")
-    self_generated = tuple(p for p in event.probes if p.source == "self_generated")
+    product, self_generated = probes_by_source(event.probes)
     asked_now = {normalize_answer(p.question) for p in event.probes}
     earlier: dict[str, Probe] = {}
     for feedback_id, probe in accepted.probes:

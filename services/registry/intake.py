@@ -132,21 +132,13 @@ def note_selfedit(
 ) -> FeedbackRecord | None:
     index, count = event.self_edit.candidate_index, event.self_edit.candidate_count
     record, cand = _candidate_for(record, event, index, count, policy, now)
-    product, own = _by_source(event.probes)
+    product, own = ev.probes_by_source(event.probes)
     if (cand.self_edit_id, cand.product_probes, cand.self_generated_probes) == (event.self_edit.self_edit_id, product, own):
         return None
     return record.with_candidate(
         cand.model_copy(
             update={"self_edit_id": event.self_edit.self_edit_id, "product_probes": product, "self_generated_probes": own}
         )
-    )
-
-
-def _by_source(probes: tuple[ev.Probe, ...]) -> tuple[tuple[ev.Probe, ...], tuple[ev.Probe, ...]]:
-    """(the product's probes, the generator's self-generated ones)."""
-    return (
-        tuple(p for p in probes if p.source == "product"),
-        tuple(p for p in probes if p.source == "self_generated"),
     )
 
 
@@ -212,7 +204,7 @@ def note_evaluated(
     record, cand = _candidate_for(record, event, event.candidate_index, event.candidate_count, policy, now)
     if cand.known_adapter(event.adapter_id):
         return None  # redelivered, or an earlier attempt's evaluation
-    product, own = _by_source(event.probes)
+    product, own = ev.probes_by_source(event.probes)
     evaluated = cand.model_copy(
         update={
             "result": "evaluated",
