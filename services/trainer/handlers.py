@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from services.trainer.examples import selected_sequences, split_question_answers
 from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected
 from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
+from services.trainer.settings import REPLAY_PER_EPOCH
 from shared.broker import PermanentFailure
 from shared.events import (
     AdapterTrained,
@@ -65,7 +66,7 @@ class TrainerPorts:
     ledger: ParentLedger
     parents: ParentCache
     # Earlier sequences of the scope's lineage replayed per epoch of a continuing update (0: none).
-    replay_per_epoch: int = 64
+    replay_per_epoch: int = REPLAY_PER_EPOCH
 
 
 class Parent(BaseModel):

@@ -21,6 +21,8 @@ from shared.subjects import TRAINER_POLICY, TRAINER_REBASES, TRAINER_SELFEDITS, 
 # How hard rehearsal holds the model by default (the trainer's Anchoring reads these too).
 REHEARSAL_WEIGHT = 3.0
 REHEARSAL_BATCH = 16
+# Earlier examples a continuing update replays per epoch by default (TrainerPorts reads it too).
+REPLAY_PER_EPOCH = 64
 
 
 class TrainerConfig(BaseModel):
@@ -50,7 +52,7 @@ class TrainerConfig(BaseModel):
     # earlier updates were trained on (their question-answer pairs, where they have any), shared
     # evenly among them (0: none). 64 covers about all the pairs of the 7 updates before an
     # eighth; a longer lineage takes turns (bench/RESULTS.md, "Forgetting").
-    replay_per_epoch: int = Field(default=64, ge=0, le=1024)
+    replay_per_epoch: int = Field(default=REPLAY_PER_EPOCH, ge=0, le=1024)
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
     pass_tokens: int = Field(default=8192, ge=16)
