@@ -139,18 +139,14 @@ def main() -> None:
             write_report()
 
         async def drive() -> None:
-            import nats
-
-            nc = await nats.connect(platform.stack.nats_url)
             async with PlatformWatcher(platform.stack.nats_settings()) as watcher:
                 for i, item in enumerate(items):
                     progress, waited = await submit_passage(watcher, scope, item, args.timeout)
                     seconds.append(waited)
                     stages.append(progress.stage())
-                    active = await read_active(nc.jetstream(), scope)
+                    active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
                     # Off the event loop, so the NATS connections keep answering the server's pings.
                     await asyncio.to_thread(score_row, i, active)
-            await nc.close()
 
         asyncio.run(drive())
     print(write_report())

@@ -217,30 +217,25 @@ def run_platform_condition(
                 on_passage(cond, gated)
 
         async def drive() -> None:
-            import nats
-
             async with PlatformWatcher(platform.stack.nats_settings()) as watcher:
-                nc = await nats.connect(platform.stack.nats_url)
                 for item in items:
                     scope = f"bench-{item.id}"
                     progress, seconds = await submit_passage(watcher, scope, item, timeout)
-                    active = await read_active(nc.jetstream(), scope)
+                    active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
                     evaluated = progress.of(ev.AdapterEvaluated)
                     # the strongest candidate on a tie (the ladder's first rung: full strength)
                     best = max(evaluated, key=lambda e: (e.reward, -e.candidate_index), default=None)  # type: ignore[attr-defined]
                     print(f"  platform {item.id}: {progress.stage()} in {seconds:.0f}s", flush=True)
                     # Off the event loop, so the NATS connections keep answering the server's pings.
                     await asyncio.to_thread(score, item, active, seconds, progress.stage(), best)
-                await nc.close()
 
         asyncio.run(drive())
     return cond, gated
 
 
 def _passages(meta: dict[str, Any]) -> str:
-    ids = meta.get("passage_ids") or []
     if meta.get("skipped"):
-        return f"{meta['passages']} passages, {ids[0]} to {ids[-1]}" if ids else f"{meta['passages']} passages"
+        return f"{meta['passages']} passages, {meta['passage_ids'][0]} to {meta['passage_ids'][-1]}"
     return f"first {meta['passages']} passages"
 
 
