@@ -22,7 +22,7 @@ from shared.subjects import TRAINER_POLICY, TRAINER_REBASES, TRAINER_SELFEDITS, 
 REHEARSAL_WEIGHT = 3.0
 REHEARSAL_BATCH = 16
 # Earlier examples a continuing update replays per epoch by default (TrainerPorts reads it too).
-REPLAY_PER_EPOCH = 64
+REPLAY_PER_EPOCH = 16
 
 
 class TrainerConfig(BaseModel):
@@ -50,8 +50,10 @@ class TrainerConfig(BaseModel):
     rehearsal_batch: int = Field(default=REHEARSAL_BATCH, ge=1, le=256)
     # A continuing update also trains, in every epoch, on this many of the sequences its lineage's
     # earlier updates were trained on (their question-answer pairs, where they have any), shared
-    # evenly among them (0: none). 64 covers about all the pairs of the 7 updates before an
-    # eighth; a longer lineage takes turns (bench/RESULTS.md, "Forgetting").
+    # evenly among them (0: none), each update's in a shuffled order that goes on from epoch to
+    # epoch, so over 10 epochs 16 bring up each pair of 7 earlier updates about twice. 64 (about
+    # every pair in every epoch) kept no more of the first passage in the forgetting bench, at
+    # about 5x a late update's training time on a CPU (bench/RESULTS.md, "Forgetting").
     replay_per_epoch: int = Field(default=REPLAY_PER_EPOCH, ge=0, le=1024)
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
