@@ -37,15 +37,25 @@ DEMO_CPU_SETTINGS = {
     "SEAL_TRAINER__REHEARSAL_WEIGHT": "1.0",
     "SEAL_TRAINER__REHEARSAL_BATCH": "4",
 }
+# The four services on one machine's CPU cores (`seal up`, the demo, the benches): a training, an
+# evaluation and a generation overlap, and OpenMP threads that spin while idle (libgomp's default)
+# take the cores from the busy ones: a training's steps and an evaluation's questions ran about
+# 5x slower side by side. Threads that sleep when idle cost ~25% when a service runs alone
+# (bench/RESULTS.md, "Knowledge incorporation"). On Kubernetes each service has its own cores.
+SHARED_CPU_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def service_defaults(device: str = "auto", extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The services' environment defaults for a run on ``device`` (a model setting): on a CPU
-    the demo's lighter rehearsal; then ``extra`` (``KEY=VALUE`` settings a bench passes)."""
+def service_defaults(
+    device: str = "auto", extra: Mapping[str, str] | None = None, *, light_rehearsal: bool = True
+) -> dict[str, str]:
+    """The services' environment defaults for a run on ``device`` (a model setting) with all four
+    on one machine: on a CPU, threads that give way to each other and (``light_rehearsal``) the
+    demo's lighter rehearsal; then ``extra`` (``KEY=VALUE`` settings a bench passes)."""
     from shared.models import resolve_device
 
-    on_cpu = resolve_device(device).type == "cpu"
-    return {**(DEMO_CPU_SETTINGS if on_cpu else {}), **(extra or {})}
+    if resolve_device(device).type != "cpu":
+        return dict(extra or {})
+    return {**SHARED_CPU_SETTINGS, **(DEMO_CPU_SETTINGS if light_rehearsal else {}), **(extra or {})}
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -204,7 +214,10 @@ def up(
     try:
         provision(stack)
         if services and not check:
-            procs = start_services(stack, home, model, SERVICES)
+            from shared.settings import ModelSettings
+
+            defaults = service_defaults(ModelSettings(name=model).device, light_rehearsal=False)
+            procs = start_services(stack, home, model, SERVICES, defaults=defaults)
         console.print(health_table(stack, procs))
         console.print(f"ready in {time.monotonic() - started:.1f}s; logs in {home / 'logs'}")
         if check:

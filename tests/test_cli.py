@@ -52,7 +52,16 @@ def test_service_defaults_take_the_light_rehearsal_on_a_cpu_and_a_benchs_extra_s
     assert on_cpu["OMP_WAIT_POLICY"] == "PASSIVE"
     assert on_cpu["SEAL_TRAINER__REHEARSAL_BATCH"] == "2"  # the bench's setting over the demo's
     assert on_cpu["SEAL_TRAINER__REHEARSAL_PAIRS"] == cli.DEMO_CPU_SETTINGS["SEAL_TRAINER__REHEARSAL_PAIRS"]
-    assert cli.service_defaults("cpu") == cli.DEMO_CPU_SETTINGS
+    assert cli.service_defaults("cpu") == {**cli.SHARED_CPU_SETTINGS, **cli.DEMO_CPU_SETTINGS}
+
+
+def test_services_sharing_cpu_cores_get_idle_threads_that_sleep_and_the_trainers_rehearsal_unless_light() -> None:
+    # `seal up`: the four services on one CPU, with the trainer's own rehearsal.
+    assert cli.service_defaults("cpu", light_rehearsal=False) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert cli.service_defaults("cpu")["OMP_WAIT_POLICY"] == "PASSIVE"
+    # On a GPU neither applies; a bench's own settings still do.
+    assert cli.service_defaults("cuda") == {}
+    assert cli.service_defaults("cuda", {"A": "1"}) == {"A": "1"}
 
 
 def test_parse_env_reads_key_value_items_and_refuses_anything_else() -> None:
@@ -60,3 +69,36 @@ def test_parse_env_reads_key_value_items_and_refuses_anything_else() -> None:
     for bad in ("A", "=1"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             cli.parse_env([bad])
+
+
+def test_seal_up_runs_the_services_with_idle_threads_that_sleep_and_the_trainers_own_rehearsal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    started: dict[str, object] = {}
+
+    class StubStack:  # the embedded stack itself is tested in test_stack.py
+        def __init__(self, home: Path) -> None:
+            self.home = home
+
+        def start(self) -> StubStack:
+            return self
+
+        def stop(self) -> None:
+            started["stopped"] = True
+
+    def record_and_stop(stack: object, home: Path, model: str, names: tuple[str, ...], **kw: object) -> dict:
+        started.update(model=model, names=names, defaults=kw.get("defaults"))
+        raise KeyboardInterrupt  # Ctrl-C: `up` stops what it started
+
+    monkeypatch.setattr(cli, "LocalStack", StubStack)
+    monkeypatch.setattr(cli, "provision", lambda stack: None)
+    monkeypatch.setattr(cli, "start_services", record_and_stop)
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+    monkeypatch.delenv("SEAL_MODEL__DEVICE", raising=False)
+    result = CliRunner().invoke(cli.app, ["up", "--home", str(tmp_path), "--model", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert started["names"] == cli.SERVICES and started["stopped"]
+    assert started["defaults"] == cli.service_defaults("auto", light_rehearsal=False)
+    assert not set(cli.DEMO_CPU_SETTINGS) & set(started["defaults"])  # type: ignore[arg-type]
