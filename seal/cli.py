@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,9 +236,25 @@ def up(
         console.print("stopped; data kept in", str(home))
 
 
+DEMO_HOME = Path(".seal-demo")
+
+
+def demo_home(home: Path | None) -> Path:
+    """Where the demo keeps its stack: a folder named with ``--home`` as it is (the demo goes on from
+    its scope's active version there); by default ``.seal-demo``, emptied first, so that every demo
+    starts from the base model with nothing of an earlier run left to redeliver."""
+    if home is not None:
+        return home.resolve()
+    if DEMO_HOME.exists():
+        shutil.rmtree(DEMO_HOME)
+    return DEMO_HOME.resolve()
+
+
 @app.command()
 def demo(
-    home: Path = HomeOption,
+    home: Path | None = typer.Option(
+        None, "--home", help="Folder for the stack's data, kept as it is. Default: .seal-demo, emptied at every start."
+    ),
     model: str = typer.Option("default", "--model", envvar="SEAL_MODEL__NAME", help="Base model for all services."),
     data: Path = typer.Option(None, "--data", help="Passages with questions (dev.jsonl format); default: the demo set."),
     scope: str = typer.Option("demo", "--scope", help="Scope (adapter line) the demo teaches."),
@@ -248,8 +265,8 @@ def demo(
     from shared.models import load_model
     from shared.settings import ModelSettings
 
-    home = home.resolve()
     items = load_items(data or DEMO_DATA)
+    home = demo_home(home)
     settings = ModelSettings(name=model)
     stack = LocalStack(home)
     procs: dict[str, subprocess.Popen] = {}

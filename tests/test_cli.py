@@ -102,3 +102,15 @@ def test_seal_up_runs_the_services_with_idle_threads_that_sleep_and_the_trainers
     assert started["names"] == cli.SERVICES and started["stopped"]
     assert started["defaults"] == cli.service_defaults("auto", light_rehearsal=False)
     assert not set(cli.DEMO_CPU_SETTINGS) & set(started["defaults"])  # type: ignore[arg-type]
+
+
+def test_every_demo_starts_from_an_empty_folder_unless_one_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / cli.DEMO_HOME / "nats" / "left-over"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("a killed demo's unfinished work")
+    assert cli.demo_home(None) == (tmp_path / cli.DEMO_HOME).resolve()
+    assert not (tmp_path / cli.DEMO_HOME).exists()  # the stack creates it again
+    named = tmp_path / "kept"
+    (named / "nats").mkdir(parents=True)
+    assert cli.demo_home(named) == named.resolve() and (named / "nats").is_dir()
