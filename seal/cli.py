@@ -237,6 +237,17 @@ def up(
 
 
 DEMO_HOME = Path(".seal-demo")
+# The demo's scope policy on a CPU: one self-edit candidate per feedback. Three candidates with
+# different data are three trainings of 4-6 minutes each on 2 cores (a demo took 25+ minutes when
+# they differed, 15 when all three kept the same data); on a GPU the policy's default stands.
+DEMO_CPU_POLICY = {"candidates": 1}
+
+
+def demo_policy(device: str) -> dict[str, int]:
+    """What the demo sets on its scope's policy before the first feedback, on ``device``."""
+    from shared.models import resolve_device
+
+    return dict(DEMO_CPU_POLICY) if resolve_device(device).type == "cpu" else {}
 
 
 def demo_home(home: Path | None) -> Path:
@@ -278,6 +289,12 @@ def demo(
             lm = load_model(settings)
             wait_services_ready(procs)
         console.print(health_table(stack, procs))
+        if policy := demo_policy(settings.device):
+            from seal.ops import call
+
+            registry = f"http://127.0.0.1:{SERVICE_PORT_BASE + SERVICES.index('registry')}"
+            call(registry, "PATCH", f"/v1/scopes/{scope}/policy", policy)
+            console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy} (one self-edit candidate per feedback)")
         asyncio.run(
             run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope, console=console)
         )

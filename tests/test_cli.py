@@ -114,3 +114,11 @@ def test_every_demo_starts_from_an_empty_folder_unless_one_is_named(tmp_path: Pa
     named = tmp_path / "kept"
     (named / "nats").mkdir(parents=True)
     assert cli.demo_home(named) == named.resolve() and (named / "nats").is_dir()
+
+
+def test_the_demo_asks_for_one_candidate_per_feedback_on_a_cpu_only() -> None:
+    assert cli.demo_policy("cpu") == {"candidates": 1}
+    assert cli.demo_policy("cuda") == {}
+    from shared.registry_view import ScopePolicy
+
+    assert ScopePolicy(**cli.demo_policy("cpu")).candidates == 1  # a setting the registry takes
