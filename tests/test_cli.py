@@ -117,8 +117,8 @@ def test_every_demo_starts_from_an_empty_folder_unless_one_is_named(tmp_path: Pa
 
 
 def test_the_demo_asks_for_one_candidate_per_feedback_on_a_cpu_only() -> None:
-    assert cli.demo_policy("cpu") == {"candidates": 1}
-    assert cli.demo_policy("cuda") == {}
     from shared.registry_view import ScopePolicy
 
-    assert ScopePolicy(**cli.demo_policy("cpu")).candidates == 1  # a setting the registry takes
+    policy = ScopePolicy.model_validate(cli.demo_policy("cpu"))  # settings the registry takes
+    assert policy.candidates == 1 and policy.strength_ladder == (0.75,)
+    assert cli.demo_policy("cuda") == {}
