@@ -350,6 +350,3 @@ def register(app: typer.Typer) -> None:
         app.command(name)(command)
     app.add_typer(policy_app, name="scope-policy")
 
-
-ops_app = typer.Typer(help="Operate the SEAL registry: versions, decisions, lineage.", no_args_is_help=True)
-register(ops_app)
