@@ -41,8 +41,9 @@ DEMO_CPU_SETTINGS = {
 # The four services on one machine's CPU cores (`seal up`, the demo, the benches): a training, an
 # evaluation and a generation overlap, and OpenMP threads that spin while idle (libgomp's default)
 # take the cores from the busy ones: a training's steps and an evaluation's questions ran about
-# 5x slower side by side. Threads that sleep when idle cost ~25% when a service runs alone
-# (bench/RESULTS.md, "Knowledge incorporation"). On Kubernetes each service has its own cores.
+# 5x slower side by side. Threads that sleep when idle cost a service that runs alone between
+# nothing and ~25% in two measurements (bench/RESULTS.md, "Knowledge incorporation"). On
+# Kubernetes each service has its own cores.
 SHARED_CPU_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -239,8 +240,8 @@ def up(
 DEMO_HOME = Path(".seal-demo")
 # The demo's scope policy on a CPU: one self-edit candidate per feedback, trained at three-quarter
 # strength. Three candidates with different data are three trainings of 4-6 minutes each on 2
-# cores (a demo took 25+ minutes when they differed, 15 when all three kept the same data and
-# took the ladder's strengths instead). One candidate gets no ladder, and at full strength with
+# cores (a demo whose first passage's candidates kept two sets of data had not decided it after
+# 15 minutes; one whose three kept the same data, and took the ladder's strengths, finished in 15). One candidate gets no ladder, and at full strength with
 # the light rehearsal a passage lost 4 core questions and was refused; the 0.75 rung is the one
 # that passed in the earlier demos (bench/RESULTS.md, "Demo"). On a GPU the policy's defaults stand.
 DEMO_CPU_POLICY: dict[str, object] = {"candidates": 1, "strength_ladder": [0.75]}
