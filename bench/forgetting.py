@@ -47,7 +47,7 @@ from knowledge import (  # noqa: E402
 )
 
 from seal.cli import SERVICES, stop_on_sigterm  # noqa: E402
-from seal.demo import load_items  # noqa: E402
+from seal.demo import describe_outcome, load_items  # noqa: E402
 from seal.ops import call  # noqa: E402
 from seal.scope_policy import parse_settings  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
@@ -85,6 +85,7 @@ def main() -> None:
     matrix: list[list[int]] = []
     core_after: list[int] = []
     stages: list[str] = []
+    outcomes: list[str] = []  # per update: promoted or refused, the candidates' rewards, the gates' reasons
     seconds: list[float] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
@@ -106,6 +107,8 @@ def main() -> None:
             cells = [f"{row[j]}/{n_q[j]}" if j < len(row) else "" for j in range(len(items))]
             lines.append(f"| {i + 1} | {stages[i]} | " + " | ".join(cells) + f" | {core_after[i]}/{len(core)} |")
         lines.append("")
+        lines += [f"- update {i + 1}: {outcome}" for i, outcome in enumerate(outcomes)]
+        lines.append("")
         lines.append(
             f"First passage: {first_own}/{n_q[0] if n_q else 0} right after its update, {first_last} after the last; "
             + (f"retention {100 * retention:.0f}%." if retention is not None else "retention undefined (nothing learned at first).")
@@ -114,7 +117,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "seconds": seconds, "retention": retention}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention}, indent=2)
         )
         return table
 
@@ -144,6 +147,7 @@ def main() -> None:
                     progress, waited = await submit_passage(watcher, scope, item, args.timeout)
                     seconds.append(waited)
                     stages.append(progress.stage())
+                    outcomes.append(describe_outcome(progress))
                     active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
                     # Off the event loop, so the NATS connections keep answering the server's pings.
                     await asyncio.to_thread(score_row, i, active)
