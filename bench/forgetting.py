@@ -46,7 +46,7 @@ from knowledge import (  # noqa: E402
     submit_passage,
 )
 
-from seal.cli import SERVICES, stop_on_sigterm  # noqa: E402
+from seal.cli import service_url, stop_on_sigterm  # noqa: E402
 from seal.demo import describe_outcome, load_items  # noqa: E402
 from seal.ops import call  # noqa: E402
 from seal.scope_policy import parse_settings  # noqa: E402
@@ -124,8 +124,7 @@ def main() -> None:
     with running_platform(args.model, service_env, "seal-forgetting-") as platform:
         store = platform.store
         if changes:
-            registry = f"http://127.0.0.1:{platform.port_base + SERVICES.index('registry')}"
-            policy = call(registry, "PATCH", f"/v1/scopes/{scope}/policy", changes)
+            policy = call(service_url("registry", platform.port_base), "PATCH", f"/v1/scopes/{scope}/policy", changes)
             print(f"scope {scope} policy: {policy}", flush=True)
 
         def score_row(i: int, active: object) -> None:

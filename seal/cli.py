@@ -47,15 +47,20 @@ DEMO_CPU_SETTINGS = {
 SHARED_CPU_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def on_cpu(device: str) -> bool:
+    """Whether the model setting ``device`` ("auto", "cpu", "cuda", ...) runs on this machine's CPU."""
+    from shared.models import resolve_device
+
+    return resolve_device(device).type == "cpu"
+
+
 def service_defaults(
     device: str = "auto", extra: Mapping[str, str] | None = None, *, light_rehearsal: bool = True
 ) -> dict[str, str]:
     """The services' environment defaults for a run on ``device`` (a model setting) with all four
     on one machine: on a CPU, threads that give way to each other and (``light_rehearsal``) the
     demo's lighter rehearsal; then ``extra`` (``KEY=VALUE`` settings a bench passes)."""
-    from shared.models import resolve_device
-
-    if resolve_device(device).type != "cpu":
+    if not on_cpu(device):
         return dict(extra or {})
     return {**SHARED_CPU_SETTINGS, **(DEMO_CPU_SETTINGS if light_rehearsal else {}), **(extra or {})}
 
@@ -159,20 +164,25 @@ def start_services(
     return procs
 
 
+def service_url(name: str, port_base: int = SERVICE_PORT_BASE) -> str:
+    """The HTTP address ``start_services`` gives service ``name`` (the registry's is its API)."""
+    return f"http://127.0.0.1:{port_base + SERVICES.index(name)}"
+
+
 def wait_services_ready(
     procs: dict[str, subprocess.Popen], timeout: float = 600.0, port_base: int = SERVICE_PORT_BASE
 ) -> None:
     """Wait until every service answers 200 on /readyz (its model is loaded)."""
     import httpx
 
-    pending = {name: port_base + SERVICES.index(name) for name in procs}
+    pending = {name: service_url(name, port_base) for name in procs}
     deadline = time.monotonic() + timeout
     while pending:
-        for name, port in list(pending.items()):
+        for name, url in list(pending.items()):
             if procs[name].poll() is not None:
                 raise RuntimeError(f"service {name} exited with code {procs[name].returncode}; see its log")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     del pending[name]
             except httpx.HTTPError:
                 pass
@@ -241,17 +251,16 @@ DEMO_HOME = Path(".seal-demo")
 # The demo's scope policy on a CPU: one self-edit candidate per feedback, trained at three-quarter
 # strength. Three candidates with different data are three trainings of 4-6 minutes each on 2
 # cores (a demo whose first passage's candidates kept two sets of data had not decided it after
-# 15 minutes; one whose three kept the same data, and took the ladder's strengths, finished in 15). One candidate gets no ladder, and at full strength with
-# the light rehearsal a passage lost 4 core questions and was refused; the 0.75 rung is the one
-# that passed in the earlier demos (bench/RESULTS.md, "Demo"). On a GPU the policy's defaults stand.
+# 15 minutes; one whose three kept the same data, and took the ladder's strengths, finished in
+# 15). One candidate gets no ladder, and at full strength with the light rehearsal a passage lost
+# 4 core questions and was refused; the 0.75 rung is the one that passed in the earlier demos
+# (bench/RESULTS.md, "Demo"). On a GPU the policy's defaults stand.
 DEMO_CPU_POLICY: dict[str, object] = {"candidates": 1, "strength_ladder": [0.75]}
 
 
 def demo_policy(device: str) -> dict[str, object]:
     """What the demo sets on its scope's policy before the first feedback, on ``device``."""
-    from shared.models import resolve_device
-
-    return dict(DEMO_CPU_POLICY) if resolve_device(device).type == "cpu" else {}
+    return dict(DEMO_CPU_POLICY) if on_cpu(device) else {}
 
 
 def demo_home(home: Path | None) -> Path:
@@ -296,9 +305,8 @@ def demo(
         if policy := demo_policy(settings.device):
             from seal.ops import call
 
-            registry = f"http://127.0.0.1:{SERVICE_PORT_BASE + SERVICES.index('registry')}"
-            call(registry, "PATCH", f"/v1/scopes/{scope}/policy", policy)
-            console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy}: one self-edit candidate per feedback, at 0.75 strength")
+            call(service_url("registry"), "PATCH", f"/v1/scopes/{scope}/policy", policy)
+            console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy} (fewer trainings: DEMO_CPU_POLICY)")
         asyncio.run(
             run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope, console=console)
         )
