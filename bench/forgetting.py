@@ -40,6 +40,8 @@ from knowledge import (  # noqa: E402
     CORE,
     RESULTS,
     add_service_env_option,
+    machine_label,
+    model_settings_of,
     running_platform,
     score_adapter,
     service_env_of,
@@ -55,7 +57,6 @@ from services.evaluator.core_knowledge import load_question_set  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
 from shared.models import load_model  # noqa: E402
 from shared.registry_view import read_active  # noqa: E402
-from shared.settings import ModelSettings  # noqa: E402
 
 
 def main() -> None:
@@ -73,7 +74,7 @@ def main() -> None:
         changes = parse_settings(args.policy)
     except ValueError as exc:
         parser.error(f"--policy: {exc}")
-    model_settings = ModelSettings(name=args.model)
+    model_settings = model_settings_of(args)
     service_env = service_env_of(parser, args, model_settings)
     stop_on_sigterm()  # a killed run still stops its services and stack
 
@@ -97,7 +98,8 @@ def main() -> None:
         first_last = matrix[-1][0] if matrix else 0
         retention = (first_last / first_own) if first_own else None
         lines = [
-            f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}"
+            f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}, "
+            f"{machine_label(lm)}"
             + (f", policy {changes}." if changes else ", default policy."),
             "",
             "| after update | outcome | " + " | ".join(f"p{j + 1}" for j in range(len(items))) + " | core |",
@@ -117,7 +119,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention}, indent=2)
         )
         return table
 

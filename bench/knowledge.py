@@ -276,15 +276,39 @@ def markdown(conds: list[Condition], core_total: int, base_core: int, meta: dict
 def add_service_env_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the services (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights' dtype in the services and in the bench's own scoring (auto: bf16 on a GPU, "
+                        "float32 on a CPU); float32 on a GPU matches the CPU's numbers")
+
+
+def machine_label(lm: LoadedModel) -> str:
+    """Where a bench ran: processor, cores, torch, the weights' device and dtype, and the GPU's name when the model is on one."""
+    import os
+    import platform
+
+    import torch
+
+    dtype = str(lm.model.dtype).removeprefix("torch.")
+    label = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {lm.device} {dtype}"
+    if lm.device.type == "cuda":
+        label += f" ({torch.cuda.get_device_name(lm.device)})"
+    return label
+
+
+def model_settings_of(args: argparse.Namespace) -> ModelSettings:
+    """The bench's own model: the one the services load (``--model``, ``--dtype``)."""
+    return ModelSettings(name=args.model, dtype=args.dtype)
 
 
 def service_env_of(parser: argparse.ArgumentParser, args: argparse.Namespace, model: ModelSettings) -> dict[str, str]:
     """The services' environment for this run: the demo's CPU settings where the model runs on a
-    CPU, then ``--service-env``."""
+    CPU, the model's dtype where one is asked for, then ``--service-env``."""
     try:
-        return service_defaults(model.device, parse_env(args.service_env))
+        extra = parse_env(args.service_env)
     except ValueError as exc:
         parser.error(f"--service-env: {exc}")
+    dtype = {"SEAL_MODEL__DTYPE": model.dtype} if model.dtype != "auto" else {}
+    return service_defaults(model.device, {**dtype, **extra})
 
 
 def main() -> None:
@@ -300,7 +324,7 @@ def main() -> None:
                         help="directives of the passage and gold conditions: SEAL's settings or the platform's defaults")
     add_service_env_option(parser)
     args = parser.parse_args()
-    model_settings = ModelSettings(name=args.model)
+    model_settings = model_settings_of(args)
     service_env = service_env_of(parser, args, model_settings)
     stop_on_sigterm()  # a killed run still stops its services and stack
     # The baselines use SEAL's settings, the issue's "where we start" (fresh LoRA r=32, alpha 64, all
@@ -333,9 +357,6 @@ def main() -> None:
     for name in ("passage", "gold"):
         if name in wanted:
             conds.append(run_training_condition(name, lm, trainer, items, core, directives))
-    import os
-    import platform as _platform
-
     meta = {
         "data": str(args.data),
         "passages": len(items),
@@ -345,7 +366,7 @@ def main() -> None:
         "questions_per_passage": {i.id: len(i.questions) for i in items},
         "model": args.model,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{_platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}",
+        "machine": machine_label(lm),
         "baseline_directives": directives.model_dump(),
         "command": " ".join(sys.argv),
         "service_env": service_env if "platform" in wanted else None,
