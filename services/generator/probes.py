@@ -83,30 +83,40 @@ class _Blank:
 
 
 def self_generated_probes(passage: str, title: str | None, limit: int = 5) -> tuple[Probe, ...]:
-    """Up to ``limit`` grounded closed-book probes from ``passage``."""
+    """Up to ``limit`` grounded closed-book probes from ``passage``: one per sentence first, then,
+    where ``limit`` is more than the sentences that hold a fact, the other facts of those sentences."""
     if limit <= 0:
         return ()
     _, asked = _questions(passage, title)
     options = [(order, blank, probe) for order, _, blank, probe in asked]
-    # Greedy: the best blank of an unused sentence, a kind already chosen counting for less.
+    # Greedy: the best blank of an unused sentence, a kind already chosen counting for less;
+    # once every sentence has one, the best blank of any sentence (a second fact of it).
     chosen: list[tuple[int, Probe]] = []
     used_sentences: set[int] = set()
     used_answers: set[str] = set()
+    used_questions: set[str] = set()
     kinds: dict[str, int] = {}
+    every_sentence_used = False
     while len(chosen) < limit:
         best = None
         for order, blank, probe in options:
-            if order in used_sentences or blank.answer.lower() in used_answers:
+            if blank.answer.lower() in used_answers or probe.question in used_questions:
+                continue
+            if order in used_sentences and not every_sentence_used:
                 continue
             score = KIND_SCORE[blank.kind] - 0.75 * kinds.get(blank.kind, 0)
             if best is None or score > best[0]:
                 best = (score, order, blank, probe)
         if best is None:
-            break
+            if every_sentence_used:
+                break
+            every_sentence_used = True
+            continue
         _, order, blank, probe = best
         chosen.append((order, probe))
         used_sentences.add(order)
         used_answers.add(blank.answer.lower())
+        used_questions.add(probe.question)
         kinds[blank.kind] = kinds.get(blank.kind, 0) + 1
     return tuple(probe for _, probe in sorted(chosen, key=lambda item: item[0]))
 

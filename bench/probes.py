@@ -1,0 +1,74 @@
+"""How much of a passage do its self-generated probes ask about? (what the regression gate can guard)
+
+    python bench/probes.py --data ../shared/data/dev.jsonl --limits 5,8,10,12,15,20
+
+The generator writes probes from a passage when the product sends none
+(``GeneratorConfig.self_probe_count``, :func:`services.generator.probes.self_generated_probes`).
+They are the reward's questions for that feedback and, in every later update to the scope,
+the earlier-feedback set of the regression gate: a fact no probe asks about can be forgotten
+without any gate seeing it. This counts, for each limit, how many probes the passages yield
+and how many of the file's own (held-out, hand-written) questions a probe covers: same
+answer, or one of its aliases. No model: it runs in a second. JSON and Markdown go to
+``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.generator.probes import self_generated_probes  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+
+
+def norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def coverage(rows: list[dict], limit: int) -> dict:
+    """Probes written and held-out questions whose answer a probe asks for, at ``limit`` probes a passage."""
+    probes = covered = questions = 0
+    for row in rows:
+        written = self_generated_probes(row["passage"], row.get("title"), limit)
+        probes += len(written)
+        answers = {norm(a) for p in written for a in (p.answer, *p.aliases)}
+        for q in row["questions"]:
+            questions += 1
+            covered += bool(answers & {norm(a) for a in (q["answer"], *q.get("aliases", ()))})
+    return {"limit": limit, "probes": probes, "per_passage": probes / len(rows), "covered": covered, "questions": questions}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="passages with questions (dev.jsonl format)")
+    parser.add_argument("--limits", default="5,8,10,12,15,20", help="self_probe_count values to count at")
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    limits = [int(x) for x in args.limits.split(",")]
+    table = [coverage(rows, limit) for limit in limits]
+    lines = [
+        f"Self-generated probes on `{args.data}` ({len(rows)} passages), {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| self_probe_count | probes (per passage) | held-out questions whose answer a probe asks |",
+        "|---|---|---|",
+        *(f"| {t['limit']} | {t['probes']} ({t['per_passage']:.1f}) | {t['covered']}/{t['questions']} "
+          f"({100 * t['covered'] / t['questions']:.0f}%) |" for t in table),
+    ]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"probes-{stamp}.md").write_text(text)
+    (RESULTS / f"probes-{stamp}.json").write_text(json.dumps({"command": " ".join(sys.argv), "rows": table}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
