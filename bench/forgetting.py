@@ -59,6 +59,14 @@ from shared.models import load_model  # noqa: E402
 from shared.registry_view import read_active  # noqa: E402
 
 
+def overall_retention(matrix: list[list[int]]) -> tuple[int, int]:
+    """Over every passage: questions right just after its own update (the diagonal), and right
+    after the last update (the last row), summed."""
+    if not matrix:
+        return 0, 0
+    return sum(row[i] for i, row in enumerate(matrix)), sum(matrix[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -115,11 +123,18 @@ def main() -> None:
             f"First passage: {first_own}/{n_q[0] if n_q else 0} right after its update, {first_last} after the last; "
             + (f"retention {100 * retention:.0f}%." if retention is not None else "retention undefined (nothing learned at first).")
         )
+        own_all, last_all = overall_retention(matrix)
+        if matrix:
+            lines.append(
+                f"All passages: {own_all} questions right just after their own update, {last_all} of those passages' "
+                f"questions right after the last"
+                + (f" ({100 * last_all / own_all:.0f}%)." if own_all else ".")
+            )
         table = "\n".join(lines) + "\n"
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": dict(zip(("right_after_own_update", "right_after_last"), overall_retention(matrix)))}, indent=2)
         )
         return table
 

@@ -1,0 +1,47 @@
+"""The benches' own arithmetic and options (their numbers are written down in bench/RESULTS.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import forgetting  # noqa: E402
+import knowledge  # noqa: E402
+import probes  # noqa: E402
+
+
+def test_overall_retention_sums_the_diagonal_and_the_last_row() -> None:
+    matrix = [[3], [2, 2], [4, 0, 1], [2, 1, 1, 0]]
+    assert forgetting.overall_retention(matrix) == (3 + 2 + 1 + 0, 2 + 1 + 1 + 0)
+    assert forgetting.overall_retention([]) == (0, 0)
+
+
+def test_dtype_reaches_the_services_and_the_benchs_own_model() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="default")
+    knowledge.add_service_env_option(parser)
+    args = parser.parse_args(["--dtype", "float32", "--service-env", "X=1"])
+    model = knowledge.model_settings_of(args)
+    assert model.dtype == "float32"
+    env = knowledge.service_env_of(parser, args, model)
+    assert env["SEAL_MODEL__DTYPE"] == "float32" and env["X"] == "1"
+    auto = parser.parse_args([])
+    assert "SEAL_MODEL__DTYPE" not in knowledge.service_env_of(parser, auto, knowledge.model_settings_of(auto))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "int8"])
+
+
+def test_probe_coverage_counts_answers_and_aliases(shared_data) -> None:
+    rows = [json.loads(line) for line in (shared_data / "dev.jsonl").read_text().splitlines() if line.strip()][:10]
+    few, many = probes.coverage(rows, 5), probes.coverage(rows, 12)
+    assert few["questions"] == many["questions"] == sum(len(r["questions"]) for r in rows)
+    assert few["probes"] <= 5 * len(rows) < many["probes"]
+    assert 0 < few["covered"] < many["covered"] <= many["questions"]
+    nothing = probes.coverage([{"passage": "no facts here at all, none.", "questions": [{"answer": "x"}]}], 5)
+    assert nothing == {"limit": 5, "probes": 0, "per_passage": 0.0, "covered": 0, "questions": 1}
