@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -40,13 +41,15 @@ from knowledge import (  # noqa: E402
     CORE,
     RESULTS,
     add_service_env_option,
+    answers_with,
     machine_label,
     model_settings_of,
     running_platform,
-    score_adapter,
     service_env_of,
     submit_passage,
 )
+
+from probes import covered_questions  # noqa: E402
 
 from seal.cli import service_url, stop_on_sigterm  # noqa: E402
 from seal.demo import describe_outcome, load_items  # noqa: E402
@@ -54,6 +57,7 @@ from seal.ops import call  # noqa: E402
 from seal.scope_policy import parse_settings  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402
+from services.generator.settings import GeneratorConfig  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
 from shared.models import load_model  # noqa: E402
 from shared.registry_view import read_active  # noqa: E402
@@ -65,6 +69,22 @@ def overall_retention(matrix: list[list[int]]) -> tuple[int, int]:
     if not matrix:
         return 0, 0
     return sum(row[i] for i, row in enumerate(matrix)), sum(matrix[-1])
+
+
+def changed_questions(right: list[list[list[bool]]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(passage, question) pairs right just after their passage's own update and wrong after the
+    last one (lost), and the other way round (gained)."""
+    if not right:
+        return [], []
+    last = right[-1]
+    lost, gained = [], []
+    for j, own in enumerate(row[j] for j, row in enumerate(right)):
+        for q, was in enumerate(own):
+            if was and not last[j][q]:
+                lost.append((j, q))
+            elif not was and last[j][q]:
+                gained.append((j, q))
+    return lost, gained
 
 
 def main() -> None:
@@ -92,6 +112,14 @@ def main() -> None:
     host = AdapterHost(lm.model)
     scope = f"forgetting-{time.strftime('%H%M%S')}"
     matrix: list[list[int]] = []
+    right: list[list[list[bool]]] = []  # right[i][j][q]: after update i, passage j's question q
+    # Which of each passage's questions one of its self-generated probes asks for (the probes the
+    # gate measures that passage by in later updates), at the generator's setting for this run.
+    probe_count = int({**service_env, **os.environ}.get("SEAL_GENERATOR__SELF_PROBE_COUNT", GeneratorConfig().self_probe_count))
+    covered = [
+        covered_questions(item.passage, item.title, [(q.answer, q.aliases) for q in item.questions], probe_count)[1]
+        for item in items
+    ]
     core_after: list[int] = []
     stages: list[str] = []
     outcomes: list[str] = []  # per update: promoted or refused, the candidates' rewards, the gates' reasons
@@ -123,6 +151,14 @@ def main() -> None:
             f"First passage: {first_own}/{n_q[0] if n_q else 0} right after its update, {first_last} after the last; "
             + (f"retention {100 * retention:.0f}%." if retention is not None else "retention undefined (nothing learned at first).")
         )
+        lost, gained = changed_questions(right)
+        if right:
+            seen = sum(covered[j][q] for j, q in lost)
+            lines.append(
+                f"Questions lost since their own passage's update (right just after it, wrong after the last): {len(lost)}, "
+                f"{seen} of them asked for by one of that passage's {probe_count} self-generated probes (what the gate "
+                f"measures it by); gained since: {len(gained)}."
+            )
         own_all, last_all = overall_retention(matrix)
         if matrix:
             lines.append(
@@ -134,7 +170,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": dict(zip(("right_after_own_update", "right_after_last"), overall_retention(matrix)))}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": dict(zip(("right_after_own_update", "right_after_last"), overall_retention(matrix))), "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": changed_questions(right)[0]}, indent=2)
         )
         return table
 
@@ -150,8 +186,10 @@ def main() -> None:
             if active is not None:
                 directory = Path(tempfile.mkdtemp(prefix="seal-forget-")) / "adapter"
                 store.get_adapter(active.adapter, directory)  # type: ignore[attr-defined]
-            row = [score_adapter(lm, host, directory, earlier, [])[0] for earlier in items[: i + 1]]
-            _, core_right = score_adapter(lm, host, directory, items[0], core)
+            *passages, core_result = answers_with(lm, host, directory, [*(it.questions for it in items[: i + 1]), core])
+            row = [result.correct for result in passages]
+            core_right = core_result.correct
+            right.append([[graded.correct for graded in result.items] for result in passages])
             matrix.append(row)
             core_after.append(core_right)
             print(f"after update {i + 1} ({stages[-1]}, {seconds[-1]:.0f}s): {row} core {core_right}/{len(core)}", flush=True)

@@ -53,7 +53,7 @@ from services.trainer.lora_training import LoraTrainer, TrainingJob  # noqa: E40
 from shared.events import Probe, TrainingDirectives  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
 from shared.models import LoadedModel, load_model  # noqa: E402
-from shared.scoring import closed_book_accuracy  # noqa: E402
+from shared.scoring import ClosedBookResult, closed_book_accuracy  # noqa: E402
 from shared.settings import ModelSettings  # noqa: E402
 
 SEAL_DIRECTIVES = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=32, lora_alpha=64, batch_size=4)
@@ -75,16 +75,24 @@ class Condition:
         return self.correct / self.total if self.total else 0.0
 
 
-def score_adapter(lm: LoadedModel, host: AdapterHost, directory: Path | None, item: DemoItem, core: Sequence[Probe]) -> tuple[int, int]:
-    """(questions right, core questions right) with ``directory``'s adapter on the base (or the base)."""
+def answers_with(
+    lm: LoadedModel, host: AdapterHost, directory: Path | None, question_sets: Sequence[Sequence[Probe]]
+) -> list[ClosedBookResult]:
+    """Each set asked closed-book with ``directory``'s adapter on the base (or the base alone)."""
     if directory is None:
-        return closed_book_accuracy(lm, item.questions).correct, closed_book_accuracy(lm, core).correct
+        return [closed_book_accuracy(lm, questions) for questions in question_sets]
     host.load("bench", directory)
     host.activate("bench")
     try:
-        return closed_book_accuracy(lm, item.questions).correct, closed_book_accuracy(lm, core).correct
+        return [closed_book_accuracy(lm, questions) for questions in question_sets]
     finally:
         host.remove("bench")
+
+
+def score_adapter(lm: LoadedModel, host: AdapterHost, directory: Path | None, item: DemoItem, core: Sequence[Probe]) -> tuple[int, int]:
+    """(questions right, core questions right) with ``directory``'s adapter on the base (or the base)."""
+    own, kept = answers_with(lm, host, directory, [item.questions, core])
+    return own.correct, kept.correct
 
 
 def run_training_condition(

@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,16 +34,25 @@ def norm(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def covered_questions(
+    passage: str, title: str | None, answers: Sequence[tuple[str, Sequence[str]]], limit: int
+) -> tuple[int, list[bool]]:
+    """How many probes the generator writes at ``limit``, and for each (answer, aliases) of a
+    held-out question whether one of them asks for it."""
+    written = self_generated_probes(passage, title, limit)
+    asked = {norm(a) for p in written for a in (p.answer, *p.aliases)}
+    return len(written), [bool(asked & {norm(a) for a in (answer, *aliases)}) for answer, aliases in answers]
+
+
 def coverage(rows: list[dict], limit: int) -> dict:
     """Probes written and held-out questions whose answer a probe asks for, at ``limit`` probes a passage."""
     probes = covered = questions = 0
     for row in rows:
-        written = self_generated_probes(row["passage"], row.get("title"), limit)
-        probes += len(written)
-        answers = {norm(a) for p in written for a in (p.answer, *p.aliases)}
-        for q in row["questions"]:
-            questions += 1
-            covered += bool(answers & {norm(a) for a in (q["answer"], *q.get("aliases", ()))})
+        answers = [(q["answer"], q.get("aliases", ())) for q in row["questions"]]
+        written, hits = covered_questions(row["passage"], row.get("title"), answers, limit)
+        probes += written
+        covered += sum(hits)
+        questions += len(hits)
     return {"limit": limit, "probes": probes, "per_passage": probes / len(rows), "covered": covered, "questions": questions}
 
 

@@ -22,6 +22,29 @@ def test_overall_retention_sums_the_diagonal_and_the_last_row() -> None:
     assert forgetting.overall_retention([]) == (0, 0)
 
 
+def test_changed_questions_compare_each_passage_just_after_its_update_with_the_last_row() -> None:
+    right = [
+        [[True, False]],
+        [[True, True], [False, True]],
+        [[False, True], [True, True], [True, False]],
+    ]
+    lost, gained = forgetting.changed_questions(right)
+    assert lost == [(0, 0)]  # passage 1's first question: right after update 1, wrong after the last
+    assert gained == [(0, 1), (1, 0)]  # the last passage is compared with itself: neither
+    assert forgetting.changed_questions([]) == ([], [])
+
+
+def test_covered_questions_match_answers_and_aliases() -> None:
+    passage = (
+        "Quellmoor is a market town in the upland province of Tarrowdene. It received its market charter "
+        "in 1387 from Duke Aldric Venmoor, who hoped to draw the wool trade away from the coast."
+    )
+    written, hits = probes.covered_questions(
+        passage, "Quellmoor", [("1387", ()), ("the Duke", ("Aldric Venmoor",)), ("wool", ())], limit=5
+    )
+    assert written >= 2 and hits == [True, True, False]
+
+
 def test_dtype_reaches_the_services_and_the_benchs_own_model() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
