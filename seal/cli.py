@@ -252,9 +252,10 @@ DEMO_HOME = Path(".seal-demo")
 # strength. Three candidates with different data are three trainings of 4-6 minutes each on 2
 # cores (a demo whose first passage's candidates kept two sets of data had not decided it after
 # 15 minutes; one whose three kept the same data, and took the ladder's strengths, finished in
-# 15). One candidate gets no ladder, and at full strength with the light rehearsal a passage lost
-# 4 core questions and was refused; the 0.75 rung is the one that passed in the earlier demos
-# (bench/RESULTS.md, "Demo"). On a GPU the policy's defaults stand.
+# 15). Each rung of the ladder is one more evaluation (about a minute here), and at full strength
+# with the light rehearsal a passage lost 4 core questions and was refused; the 0.75 rung is the
+# one that passed in the earlier demos (bench/RESULTS.md, "Demo"), so it is the demo's only one.
+# On a GPU the policy's defaults stand.
 DEMO_CPU_POLICY: dict[str, object] = {"candidates": 1, "strength_ladder": [0.75]}
 
 

@@ -73,6 +73,10 @@ class ScopePolicy(Contract):
     strength_ladder: tuple[Annotated[float, Field(ge=0.05, le=1.0)], ...] = Field(
         default=(1.0, 0.75, 0.5), min_length=1, max_length=16
     )
+    # Every distinct training data at every strength of the ladder: the rungs its candidates did
+    # not take become candidates of their own (the same trained weights scaled, so one more
+    # evaluation each and no training). Off: only repeated candidates climb the ladder.
+    ladder_per_training: bool = True
     # evaluator gates
     min_gain: float = Field(default=0.01, ge=-1.0, le=1.0)
     max_regression_drop: float = Field(default=0.02, ge=0.0, le=1.0)

@@ -119,9 +119,15 @@ async def test_k_candidates_in_one_batched_call_with_sampled_formats_and_self_pr
     assert len(prompts) == 3 and seed == feedback_seed(feedback.feedback_id)
     assert published == list(outcome.events)
     assert all(isinstance(e, ev.SelfEditGenerated) for e in published)
-    edits = [e.self_edit for e in published]  # type: ignore[attr-defined]
+    everything = [e.self_edit for e in published]  # type: ignore[attr-defined]
+    # Three candidates with different data, each at the ladder's first strength; then, as
+    # candidates 3-8, each one's training at the other two strengths (no sampling, no training).
+    edits, rungs = everything[:3], everything[3:]
     assert sorted(e.format for e in edits) == ["implications", "rewrite", "self_qa"]
-    assert [(e.candidate_index, e.candidate_count) for e in edits] == [(0, 3), (1, 3), (2, 3)]
+    assert [(e.candidate_index, e.candidate_count) for e in everything] == [(i, 9) for i in range(9)]
+    assert sorted((r.sequences, r.directives.adapter_scale) for r in rungs) == sorted(
+        (e.sequences, scale) for e in edits for scale in (0.75, 0.5)
+    )
     assert all(e.causation_id == feedback.event_id and e.feedback_id == feedback.feedback_id for e in published)
     for event in published:
         assert event.probes and {p.source for p in event.probes} == {"self_generated"}  # type: ignore[attr-defined]
@@ -141,7 +147,7 @@ async def test_a_redelivered_feedback_produces_nothing_new() -> None:
     first = await handle_feedback(payload(feedback), ports, GeneratorConfig())
     again = await handle_feedback(payload(feedback), ports, GeneratorConfig())
     assert again.duplicate and again.events == ()
-    assert len(published) == len(first.events) == 3
+    assert len(published) == len(first.events) == 9  # 3 candidates of different data x 3 strengths
     assert len(ports.writer.calls) == 1  # type: ignore[attr-defined]
 
 
@@ -275,7 +281,7 @@ async def test_app_on_test_broker(tmp_path: Path) -> None:
         bad = json.loads(payload(knowledge("fb-bad")))
         bad["content"]["kind"] = "rumour"
         await test_broker.publish(bad, "seal.events.feedback.submitted")
-    assert [e["self_edit"]["candidate_index"] for e in seen["generated"]] == [0, 1, 2]
+    assert [e["self_edit"]["candidate_index"] for e in seen["generated"]] == list(range(9))  # 3 x 3 strengths
     assert {e["feedback_id"] for e in seen["generated"]} == {"fb-testbroker"}
     assert seen["rejected"] == []
     [rejection] = seen["feedback_rejected"]

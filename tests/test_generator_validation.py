@@ -205,8 +205,9 @@ def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate()
         "Quellmoor received its market charter in 1387.",
         "Silver of Ramdney.",
     ]
-    events = candidate_events(event, policy, plans, completions, GeneratorConfig())
+    events = candidate_events(event, policy.model_copy(update={"ladder_per_training": False}), plans, completions, GeneratorConfig())
     assert [type(e) for e in events] == [SelfEditGenerated, SelfEditGenerated, SelfEditGenerated, SelfEditRejected]
+    assert {e.candidate_count if isinstance(e, SelfEditRejected) else e.self_edit.candidate_count for e in events} == {4}
     first, again, own = events[0].self_edit, events[1].self_edit, events[2].self_edit
     assert first.sequences[-1] == f"{TITLE}\n{PASSAGE}"  # the passage alone is still data
     assert all(s.startswith("Question: ") for s in first.sequences[:-1])  # grounded pairs
@@ -220,6 +221,42 @@ def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate()
     assert "same training data as candidate 0" in events[3].reasons[0]
     assert "every strength of the ladder (1.0, 0.5)" in events[3].reasons[0]
     assert "Ramdney" in events[3].reasons[0]
+
+
+def test_every_training_gets_every_rung_of_the_ladder_as_a_candidate_of_its_own() -> None:
+    event = feedback(KnowledgeFeedback(passage=PASSAGE, title=TITLE))
+    policy = ScopePolicy(candidates=4, self_edit_format="implications", strength_ladder=(1.0, 0.5))
+    plans = plan_candidates(event, policy, feedback_seed(event.feedback_id))
+    completions = [
+        "Camels ate wool.",
+        "Gold and diamonds of Ramdney.",
+        "Quellmoor received its market charter in 1387.",
+        "Silver of Ramdney.",
+    ]
+    events = candidate_events(event, policy, plans, completions, GeneratorConfig())
+    # Candidates 0 and 1 share data (1.0, 0.5); candidate 2's own data took 1.0 only, so its 0.5
+    # rung is added as candidate 4; candidate 3 is still a duplicate of 0's.
+    assert [type(e) for e in events] == [SelfEditGenerated] * 3 + [SelfEditRejected, SelfEditGenerated]
+    rung = events[4].self_edit
+    assert (rung.candidate_index, rung.sequences, rung.directives.adapter_scale) == (4, events[2].self_edit.sequences, 0.5)
+    assert rung.completion == events[2].self_edit.completion and rung.self_edit_id != events[2].self_edit.self_edit_id
+    counts = {e.candidate_count if isinstance(e, SelfEditRejected) else e.self_edit.candidate_count for e in events}
+    assert counts == {5}  # every event says how many the registry waits for
+    # Deterministic, so a redelivered feedback yields the same events.
+    again = candidate_events(event, policy, plans, completions, GeneratorConfig())
+    assert [e.event_id for e in again] == [e.event_id for e in events]
+
+
+def test_one_candidate_still_climbs_the_whole_ladder() -> None:
+    event = feedback(KnowledgeFeedback(passage=PASSAGE, title=TITLE))
+    policy = ScopePolicy(candidates=1, self_edit_format="implications")
+    plans = plan_candidates(event, policy, feedback_seed(event.feedback_id))
+    events = candidate_events(event, policy, plans, ["Camels ate wool."], GeneratorConfig())
+    assert [e.self_edit.directives.adapter_scale for e in events] == [1.0, 0.75, 0.5]
+    assert [e.self_edit.candidate_index for e in events] == [0, 1, 2]
+    assert len({e.self_edit.sequences for e in events}) == 1
+    alone = candidate_events(event, policy.model_copy(update={"ladder_per_training": False}), plans, ["Camels ate wool."], GeneratorConfig())
+    assert [e.self_edit.directives.adapter_scale for e in alone] == [1.0]
 
 
 def test_the_ladder_scales_the_scopes_own_adapter_scale() -> None:
@@ -237,7 +274,7 @@ def test_the_ladder_scales_the_scopes_own_adapter_scale() -> None:
 def test_correction_sequences_must_state_the_right_answer() -> None:
     event = feedback(CorrectionFeedback(question="Who founded the grammar school of Quellmoor?",
                                         wrong_answer="Duke Aldric Venmoor", right_answer="Ottilie Brask"))
-    policy = ScopePolicy(candidates=1)
+    policy = ScopePolicy(candidates=1, ladder_per_training=False)  # one event to look at
     plans = plan_candidates(event, policy, 1)
     completion = (
         "The grammar school of Quellmoor was founded by Ottilie Brask.\n"
@@ -263,7 +300,7 @@ def test_preference_feedback_keeps_its_examples_and_grounded_new_ones() -> None:
         examples=(PreferenceExample(prompt="What is the capital of France?", response="Paris is the capital of France."),),
     )
     event = feedback(content)
-    policy = ScopePolicy(candidates=1)
+    policy = ScopePolicy(candidates=1, ladder_per_training=False)  # one event to look at
     plans = plan_candidates(event, policy, 1)
     assert plans[0].prompt.prefill == "User:"
     completion = (

@@ -6,7 +6,10 @@ batched call (:mod:`.writer`); :func:`candidate_events` turns the answers
 into one event per candidate: ``selfedit.generated`` with its sequences,
 directives and probes, or ``selfedit.rejected`` with its reasons. Candidates
 with the same training data are tried at the decreasing strengths of the
-scope's ``strength_ladder`` (``adapter_scale``) before any is a duplicate.
+scope's ``strength_ladder`` (``adapter_scale``) before any is a duplicate;
+with ``ladder_per_training``, the rungs no candidate took are added as
+candidates of their own (the same training, scaled), so every distinct
+training data is evaluated at every strength, even with one candidate.
 
 Everything here is deterministic given the feedback, the policy and the
 completions: event ids derive from the feedback event and the candidate
@@ -21,7 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.generator.parsing import clamp_directives, parse_completion, passage_sequences
+from services.generator.parsing import ParsedCompletion, clamp_directives, parse_completion, passage_sequences
 from services.generator.probes import grounded_pairs, self_generated_probes
 from services.generator.prompts import (
     KNOWLEDGE_FORMATS,
@@ -166,7 +169,9 @@ def candidate_events(
     must_contain = content.right_answer if isinstance(content, CorrectionFeedback) else None
     accepted: dict[tuple[str, ...], list[int]] = {}  # training data -> candidates that train on it
     ladder = policy.strength_ladder
-    events: list[Event] = []
+    # First every candidate's verdict, so that the count (with any rungs added below) is known
+    # before the first event: the registry waits for that many.
+    judged: list[tuple[CandidatePlan, str, ParsedCompletion, Verdict, tuple[str, ...]]] = []
     for plan, completion in zip(plans, completions, strict=True):
         text = _joined(plan.prompt.prefill, completion)[:COMPLETION_HARD_LIMIT]
         parsed = parse_completion(plan.format, text, read_directives=policy.model_proposes_directives)
@@ -180,50 +185,69 @@ def candidate_events(
             limits=limits,
             must_contain=must_contain,
         )
-        reasons = verdict.reasons or _duplicate_reason(verdict, accepted, ladder)
-        edit_id = self_edit_id(feedback, plan.index)
+        reasons = tuple(verdict.reasons or _duplicate_reason(verdict, accepted, ladder))
+        if not reasons:
+            accepted.setdefault(verdict.sequences, []).append(plan.index)
         log.info(
             "candidate %d/%d of %s (%s): %d written sequences kept, %d dropped%s",
             plan.index + 1, len(plans), feedback.feedback_id, plan.format, verdict.written,
             len(verdict.notes), f"; rejected: {'; '.join(reasons)}" if reasons else "",
         )
+        judged.append((plan, text, parsed, verdict, reasons))
+    # Rungs of the ladder that no candidate took, for each distinct training data: the same
+    # training scaled down (the trainer does not train it again), one more evaluation each.
+    rungs = [
+        (group[0], len(group) + step)
+        for group in accepted.values()
+        for step in range(len(ladder) - len(group))
+    ] if policy.ladder_per_training else []
+    count = len(plans) + len(rungs)
+    by_index = {item[0].index: item for item in judged}
+
+    def generated(index: int, source: int, rung: int) -> Event:
+        plan, text, parsed, verdict, _ = by_index[source]
+        directives = clamp_directives(parsed.proposed_directives, policy.default_directives, len(verdict.sequences))
+        scale = max(TrainingDirectives.BOUNDS["adapter_scale"][0], directives.adapter_scale * ladder[rung])
+        self_edit = SelfEdit(
+            self_edit_id=self_edit_id(feedback, index),
+            format=plan.format,
+            completion=text,
+            sequences=verdict.sequences,
+            directives=directives.model_copy(update={"adapter_scale": scale}),
+            candidate_index=index,
+            candidate_count=count,
+            written=verdict.written,
+        )
+        return feedback.caused(
+            SelfEditGenerated, key=index, self_edit=self_edit, probes=probes,
+            generator_adapter=generator_adapter,
+            # The user turn the model completed; the completion holds the pre-filled start,
+            # so (prompt, completion) is a ReST-EM example as the trainer renders it.
+            generator_prompt=plan.prompt.text,
+        )
+
+    events: list[Event] = []
+    for plan, _, _, verdict, reasons in judged:
         if reasons:
             events.append(
                 feedback.caused(
                     SelfEditRejected,
                     key=plan.index,
-                    self_edit_id=edit_id,
+                    self_edit_id=self_edit_id(feedback, plan.index),
                     candidate_index=plan.index,
-                    candidate_count=len(plans),
-                    reasons=tuple(reasons),
+                    candidate_count=count,
+                    reasons=reasons,
                 )
             )
-            continue
-        same_data = accepted.setdefault(verdict.sequences, [])
-        strength = ladder[len(same_data)]
-        same_data.append(plan.index)
-        directives = clamp_directives(parsed.proposed_directives, policy.default_directives, len(verdict.sequences))
-        scale = max(TrainingDirectives.BOUNDS["adapter_scale"][0], directives.adapter_scale * strength)
-        directives = directives.model_copy(update={"adapter_scale": scale})
-        self_edit = SelfEdit(
-            self_edit_id=edit_id,
-            format=plan.format,
-            completion=text,
-            sequences=verdict.sequences,
-            directives=directives,
-            candidate_index=plan.index,
-            candidate_count=len(plans),
-            written=verdict.written,
+        else:
+            events.append(generated(plan.index, plan.index, accepted[verdict.sequences].index(plan.index)))
+    for offset, (source, rung) in enumerate(rungs):
+        index = len(plans) + offset
+        log.info(
+            "candidate %d/%d of %s: candidate %d's training at strength %g of the ladder",
+            index + 1, count, feedback.feedback_id, source + 1, ladder[rung],
         )
-        events.append(
-            feedback.caused(
-                SelfEditGenerated, key=plan.index, self_edit=self_edit, probes=probes,
-                generator_adapter=generator_adapter,
-                # The user turn the model completed; the completion holds the pre-filled start,
-                # so (prompt, completion) is a ReST-EM example as the trainer renders it.
-                generator_prompt=plan.prompt.text,
-            )
-        )
+        events.append(generated(index, source, rung))
     return events
 
 
