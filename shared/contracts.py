@@ -184,6 +184,10 @@ class TrainingDirectives(Contract):
         return cls(**values)
 
 
+# Candidates of one feedback at most: the policy's own and the ladder's rungs (the generator stops there).
+MAX_CANDIDATES = 64
+
+
 class SelfEdit(Contract):
     """Training data the model wrote for itself, plus how to train on it."""
 
@@ -195,7 +199,7 @@ class SelfEdit(Contract):
     )
     directives: TrainingDirectives = TrainingDirectives()
     candidate_index: int = Field(default=0, ge=0)
-    candidate_count: int = Field(default=1, ge=1, le=64)
+    candidate_count: int = Field(default=1, ge=1, le=MAX_CANDIDATES)
     # How many of ``sequences`` the model wrote; the rest are the feedback's own and
     # rule-written ones. The outer loop learns only from self-edits that kept some.
     written: int = Field(default=0, ge=0, le=256)

@@ -247,6 +247,20 @@ def test_every_training_gets_every_rung_of_the_ladder_as_a_candidate_of_its_own(
     assert [e.event_id for e in again] == [e.event_id for e in events]
 
 
+def test_rungs_go_by_strength_across_trainings_and_stop_at_the_contracts_bound() -> None:
+    from services.generator.candidates import ladder_rungs
+    from shared.contracts import MAX_CANDIDATES
+
+    # Candidates 0 and 1 share data; 2 and 3 each have their own; a ladder of 3.
+    groups = [[0, 1], [2], [3]]
+    assert ladder_rungs(groups, 3, room=10) == [(2, 1), (3, 1), (0, 2), (2, 2), (3, 2)]
+    assert ladder_rungs(groups, 3, room=2) == [(2, 1), (3, 1)]  # the gentlest rungs are the ones left out
+    assert ladder_rungs(groups, 1, room=10) == [] and ladder_rungs(groups, 3, room=0) == []
+    # 16 candidates with different data and a ladder of 16 would be 256 candidates: 64 at most.
+    many = ladder_rungs([[i] for i in range(16)], 16, room=MAX_CANDIDATES - 16)
+    assert len(many) == MAX_CANDIDATES - 16 and {rung for _, rung in many} == {1, 2, 3}
+
+
 def test_one_candidate_still_climbs_the_whole_ladder() -> None:
     event = feedback(KnowledgeFeedback(passage=PASSAGE, title=TITLE))
     policy = ScopePolicy(candidates=1, self_edit_format="implications")

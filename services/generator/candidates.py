@@ -50,6 +50,7 @@ from shared.events import (
     TrainingDirectives,
     derived_id,
 )
+from shared.contracts import MAX_CANDIDATES
 from shared.registry_view import ScopePolicy
 
 log = logging.getLogger(__name__)
@@ -196,11 +197,7 @@ def candidate_events(
         judged.append((plan, text, parsed, verdict, reasons))
     # Rungs of the ladder that no candidate took, for each distinct training data: the same
     # training scaled down (the trainer does not train it again), one more evaluation each.
-    rungs = [
-        (group[0], len(group) + step)
-        for group in accepted.values()
-        for step in range(len(ladder) - len(group))
-    ] if policy.ladder_per_training else []
+    rungs = ladder_rungs(list(accepted.values()), len(ladder), MAX_CANDIDATES - len(plans)) if policy.ladder_per_training else []
     count = len(plans) + len(rungs)
     by_index = {item[0].index: item for item in judged}
 
@@ -249,6 +246,14 @@ def candidate_events(
         )
         events.append(generated(index, source, rung))
     return events
+
+
+def ladder_rungs(groups: Sequence[Sequence[int]], rungs: int, room: int) -> list[tuple[int, int]]:
+    """(candidate, rung) for every rung that no candidate of a group (same training data, the
+    first one's index first) took: all groups' second rung, then all third rungs, and so on, at
+    most ``room`` of them, so that where there is no room for all, the gentlest go first."""
+    missing = [(rung, order, group[0]) for order, group in enumerate(groups) for rung in range(len(group), rungs)]
+    return [(source, rung) for rung, _, source in sorted(missing)][: max(0, room)]
 
 
 def _joined(prefill: str, completion: str) -> str:
