@@ -133,6 +133,8 @@ def main() -> None:
         first_own = matrix[0][0] if matrix else 0
         first_last = matrix[-1][0] if matrix else 0
         retention = (first_last / first_own) if first_own else None
+        lost, gained = changed_questions(right)
+        own_all, last_all = overall_retention(matrix)
         lines = [
             f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}, "
             f"{machine_label(lm)}"
@@ -151,7 +153,6 @@ def main() -> None:
             f"First passage: {first_own}/{n_q[0] if n_q else 0} right after its update, {first_last} after the last; "
             + (f"retention {100 * retention:.0f}%." if retention is not None else "retention undefined (nothing learned at first).")
         )
-        lost, gained = changed_questions(right)
         if right:
             seen = sum(covered[j][q] for j, q in lost)
             lines.append(
@@ -159,7 +160,6 @@ def main() -> None:
                 f"{seen} of them asked for by one of that passage's {probe_count} self-generated probes (what the gate "
                 f"measures it by); gained since: {len(gained)}."
             )
-        own_all, last_all = overall_retention(matrix)
         if matrix:
             lines.append(
                 f"All passages: {own_all} questions right just after their own update, {last_all} of those passages' "
@@ -170,7 +170,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": dict(zip(("right_after_own_update", "right_after_last"), overall_retention(matrix))), "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": changed_questions(right)[0]}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": {"right_after_own_update": own_all, "right_after_last": last_all}, "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": lost}, indent=2)
         )
         return table
 

@@ -195,7 +195,8 @@ def feedback(content: object) -> FeedbackSubmitted:
     return FeedbackSubmitted(feedback_id="fb-validation", scope="acme", content=content)
 
 
-def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate() -> None:
+def four_candidates_two_trainings() -> tuple[FeedbackSubmitted, ScopePolicy, list, list[str]]:
+    """Candidates 0, 1 and 3 keep no written piece (the same data); 2 keeps its own sentence."""
     event = feedback(KnowledgeFeedback(passage=PASSAGE, title=TITLE))
     policy = ScopePolicy(candidates=4, self_edit_format="implications", strength_ladder=(1.0, 0.5))
     plans = plan_candidates(event, policy, feedback_seed(event.feedback_id))
@@ -205,6 +206,11 @@ def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate()
         "Quellmoor received its market charter in 1387.",
         "Silver of Ramdney.",
     ]
+    return event, policy, plans, completions
+
+
+def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate() -> None:
+    event, policy, plans, completions = four_candidates_two_trainings()
     events = candidate_events(event, policy.model_copy(update={"ladder_per_training": False}), plans, completions, GeneratorConfig())
     assert [type(e) for e in events] == [SelfEditGenerated, SelfEditGenerated, SelfEditGenerated, SelfEditRejected]
     assert {e.candidate_count if isinstance(e, SelfEditRejected) else e.self_edit.candidate_count for e in events} == {4}
@@ -224,15 +230,7 @@ def test_repeated_training_data_climbs_the_strength_ladder_then_is_a_duplicate()
 
 
 def test_every_training_gets_every_rung_of_the_ladder_as_a_candidate_of_its_own() -> None:
-    event = feedback(KnowledgeFeedback(passage=PASSAGE, title=TITLE))
-    policy = ScopePolicy(candidates=4, self_edit_format="implications", strength_ladder=(1.0, 0.5))
-    plans = plan_candidates(event, policy, feedback_seed(event.feedback_id))
-    completions = [
-        "Camels ate wool.",
-        "Gold and diamonds of Ramdney.",
-        "Quellmoor received its market charter in 1387.",
-        "Silver of Ramdney.",
-    ]
+    event, policy, plans, completions = four_candidates_two_trainings()
     events = candidate_events(event, policy, plans, completions, GeneratorConfig())
     # Candidates 0 and 1 share data (1.0, 0.5); candidate 2's own data took 1.0 only, so its 0.5
     # rung is added as candidate 4; candidate 3 is still a duplicate of 0's.
