@@ -317,21 +317,33 @@ async def test_generator_on_real_nats_with_the_tiny_model(service_settings, tmp_
     try:
         first, later = knowledge(ev.new_id()), knowledge(ev.new_id())
         await publish_event(app.broker, first)
-        await wait_for(arrived, first.feedback_id, 3)
+        # 3 candidates; each distinct training data adds the ladder's other strengths (3 to 9 in
+        # all, as the sampled completions fall): every event carries the count.
+        await wait_for(arrived, first.feedback_id, 1)
+        count = candidate_count(seen[first.feedback_id][0])
+        await wait_for(arrived, first.feedback_id, count - 1)
         # A redelivery with a fresh message id passes the stream's dedup; the ledger stops it.
         js = nc.jetstream()
         await js.publish("seal.events.feedback.submitted", payload(first), headers={"Nats-Msg-Id": ev.new_id()})
         await publish_event(app.broker, later)
-        await wait_for(arrived, later.feedback_id, 3)
+        await wait_for(arrived, later.feedback_id, 1)
+        await wait_for(arrived, later.feedback_id, candidate_count(seen[later.feedback_id][0]) - 1)
         entry = await KvLedger(js).recall(first.feedback_id)
     finally:
         await app.stop()
         await nc.close()
-    assert len(seen[first.feedback_id]) == 3  # one per candidate, nothing from the redelivery
+    assert 3 <= count <= 9
+    assert len(seen[first.feedback_id]) == count  # one per candidate, nothing from the redelivery
     assert sorted(e["candidate_index"] if "candidate_index" in e else e["self_edit"]["candidate_index"]
-                  for e in seen[first.feedback_id]) == [0, 1, 2]
-    assert entry is not None and entry.status == "done" and len(entry.event_ids) == 3
+                  for e in seen[first.feedback_id]) == list(range(count))
+    assert {candidate_count(e) for e in seen[first.feedback_id]} == {count}
+    assert entry is not None and entry.status == "done" and len(entry.event_ids) == count
     assert ledger_key(first.feedback_id) == f"generator.{first.feedback_id}"
+
+
+def candidate_count(body: dict) -> int:
+    """The count a selfedit.generated or selfedit.rejected event carries."""
+    return body["self_edit"]["candidate_count"] if "self_edit" in body else body["candidate_count"]
 
 
 async def wait_for(queue: asyncio.Queue, feedback_id: str, count: int, timeout: float = 120) -> None:
