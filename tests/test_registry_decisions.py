@@ -288,4 +288,37 @@ def test_plan_is_pure_and_prefers_the_lower_index_on_a_tie() -> None:
         record = intake.note_evaluated(record, evaluated(root, i, 2, reward=0.3), policy, T0)
     plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
     assert (plan.action, plan.chosen) == ("promote", 0)
-    assert "candidate 0 ranked higher" in plan.rejections[1][0]
+    assert "candidate 0 ranked higher (same reward +0.3000 and regression, lower index)" in plan.rejections[1][0]
+
+
+def _kept(event: ev.AdapterEvaluated, regression: float | None) -> ev.AdapterEvaluated:
+    scores = event.candidate_scores.model_copy(update={"regression": regression})  # type: ignore[union-attr]
+    return event.model_copy(update={"candidate_scores": scores})
+
+
+def test_on_equal_reward_the_candidate_that_kept_more_wins_whatever_its_index() -> None:
+    from services.registry.decision import plan_decision
+
+    root = feedback()
+    policy = ScopePolicy(candidates=3)
+    record = None
+    # Rewards tie at the top (as the rungs of one training often do); candidate 2 broke least.
+    for i, reward, regression in ((0, 0.4, 0.85), (1, 0.4, None), (2, 0.4, 0.89)):
+        record = intake.note_evaluated(record, _kept(evaluated(root, i, 3, reward=reward), regression), policy, T0)
+    plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+    assert (plan.action, plan.chosen) == ("promote", 2)
+    assert "same reward +0.4000" in plan.rejections[0][0] and "-0.010 against -0.050" in plan.rejections[0][0]
+    assert "against unmeasured" in plan.rejections[1][0]
+
+
+def test_a_higher_reward_still_beats_a_gentler_candidate() -> None:
+    from services.registry.decision import plan_decision
+
+    root = feedback()
+    policy = ScopePolicy(candidates=2)
+    record = None
+    for i, reward, regression in ((0, 0.2, 0.90), (1, 0.4, 0.80)):
+        record = intake.note_evaluated(record, _kept(evaluated(root, i, 2, reward=reward), regression), policy, T0)
+    plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+    assert (plan.action, plan.chosen) == ("promote", 1)
+    assert "reward +0.4000 > +0.2000" in plan.rejections[0][0]

@@ -3,7 +3,8 @@
 A feedback record is ``collecting`` until every candidate ``0..k-1`` has a
 result (evaluated, training or evaluation failed, self-edit rejected) or its
 deadline passes. Then :func:`plan_decision` picks the best candidate that
-passed every gate and says what to do with it:
+passed every gate (highest reward; on a tie, the one that kept more of the
+regression sets) and says what to do with it:
 
 * ``promote``: its parent is the scope's active version and nothing holds it;
 * ``hold``: the scope policy wants approval, or the scope is pinned;
@@ -49,12 +50,46 @@ def describe_version(version: int | None) -> str:
     return f"v{version}" if version is not None else "the base model"
 
 
+def regression_kept(cand: CandidateRecord) -> float | None:
+    """The candidate's regression score minus its parent's (<= 0: what it broke); None unmeasured."""
+    mine, parent = cand.candidate_scores, cand.parent_scores
+    if mine is None or parent is None or mine.regression is None or parent.regression is None:
+        return None
+    return mine.regression - parent.regression
+
+
+def rank_key(cand: CandidateRecord) -> tuple[float, float, int]:
+    """Highest reward first; on equal reward (rewards move in steps of one probe, so candidates
+    often tie, the ladder's rungs of one training above all) the one that kept more of the
+    core and earlier-feedback sets; then the lower index."""
+    reward = round(cand.reward, 9) if cand.reward is not None else float("-inf")
+    kept = regression_kept(cand)
+    return (reward, round(kept, 9) if kept is not None else float("-inf"), -cand.index)
+
+
 def select_best_candidate(candidates: list[CandidateRecord]) -> CandidateRecord | None:
-    """Highest reward among those that passed every gate; the lower index wins a tie."""
+    """The best by :func:`rank_key` among those that passed every gate."""
     passing = [c for c in candidates if c.result == "evaluated" and c.passed]
     if not passing:
         return None
-    return max(passing, key=lambda c: (c.reward if c.reward is not None else float("-inf"), -c.index))
+    return max(passing, key=rank_key)
+
+
+def ranked_below(best: CandidateRecord, cand: CandidateRecord) -> str:
+    """Why a passing candidate lost to the chosen one, in words."""
+    if rank_key(best)[0] > rank_key(cand)[0]:
+        return f"candidate {best.index} ranked higher (reward {_signed(best.reward, 4)} > {_signed(cand.reward, 4)})"
+    mine, theirs = regression_kept(cand), regression_kept(best)
+    if theirs is not None and (mine is None or theirs > mine):
+        return (
+            f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)}, "
+            f"it kept more of the regression sets: {theirs:+.3f} against {_signed(mine)})"
+        )
+    return f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)} and regression, lower index)"
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "unmeasured" if value is None else f"{value:+.{digits}f}"
 
 
 def failure_reasons(cand: CandidateRecord) -> tuple[str, ...]:
@@ -89,9 +124,7 @@ def plan_decision(
     for cand in considered:
         if best is None or cand.index != best.index:
             if cand.result == "evaluated" and cand.passed and best is not None:
-                rejections[cand.index] = (
-                    f"candidate {best.index} ranked higher (reward {best.reward:.4f} > {cand.reward:.4f})",
-                )
+                rejections[cand.index] = (ranked_below(best, cand),)
             else:
                 rejections[cand.index] = failure_reasons(cand)
     if best is None:
