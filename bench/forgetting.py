@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from knowledge import (  # noqa: E402
+from platform_driver import (  # noqa: E402
     CORE,
     RESULTS,
     add_service_env_option,

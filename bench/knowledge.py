@@ -36,8 +36,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,19 +44,28 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from seal.cli import parse_env, service_defaults, stop_on_sigterm  # noqa: E402
+from platform_driver import (  # noqa: E402
+    CORE,
+    RESULTS,
+    add_service_env_option,
+    answers_with,
+    machine_label,
+    model_settings_of,
+    running_platform,
+    service_env_of,
+    submit_passage,
+)
+
+from seal.cli import stop_on_sigterm  # noqa: E402
 from seal.demo import DemoItem, load_items  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402
-from services.evaluator.settings import PACKAGED_CORE_SET as CORE  # noqa: E402
 from services.trainer.lora_training import LoraTrainer, TrainingJob  # noqa: E402
 from shared.events import Probe, TrainingDirectives  # noqa: E402
 from shared.lora import AdapterHost  # noqa: E402
 from shared.models import LoadedModel, load_model  # noqa: E402
-from shared.scoring import ClosedBookResult, closed_book_accuracy  # noqa: E402
-from shared.settings import ModelSettings  # noqa: E402
+from shared.scoring import closed_book_accuracy  # noqa: E402
 
 SEAL_DIRECTIVES = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=32, lora_alpha=64, batch_size=4)
-RESULTS = REPO / "bench" / "results"
 
 
 @dataclass
@@ -73,20 +81,6 @@ class Condition:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
-
-
-def answers_with(
-    lm: LoadedModel, host: AdapterHost, directory: Path | None, question_sets: Sequence[Sequence[Probe]]
-) -> list[ClosedBookResult]:
-    """Each set asked closed-book with ``directory``'s adapter on the base (or the base alone)."""
-    if directory is None:
-        return [closed_book_accuracy(lm, questions) for questions in question_sets]
-    host.load("bench", directory)
-    host.activate("bench")
-    try:
-        return [closed_book_accuracy(lm, questions) for questions in question_sets]
-    finally:
-        host.remove("bench")
 
 
 def score_adapter(lm: LoadedModel, host: AdapterHost, directory: Path | None, item: DemoItem, core: Sequence[Probe]) -> tuple[int, int]:
@@ -115,64 +109,6 @@ def run_training_condition(
         cond.per_passage[item.id] = right
         print(f"  {name} {item.id}: {right}/{len(item.questions)} core {core_right}/{len(core)} ({cond.seconds[-1]:.0f}s)", flush=True)
     return cond
-
-
-@dataclass
-class Platform:
-    """The embedded stack with the four services running on it."""
-
-    stack: Any  # seal.stack.LocalStack
-    store: Any  # shared.store.AdapterStore
-    port_base: int  # service i listens on port_base + i (seal.cli.SERVICES order)
-
-
-@contextmanager
-def running_platform(model: str, service_env: dict[str, str] | None, prefix: str) -> Iterator[Platform]:
-    """Start the stack and the four services in a new folder; stop them however the block ends."""
-    from seal.cli import (
-        SERVICES,
-        free_service_port_base,
-        provision,
-        start_services,
-        stop_services,
-        wait_services_ready,
-    )
-    from seal.stack import LocalStack, StackPorts
-    from shared.store import AdapterStore
-
-    home = Path(tempfile.mkdtemp(prefix=prefix))
-    stack = LocalStack(home, StackPorts.free()).start()
-    procs = {}
-    try:
-        provision(stack)
-        (home / "logs").mkdir(exist_ok=True)
-        port_base = free_service_port_base()  # beside another stack (a demo, another bench)
-        procs = start_services(stack, home, model, SERVICES, port_base, defaults=service_env)
-        wait_services_ready(procs, port_base=port_base)
-        yield Platform(stack, AdapterStore.from_settings(stack.store_settings()), port_base)
-    finally:
-        stop_services(procs)
-        stack.stop()
-
-
-async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float) -> tuple[Any, float]:
-    """Send a passage (and its title, never its questions) as feedback to ``scope`` and wait for
-    its decision: (its progress, as seal.watch sees it; seconds waited). A feedback still open
-    after ``timeout`` is returned as it stands."""
-    from shared import events as ev
-
-    event = ev.FeedbackSubmitted(
-        feedback_id=ev.new_id(), scope=scope,
-        content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
-    )
-    started = time.monotonic()
-    await watcher.submit(event)
-    progress = watcher.progress[event.feedback_id]
-    try:
-        await watcher.wait_until(lambda: progress.decided, timeout)
-    except TimeoutError:
-        pass
-    return progress, time.monotonic() - started
 
 
 def run_platform_condition(
@@ -279,44 +215,6 @@ def markdown(conds: list[Condition], core_total: int, base_core: int, meta: dict
             "(targets: >= 1.4x, >= +15 points, <= 2 points).",
         ]
     return "\n".join(lines) + "\n"
-
-
-def add_service_env_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the services (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="weights' dtype in the services and in the bench's own scoring (auto: bf16 on a GPU, "
-                        "float32 on a CPU); float32 on a GPU matches the CPU's numbers")
-
-
-def machine_label(lm: LoadedModel) -> str:
-    """Where a bench ran: processor, cores, torch, the weights' device and dtype, and the GPU's name when the model is on one."""
-    import os
-    import platform
-
-    import torch
-
-    dtype = str(lm.model.dtype).removeprefix("torch.")
-    label = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {lm.device} {dtype}"
-    if lm.device.type == "cuda":
-        label += f" ({torch.cuda.get_device_name(lm.device)})"
-    return label
-
-
-def model_settings_of(args: argparse.Namespace) -> ModelSettings:
-    """The bench's own model: the one the services load (``--model``, ``--dtype``)."""
-    return ModelSettings(name=args.model, dtype=args.dtype)
-
-
-def service_env_of(parser: argparse.ArgumentParser, args: argparse.Namespace, model: ModelSettings) -> dict[str, str]:
-    """The services' environment for this run: the demo's CPU settings where the model runs on a
-    CPU, the model's dtype where one is asked for, then ``--service-env``."""
-    try:
-        extra = parse_env(args.service_env)
-    except ValueError as exc:
-        parser.error(f"--service-env: {exc}")
-    dtype = {"SEAL_MODEL__DTYPE": model.dtype} if model.dtype != "auto" else {}
-    return service_defaults(model.device, {**dtype, **extra})
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import forgetting  # noqa: E402
-import knowledge  # noqa: E402
+import platform_driver  # noqa: E402
 import probes  # noqa: E402
 
 
@@ -48,14 +48,14 @@ def test_covered_questions_match_answers_and_aliases() -> None:
 def test_dtype_reaches_the_services_and_the_benchs_own_model() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
-    knowledge.add_service_env_option(parser)
+    platform_driver.add_service_env_option(parser)
     args = parser.parse_args(["--dtype", "float32", "--service-env", "X=1"])
-    model = knowledge.model_settings_of(args)
+    model = platform_driver.model_settings_of(args)
     assert model.dtype == "float32"
-    env = knowledge.service_env_of(parser, args, model)
+    env = platform_driver.service_env_of(parser, args, model)
     assert env["SEAL_MODEL__DTYPE"] == "float32" and env["X"] == "1"
     auto = parser.parse_args([])
-    assert "SEAL_MODEL__DTYPE" not in knowledge.service_env_of(parser, auto, knowledge.model_settings_of(auto))
+    assert "SEAL_MODEL__DTYPE" not in platform_driver.service_env_of(parser, auto, platform_driver.model_settings_of(auto))
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "int8"])
 
