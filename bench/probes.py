@@ -8,7 +8,8 @@ They are the reward's questions for that feedback and, in every later update to 
 the earlier-feedback set of the regression gate: a fact no probe asks about can be forgotten
 without any gate seeing it. This counts, for each limit, how many probes the passages yield
 and how many of the file's own (held-out, hand-written) questions a probe covers: same
-answer, or one of its aliases. No model: it runs in a second. JSON and Markdown go to
+answer, or one of its aliases, after the grader's normalisation
+(:func:`shared.scoring.normalize_answer`). No model: it runs in a second. JSON and Markdown go to
 ``bench/results/``.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -26,12 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from services.generator.probes import self_generated_probes  # noqa: E402
+from shared.scoring import normalize_answer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-
-
-def norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def covered_questions(
@@ -40,8 +37,8 @@ def covered_questions(
     """How many probes the generator writes at ``limit``, and for each (answer, aliases) of a
     held-out question whether one of them asks for it."""
     written = self_generated_probes(passage, title, limit)
-    asked = {norm(a) for p in written for a in (p.answer, *p.aliases)}
-    return len(written), [bool(asked & {norm(a) for a in (answer, *aliases)}) for answer, aliases in answers]
+    asked = {normalize_answer(a) for p in written for a in (p.answer, *p.aliases)}
+    return len(written), [bool(asked & {normalize_answer(a) for a in (answer, *aliases)}) for answer, aliases in answers]
 
 
 def coverage(rows: list[dict], limit: int) -> dict:
