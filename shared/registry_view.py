@@ -77,7 +77,9 @@ class ScopePolicy(Contract):
     # not take become candidates of their own (the same trained weights scaled, so one more
     # evaluation each and no training). Off: only repeated candidates climb the ladder.
     ladder_per_training: bool = True
-    # evaluator gates
+    # evaluator gates. max_regression_drop is also the registry's margin between candidates of
+    # equal reward: one that kept more than this much more of the regression sets wins over a
+    # lower index (services/registry/decision.py, select_best_candidate).
     min_gain: float = Field(default=0.01, ge=-1.0, le=1.0)
     max_regression_drop: float = Field(default=0.02, ge=0.0, le=1.0)
     # registry decision

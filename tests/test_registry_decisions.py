@@ -288,7 +288,7 @@ def test_plan_is_pure_and_prefers_the_lower_index_on_a_tie() -> None:
         record = intake.note_evaluated(record, evaluated(root, i, 2, reward=0.3), policy, T0)
     plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
     assert (plan.action, plan.chosen) == ("promote", 0)
-    assert "candidate 0 ranked higher (same reward +0.3000 and regression, lower index)" in plan.rejections[1][0]
+    assert "candidate 0 ranked higher (same reward +0.3000 and a lower index" in plan.rejections[1][0]
 
 
 def _kept(event: ev.AdapterEvaluated, regression: float | None) -> ev.AdapterEvaluated:
@@ -296,19 +296,36 @@ def _kept(event: ev.AdapterEvaluated, regression: float | None) -> ev.AdapterEva
     return event.model_copy(update={"candidate_scores": scores})
 
 
-def test_on_equal_reward_the_candidate_that_kept_more_wins_whatever_its_index() -> None:
+def test_on_equal_reward_a_candidate_that_kept_clearly_more_wins_whatever_its_index() -> None:
     from services.registry.decision import plan_decision
 
     root = feedback()
-    policy = ScopePolicy(candidates=3)
+    policy = ScopePolicy(candidates=3)  # max_regression_drop 0.02: the margin a difference must pass
     record = None
-    # Rewards tie at the top (as the rungs of one training often do); candidate 2 broke least.
+    # Rewards tie at the top (as the rungs of one training often do); candidate 2 broke least,
+    # by more than the gate's allowed drop (parent regression 0.9).
     for i, reward, regression in ((0, 0.4, 0.85), (1, 0.4, None), (2, 0.4, 0.89)):
         record = intake.note_evaluated(record, _kept(evaluated(root, i, 3, reward=reward), regression), policy, T0)
     plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
     assert (plan.action, plan.chosen) == ("promote", 2)
-    assert "same reward +0.4000" in plan.rejections[0][0] and "-0.010 against -0.050" in plan.rejections[0][0]
-    assert "against unmeasured" in plan.rejections[1][0]
+    assert "same reward +0.4000; it kept more" in plan.rejections[0][0]
+    assert "-0.010 against -0.050, by more than 0.020" in plan.rejections[0][0]
+    assert "only its regression sets were measured" in plan.rejections[1][0]
+
+
+def test_on_equal_reward_a_difference_within_the_allowed_drop_leaves_the_lower_index() -> None:
+    from services.registry.decision import plan_decision
+
+    root = feedback()
+    policy = ScopePolicy(candidates=2)
+    record = None
+    # One core question's difference (as between two rungs of one training) is within 0.02.
+    for i, reward, regression in ((0, 0.4, 0.89), (1, 0.4, 0.9)):
+        record = intake.note_evaluated(record, _kept(evaluated(root, i, 2, reward=reward), regression), policy, T0)
+    plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+    assert (plan.action, plan.chosen) == ("promote", 0)
+    assert "same reward +0.4000 and a lower index" in plan.rejections[1][0]
+    assert "-0.010 against +0.000, within 0.020" in plan.rejections[1][0]
 
 
 def test_a_higher_reward_still_beats_a_gentler_candidate() -> None:

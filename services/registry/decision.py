@@ -3,8 +3,8 @@
 A feedback record is ``collecting`` until every candidate ``0..k-1`` has a
 result (evaluated, training or evaluation failed, self-edit rejected) or its
 deadline passes. Then :func:`plan_decision` picks the best candidate that
-passed every gate (highest reward; on a tie, the one that kept more of the
-regression sets) and says what to do with it:
+passed every gate (highest reward; on a tie, the lowest index unless another
+kept clearly more of the regression sets) and says what to do with it:
 
 * ``promote``: its parent is the scope's active version and nothing holds it;
 * ``hold``: the scope policy wants approval, or the scope is pinned;
@@ -58,34 +58,45 @@ def regression_kept(cand: CandidateRecord) -> float | None:
     return mine.regression - parent.regression
 
 
-def rank_key(cand: CandidateRecord) -> tuple[float, float, int]:
-    """Highest reward first; on equal reward (rewards move in steps of one probe, so candidates
-    often tie, the ladder's rungs of one training above all) the one that kept more of the
-    core and earlier-feedback sets; then the lower index."""
-    reward = round(cand.reward, 9) if cand.reward is not None else float("-inf")
-    kept = regression_kept(cand)
-    return (reward, round(kept, 9) if kept is not None else float("-inf"), -cand.index)
-
-
-def select_best_candidate(candidates: list[CandidateRecord]) -> CandidateRecord | None:
-    """The best by :func:`rank_key` among those that passed every gate."""
+def select_best_candidate(candidates: list[CandidateRecord], margin: float = 0.0) -> CandidateRecord | None:
+    """Among those that passed every gate: the highest reward; on equal reward (rewards move in
+    steps of one probe, so candidates often tie, the ladder's rungs of one training above all)
+    the lowest index, unless another kept more than ``margin`` more of the regression sets (core
+    and earlier feedback). The margin is the drop the gate allows: within it, the difference is
+    one the gate already accepts, and the lower index (the ladder's stronger rung, which tends
+    to teach more of what the probes do not ask) wins."""
     passing = [c for c in candidates if c.result == "evaluated" and c.passed]
     if not passing:
         return None
-    return max(passing, key=rank_key)
+    top = max(_reward(c) for c in passing)
+    tied = sorted((c for c in passing if _reward(c) == top), key=lambda c: c.index)
+    kept = [k for c in tied if (k := regression_kept(c)) is not None]
+    if not kept:
+        return tied[0]
+    floor = round(max(kept) - margin, 9)
+    return next(c for c in tied if (k := regression_kept(c)) is not None and round(k, 9) >= floor)
 
 
-def ranked_below(best: CandidateRecord, cand: CandidateRecord) -> str:
+def _reward(cand: CandidateRecord) -> float:
+    return round(cand.reward, 9) if cand.reward is not None else float("-inf")
+
+
+def ranked_below(best: CandidateRecord, cand: CandidateRecord, margin: float) -> str:
     """Why a passing candidate lost to the chosen one, in words."""
-    if rank_key(best)[0] > rank_key(cand)[0]:
+    if _reward(best) > _reward(cand):
         return f"candidate {best.index} ranked higher (reward {_signed(best.reward, 4)} > {_signed(cand.reward, 4)})"
     mine, theirs = regression_kept(cand), regression_kept(best)
-    if theirs is not None and (mine is None or theirs > mine):
+    if mine is None and theirs is not None:
+        return f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)}; only its regression sets were measured)"
+    if cand.index < best.index:
         return (
-            f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)}, "
-            f"it kept more of the regression sets: {theirs:+.3f} against {_signed(mine)})"
+            f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)}; it kept more of the "
+            f"regression sets, {_signed(theirs)} against {_signed(mine)}, by more than {margin:.3f})"
         )
-    return f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)} and regression, lower index)"
+    return (
+        f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)} and a lower index; "
+        f"regression sets {_signed(theirs)} against {_signed(mine)}, within {margin:.3f} or better)"
+    )
 
 
 def _signed(value: float | None, digits: int = 3) -> str:
@@ -120,11 +131,11 @@ def plan_decision(
                 f"no outcome within the decision timeout ({policy.decision_timeout_s:g}s)",
             )
     considered = [c for c in live if c.result != "pending"]
-    best = select_best_candidate(considered)
+    best = select_best_candidate(considered, policy.max_regression_drop)
     for cand in considered:
         if best is None or cand.index != best.index:
             if cand.result == "evaluated" and cand.passed and best is not None:
-                rejections[cand.index] = (ranked_below(best, cand),)
+                rejections[cand.index] = (ranked_below(best, cand, policy.max_regression_drop),)
             else:
                 rejections[cand.index] = failure_reasons(cand)
     if best is None:
