@@ -291,22 +291,25 @@ def test_plan_is_pure_and_prefers_the_lower_index_on_a_tie() -> None:
     assert "candidate 0 ranked higher (same reward +0.3000 and a lower index" in plan.rejections[1][0]
 
 
-def _kept(event: ev.AdapterEvaluated, regression: float | None) -> ev.AdapterEvaluated:
-    scores = event.candidate_scores.model_copy(update={"regression": regression})  # type: ignore[union-attr]
-    return event.model_copy(update={"candidate_scores": scores})
-
-
-def test_on_equal_reward_a_candidate_that_kept_clearly_more_wins_whatever_its_index() -> None:
+def plan_for(candidates: tuple[tuple[float, float | None], ...]):
+    """The plan once every candidate, (reward, regression score) each, is evaluated against a
+    parent whose regression score is 0.9, under the default gate (max_regression_drop 0.02)."""
     from services.registry.decision import plan_decision
 
     root = feedback()
-    policy = ScopePolicy(candidates=3)  # max_regression_drop 0.02: the margin a difference must pass
+    policy = ScopePolicy(candidates=len(candidates))
     record = None
+    for i, (reward, regression) in enumerate(candidates):
+        event = evaluated(root, i, len(candidates), reward=reward)
+        scores = event.candidate_scores.model_copy(update={"regression": regression})  # type: ignore[union-attr]
+        record = intake.note_evaluated(record, event.model_copy(update={"candidate_scores": scores}), policy, T0)
+    return plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+
+
+def test_on_equal_reward_a_candidate_that_kept_clearly_more_wins_whatever_its_index() -> None:
     # Rewards tie at the top (as the rungs of one training often do); candidate 2 broke least,
-    # by more than the gate's allowed drop (parent regression 0.9).
-    for i, reward, regression in ((0, 0.4, 0.85), (1, 0.4, None), (2, 0.4, 0.89)):
-        record = intake.note_evaluated(record, _kept(evaluated(root, i, 3, reward=reward), regression), policy, T0)
-    plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+    # by more than the gate's allowed drop.
+    plan = plan_for(((0.4, 0.85), (0.4, None), (0.4, 0.89)))
     assert (plan.action, plan.chosen) == ("promote", 2)
     assert "same reward +0.4000; it kept more" in plan.rejections[0][0]
     assert "-0.010 against -0.050, by more than 0.020" in plan.rejections[0][0]
@@ -314,28 +317,14 @@ def test_on_equal_reward_a_candidate_that_kept_clearly_more_wins_whatever_its_in
 
 
 def test_on_equal_reward_a_difference_within_the_allowed_drop_leaves_the_lower_index() -> None:
-    from services.registry.decision import plan_decision
-
-    root = feedback()
-    policy = ScopePolicy(candidates=2)
-    record = None
     # One core question's difference (as between two rungs of one training) is within 0.02.
-    for i, reward, regression in ((0, 0.4, 0.89), (1, 0.4, 0.9)):
-        record = intake.note_evaluated(record, _kept(evaluated(root, i, 2, reward=reward), regression), policy, T0)
-    plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+    plan = plan_for(((0.4, 0.89), (0.4, 0.9)))
     assert (plan.action, plan.chosen) == ("promote", 0)
     assert "same reward +0.4000 and a lower index" in plan.rejections[1][0]
     assert "-0.010 against +0.000, within 0.020" in plan.rejections[1][0]
 
 
 def test_a_higher_reward_still_beats_a_gentler_candidate() -> None:
-    from services.registry.decision import plan_decision
-
-    root = feedback()
-    policy = ScopePolicy(candidates=2)
-    record = None
-    for i, reward, regression in ((0, 0.2, 0.90), (1, 0.4, 0.80)):
-        record = intake.note_evaluated(record, _kept(evaluated(root, i, 2, reward=reward), regression), policy, T0)
-    plan = plan_decision(record, None, policy, T0, max_attempts=3)  # type: ignore[arg-type]
+    plan = plan_for(((0.2, 0.90), (0.4, 0.80)))
     assert (plan.action, plan.chosen) == ("promote", 1)
     assert "reward +0.4000 > +0.2000" in plan.rejections[0][0]
