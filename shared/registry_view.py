@@ -82,6 +82,9 @@ class ScopePolicy(Contract):
     # lower index (services/registry/decision.py, select_best_candidate).
     min_gain: float = Field(default=0.01, ge=-1.0, le=1.0)
     max_regression_drop: float = Field(default=0.02, ge=0.0, le=1.0)
+    # The largest drop allowed on the probes of any ONE earlier feedback (1.0: no such gate, only
+    # the pooled earlier-feedback part above, which dilutes one passage's loss as a scope grows).
+    max_feedback_drop: float = Field(default=1.0, ge=0.0, le=1.0)
     # registry decision
     approval: Literal["auto", "manual"] = "auto"
     decision_timeout_s: float = Field(default=1800.0, gt=0)

@@ -104,7 +104,7 @@ async def test_reward_verdict_and_what_the_update_broke(
     forgetful = store_adapter(counting.store, adapters["new_only"], scope=SCOPE, adapter_id="c-forget", base_sha256=sha)
     careful = store_adapter(counting.store, adapters["all"], scope=SCOPE, adapter_id="c-keep", base_sha256=sha)
     registry = FakeRegistry(
-        policies={SCOPE: ScopePolicy(min_gain=0.25, max_regression_drop=0.1)},
+        policies={SCOPE: ScopePolicy(min_gain=0.25, max_regression_drop=0.1, max_feedback_drop=0.5)},
         accepted={SCOPE: AcceptedProbes(scope=SCOPE, probes=tuple(("fb-0", p) for p in probes_of(EARLIER)))},
     )
     ports = ports_factory(registry, counting)
@@ -133,6 +133,9 @@ async def test_reward_verdict_and_what_the_update_broke(
     gates = {g.gate: g for g in forget.gates}
     assert gates["min_gain"].passed and not gates["max_regression_drop"].passed
     assert gates["max_regression_drop"].value == pytest.approx(1.0) and gates["max_regression_drop"].threshold == 0.1
+    # ... and each earlier feedback on its own (here the one there is).
+    assert not gates["max_feedback_drop"].passed and gates["max_feedback_drop"].value == pytest.approx(1.0)
+    assert f"earlier feedback fb-0 {len(EARLIER)}/{len(EARLIER)} -> 0/{len(EARLIER)}" in gates["max_feedback_drop"].reason
     assert any("forgot 2 earlier feedback question(s)" in r and EARLIER[0][0] in r for r in forget.reasons)
     # Everything passes through for the registry.
     assert keep.probes == probes and keep.parent_adapter_id == "v1" and keep.parent_adapter == parent_ref

@@ -6,8 +6,8 @@ import pytest
 
 from shared import events as ev
 from shared.registry_view import AcceptedProbes, ScopePolicy
-from shared.scoring import ClosedBookResult, GradedAnswer
-from services.evaluator.handlers import probe_sets
+from shared.scoring import ClosedBookResult, GradedAnswer, normalize_answer
+from services.evaluator.handlers import earlier_probes, probe_sets
 from services.evaluator.measurement import ScoreCache
 from services.evaluator.verdict import judge_update, scores_of
 
@@ -126,6 +126,43 @@ def test_probe_sets_keep_earlier_feedback_apart_from_the_new() -> None:
     assert [p.question for p in out["target_self_generated"]] == ["Who founded it?"]
     assert [(p.question, p.answer) for p in out["earlier_feedback"]] == [("what year", "1875")]
     assert out["core"] == core
+    owners = {key: fid for key, (fid, _) in earlier_probes(event, accepted).items()}
+    assert owners == {"what year": "fb-3"}
+
+
+# Earlier probes e0?..e5?: e0-e2 from feedback A, e3-e5 from feedback B.
+OWNERS = {normalize_answer(f"e{i}?"): ("fb-A" if i < 3 else "fb-B") for i in range(6)}
+
+
+def feedback_verdict(candidate_earlier: tuple[bool, ...], parent_earlier: tuple[bool, ...], **policy: float):  # noqa: ANN201
+    candidate, parent = sets(product=(True,), earlier=candidate_earlier), sets(product=(False,), earlier=parent_earlier)
+    return judge_update(scores_of(candidate, 2.0), scores_of(parent, 2.0), ScopePolicy(**policy), candidate, parent, OWNERS)
+
+
+def test_the_feedback_gate_sees_one_earlier_feedback_lost_where_the_pooled_part_nets_it_out() -> None:
+    # A loses 2 of its 3 probes, B gains 2: the pooled earlier-feedback part does not move.
+    out = feedback_verdict((True, False, False, True, True, True), (True, True, True, True, False, False),
+                           max_feedback_drop=0.34)
+    gates = {g.gate: g for g in out.gates}
+    assert gates["max_regression_drop"].passed and gates["max_regression_drop"].value == pytest.approx(0.0)
+    assert not gates["max_feedback_drop"].passed and not out.passed
+    assert gates["max_feedback_drop"].value == pytest.approx(2 / 3)
+    assert "earlier feedback fb-A 3/3 -> 1/3 probes" in gates["max_feedback_drop"].reason
+    assert "the largest of 2 earlier feedback, exceeds the allowed 0.340" in gates["max_feedback_drop"].reason
+
+
+def test_the_feedback_gate_allows_its_threshold_and_is_off_by_default() -> None:
+    one_lost = ((True, True, False, True, True, True), (True, True, True, True, True, True))
+    out = feedback_verdict(*one_lost, max_feedback_drop=0.34, max_regression_drop=0.5)
+    assert out.passed and {g.gate: g for g in out.gates}["max_feedback_drop"].value == pytest.approx(1 / 3)
+    assert not feedback_verdict(*one_lost, max_feedback_drop=0.3, max_regression_drop=0.5).passed
+    default = feedback_verdict(*one_lost, max_regression_drop=0.5)
+    assert default.passed and [g.gate for g in default.gates] == ["min_gain", "max_regression_drop"]
+
+
+def test_the_feedback_gate_without_earlier_feedback_passes() -> None:
+    out = feedback_verdict((), (), max_feedback_drop=0.0)
+    assert out.passed and "no earlier feedback" in out.gates[-1].reason
 
 
 def test_score_cache_is_bounded_and_counts() -> None:

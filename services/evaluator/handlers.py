@@ -70,26 +70,29 @@ class EvaluatorPorts:
     evaluated: list[str] = field(default_factory=list)  # adapter ids, newest last (for /readyz and tests)
 
 
-def probe_sets(
-    event: AdapterTrained, accepted: AcceptedProbes, core: Sequence[Probe]
-) -> dict[str, tuple[Probe, ...]]:
-    """The four sets a candidate is measured on.
-
-    Earlier feedback excludes this feedback's own probes and any question the
-    new feedback asks again (a correction changes the expected answer).
-    """
-    product, self_generated = probes_by_source(event.probes)
+def earlier_probes(event: AdapterTrained, accepted: AcceptedProbes) -> dict[str, tuple[str, Probe]]:
+    """The scope's accepted probes that guard earlier feedback, by normalised question, with the
+    feedback that brought each: not this feedback's own, nor a question the new feedback asks
+    again (a correction changes the expected answer); the newest accepted answer wins."""
     asked_now = {normalize_answer(p.question) for p in event.probes}
-    earlier: dict[str, Probe] = {}
+    earlier: dict[str, tuple[str, Probe]] = {}
     for feedback_id, probe in accepted.probes:
         key = normalize_answer(probe.question)
         if feedback_id != event.feedback_id and key not in asked_now:
-            earlier[key] = probe  # the newest accepted answer to a question wins
+            earlier[key] = (feedback_id, probe)
+    return earlier
+
+
+def probe_sets(
+    event: AdapterTrained, accepted: AcceptedProbes, core: Sequence[Probe]
+) -> dict[str, tuple[Probe, ...]]:
+    """The four sets a candidate is measured on (earlier feedback: :func:`earlier_probes`)."""
+    product, self_generated = probes_by_source(event.probes)
     return {
         TARGET_PRODUCT: product,
         TARGET_SELF_GENERATED: self_generated,
         CORE: tuple(core),
-        EARLIER_FEEDBACK: tuple(earlier.values()),
+        EARLIER_FEEDBACK: tuple(probe for _, probe in earlier_probes(event, accepted).values()),
     }
 
 
@@ -97,8 +100,9 @@ async def evaluate_adapter(event: AdapterTrained, ports: EvaluatorPorts) -> list
     policy = await ports.registry.scope_policy(event.scope)
     accepted = await ports.registry.accepted_probes(event.scope)
     sets = probe_sets(event, accepted, ports.core_set)
+    owners = {key: feedback_id for key, (feedback_id, _) in earlier_probes(event, accepted).items()}
     trace_id = current_trace_id()
-    events = await asyncio.to_thread(_evaluate, event, sets, policy, ports, trace_id)
+    events = await asyncio.to_thread(_evaluate, event, sets, owners, policy, ports, trace_id)
     span = trace.get_current_span()
     for out in events:
         if isinstance(out, AdapterEvaluated):
@@ -125,6 +129,7 @@ def _failed(event: AdapterTrained, reason: str) -> AdapterEvaluationFailed:
 def _evaluate(
     event: AdapterTrained,
     sets: dict[str, tuple[Probe, ...]],
+    owners: dict[str, str],
     policy: ScopePolicy,
     ports: EvaluatorPorts,
     trace_id: str | None,
@@ -157,7 +162,7 @@ def _evaluate(
 
     candidate = scores_of(candidate_results, ports.product_weight)
     parent = scores_of(parent_results, ports.product_weight)
-    verdict = judge_update(candidate, parent, policy, candidate_results, parent_results)
+    verdict = judge_update(candidate, parent, policy, candidate_results, parent_results, owners)
     ports.evaluated.append(event.adapter_id)
     log.info(
         "adapter %s (scope %s): reward %+.3f, %s", event.adapter_id, event.scope, verdict.reward,

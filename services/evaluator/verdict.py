@@ -12,7 +12,11 @@
   update taught anything: the gain counts as 0, which fails a positive
   minimum); ``max_regression_drop``: the largest drop of any regression part
   (core, earlier feedback) is at most the threshold, so a gain on one part
-  cannot hide a loss on the other.
+  cannot hide a loss on the other; ``max_feedback_drop`` (below 1, the scope
+  policy's choice): the largest drop on the probes of any one earlier feedback
+  is at most the threshold. The pooled earlier-feedback part dilutes one
+  passage's loss as a scope grows (one probe of 70 is 1.4 points); this gate
+  sees each earlier feedback on its own.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 from shared.events import GateResult, Scores
 from shared.registry_view import ScopePolicy
-from shared.scoring import ClosedBookResult, weighted_target
+from shared.scoring import ClosedBookResult, normalize_answer, weighted_target
 
 TARGET_PRODUCT = "target_product"
 TARGET_SELF_GENERATED = "target_self_generated"
@@ -128,6 +132,45 @@ def regression_gate(candidate: Scores, parent: Scores, max_drop: float) -> GateR
     )
 
 
+def feedback_gate(
+    candidate: Mapping[str, ClosedBookResult],
+    parent: Mapping[str, ClosedBookResult],
+    owners: Mapping[str, str],
+    max_drop: float,
+) -> GateResult:
+    """The largest drop on the probes of any one earlier feedback. ``owners`` maps each earlier
+    probe's normalised question to the feedback that brought it."""
+
+    def per_feedback(result: ClosedBookResult | None) -> dict[str, tuple[int, int]]:
+        counts: dict[str, tuple[int, int]] = {}
+        for item in result.items if result is not None else ():
+            owner = owners.get(normalize_answer(item.question))
+            if owner is not None:
+                right, total = counts.get(owner, (0, 0))
+                counts[owner] = (right + int(item.correct), total + 1)
+        return counts
+
+    before, after = per_feedback(parent.get(EARLIER_FEEDBACK)), per_feedback(candidate.get(EARLIER_FEEDBACK))
+    drops = {o: before[o][0] / before[o][1] - after[o][0] / after[o][1] for o in before if o in after}
+    if not drops:
+        return GateResult(
+            gate="max_feedback_drop", passed=True, threshold=max_drop, reason="no earlier feedback's probes to keep"
+        )
+    worst = max(drops, key=lambda o: (drops[o], o))
+    passed = drops[worst] <= max_drop + TOLERANCE
+    return GateResult(
+        gate="max_feedback_drop",
+        passed=passed,
+        value=drops[worst],
+        threshold=max_drop,
+        reason=(
+            f"earlier feedback {worst[:12]} {before[worst][0]}/{before[worst][1]} -> {after[worst][0]}/{after[worst][1]} "
+            f"probes (drop {drops[worst]:+.3f}, the largest of {len(drops)} earlier feedback, "
+            f"{'within' if passed else 'exceeds'} the allowed {max_drop:.3f})"
+        ),
+    )
+
+
 def forgotten(
     candidate: Mapping[str, ClosedBookResult], parent: Mapping[str, ClosedBookResult]
 ) -> list[str]:
@@ -158,7 +201,10 @@ def judge_update(
     policy: ScopePolicy,
     candidate_results: Mapping[str, ClosedBookResult],
     parent_results: Mapping[str, ClosedBookResult],
+    owners: Mapping[str, str] | None = None,
 ) -> Verdict:
+    """``owners``: each earlier probe's normalised question -> its feedback id, for the
+    per-feedback gate (only where the policy sets ``max_feedback_drop`` below 1)."""
     reward = (
         candidate.target - parent.target if candidate.target is not None and parent.target is not None else 0.0
     )
@@ -166,6 +212,8 @@ def judge_update(
         gain_gate(candidate, parent, policy.min_gain),
         regression_gate(candidate, parent, policy.max_regression_drop),
     )
+    if policy.max_feedback_drop < 1.0:
+        gates += (feedback_gate(candidate_results, parent_results, owners or {}, policy.max_feedback_drop),)
     passed = all(g.passed for g in gates)
     reasons = [f"{'passed' if g.passed else 'failed'} {g.gate}: {g.reason}" for g in gates]
     reasons += forgotten(candidate_results, parent_results)
