@@ -8,6 +8,7 @@ import torch
 from services.trainer.examples import (
     IGNORE,
     Example,
+    bounded_lineage,
     completion_examples,
     pack_rows,
     plan_epoch,
@@ -133,3 +134,29 @@ def test_with_more_earlier_updates_than_the_budget_the_epochs_take_turns_over_al
     assert all(len(epoch) == 16 for epoch in schedule)
     replayed = {item.split("-")[0] for epoch in schedule for item in epoch}
     assert replayed == {f"g{g}" for g in range(30)}  # none of the 30 is left out
+
+
+def qa(tag: str) -> str:
+    return f"Question: what is {tag}?\nAnswer: {tag}"
+
+
+def test_a_recorded_lineage_keeps_what_replay_uses_and_stays_within_its_bound() -> None:
+    with_pairs = ["a passage about x", qa("x1"), qa("x2")]
+    prose_only = ["some prose", "more prose"]
+    # Under the bound: an update's pairs where it has any (replay uses nothing else), else all.
+    assert bounded_lineage([with_pairs, prose_only], limit=100) == [[qa("x1"), qa("x2")], prose_only]
+    # Over it: even shares, a small update gives what it does not need to the others, the
+    # remainder goes to the newest, each share spread over its update.
+    big, small, newest = [f"b{i}" for i in range(10)], ["s0"], [f"n{i}" for i in range(10)]
+    kept = bounded_lineage([big, small, newest], limit=8)
+    assert [len(g) for g in kept] == [3, 1, 4] and sum(map(len, kept)) == 8
+    assert kept[0] == ["b0", "b3", "b6"] and kept[1] == ["s0"] and kept[2] == ["n0", "n2", "n5", "n7"]
+    # Applied update after update, as manifests do, it stays within the bound.
+    lineage: list[list[str]] = []
+    for update in range(40):
+        lineage = bounded_lineage([*lineage, [f"u{update}-{i}" for i in range(15)]], limit=64)
+        assert sum(map(len, lineage)) <= 64
+    assert len(lineage) == 40 and all(len(g) >= 1 for g in lineage)
+    # More updates than the bound: the oldest keep none; no bound, nothing kept.
+    assert [len(g) for g in bounded_lineage([["a"], ["b"], ["c"]], limit=2)] == [0, 1, 1]
+    assert bounded_lineage([["a"]], limit=0) == [[]]

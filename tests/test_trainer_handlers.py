@@ -194,7 +194,8 @@ async def test_a_continuing_update_replays_every_earlier_update_of_its_lineage(p
     assert job.texts == (later[0],) and job.pairs == (("What crossed the river?", "a stone bridge"),)
     assert job.replay == (SEQUENCES,) and job.replay_per_epoch == ports.replay_per_epoch
     _, manifest = ports.store.stored(second.adapter.uri)
-    assert [g["sequences"] for g in manifest.training["lineage"]] == [list(SEQUENCES), list(later)]
+    # What replay uses of each update: the second's pair alone (its prose is not replayed).
+    assert [g["sequences"] for g in manifest.training["lineage"]] == [list(SEQUENCES), [later[1]]]
     assert [g["adapter_id"] for g in manifest.training["lineage"]] == [first.adapter_id, second.adapter_id]
     assert manifest.training["replayed_per_epoch"] == len(SEQUENCES)  # all 3: fewer than the budget
     _, first_manifest = ports.store.stored(first.adapter.uri)
@@ -204,7 +205,20 @@ async def test_a_continuing_update_replays_every_earlier_update_of_its_lineage(p
     activate(ports, "acme", second, version=2)
     third = ("the bridge of stone was painted white",)
     await handlers.train_self_edit(self_edit_event(sequences=third, completion=third[0]), ports)
-    assert ports.trainer.last_job.replay == (SEQUENCES, later)
+    assert ports.trainer.last_job.replay == (SEQUENCES, (later[1],))
+
+
+async def test_a_manifest_records_the_lineage_within_its_bound(ports) -> None:
+    ports.lineage_limit = 4
+    [first] = await handlers.train_self_edit(self_edit_event(), ports)
+    activate(ports, "acme", first)
+    later = ("the bridge of stone was painted white", "the white bridge was built in spring")
+    [second] = await handlers.train_self_edit(self_edit_event(sequences=later, completion="\n".join(later)), ports)
+    _, manifest = ports.store.stored(second.adapter.uri)
+    recorded = manifest.training["lineage"]
+    assert [g["adapter_id"] for g in recorded] == [first.adapter_id, second.adapter_id]
+    assert [len(g["sequences"]) for g in recorded] == [2, 2]  # 3 + 2 over a bound of 4: two each
+    assert set(recorded[0]["sequences"]) < set(SEQUENCES) and recorded[1]["sequences"] == list(later)
 
 
 async def test_lineages_stored_by_earlier_trainers_still_replay(ports) -> None:

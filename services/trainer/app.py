@@ -113,6 +113,7 @@ def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
         ledger=KvParentLedger(js),
         parents=ParentCache(store, config.work_dir / "parents", config.parent_cache_size),
         replay_per_epoch=config.replay_per_epoch,
+        lineage_limit=config.lineage_limit,
     )
 
 

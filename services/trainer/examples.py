@@ -17,7 +17,9 @@ the mean over real tokens only, never over padding.
 
 :func:`split_question_answers` decides which of a self-edit's sequences are
 chat turns (a "Question:/Answer:" pair) and which are learned whole;
-:func:`replay_schedule` picks the lineage's earlier examples for each epoch.
+:func:`replay_schedule` picks the lineage's earlier examples for each epoch, and
+:func:`bounded_lineage` keeps what a manifest records of the lineage for replay
+within a bound, however long a scope lives.
 
 Compare the SEAL reference recipe, which pads every sequence to 2048 tokens
 and keeps the padding in the labels: with ~100-token sequences about 95% of
@@ -274,6 +276,37 @@ def split_question_answers(sequences: Sequence[str]) -> tuple[tuple[str, ...], t
         else:
             texts.append(sequence)
     return tuple(texts), tuple(pairs)
+
+
+def replayed_sequences(sequences: Sequence[str]) -> list[str]:
+    """What replay uses of one update: its question-answer pairs where it has any, else all of it."""
+    pairs = [s for s in sequences if QUESTION_ANSWER.match(s)]
+    return pairs or list(sequences)
+
+
+def bounded_lineage(groups: Sequence[Sequence[str]], limit: int) -> list[list[str]]:
+    """Each update's sequences as replay uses them (:func:`replayed_sequences`), at most ``limit``
+    in all, so that a manifest, which records the whole lineage, stays bounded.
+
+    Over the limit, every update gets the same share (an update with fewer gives the rest to the
+    others; what division leaves over goes to the newest), taken evenly spread over its
+    sequences; with more updates than the limit, the oldest keep none (their ids stay in the
+    record). Applied update after update, each keeps a spread-out subset of what it kept before.
+    """
+    kept = [replayed_sequences(g) for g in groups]
+    if sum(len(g) for g in kept) <= limit:
+        return kept
+    shares = [0] * len(kept)
+    left, waiting = max(0, limit), len(kept)
+    for i in sorted(range(len(kept)), key=lambda i: (len(kept[i]), i)):
+        shares[i] = min(len(kept[i]), left // waiting)
+        left -= shares[i]
+        waiting -= 1
+    for i in reversed(range(len(kept))):
+        extra = min(len(kept[i]) - shares[i], left)
+        shares[i] += extra
+        left -= extra
+    return [[g[k * len(g) // n] for k in range(n)] if n else [] for g, n in zip(kept, shares)]
 
 
 def selected_sequences(sequences: Sequence[str], use: Sequence[int] | None) -> tuple[str, ...]:

@@ -3,8 +3,9 @@
 * :func:`train_self_edit` (``selfedit.generated`` and
   ``training.rebase_requested``): one LoRA update of the scope's active
   adapter (or a fresh LoRA) on the self-edit -> ``adapter.trained`` or
-  ``adapter.training_failed``. Every manifest records the sequences of its
-  whole lineage, update by update; an update that continues an adapter
+  ``adapter.training_failed``. Every manifest records, update by update, what
+  replay uses of its whole lineage (within ``lineage_limit`` sequences in
+  all); an update that continues an adapter
   replays some of every earlier update's in each epoch beside the new
   self-edit, so the scope keeps what it learned before.
 * :func:`train_policy` (``policy.training_requested``): the generator's own
@@ -30,10 +31,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.trainer.examples import selected_sequences, split_question_answers
+from services.trainer.examples import bounded_lineage, selected_sequences, split_question_answers
 from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected
 from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
-from services.trainer.settings import REPLAY_PER_EPOCH
+from services.trainer.settings import LINEAGE_LIMIT, REPLAY_PER_EPOCH
 from shared.broker import PermanentFailure
 from shared.events import (
     AdapterTrained,
@@ -67,6 +68,8 @@ class TrainerPorts:
     parents: ParentCache
     # Earlier sequences of the scope's lineage replayed per epoch of a continuing update (0: none).
     replay_per_epoch: int = REPLAY_PER_EPOCH
+    # Sequences of the lineage a manifest keeps for replay, over all its updates.
+    lineage_limit: int = LINEAGE_LIMIT
 
 
 class Parent(BaseModel):
@@ -154,11 +157,21 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
             "attempt": attempt,
             "cause_event_id": event.event_id,
             "replayed_per_epoch": result.replayed_per_epoch,
-            LINEAGE: [*earlier, {"adapter_id": adapter_id, "feedback_id": event.feedback_id, "sequences": list(texts)}],
+            LINEAGE: recorded_lineage(
+                [*earlier, {"adapter_id": adapter_id, "feedback_id": event.feedback_id, "sequences": list(texts)}],
+                ports.lineage_limit,
+            ),
         },
     )
     ref = await _store(ports, result, manifest)
     return [trained(ref, result.run.final_loss, result.run.seconds, trace_id)]
+
+
+def recorded_lineage(groups: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The lineage as a manifest records it: every update's ids, and what replay uses of its
+    sequences, within ``limit`` sequences in all (:func:`examples.bounded_lineage`)."""
+    kept = bounded_lineage([g["sequences"] for g in groups], limit)
+    return [{**g, "sequences": sequences} for g, sequences in zip(groups, kept)]
 
 
 def lineage(manifest: AdapterManifest | None) -> list[dict[str, Any]]:

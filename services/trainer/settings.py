@@ -23,6 +23,8 @@ REHEARSAL_WEIGHT = 3.0
 REHEARSAL_BATCH = 16
 # Earlier examples a continuing update replays per epoch by default (TrainerPorts reads it too).
 REPLAY_PER_EPOCH = 16
+# Sequences of the lineage a manifest keeps for replay, over all its updates (TrainerPorts reads it too).
+LINEAGE_LIMIT = 4096
 
 
 class TrainerConfig(BaseModel):
@@ -55,6 +57,11 @@ class TrainerConfig(BaseModel):
     # every pair in every epoch) kept no more of the first passage in the forgetting bench, at
     # about 5x a late update's training time on a CPU (bench/RESULTS.md, "Forgetting").
     replay_per_epoch: int = Field(default=REPLAY_PER_EPOCH, ge=0, le=1024)
+    # Every manifest records, for replay, what each update of its lineage was trained on (its
+    # question-answer pairs where it has any): at most this many sequences in all, an even share
+    # each, so a long-lived scope's manifests stay bounded (about 15 per update: the bound binds
+    # after some 270 updates; examples.bounded_lineage).
+    lineage_limit: int = Field(default=LINEAGE_LIMIT, ge=0, le=1_000_000)
     # Memory layout of a step (results do not depend on these).
     row_tokens: int = Field(default=4096, ge=16)
     pass_tokens: int = Field(default=8192, ge=16)
