@@ -63,6 +63,14 @@ from shared.models import load_model  # noqa: E402
 from shared.registry_view import read_active  # noqa: E402
 
 
+def registry_record(port_base: int, feedback_id: str) -> object:
+    """The registry's record of one feedback, or why it could not be read (the run goes on)."""
+    try:
+        return call(service_url("registry", port_base), "GET", f"/v1/feedback/{feedback_id}")
+    except Exception as exc:  # noqa: BLE001 - typer.Exit and transport errors alike: keep measuring
+        return {"feedback_id": feedback_id, "unavailable": repr(exc)}
+
+
 def overall_retention(matrix: list[list[int]]) -> tuple[int, int]:
     """Over every passage: questions right just after its own update (the diagonal), and right
     after the last update (the last row), summed."""
@@ -124,6 +132,9 @@ def main() -> None:
     stages: list[str] = []
     outcomes: list[str] = []  # per update: promoted or refused, the candidates' rewards, the gates' reasons
     seconds: list[float] = []
+    # Per update, the registry's record of the feedback (every candidate's scores, gates and
+    # reasons, the earlier-feedback questions it forgot among them), for what the report leaves out.
+    records: list[object] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
     def write_report() -> str:
@@ -170,7 +181,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": {"right_after_own_update": own_all, "right_after_last": last_all}, "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": lost}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": {"right_after_own_update": own_all, "right_after_last": last_all}, "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": lost, "records": records}, indent=2)
         )
         return table
 
@@ -203,6 +214,7 @@ def main() -> None:
                     stages.append(progress.stage())
                     outcomes.append(describe_outcome(progress))
                     active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
+                    records.append(await asyncio.to_thread(registry_record, platform.port_base, progress.feedback_id))
                     # Off the event loop, so the NATS connections keep answering the server's pings.
                     await asyncio.to_thread(score_row, i, active)
 
