@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=8)
     parser.add_argument("--model", default="default")
     parser.add_argument("--core", type=Path, default=CORE)
-    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds to wait for one decision (the scope's decision_timeout_s too, unless --policy sets it)")
     parser.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
                         help="scope policy setting for the run (repeatable), e.g. max_regression_drop=1.0")
     add_service_env_option(parser)
@@ -110,6 +111,8 @@ def main() -> None:
         changes = parse_settings(args.policy)
     except ValueError as exc:
         parser.error(f"--policy: {exc}")
+    # The registry gives up on a candidate after the policy's decision timeout: as long as the bench waits.
+    changes.setdefault("decision_timeout_s", args.timeout)
     model_settings = model_settings_of(args)
     service_env = service_env_of(parser, args, model_settings)
     stop_on_sigterm()  # a killed run still stops its services and stack

@@ -125,6 +125,8 @@ def run_platform_condition(
 
     ``on_passage(platform, gated)`` is called after each passage is scored, with the conditions
     so far (the bench writes its report then, so a stopped run keeps what it measured)."""
+    from seal.cli import service_url
+    from seal.ops import call
     from seal.watch import PlatformWatcher
     from shared import events as ev
     from shared.registry_view import read_active
@@ -164,6 +166,9 @@ def run_platform_condition(
             async with PlatformWatcher(platform.stack.nats_settings()) as watcher:
                 for item in items:
                     scope = f"bench-{item.id}"
+                    # The registry gives up on a candidate after the policy's decision timeout: as long as the bench waits.
+                    await asyncio.to_thread(call, service_url("registry", platform.port_base), "PATCH",
+                                            f"/v1/scopes/{scope}/policy", {"decision_timeout_s": timeout})
                     progress, seconds = await submit_passage(watcher, scope, item, timeout)
                     active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
                     evaluated = progress.of(ev.AdapterEvaluated)
@@ -225,7 +230,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--core", type=Path, default=CORE)
     parser.add_argument("--conditions", default="none,passage,platform,gold")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one platform decision")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds to wait for one platform decision (each scope's decision_timeout_s too)")
     parser.add_argument("--baseline", choices=("seal", "platform"), default="seal",
                         help="directives of the passage and gold conditions: SEAL's settings or the platform's defaults")
     add_service_env_option(parser)
