@@ -104,10 +104,17 @@ async def active_version(stack: LocalStack, scope: str) -> int | None:
         await nc.close()
 
 
-def feedback(scope: str, title: str, passage: str) -> ev.FeedbackSubmitted:
+def feedback(scope: str, title: str, passage: str, feedback_id: str) -> ev.FeedbackSubmitted:
     return ev.FeedbackSubmitted(
-        feedback_id=ev.new_id(), scope=scope, content=ev.KnowledgeFeedback(title=title, passage=passage)
+        feedback_id=feedback_id, scope=scope, content=ev.KnowledgeFeedback(title=title, passage=passage)
     )
+
+
+# Fixed feedback ids: the generator seeds its sampling from the feedback id, so the tiny model
+# writes the same completions every run. With random ids, now and then both candidates' random
+# text held a digit run that the generator's screening rightly refuses as a phone number, and
+# the feedback was rejected before the loop this test is about had run.
+FEEDBACK_IDS = ("e2e-loop-first", "e2e-loop-second")
 
 
 def wait_for_spans(sink: OtlpSink, feedback_id: str, services: set[str], timeout: float = 60) -> list:
@@ -128,7 +135,7 @@ async def test_feedback_becomes_a_traced_version_and_the_next_builds_on_it(
     await set_permissive_policy(loop_stack, scope)
     store = AdapterStore.from_settings(loop_stack.store_settings())
     async with PlatformWatcher(loop_stack.nats_settings()) as watcher:
-        first = feedback(scope, *PASSAGES[0])
+        first = feedback(scope, *PASSAGES[0], FEEDBACK_IDS[0])
         await watcher.submit(first)
         progress = watcher.progress[first.feedback_id]
         await watcher.wait_until(lambda: progress.decided, timeout=600)
@@ -158,7 +165,7 @@ async def test_feedback_becomes_a_traced_version_and_the_next_builds_on_it(
         assert v1.version == 1
 
         # The second feedback builds on version 1.
-        second = feedback(scope, *PASSAGES[1])
+        second = feedback(scope, *PASSAGES[1], FEEDBACK_IDS[1])
         await watcher.submit(second)
         progress2 = watcher.progress[second.feedback_id]
         await watcher.wait_until(lambda: progress2.decided, timeout=600)
