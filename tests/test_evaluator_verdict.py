@@ -121,13 +121,13 @@ def test_probe_sets_keep_earlier_feedback_apart_from_the_new() -> None:
         ),
     )
     core = (ev.Probe(question="Capital of France?", answer="Paris"),)
-    out = probe_sets(event, accepted, core)
+    earlier = earlier_probes(event, accepted)
+    out = probe_sets(event, earlier, core)
     assert [p.question for p in out["target_product"]] == ["How many locks?"]
     assert [p.question for p in out["target_self_generated"]] == ["Who founded it?"]
     assert [(p.question, p.answer) for p in out["earlier_feedback"]] == [("what year", "1875")]
     assert out["core"] == core
-    owners = {key: fid for key, (fid, _) in earlier_probes(event, accepted).items()}
-    assert owners == {"what year": "fb-3"}
+    assert {key: fid for key, (fid, _) in earlier.items()} == {"what year": "fb-3"}
 
 
 # Earlier probes e0?..e5?: e0-e2 from feedback A, e3-e5 from feedback B.

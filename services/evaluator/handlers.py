@@ -84,23 +84,24 @@ def earlier_probes(event: AdapterTrained, accepted: AcceptedProbes) -> dict[str,
 
 
 def probe_sets(
-    event: AdapterTrained, accepted: AcceptedProbes, core: Sequence[Probe]
+    event: AdapterTrained, earlier: dict[str, tuple[str, Probe]], core: Sequence[Probe]
 ) -> dict[str, tuple[Probe, ...]]:
-    """The four sets a candidate is measured on (earlier feedback: :func:`earlier_probes`)."""
+    """The four sets a candidate is measured on (``earlier``: :func:`earlier_probes`)."""
     product, self_generated = probes_by_source(event.probes)
     return {
         TARGET_PRODUCT: product,
         TARGET_SELF_GENERATED: self_generated,
         CORE: tuple(core),
-        EARLIER_FEEDBACK: tuple(probe for _, probe in earlier_probes(event, accepted).values()),
+        EARLIER_FEEDBACK: tuple(probe for _, probe in earlier.values()),
     }
 
 
 async def evaluate_adapter(event: AdapterTrained, ports: EvaluatorPorts) -> list[Event]:
     policy = await ports.registry.scope_policy(event.scope)
     accepted = await ports.registry.accepted_probes(event.scope)
-    sets = probe_sets(event, accepted, ports.core_set)
-    owners = {key: feedback_id for key, (feedback_id, _) in earlier_probes(event, accepted).items()}
+    earlier = earlier_probes(event, accepted)
+    sets = probe_sets(event, earlier, ports.core_set)
+    owners = {key: feedback_id for key, (feedback_id, _) in earlier.items()}
     trace_id = current_trace_id()
     events = await asyncio.to_thread(_evaluate, event, sets, owners, policy, ports, trace_id)
     span = trace.get_current_span()
