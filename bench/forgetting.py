@@ -46,6 +46,7 @@ from platform_driver import (  # noqa: E402
     model_settings_of,
     running_platform,
     service_env_of,
+    set_scope_policy,
     submit_passage,
 )
 
@@ -152,7 +153,7 @@ def main() -> None:
         lines = [
             f"Sequential updates to one scope, `{args.data}`, model `{args.model}`, {time.strftime('%Y-%m-%d')}, "
             f"{machine_label(lm)}"
-            + (f", policy {changes}." if changes else ", default policy."),
+            + f", policy {changes}.",
             "",
             "| after update | outcome | " + " | ".join(f"p{j + 1}" for j in range(len(items))) + " | core |",
             "|---|---|" + "---|" * len(items) + "---|",
@@ -190,9 +191,8 @@ def main() -> None:
 
     with running_platform(args.model, service_env, "seal-forgetting-") as platform:
         store = platform.store
-        if changes:
-            policy = call(service_url("registry", platform.port_base), "PATCH", f"/v1/scopes/{scope}/policy", changes)
-            print(f"scope {scope} policy: {policy}", flush=True)
+        policy = set_scope_policy(platform, scope, changes)  # changes hold the decision timeout at least
+        print(f"scope {scope} policy: {policy}", flush=True)
 
         def score_row(i: int, active: object) -> None:
             """The active version's answers on every passage so far, and on the core set."""

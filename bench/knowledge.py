@@ -53,6 +53,7 @@ from platform_driver import (  # noqa: E402
     model_settings_of,
     running_platform,
     service_env_of,
+    set_scope_policy,
     submit_passage,
 )
 
@@ -125,8 +126,6 @@ def run_platform_condition(
 
     ``on_passage(platform, gated)`` is called after each passage is scored, with the conditions
     so far (the bench writes its report then, so a stopped run keeps what it measured)."""
-    from seal.cli import service_url
-    from seal.ops import call
     from seal.watch import PlatformWatcher
     from shared import events as ev
     from shared.registry_view import read_active
@@ -167,8 +166,7 @@ def run_platform_condition(
                 for item in items:
                     scope = f"bench-{item.id}"
                     # The registry gives up on a candidate after the policy's decision timeout: as long as the bench waits.
-                    await asyncio.to_thread(call, service_url("registry", platform.port_base), "PATCH",
-                                            f"/v1/scopes/{scope}/policy", {"decision_timeout_s": timeout})
+                    await asyncio.to_thread(set_scope_policy, platform, scope, {"decision_timeout_s": timeout})
                     progress, seconds = await submit_passage(watcher, scope, item, timeout)
                     active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
                     evaluated = progress.of(ev.AdapterEvaluated)

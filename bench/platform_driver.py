@@ -4,6 +4,7 @@
   services as separate processes in a new folder, and stops them however the block ends;
 * :func:`submit_passage` sends a passage as feedback (never its questions) and waits for the
   decision, as a product and ``seal watch`` would see it;
+* :func:`set_scope_policy` changes a scope's policy as ``seal scope-policy set`` would;
 * :func:`answers_with` asks question sets closed-book with an adapter on the base, with the
   evaluator's own scoring;
 * the command-line options both benches share (``--service-env``, ``--dtype``) and what they
@@ -45,6 +46,7 @@ __all__ = [
     "model_settings_of",
     "running_platform",
     "service_env_of",
+    "set_scope_policy",
     "submit_passage",
 ]
 
@@ -99,6 +101,14 @@ def running_platform(model: str, service_env: dict[str, str] | None, prefix: str
     finally:
         stop_services(procs)
         stack.stop()
+
+
+def set_scope_policy(platform: Platform, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Change some of ``scope``'s policy through the registry's API; the policy as it now stands."""
+    from seal.cli import service_url
+    from seal.ops import call
+
+    return call(service_url("registry", platform.port_base), "PATCH", f"/v1/scopes/{scope}/policy", changes)
 
 
 async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float) -> tuple[Any, float]:
