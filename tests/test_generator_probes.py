@@ -130,3 +130,50 @@ def test_every_candidate_of_a_passage_carries_the_grounded_pairs() -> None:
     assert any(p.question in s for p in probes for s in sequences)
     product = tuple(p.model_copy(update={"source": "product"}) for p in probes)
     assert not any(p.question in s for p in product for s in grounded_sequences(event, product, GeneratorConfig()))
+
+
+def test_passive_facts_are_also_asked_question_first() -> None:
+    """A fact the passage states in the passive is trained in the shape a person asks it too."""
+    from services.generator.probes import grounded_pairs
+
+    asked = {p.question: p for p in grounded_pairs(QUELLMOOR, "Quellmoor")}
+    first = asked["Which merchant founded Quellmoor's local grammar school?"]
+    assert first.answer == "Ottilie Brask" and first.sentence.startswith("The local grammar school, founded by")
+    # the cloze form stays beside it
+    assert any("founded by which merchant" in q for q in asked)
+
+    species = (
+        "The marsh tindlewren is a small songbird of the reed beds around Lake Ouvrenne. The species was first "
+        "described in 1874 by the naturalist Heddwin Carrow, who collected specimens there. It is now protected "
+        "within the Greyhollow Wetland Reserve, established in 1967. A monastery in the Kalveth Highlands, "
+        "founded in 1104 by the abbot Serenus of Lume, stands above it."
+    )
+    questions = {p.question for p in grounded_pairs(species, "Marsh tindlewren")}
+    assert "Which naturalist first described Marsh tindlewren?" in questions  # "the species" is the subject
+    assert "In what year was Marsh tindlewren first described?" in questions
+    assert "In what year was the Greyhollow Wetland Reserve established?" in questions
+    # the participle speaks of the monastery, not of the Highlands the preposition names
+    assert not any("founded the Kalveth Highlands" in q or "was the Kalveth Highlands" in q for q in questions)
+
+    firm = (
+        "Velliver Instruments was a maker of surveying equipment founded in 1902 in the port city of Saint Orlac. "
+        "Sales fell in the 1960s, and in 1974 the firm was acquired by the optics group Hallenbrook Ltd."
+    )
+    questions = {p.question for p in grounded_pairs(firm, "Velliver Instruments")}
+    assert {
+        "In what year was Velliver Instruments founded?",
+        "In what year was Velliver Instruments acquired?",
+        "Which optics group acquired Velliver Instruments?",
+    } <= questions
+    for pair in grounded_pairs(firm, "Velliver Instruments"):
+        assert norm(pair.answer) not in norm(pair.question)
+
+
+def test_active_sentences_get_no_question_first_form() -> None:
+    """Asking "In what year did ... receive" would need the verb's base form; no rule guesses it."""
+    from services.generator.probes import _questions, question_first
+
+    subject, asked = _questions(QUELLMOOR, "Quellmoor")
+    by_answer = {blank.answer: question_first(sentence, blank, subject) for _, sentence, blank, _ in asked}
+    assert by_answer["1387"] is None and by_answer["Aldric Venmoor"] is None
+    assert by_answer["Ottilie Brask"] == "Which merchant founded Quellmoor's local grammar school?"

@@ -24,6 +24,13 @@ and leaving them out took away the facts they ask about (a 135M model learns
 a fact from a question about it, hardly from the passage's text), so the
 reward on self-generated probes measures recall of trained facts, and the
 regression sets (core knowledge, earlier feedback) are the guard.
+
+Where a sentence states a fact in the passive ("founded by the merchant
+Ottilie Brask", "was first described in 1874"), the pairs also ask it
+question-first, the way a person asks ("Which merchant founded Quellmoor's
+local grammar school?", "In what year was ... first described?"): a fact
+trained only in the passage's own word order is recalled in that order, and a
+question in other words can miss it after later updates.
 """
 
 from __future__ import annotations
@@ -69,6 +76,27 @@ TRAILING_CLAUSE = re.compile(
     r",\s+(?:who|whom|which|where|when|although|though|while|whereas|and|but|whose|after|before|"
     r"making|giving|leaving)\b.*$"
 )
+IRREGULAR_PAST = {
+    "written": "wrote", "drawn": "drew", "given": "gave", "taken": "took", "begun": "began", "known": "knew",
+    "shown": "showed", "grown": "grew", "driven": "drove", "chosen": "chose", "spoken": "spoke", "broken": "broke",
+    "seen": "saw", "sung": "sang", "thrown": "threw", "flown": "flew", "woven": "wove", "ridden": "rode",
+    "sewn": "sewed", "sown": "sowed", "undertaken": "undertook", "overseen": "oversaw", "rewritten": "rewrote",
+}
+PARTICIPLE = (
+    r"(?:[a-z]+ed|built|made|laid|held|sold|bought|won|brought|taught|kept|found|led|set|run|struck|told|sent|paid|"
+    + "|".join(IRREGULAR_PAST) + ")"
+)
+ADVERB = r"(?:[a-z]+ly|first|later|once|then|also|jointly|since)"
+NOUN_PHRASE = r"(?:(?:[Tt]he|[Ii]ts|[Aa]n?)\s+)?(?:[\w'’-]+\s+){0,4}[\w'’-]+"
+GENERIC_NOUNS = {
+    "firm", "company", "species", "town", "city", "village", "bird", "animal", "plant", "business", "society",
+    "ship", "island", "band", "museum", "institute", "club", "brand", "order", "school", "college", "festival",
+    "building", "church", "bridge", "castle", "estate", "manufacturer", "organisation", "organization",
+    "law", "act", "treaty", "game", "novel", "book", "poem", "painting", "song", "opera", "play", "coin",
+    "lighthouse", "observatory", "monastery", "abbey", "university", "newspaper", "river", "lake", "mountain",
+    "glacier", "mineral", "disease", "dish", "variety", "breed", "beetle", "insect", "fish", "tree", "instrument",
+    "device", "machine", "clock", "vessel", "expedition", "team", "club", "railway", "canal", "market", "port",
+}
 KIND_SCORE = {"year": 3.0, "number": 3.0, "person": 3.0, "role": 2.5, "name": 1.5}
 
 
@@ -136,9 +164,93 @@ def grounded_pairs(
     held_out = {probe.question for probe in exclude}
     pairs: dict[str, GroundedPair] = {}
     for _, sentence, blank, probe in asked:
-        if probe.question not in held_out:
-            pairs.setdefault(probe.question, GroundedPair(probe.question, blank.answer, _named(sentence, subject)))
+        answer = _named(sentence, subject)
+        for question in (probe.question, question_first(sentence, blank, subject)):
+            if question and question not in held_out:
+                pairs.setdefault(question, GroundedPair(question, blank.answer, answer))
     return tuple(pairs.values())[:limit]
+
+
+def question_first(sentence: str, blank: _Blank, subject: str) -> str | None:
+    """The blank asked the way a person asks, question word first, where the sentence states it
+    in the passive; None where no rule fits (an active verb would need its base form)."""
+    head, tail = sentence[: blank.start], sentence[blank.end :]
+    if blank.kind in ("person", "role") and re.search(r"\bby\s+$", head) and blank.phrase.startswith("which "):
+        clause = _passive_end(re.sub(r"\s*\bby\s+$", "", head), adjunct=True)
+        if clause is None:
+            return None
+        np, verb = clause
+        asked = _asked_np(np, subject)
+        past = IRREGULAR_PAST.get(verb.split()[-1], verb.split()[-1])
+        verb = " ".join([*verb.split()[:-1], past])
+        question = f"{blank.phrase[0].upper()}{blank.phrase[1:]} {verb} {asked}?" if asked else None
+    elif blank.kind == "year" and blank.phrase == "in what year":
+        clause = _passive_end(head, adjunct=False) if head.strip() else None
+        if clause is None:  # "In 1974 the firm was acquired by ..." (or ", and in 1974 ...")
+            leading = re.match(rf"^,?\s+({NOUN_PHRASE})\s+(?:was|were)\s+((?:{ADVERB}\s+)?{PARTICIPLE})\b", tail)
+            clause = (leading.group(1), leading.group(2)) if leading and _clause_start(head) else None
+        if clause is None:
+            return None
+        np, verb = clause
+        asked = _asked_np(np, subject)
+        aux = "were" if re.search(r"\bwere\s+(?:\w+\s+)?$", head) or re.search(r"^,?\s+\S.*?\bwere\b", tail) else "was"
+        question = f"In what year {aux} {asked} {verb}?" if asked else None
+    else:
+        return None
+    if question is None or blank.answer.lower() in question.lower() or len(question) > 300:
+        return None
+    return question
+
+
+def _passive_end(text: str, adjunct: bool) -> tuple[str, str] | None:
+    """(noun phrase, "[adverb] participle") for a clause ending in a passive verb: "The species was
+    first described [in 1874]", "the Greyhollow Wetland Reserve, established", "Velliver Instruments
+    was a manufacturer of surveying equipment founded [in 1902 in ...]". ``adjunct``: a trailing
+    "in/at/on/during ..." after the verb may be dropped."""
+    text = text.rstrip()
+    ending = rf"(?P<verb>(?:{ADVERB}\s+)?{PARTICIPLE})" + (r"(?:\s+(?:in|at|on|during|from)\s+[^,;]*)?" if adjunct else "")
+    match = re.search(rf"(?:\b(?:was|were)\s+|,\s+|^(?P<lead>.+?)\s+(?:was|is)\s+(?:a|an)\s+[^,;]*?\s+){ending}$", text)
+    if match is None:
+        return None
+    if match.group("lead") is not None:  # "<Subject> was a manufacturer ... founded": the sentence's subject
+        lead = match.group("lead")
+        return (lead, match.group("verb")) if re.fullmatch(NOUN_PHRASE, lead) else None
+    before = text[: match.start()].rstrip(" ,")
+    if text[match.start()] == ",":  # an appositive: the noun phrase just before the comma
+        # after a preposition only where a verb governs it ("protected within the ... Reserve,"):
+        # "a monastery in the Kalveth Highlands, founded" speaks of the monastery
+        np = re.search(rf"(?:^|,\s+|\b[a-z]+ed\s+(?:in|within|at|into|near|by)\s+)({NOUN_PHRASE})$", before)
+    else:  # the clause's subject: after the last comma, "and", or leading "in 1974"
+        np = re.search(rf"(?:^|,\s+)(?:(?:and|but|while|when)\s+)?(?:in\s+\d{{4}},?\s+)?({NOUN_PHRASE})$", before, re.IGNORECASE)
+    return (np.group(1), match.group("verb")) if np else None
+
+
+def _clause_start(head: str) -> bool:
+    """Is the blank (a leading "in 1974") where a clause starts: the sentence's start or after ", and"?"""
+    return not head.strip() or bool(re.search(r"(?:,|;)\s+(?:and\s+|but\s+)?$", head))
+
+
+def _asked_np(np: str, subject: str) -> str | None:
+    """The noun phrase as a stand-alone question names it: "It"/"the firm" -> the subject, "the
+    local grammar school" -> "Quellmoor's local grammar school", a name as it stands."""
+    words = np.split()
+    first = words[0].lower()
+    if first in ("it", "he", "she", "they"):
+        return subject or None
+    if first == "its":
+        return f"{_owner(subject)} {' '.join(words[1:])}" if subject else None
+    named = {w.lower() for w in re.findall(r"[A-Za-z]+", subject)}
+    if first == "the" and len(words) == 2 and subject and (words[1].lower() in GENERIC_NOUNS | named):
+        return subject  # "the firm", "the glacier" (of Kaldrannen Glacier)
+    if len(words) == 1 and not (subject and _same_name(np, subject)):
+        return None  # "Production was first recorded": one word tells nothing on its own
+    if subject and _mentions(np, subject):
+        return np[0].lower() + np[1:] if first in ("the", "a", "an") else np
+    if first == "the" and all(w[:1].islower() or not w[:1].isalpha() for w in words[1:]):
+        return f"{_owner(subject)} {' '.join(words[1:])}" if subject else None
+    if first in ("the", "a", "an"):
+        return "the " + " ".join(words[1:]) if words[1][:1].isupper() else None
+    return np if np[:1].isupper() else None
 
 
 def _questions(passage: str, title: str | None) -> tuple[str, list[tuple[int, str, _Blank, Probe]]]:
