@@ -106,7 +106,9 @@ def test_grounded_pairs_ask_every_fact_answer_with_its_sentence_and_hold_out_the
     assert len(pairs) >= 3  # the other facts of the probes' sentences
     every = {p.question for p in grounded_pairs(QUELLMOOR, "Quellmoor")}
     assert every >= asked | {p.question for p in probes}
-    by_answer = {p.answer: p for p in pairs}
+    by_answer: dict[str, object] = {}
+    for pair in pairs:
+        by_answer.setdefault(pair.answer, pair)  # the cloze form comes first, its question-first form after
     duke = by_answer["Aldric Venmoor"]
     assert duke.question == "Quellmoor received its market charter in 1387 from which duke?"
     # The answer is the sentence, named: "It received ..." would not stand alone.
@@ -169,11 +171,32 @@ def test_passive_facts_are_also_asked_question_first() -> None:
         assert norm(pair.answer) not in norm(pair.question)
 
 
-def test_active_sentences_get_no_question_first_form() -> None:
-    """Asking "In what year did ... receive" would need the verb's base form; no rule guesses it."""
+def test_active_past_tense_facts_are_asked_with_did_and_the_base_form() -> None:
     from services.generator.probes import _questions, question_first
 
     subject, asked = _questions(QUELLMOOR, "Quellmoor")
     by_answer = {blank.answer: question_first(sentence, blank, subject) for _, sentence, blank, _ in asked}
-    assert by_answer["1387"] is None and by_answer["Aldric Venmoor"] is None
+    assert by_answer["1387"] == "In what year did Quellmoor receive its market charter?"
+    assert by_answer["Aldric Venmoor"] == "From which duke did Quellmoor receive its market charter?"
+    assert by_answer["Dray Harwick"] == "To which provincial capital did a narrow-gauge railway link Quellmoor?"
     assert by_answer["Ottilie Brask"] == "Which merchant founded Quellmoor's local grammar school?"
+
+    def first_forms(passage: str, title: str) -> set[str]:
+        subject, asked = _questions(passage, title)
+        return {q for _, sentence, blank, _ in asked if (q := question_first(sentence, blank, subject))}
+
+    # No form where the clause is not "<noun phrase> <past-tense verb> ...": a passive with "was"
+    # taken for an active verb, an adjective in -ed, a second clause.
+    assert first_forms(
+        "The Stellwick clock stands in the square. The clock was damaged by lightning in 1744 and rebuilt. "
+        "The largest recorded performance took place in 1951 before the mayor.",
+        "Stellwick clock",
+    ) == set()
+    # the year that starts a second clause ("and again in 1949") gets none
+    assert first_forms(
+        "Grindlemoor Rovers is a football club in the mill town of Grindlemoor. "
+        "The team won the Ostwold Cup in 1907 and again in 1949 in front of large crowds.",
+        "Grindlemoor Rovers",
+    ) == {"In what year did Grindlemoor Rovers win the Ostwold Cup?"}
+    firm = "Velliver Instruments made theodolites. In 1928 the firm moved its works to Gannet Lane, where it grew."
+    assert first_forms(firm, "Velliver Instruments") == {"In what year did Velliver Instruments move its works to Gannet Lane?"}

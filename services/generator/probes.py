@@ -38,6 +38,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lemminflect import getAllLemmas, getInflection
+
 from shared.events import Probe
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(]?[A-Z0-9])")
@@ -88,6 +90,8 @@ PARTICIPLE = (
 )
 ADVERB = r"(?:[a-z]+ly|first|later|once|then|also|jointly|since)"
 NOUN_PHRASE = r"(?:(?:[Tt]he|[Ii]ts|[Aa]n?)\s+)?(?:[\w'’-]+\s+){0,4}[\w'’-]+"
+AUXILIARIES = {"was", "were", "is", "are", "be", "been", "being", "has", "have", "had", "will", "would", "can", "could"}
+CONJUNCTIONS = {"and", "but", "or", "although", "though", "while", "when", "where", "which", "who", "whom", "until", "because"}
 GENERIC_NOUNS = {
     "firm", "company", "species", "town", "city", "village", "bird", "animal", "plant", "business", "society",
     "ship", "island", "band", "museum", "institute", "club", "brand", "order", "school", "college", "festival",
@@ -172,9 +176,18 @@ def grounded_pairs(
 
 
 def question_first(sentence: str, blank: _Blank, subject: str) -> str | None:
-    """The blank asked the way a person asks, question word first, where the sentence states it
-    in the passive; None where no rule fits (an active verb would need its base form)."""
+    """The blank asked the way a person asks, question word first: "Which merchant founded ...?",
+    "In what year was ... established?", "From which duke did ... receive ...?"; None where no
+    rule fits the sentence."""
     head, tail = sentence[: blank.start], sentence[blank.end :]
+    question = _passive_question(head, tail, blank, subject) or _active_question(head, tail, blank, subject)
+    if question is None or blank.answer.lower() in question.lower() or len(question) > 300:
+        return None
+    return question
+
+
+def _passive_question(head: str, tail: str, blank: _Blank, subject: str) -> str | None:
+    """For a fact stated in the passive: "founded by the merchant X", "was first described in 1874"."""
     if blank.kind in ("person", "role") and re.search(r"\bby\s+$", head) and blank.phrase.startswith("which "):
         clause = _passive_end(re.sub(r"\s*\bby\s+$", "", head), adjunct=True)
         if clause is None:
@@ -197,9 +210,97 @@ def question_first(sentence: str, blank: _Blank, subject: str) -> str | None:
         question = f"In what year {aux} {asked} {verb}?" if asked else None
     else:
         return None
-    if question is None or blank.answer.lower() in question.lower() or len(question) > 300:
-        return None
     return question
+
+
+def _active_question(head: str, tail: str, blank: _Blank, subject: str) -> str | None:
+    """For a fact stated with an active verb in the past tense, asked with "did" and the verb's base
+    form: "It received its market charter in 1387 from Duke ..." -> "In what year did Quellmoor
+    receive its market charter?", "From which duke did Quellmoor receive its market charter?"."""
+    if blank.kind == "year" and blank.phrase == "in what year":
+        if head.strip():  # "<subject> <verb> <object> in 1891"
+            clause = _active(_clause_of(head))
+            rest_end = ""
+        elif _clause_start(head):  # "In 1928 the firm moved its works to ..., where ..."
+            clause = _active(re.split(r"[,;]", re.sub(r"^[\s,]+", "", tail), maxsplit=1)[0])
+            rest_end = ""
+        else:
+            return None
+        if clause is None:
+            return None
+        np, base, rest = clause
+        wording = "In what year did"
+    elif blank.kind in ("person", "role") and (blank.phrase.startswith("which ") or blank.phrase == "whom"):
+        prep = re.search(r"\b(from|to|with|for|under|against|into|towards)\s+$", head)
+        clause = _active(_clause_of(head[: prep.start()] if prep else head))
+        if clause is None:
+            return None
+        np, base, rest = clause
+        if not prep and rest:
+            return None  # the blank is not the verb's object
+        phrase = "who" if blank.phrase == "whom" and not prep else blank.phrase
+        wording = f"{prep.group(1).capitalize()} {phrase}" if prep else phrase[0].upper() + phrase[1:]
+        wording += " did"
+        rest_end = ""
+    else:
+        return None
+    asked = np[0].lower() + np[1:] if np.split()[0].lower() in ("a", "an") else _asked_np(np, subject)
+    if not asked:
+        return None
+    rest = _named_in(rest.strip(" ,;"), subject)
+    question = " ".join(part for part in (wording, asked, base, rest + rest_end) if part) + "?"
+    return question if subject and _mentions(question, subject) else None
+
+
+def _clause_of(head: str) -> str:
+    """The clause a blank stands in: after a leading "In 1974," and after the last ", and" or ";"."""
+    clause = re.split(r";\s+|,\s+(?:and|but)\s+", head.strip())[-1]
+    return re.sub(r"^(?:[Ii]n|[Bb]y|[Dd]uring)\s+(?:the\s+)?\d{4}s?,?\s+", "", clause)
+
+
+def _active(clause: str) -> tuple[str, str, str] | None:
+    """(noun phrase, the verb's base form, the rest) for "<noun phrase> <past-tense verb> <rest>",
+    the noun phrase at most five words; None where no such verb follows it."""
+    words = clause.split()
+    for i, word in enumerate(words[:6]):
+        if word.lower() in AUXILIARIES or not re.fullmatch(r"[\w'’-]+", word):
+            return None  # "the clock was damaged": a passive, or no plain noun phrase
+        base = _past_base(word) if i else None
+        if base:
+            np = " ".join(words[:i])
+            # "... its market charter in 1387 (from Duke ...)": a trailing date says nothing of the blank
+            rest = re.sub(r"\s+(?:in|on|during|by|around)\s+(?:the\s+)?\d{4}s?$", "", " ".join(words[i + 1 :])).split()
+            if np.lower() in ("a", "an", "the", "its") or not re.fullmatch(NOUN_PHRASE, np):
+                return None
+            # One clause: no second verb, year or conjunction in the rest ("The largest recorded
+            # performance took place": "recorded" was an adjective).
+            if any(w.lower() in AUXILIARIES | CONJUNCTIONS or YEAR.search(w) or _past_base(w) for w in rest):
+                return None
+            return np, base, re.sub(r"[.!?]+$", "", " ".join(rest))
+    return None
+
+
+def _past_base(word: str) -> str | None:
+    """The base form of a verb in the simple past ("received" -> "receive", "fell" -> "fall"), from
+    lemminflect's dictionary: None for any other word (and for "was", which a question inverts)."""
+    lemmas = getAllLemmas(word.lower(), upos="VERB").get("VERB")
+    if not lemmas or not word.islower():
+        return None
+    base = lemmas[0]
+    if base in ("be", "have", "do") or base == word or word not in getInflection(base, tag="VBD"):
+        return None
+    return base
+
+
+def _named_in(text: str, subject: str) -> str:
+    """``text`` with its first "the town" / "the firm" (a word for the subject) naming the subject."""
+    if not subject:
+        return text
+    named = {w.lower() for w in re.findall(r"[A-Za-z]+", subject)}
+    for match in re.finditer(r"\bthe\s+([a-z]+)\b", text):
+        if match.group(1) in GENERIC_NOUNS | named:
+            return text[: match.start()] + subject + text[match.end() :]
+    return text
 
 
 def _passive_end(text: str, adjunct: bool) -> tuple[str, str] | None:
