@@ -220,10 +220,8 @@ def _active_question(head: str, tail: str, blank: _Blank, subject: str) -> str |
     if blank.kind == "year" and blank.phrase == "in what year":
         if head.strip():  # "<subject> <verb> <object> in 1891"
             clause = _active(_clause_of(head))
-            rest_end = ""
         elif _clause_start(head):  # "In 1928 the firm moved its works to ..., where ..."
             clause = _active(re.split(r"[,;]", re.sub(r"^[\s,]+", "", tail), maxsplit=1)[0])
-            rest_end = ""
         else:
             return None
         if clause is None:
@@ -241,14 +239,13 @@ def _active_question(head: str, tail: str, blank: _Blank, subject: str) -> str |
         phrase = "who" if blank.phrase == "whom" and not prep else blank.phrase
         wording = f"{prep.group(1).capitalize()} {phrase}" if prep else phrase[0].upper() + phrase[1:]
         wording += " did"
-        rest_end = ""
     else:
         return None
     asked = np[0].lower() + np[1:] if np.split()[0].lower() in ("a", "an") else _asked_np(np, subject)
     if not asked:
         return None
     rest = _named_in(rest.strip(" ,;"), subject)
-    question = " ".join(part for part in (wording, asked, base, rest + rest_end) if part) + "?"
+    question = " ".join(part for part in (wording, asked, base, rest) if part) + "?"
     return question if subject and _mentions(question, subject) else None
 
 
