@@ -138,7 +138,9 @@ def grounded_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], con
     if not isinstance(content, KnowledgeFeedback) or config.grounded_pairs == 0:
         return []
     product = tuple(p for p in probes if p.source == "product")
-    pairs = grounded_pairs(content.passage, content.title, product, limit=config.grounded_pairs)
+    pairs = grounded_pairs(
+        content.passage, content.title, product, limit=config.grounded_pairs, ask_first=config.question_first
+    )
     sequences = [f"Question: {p.question}\nAnswer: {p.sentence}" for p in pairs]
     return [s for s in sequences if len(s) <= config.max_sequence_chars]
 

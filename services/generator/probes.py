@@ -25,12 +25,15 @@ a fact from a question about it, hardly from the passage's text), so the
 reward on self-generated probes measures recall of trained facts, and the
 regression sets (core knowledge, earlier feedback) are the guard.
 
-Where a sentence states a fact in the passive ("founded by the merchant
-Ottilie Brask", "was first described in 1874"), the pairs also ask it
-question-first, the way a person asks ("Which merchant founded Quellmoor's
-local grammar school?", "In what year was ... first described?"): a fact
-trained only in the passage's own word order is recalled in that order, and a
-question in other words can miss it after later updates.
+With ``ask_first`` (the generator's ``question_first`` setting, off by
+default), where the sentence's grammar allows (a passive, or an active verb
+in the past tense), the pairs also ask each fact question-first, the way a
+person asks ("Which merchant founded Quellmoor's local grammar school?",
+"From which duke did Quellmoor receive its market charter?"): a fact trained
+only in the passage's own word order is recalled in that order, and a
+question in other words can miss it after later updates. It is off because,
+with one candidate at 0.75 strength, the extra pairs made later updates lose
+3-4 core questions and the gate refused them (bench/RESULTS.md, "Forgetting").
 """
 
 from __future__ import annotations
@@ -161,15 +164,16 @@ class GroundedPair:
 
 
 def grounded_pairs(
-    passage: str, title: str | None, exclude: tuple[Probe, ...] = (), limit: int = 48
+    passage: str, title: str | None, exclude: tuple[Probe, ...] = (), limit: int = 48, *, ask_first: bool = False
 ) -> tuple[GroundedPair, ...]:
-    """A question for every blank of every sentence, answered by its sentence; ``exclude``'s questions left out."""
+    """A question for every blank of every sentence, answered by its sentence; ``exclude``'s questions
+    left out. ``ask_first``: each also asked question-first where a rule fits (:func:`question_first`)."""
     subject, asked = _questions(passage, title)
     held_out = {probe.question for probe in exclude}
     pairs: dict[str, GroundedPair] = {}
     for _, sentence, blank, probe in asked:
         answer = _named(sentence, subject)
-        for question in (probe.question, question_first(sentence, blank, subject)):
+        for question in (probe.question, question_first(sentence, blank, subject) if ask_first else None):
             if question and question not in held_out:
                 pairs.setdefault(question, GroundedPair(question, blank.answer, answer))
     return tuple(pairs.values())[:limit]
