@@ -102,7 +102,7 @@ GENERIC_NOUNS = {
     "law", "act", "treaty", "game", "novel", "book", "poem", "painting", "song", "opera", "play", "coin",
     "lighthouse", "observatory", "monastery", "abbey", "university", "newspaper", "river", "lake", "mountain",
     "glacier", "mineral", "disease", "dish", "variety", "breed", "beetle", "insect", "fish", "tree", "instrument",
-    "device", "machine", "clock", "vessel", "expedition", "team", "club", "railway", "canal", "market", "port",
+    "device", "machine", "clock", "vessel", "expedition", "team", "railway", "canal", "market", "port",
 }
 KIND_SCORE = {"year": 3.0, "number": 3.0, "person": 3.0, "role": 2.5, "name": 1.5}
 
@@ -197,11 +197,11 @@ def _passive_question(head: str, tail: str, blank: _Blank, subject: str) -> str 
         if clause is None:
             return None
         np, verb = clause
+        *adverb, participle = verb.split()
         asked = _asked_np(np, subject)
-        past = IRREGULAR_PAST.get(verb.split()[-1], verb.split()[-1])
-        verb = " ".join([*verb.split()[:-1], past])
-        question = f"{blank.phrase[0].upper()}{blank.phrase[1:]} {verb} {asked}?" if asked else None
-    elif blank.kind == "year" and blank.phrase == "in what year":
+        past = " ".join([*adverb, IRREGULAR_PAST.get(participle, participle)])
+        return f"{blank.phrase[0].upper()}{blank.phrase[1:]} {past} {asked}?" if asked else None
+    if blank.kind == "year" and blank.phrase == "in what year":
         clause = _passive_end(head, adjunct=False) if head.strip() else None
         if clause is None:  # "In 1974 the firm was acquired by ..." (or ", and in 1974 ...")
             leading = re.match(rf"^,?\s+({NOUN_PHRASE})\s+(?:was|were)\s+((?:{ADVERB}\s+)?{PARTICIPLE})\b", tail)
@@ -211,10 +211,8 @@ def _passive_question(head: str, tail: str, blank: _Blank, subject: str) -> str 
         np, verb = clause
         asked = _asked_np(np, subject)
         aux = "were" if re.search(r"\bwere\s+(?:\w+\s+)?$", head) or re.search(r"^,?\s+\S.*?\bwere\b", tail) else "was"
-        question = f"In what year {aux} {asked} {verb}?" if asked else None
-    else:
-        return None
-    return question
+        return f"In what year {aux} {asked} {verb}?" if asked else None
+    return None
 
 
 def _active_question(head: str, tail: str, blank: _Blank, subject: str) -> str | None:
@@ -224,10 +222,8 @@ def _active_question(head: str, tail: str, blank: _Blank, subject: str) -> str |
     if blank.kind == "year" and blank.phrase == "in what year":
         if head.strip():  # "<subject> <verb> <object> in 1891"
             clause = _active(_clause_of(head))
-        elif _clause_start(head):  # "In 1928 the firm moved its works to ..., where ..."
+        else:  # "In 1928 the firm moved its works to ..., where ..."
             clause = _active(re.split(r"[,;]", re.sub(r"^[\s,]+", "", tail), maxsplit=1)[0])
-        else:
-            return None
         if clause is None:
             return None
         np, base, rest = clause
@@ -295,13 +291,17 @@ def _past_base(word: str) -> str | None:
 
 def _named_in(text: str, subject: str) -> str:
     """``text`` with its first "the town" / "the firm" (a word for the subject) naming the subject."""
-    if not subject:
-        return text
-    named = {w.lower() for w in re.findall(r"[A-Za-z]+", subject)}
     for match in re.finditer(r"\bthe\s+([a-z]+)\b", text):
-        if match.group(1) in GENERIC_NOUNS | named:
+        if _stands_for(match.group(1), subject):
             return text[: match.start()] + subject + text[match.end() :]
     return text
+
+
+def _stands_for(noun: str, subject: str) -> bool:
+    """Does "the <noun>" speak of the subject: a word for a kind of thing ("the firm"), or one of
+    the subject's own words ("the glacier" of Kaldrannen Glacier)?"""
+    own_words = {w.lower() for w in re.findall(r"[A-Za-z]+", subject)}
+    return bool(subject) and (noun.lower() in GENERIC_NOUNS or noun.lower() in own_words)
 
 
 def _passive_end(text: str, adjunct: bool) -> tuple[str, str] | None:
@@ -341,8 +341,7 @@ def _asked_np(np: str, subject: str) -> str | None:
         return subject or None
     if first == "its":
         return f"{_owner(subject)} {' '.join(words[1:])}" if subject else None
-    named = {w.lower() for w in re.findall(r"[A-Za-z]+", subject)}
-    if first == "the" and len(words) == 2 and subject and (words[1].lower() in GENERIC_NOUNS | named):
+    if first == "the" and len(words) == 2 and _stands_for(words[1], subject):
         return subject  # "the firm", "the glacier" (of Kaldrannen Glacier)
     if len(words) == 1 and not (subject and _same_name(np, subject)):
         return None  # "Production was first recorded": one word tells nothing on its own
