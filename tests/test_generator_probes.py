@@ -138,7 +138,7 @@ def test_passive_facts_are_also_asked_question_first() -> None:
     """A fact the passage states in the passive is trained in the shape a person asks it too."""
     from services.generator.probes import grounded_pairs
 
-    asked = {p.question: p for p in grounded_pairs(QUELLMOOR, "Quellmoor", ask_first=True)}
+    asked = {p.question: p for p in grounded_pairs(QUELLMOOR, "Quellmoor", ask_first="also")}
     first = asked["Which merchant founded Quellmoor's local grammar school?"]
     assert first.answer == "Ottilie Brask" and first.sentence.startswith("The local grammar school, founded by")
     # the cloze form stays beside it
@@ -150,7 +150,7 @@ def test_passive_facts_are_also_asked_question_first() -> None:
         "within the Greyhollow Wetland Reserve, established in 1967. A monastery in the Kalveth Highlands, "
         "founded in 1104 by the abbot Serenus of Lume, stands above it."
     )
-    questions = {p.question for p in grounded_pairs(species, "Marsh tindlewren", ask_first=True)}
+    questions = {p.question for p in grounded_pairs(species, "Marsh tindlewren", ask_first="also")}
     assert "Which naturalist first described Marsh tindlewren?" in questions  # "the species" is the subject
     assert "In what year was Marsh tindlewren first described?" in questions
     assert "In what year was the Greyhollow Wetland Reserve established?" in questions
@@ -161,17 +161,17 @@ def test_passive_facts_are_also_asked_question_first() -> None:
         "Velliver Instruments was a maker of surveying equipment founded in 1902 in the port city of Saint Orlac. "
         "Sales fell in the 1960s, and in 1974 the firm was acquired by the optics group Hallenbrook Ltd."
     )
-    questions = {p.question for p in grounded_pairs(firm, "Velliver Instruments", ask_first=True)}
+    questions = {p.question for p in grounded_pairs(firm, "Velliver Instruments", ask_first="also")}
     assert {
         "In what year was Velliver Instruments founded?",
         "In what year was Velliver Instruments acquired?",
         "Which optics group acquired Velliver Instruments?",
     } <= questions
-    for pair in grounded_pairs(firm, "Velliver Instruments", ask_first=True):
+    for pair in grounded_pairs(firm, "Velliver Instruments", ask_first="also"):
         assert norm(pair.answer) not in norm(pair.question)
 
 
-def test_the_question_first_forms_are_off_unless_the_setting_asks_for_them() -> None:
+def test_the_question_first_forms_are_off_unless_the_setting_asks_for_them_beside_or_instead() -> None:
     from services.generator.candidates import grounded_sequences
 
     event = FeedbackSubmitted(
@@ -180,9 +180,16 @@ def test_the_question_first_forms_are_off_unless_the_setting_asks_for_them() -> 
     probes = probes_for(event, GeneratorConfig())
     first = "Question: Which merchant founded Quellmoor's local grammar school?\n"
     plain = grounded_sequences(event, probes, GeneratorConfig())
-    both = grounded_sequences(event, probes, GeneratorConfig(question_first=True))
+    both = grounded_sequences(event, probes, GeneratorConfig(question_first="also"))
     assert not any(s.startswith(first) for s in plain)
     assert any(s.startswith(first) for s in both) and set(plain) < set(both)
+    # "instead": the question-first form takes its cloze question's place; a fact with no form keeps its
+    # cloze question, so there are as many pairs as without the forms
+    only = grounded_sequences(event, probes, GeneratorConfig(question_first="instead"))
+    assert any(s.startswith(first) for s in only) and len(only) == len(plain)
+    assert not any("founded by which merchant" in s for s in only)
+    assert set(only) - set(plain) == set(both) - set(plain)
+    assert set(only) & set(plain) and set(only) < set(both)
 
 
 def test_active_past_tense_facts_are_asked_with_did_and_the_base_form() -> None:

@@ -25,13 +25,14 @@ a fact from a question about it, hardly from the passage's text), so the
 reward on self-generated probes measures recall of trained facts, and the
 regression sets (core knowledge, earlier feedback) are the guard.
 
-With ``ask_first`` (the generator's ``question_first`` setting, off by
+With ``ask_first`` (the generator's ``question_first`` setting, "off" by
 default), where the sentence's grammar allows (a passive, or an active verb
-in the past tense), the pairs also ask each fact question-first, the way a
-person asks ("Which merchant founded Quellmoor's local grammar school?",
-"From which duke did Quellmoor receive its market charter?"): a fact trained
-only in the passage's own word order is recalled in that order, and a
-question in other words can miss it after later updates. It is off because,
+in the past tense), the pairs ask a fact question-first, the way a person
+asks ("Which merchant founded Quellmoor's local grammar school?", "From which
+duke did Quellmoor receive its market charter?"): "also" beside its cloze
+question, "instead" of it (the same number of pairs). A fact trained only in
+the passage's own word order is recalled in that order, and a question in
+other words can miss it after later updates. "also" is not the default:
 with one candidate at 0.75 strength, the extra pairs made later updates lose
 3-4 core questions and the gate refused them (bench/RESULTS.md, "Forgetting").
 """
@@ -40,10 +41,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from lemminflect import getAllLemmas, getInflection
 
 from shared.events import Probe
+
+# Whether a fact is also, or only, asked question-first (grounded_pairs).
+AskFirst = Literal["off", "also", "instead"]
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(]?[A-Z0-9])")
 YEAR = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
@@ -164,16 +169,18 @@ class GroundedPair:
 
 
 def grounded_pairs(
-    passage: str, title: str | None, exclude: tuple[Probe, ...] = (), limit: int = 48, *, ask_first: bool = False
+    passage: str, title: str | None, exclude: tuple[Probe, ...] = (), limit: int = 48, *, ask_first: AskFirst = "off"
 ) -> tuple[GroundedPair, ...]:
     """A question for every blank of every sentence, answered by its sentence; ``exclude``'s questions
-    left out. ``ask_first``: each also asked question-first where a rule fits (:func:`question_first`)."""
+    left out. ``ask_first``: where a rule fits (:func:`question_first`), the fact is also ("also") or
+    only ("instead") asked question-first."""
     subject, asked = _questions(passage, title)
     held_out = {probe.question for probe in exclude}
     pairs: dict[str, GroundedPair] = {}
     for _, sentence, blank, probe in asked:
         answer = _named(sentence, subject)
-        for question in (probe.question, question_first(sentence, blank, subject) if ask_first else None):
+        first = question_first(sentence, blank, subject) if ask_first != "off" else None
+        for question in (first,) if first and ask_first == "instead" else (probe.question, first):
             if question and question not in held_out:
                 pairs.setdefault(question, GroundedPair(question, blank.answer, answer))
     return tuple(pairs.values())[:limit]

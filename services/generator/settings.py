@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from services.generator.probes import AskFirst
 from shared.settings import ServiceSettings
 
 
@@ -30,10 +31,11 @@ class GeneratorConfig(BaseModel):
     # For a passage, questions about its facts answered by its sentences, kept in every
     # candidate (see candidates.grounded_sequences); 0: none.
     grounded_pairs: int = Field(default=32, ge=0, le=128)
-    # Each of those facts also asked question-first where the sentence's grammar allows ("From which
-    # duke did Quellmoor receive ...?"). Off: with one candidate at 0.75 the extra pairs cost later
-    # updates 3-4 core questions and the gate refused them (bench/RESULTS.md, "Forgetting").
-    question_first: bool = False
+    # Each of those facts asked question-first where the sentence's grammar allows ("From which duke
+    # did Quellmoor receive ...?"): "also" beside its cloze question, "instead" of it (as many pairs
+    # as "off"). Not "also": with one candidate at 0.75 the extra pairs cost later updates 3-4 core
+    # questions and the gate refused them (bench/RESULTS.md, "Forgetting").
+    question_first: AskFirst = "off"
     # Policy adapters downloaded from the object store; None: a temporary directory.
     adapter_cache_dir: Path | None = None
     max_loaded_adapters: int = Field(default=4, ge=1, le=64)
