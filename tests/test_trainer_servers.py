@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import nats
@@ -103,11 +104,16 @@ class Trainer:
                 await self.proc.wait()
 
 
-async def test_a_trainer_killed_mid_training_still_yields_exactly_one_adapter(
-    provisioned_stack, adapter_store: AdapterStore, tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+async def test_a_trainer_killed_or_stopped_mid_training_still_yields_exactly_one_adapter(
+    provisioned_stack, adapter_store: AdapterStore, tmp_path: Path, sig: signal.Signals
 ) -> None:
+    """Killed, the trainer's message comes back after ack_wait; stopped (SIGTERM, as Kubernetes stops a
+    pod), it ends its training at the next step and hands the message back at once."""
     group = f"kill{ev.new_id()[:8]}"
-    config = TrainerConfig(ack_wait_s=1.5, consumer_group=group)
+    # Stopped: an ack_wait long enough that only the handing back explains a quick redelivery.
+    ack_wait = 1.5 if sig == signal.SIGKILL else 30.0
+    config = TrainerConfig(ack_wait_s=ack_wait, consumer_group=group)
     scope = f"kill-{group}"
     nc = await nats.connect(provisioned_stack.nats_url, **connect_options(provisioned_stack.nats_settings()))
     js = nc.jetstream()
@@ -115,7 +121,7 @@ async def test_a_trainer_killed_mid_training_still_yields_exactly_one_adapter(
     for spec in (config.self_edits, config.rebases, config.policy):
         await js.add_consumer(EVENTS_STREAM, ConsumerConfig(
             durable_name=spec.durable, filter_subject=spec.subject, deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.EXPLICIT, ack_wait=1.5, max_deliver=5,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=5,
         ))
     trained: asyncio.Queue[ev.AdapterTrained] = asyncio.Queue()
 
@@ -132,7 +138,7 @@ async def test_a_trainer_killed_mid_training_still_yields_exactly_one_adapter(
             **os.environ, **provisioned_stack.env(),
             "SEAL_MODEL__NAME": "tiny", "SEAL_MODEL__CACHE_DIR": str(MODEL_CACHE), "SEAL_MODEL__DEVICE": "cpu",
             "SEAL_HTTP_HOST": "127.0.0.1", "SEAL_HTTP_PORT": str(free_port()), "SEAL_LOG_LEVEL": "INFO",
-            "SEAL_TRAINER__ACK_WAIT_S": "1.5", "SEAL_TRAINER__CONSUMER_GROUP": group,
+            "SEAL_TRAINER__ACK_WAIT_S": str(ack_wait), "SEAL_TRAINER__CONSUMER_GROUP": group,
             "SEAL_TRAINER__STEP_PAUSE_S": "0.25", "SEAL_TRAINER__WORK_DIR": str(tmp_path / name),
         }
         trainers[name] = await Trainer(name, env, lines).start()
@@ -156,9 +162,25 @@ async def test_a_trainer_killed_mid_training_still_yields_exactly_one_adapter(
         victim = await asyncio.wait_for(watch(), 180)
         # Kept alive by in-progress acks: nobody else got the message while the victim trained.
         assert started == [victim]
-        await trainers[victim].stop(signal.SIGKILL)
-        out = await asyncio.wait_for(trained.get(), 120)
         survivor = "b" if victim == "a" else "a"
+        signalled = time.monotonic()
+        await trainers[victim].stop(sig)
+        if sig == signal.SIGTERM:
+            # out well inside its 30 s graceful timeout (it had 24 paced steps left), and its
+            # message with the survivor well before ack_wait
+
+            async def redelivered() -> None:
+                while f"{event.event_id} (scope {scope}, delivery 2)" not in (await lines.get())[1]:
+                    pass
+
+            assert time.monotonic() - signalled < 15
+            # a clean shutdown: uvicorn raises the signal again once it is done, hence -SIGTERM
+            assert trainers[victim].proc.returncode == -signal.SIGTERM
+            log = "\n".join(trainers[victim].log)
+            assert "handed back for redelivery: the trainer is shutting down (stopped before step" in log
+            assert "shut down gracefully" in log
+            await asyncio.wait_for(redelivered(), max(1.0, 15 - (time.monotonic() - signalled)))
+        out = await asyncio.wait_for(trained.get(), 120)
         for trainer in trainers.values():
             await trainer.stop()
     finally:

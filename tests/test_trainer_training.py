@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from services.trainer.examples import IGNORE, plan_epoch, text_examples
-from services.trainer.inner_loop import mean_token_loss
+from services.trainer.inner_loop import TrainingInterrupted, mean_token_loss
 from services.trainer.lora_training import Layout, LoraTrainer, TrainingJob, TrainingRejected
 from shared.events import TrainingDirectives
 from shared.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -167,6 +168,21 @@ def test_a_non_finite_loss_fails_the_candidate_and_saves_nothing(trainer: LoraTr
         weight.data.copy_(saved)
     assert not (tmp_path / "trained" / "broken").exists()
     assert trainer.host.names == []
+
+
+def test_a_stopped_trainer_ends_a_running_training_before_its_next_step_and_saves_nothing(tiny_model, tmp_path) -> None:
+    trainer = LoraTrainer(tiny_model, tmp_path, Layout(step_pause_s=0.05))
+    job = TrainingJob("stopped", FAST.model_copy(update={"epochs": 200}), texts=TEXTS)  # 10 s unstopped
+    timer = threading.Timer(0.5, trainer.stop)
+    timer.start()
+    with pytest.raises(TrainingInterrupted, match=r"stopped before step \d+ of 200"):
+        trainer.train(job)
+    timer.join()
+    assert not (tmp_path / "trained" / "stopped").exists()
+    assert trainer.host.names == []
+    # a job that starts after the stop (the process is on its way out) takes no step
+    with pytest.raises(TrainingInterrupted, match="before step 1 of"):
+        trainer.train(TrainingJob("later", FAST, texts=TEXTS))
 
 
 def test_nothing_to_learn_is_rejected(trainer: LoraTrainer) -> None:

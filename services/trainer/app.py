@@ -10,6 +10,12 @@ trained by one trainer. Training outlasts the consumer's ``ack_wait``, so
 while a handler runs the message gets an in-progress acknowledgement every
 ``ack_wait / 3`` seconds; a trainer that dies stops sending them, and
 JetStream redelivers the message to another replica after ``ack_wait``.
+
+A trainer told to stop (SIGTERM: a rolling update, a node drained) does not
+train on to the end, which can take longer than the pod's grace period: its
+training ends before the next optimizer step, the message goes back to
+JetStream at once (a negative acknowledgement, so another replica takes it
+without waiting for ``ack_wait``), and the process exits.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
+from services.trainer.inner_loop import TrainingInterrupted
 from services.trainer.settings import TrainerSettings
 from shared.broker import connect_options, create_broker, durable_subscriber, kept_in_progress, publish_event
 from shared.events import Event, PolicyTrainingRequested, RebaseRequested, SelfEditGenerated
@@ -58,8 +65,14 @@ def create_app(
         attributes = {FEEDBACK_ID: event.feedback_id, SCOPE: event.scope, "seal.event_id": event.event_id,
                       "messaging.delivery": str(delivery)}
         with tracer.start_as_current_span("trainer.train", attributes=attributes):
-            async with kept_in_progress(msg, heartbeat_interval(spec)):
-                produced = await handler(event, state["ports"])
+            try:
+                async with kept_in_progress(msg, heartbeat_interval(spec)):
+                    produced = await handler(event, state["ports"])
+            except TrainingInterrupted as exc:
+                log.warning("training for %s %s handed back for redelivery: the trainer is shutting down (%s)",
+                            event.type, event.event_id, exc)
+                await msg.nack()
+                return
             for out in produced:
                 await publish_event(broker, out)
 
@@ -81,6 +94,10 @@ def create_app(
             state["ports"] = await asyncio.to_thread(build_ports, settings, state["nc"].jetstream())
 
     async def stop() -> None:
+        # Before the broker drains its handlers: a training in progress ends at its next step.
+        stop_training = getattr(state["ports"] and state["ports"].trainer, "stop", None)
+        if stop_training is not None:
+            stop_training()
         if state["nc"] is not None:
             await state["nc"].close()
 

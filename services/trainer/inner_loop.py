@@ -12,7 +12,9 @@ own back-propagated term to every step before the gradient is clipped; its
 values are kept apart from the loss on the examples (``anchor_curve``).
 
 Any non-finite loss, gradient or weight stops training with
-:class:`NonFiniteTraining`; nothing half-trained leaves this module.
+:class:`NonFiniteTraining`, and a set ``stop`` event (the process is shutting
+down) stops it before the next step with :class:`TrainingInterrupted`;
+nothing half-trained leaves this module.
 
 :func:`mean_token_loss` is the one measure of "how well does the model know
 these examples" used by the tests and the benchmark alike.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +36,10 @@ from services.trainer.examples import IGNORE, Example, Step
 log = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 1.0
+
+
+class TrainingInterrupted(Exception):
+    """Training was asked to stop before it finished (the process is shutting down)."""
 
 
 class NonFiniteTraining(Exception):
@@ -68,8 +75,11 @@ def fit(
     on_epoch: Callable[[int, int, float], None] | None = None,
     pause_s: float = 0.0,
     anchor: Callable[[torch.nn.Module, int], float] | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainingRun:
-    """Train ``parameters`` of ``model`` over the planned ``epochs``; returns the run."""
+    """Train ``parameters`` of ``model`` over the planned ``epochs``; returns the run.
+
+    ``stop``: checked before every step; once set, :class:`TrainingInterrupted`."""
     if not parameters:
         raise ValueError("nothing to train: no parameter requires a gradient")
     total = sum(len(steps) for steps in epochs)
@@ -82,6 +92,8 @@ def fit(
         for epoch, steps in enumerate(epochs, start=1):
             weighted, targets = 0.0, 0
             for step in steps:
+                if stop is not None and stop.is_set():
+                    raise TrainingInterrupted(f"stopped before step {run.steps + 1} of {total} (epoch {epoch})")
                 loss = _step(model, step, device)
                 if not math.isfinite(loss):
                     raise NonFiniteTraining(f"loss became {loss} at step {run.steps + 1} (epoch {epoch})")

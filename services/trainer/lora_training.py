@@ -22,7 +22,9 @@ strength ladder: the same data at gentler strengths) is not trained again,
 only scaled.
 
 Training runs one job at a time (a lock), in the caller's thread: the
-service calls it through ``asyncio.to_thread``.
+service calls it through ``asyncio.to_thread``. :meth:`LoraTrainer.stop` (the
+service shutting down) ends a running training before its next step with
+:class:`inner_loop.TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -132,8 +134,14 @@ class LoraTrainer:
         self.rehearsal = rehearsal
         self.anchoring = anchoring
         self._lock = threading.Lock()
+        # Set by stop(): a running training ends before its next step (TrainingInterrupted).
+        self.stopping = threading.Event()
         # training key -> (unscaled PEFT directory, what its training gave), oldest first
         self._trained: OrderedDict[str, tuple[Path, TrainedAdapter]] = OrderedDict()
+
+    def stop(self) -> None:
+        """Make a training that runs now, or starts later, end before its next step."""
+        self.stopping.set()
 
     @property
     def base_model(self) -> str:
@@ -286,6 +294,7 @@ class LoraTrainer:
                 ),
                 pause_s=self.layout.step_pause_s,
                 anchor=anchor,
+                stop=self.stopping,
             )
             # How far the model moved from the base on the rehearsal answers: the mean of the
             # anchor's terms over the last epoch (no extra pass over all of them).
