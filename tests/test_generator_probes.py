@@ -193,7 +193,8 @@ def test_the_question_first_forms_are_off_unless_the_setting_asks_for_them_besid
 
 
 def test_active_past_tense_facts_are_asked_with_did_and_the_base_form() -> None:
-    from services.generator.probes import _questions, question_first
+    from services.generator.asking import question_first
+    from services.generator.probes import _questions
 
     subject, asked = _questions(QUELLMOOR, "Quellmoor")
     by_answer = {blank.answer: question_first(sentence, blank, subject) for _, sentence, blank, _ in asked}

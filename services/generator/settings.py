@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from services.generator.probes import AskFirst
+from services.generator.asking import AskFirst
 from shared.settings import ServiceSettings
 
 
