@@ -328,3 +328,11 @@ def test_a_higher_reward_still_beats_a_gentler_candidate() -> None:
     plan = plan_for(((0.2, 0.90), (0.4, 0.80)))
     assert (plan.action, plan.chosen) == ("promote", 1)
     assert "reward +0.4000 > +0.2000" in plan.rejections[0][0]
+
+
+def test_scores_equal_but_for_float_noise_compare_equal() -> None:
+    # 0.1 + 0.2 != 0.3 in floats, and 0.88 - 0.9 is a hair below -0.02: a tie and a drop exactly at
+    # the allowed margin, so the lower index stays chosen.
+    plan = plan_for(((0.1 + 0.2, 0.88), (0.3, 0.9)))
+    assert (plan.action, plan.chosen) == ("promote", 0)
+    assert "same reward +0.3000 and a lower index" in plan.rejections[1][0]

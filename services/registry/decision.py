@@ -70,15 +70,20 @@ def select_best_candidate(candidates: list[CandidateRecord], margin: float = 0.0
         return None
     top = max(_reward(c) for c in passing)
     tied = sorted((c for c in passing if _reward(c) == top), key=lambda c: c.index)
-    kept = [k for c in tied if (k := regression_kept(c)) is not None]
+    kept = {c.index: k for c in tied if (k := regression_kept(c)) is not None}
     if not kept:
         return tied[0]
-    floor = round(max(kept) - margin, 9)
-    return next(c for c in tied if (k := regression_kept(c)) is not None and round(k, 9) >= floor)
+    floor = _settled(max(kept.values()) - margin)
+    return next(c for c in tied if c.index in kept and _settled(kept[c.index]) >= floor)
 
 
 def _reward(cand: CandidateRecord) -> float:
-    return round(cand.reward, 9) if cand.reward is not None else float("-inf")
+    return _settled(cand.reward) if cand.reward is not None else float("-inf")
+
+
+def _settled(value: float) -> float:
+    """``value`` without float noise, so equal scores compare equal (they are sums of fractions)."""
+    return round(value, 9)
 
 
 def ranked_below(best: CandidateRecord, cand: CandidateRecord, margin: float) -> str:
