@@ -49,7 +49,6 @@ from platform_driver import (  # noqa: E402
     set_scope_policy,
     submit_passage,
 )
-
 from probes import covered_questions  # noqa: E402
 
 from seal.cli import service_url, stop_on_sigterm  # noqa: E402

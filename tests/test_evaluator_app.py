@@ -22,6 +22,8 @@ from test_evaluator_support import (  # noqa: F401 - one_torch_thread is a fixtu
     untrained_adapter,
 )
 
+from services.evaluator.app import build_ports, create_app
+from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
 from shared import events as ev
 from shared.broker import publish_event
 from shared.models import LoadedModel
@@ -34,8 +36,6 @@ from shared.subjects import (
     KV_REGISTRY,
     KV_SCOPE_SETTINGS,
 )
-from services.evaluator.app import build_ports, create_app
-from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODEL_CACHE = Path(os.environ.get("SEAL_TEST_MODEL_CACHE", "~/.cache/seal/models")).expanduser()

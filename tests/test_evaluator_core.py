@@ -10,8 +10,6 @@ import pytest
 from pydantic import SecretStr
 from test_evaluator_support import DictObjectClient
 
-from shared import events as ev
-from shared.scoring import grade_answers
 from services.evaluator.core_knowledge import (
     LayeredKeptQuestions,
     MemoryKeptQuestions,
@@ -22,6 +20,8 @@ from services.evaluator.core_knowledge import (
 from services.evaluator.judge import OpenAICompatibleJudge
 from services.evaluator.settings import PACKAGED_CORE_SET, EvaluatorConfig, EvaluatorSettings, JudgeSettings
 from services.evaluator.verdict import regression_gate, scores_of
+from shared import events as ev
+from shared.scoring import grade_answers
 
 
 def test_the_packaged_core_set_is_the_default() -> None:

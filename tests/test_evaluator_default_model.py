@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from shared.models import LoadedModel
-from shared.scoring import closed_book_accuracy
 from services.evaluator.core_knowledge import load_question_set
 from services.evaluator.settings import PACKAGED_CORE_SET
+from shared.models import LoadedModel
+from shared.scoring import closed_book_accuracy
 
 pytestmark = pytest.mark.slow
 

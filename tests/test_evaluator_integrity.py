@@ -7,24 +7,24 @@ from pathlib import Path
 
 import pytest
 from test_evaluator_support import (  # noqa: F401 - one_torch_thread is a fixture
-    one_torch_thread,
     FakeRegistry,
     adapter_trained,
     dict_store,
+    one_torch_thread,
     poison_adapter,
     probes_of,
     store_adapter,
     untrained_adapter,
 )
 
-from shared import events as ev
-from shared.generation import chat_prompt
-from shared.models import LoadedModel
-from shared.store import AdapterStore, parse_uri
 from services.evaluator.adapters import AdapterSlot, UnusableAdapter, check_adapter_files
 from services.evaluator.app import build_ports
 from services.evaluator.handlers import EvaluatorPorts, evaluate_adapter
 from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
+from shared import events as ev
+from shared.generation import chat_prompt
+from shared.models import LoadedModel
+from shared.store import AdapterStore, parse_uri
 
 SCOPE = "acme"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,24 +7,24 @@ from pathlib import Path
 
 import pytest
 from test_evaluator_support import (  # noqa: F401 - one_torch_thread is a fixture
-    one_torch_thread,
     QA_PAIRS,
     FakeRegistry,
     adapter_trained,
     dict_store,
+    one_torch_thread,
     probes_of,
     store_adapter,
     train_qa_adapter,
 )
 
-from shared import events as ev
-from shared.models import LoadedModel
-from shared.registry_view import AcceptedProbes, ScopePolicy
-from shared.scoring import closed_book_accuracy
 from services.evaluator.adapters import AdapterSlot
 from services.evaluator.app import build_ports
 from services.evaluator.handlers import evaluate_adapter
 from services.evaluator.settings import EvaluatorConfig, EvaluatorSettings
+from shared import events as ev
+from shared.models import LoadedModel
+from shared.registry_view import AcceptedProbes, ScopePolicy
+from shared.scoring import closed_book_accuracy
 
 SCOPE = "acme"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from shared import events as ev
-from shared.registry_view import AcceptedProbes, ScopePolicy
-from shared.scoring import ClosedBookResult, GradedAnswer, normalize_answer
 from services.evaluator.handlers import earlier_probes, probe_sets
 from services.evaluator.measurement import ScoreCache
 from services.evaluator.verdict import judge_update, scores_of
+from shared import events as ev
+from shared.registry_view import AcceptedProbes, ScopePolicy
+from shared.scoring import ClosedBookResult, GradedAnswer, normalize_answer
 
 
 def result(*marks: bool, prefix: str = "q") -> ClosedBookResult:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from test_registry_support import evaluated, feedback, make_world
 from typer.testing import CliRunner
 
 from seal import ops
@@ -15,7 +16,6 @@ from services.registry import handlers
 from services.registry.api import build_api
 from services.registry.operations import Operations
 from shared import events as ev
-from test_registry_support import evaluated, feedback, make_world
 
 
 class FakeAnswerer:

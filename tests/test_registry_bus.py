@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from faststream.nats import JStream, TestNatsBroker
+from test_registry_support import Clock, FakeManifests, evaluated, feedback, training_failed
 
 from services.registry.app import AppPorts, create_app
 from services.registry.kv import MemoryState
@@ -25,7 +26,6 @@ from shared.subjects import (
     OPERATOR_ACTION,
     REGISTRY_RPC,
 )
-from test_registry_support import Clock, FakeManifests, evaluated, feedback, training_failed
 
 # Published events go through JetStream; the in-memory broker routes them by stream too.
 EVENTS = JStream(EVENTS_STREAM, declare=False)

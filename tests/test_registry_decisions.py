@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-from services.registry import handlers, intake
-from services.registry.records import FeedbackRecord, ScopeHead, feedback_key
-from shared import events as ev
-from shared.registry_view import AcceptedProbes, ActiveAdapter, ScopePolicy
-from shared.subjects import KV_REGISTRY
 from test_registry_support import (
     T0,
     evaluated,
@@ -17,6 +11,12 @@ from test_registry_support import (
     self_edit,
     training_failed,
 )
+
+from services.registry import handlers, intake
+from services.registry.records import FeedbackRecord, ScopeHead, feedback_key
+from shared import events as ev
+from shared.registry_view import AcceptedProbes, ActiveAdapter, ScopePolicy
+from shared.subjects import KV_REGISTRY
 
 
 async def record_of(world, root: ev.Event) -> FeedbackRecord:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
+from test_registry_support import evaluated, feedback, self_edit
 
 from services.registry.app import create_app
 from services.registry.kv import NatsState
@@ -25,7 +26,6 @@ from shared.broker import REASON_HEADER
 from shared.registry_view import read_accepted_probes, read_active
 from shared.store import AdapterManifest
 from shared.subjects import ADAPTER_EVALUATED, AUDIT_PREFIX, DLQ_PREFIX, EVENTS_PREFIX, REGISTRY_RPC, subject_for
-from test_registry_support import evaluated, feedback, self_edit
 
 pytestmark = pytest.mark.servers
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from test_registry_support import evaluated, feedback, make_world, self_edit
 
 from services.registry import actions, handlers, queries
 from services.registry.ports import NotFound, Refused
 from shared import events as ev
 from shared.registry_view import AcceptedProbes, ScopePolicy
 from shared.subjects import KV_REGISTRY, OPERATOR_ACTION, subject_for
-from test_registry_support import evaluated, feedback, make_world, self_edit
 
 
 async def three_versions(w):

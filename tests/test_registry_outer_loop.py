@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from test_registry_support import evaluated, feedback, make_world
+
 from services.registry import handlers
 from services.registry.outer_loop import PolicyPool, policy_pool_key
 from shared import events as ev
 from shared.registry_view import ScopePolicy
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
-from test_registry_support import evaluated, feedback, make_world
 
 
 def generated(root: ev.Event, index: int, count: int, completion: str, written: int = 1) -> ev.SelfEditGenerated:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+from test_registry_support import evaluated, feedback, make_world, ref_for, self_edit
+
 from services.registry import handlers, queries
 from services.registry.records import FeedbackRecord, ScopeHead, feedback_key
 from shared import events as ev
 from shared.subjects import KV_REGISTRY
-from test_registry_support import evaluated, feedback, make_world, ref_for, self_edit
 
 
 async def state_of(w, root: ev.Event) -> FeedbackRecord:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shared.runtime import serve
 from services.evaluator.app import create_app
 from services.evaluator.settings import EvaluatorSettings
+from shared.runtime import serve
 
 
 def main() -> None:

@@ -21,15 +21,6 @@ from faststream.nats.annotations import NatsMessage
 from nats.js import JetStreamContext
 from opentelemetry.sdk.trace import TracerProvider
 
-from shared.broker import create_broker, durable_subscriber, kept_in_progress, publish_event
-from shared.events import AdapterTrained, Probe
-from shared.models import LoadedModel, load_model
-from shared.registry_view import AcceptedProbes, ScopePolicy, read_accepted_probes, read_scope_policy
-from shared.runtime import service_app
-from shared.scoring import ClosedBookResult
-from shared.store import AdapterStore
-from shared.subjects import EVALUATOR_ADAPTERS
-from shared.telemetry import setup_tracing
 from services.evaluator.adapters import AdapterSlot, AdapterSource
 from services.evaluator.core_knowledge import (
     KeptQuestions,
@@ -42,6 +33,15 @@ from services.evaluator.core_knowledge import (
 from services.evaluator.handlers import EvaluatorPorts, RegistryReader, evaluate_adapter
 from services.evaluator.measurement import Measurer, ScoreCache, base_model_key
 from services.evaluator.settings import EvaluatorSettings
+from shared.broker import create_broker, durable_subscriber, kept_in_progress, publish_event
+from shared.events import AdapterTrained, Probe
+from shared.models import LoadedModel, load_model
+from shared.registry_view import AcceptedProbes, ScopePolicy, read_accepted_probes, read_scope_policy
+from shared.runtime import service_app
+from shared.scoring import ClosedBookResult
+from shared.store import AdapterStore
+from shared.subjects import EVALUATOR_ADAPTERS
+from shared.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,16 @@ from typing import Protocol
 
 from opentelemetry import trace
 
+from services.evaluator.adapters import AdapterSource, UnusableAdapter, fetch_adapter
+from services.evaluator.measurement import Measurer, adapter_model_key, base_model_key
+from services.evaluator.verdict import (
+    CORE,
+    EARLIER_FEEDBACK,
+    TARGET_PRODUCT,
+    TARGET_SELF_GENERATED,
+    judge_update,
+    scores_of,
+)
 from shared.events import (
     AdapterEvaluated,
     AdapterEvaluationFailed,
@@ -35,16 +45,6 @@ from shared.events import (
 from shared.registry_view import AcceptedProbes, ScopePolicy
 from shared.scoring import normalize_answer
 from shared.telemetry import current_trace_id
-from services.evaluator.adapters import AdapterSource, UnusableAdapter, fetch_adapter
-from services.evaluator.measurement import Measurer, adapter_model_key, base_model_key
-from services.evaluator.verdict import (
-    CORE,
-    EARLIER_FEEDBACK,
-    TARGET_PRODUCT,
-    TARGET_SELF_GENERATED,
-    judge_update,
-    scores_of,
-)
 
 log = logging.getLogger(__name__)
 

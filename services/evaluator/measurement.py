@@ -21,9 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from services.evaluator.adapters import AdapterSlot
 from shared.events import Probe
 from shared.scoring import ClosedBookResult, Judge, closed_book_answers, grade_answers, probe_set_digest
-from services.evaluator.adapters import AdapterSlot
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from services.generator.prompts import (
 from services.generator.screening import feedback_texts
 from services.generator.settings import GeneratorConfig
 from services.generator.validation import Grounding, Limits, Verdict, validate_candidate
+from shared.contracts import MAX_CANDIDATES
 from shared.events import (
     CorrectionFeedback,
     Event,
@@ -50,7 +51,6 @@ from shared.events import (
     TrainingDirectives,
     derived_id,
 )
-from shared.contracts import MAX_CANDIDATES
 from shared.registry_view import ScopePolicy
 
 log = logging.getLogger(__name__)

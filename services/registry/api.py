@@ -18,8 +18,8 @@ from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError
 from shared.store import AdapterNotFound, IntegrityError
 
-from .ports import NotFound, Refused
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
+from .ports import NotFound, Refused
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]

@@ -40,8 +40,8 @@ from . import handlers
 from .api import build_api
 from .kv import NatsState, State
 from .ledger import Ledger
-from .ports import Manifests, Ports, StoreManifests
 from .operations import Operations
+from .ports import Manifests, Ports, StoreManifests
 from .rpc import register_rpc
 from .settings import RegistrySettings
 

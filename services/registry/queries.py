@@ -14,7 +14,6 @@ from .ledger import Ledger
 from .ports import NotFound
 from .records import FeedbackRecord, Marker, ScopeHead, VersionRecord
 
-
 MANIFEST_FIELDS = (
     "base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives",
     "training", "metrics", "trace_id", "created_at", "files",

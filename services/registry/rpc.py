@@ -26,8 +26,8 @@ from shared.events import describe_validation_error
 from shared.registry_view import ConflictError
 from shared.subjects import REGISTRY_RPC
 
-from .ports import NotFound, Refused
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
+from .ports import NotFound, Refused
 
 log = logging.getLogger(__name__)
 

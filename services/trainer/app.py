@@ -107,8 +107,8 @@ def create_app(
 def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
     """The real adapters: object store, registry KV, ledger, and the base model (loaded here, once)."""
     from services.trainer.lora_training import Anchoring, Layout, LoraTrainer
-    from services.trainer.rehearsal import Rehearsal
     from services.trainer.ports import KvParentLedger, KvRegistryReader, ParentCache, StoredAdapters
+    from services.trainer.rehearsal import Rehearsal
     from shared.models import load_model
     from shared.store import AdapterStore
 

@@ -17,7 +17,6 @@ from pydantic import BaseModel, Field
 from shared.settings import ServiceSettings
 from shared.subjects import TRAINER_POLICY, TRAINER_REBASES, TRAINER_SELFEDITS, ConsumerSpec
 
-
 # How hard rehearsal holds the model by default (the trainer's Anchoring reads these too).
 REHEARSAL_WEIGHT = 3.0
 REHEARSAL_BATCH = 16
