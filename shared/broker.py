@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -92,7 +93,10 @@ def create_broker(
 
 
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create (or update) every stream and KV bucket; safe to call on every start."""
+    """Create (or update) every stream and KV bucket; safe to call on every start.
+
+    ``replicas`` applies to existing ones too: raising it (a single server grown into a
+    three-node cluster) turns the streams and the buckets' streams into R3."""
     for spec in STREAMS:
         config = StreamConfig(
             name=spec.name,
@@ -109,9 +113,12 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             await js.add_stream(config)
     for bucket in KV_BUCKETS:
         try:
-            await js.key_value(bucket)
-        except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError
+            info = await js.stream_info(f"KV_{bucket}")  # the stream behind the bucket
+        except NotFoundError:
             await js.create_key_value(bucket=bucket, history=16, replicas=replicas)
+            continue
+        if info.config.num_replicas != replicas:
+            await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
 
 
 async def ensure_streams_at(settings: NatsSettings) -> None:

@@ -139,6 +139,10 @@ def test_prod_runs_several_replicas():
     objects = overlay("prod")
     assert find(objects, "Deployment", "registry")["spec"]["replicas"] >= 2
     assert find(objects, "StatefulSet", "nats")["spec"]["replicas"] == 3
+    # ... and every stream and KV bucket on all three (tests/test_nats_cluster.py: the services apply it)
+    config = {k: v for cm in of_kind(objects, "ConfigMap") if cm["metadata"]["name"].startswith("seal-config")
+              for k, v in cm["data"].items()}
+    assert config["SEAL_NATS__STREAM_REPLICAS"] == "3"
     scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in of_kind(objects, "ScaledObject")}
     assert set(scaled) == {"generator", "trainer", "evaluator"}
     assert scaled["generator"]["spec"]["minReplicaCount"] >= 2

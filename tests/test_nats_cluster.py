@@ -1,0 +1,72 @@
+"""Streams and KV buckets on a real three-node JetStream cluster: the replica count the settings
+ask for (SEAL_NATS__STREAM_REPLICAS, 3 in the prod overlay) is what they get, also for streams and
+buckets created earlier with one."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from seal.stack import _binary, free_port
+from shared.broker import ensure_streams
+from shared.subjects import KV_BUCKETS, KV_REGISTRY, STREAMS
+
+pytestmark = pytest.mark.servers
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[str]]:
+    """Three nats-server processes routed into one JetStream cluster; their client URLs."""
+    clients = [free_port() for _ in range(3)]
+    routes = [free_port() for _ in range(3)]
+    procs = []
+    for i in range(3):
+        others = ",".join(f"nats://127.0.0.1:{routes[j]}" for j in range(3) if j != i)
+        cmd = [
+            _binary("nats-server"), "--jetstream", "--store_dir", str(tmp_path / f"n{i}"),
+            "--addr", "127.0.0.1", "--port", str(clients[i]), "--server_name", f"n{i}",
+            "--cluster_name", "seal", "--cluster", f"nats://127.0.0.1:{routes[i]}", "--routes", others,
+        ]
+        log = (tmp_path / f"n{i}.log").open("w")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        yield [f"nats://127.0.0.1:{port}" for port in clients]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
+async def test_ensure_streams_raises_existing_streams_and_buckets_to_the_replicas_asked(cluster: list[str]) -> None:
+    nc = await nats.connect(cluster, connect_timeout=5)
+    js = nc.jetstream()
+    try:
+        for _ in range(100):  # until the cluster has elected its meta leader
+            try:
+                await js.account_info()
+                break
+            except Exception:  # noqa: BLE001 - "JetStream not ready" while the servers meet
+                await asyncio.sleep(0.2)
+        names = [s.name for s in STREAMS] + [f"KV_{b}" for b in KV_BUCKETS]
+
+        async def replicas() -> dict[str, int]:
+            return {name: (await js.stream_info(name)).config.num_replicas for name in names}
+
+        await ensure_streams(js, 1)  # a single server's settings, as a cluster first gets them
+        assert set((await replicas()).values()) == {1}
+        kv = await js.key_value(KV_REGISTRY)
+        await kv.put("scope.s", b"v1")
+
+        await ensure_streams(js, 3)
+        assert set((await replicas()).values()) == {3}
+        assert (await kv.get("scope.s")).value == b"v1"  # what the bucket held is still there
+        await ensure_streams(js, 3)  # and again on the next start: nothing to change
+        assert set((await replicas()).values()) == {3}
+    finally:
+        await nc.close()
