@@ -11,9 +11,12 @@ a question in other words can miss it after later updates. Where no rule
 fits the clause, there is no form.
 
 The generator's ``question_first`` setting puts these forms beside their
-cloze questions ("also") or in their place ("instead"). It is "off" by
-default: with one candidate at 0.75 strength, "also" made later updates lose
-3-4 core questions and the gate refused them (bench/RESULTS.md, "Forgetting").
+cloze questions ("also") or in their place ("instead"); a form is answered
+with the span first, then the sentence (probes.grounded_pairs). It is "off"
+by default: with whole sentences as the answers, the forms taught the model
+to answer every question with a sentence that restates it, later updates
+lost 3-5 core questions that way and the gate refused them (bench/RESULTS.md,
+"Forgetting").
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def grounded_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], con
     pairs = grounded_pairs(
         content.passage, content.title, product, limit=config.grounded_pairs, ask_first=config.question_first
     )
-    sequences = [f"Question: {p.question}\nAnswer: {p.sentence}" for p in pairs]
+    sequences = [f"Question: {p.question}\nAnswer: {p.reply}" for p in pairs]
     return [s for s in sequences if len(s) <= config.max_sequence_chars]
 
 

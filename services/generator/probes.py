@@ -120,7 +120,8 @@ def self_generated_probes(passage: str, title: str | None, limit: int = 5) -> tu
 class GroundedPair:
     question: str
     answer: str  # the span asked about
-    sentence: str  # the passage's sentence that holds it: the trained answer
+    sentence: str  # the passage's sentence that holds it
+    reply: str  # what the pair trains as the answer: the sentence, after the span for a question-first form
 
 
 def grounded_pairs(
@@ -128,7 +129,10 @@ def grounded_pairs(
 ) -> tuple[GroundedPair, ...]:
     """A question for every blank of every sentence, answered by its sentence; ``exclude``'s questions
     left out. ``ask_first``: where a rule fits (:func:`question_first`), the fact is also ("also") or
-    only ("instead") asked question-first."""
+    only ("instead") asked question-first, and answered with the span first ("Ottilie Brask. The local
+    grammar school, founded by ..."): a question in that shape answered by a whole sentence taught the
+    model to answer every question so, and it lost core questions whose answer then came too late
+    ("Which planet is known as the Red Planet?" -> "The Red Planet is the planet designated by ...")."""
     subject, asked = _questions(passage, title)
     held_out = {probe.question for probe in exclude}
     pairs: dict[str, GroundedPair] = {}
@@ -137,7 +141,8 @@ def grounded_pairs(
         first = question_first(sentence, blank, subject) if ask_first != "off" else None
         for question in (first,) if first and ask_first == "instead" else (probe.question, first):
             if question and question not in held_out:
-                pairs.setdefault(question, GroundedPair(question, blank.answer, answer))
+                reply = f"{blank.answer}. {answer}" if question == first else answer
+                pairs.setdefault(question, GroundedPair(question, blank.answer, answer, reply))
     return tuple(pairs.values())[:limit]
 
 
