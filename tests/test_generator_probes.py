@@ -141,8 +141,8 @@ def test_passive_facts_are_also_asked_question_first() -> None:
     asked = {p.question: p for p in grounded_pairs(QUELLMOOR, "Quellmoor", ask_first="also")}
     first = asked["Which merchant founded Quellmoor's local grammar school?"]
     assert first.answer == "Ottilie Brask" and first.sentence.startswith("The local grammar school, founded by")
-    # answered span first, then the sentence; a cloze question is answered by the sentence alone
-    assert first.reply == f"Ottilie Brask. {first.sentence}"
+    # answered by the span alone; a cloze question by the sentence
+    assert first.reply == "Ottilie Brask."
     assert all(p.reply == p.sentence for p in grounded_pairs(QUELLMOOR, "Quellmoor"))
     # the cloze form stays beside it
     assert any("founded by which merchant" in q for q in asked)
@@ -189,7 +189,7 @@ def test_the_question_first_forms_are_off_unless_the_setting_asks_for_them_besid
     # "instead": the question-first form takes its cloze question's place; a fact with no form keeps its
     # cloze question, so there are as many pairs as without the forms
     only = grounded_sequences(event, probes, GeneratorConfig(question_first="instead"))
-    assert any(s.startswith(first + "Answer: Ottilie Brask. The local grammar school") for s in only)
+    assert first + "Answer: Ottilie Brask." in only
     assert len(only) == len(plain)
     assert not any("founded by which merchant" in s for s in only)
     assert set(only) - set(plain) == set(both) - set(plain)

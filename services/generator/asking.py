@@ -12,8 +12,8 @@ fits the clause, there is no form.
 
 The generator's ``question_first`` setting puts these forms beside their
 cloze questions ("also") or in their place ("instead"); a form is answered
-with the span first, then the sentence (probes.grounded_pairs). It is "off"
-by default: with whole sentences as the answers, the forms taught the model
+by the span alone (probes.grounded_pairs). It is "off" by default: answered
+by the sentence (or the span, then the sentence), the forms taught the model
 to answer every question with a sentence that restates it, later updates
 lost 3-5 core questions that way and the gate refused them (bench/RESULTS.md,
 "Forgetting").

@@ -121,7 +121,7 @@ class GroundedPair:
     question: str
     answer: str  # the span asked about
     sentence: str  # the passage's sentence that holds it
-    reply: str  # what the pair trains as the answer: the sentence, after the span for a question-first form
+    reply: str  # what the pair trains as the answer: the sentence; the span alone for a question-first form
 
 
 def grounded_pairs(
@@ -129,10 +129,11 @@ def grounded_pairs(
 ) -> tuple[GroundedPair, ...]:
     """A question for every blank of every sentence, answered by its sentence; ``exclude``'s questions
     left out. ``ask_first``: where a rule fits (:func:`question_first`), the fact is also ("also") or
-    only ("instead") asked question-first, and answered with the span first ("Ottilie Brask. The local
-    grammar school, founded by ..."): a question in that shape answered by a whole sentence taught the
-    model to answer every question so, and it lost core questions whose answer then came too late
-    ("Which planet is known as the Red Planet?" -> "The Red Planet is the planet designated by ...")."""
+    only ("instead") asked question-first, and answered by the span alone ("Ottilie Brask."): a
+    question in that shape answered by a sentence, even after the span, taught the model to answer
+    every question with a sentence restating it, and it lost core questions whose answer then came
+    too late ("Which planet is known as the Red Planet?" -> "The Red Planet is the planet designated
+    by ...")."""
     subject, asked = _questions(passage, title)
     held_out = {probe.question for probe in exclude}
     pairs: dict[str, GroundedPair] = {}
@@ -141,7 +142,7 @@ def grounded_pairs(
         first = question_first(sentence, blank, subject) if ask_first != "off" else None
         for question in (first,) if first and ask_first == "instead" else (probe.question, first):
             if question and question not in held_out:
-                reply = f"{blank.answer}. {answer}" if question == first else answer
+                reply = f"{blank.answer}." if question == first else answer
                 pairs.setdefault(question, GroundedPair(question, blank.answer, answer, reply))
     return tuple(pairs.values())[:limit]
 
