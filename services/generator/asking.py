@@ -12,11 +12,13 @@ fits the clause, there is no form.
 
 The generator's ``question_first`` setting puts these forms beside their
 cloze questions ("also") or in their place ("instead"); a form is answered
-by the span alone (probes.grounded_pairs). It is "off" by default: answered
-by the sentence (or the span, then the sentence), the forms taught the model
-to answer every question with a sentence that restates it, later updates
-lost 3-5 core questions that way and the gate refused them (bench/RESULTS.md,
-"Forgetting").
+by the span alone (probes.grounded_pairs): answered by the sentence (or the
+span, then the sentence), the forms taught the model to answer every
+question with a sentence that restates it, later updates lost 3-5 core
+questions that way and the gate refused them. It is "off" by default until
+an 8-update forgetting run shows what "also" does to retention; over 2
+updates it kept all of the first passage and every core question
+(bench/RESULTS.md, "Forgetting").
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ class GeneratorConfig(BaseModel):
     # candidate (see candidates.grounded_sequences); 0: none.
     grounded_pairs: int = Field(default=32, ge=0, le=128)
     # Each of those facts asked question-first where the sentence's grammar allows ("From which duke
-    # did Quellmoor receive ...?"): "also" beside its cloze question, "instead" of it (as many pairs
-    # as "off"). Not "also": with one candidate at 0.75 the extra pairs cost later updates 3-4 core
-    # questions and the gate refused them (bench/RESULTS.md, "Forgetting").
+    # did Quellmoor receive ...?"), answered by the span alone: "also" beside its cloze question,
+    # "instead" of it. Off until an 8-update forgetting run shows it: "also" kept all of the first
+    # passage and every core question over 2 updates on a CPU (bench/RESULTS.md, "Forgetting").
     question_first: AskFirst = "off"
     # Policy adapters downloaded from the object store; None: a temporary directory.
     adapter_cache_dir: Path | None = None
