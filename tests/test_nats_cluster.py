@@ -53,6 +53,8 @@ async def test_ensure_streams_raises_existing_streams_and_buckets_to_the_replica
                 break
             except Exception:  # noqa: BLE001 - "JetStream not ready" while the servers meet
                 await asyncio.sleep(0.2)
+        else:
+            pytest.fail("the three servers formed no JetStream cluster within 20 s (logs in tmp_path)")
         names = [s.name for s in STREAMS] + [f"KV_{b}" for b in KV_BUCKETS]
 
         async def replicas() -> dict[str, int]:
