@@ -10,6 +10,9 @@ Delivery contract, the same for every service:
 * Any other exception is a transient failure: the message is nak'ed with a
   growing delay and redelivered, up to the consumer's ``max_deliver``; the
   last failure dead-letters it.
+* A handler stopped by :class:`~shared.shutdown.Interrupted` (its process is
+  shutting down) has its message nak'ed at once, for another replica to take;
+  it is not a failure.
 * :func:`publish_event` sets ``Nats-Msg-Id`` to the event id, so a duplicate
   publish inside the stream's duplicate window is dropped by JetStream.
 """
@@ -36,6 +39,7 @@ from pydantic import ValidationError
 
 from shared import events as ev
 from shared.settings import NatsSettings
+from shared.shutdown import Interrupted
 from shared.subjects import (
     CONSUMERS,
     DLQ_PREFIX,
@@ -185,6 +189,13 @@ class DeadLetterMiddleware(BaseMiddleware):
             return await call_next(msg)
         except (RejectMessage, NackMessage):
             raise
+        except Interrupted as exc:
+            # Not a failure: the process is shutting down. Back to JetStream at once, for another replica.
+            log.warning(
+                "message on %s handed back for redelivery: the %s is shutting down (%s)",
+                getattr(msg, "raw_message", None) and msg.raw_message.subject, self.service, exc,
+            )
+            raise NackMessage() from exc
         except (PermanentFailure, ev.EventValidationError, ValidationError) as exc:
             reason = _readable(exc)
             log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, reason)

@@ -3,16 +3,20 @@
 Shared by the generator (sampling self-edits) and the evaluator (greedy
 closed-book answers), so both ask the model the same way. Prompts are
 left-padded and run in batches; generation stops on end-of-turn and
-end-of-text alike.
+end-of-text alike. A set ``stop`` flag (the process is shutting down) ends a
+batch at its next token and raises :class:`~shared.shutdown.Interrupted`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from shared.models import LoadedModel
+from shared.shutdown import Interrupted
 
 
 def chat_prompt(lm: LoadedModel, user_text: str, system: str | None = None) -> str:
@@ -34,10 +38,12 @@ def generate(
     batch_size: int = 32,
     seed: int | None = None,
     max_prompt_tokens: int = 1536,
+    stop: threading.Event | None = None,
 ) -> list[list[str]]:
     """Complete every prompt; returns ``num_return_sequences`` texts per prompt.
 
     ``temperature == 0`` is greedy decoding. Special tokens are stripped.
+    ``stop``: once set, generation ends at the next token and raises ``Interrupted``.
     """
     tokenizer = lm.tokenizer
     if seed is not None:
@@ -47,6 +53,7 @@ def generate(
     results: list[list[str]] = []
     try:
         for start in range(0, len(prompts), batch_size):
+            _check(stop, start, len(prompts))
             chunk = list(prompts[start : start + batch_size])
             batch = tokenizer(
                 chunk,
@@ -67,7 +74,9 @@ def generate(
                 num_return_sequences=num_return_sequences,
                 eos_token_id=lm.stop_token_ids,
                 pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([_UntilSet(stop)]) if stop is not None else None,
             )
+            _check(stop, start, len(prompts))
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for i in range(len(chunk)):
@@ -77,3 +86,18 @@ def generate(
     finally:
         tokenizer.padding_side = previous_side
     return results
+
+
+class _UntilSet(StoppingCriteria):
+    """Ends every sequence of the batch once the flag is set."""
+
+    def __init__(self, flag: threading.Event):
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _check(stop: threading.Event | None, done: int, total: int) -> None:
+    if stop is not None and stop.is_set():
+        raise Interrupted(f"generation stopped with {done} of {total} prompts answered")

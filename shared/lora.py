@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
@@ -130,14 +130,29 @@ class AdapterHost:
         self.activate(name, trainable=True)
 
     def load(self, name: str, directory: str | Path, *, trainable: bool = False) -> LoraConfig:
-        """Load a PEFT directory as adapter ``name`` and make it the active one."""
+        """Load a PEFT directory as adapter ``name`` and make it the active one.
+
+        An adapter that does not load (its weights do not fit its config or the base, some are
+        missing) raises ``ValueError`` and leaves nothing behind: the host and the base model are
+        as they were, with no half-injected layer in the base."""
         self._check_free(name)
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(
-                self.base, str(directory), adapter_name=name, is_trainable=trainable
-            )
-        else:
-            self._peft.load_adapter(str(directory), adapter_name=name, is_trainable=trainable)
+        try:
+            config = PeftConfig.from_pretrained(str(directory))
+            config.inference_mode = not trainable
+            if self._peft is None:
+                self._peft = PeftModel(self.base, config, adapter_name=name)
+            else:
+                self._peft.add_adapter(name, config)
+            result = self._peft.load_adapter(str(directory), adapter_name=name, is_trainable=trainable)
+            missing = [k for k in result.missing_keys if f".{name}." in k]
+            if missing:
+                raise ValueError(f"the adapter's weights are missing {len(missing)} tensors, e.g. {missing[0]}")
+        except Exception as exc:
+            if name in self.names:
+                self.remove(name)
+            if isinstance(exc, ValueError):
+                raise
+            raise ValueError(f"the adapter does not load: {exc}") from exc
         self.activate(name, trainable=trainable)
         return self.config(name)
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import re
 import string
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -172,10 +173,12 @@ def closed_book_answers(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = BATCH_SIZE,
+    stop: threading.Event | None = None,
 ) -> list[str]:
     """Greedy short answers to each question asked alone, in the input order.
 
-    Identical questions are asked once; prompts are batched by length.
+    Identical questions are asked once; prompts are batched by length. ``stop``:
+    see :func:`shared.generation.generate`.
     """
     unique = list(dict.fromkeys(questions))
     prompts = {q: chat_prompt(lm, q) for q in unique}
@@ -186,6 +189,7 @@ def closed_book_answers(
         max_new_tokens=max_new_tokens,
         temperature=0.0,
         batch_size=batch_size,
+        stop=stop,
     )
     answers = {q: first_line(out[0]) for q, out in zip(ordered, outputs)}
     return [answers[q] for q in questions]

@@ -205,7 +205,7 @@ def test_paused_layout_only_slows_training(tiny_model, tmp_path) -> None:
     assert paused.train(job).run.loss_curve == quick.train(job).run.loss_curve
 
 
-def test_a_parent_that_does_not_fit_the_base_is_rejected(trainer: LoraTrainer, tmp_path) -> None:
+def test_a_parent_that_does_not_fit_the_base_is_rejected(trainer: LoraTrainer, tiny_model, tmp_path) -> None:
     parent = trainer.train(TrainingJob("misfit-parent", FAST, texts=TEXTS))
     config = parent.directory / ADAPTER_CONFIG
     settings = json.loads(config.read_text())
@@ -213,6 +213,8 @@ def test_a_parent_that_does_not_fit_the_base_is_rejected(trainer: LoraTrainer, t
     with pytest.raises(TrainingRejected, match="parent adapter does not load"):
         trainer.train(TrainingJob("misfit-child", FAST, texts=TEXTS, parent_dir=parent.directory))
     assert trainer.host.names == []
+    # and no half-loaded layer of it stays in the shared base model
+    assert not [n for n, _ in tiny_model.model.named_modules() if "misfit" in n]
 
 
 def test_question_answer_sequences_are_trained_as_chat_turns() -> None:
@@ -255,7 +257,7 @@ class FixedAnswers:
         self.pairs = pairs
         self.prompts, self.count = tuple(p for p, _ in pairs), len(pairs)
 
-    def sample(self, lm, seed, host=None):
+    def sample(self, lm, seed, host=None, stop=None):
         return self.pairs
 
 

@@ -5,6 +5,10 @@ durable subscriber on ``adapter.trained``, ``/healthz`` and ``/readyz``. In
 the startup hook, once, it loads the base model, builds the core-knowledge
 set for that base and connects the object store and the registry's KV view;
 tests pass ready-made :class:`EvaluatorPorts` (fakes, the tiny model) instead.
+
+An evaluator told to stop (SIGTERM) does not measure on past the pod's grace
+period: the measurement ends at its next token, the message goes back to
+JetStream at once for another replica, and the process exits.
 """
 
 from __future__ import annotations
@@ -134,6 +138,12 @@ class Runtime:
     def ready(self) -> bool:
         return self.ports is not None and self.ports.measurer.host.healthy
 
+    async def stop(self) -> None:
+        """Before the broker drains its handler: a measurement in progress ends at its next token and
+        the adapter's event goes back to JetStream for another replica (shared.shutdown)."""
+        if self.ports is not None:
+            self.ports.measurer.stop()
+
     async def start(self) -> None:
         if self.ports is None:
             self.ports = await asyncio.to_thread(self._build)
@@ -167,6 +177,6 @@ def create_app(
         for out in events:
             await publish_event(broker, out)
 
-    app = service_app(broker, ready=runtime.ready, on_startup=[runtime.start])
+    app = service_app(broker, ready=runtime.ready, on_startup=[runtime.start], on_shutdown=[runtime.stop])
     app.state_runtime = runtime  # type: ignore[attr-defined] - for tests and operators' shells
     return app

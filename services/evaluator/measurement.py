@@ -91,6 +91,12 @@ class Measurer:
             "judge": judge_identity if judge is not None else None,
         }
         self.questions_asked = 0
+        # Set by stop(): a measurement in progress ends at its next token (shared.shutdown.Interrupted).
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Make a measurement that runs now, or starts later, end at its next generated token."""
+        self.stopping.set()
 
     def digest(self, probes: Sequence[Probe]) -> str:
         return probe_set_digest(probes, **self.settings)
@@ -121,7 +127,7 @@ class Measurer:
         questions = [p.question for probes, _ in missing.values() for p in probes]
         with self.host.serving(directory) as lm:
             answers = closed_book_answers(
-                lm, questions, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+                lm, questions, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, stop=self.stopping
             )
         self.questions_asked += len(set(questions))
         log.info("measured %s on %d questions (%s)", model_key, len(set(questions)), ", ".join(missing))

@@ -5,6 +5,10 @@ base model loads there, once); tests pass ``ports`` and nothing heavy is
 built. The subscriber only feeds raw messages to
 :func:`~services.generator.handlers.handle_feedback`, keeping the message
 alive with in-progress acks while the model writes.
+
+A generator told to stop (SIGTERM) does not write on past the pod's grace
+period: the writing ends at its next token, the feedback goes back to
+JetStream at once for another replica, and the process exits.
 """
 
 from __future__ import annotations
@@ -93,6 +97,11 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
         log.info("generator ready: model %s on %s", lm.name, lm.device)
 
     async def stop() -> None:
+        # Before the broker drains its handler: writing in progress ends at its next token and the
+        # feedback goes back to JetStream for another replica (shared.shutdown).
+        stop_writing = getattr(runtime.ports and runtime.ports.writer, "stop", None)
+        if stop_writing is not None:
+            stop_writing()
         if runtime.nc is not None:
             await runtime.nc.close()
 

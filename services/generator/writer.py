@@ -60,6 +60,12 @@ class SelfEditWriter:
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="seal-generator-adapters-"))
         self._loaded: OrderedDict[str, Path] = OrderedDict()
         self._lock = threading.Lock()
+        # Set by stop(): writing in progress ends at its next token (shared.shutdown.Interrupted).
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Make writing that runs now, or starts later, end at its next generated token."""
+        self.stopping.set()
 
     def write(self, prompts: Sequence[Prompt], *, seed: int, adapter: PolicyAdapterRef | None = None) -> Written:
         """Complete every prompt once, in one batched call. Blocking: run it in a thread."""
@@ -76,6 +82,7 @@ class SelfEditWriter:
                 batch_size=max(1, len(texts)),
                 seed=seed,
                 max_prompt_tokens=self.config.max_prompt_tokens,
+                stop=self.stopping,
             )
         return Written([out[0] for out in outputs], adapter_id)
 

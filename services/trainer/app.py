@@ -31,7 +31,6 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
-from services.trainer.inner_loop import TrainingInterrupted
 from services.trainer.settings import TrainerSettings
 from shared.broker import connect_options, create_broker, durable_subscriber, kept_in_progress, publish_event
 from shared.events import Event, PolicyTrainingRequested, RebaseRequested, SelfEditGenerated
@@ -65,14 +64,9 @@ def create_app(
         attributes = {FEEDBACK_ID: event.feedback_id, SCOPE: event.scope, "seal.event_id": event.event_id,
                       "messaging.delivery": str(delivery)}
         with tracer.start_as_current_span("trainer.train", attributes=attributes):
-            try:
-                async with kept_in_progress(msg, heartbeat_interval(spec)):
-                    produced = await handler(event, state["ports"])
-            except TrainingInterrupted as exc:
-                log.warning("training for %s %s handed back for redelivery: the trainer is shutting down (%s)",
-                            event.type, event.event_id, exc)
-                await msg.nack()
-                return
+            # A training stopped by shutdown raises Interrupted: the middleware hands the message back.
+            async with kept_in_progress(msg, heartbeat_interval(spec)):
+                produced = await handler(event, state["ports"])
             for out in produced:
                 await publish_event(broker, out)
 

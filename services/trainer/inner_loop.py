@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 import torch
 
 from services.trainer.examples import IGNORE, Example, Step
+from shared.shutdown import Interrupted
 
 log = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 1.0
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """Training was asked to stop before it finished (the process is shutting down)."""
 
 

@@ -24,7 +24,8 @@ only scaled.
 Training runs one job at a time (a lock), in the caller's thread: the
 service calls it through ``asyncio.to_thread``. :meth:`LoraTrainer.stop` (the
 service shutting down) ends a running training before its next step with
-:class:`inner_loop.TrainingInterrupted`.
+:class:`inner_loop.TrainingInterrupted`, and the generation of the base's
+rehearsal answers that may come first at its next token.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ class LoraTrainer:
         self.rehearsal = rehearsal
         self.anchoring = anchoring
         self._lock = threading.Lock()
-        # Set by stop(): a running training ends before its next step (TrainingInterrupted).
+        # Set by stop(): a running training ends before its next step (TrainingInterrupted), the
+        # rehearsal answers' generation at its next token (Interrupted).
         self.stopping = threading.Event()
         # training key -> (unscaled PEFT directory, what its training gave), oldest first
         self._trained: OrderedDict[str, tuple[Path, TrainedAdapter]] = OrderedDict()
@@ -179,7 +181,7 @@ class LoraTrainer:
         """The base's answers a rehearsing job is held to (none without rehearsal or a weight)."""
         if not (job.rehearse and self.rehearsal is not None and self.anchoring.weight > 0):
             return []
-        pairs = self.rehearsal.sample(self.lm, job.directives.seed, self.host)
+        pairs = self.rehearsal.sample(self.lm, job.directives.seed, self.host, stop=self.stopping)
         prompts = [(_as_prompt(self.lm, p), c) for p, c in pairs]
         return ex.completion_examples(self.lm.tokenizer, prompts, job.directives.max_seq_len)
 

@@ -67,11 +67,16 @@ class Rehearsal:
         return cls(prompts, count)
 
     def answers(
-        self, lm: LoadedModel, host: AdapterHost | None = None, prompts: tuple[str, ...] | None = None
+        self,
+        lm: LoadedModel,
+        host: AdapterHost | None = None,
+        prompts: tuple[str, ...] | None = None,
+        stop: threading.Event | None = None,
     ) -> tuple[tuple[str, str], ...]:
         """(prompt, answer) for each of ``prompts`` (default: all) the bare base answers with something.
 
         ``host``: the adapters over ``lm``'s model, disabled while the answers are generated.
+        ``stop``: see :func:`shared.generation.generate` (answers not generated are not kept).
         """
         wanted = list(dict.fromkeys(self.prompts if prompts is None else prompts))
         with self._lock:
@@ -79,20 +84,22 @@ class Rehearsal:
             if missing:
                 chats = [chat_prompt(lm, p) for p in missing]
                 if host is None:
-                    outputs = generate(lm, chats, max_new_tokens=MAX_ANSWER_TOKENS)
+                    outputs = generate(lm, chats, max_new_tokens=MAX_ANSWER_TOKENS, stop=stop)
                 else:
                     with host.base_only():
-                        outputs = generate(lm, chats, max_new_tokens=MAX_ANSWER_TOKENS)
+                        outputs = generate(lm, chats, max_new_tokens=MAX_ANSWER_TOKENS, stop=stop)
                 self._answers.update((p, out[0].strip()) for p, out in zip(missing, outputs, strict=True))
                 log.info("rehearsal: %d more answers of the base model (%d known)", len(missing), len(self._answers))
             return tuple((p, self._answers[p]) for p in wanted if self._answers[p])
 
-    def sample(self, lm: LoadedModel, seed: int, host: AdapterHost | None = None) -> tuple[tuple[str, str], ...]:
+    def sample(
+        self, lm: LoadedModel, seed: int, host: AdapterHost | None = None, stop: threading.Event | None = None
+    ) -> tuple[tuple[str, str], ...]:
         """A seeded sample of ``count`` prompts with their answers (fewer where the base says nothing)."""
         if not self.count:
             return ()
         chosen = self.prompts if len(self.prompts) <= self.count else tuple(random.Random(seed).sample(self.prompts, self.count))
-        return self.answers(lm, host, chosen)
+        return self.answers(lm, host, chosen, stop)
 
 
 class KlAnchor:
