@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NestedSecretsSettingsSource,
@@ -83,7 +83,16 @@ class ServiceSettings(BaseSettings):
     model: ModelSettings = ModelSettings()
     http_host: str = "0.0.0.0"
     http_port: int = 8080
-    log_level: str = "INFO"
+    # CRITICAL, ERROR, WARNING (or WARN), INFO or DEBUG, in any case; anything else is refused at start.
+    log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            return "WARNING" if value == "WARN" else value
+        return value
 
     @classmethod
     def settings_customise_sources(

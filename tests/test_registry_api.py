@@ -87,6 +87,10 @@ async def test_http_queries_and_errors(registry) -> None:
         assert same.status_code == 409 and "already the active version" in same.json()["detail"]
         bad_policy = http.patch("/v1/scopes/acme/policy", json={"candidates": 100})
         assert bad_policy.status_code == 422 and "candidates" in bad_policy.json()["detail"]
+        # a misspelt setting is refused, not dropped (approval would have stayed as it was)
+        misspelt = http.patch("/v1/scopes/acme/policy", json={"aproval": "auto", "candidates": 2})
+        assert misspelt.status_code == 422 and "unknown policy setting(s): aproval" in misspelt.json()["detail"]
+        assert http.get("/v1/scopes/acme/policy").json()["candidates"] == 1
         assert "/v1/scopes/{scope}/rollback" in http.get("/openapi.json").json()["paths"]
 
         sent = http.post("/v1/feedback", json={"scope": "acme", "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}})

@@ -71,6 +71,13 @@ async def test_events_in_decisions_out_and_bad_payloads_dead_lettered(registry_a
         missing = json.loads((await br.request({"scope": "acme", "version": 9}, f"{REGISTRY_RPC}.lineage")).body)
         fate = json.loads((await br.request({"feedback_id": root.feedback_id}, f"{REGISTRY_RPC}.feedback")).body)
         invalid = json.loads((await br.request({"scope": "acme", "operator": "x"}, f"{REGISTRY_RPC}.rollback")).body)
+        # arguments the HTTP API's paths would refuse: a clear 422, never a KV error or a timeout
+        wildcard = json.loads((await br.request({"scope": "*"}, f"{REGISTRY_RPC}.feedback_list")).body)
+        not_a_version = json.loads((await br.request({"scope": "acme", "version": "two"}, f"{REGISTRY_RPC}.lineage")).body)
+        bad_id = json.loads((await br.request({"feedback_id": "a.>"}, f"{REGISTRY_RPC}.feedback")).body)
+        misspelt = json.loads(
+            (await br.request({"scope": "acme", "changes": {"aproval": "manual"}}, f"{REGISTRY_RPC}.policy_set")).body
+        )
 
     assert [(p["version"], p["feedback_id"]) for p in seen["promoted"]] == [(1, root.feedback_id)]
     assert len(seen["rejected"]) == 2
@@ -79,6 +86,9 @@ async def test_events_in_decisions_out_and_bad_payloads_dead_lettered(registry_a
     assert missing == {"ok": False, "status": 404, "error": "scope 'acme' has no version 9"}
     assert fate["ok"] and fate["result"]["state"] == "promoted"
     assert invalid["ok"] is False and invalid["status"] == 422
+    assert (wildcard["status"], not_a_version["status"], bad_id["status"]) == (422, 422, 422)
+    assert "scope must be a string matching" in wildcard["error"] and "version must be an integer" in not_a_version["error"]
+    assert misspelt["status"] == 422 and "unknown policy setting(s): aproval" in misspelt["error"]
 
 
 async def test_operator_actions_over_request_reply_land_in_the_audit_subject(registry_app) -> None:

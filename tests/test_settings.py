@@ -39,3 +39,16 @@ def test_defaults_point_at_the_local_stack(tmp_path: Path) -> None:
     assert settings.nats.url == "nats://127.0.0.1:14222"
     assert settings.store.endpoint == "127.0.0.1:18333"
     assert settings.telemetry.otlp_endpoint is None
+
+
+@pytest.mark.parametrize(("given", "level"), [("warn", "WARNING"), ("Debug", "DEBUG"), (" error ", "ERROR")])
+def test_log_levels_are_named_as_operators_write_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, given: str, level: str) -> None:
+    monkeypatch.setenv("SEAL_LOG_LEVEL", given)
+    assert ServiceSettings(_secrets_dir=str(tmp_path)).log_level == level
+
+
+def test_an_unknown_log_level_is_refused_at_start_with_the_choices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # uvicorn would otherwise fail later with a bare KeyError
+    monkeypatch.setenv("SEAL_LOG_LEVEL", "loud")
+    with pytest.raises(ValueError, match="'CRITICAL', 'ERROR', 'WARNING', 'INFO' or 'DEBUG'"):
+        ServiceSettings(_secrets_dir=str(tmp_path))

@@ -19,7 +19,7 @@ from shared.registry_view import ConflictError
 from shared.store import AdapterNotFound, IntegrityError
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
-from .ports import NotFound, Refused
+from .ports import InvalidRequest, NotFound, Refused
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -37,6 +37,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Refused, handler(409))
     app.add_exception_handler(ConflictError, handler(409))
     app.add_exception_handler(ValidationError, handler(422))
+    app.add_exception_handler(InvalidRequest, handler(422))
     app.add_exception_handler(AskUnavailable, handler(503))
     app.add_exception_handler(AdapterNotFound, handler(404))
     app.add_exception_handler(IntegrityError, handler(409))

@@ -16,6 +16,7 @@ from shared.registry_view import ScopePolicy
 
 from . import actions, queries
 from .ledger import Ledger
+from .ports import InvalidRequest
 
 
 class Body(BaseModel):
@@ -121,6 +122,12 @@ class Operations:
 
     async def set_policy(self, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Merge ``changes`` into the scope's policy (validated as a whole)."""
+        unknown = sorted(set(changes) - set(ScopePolicy.model_fields))
+        if unknown:
+            # A misspelt key would otherwise be dropped in silence ("aproval=manual" leaving approval auto).
+            raise InvalidRequest(
+                f"unknown policy setting(s): {', '.join(unknown)}; the settings are: {', '.join(ScopePolicy.model_fields)}"
+            )
         current = await self.ledger.policy(scope)
         merged = ScopePolicy.model_validate({**current.model_dump(mode="json"), **changes})
         return (await actions.set_policy(self.ledger, scope, merged)).model_dump(mode="json")

@@ -37,6 +37,10 @@ class Refused(Exception):
     """An operator action that does not apply to the current state (HTTP 409)."""
 
 
+class InvalidRequest(ValueError):
+    """A request whose arguments cannot be right, whatever the state (HTTP 422)."""
+
+
 @dataclass
 class Ports:
     state: State

@@ -1,7 +1,7 @@
 """NATS request-reply for other services: ``seal.rpc.registry.<operation>``.
 
 Request: a JSON object of arguments. Reply: ``{"ok": true, "result": ...}``
-or ``{"ok": false, "status": 404|409|422|503, "error": "..."}``. Every replica
+or ``{"ok": false, "status": 404|409|422|500|503, "error": "..."}``. Every replica
 answers in the queue group ``registry``, so one request gets one answer.
 
 Operations: ``scopes``; ``versions`` {scope}; ``lineage`` {scope, version};
@@ -16,18 +16,19 @@ question, max_new_tokens?}.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from faststream.nats import NatsBroker
 from pydantic import ValidationError
 
-from shared.events import describe_validation_error
+from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError
 from shared.subjects import REGISTRY_RPC
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
-from .ports import NotFound, Refused
+from .ports import InvalidRequest, NotFound, Refused
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,29 @@ QUEUE = "registry"
 
 
 def _scope(args: dict[str, Any]) -> str:
-    return str(args["scope"])
+    return _matching(args, "scope", SCOPE_PATTERN)
+
+
+def _id(args: dict[str, Any], name: str) -> str:
+    return _matching(args, name, ID_PATTERN)
+
+
+def _matching(args: dict[str, Any], name: str, pattern: str) -> str:
+    """The argument as the HTTP API's path would take it: a wildcard or a subject token never reaches a KV key."""
+    value = args[name]
+    if not isinstance(value, str) or not re.fullmatch(pattern, value):
+        raise InvalidRequest(f"{name} must be a string matching {pattern}, not {value!r}"[:300])
+    return value
+
+
+def _int(args: dict[str, Any], name: str) -> int:
+    value = args[name]
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidRequest(f"{name} must be an integer, not {value!r}"[:200])
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer, not {value!r}"[:200]) from None
 
 
 def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
@@ -46,12 +69,12 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
     return {
         "scopes": lambda a: ops.scopes(),
         "versions": lambda a: ops.versions(_scope(a)),
-        "lineage": lambda a: ops.lineage(_scope(a), int(a["version"])),
-        "feedback": lambda a: ops.feedback(str(a["feedback_id"])),
+        "lineage": lambda a: ops.lineage(_scope(a), _int(a, "version")),
+        "feedback": lambda a: ops.feedback(_id(a, "feedback_id")),
         "feedback_list": lambda a: ops.feedback_list(_scope(a), a.get("state")),
         "submit": lambda a: ops.submit(SubmitFeedback.model_validate(a)),
-        "approve": lambda a: ops.approve(str(a["feedback_id"]), OperatorRequest.model_validate(_without(a, "feedback_id"))),
-        "reject": lambda a: ops.reject(str(a["feedback_id"]), OperatorRequest.model_validate(_without(a, "feedback_id"))),
+        "approve": lambda a: ops.approve(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),
+        "reject": lambda a: ops.reject(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),
         "rollback": lambda a: ops.rollback(_scope(a), RollbackRequest.model_validate(_without(a, "scope"))),
         "pin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=True),
         "unpin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=False),
@@ -72,10 +95,15 @@ async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) ->
         return {"ok": False, "status": 409, "error": str(exc)}
     except ValidationError as exc:
         return {"ok": False, "status": 422, "error": describe_validation_error(exc)}
+    except InvalidRequest as exc:
+        return {"ok": False, "status": 422, "error": str(exc)}
     except KeyError as exc:
         return {"ok": False, "status": 422, "error": f"missing argument {exc}"}
     except AskUnavailable as exc:
         return {"ok": False, "status": 503, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - the caller gets an answer, not a timeout
+        log.exception("registry rpc failed")
+        return {"ok": False, "status": 500, "error": f"the registry failed to answer: {type(exc).__name__}: {exc}"[:500]}
 
 
 def register_rpc(broker: NatsBroker, ops: Operations) -> None:
