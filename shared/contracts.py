@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    model_validator,
 )
 
 # A scope names an adapter line: a product, a team or one user. It appears in
@@ -186,6 +187,15 @@ class TrainingDirectives(Contract):
 
 # Candidates of one feedback at most: the policy's own and the ladder's rungs (the generator stops there).
 MAX_CANDIDATES = 64
+# Which of a feedback's candidates an event is about, and how many there are: bounded, so no event
+# can make the registry hold (and write) millions of candidate records for one feedback.
+CandidateIndex = Annotated[int, Field(ge=0, lt=MAX_CANDIDATES)]
+CandidateCount = Annotated[int, Field(ge=1, le=MAX_CANDIDATES)]
+
+
+def check_candidate(index: int, count: int | None) -> None:
+    if count is not None and index >= count:
+        raise ValueError(f"candidate_index {index} is not below candidate_count {count}")
 
 
 class SelfEdit(Contract):
@@ -198,11 +208,16 @@ class SelfEdit(Contract):
         min_length=1, max_length=256
     )
     directives: TrainingDirectives = TrainingDirectives()
-    candidate_index: int = Field(default=0, ge=0)
-    candidate_count: int = Field(default=1, ge=1, le=MAX_CANDIDATES)
+    candidate_index: CandidateIndex = 0
+    candidate_count: CandidateCount = 1
     # How many of ``sequences`` the model wrote; the rest are the feedback's own and
     # rule-written ones. The outer loop learns only from self-edits that kept some.
     written: int = Field(default=0, ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _candidate_within_count(self) -> "SelfEdit":
+        check_candidate(self.candidate_index, self.candidate_count)
+        return self
 
 
 class PolicyExample(Contract):

@@ -25,11 +25,14 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from shared.contracts import (  # noqa: F401 - re-exported: the values are part of the events' contract
     ID_PATTERN,
     SCOPE_PATTERN,
+    CandidateCount,
+    CandidateIndex,
     Contract,
     CorrectionFeedback,
     EventValidationError,
@@ -50,6 +53,7 @@ from shared.contracts import (  # noqa: F401 - re-exported: the values are part 
     ShortText,
     TargetModules,
     TrainingDirectives,
+    check_candidate,
     derived_id,
     describe_validation_error,
     new_id,
@@ -69,6 +73,13 @@ class Event(Contract):
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
     occurred_at: datetime = Field(default_factory=utcnow)
     causation_id: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _candidate_within_count(self) -> "Event":
+        # every event about one of a feedback's candidates carries both
+        if hasattr(self, "candidate_count"):
+            check_candidate(self.candidate_index, self.candidate_count)  # type: ignore[attr-defined]
+        return self
 
     @field_validator("occurred_at")
     @classmethod
@@ -138,8 +149,8 @@ class SelfEditGenerated(Event):
 class SelfEditRejected(Event):
     type: Literal["selfedit.rejected"] = "selfedit.rejected"
     self_edit_id: Identifier
-    candidate_index: int = 0
-    candidate_count: int = 1
+    candidate_index: CandidateIndex = 0
+    candidate_count: CandidateCount = 1
     reasons: tuple[str, ...]
 
 
@@ -157,8 +168,8 @@ class AdapterTrained(Event):
     type: Literal["adapter.trained"] = "adapter.trained"
     adapter_id: Identifier
     self_edit_id: Identifier
-    candidate_index: int = 0
-    candidate_count: int = 1
+    candidate_index: CandidateIndex = 0
+    candidate_count: CandidateCount = 1
     parent_adapter_id: Identifier | None = None
     parent_version: int | None = None
     parent_adapter: ManifestRef | None = None
@@ -172,8 +183,8 @@ class AdapterTrained(Event):
 class AdapterTrainingFailed(Event):
     type: Literal["adapter.training_failed"] = "adapter.training_failed"
     self_edit_id: Identifier
-    candidate_index: int = 0
-    candidate_count: int = 1
+    candidate_index: CandidateIndex = 0
+    candidate_count: CandidateCount = 1
     reason: str
 
 
@@ -181,8 +192,8 @@ class AdapterEvaluated(Event):
     type: Literal["adapter.evaluated"] = "adapter.evaluated"
     adapter_id: Identifier
     self_edit_id: Identifier
-    candidate_index: int = 0
-    candidate_count: int = 1
+    candidate_index: CandidateIndex = 0
+    candidate_count: CandidateCount = 1
     parent_adapter_id: Identifier | None = None
     parent_version: int | None = None
     parent_adapter: ManifestRef | None = None
@@ -201,8 +212,8 @@ class AdapterEvaluationFailed(Event):
     type: Literal["adapter.evaluation_failed"] = "adapter.evaluation_failed"
     adapter_id: Identifier
     self_edit_id: Identifier
-    candidate_index: int = 0
-    candidate_count: int = 1
+    candidate_index: CandidateIndex = 0
+    candidate_count: CandidateCount = 1
     reason: str
 
 

@@ -115,6 +115,22 @@ def test_caused_events_keep_lineage_and_are_deterministic() -> None:
             {"type": "feedback.rejected", "feedback_id": "f", "scope": "s", "reason": "x", "schema_version": 99},
             "schema_version 99 is newer",
         ),
+        # hostile candidate numbers: the registry would hold a record per candidate
+        (
+            {"type": "adapter.training_failed", "feedback_id": "f", "scope": "s", "self_edit_id": "e", "reason": "x",
+             "candidate_index": 0, "candidate_count": 100000},
+            "candidate_count: Input should be less than or equal to 64",
+        ),
+        (
+            {"type": "selfedit.rejected", "feedback_id": "f", "scope": "s", "self_edit_id": "e", "reasons": ["x"],
+             "candidate_index": 5, "candidate_count": 3},
+            "candidate_index 5 is not below candidate_count 3",
+        ),
+        (
+            {"type": "adapter.training_failed", "feedback_id": "f", "scope": "s", "self_edit_id": "e", "reason": "x",
+             "candidate_index": -1, "candidate_count": 3},
+            "candidate_index: Input should be greater than or equal to 0",
+        ),
     ],
 )
 def test_bad_payloads_raise_readable_errors(payload: object, expected: str) -> None:
