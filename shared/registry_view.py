@@ -23,9 +23,9 @@ from typing import Annotated, Literal, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from shared.events import Contract, ManifestRef, Probe, TrainingDirectives
+from shared.events import Contract, ManifestRef, Probe, TrainingDirectives, describe_validation_error
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
@@ -118,7 +118,18 @@ async def read_model(js: JetStreamContext, bucket: str, key: str, model: type[M]
         return None, 0
     if entry.value is None or entry.operation in ("DEL", "PURGE"):
         return None, entry.revision or 0
-    return model.model_validate_json(entry.value), entry.revision or 0
+    try:
+        return model.model_validate_json(entry.value), entry.revision or 0
+    except ValidationError as exc:
+        raise UnreadableRecord(
+            f"the record {key!r} in {bucket} does not parse (written by a newer registry, or damaged): "
+            f"{describe_validation_error(exc)}"
+        ) from None
+
+
+class UnreadableRecord(RuntimeError):
+    """A stored record does not parse. Not the message's fault: a handler that meets one fails
+    transiently (retried, then dead-lettered with this reason), never as an invalid payload."""
 
 
 async def read_active(js: JetStreamContext, scope: str) -> ActiveAdapter | None:

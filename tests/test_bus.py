@@ -171,3 +171,37 @@ async def test_the_beat_stops_even_when_a_publish_swallows_the_cancellation() ->
     beats = msg.beats
     await asyncio.sleep(0.1)
     assert msg.beats == beats
+
+
+async def test_a_stored_record_that_does_not_parse_is_a_transient_failure_not_a_bad_payload(provisioned_stack) -> None:
+    """A registry record written by a newer registry (or damaged) must not dead-letter every event of its
+    scope at once as an 'invalid payload': the handler fails transiently, and the reason names the record."""
+    from faststream import ContextRepo
+    from faststream.exceptions import NackMessage
+
+    from shared.broker import DeadLetterMiddleware
+    from shared.registry_view import UnreadableRecord, read_scope_policy
+    from shared.subjects import KV_SCOPE_SETTINGS, TRAINER_SELFEDITS
+
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        js = nc.jetstream()
+        await (await js.key_value(KV_SCOPE_SETTINGS)).put("unreadable", b'{"candidates": 3, "approval": "by-committee"}')
+        with pytest.raises(UnreadableRecord, match="the record 'unreadable' in .* does not parse .*approval") as info:
+            await read_scope_policy(js, "unreadable")
+    finally:
+        await nc.close()
+
+    class Msg:
+        body = b"{}"
+        raw_message = type("Raw", (), {
+            "subject": "seal.events.selfedit.generated", "headers": {},
+            "metadata": type("Meta", (), {"num_delivered": 1, "consumer": TRAINER_SELFEDITS.durable})(),
+        })()
+
+    async def handler(_: object) -> None:
+        raise info.value
+
+    middleware = DeadLetterMiddleware.for_service("trainer")(Msg(), context=ContextRepo())
+    with pytest.raises(NackMessage):  # retried with backoff, not rejected
+        await middleware.consume_scope(handler, Msg())

@@ -22,7 +22,6 @@ from typing import Literal
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
-from pydantic import ValidationError
 
 from shared.events import Event, parse_event
 from shared.registry_view import PolicyAdapterRef, ScopePolicy, read_policy_adapter, read_scope_policy
@@ -34,25 +33,18 @@ LEDGER_PREFIX = "generator"
 MAX_PENDING_BYTES = 512 * 1024
 
 
-class ScopeSettingsUnreadable(RuntimeError):
-    """The registry's record for a scope does not parse: retried, then dead-lettered."""
-
-
 class KvScopeState:
+    """The registry's records for a scope; one that does not parse raises
+    ``shared.registry_view.UnreadableRecord`` (retried, then dead-lettered with the reason)."""
+
     def __init__(self, js: JetStreamContext):
         self.js = js
 
     async def scope_policy(self, scope: str) -> ScopePolicy:
-        try:
-            return await read_scope_policy(self.js, scope)
-        except (ValidationError, ValueError) as exc:
-            raise ScopeSettingsUnreadable(f"settings of scope {scope!r} are invalid: {exc}") from None
+        return await read_scope_policy(self.js, scope)
 
     async def policy_adapter(self, scope: str) -> PolicyAdapterRef | None:
-        try:
-            return await read_policy_adapter(self.js, scope)
-        except (ValidationError, ValueError) as exc:
-            raise ScopeSettingsUnreadable(f"policy adapter record of scope {scope!r} is invalid: {exc}") from None
+        return await read_policy_adapter(self.js, scope)
 
 
 @dataclass(frozen=True)
