@@ -109,7 +109,7 @@ def submit(
     question: str | None = typer.Option(None, "--question", help="Correction: the question answered wrongly."),
     answer: str | None = typer.Option(None, "--answer", help="Correction: the right answer."),
     submitted_by: str | None = typer.Option(None, "--by", help="Who submits it (product or person)."),
-    feedback_id: str | None = typer.Option(None, "--feedback-id", help="Your own id (a retry with it is deduplicated)."),
+    feedback_id: str | None = typer.Option(None, "--feedback-id", help="Your own id, unique across scopes (a retry with it is deduplicated)."),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:

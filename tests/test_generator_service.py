@@ -57,14 +57,14 @@ class FakeScopeState:
 
 class MemoryLedger:
     def __init__(self) -> None:
-        self.entries: dict[str, LedgerEntry] = {}
+        self.entries: dict[tuple[str, str], LedgerEntry] = {}
 
-    async def recall(self, feedback_id: str) -> LedgerEntry | None:
-        entry = self.entries.get(feedback_id)
+    async def recall(self, scope: str, feedback_id: str) -> LedgerEntry | None:
+        entry = self.entries.get((scope, feedback_id))
         return LedgerEntry.decode(entry.encode()) if entry else None  # through the wire format
 
-    async def record(self, feedback_id: str, entry: LedgerEntry) -> None:
-        self.entries[feedback_id] = entry
+    async def record(self, scope: str, feedback_id: str, entry: LedgerEntry) -> None:
+        self.entries[(scope, feedback_id)] = entry
 
 
 class ScriptedWriter:
@@ -156,13 +156,25 @@ async def test_a_crash_after_recording_republishes_the_same_events_without_sampl
     feedback = knowledge()
     first = await handle_feedback(payload(feedback), ports, GeneratorConfig())
     # As if the process died after writing "pending" and before publishing everything.
-    await ports.ledger.record(feedback.feedback_id, LedgerEntry.pending(first.events))
+    await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.pending(first.events))
     published.clear()
     retried = await handle_feedback(payload(feedback), ports, GeneratorConfig())
     assert [e.event_id for e in retried.events] == [e.event_id for e in first.events]
     assert [e.event_id for e in published] == [e.event_id for e in first.events]
     assert len(ports.writer.calls) == 1  # type: ignore[attr-defined]
-    assert (await ports.ledger.recall(feedback.feedback_id)).status == "done"  # type: ignore[union-attr]
+    assert (await ports.ledger.recall(feedback.scope, feedback.feedback_id)).status == "done"  # type: ignore[union-attr]
+
+
+async def test_the_same_feedback_id_in_two_scopes_is_two_feedbacks() -> None:
+    # products choose their ids: "fb-1" of one product is not "fb-1" of another
+    ports, published = make_ports()
+    ours = knowledge("fb-1")
+    theirs = ours.model_copy(update={"scope": "globex", "event_id": ev.new_id()})
+    first = await handle_feedback(payload(ours), ports, GeneratorConfig())
+    second = await handle_feedback(payload(theirs), ports, GeneratorConfig())
+    assert not first.duplicate and not second.duplicate
+    assert {e.scope for e in second.events} == {"globex"} and len(second.events) == len(first.events)
+    assert len(ports.writer.calls) == 2  # type: ignore[attr-defined]
 
 
 async def test_the_same_feedback_handled_twice_from_scratch_yields_identical_ids() -> None:
@@ -328,7 +340,7 @@ async def test_generator_on_real_nats_with_the_tiny_model(service_settings, tmp_
         await publish_event(app.broker, later)
         await wait_for(arrived, later.feedback_id, 1)
         await wait_for(arrived, later.feedback_id, candidate_count(seen[later.feedback_id][0]) - 1)
-        entry = await KvLedger(js).recall(first.feedback_id)
+        entry = await KvLedger(js).recall(first.scope, first.feedback_id)
     finally:
         await app.stop()
         await nc.close()
@@ -338,7 +350,7 @@ async def test_generator_on_real_nats_with_the_tiny_model(service_settings, tmp_
                   for e in seen[first.feedback_id]) == list(range(count))
     assert {candidate_count(e) for e in seen[first.feedback_id]} == {count}
     assert entry is not None and entry.status == "done" and len(entry.event_ids) == count
-    assert ledger_key(first.feedback_id) == f"generator.{first.feedback_id}"
+    assert ledger_key(first.scope, first.feedback_id) == f"generator.acme.{first.feedback_id}"
 
 
 def candidate_count(body: dict) -> int:

@@ -95,6 +95,10 @@ async def test_http_queries_and_errors(registry) -> None:
 
         sent = http.post("/v1/feedback", json={"scope": "acme", "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}})
         assert sent.status_code == 202
+        # another product's id: refused, so approving or rejecting by id can never hit the wrong scope
+        reused = http.post("/v1/feedback", json={"scope": "globex", "feedback_id": held.feedback_id,
+                                                 "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}})
+        assert reused.status_code == 409 and "already used by scope 'acme'" in reused.json()["detail"]
     submitted = w.bus.of(ev.FeedbackSubmitted)
     assert [s.feedback_id for s in submitted] == [sent.json()["feedback_id"]]
 

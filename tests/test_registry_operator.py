@@ -142,3 +142,16 @@ async def test_scope_policy_is_read_back_and_listed() -> None:
     assert (await w.ledger.policy("acme")).candidates == 5
     scopes = await queries.list_scopes(w.ledger)
     assert [(s["scope"], s["approval"], s["active_version"]) for s in scopes] == [("acme", "manual", None)]
+
+
+async def test_an_id_sent_to_two_scopes_is_never_approved_in_the_wrong_one() -> None:
+    # a product that publishes on the bus itself can break the ids' uniqueness; acting on either
+    # record by id alone would be a guess
+    w = make_world()
+    for scope in ("acme", "globex"):
+        await w.set_policy(scope, candidates=1, approval="manual")
+        await handlers.on_adapter_evaluated(evaluated(feedback(scope, "fb-shared"), 0, 1, reward=0.3), w.ledger)
+    assert [r.scope for r in await w.ledger.records_of("fb-shared")] == ["acme", "globex"]
+    with pytest.raises(Refused, match=r"sent to several scopes \(acme, globex\)"):
+        await actions.approve(w.ledger, "fb-shared", "sre-carol", "ship it")
+    assert w.bus.of(ev.AdapterPromoted) == []

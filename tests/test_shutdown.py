@@ -163,12 +163,12 @@ async def test_a_stopped_generator_hands_its_feedback_to_another_replica_at_once
         handed_over = time.monotonic() - signalled
         while len(out) < candidate_count(out[0]):
             out.append(await asyncio.wait_for(written.get(), 60))
-        entry = await KvLedger(js).recall(feedback.feedback_id)
+        entry = await KvLedger(js).recall(feedback.scope, feedback.feedback_id)
         for _ in range(100):  # the ledger says done just after the events are out
             if entry is not None and entry.status == "done":
                 break
             await asyncio.sleep(0.1)
-            entry = await KvLedger(js).recall(feedback.feedback_id)
+            entry = await KvLedger(js).recall(feedback.scope, feedback.feedback_id)
     finally:
         await first.stop()
         await second.stop()

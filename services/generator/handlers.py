@@ -48,9 +48,9 @@ class ScopeState(Protocol):
 
 
 class Ledger(Protocol):
-    async def recall(self, feedback_id: str) -> LedgerEntry | None: ...
+    async def recall(self, scope: str, feedback_id: str) -> LedgerEntry | None: ...
 
-    async def record(self, feedback_id: str, entry: LedgerEntry) -> None: ...
+    async def record(self, scope: str, feedback_id: str, entry: LedgerEntry) -> None: ...
 
 
 class Writer(Protocol):
@@ -95,7 +95,7 @@ async def handle_feedback(payload: bytes | str | dict[str, Any], ports: Generato
 
 
 async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> Outcome:
-    entry = await ports.ledger.recall(feedback.feedback_id)
+    entry = await ports.ledger.recall(feedback.scope, feedback.feedback_id)
     if entry is not None and entry.status == "done":
         log.info("feedback %s was already handled (%d events); nothing to do", feedback.feedback_id, len(entry.event_ids))
         return Outcome(feedback.feedback_id, (), duplicate=True)
@@ -104,10 +104,10 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
         events = list(entry.events)
     else:
         events = await write_self_edits(feedback, ports, config)
-        await ports.ledger.record(feedback.feedback_id, LedgerEntry.pending(events))
+        await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.pending(events))
     for event in events:
         await ports.publish(event)
-    await ports.ledger.record(feedback.feedback_id, LedgerEntry.done(events))
+    await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.done(events))
     outcome = Outcome(feedback.feedback_id, tuple(events))
     span = trace.get_current_span()
     span.set_attribute("seal.generator.generated", outcome.generated)

@@ -81,11 +81,13 @@ class LedgerEntry:
         return cls(body["status"], tuple(body.get("event_ids", [])), events)
 
 
-def ledger_key(feedback_id: str) -> str:
-    """A KV key for a feedback id (ids may hold ':', which keys may not)."""
-    if re.fullmatch(r"[A-Za-z0-9_-]+", feedback_id):
-        return f"{LEDGER_PREFIX}.{feedback_id}"
-    return f"{LEDGER_PREFIX}.h{hashlib.sha256(feedback_id.encode()).hexdigest()[:40]}"
+def ledger_key(scope: str, feedback_id: str) -> str:
+    """A KV key for a scope's feedback id (ids may hold ':', which keys may not).
+
+    Products choose their own feedback ids, so two scopes may both send "fb-1": the scope is part
+    of the key, as it is of the registry's records."""
+    token = feedback_id if re.fullmatch(r"[A-Za-z0-9_-]+", feedback_id) else f"h{hashlib.sha256(feedback_id.encode()).hexdigest()[:40]}"
+    return f"{LEDGER_PREFIX}.{scope}.{token}"
 
 
 class KvLedger:
@@ -93,16 +95,16 @@ class KvLedger:
         self.js = js
         self.bucket = bucket
 
-    async def recall(self, feedback_id: str) -> LedgerEntry | None:
+    async def recall(self, scope: str, feedback_id: str) -> LedgerEntry | None:
         kv = await self.js.key_value(self.bucket)
         try:
-            entry = await kv.get(ledger_key(feedback_id))
+            entry = await kv.get(ledger_key(scope, feedback_id))
         except KeyNotFoundError:
             return None
         if not entry.value or entry.operation in ("DEL", "PURGE"):
             return None
         return LedgerEntry.decode(entry.value)
 
-    async def record(self, feedback_id: str, entry: LedgerEntry) -> None:
+    async def record(self, scope: str, feedback_id: str, entry: LedgerEntry) -> None:
         kv = await self.js.key_value(self.bucket)
-        await kv.put(ledger_key(feedback_id), entry.encode())
+        await kv.put(ledger_key(scope, feedback_id), entry.encode())

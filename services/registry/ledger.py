@@ -42,7 +42,7 @@ from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 from . import decision as dc
 from . import outer_loop as ol
 from . import promotion as pr
-from .ports import NotFound, Ports
+from .ports import NotFound, Ports, Refused
 from .records import (
     FeedbackRecord,
     Marker,
@@ -92,11 +92,21 @@ class Ledger:
     async def record(self, scope: str, feedback_id: str) -> FeedbackRecord | None:
         return await self.ports.state.read(KV_REGISTRY, feedback_key(scope, feedback_id), FeedbackRecord)
 
-    async def find_record(self, feedback_id: str) -> FeedbackRecord:
+    async def records_of(self, feedback_id: str) -> list[FeedbackRecord]:
+        """Every scope's record of this feedback id: one, unless a product broke the id's uniqueness."""
         found = await self.ports.state.entries(KV_REGISTRY, f"feedback.*.{key_token(feedback_id)}", FeedbackRecord)
+        return sorted(found.values(), key=lambda r: r.scope)
+
+    async def find_record(self, feedback_id: str) -> FeedbackRecord:
+        found = await self.records_of(feedback_id)
         if not found:
             raise NotFound(f"no feedback {feedback_id!r} is known to the registry")
-        return next(iter(found.values()))
+        if len(found) > 1:
+            # Acting on one of them at random could approve or reject the wrong product's feedback.
+            scopes = ", ".join(r.scope for r in found)
+            raise Refused(f"feedback id {feedback_id!r} was sent to several scopes ({scopes}); feedback ids must be "
+                          "unique across the platform, so the registry cannot tell which one is meant")
+        return found[0]
 
     async def version(self, scope: str, version: int) -> VersionRecord:
         found = await self.ports.state.read(KV_REGISTRY, version_key(scope, version), VersionRecord)

@@ -16,7 +16,7 @@ from shared.registry_view import ScopePolicy
 
 from . import actions, queries
 from .ledger import Ledger
-from .ports import InvalidRequest
+from .ports import InvalidRequest, Refused
 
 
 class Body(BaseModel):
@@ -99,6 +99,10 @@ class Operations:
             submitted_by=body.submitted_by,
         )
         if body.feedback_id:
+            taken = [r.scope for r in await self.ledger.records_of(body.feedback_id) if r.scope != body.scope]
+            if taken:
+                raise Refused(f"feedback id {body.feedback_id!r} is already used by scope {taken[0]!r}; "
+                              "feedback ids are unique across the platform")
             # A product retrying the same feedback id gets the same event id (deduplicated).
             event = event.model_copy(update={"event_id": ev.derived_id("feedback", body.scope, body.feedback_id)})
         await self._publish(event)
