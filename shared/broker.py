@@ -14,6 +14,10 @@ Delivery contract, the same for every service:
   shutting down) has its message nak'ed at once, for another replica to take;
   it is not a failure, but it is a delivery: on the last one the message is
   dead-lettered rather than dropped.
+* A dead-letter copy is stored with JetStream's acknowledgement before its
+  message is terminated; a copy that cannot be stored (the dead-letter stream
+  unreachable or full) leaves the message in its stream, nak'ed for another
+  try 30 s later.
 * :func:`publish_event` sets ``Nats-Msg-Id`` to the event id, so a duplicate
   publish inside the stream's duplicate window is dropped by JetStream.
 """
@@ -25,7 +29,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import nats
 from faststream import AckPolicy, BaseMiddleware
@@ -44,6 +48,7 @@ from shared.shutdown import Interrupted
 from shared.subjects import (
     CONSUMERS,
     DLQ_PREFIX,
+    DLQ_STREAM,
     KV_BUCKETS,
     STREAMS,
     ConsumerSpec,
@@ -55,6 +60,11 @@ from shared.telemetry import mark_lineage
 log = logging.getLogger(__name__)
 
 REASON_HEADER = "Seal-Dead-Letter-Reason"
+# A dead-letter copy is stored with JetStream's acknowledgement, tried this many times; a message
+# whose copy could not be stored goes back to its stream and is tried again this much later.
+DEAD_LETTER_TRIES = 3
+DEAD_LETTER_BACKOFF_S = 0.5  # doubled after each failed try
+DEAD_LETTER_RETRY_S = 30.0
 SERVICE_HEADER = "Seal-Dead-Letter-Service"
 
 
@@ -200,15 +210,13 @@ class DeadLetterMiddleware(BaseMiddleware):
             if delivered >= limit:
                 reason = f"interrupted by a shutdown on its last delivery ({delivered} of {limit}): {exc}"
                 log.error("dead-lettering message on %s: %s", subject, reason)
-                await self._dead_letter(msg, reason)
-                raise RejectMessage() from exc
+                await self._reject(msg, reason, exc)
             log.warning("message on %s handed back for redelivery: the %s is shutting down (%s)", subject, self.service, exc)
             raise NackMessage() from exc
         except (PermanentFailure, ev.EventValidationError, ValidationError) as exc:
             reason = _readable(exc)
             log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, reason)
-            await self._dead_letter(msg, reason)
-            raise RejectMessage() from exc
+            await self._reject(msg, reason, exc)
         except Exception as exc:
             delivered, durable = _delivery(msg)
             spec = _SPECS.get(durable or "")
@@ -216,31 +224,59 @@ class DeadLetterMiddleware(BaseMiddleware):
             reason = f"{type(exc).__name__}: {exc}"
             if delivered >= limit:
                 log.error("giving up after %d deliveries: %s", delivered, reason)
-                await self._dead_letter(msg, f"failed {delivered} times; last error: {reason}")
-                raise RejectMessage() from exc
+                await self._reject(msg, f"failed {delivered} times; last error: {reason}", exc)
             backoff = spec.backoff if spec and spec.backoff else (1.0,)
             delay = backoff[min(delivered - 1, len(backoff) - 1)]
             log.warning("transient failure (delivery %d of %d), retrying in %ss: %s", delivered, limit, delay, reason)
             raise NackMessage(delay=delay) from exc
 
-    async def _dead_letter(self, msg: Any, reason: str) -> None:
+    async def _reject(self, msg: Any, reason: str, exc: Exception) -> NoReturn:
+        """Terminate the message once its dead-letter copy is stored; without a copy, hand it back."""
+        if await self._dead_letter(msg, reason):
+            raise RejectMessage() from exc
+        delivered, durable = _delivery(msg)
+        spec = _SPECS.get(durable or "")
+        subject = getattr(getattr(msg, "raw_message", None), "subject", "unknown")
+        if delivered < (spec.max_deliver if spec else 1):
+            log.error("no dead-letter copy of the message on %s could be stored; handing it back for another try in %ss",
+                      subject, DEAD_LETTER_RETRY_S)
+            raise NackMessage(delay=DEAD_LETTER_RETRY_S) from exc
+        log.error("no dead-letter copy of the message on %s could be stored on its last delivery; it is still in its "
+                  "stream (%s): %s", subject, _stream_position(msg), reason)
+        raise RejectMessage() from exc
+
+    async def _dead_letter(self, msg: Any, reason: str) -> bool:
+        """Store a copy in the dead-letter stream (acknowledged by JetStream); False if that failed."""
         raw = getattr(msg, "raw_message", None)
         subject = getattr(raw, "subject", "unknown")
         if subject.startswith(f"{DLQ_PREFIX}."):
             # A dead letter that fails again is dropped here, never dead-lettered in a loop.
             log.error("dropping unprocessable dead letter on %s: %s", subject, reason)
-            return
+            return True
         headers = {k: v for k, v in (getattr(raw, "headers", None) or {}).items() if k != "Nats-Msg-Id"}
         headers[REASON_HEADER] = reason[:4000]
         headers[SERVICE_HEADER] = self.service
         broker = self.context.get("broker")
         if broker is None:
             log.error("no broker in context; cannot dead-letter message on %s", subject)
-            return
-        try:
-            await broker.publish(msg.body, dead_letter_subject(self.service, subject), headers=headers)
-        except Exception:  # noqa: BLE001 - losing the copy must not crash the consumer
-            log.exception("could not dead-letter message on %s", subject)
+            return False
+        for attempt in range(DEAD_LETTER_TRIES):
+            try:
+                await broker.publish(msg.body, dead_letter_subject(self.service, subject), headers=headers, stream=DLQ_STREAM)
+                return True
+            except Exception:  # noqa: BLE001 - losing the copy must not crash the consumer
+                log.exception("could not dead-letter message on %s (try %d of %d)", subject, attempt + 1, DEAD_LETTER_TRIES)
+                if attempt + 1 < DEAD_LETTER_TRIES:
+                    await asyncio.sleep(DEAD_LETTER_BACKOFF_S * 2**attempt)
+        return False
+
+
+def _stream_position(msg: Any) -> str:
+    try:
+        meta = msg.raw_message.metadata
+        return f"stream {meta.stream}, sequence {meta.sequence.stream}"
+    except Exception:  # noqa: BLE001 - core NATS or the in-memory test broker
+        return "position unknown"
 
 
 def _readable(exc: Exception) -> str:

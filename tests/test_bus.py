@@ -205,3 +205,46 @@ async def test_a_stored_record_that_does_not_parse_is_a_transient_failure_not_a_
     middleware = DeadLetterMiddleware.for_service("trainer")(Msg(), context=ContextRepo())
     with pytest.raises(NackMessage):  # retried with backoff, not rejected
         await middleware.consume_scope(handler, Msg())
+
+
+@pytest.mark.parametrize("delivered", [1, 5])
+async def test_without_a_stored_dead_letter_copy_the_message_is_not_terminated(delivered: int, caplog, monkeypatch) -> None:
+    """The dead-letter stream unreachable: a rejected message goes back to its stream for a later try
+    (not terminated with no copy anywhere); on its last delivery the log says where it still is."""
+    from faststream import ContextRepo
+    from faststream.exceptions import NackMessage, RejectMessage
+
+    from shared import broker as bus
+    from shared.broker import DeadLetterMiddleware, PermanentFailure
+    from shared.subjects import GENERATOR_FEEDBACK
+
+    class Unreachable:
+        def __init__(self) -> None:
+            self.tries = 0
+
+        async def publish(self, *args: object, **kwargs: object) -> None:
+            self.tries += 1
+            raise TimeoutError("nats: timeout")
+
+    monkeypatch.setattr(bus, "DEAD_LETTER_BACKOFF_S", 0.0)
+    meta = type("Meta", (), {"num_delivered": delivered, "consumer": GENERATOR_FEEDBACK.durable, "stream": "SEAL_EVENTS",
+                             "sequence": type("Seq", (), {"stream": 42})()})()
+    msg = type("Msg", (), {"body": b"{}", "raw_message": type("Raw", (), {
+        "subject": "seal.events.feedback.submitted", "headers": {}, "metadata": meta})()})()
+    broker = Unreachable()
+    context = ContextRepo()
+    context.set_global("broker", broker)
+    middleware = DeadLetterMiddleware.for_service("generator")(msg, context=context)
+
+    async def hostile(_: object) -> None:
+        raise PermanentFailure("malformed feedback: no passage")
+
+    if delivered == 1:
+        with pytest.raises(NackMessage) as nacked:
+            await middleware.consume_scope(hostile, msg)
+        assert nacked.value.extra_options == {"delay": bus.DEAD_LETTER_RETRY_S}
+    else:
+        with pytest.raises(RejectMessage):
+            await middleware.consume_scope(hostile, msg)
+        assert "still in its stream (stream SEAL_EVENTS, sequence 42)" in caplog.text
+    assert broker.tries == bus.DEAD_LETTER_TRIES

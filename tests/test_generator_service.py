@@ -24,6 +24,7 @@ from shared.broker import PermanentFailure, publish_event
 from shared.registry_view import PolicyAdapterRef, ScopePolicy
 from shared.subjects import (
     DLQ_PREFIX,
+    DLQ_STREAM,
     EVENTS_STREAM,
     FEEDBACK_REJECTED,
     SELFEDIT_GENERATED,
@@ -282,7 +283,7 @@ async def test_app_on_test_broker(tmp_path: Path) -> None:
     async def on_feedback_rejected(body: dict) -> None:
         seen["feedback_rejected"].append(body)
 
-    @broker.subscriber(f"{DLQ_PREFIX}.generator.>")
+    @broker.subscriber(f"{DLQ_PREFIX}.generator.>", stream=JStream(DLQ_STREAM, declare=False))
     async def on_dead(body: Any) -> None:
         seen["dead"].append(body)
 

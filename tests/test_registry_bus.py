@@ -21,6 +21,7 @@ from shared.subjects import (
     ADAPTER_TRAINING_FAILED,
     AUDIT_STREAM,
     DLQ_PREFIX,
+    DLQ_STREAM,
     EVENTS_STREAM,
     FEEDBACK_SUBMITTED,
     OPERATOR_ACTION,
@@ -51,7 +52,7 @@ async def test_events_in_decisions_out_and_bad_payloads_dead_lettered(registry_a
     async def rejected(body: dict) -> None:
         seen["rejected"].append(body)
 
-    @broker.subscriber(f"{DLQ_PREFIX}.registry.>")
+    @broker.subscriber(f"{DLQ_PREFIX}.registry.>", stream=JStream(DLQ_STREAM, declare=False))
     async def dead(body: Any) -> None:
         seen["dead"].append({"body": body})
 

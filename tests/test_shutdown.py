@@ -42,7 +42,7 @@ from shared.generation import chat_prompt, generate
 from shared.models import LoadedModel
 from shared.registry_view import PolicyAdapterRef
 from shared.shutdown import Interrupted
-from shared.subjects import DLQ_PREFIX, GENERATOR_FEEDBACK, dead_letter_subject
+from shared.subjects import DLQ_PREFIX, DLQ_STREAM, GENERATOR_FEEDBACK, dead_letter_subject
 
 PASSAGE = (
     "Quellmoor is a market town on the eastern bank of the Sallow Brenn. It received its market charter "
@@ -203,7 +203,8 @@ class RecordingBroker:
     def __init__(self) -> None:
         self.published: list[tuple[str, dict]] = []
 
-    async def publish(self, body: bytes, subject: str, headers: dict) -> None:
+    async def publish(self, body: bytes, subject: str, headers: dict, stream: str | None = None) -> None:
+        assert stream == DLQ_STREAM  # stored with JetStream's acknowledgement, not fired and forgotten
         self.published.append((subject, headers))
 
 
