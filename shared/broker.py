@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, NoReturn
 
@@ -148,6 +149,7 @@ async def ensure_streams_at(settings: NatsSettings) -> None:
 def durable_subscriber(broker: NatsBroker, spec: ConsumerSpec, **kwargs: Any) -> Any:
     """Decorator: a durable pull consumer that every replica of a service shares."""
     _SPECS[spec.durable] = spec
+    _BROKER_SPECS.setdefault(broker, []).append(spec)
     return broker.subscriber(
         spec.subject,
         stream=JStream(spec.stream, declare=False),
@@ -162,6 +164,36 @@ def durable_subscriber(broker: NatsBroker, spec: ConsumerSpec, **kwargs: Any) ->
         ack_policy=AckPolicy.NACK_ON_ERROR,
         **kwargs,
     )
+
+
+async def reconcile_consumers(broker: NatsBroker) -> list[str]:
+    """Bring the broker's durable consumers that already exist to their specs' ack wait and delivery limit.
+
+    JetStream keeps a durable consumer's settings from its creation, and subscribing again does not
+    change them: without this, raising ``max_deliver`` or ``ack_wait`` (``SEAL_TRAINER__MAX_DELIVER``,
+    ``SEAL_TRAINER__ACK_WAIT_S``) would change what the service assumes (its dead-letter limit, its
+    in-progress beat) but not what the server does, and messages would be redelivered mid-work or
+    dropped undead-lettered. Call it once the broker is connected; returns what it changed."""
+    changed: list[str] = []
+    specs = _BROKER_SPECS.get(broker, [])
+    if not specs:
+        return changed
+    js = broker.config.connection_state.stream
+    for spec in specs:
+        try:
+            info = await js.consumer_info(spec.stream, spec.durable)
+        except NotFoundError:
+            continue
+        ack_wait = spec.ack_wait.total_seconds()
+        have = info.config
+        if have.max_deliver == spec.max_deliver and abs((have.ack_wait or 0.0) - ack_wait) < 1e-3:
+            continue
+        await js.add_consumer(spec.stream, have.evolve(ack_wait=ack_wait, max_deliver=spec.max_deliver))
+        what = (f"consumer {spec.durable}: ack_wait {have.ack_wait:g}s -> {ack_wait:g}s, "
+                f"max_deliver {have.max_deliver} -> {spec.max_deliver}")
+        log.warning("updated %s (it kept the settings it was created with)", what)
+        changed.append(what)
+    return changed
 
 
 async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
@@ -184,6 +216,8 @@ def _stream_of(event: ev.Event) -> str:
 
 
 _SPECS: dict[str, ConsumerSpec] = {spec.durable: spec for spec in CONSUMERS}
+# The specs each broker subscribes with (reconcile_consumers).
+_BROKER_SPECS: weakref.WeakKeyDictionary[NatsBroker, list[ConsumerSpec]] = weakref.WeakKeyDictionary()
 
 
 class DeadLetterMiddleware(BaseMiddleware):

@@ -16,6 +16,7 @@ from typing import Any
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
 from faststream.nats import NatsBroker
 
+from shared.broker import reconcile_consumers
 from shared.settings import ServiceSettings
 
 
@@ -44,11 +45,14 @@ def service_app(
             ok = False
         return AsgiResponse(b"ready" if ok else b"not ready", status_code=200 if ok else 503)
 
+    async def consumers_as_configured() -> None:
+        await reconcile_consumers(broker)
+
     return AsgiFastStream(
         broker,
         asgi_routes=[("/healthz", make_ping_asgi(broker, timeout=5.0)), ("/readyz", readyz), *routes],
         on_startup=on_startup,
-        after_startup=after_startup,
+        after_startup=[consumers_as_configured, *after_startup],
         on_shutdown=on_shutdown,
     )
 

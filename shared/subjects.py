@@ -83,7 +83,8 @@ class ConsumerSpec:
     stream: str = EVENTS_STREAM
     max_deliver: int = 5
     ack_wait: timedelta = timedelta(seconds=60)
-    # Redelivery backoff after a nak / missed ack, in seconds.
+    # Redelivery delay after a failed handler's nak, in seconds, by delivery (a missed ack comes
+    # back after ack_wait).
     backoff: tuple[float, ...] = (1, 5, 15, 30)
 
 

@@ -248,3 +248,33 @@ async def test_without_a_stored_dead_letter_copy_the_message_is_not_terminated(d
             await middleware.consume_scope(hostile, msg)
         assert "still in its stream (stream SEAL_EVENTS, sequence 42)" in caplog.text
     assert broker.tries == bus.DEAD_LETTER_TRIES
+
+
+async def test_an_existing_consumer_takes_the_ack_wait_and_limit_it_is_given_now(provisioned_stack) -> None:
+    """A durable consumer keeps the settings it was created with; the service brings it to its spec."""
+    from datetime import timedelta
+
+    from shared.broker import reconcile_consumers
+
+    durable = f"test-reconcile-{ev.new_id()[:8]}"
+
+    async def subscribed(spec: ConsumerSpec, reconcile: bool) -> tuple[float, int]:
+        broker = create_broker(provisioned_stack.nats_settings(), service="test")
+
+        @durable_subscriber(broker, spec)
+        async def on_feedback(event: ev.FeedbackSubmitted) -> None:
+            pass
+
+        async with broker:
+            await broker.start()
+            if reconcile:
+                await reconcile_consumers(broker)
+            info = await broker.config.connection_state.stream.consumer_info(spec.stream, durable)
+        return info.config.ack_wait, info.config.max_deliver
+
+    first = ConsumerSpec(durable, FEEDBACK_SUBMITTED, max_deliver=5, ack_wait=timedelta(seconds=60))
+    raised = ConsumerSpec(durable, FEEDBACK_SUBMITTED, max_deliver=8, ack_wait=timedelta(seconds=180))
+    assert await subscribed(first, reconcile=False) == (60, 5)
+    assert await subscribed(raised, reconcile=False) == (60, 5)  # what JetStream does on its own
+    assert await subscribed(raised, reconcile=True) == (180, 8)
+    assert await subscribed(raised, reconcile=True) == (180, 8)  # nothing left to change

@@ -21,7 +21,14 @@ from fastapi import FastAPI
 from faststream.nats import NatsBroker
 
 from shared import events as ev
-from shared.broker import connect_options, create_broker, durable_subscriber, ensure_streams, publish_event
+from shared.broker import (
+    connect_options,
+    create_broker,
+    durable_subscriber,
+    ensure_streams,
+    publish_event,
+    reconcile_consumers,
+)
 from shared.store import AdapterStore
 from shared.subjects import (
     REGISTRY_EVALUATED,
@@ -116,6 +123,7 @@ class Runtime:
     async def start(self) -> None:
         await self.attach()
         await self.broker.start()
+        await reconcile_consumers(self.broker)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweep")
 
     async def stop(self) -> None:
