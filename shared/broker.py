@@ -50,6 +50,7 @@ from shared.subjects import (
     CONSUMERS,
     DLQ_PREFIX,
     DLQ_STREAM,
+    EVENTS_STREAM,
     KV_BUCKETS,
     STREAMS,
     ConsumerSpec,
@@ -194,6 +195,53 @@ async def reconcile_consumers(broker: NatsBroker) -> list[str]:
         log.warning("updated %s (it kept the settings it was created with)", what)
         changed.append(what)
     return changed
+
+
+# JetStream's notice that a consumer gave up on a message: every delivery went unanswered.
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
+EXHAUSTED_QUEUE = "seal-exhausted-deliveries"
+
+
+def dead_letter_exhausted_deliveries(broker: NatsBroker, stream: str = EVENTS_STREAM) -> Any:
+    """Subscribe ``broker`` to copy every message a consumer of ``stream`` gave up on into the dead letters.
+
+    The middleware dead-letters what a handler failed on; a message whose handler never answered
+    (the pod OOM-killed, evicted, or outrunning the ack wait on every delivery) runs out of
+    deliveries with no exception anywhere, and JetStream only says so in an advisory. This copies
+    it, by its stream sequence, to ``seal.dlq.<service>.<subject>`` with the reason; one replica per
+    advisory (a queue group), and a copy made twice is stored once (its ``Nats-Msg-Id``)."""
+
+    @broker.subscriber(MAX_DELIVERIES_ADVISORY.format(stream=stream), queue=EXHAUSTED_QUEUE)
+    async def on_exhausted(advisory: Any) -> None:
+        try:
+            source, consumer = str(advisory["stream"]), str(advisory["consumer"])
+            sequence, deliveries = int(advisory["stream_seq"]), int(advisory["deliveries"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            log.error("unreadable max-deliveries advisory: %r", advisory)
+            return
+        try:
+            await _copy_exhausted(broker, source, consumer, sequence, deliveries)
+        except Exception:  # noqa: BLE001 - an advisory is not redelivered: say what was not copied
+            log.exception("could not dead-letter %s sequence %d, given up by consumer %s", source, sequence, consumer)
+
+    return on_exhausted
+
+
+async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequence: int, deliveries: int) -> None:
+    js = broker.config.connection_state.stream
+    try:
+        original = await js.get_msg(source, sequence)
+    except NotFoundError:
+        log.error("consumer %s gave up on %s sequence %d, which is no longer in the stream", consumer, source, sequence)
+        return
+    service = consumer.split("-", 1)[0]
+    reason = (f"no answer after {deliveries} deliveries to consumer {consumer}: its handler crashed or outran "
+              f"the ack wait every time (stream {source}, sequence {sequence})")
+    headers = {k: v for k, v in (original.headers or {}).items() if k != "Nats-Msg-Id"}
+    headers.update({REASON_HEADER: reason, SERVICE_HEADER: service,
+                    "Nats-Msg-Id": f"exhausted-{source}-{sequence}-{consumer}"})
+    await broker.publish(original.data, dead_letter_subject(service, original.subject), headers=headers, stream=DLQ_STREAM)
+    log.error("dead-lettered message on %s: %s", original.subject, reason)
 
 
 async def publish_event(broker: NatsBroker, event: ev.Event) -> None:

@@ -278,3 +278,50 @@ async def test_an_existing_consumer_takes_the_ack_wait_and_limit_it_is_given_now
     assert await subscribed(raised, reconcile=False) == (60, 5)  # what JetStream does on its own
     assert await subscribed(raised, reconcile=True) == (180, 8)
     assert await subscribed(raised, reconcile=True) == (180, 8)  # nothing left to change
+
+
+async def test_a_message_never_answered_lands_in_the_dead_letters(provisioned_stack) -> None:
+    """Every delivery outran the ack wait (a pod OOM-killed each time): no exception anywhere, only
+    JetStream's advisory; the registry's subscriber copies the message to the dead letters with why."""
+    from datetime import timedelta
+
+    from nats.js.api import ConsumerConfig
+
+    from shared.broker import SERVICE_HEADER, dead_letter_exhausted_deliveries
+    from shared.subjects import DLQ_STREAM, EVENTS_STREAM
+
+    nc = await nats.connect(provisioned_stack.nats_url)
+    js = nc.jetstream()
+    dead = await nc.subscribe(f"{DLQ_PREFIX}.crashy.>")
+    watcher = create_broker(provisioned_stack.nats_settings(), service="registry")
+    dead_letter_exhausted_deliveries(watcher)
+    durable = f"crashy-{ev.new_id()[:8]}"
+    lost = feedback("a passage whose handler always dies")
+    try:
+        async with watcher:
+            await watcher.start()
+            sub = await js.pull_subscribe(
+                FEEDBACK_SUBMITTED, durable=durable, stream=EVENTS_STREAM,
+                config=ConsumerConfig(ack_wait=timedelta(seconds=1).total_seconds(), max_deliver=2),
+            )
+            await publish_event(watcher, lost)
+            seen = 0
+            deadline = asyncio.get_running_loop().time() + 30
+            while asyncio.get_running_loop().time() < deadline:  # take it, never answer (as a dying pod)
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    for msg in await sub.fetch(1, timeout=1.5):
+                        seen += json.loads(msg.data).get("feedback_id") == lost.feedback_id
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    copy = await dead.next_msg(timeout=0.1)
+                    if json.loads(copy.data)["feedback_id"] == lost.feedback_id:
+                        break
+            else:
+                pytest.fail("no dead-letter copy of a message whose deliveries ran out")
+            stored = await js.get_last_msg(DLQ_STREAM, copy.subject)  # kept in the stream, not just sent
+    finally:
+        await nc.close()
+    assert seen == 2
+    assert copy.subject == f"{DLQ_PREFIX}.crashy.{FEEDBACK_SUBMITTED}"
+    assert copy.headers[SERVICE_HEADER] == "crashy"
+    assert copy.headers[REASON_HEADER].startswith(f"no answer after 2 deliveries to consumer {durable}")
+    assert json.loads(stored.data)["feedback_id"] == lost.feedback_id

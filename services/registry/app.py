@@ -24,6 +24,7 @@ from shared import events as ev
 from shared.broker import (
     connect_options,
     create_broker,
+    dead_letter_exhausted_deliveries,
     durable_subscriber,
     ensure_streams,
     publish_event,
@@ -160,6 +161,9 @@ class Runtime:
 
 
 def subscribe(broker: NatsBroker, runtime: Runtime) -> None:
+    # Messages any service's consumer gave up on unanswered (crashes, timeouts) go to the dead letters.
+    dead_letter_exhausted_deliveries(broker)
+
     @durable_subscriber(broker, REGISTRY_FEEDBACK)
     async def feedback_submitted(event: ev.FeedbackSubmitted) -> None:
         await handlers.on_feedback_submitted(event, runtime.ledger, current_trace_id())
