@@ -250,6 +250,26 @@ async def test_an_adapter_stored_before_a_crash_is_republished_not_retrained(por
     assert again.event_id == first.event_id and ports.trainer.jobs == 1
 
 
+async def test_an_adapter_stored_by_another_trainer_meanwhile_is_kept_not_overwritten(ports) -> None:
+    # two trainers on one message (a redelivery after missed beats): the second to finish keeps the
+    # first's upload, whose manifest the registry may already hold
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    stored = dict(ports.store.objects)
+    ports.store.objects.clear()  # as the second trainer saw it when it started
+    train = ports.trainer.train
+
+    def train_while_the_other_uploads(job):  # noqa: ANN001, ANN202
+        done = train(job)
+        ports.store.objects.update(stored)
+        return done
+
+    ports.trainer.train = train_while_the_other_uploads
+    [second] = await handlers.train_self_edit(event, ports)
+    assert second.adapter == first.adapter  # the same manifest digest: nothing was overwritten
+    assert ports.store.puts == 1 and ports.store.objects == stored
+
+
 async def test_a_rebase_trains_the_self_edit_again_on_the_new_active_version(ports) -> None:
     event = self_edit_event()
     [first] = await handlers.train_self_edit(event, ports)

@@ -163,6 +163,13 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
             ),
         },
     )
+    if await asyncio.to_thread(ports.store.exists, uri):
+        # Another trainer took the same message while this one trained (a redelivery after a missed
+        # beat). Its upload stands: storing ours over it would change the manifest it was announced with.
+        shutil.rmtree(result.directory, ignore_errors=True)
+        ref, stored = await asyncio.to_thread(ports.store.stored, uri)
+        log.warning("adapter %s was stored by another trainer while this one trained; keeping that one", adapter_id)
+        return [trained(ref, stored.metrics.get("final_loss"), stored.metrics.get("seconds"), stored.trace_id)]
     ref = await _store(ports, result, manifest)
     return [trained(ref, result.run.final_loss, result.run.seconds, trace_id)]
 
