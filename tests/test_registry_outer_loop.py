@@ -91,6 +91,16 @@ async def test_a_feedback_is_counted_once_and_the_same_completion_once() -> None
     assert w.bus.of(ev.PolicyTrainingRequested) == []
 
 
+async def test_a_completion_too_long_for_a_policy_example_is_left_out_and_the_decision_stands() -> None:
+    w = make_world()
+    await with_policy(w, policy_round_examples=5)
+    root = await decide(w, [(0.4, True), (0.3, True)], completions=["x" * 20_001, "short and kept"])
+    assert w.bus.of(ev.AdapterPromoted)[-1].feedback_id == root.feedback_id
+    pool = await w.state.read(KV_REGISTRY, policy_pool_key("acme"), PolicyPool)
+    assert pool is not None and [e.completion for e in pool.examples] == ["short and kept"]
+    assert pool.counted == (root.feedback_id,)
+
+
 async def test_a_request_that_failed_to_publish_goes_out_on_the_next_settle_with_the_same_id() -> None:
     w = make_world()
     await with_policy(w, policy_round_examples=1)

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import Field
 
 from shared import events as ev
+from shared.contracts import LONG_TEXT_CHARS
 from shared.registry_view import ScopePolicy
 from shared.subjects import KV_REGISTRY
 
@@ -72,6 +73,11 @@ def rewarded_examples(
             continue
         completion = kept.self_edit.completion.strip()
         if completion and completion not in found:  # the same completion once, at its best reward
+            if max(len(kept.generator_prompt.strip()), len(completion)) > LONG_TEXT_CHARS:
+                # A prompt of a long passage can outgrow an example: leave it out, never block the decision.
+                log.info("feedback %s candidate %d: prompt or completion too long for a policy example; left out",
+                         record.feedback_id, cand.index)
+                continue
             found[completion] = ev.PolicyExample(prompt=kept.generator_prompt, completion=completion, reward=cand.reward)
     return list(found.values())
 
