@@ -161,7 +161,7 @@ class TrainingDirectives(Contract):
     adapter_scale: float = Field(default=1.0, ge=0.05, le=1.0)
     # Indices into the self-edit's sequences to train on; ``None`` means all.
     use_sequences: tuple[int, ...] | None = Field(default=None, max_length=256)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)  # what torch and numpy both take
 
     @classmethod
     def clamped(cls, proposed: dict[str, Any] | None) -> "TrainingDirectives":
@@ -172,7 +172,7 @@ class TrainingDirectives(Contract):
                 low, high = cls.BOUNDS[name]
                 try:
                     number = float(raw)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # OverflowError: an int of 400 digits
                     continue
                 if number != number:  # NaN
                     continue

@@ -62,6 +62,10 @@ from shared.contracts import (  # noqa: F401 - re-exported: the values are part 
 )
 
 SCHEMA_VERSION = 1
+# Probes an event about one self-edit carries (its feedback's and the generator's own), and examples of a
+# policy round at most: each is asked or trained on, so an event cannot hold a service for hours.
+MAX_PROBES = 100
+MAX_POLICY_EXAMPLES = 256
 
 class Event(Contract):
     """The envelope every event carries."""
@@ -139,7 +143,7 @@ class SelfEditGenerated(Event):
 
     type: Literal["selfedit.generated"] = "selfedit.generated"
     self_edit: SelfEdit
-    probes: tuple[Probe, ...] = Field(default=(), max_length=100)
+    probes: tuple[Probe, ...] = Field(default=(), max_length=MAX_PROBES)
     generator_adapter: str | None = None
     # The prompt the generator completed: with the completion, an outer-loop
     # (ReST-EM) training example once the self-edit is rewarded.
@@ -159,7 +163,7 @@ class RebaseRequested(Event):
 
     type: Literal["training.rebase_requested"] = "training.rebase_requested"
     self_edit: SelfEdit
-    probes: tuple[Probe, ...] = ()
+    probes: tuple[Probe, ...] = Field(default=(), max_length=MAX_PROBES)
     parent_version: int | None = None
     attempt: int = Field(default=1, ge=1)
 
@@ -174,7 +178,7 @@ class AdapterTrained(Event):
     parent_version: int | None = None
     parent_adapter: ManifestRef | None = None
     adapter: ManifestRef
-    probes: tuple[Probe, ...] = ()
+    probes: tuple[Probe, ...] = Field(default=(), max_length=MAX_PROBES)
     final_loss: float | None = None
     seconds: float | None = None
     trace_id: str | None = None
@@ -204,7 +208,7 @@ class AdapterEvaluated(Event):
     passed: bool
     gates: tuple[GateResult, ...] = ()
     reasons: tuple[str, ...] = ()
-    probes: tuple[Probe, ...] = ()
+    probes: tuple[Probe, ...] = Field(default=(), max_length=MAX_PROBES)
     trace_id: str | None = None
 
 
@@ -254,7 +258,7 @@ class PolicyTrainingRequested(Event):
     """Registry -> trainer: train the generator's policy adapter (ReST-EM)."""
 
     type: Literal["policy.training_requested"] = "policy.training_requested"
-    examples: tuple[PolicyExample, ...] = Field(min_length=1, max_length=10_000)
+    examples: tuple[PolicyExample, ...] = Field(min_length=1, max_length=MAX_POLICY_EXAMPLES)
     directives: TrainingDirectives = TrainingDirectives()
     round: int = Field(default=1, ge=1)
 

@@ -149,6 +149,20 @@ def test_directives_are_clamped_to_bounds() -> None:
     assert d.use_sequences == (0, 3)
     with pytest.raises(Exception):
         ev.TrainingDirectives(learning_rate=1.0)
+    # a 400-digit number copied from a passage into proposed directives is unusable, not a crash
+    assert ev.TrainingDirectives.clamped({"epochs": 10**400}).epochs == ev.TrainingDirectives().epochs
+    with pytest.raises(ValueError, match="seed"):
+        ev.TrainingDirectives(seed=2**70)  # torch.manual_seed would fail mid-training
+
+
+def test_an_event_about_one_self_edit_carries_a_bounded_number_of_probes() -> None:
+    probe = {"question": "Which river?", "answer": "the Sallow Brenn"}
+    adapter = {"uri": "s3://b/adapters/acme/a1", "manifest_sha256": "0" * 64}
+    payload = {"type": "adapter.trained", "feedback_id": "f", "scope": "s", "adapter_id": "a1", "self_edit_id": "e",
+               "adapter": adapter, "probes": [probe] * (ev.MAX_PROBES + 1)}
+    with pytest.raises(ev.EventValidationError, match="probes: Tuple should have at most 100 items"):
+        ev.parse_event(payload)
+    assert len(ev.parse_event({**payload, "probes": [probe] * ev.MAX_PROBES}).probes) == ev.MAX_PROBES
 
 
 def test_streams_hold_every_subject_and_consumers_are_unique() -> None:

@@ -4,7 +4,9 @@ The base model loads on the first question (not at startup: the registry
 does not need it to decide anything). Adapters are downloaded once per
 adapter id, checked against their manifest (sha256 of every file), and kept
 loaded side by side in one PEFT model; the scope's active one is switched in
-for each answer. One question is answered at a time.
+for each answer. One question is answered at a time. Beyond
+``MAX_LOADED_ADAPTERS`` the oldest is unloaded and its files deleted, so the
+cache stays within a few adapters' size on disk.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from shared.generation import chat_prompt, generate
+from shared.lora import AdapterHost
 from shared.models import LoadedModel, load_model
 from shared.settings import ModelSettings
 from shared.store import AdapterStore
@@ -44,8 +48,8 @@ class ActiveModelAnswerer:
         self.max_new_tokens = max_new_tokens
         self._lock = asyncio.Lock()
         self._base: LoadedModel | None = None
-        self._peft: Any = None
-        self._loaded: list[str] = []
+        self._host: AdapterHost | None = None
+        self._loaded: list[tuple[str, Path]] = []  # (adapter id, its files), oldest first
 
     async def answer(self, scope: str, question: str, max_new_tokens: int | None) -> dict[str, Any]:
         head = await self.ledger.head(scope)
@@ -55,16 +59,16 @@ class ActiveModelAnswerer:
     def _answer(self, scope: str, head: Any, question: str, max_new_tokens: int) -> dict[str, Any]:
         if self._base is None:
             self._base = load_model(self.model_settings)
-        base = self._base
+            self._host = AdapterHost(self._base.model)
+        base, host = self._base, self._host
+        assert host is not None
         adapter_id = None
-        if head is None and self._peft is None:
-            text = self._generate(base, base.model, question, max_new_tokens)
-        elif head is None:
-            with self._peft.disable_adapter():
-                text = self._generate(base, self._peft, question, max_new_tokens)
+        if head is None:
+            with host.base_only() as bare:
+                text = self._generate(base, bare, question, max_new_tokens)
         else:
             self._activate(head.adapter_id, head.adapter, scope)
-            text = self._generate(base, self._peft, question, max_new_tokens)
+            text = self._generate(base, host.model, question, max_new_tokens)
             adapter_id = head.adapter_id
         return {
             "scope": scope,
@@ -81,25 +85,26 @@ class ActiveModelAnswerer:
         return out[0][0].split("\n")[0].strip() if out and out[0] else ""
 
     def _activate(self, adapter_id: str, ref: Any, scope: str) -> None:
-        from peft import PeftModel
-
-        assert self._base is not None
-        if adapter_id not in self._loaded:
+        host = self._host
+        assert self._base is not None and host is not None
+        if adapter_id not in host.names:
             dest = self.cache_dir / scope / adapter_id
             dest.parent.mkdir(parents=True, exist_ok=True)  # get_adapter stages beside dest
-            manifest = self.store.get_adapter(ref, dest)  # verifies every file's sha256
-            base_sha = self._base.weights_sha256
-            if manifest.base_model_sha256 and base_sha and manifest.base_model_sha256 != base_sha:
-                raise Refused(
-                    f"adapter {adapter_id} was trained on another base model ({manifest.base_model}); "
-                    f"this registry serves {self._base.name}"
-                )
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._base.model, str(dest), adapter_name=adapter_id)
-                self._peft.eval()
-            else:
-                self._peft.load_adapter(str(dest), adapter_name=adapter_id)
-            self._loaded.append(adapter_id)
+            try:
+                manifest = self.store.get_adapter(ref, dest)  # verifies every file's sha256
+                base_sha = self._base.weights_sha256
+                if manifest.base_model_sha256 and base_sha and manifest.base_model_sha256 != base_sha:
+                    raise Refused(
+                        f"adapter {adapter_id} was trained on another base model ({manifest.base_model}); "
+                        f"this registry serves {self._base.name}"
+                    )
+                host.load(adapter_id, dest)  # a load that fails leaves nothing in the base model
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+            self._loaded.append((adapter_id, dest))
             while len(self._loaded) > MAX_LOADED_ADAPTERS:
-                self._peft.delete_adapter(self._loaded.pop(0))
-        self._peft.set_adapter(adapter_id)
+                oldest, files = self._loaded.pop(0)
+                host.remove(oldest)
+                shutil.rmtree(files, ignore_errors=True)
+        host.activate(adapter_id)

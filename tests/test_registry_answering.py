@@ -1,0 +1,71 @@
+"""``seal ask``'s answerer: adapters switched per scope, evicted from memory and disk, broken ones contained."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_evaluator_support import untrained_adapter
+
+from services.registry import answering
+from services.registry.answering import ActiveModelAnswerer
+from shared.models import LoadedModel
+from shared.settings import ModelSettings
+
+MODEL_CACHE = Path(os.environ.get("SEAL_TEST_MODEL_CACHE", "~/.cache/seal/models")).expanduser()
+
+
+class CopyingStore:
+    """Hands out a local PEFT directory as if downloaded and verified."""
+
+    def __init__(self, sources: dict[str, Path]):
+        self.sources = sources
+
+    def get_adapter(self, ref: str, dest: Path) -> SimpleNamespace:
+        shutil.copytree(self.sources[ref], dest)
+        return SimpleNamespace(base_model_sha256=None, base_model="tiny")
+
+
+class Heads:
+    def __init__(self) -> None:
+        self.heads: dict[str, SimpleNamespace] = {}
+
+    async def head(self, scope: str) -> SimpleNamespace | None:
+        return self.heads.get(scope)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return untrained_adapter(tiny_model, tmp_path_factory.mktemp("ask") / "adapter")
+
+
+async def test_the_oldest_adapter_leaves_memory_and_disk_and_a_broken_one_leaves_nothing(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    misfit = tmp_path / "misfit"
+    shutil.copytree(adapter, misfit)
+    config = json.loads((misfit / "adapter_config.json").read_text())
+    (misfit / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 3}))
+    monkeypatch.setattr(answering, "MAX_LOADED_ADAPTERS", 1)
+    heads = Heads()
+    cache = tmp_path / "cache"
+    store = CopyingStore({"ref-a": adapter, "ref-b": adapter, "ref-bad": misfit})
+    ask = ActiveModelAnswerer(ModelSettings(name="tiny", cache_dir=MODEL_CACHE, device="cpu"), store, heads, cache)  # type: ignore[arg-type]
+
+    heads.heads["acme"] = SimpleNamespace(adapter_id="a", adapter="ref-a", version=1)
+    assert (await ask.answer("acme", "Which river?", 4))["adapter_id"] == "a"
+    heads.heads["globex"] = SimpleNamespace(adapter_id="b", adapter="ref-b", version=3)
+    assert (await ask.answer("globex", "Which river?", 4))["adapter_id"] == "b"
+    assert ask._host.names == ["b"]  # type: ignore[union-attr]
+    assert not (cache / "acme" / "a").exists() and (cache / "globex" / "b").exists()
+
+    heads.heads["initech"] = SimpleNamespace(adapter_id="bad", adapter="ref-bad", version=1)
+    with pytest.raises(ValueError, match="does not load"):
+        await ask.answer("initech", "Which river?", 4)
+    assert ask._host.names == ["b"] and not (cache / "initech" / "bad").exists()  # type: ignore[union-attr]
+    assert not [n for n, _ in ask._base.model.named_modules() if ".bad" in n]  # type: ignore[union-attr]
+    assert (await ask.answer("globex", "Which river?", 4))["adapter_id"] == "b"  # still serving
