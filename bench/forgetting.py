@@ -105,6 +105,8 @@ def main() -> None:
                         help="seconds to wait for one decision (the scope's decision_timeout_s too, unless --policy sets it)")
     parser.add_argument("--policy", action="append", default=[], metavar="KEY=VALUE",
                         help="scope policy setting for the run (repeatable), e.g. max_regression_drop=1.0")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which sample of self-edits (the feedback ids derive from it): the same seed repeats a run")
     add_service_env_option(parser)
     args = parser.parse_args()
     try:
@@ -184,7 +186,7 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": {"right_after_own_update": own_all, "right_after_last": last_all}, "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": lost, "records": records}, indent=2)
+            json.dumps({"command": " ".join(sys.argv), "seed": args.seed, "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": {"right_after_own_update": own_all, "right_after_last": last_all}, "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": lost, "records": records}, indent=2)
         )
         return table
 
@@ -211,7 +213,7 @@ def main() -> None:
         async def drive() -> None:
             async with PlatformWatcher(platform.stack.nats_settings()) as watcher:
                 for i, item in enumerate(items):
-                    progress, waited = await submit_passage(watcher, scope, item, args.timeout)
+                    progress, waited = await submit_passage(watcher, scope, item, args.timeout, args.seed)
                     seconds.append(waited)
                     stages.append(progress.stage())
                     outcomes.append(describe_outcome(progress))

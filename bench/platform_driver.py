@@ -111,14 +111,18 @@ def set_scope_policy(platform: Platform, scope: str, changes: dict[str, Any]) ->
     return call(service_url("registry", platform.port_base), "PATCH", f"/v1/scopes/{scope}/policy", changes)
 
 
-async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float) -> tuple[Any, float]:
+async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float, seed: int = 0) -> tuple[Any, float]:
     """Send a passage (and its title, never its questions) as feedback to ``scope`` and wait for
     its decision: (its progress, as seal.watch sees it; seconds waited). A feedback still open
-    after ``timeout`` is returned as it stands."""
+    after ``timeout`` is returned as it stands.
+
+    The feedback id comes from ``seed`` and the passage's id: the generator samples a feedback's
+    self-edits from its id, so the same seed gives the same self-edits (a run can be repeated) and
+    another seed another sample of them (how much a result owes to one sample)."""
     from shared import events as ev
 
     event = ev.FeedbackSubmitted(
-        feedback_id=ev.new_id(), scope=scope,
+        feedback_id=ev.derived_id("bench", seed, item.id), scope=scope,
         content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
     )
     started = time.monotonic()
