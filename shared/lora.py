@@ -30,6 +30,7 @@ Not thread-safe: one caller at a time (the trainer holds a lock around it).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -42,8 +43,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from shared.contracts import TrainingDirectives
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MAX_LORA_RANK = int(TrainingDirectives.BOUNDS["lora_rank"][1])
 # What "attention" and "mlp" mean as targets: the usual block names across architectures.
 ATTENTION_HINTS = ("attn", "attention")
 MLP_HINTS = ("mlp", "feed_forward", "ffn")
@@ -96,6 +100,33 @@ def lora_config(
     )
 
 
+def check_lora_config(directory: str | Path) -> dict:
+    """The PEFT directory's config, refused if it is not one this platform writes.
+
+    Read before PEFT builds anything from it: PEFT allocates the LoRA matrices a config asks for
+    before it loads a single weight, so a 1 KB config with ``r: 10000000`` would take gigabytes.
+    Only LoRA, with every rank within the directives' bound, passes."""
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{ADAPTER_CONFIG} cannot be read: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise ValueError(f"only LoRA adapters are used here, not peft_type {kind!r}")
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else [pattern])]
+    for rank in ranks:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+            raise ValueError(f"LoRA rank {rank!r} is outside 1..{MAX_LORA_RANK}, the most this platform trains")
+    return config
+
+
+def base_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's weights: no adapter of it needs as many."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 class AdapterHost:
     """Named LoRA adapters over one base model, one of them active at a time."""
 
@@ -136,6 +167,7 @@ class AdapterHost:
         missing) raises ``ValueError`` and leaves nothing behind: the host and the base model are
         as they were, with no half-injected layer in the base."""
         self._check_free(name)
+        check_lora_config(directory)
         try:
             config = PeftConfig.from_pretrained(str(directory))
             config.inference_mode = not trainable

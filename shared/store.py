@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
+# What a stored adapter may hold before anything of it is downloaded: a manifest (its lineage
+# included) and a handful of files; their bytes are bounded by the caller (the base's own size).
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_ADAPTER_FILES = 16
 
 
 class IntegrityError(Exception):
@@ -172,7 +176,7 @@ class AdapterStore:
     def read_manifest(self, ref: ManifestRef | str) -> AdapterManifest:
         uri = ref.uri if isinstance(ref, ManifestRef) else ref
         bucket, prefix = parse_uri(uri)
-        body = self._get_bytes(bucket, f"{prefix}/{MANIFEST}", uri)
+        body = self._get_bytes(bucket, f"{prefix}/{MANIFEST}", uri, limit=MAX_MANIFEST_BYTES)
         if isinstance(ref, ManifestRef) and hashlib.sha256(body).hexdigest() != ref.manifest_sha256:
             raise IntegrityError(f"manifest of {uri} does not match the digest in the event")
         try:
@@ -180,14 +184,22 @@ class AdapterStore:
         except ValueError as exc:
             raise IntegrityError(f"manifest of {uri} is not a valid manifest: {exc}") from exc
 
-    def get_adapter(self, ref: ManifestRef | str, dest: Path) -> AdapterManifest:
+    def get_adapter(self, ref: ManifestRef | str, dest: Path, max_bytes: int | None = None) -> AdapterManifest:
         """Download an adapter into ``dest`` and check every file's sha256.
 
-        On any mismatch nothing is left in ``dest`` and IntegrityError is raised.
+        On any mismatch nothing is left in ``dest`` and IntegrityError is raised. ``max_bytes``:
+        the most its files may hold together, checked before anything is downloaded (an adapter
+        of a base is far smaller than the base; a larger one would only fill the disk).
         """
         manifest = self.read_manifest(ref)
         uri = ref.uri if isinstance(ref, ManifestRef) else ref
         bucket, prefix = parse_uri(uri)
+        if len(manifest.files) > MAX_ADAPTER_FILES:
+            raise IntegrityError(f"manifest of {uri} lists {len(manifest.files)} files, more than {MAX_ADAPTER_FILES}")
+        if max_bytes is not None:
+            total = sum(self._size(bucket, f"{prefix}/{name}", uri) for name in manifest.files)
+            if total > max_bytes:
+                raise IntegrityError(f"{uri} holds {total} bytes, more than the {max_bytes} an adapter of this base can need")
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".seal-dl-", dir=dest.parent))
@@ -216,7 +228,15 @@ class AdapterStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _get_bytes(self, bucket: str, key: str, uri: str) -> bytes:
+    def _size(self, bucket: str, key: str, uri: str) -> int:
+        try:
+            return int(self.client.stat_object(bucket, key).size)
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                raise IntegrityError(f"{uri}/{key.rsplit('/', 1)[-1]} is listed in the manifest but missing") from exc
+            raise
+
+    def _get_bytes(self, bucket: str, key: str, uri: str, limit: int | None = None) -> bytes:
         try:
             response = self.client.get_object(bucket, key)
         except S3Error as exc:
@@ -224,7 +244,12 @@ class AdapterStore:
                 raise AdapterNotFound(f"no adapter at {uri}") from exc
             raise
         try:
-            return response.read()
+            if limit is None:
+                return response.read()
+            body = response.read(limit + 1)
+            if len(body) > limit:
+                raise IntegrityError(f"{key.rsplit('/', 1)[-1]} of {uri} is larger than {limit} bytes")
+            return body
         finally:
             response.close()
             response.release_conn()

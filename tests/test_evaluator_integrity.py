@@ -158,6 +158,52 @@ async def test_adapter_that_does_not_fit_the_base_is_failed_and_the_base_stays_c
     assert (tiny_model.model(prompt).logits == before).all()
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"r": 10_000_000}, "LoRA rank 10000000 is outside 1..64"),  # PEFT would allocate gigabytes first
+        ({"rank_pattern": {"q_proj": 4096}}, "LoRA rank 4096 is outside 1..64"),
+        ({"peft_type": "PROMPT_TUNING"}, "only LoRA adapters are used here, not peft_type 'PROMPT_TUNING'"),
+    ],
+)
+async def test_a_config_this_platform_never_writes_is_refused_before_peft_builds_it(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path, tmp_path: Path,
+    change: dict, expected: str,
+) -> None:
+    import shutil
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(fresh_adapter, hostile)
+    config = json.loads((hostile / "adapter_config.json").read_text())
+    (hostile / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    ref = put(store, hostile, "hostile", tiny_model.weights_sha256)
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="hostile", probes=PROBES))
+    assert expected in reason
+    assert not hasattr(tiny_model.model, "peft_config")
+
+
+async def test_an_adapter_larger_than_its_base_is_refused_before_it_is_downloaded(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    bloated = tmp_path / "bloated"
+    shutil.copytree(fresh_adapter, bloated)
+    (bloated / "padding.bin").write_bytes(b"\0" * (ports.max_adapter_bytes or 0))
+    ref = put(store, bloated, "bloated", tiny_model.weights_sha256)
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="bloated", probes=PROBES))
+    assert f"more than the {ports.max_adapter_bytes} an adapter of this base can need" in reason
+    assert not list((ports.work_dir).rglob("padding.bin"))
+
+
+async def test_an_adapter_of_another_scope_is_refused(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    theirs = store_adapter(store, fresh_adapter, scope="globex", adapter_id="theirs", base_sha256=tiny_model.weights_sha256)
+    reason = await failure_of(ports, adapter_trained(theirs, scope=SCOPE, adapter_id="theirs", probes=PROBES))
+    assert "is of scope 'globex', not 'acme'" in reason
+
+
 def test_file_checks_name_what_is_wrong(fresh_adapter: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -90,9 +90,9 @@ class CountingStore:
         self.store = dict_store()
         self.downloads: dict[str, int] = {}
 
-    def get_adapter(self, ref, dest):  # noqa: ANN001, ANN201
+    def get_adapter(self, ref, dest, max_bytes=None):  # noqa: ANN001, ANN201
         self.downloads[ref.uri] = self.downloads.get(ref.uri, 0) + 1
-        return self.store.get_adapter(ref, dest)
+        return self.store.get_adapter(ref, dest, max_bytes=max_bytes)
 
 
 async def test_reward_verdict_and_what_the_update_broke(

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,8 +52,8 @@ class _Response:
     def __init__(self, body: bytes):
         self._body = io.BytesIO(body)
 
-    def read(self) -> bytes:
-        return self._body.read()
+    def read(self, amt: int | None = None) -> bytes:
+        return self._body.read(amt)
 
     def close(self) -> None:
         pass
@@ -85,7 +86,7 @@ class DictObjectClient:
     def stat_object(self, bucket: str, key: str) -> object:
         if (bucket, key) not in self.objects:
             raise _missing(bucket, key)
-        return object()
+        return SimpleNamespace(size=len(self.objects[(bucket, key)]))
 
     def get_object(self, bucket: str, key: str) -> _Response:
         if (bucket, key) not in self.objects:

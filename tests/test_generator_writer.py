@@ -91,6 +91,21 @@ def test_writer_refuses_an_adapter_trained_on_another_base(own_tiny_model: Loade
     assert written == writer.write([Prompt("Quellmoor")], seed=1)
 
 
+@pytest.mark.parametrize("change", [{"r": 8}, {"r": 100_000}])  # weights that do not fit; a rank never trained
+def test_a_policy_adapter_that_does_not_load_leaves_the_base_writing(own_tiny_model: LoadedModel, tmp_path: Path, change: dict) -> None:
+    tiny_model = own_tiny_model
+    source = lora_adapter(tiny_model, tmp_path / "pd", 4)
+    config = json.loads((source / "adapter_config.json").read_text())
+    (source / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    writer = SelfEditWriter(tiny_model, GeneratorConfig(max_new_tokens=8), fake_fetch({"pd": source}, tiny_model.weights_sha256),
+                            tmp_path / "c")
+    base = writer.write([Prompt("Quellmoor")], seed=1)
+    written = writer.write([Prompt("Quellmoor")], seed=1, adapter=ref("pd"))
+    assert written == base and writer.loaded_adapters == []  # the base wrote, as if there were no adapter
+    assert not list((tmp_path / "c").iterdir())
+    assert not [n for n, _ in tiny_model.model.named_modules() if "policy_pd" in n]
+
+
 @pytest.mark.servers
 async def test_a_scope_with_a_policy_adapter_writes_with_it(service_settings, adapter_store, tiny_model_path: Path, tmp_path: Path) -> None:
     """The policy adapter comes from the object store and the registry's KV record, on real servers."""

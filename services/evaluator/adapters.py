@@ -35,13 +35,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from shared.events import ManifestRef
+from shared.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_lora_config
 from shared.models import LoadedModel
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "under_evaluation"
 
 
@@ -52,7 +51,7 @@ class UnusableAdapter(Exception):
 class AdapterSource(Protocol):
     """Where adapters come from (:class:`shared.store.AdapterStore` in production)."""
 
-    def get_adapter(self, ref: ManifestRef | str, dest: Path) -> AdapterManifest: ...
+    def get_adapter(self, ref: ManifestRef | str, dest: Path, max_bytes: int | None = None) -> AdapterManifest: ...
 
 
 def fetch_adapter(
@@ -62,16 +61,23 @@ def fetch_adapter(
     *,
     adapter_id: str | None,
     base_sha256: str | None,
+    scope: str | None = None,
+    max_bytes: int | None = None,
 ) -> AdapterManifest:
-    """Download and verify an adapter into ``dest``; UnusableAdapter if it must not be used."""
+    """Download and verify an adapter into ``dest``; UnusableAdapter if it must not be used.
+
+    ``scope``: the scope the event is about, which the manifest must name (an event cannot point
+    at another scope's adapter); ``max_bytes``: the most its files may hold (the base's size)."""
     try:
-        manifest = source.get_adapter(ref, dest)
+        manifest = source.get_adapter(ref, dest, max_bytes=max_bytes)
     except IntegrityError as exc:
         raise UnusableAdapter(f"integrity check failed: {exc}") from exc
     except AdapterNotFound as exc:
         raise UnusableAdapter(f"adapter not found: {exc}") from exc
     if adapter_id is not None and manifest.adapter_id != adapter_id:
         raise UnusableAdapter(f"manifest at {ref.uri} is for adapter {manifest.adapter_id}, not {adapter_id}")
+    if scope is not None and manifest.scope != scope:
+        raise UnusableAdapter(f"manifest at {ref.uri} is of scope {manifest.scope!r}, not {scope!r}")
     if base_sha256 and manifest.base_model_sha256 and manifest.base_model_sha256 != base_sha256:
         raise UnusableAdapter(
             f"adapter was trained on base weights {manifest.base_model_sha256[:12]}..., "
@@ -93,6 +99,10 @@ def check_adapter_files(adapter_dir: Path) -> None:
         raise UnusableAdapter(f"{ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict) or "peft_type" not in config:
         raise UnusableAdapter(f"{ADAPTER_CONFIG} does not describe a PEFT adapter (no peft_type)")
+    try:
+        check_lora_config(adapter_dir)
+    except ValueError as exc:
+        raise UnusableAdapter(str(exc)) from exc
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise UnusableAdapter(f"{ADAPTER_WEIGHTS} is missing")

@@ -39,6 +39,7 @@ from services.evaluator.measurement import Measurer, ScoreCache, base_model_key
 from services.evaluator.settings import EvaluatorSettings
 from shared.broker import create_broker, durable_subscriber, kept_in_progress, publish_event
 from shared.events import AdapterTrained, Probe
+from shared.lora import base_bytes
 from shared.models import LoadedModel, load_model
 from shared.registry_view import AcceptedProbes, ScopePolicy, read_accepted_probes, read_scope_policy
 from shared.runtime import service_app
@@ -118,6 +119,7 @@ def build_ports(
         model_name=lm.name,
         work_dir=work_dir,
         product_weight=config.product_weight,
+        max_adapter_bytes=base_bytes(lm.model),
     )
 
 

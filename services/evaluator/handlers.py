@@ -67,6 +67,8 @@ class EvaluatorPorts:
     model_name: str
     work_dir: Path
     product_weight: float = 2.0
+    # The most an adapter's files may hold (the base model's own weights: None, no limit).
+    max_adapter_bytes: int | None = None
     evaluated: list[str] = field(default_factory=list)  # adapter ids, newest last (for /readyz and tests)
 
 
@@ -145,6 +147,8 @@ def _evaluate(
                 candidate_dir,
                 adapter_id=event.adapter_id,
                 base_sha256=ports.base_sha256,
+                scope=event.scope,
+                max_bytes=ports.max_adapter_bytes,
             )
         except UnusableAdapter as exc:
             return [_failed(event, f"candidate adapter {event.adapter_id}: {exc}")]
@@ -199,7 +203,10 @@ def _parent(event: AdapterTrained, ref: ManifestRef | None, dest: Path, ports: E
         return base_model_key(ports.base_sha256, ports.model_name), lambda: None
 
     def fetch() -> Path:
-        fetch_adapter(ports.adapters, ref, dest, adapter_id=event.parent_adapter_id, base_sha256=ports.base_sha256)
+        fetch_adapter(
+            ports.adapters, ref, dest, adapter_id=event.parent_adapter_id, base_sha256=ports.base_sha256,
+            max_bytes=ports.max_adapter_bytes,
+        )
         return dest
 
     return adapter_model_key(ports.base_sha256, ports.model_name, ref.manifest_sha256), fetch

@@ -26,6 +26,7 @@ from pathlib import Path
 from services.generator.prompts import Prompt
 from services.generator.settings import GeneratorConfig
 from shared.generation import chat_prompt, generate
+from shared.lora import check_lora_config
 from shared.models import LoadedModel
 from shared.registry_view import PolicyAdapterRef
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
@@ -120,7 +121,14 @@ class SelfEditWriter:
             raise UnusableAdapter(
                 f"trained on base {manifest.base_model_sha256[:12]}..., this generator runs {base_sha[:12]}..."
             )
-        self.lm.model.load_adapter(str(folder), adapter_name=name, hotswap=False)
+        try:
+            check_lora_config(folder)
+            self.lm.model.load_adapter(str(folder), adapter_name=name, hotswap=False)
+        except Exception as exc:  # noqa: BLE001 - whatever PEFT makes of it, the base model writes instead
+            if name in (getattr(self.lm.model, "peft_config", None) or {}):
+                self.lm.model.delete_adapter(name)
+            shutil.rmtree(folder, ignore_errors=True)
+            raise UnusableAdapter(f"policy adapter {ref.adapter_id} does not load: {exc}") from exc
         self._loaded[name] = folder
         log.info("loaded policy adapter %s as %s", ref.adapter_id, name)
         self._evict()
