@@ -94,11 +94,31 @@ def probes_by_source(probes: Sequence[Probe]) -> tuple[tuple[Probe, ...], tuple[
     return tuple(p for p in probes if p.source == "product"), tuple(p for p in probes if p.source == "self_generated")
 
 
+def probe_chars(probe: Probe) -> int:
+    """The characters a probe holds: what it costs wherever it is kept."""
+    return len(probe.question) + len(probe.answer) + sum(len(a) for a in probe.aliases)
+
+
+# All of one feedback's probes together: the registry keeps a copy per candidate in one record,
+# which must stay well inside NATS's 1 MB message.
+MAX_FEEDBACK_PROBE_CHARS = 20_000
+
+
 class KnowledgeFeedback(Contract):
     kind: Literal["knowledge"] = "knowledge"
     passage: LongText
     title: ShortText | None = None
     probes: tuple[Probe, ...] = Field(default=(), max_length=50)
+
+    @model_validator(mode="after")
+    def _probes_within_size(self) -> "KnowledgeFeedback":
+        total = sum(probe_chars(p) for p in self.probes)
+        if total > MAX_FEEDBACK_PROBE_CHARS:
+            raise ValueError(
+                f"the probes hold {total} characters in all, more than {MAX_FEEDBACK_PROBE_CHARS}: "
+                "ask short questions with short answers"
+            )
+        return self
 
 
 class CorrectionFeedback(Contract):

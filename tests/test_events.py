@@ -115,6 +115,12 @@ def test_caused_events_keep_lineage_and_are_deterministic() -> None:
             {"type": "feedback.rejected", "feedback_id": "f", "scope": "s", "reason": "x", "schema_version": 99},
             "schema_version 99 is newer",
         ),
+        # 50 probes of 2,000 characters each: valid one by one, 200 KB together, copied per candidate
+        (
+            {"type": "feedback.submitted", "feedback_id": "f", "scope": "s", "content": {"kind": "knowledge", "passage": "x",
+             "probes": [{"question": "q" * 1000, "answer": "a" * 1000}] * 50}},
+            "the probes hold 100000 characters in all, more than 20000",
+        ),
         # hostile candidate numbers: the registry would hold a record per candidate
         (
             {"type": "adapter.training_failed", "feedback_id": "f", "scope": "s", "self_edit_id": "e", "reason": "x",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from shared import events as ev
+from shared.contracts import probe_chars
 from shared.registry_view import AcceptedProbes
 from shared.store import AdapterManifest
 
@@ -113,10 +114,27 @@ def with_accepted(
     current = current or AcceptedProbes(scope=scope)
     if not probes or any(fid == feedback_id for fid, _ in current.probes):
         return None
-    return current.model_copy(update={"probes": (*current.probes, *((feedback_id, p) for p in probes))[-limit:]})
+    return current.model_copy(update={"probes": newest((*current.probes, *((feedback_id, p) for p in probes)), limit)})
 
 
 def chain_probes(chain: list[VersionRecord], scope: str, limit: int) -> AcceptedProbes:
     """The accepted probes of a version chain (newest first in ``chain``)."""
     pairs = tuple((v.feedback_id, p) for v in reversed(chain) for p in v.probes)
-    return AcceptedProbes(scope=scope, probes=pairs[-limit:])
+    return AcceptedProbes(scope=scope, probes=newest(pairs, limit))
+
+
+# The accepted probes live in one KV value: bounded in characters as well as in number, so a
+# scope's record stays well inside NATS's 1 MB message however long its probes are.
+MAX_ACCEPTED_PROBE_CHARS = 400_000
+
+
+def newest(pairs: tuple[tuple[str, ev.Probe], ...], limit: int) -> tuple[tuple[str, ev.Probe], ...]:
+    """The newest ``limit`` (feedback id, probe) pairs that fit in MAX_ACCEPTED_PROBE_CHARS, oldest first."""
+    kept: list[tuple[str, ev.Probe]] = []
+    chars = 0
+    for pair in reversed(pairs[-limit:]):
+        chars += len(pair[0]) + probe_chars(pair[1])
+        if chars > MAX_ACCEPTED_PROBE_CHARS:
+            break
+        kept.append(pair)
+    return tuple(reversed(kept))
