@@ -85,6 +85,10 @@ class ScopePolicy(Contract):
     # The largest drop allowed on the probes of any ONE earlier feedback (1.0: no such gate, only
     # the pooled earlier-feedback part above, which dilutes one passage's loss as a scope grows).
     max_feedback_drop: float = Field(default=1.0, ge=0.0, le=1.0)
+    # The most core knowledge may have fallen below the base model's, over all the updates of a
+    # scope (1.0: no such gate). max_regression_drop bounds each update against its parent, so
+    # drops within it could add up without end; this bounds where a scope can drift to.
+    max_core_drop_from_base: float = Field(default=0.05, ge=0.0, le=1.0)
     # registry decision
     approval: Literal["auto", "manual"] = "auto"
     decision_timeout_s: float = Field(default=1800.0, gt=0)

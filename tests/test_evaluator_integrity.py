@@ -127,6 +127,20 @@ async def test_manifest_of_another_adapter_is_failed(
     assert "is for adapter someone-else, not claimed" in reason
 
 
+async def test_a_continuing_update_is_also_gated_on_its_drift_from_the_base(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    parent = put(store, fresh_adapter, "v1", tiny_model.weights_sha256)
+    child = put(store, fresh_adapter, "child", tiny_model.weights_sha256)
+    event = adapter_trained(child, scope=SCOPE, adapter_id="child", probes=PROBES, parent=parent, parent_adapter_id="v1")
+    (out,) = await evaluate_adapter(event, ports)
+    assert isinstance(out, ev.AdapterEvaluated)
+    [drift] = [g for g in out.gates if g.gate == "max_core_drop_from_base"]
+    assert drift.passed and drift.value == 0.0 and drift.threshold == 0.05  # fresh LoRAs change nothing
+    (first,) = await evaluate_adapter(adapter_trained(child, scope=SCOPE, adapter_id="child", probes=PROBES), ports)
+    assert "max_core_drop_from_base" not in [g.gate for g in first.gates]  # on the base, the per-update gate says it
+
+
 async def test_corrupted_parent_fails_the_evaluation(
     tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
 ) -> None:

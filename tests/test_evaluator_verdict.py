@@ -90,6 +90,24 @@ def test_the_drop_threshold_is_inclusive_and_per_scope() -> None:
     assert not verdict(candidate, parent, max_regression_drop=0.05).passed
 
 
+def test_drops_within_the_per_update_gate_cannot_add_up_past_the_base_gate() -> None:
+    # each update loses one core question of 20 (5 points, within a per-update 0.05): the third
+    # such update leaves core 15 points below the base model's, past the scope's 0.10
+    def update(core_before: int, core_after: int, base_core: float | None = 1.0):  # noqa: ANN202
+        candidate = sets(product=(True,), core=(True,) * core_after + (False,) * (20 - core_after))
+        parent = sets(product=(False,), core=(True,) * core_before + (False,) * (20 - core_before))
+        c, p = scores_of(candidate, 2.0), scores_of(parent, 2.0)
+        return judge_update(c, p, ScopePolicy(max_regression_drop=0.05, max_core_drop_from_base=0.1), candidate, parent,
+                            base_core=base_core)
+
+    assert update(20, 19).passed and update(19, 18).passed
+    third = update(18, 17)
+    assert not third.passed and [g.gate for g in third.gates if not g.passed] == ["max_core_drop_from_base"]
+    assert "core 100.0% on the base model -> 85.0% after all of the scope's updates (drop +0.150, exceeds the allowed 0.100)" \
+        in third.gates[-1].reason
+    assert update(18, 17, base_core=None).passed  # a first update (no base score given): the per-update gate only
+
+
 def test_no_target_probes_counts_as_no_gain() -> None:
     strict = verdict(sets(core=(True,)), sets(core=(True,)), min_gain=0.01)
     assert strict.reward == 0.0 and not strict.passed and "no probes" in strict.gates[0].reason

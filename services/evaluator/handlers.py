@@ -167,7 +167,10 @@ def _evaluate(
 
     candidate = scores_of(candidate_results, ports.product_weight)
     parent = scores_of(parent_results, ports.product_weight)
-    verdict = judge_update(candidate, parent, policy, candidate_results, parent_results, owners)
+    verdict = judge_update(
+        candidate, parent, policy, candidate_results, parent_results, owners,
+        base_core=_base_core(ports, policy) if parent_ref is not None else None,
+    )
     ports.evaluated.append(event.adapter_id)
     log.info(
         "adapter %s (scope %s): reward %+.3f, %s", event.adapter_id, event.scope, verdict.reward,
@@ -195,6 +198,14 @@ def _evaluate(
             trace_id=trace_id or event.trace_id,
         )
     ]
+
+
+def _base_core(ports: EvaluatorPorts, policy: ScopePolicy) -> float | None:
+    """The base model's core accuracy (measured once, then from the cache), where a gate needs it."""
+    if not ports.core_set or policy.max_core_drop_from_base >= 1.0:
+        return None
+    base = ports.measurer.measure(base_model_key(ports.base_sha256, ports.model_name), lambda: None, {CORE: ports.core_set})
+    return base[CORE].accuracy
 
 
 def _parent(event: AdapterTrained, ref: ManifestRef | None, dest: Path, ports: EvaluatorPorts):  # noqa: ANN202

@@ -16,7 +16,10 @@
   policy's choice): the largest drop on the probes of any one earlier feedback
   is at most the threshold. The pooled earlier-feedback part dilutes one
   passage's loss as a scope grows (one probe of 70 is 1.4 points); this gate
-  sees each earlier feedback on its own.
+  sees each earlier feedback on its own. ``max_core_drop_from_base`` (on a
+  continuing update, where the base's core score is known): core accuracy is
+  at most that far below the base model's, so per-update drops within
+  ``max_regression_drop`` cannot add up without end.
 """
 
 from __future__ import annotations
@@ -195,6 +198,21 @@ def forgotten(
     return lines
 
 
+def base_gate(candidate_core: float, base_core: float, max_drop: float) -> GateResult:
+    drop = base_core - candidate_core
+    passed = drop <= max_drop + TOLERANCE
+    return GateResult(
+        gate="max_core_drop_from_base",
+        passed=passed,
+        value=drop,
+        threshold=max_drop,
+        reason=(
+            f"core {_pct(base_core)} on the base model -> {_pct(candidate_core)} after all of the scope's updates "
+            f"(drop {drop:+.3f}, {'within' if passed else 'exceeds'} the allowed {max_drop:.3f})"
+        ),
+    )
+
+
 def judge_update(
     candidate: Scores,
     parent: Scores,
@@ -202,9 +220,11 @@ def judge_update(
     candidate_results: Mapping[str, ClosedBookResult],
     parent_results: Mapping[str, ClosedBookResult],
     owners: Mapping[str, str] | None = None,
+    base_core: float | None = None,
 ) -> Verdict:
     """``owners``: each earlier probe's normalised question -> its feedback id, for the
-    per-feedback gate (only where the policy sets ``max_feedback_drop`` below 1)."""
+    per-feedback gate (only where the policy sets ``max_feedback_drop`` below 1); ``base_core``:
+    the base model's core accuracy, for the gate on the drift from it (a continuing update)."""
     reward = (
         candidate.target - parent.target if candidate.target is not None and parent.target is not None else 0.0
     )
@@ -214,6 +234,8 @@ def judge_update(
     )
     if policy.max_feedback_drop < 1.0:
         gates += (feedback_gate(candidate_results, parent_results, owners or {}, policy.max_feedback_drop),)
+    if base_core is not None and candidate.core is not None and policy.max_core_drop_from_base < 1.0:
+        gates += (base_gate(candidate.core, base_core, policy.max_core_drop_from_base),)
     passed = all(g.passed for g in gates)
     reasons = [f"{'passed' if g.passed else 'failed'} {g.gate}: {g.reason}" for g in gates]
     reasons += forgotten(candidate_results, parent_results)
