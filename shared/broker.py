@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -40,7 +41,9 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import ValidationError
 
 from shared import events as ev
@@ -57,7 +60,7 @@ from shared.subjects import (
     dead_letter_subject,
     subject_for,
 )
-from shared.telemetry import mark_lineage
+from shared.telemetry import mark_lineage, root_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ def create_broker(
         settings.url,
         name=f"seal-{service}",
         middlewares=(
+            TraceRootMiddleware,
             NatsTelemetryMiddleware(tracer_provider=tracer_provider),
             DeadLetterMiddleware.for_service(service),
             *extra_middlewares,
@@ -240,7 +244,14 @@ async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequen
     headers = {k: v for k, v in (original.headers or {}).items() if k != "Nats-Msg-Id"}
     headers.update({REASON_HEADER: reason, SERVICE_HEADER: service,
                     "Nats-Msg-Id": f"exhausted-{source}-{sequence}-{consumer}"})
-    await broker.publish(original.data, dead_letter_subject(service, original.subject), headers=headers, stream=DLQ_STREAM)
+    # The copy stays in the trace of the message it copies (not the advisory's own).
+    if "traceparent" not in headers and (feedback_id := _feedback_id_of(original.data)):
+        headers["traceparent"] = root_traceparent(feedback_id)
+    token = otel_context.attach(TraceContextTextMapPropagator().extract(headers))
+    try:
+        await broker.publish(original.data, dead_letter_subject(service, original.subject), headers=headers, stream=DLQ_STREAM)
+    finally:
+        otel_context.detach(token)
     log.error("dead-lettered message on %s: %s", original.subject, reason)
 
 
@@ -266,6 +277,31 @@ def _stream_of(event: ev.Event) -> str:
 _SPECS: dict[str, ConsumerSpec] = {spec.durable: spec for spec in CONSUMERS}
 # The specs each broker subscribes with (reconcile_consumers).
 _BROKER_SPECS: weakref.WeakKeyDictionary[NatsBroker, list[ConsumerSpec]] = weakref.WeakKeyDictionary()
+
+
+class TraceRootMiddleware(BaseMiddleware):
+    """An event that came without trace context joins its feedback's own trace.
+
+    FastStream starts a new trace for a message with no ``traceparent``: a product publishing
+    feedback on the bus itself would have the generator and the registry each start their own,
+    and every redelivery another. Here such a message gets the feedback's root
+    (:func:`shared.telemetry.root_traceparent`) before the telemetry middleware reads it."""
+
+    async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        headers = getattr(msg, "headers", None)
+        if isinstance(headers, dict) and "traceparent" not in headers:
+            feedback_id = _feedback_id_of(getattr(msg, "body", b""))
+            if feedback_id:
+                headers["traceparent"] = root_traceparent(feedback_id)
+        return await call_next(msg)
+
+
+def _feedback_id_of(body: Any) -> str | None:
+    try:
+        value = json.loads(body).get("feedback_id")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 class DeadLetterMiddleware(BaseMiddleware):

@@ -4,12 +4,17 @@ Traces are always *created* (so every event has a trace id the registry can
 store); they are *exported* over OTLP/HTTP only when an endpoint is set.
 FastStream's NATS middleware (see :mod:`shared.broker`) carries W3C trace
 context in message headers, so one feedback event is one trace across all
-four services.
+four services. Where no context came with it (a product publishing on the
+bus without a ``traceparent``; the registry deciding from its sweep or an
+operator's command) the trace is the feedback's own root,
+:func:`feedback_context`: its trace id derives from the feedback id, so every
+service, redelivery and later decision lands in the same trace.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 
 from opentelemetry import baggage, context, trace
@@ -17,6 +22,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from shared.settings import TelemetrySettings
 
@@ -24,6 +30,35 @@ log = logging.getLogger(__name__)
 
 FEEDBACK_ID = "seal.feedback_id"
 SCOPE = "seal.scope"
+_ROOTS = uuid.UUID("5d3b8f0e-6a51-4c1e-9a57-2f1f3c7e0b11")
+
+
+def feedback_root(feedback_id: str) -> tuple[str, str]:
+    """(trace id, parent span id) in hex for a feedback that came without trace context."""
+    trace_id = uuid.uuid5(_ROOTS, f"trace:{feedback_id}").hex
+    span_id = uuid.uuid5(_ROOTS, f"span:{feedback_id}").hex[:16]
+    return trace_id, span_id
+
+
+def root_traceparent(feedback_id: str) -> str:
+    """A W3C ``traceparent`` header under the feedback's own root (sampled)."""
+    trace_id, span_id = feedback_root(feedback_id)
+    return f"00-{trace_id}-{span_id}-01"
+
+
+def feedback_context(feedback_id: str, trace_id: str | None = None) -> context.Context:
+    """A context whose parent is the feedback's trace: ``trace_id`` (hex) where it is known,
+    else the feedback's own root. Spans started in it join that trace."""
+    root_trace, root_span = feedback_root(feedback_id)
+    try:
+        tid = int(trace_id, 16) if trace_id else 0
+    except ValueError:
+        tid = 0
+    parent = SpanContext(
+        trace_id=tid or int(root_trace, 16), span_id=int(root_span, 16), is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 def setup_tracing(

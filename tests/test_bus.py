@@ -305,12 +305,15 @@ async def test_a_message_never_answered_lands_in_the_dead_letters(provisioned_st
                 config=ConsumerConfig(ack_wait=timedelta(seconds=1).total_seconds(), max_deliver=2, deliver_policy=DeliverPolicy.NEW),
             )
             await publish_event(watcher, lost)
+            lost_trace = {"id": None}
             seen = 0
             deadline = asyncio.get_running_loop().time() + 30
             while asyncio.get_running_loop().time() < deadline:  # take it, never answer (as a dying pod)
                 with contextlib.suppress(nats.errors.TimeoutError):
                     for msg in await sub.fetch(1, timeout=1.5):
-                        seen += json.loads(msg.data).get("feedback_id") == lost.feedback_id
+                        if json.loads(msg.data).get("feedback_id") == lost.feedback_id:
+                            seen += 1
+                            lost_trace["id"] = (msg.headers or {}).get("traceparent", "--").split("-")[1]
                 with contextlib.suppress(nats.errors.TimeoutError):
                     copy = await dead.next_msg(timeout=0.1)
                     if json.loads(copy.data).get("feedback_id") == lost.feedback_id:
@@ -325,3 +328,42 @@ async def test_a_message_never_answered_lands_in_the_dead_letters(provisioned_st
     assert copy.headers[SERVICE_HEADER] == "crashy"
     assert copy.headers[REASON_HEADER].startswith(f"no answer after 2 deliveries to consumer {durable}")
     assert json.loads(stored.data)["feedback_id"] == lost.feedback_id
+    # still in the trace of the message it copies (here sent with none: the feedback's own root),
+    # not the advisory's
+    from shared.telemetry import feedback_root
+
+    assert lost_trace["id"] == ""
+    assert copy.headers["traceparent"].split("-")[1] == feedback_root(lost.feedback_id)[0]
+
+
+async def test_feedback_published_without_trace_context_is_one_trace_for_every_consumer(provisioned_stack) -> None:
+    """A product publishing on the bus itself sends no traceparent: the generator and the registry
+    (and any redelivery) must still land in one trace, the feedback's own."""
+    from shared.telemetry import current_trace_id, feedback_root
+
+    provider = setup_tracing(TelemetrySettings(), "test", [SimpleSpanProcessor(InMemorySpanExporter())])
+    sent = feedback()
+    got: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+
+    def consumer(name: str):  # noqa: ANN202
+        broker = create_broker(provisioned_stack.nats_settings(), service=name, tracer_provider=provider)
+
+        @durable_subscriber(broker, ConsumerSpec(f"test-root-{name}-{ev.new_id()[:6]}", FEEDBACK_SUBMITTED))
+        async def on_feedback(event: ev.FeedbackSubmitted) -> None:
+            if event.feedback_id == sent.feedback_id:
+                await got.put((name, current_trace_id()))
+
+        return broker
+
+    brokers = [consumer("generator"), consumer("registry")]
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for broker in brokers:
+                await stack.enter_async_context(broker)
+                await broker.start()
+            await nc.jetstream().publish(FEEDBACK_SUBMITTED, sent.model_dump_json().encode())  # no headers at all
+            seen = dict([await asyncio.wait_for(got.get(), 20), await asyncio.wait_for(got.get(), 20)])
+    finally:
+        await nc.close()
+    assert seen == {"generator": feedback_root(sent.feedback_id)[0], "registry": feedback_root(sent.feedback_id)[0]}

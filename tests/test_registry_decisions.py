@@ -196,6 +196,30 @@ async def test_manual_policy_holds_then_approval_promotes() -> None:
     assert (await w.ledger.version("acme", 1)).approved_by == "sre-alice"
 
 
+async def test_an_approval_outside_any_trace_is_recorded_in_the_feedbacks_trace() -> None:
+    # the operator's command (HTTP, request-reply) and the sweep carry no trace of the feedback: what
+    # they decide is published, and recorded, in the feedback's own trace
+    import dataclasses
+
+    from services.registry import actions
+    from shared.telemetry import current_trace_id, feedback_root
+
+    w = make_world()
+    w.ledger.ports = dataclasses.replace(w.ledger.ports, trace_id=current_trace_id)  # the real one
+    for scope, trace_id in (("acme", "0af7651916cd43dd8448eb211c80319c"), ("globex", None)):  # as intake recorded it, or none
+        await w.set_policy(scope, candidates=1, approval="manual")
+        root = feedback(scope)
+        await handlers.on_feedback_submitted(root, w.ledger, trace_id)
+        await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2), w.ledger)
+        assert current_trace_id() is None
+        await actions.approve(w.ledger, root.feedback_id, "sre-alice", "looked at the scores")
+        head = await w.ledger.head(scope)
+        assert head is not None
+        version = await w.ledger.version(scope, head.version)
+        assert version.registry_trace_id == (trace_id or feedback_root(root.feedback_id)[0])
+    assert current_trace_id() is None  # and nothing of it is left attached
+
+
 async def test_operator_rejects_a_held_candidate() -> None:
     from services.registry import actions
     from services.registry.ports import Refused

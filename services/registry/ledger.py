@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from opentelemetry import context, trace
+
 from shared import events as ev
 from shared.registry_view import (
     AcceptedProbes,
@@ -38,6 +40,7 @@ from shared.registry_view import (
 )
 from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
+from shared.telemetry import feedback_context
 
 from . import decision as dc
 from . import outer_loop as ol
@@ -182,14 +185,24 @@ class Ledger:
 
         Within one process a feedback is settled by one task at a time (the
         consumers and the sweep would otherwise publish the same outbox
-        twice); across replicas compare-and-set and event ids keep it right."""
+        twice); across replicas compare-and-set and event ids keep it right.
+
+        Outside a message's trace (the sweep, an operator's command) it works in the
+        feedback's own trace, so what it publishes (a promotion, a rejection, a rebase and the
+        training that follows) stays in the trace that explains the feedback."""
         key = (scope, feedback_id)
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
+        token = None
         try:
+            if not trace.get_current_span().get_span_context().is_valid:
+                known = await self.record(scope, feedback_id)
+                token = context.attach(feedback_context(feedback_id, known.trace_id if known else None))
             async with lock:
                 return await self._settle(scope, feedback_id)
         finally:
+            if token is not None:
+                context.detach(token)
             lock, users = self._locks[key]
             if users == 1:
                 del self._locks[key]
