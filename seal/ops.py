@@ -25,12 +25,14 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from services.registry.records import FeedbackState
 
 DEFAULT_URL = "http://127.0.0.1:18080"
 TERMINAL_STATES = ("promoted", "rejected", "awaiting_approval")
@@ -62,19 +64,33 @@ def call(url: str, method: str, path: str, body: Any = None, params: dict[str, A
     try:
         with client_factory(url) as client:
             response = client.request(method, path, json=body, params=params)
+    except httpx.TimeoutException as exc:
+        # The request may have arrived: an approval, a rejection or a rollback may have been applied.
+        errors.print(f"[red]the registry at {url} did not answer in time[/] ({exc}); "
+                     "a change may still have been applied: check before repeating it")
+        raise typer.Exit(2) from exc
     except httpx.HTTPError as exc:
         errors.print(f"[red]cannot reach the registry at {url}[/] ({exc}); is it running? (--url / SEAL_REGISTRY_URL)")
         raise typer.Exit(2) from exc
-    if response.status_code >= 400:
+    if not response.is_success:  # redirects included: a proxy in front of the registry answers for it
         try:
-            detail = response.json().get("detail", response.text)
+            payload = response.json()
         except ValueError:
-            detail = response.text
+            payload = None
+        detail = payload.get("detail", response.text) if isinstance(payload, dict) else response.text
         if isinstance(detail, list):  # FastAPI's validation errors
-            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail)
-        errors.print(f"[red]{response.status_code}[/] {detail}")
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" if isinstance(d, dict) else str(d)
+                for d in detail
+            )
+        errors.print(f"[red]{response.status_code}[/] {str(detail)[:2000]}")
         raise typer.Exit(1)
-    return response.json()
+    try:
+        return response.json()
+    except ValueError as exc:
+        errors.print(f"[red]the answer from {url} is not the registry's JSON[/] ({response.headers.get('content-type')}): "
+                     f"{response.text[:200]!r}")
+        raise typer.Exit(1) from exc
 
 
 def emit_json(data: Any) -> None:
@@ -225,7 +241,7 @@ def print_fate(fate: dict[str, Any]) -> None:
 
 def feedback_list(
     scope: str = ScopeOption,
-    state: str | None = typer.Option(None, "--state", help="collecting, rebasing, awaiting_approval, promoted, rejected"),
+    state: str | None = typer.Option(None, "--state", help=f"one of: {', '.join(get_args(FeedbackState))}"),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:

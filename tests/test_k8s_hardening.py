@@ -182,6 +182,8 @@ def test_evaluator_gpu_component_puts_the_evaluator_on_a_gpu(tmp_path):
     evaluator = find(render_directory(tmp_path), "Deployment", "evaluator")
     assert gpu(main_container(evaluator), "requests") == gpu(main_container(evaluator), "limits") == 1
     assert tolerates_gpu_taint(evaluator)
+    # a rollout never needs a spare GPU (a surge pod would wait for one on a full pool)
+    assert evaluator["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
 
 
 def test_model_threads_follow_the_cpu_limit():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from test_registry_support import evaluated, feedback, make_world
@@ -91,6 +92,10 @@ async def test_http_queries_and_errors(registry) -> None:
         misspelt = http.patch("/v1/scopes/acme/policy", json={"aproval": "auto", "candidates": 2})
         assert misspelt.status_code == 422 and "unknown policy setting(s): aproval" in misspelt.json()["detail"]
         assert http.get("/v1/scopes/acme/policy").json()["candidates"] == 1
+        # one nested setting changes, the others keep their values
+        before = http.get("/v1/scopes/acme/policy").json()["default_directives"]
+        after = http.patch("/v1/scopes/acme/policy", json={"default_directives": {"epochs": 5}}).json()["default_directives"]
+        assert after == {**before, "epochs": 5} and before["epochs"] != 5
         assert "/v1/scopes/{scope}/rollback" in http.get("/openapi.json").json()["paths"]
 
         sent = http.post("/v1/feedback", json={"scope": "acme", "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}})
@@ -159,6 +164,35 @@ async def test_cli_actions_reach_the_registry_with_who_and_why(cli, registry) ->
 def test_cli_says_clearly_when_the_registry_is_unreachable() -> None:
     result = CliRunner().invoke(seal_app, ["scopes", "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 2 and "cannot reach the registry" in result.output
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "code"),
+    [
+        (httpx.Response(302, headers={"location": "https://sso.example/login"}, text="<html>login</html>"), "302", 1),
+        (httpx.Response(200, text="<html>not the registry</html>", headers={"content-type": "text/html"}),
+         "is not the registry's JSON", 1),
+        (httpx.Response(500, json=["not", "an", "object"]), "500", 1),
+        (httpx.ReadTimeout("timed out"), "a change may still have been applied", 2),
+    ],
+)
+def test_cli_says_what_went_wrong_with_an_answer_that_is_not_the_registrys(monkeypatch, answer, expected, code) -> None:
+    def reply(request: httpx.Request) -> httpx.Response:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(ops, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
+    result = CliRunner().invoke(seal_app, ["scopes", "--url", "http://registry"])
+    assert result.exit_code == code and expected in " ".join(result.output.split())  # rich wraps lines
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_feedback_in_a_state_that_does_not_exist_is_refused(registry) -> None:
+    _, app, _, _ = registry
+    with TestClient(app) as http:
+        typo = http.get("/v1/scopes/acme/feedback", params={"state": "awaiting-approval"})
+    assert typo.status_code == 422 and "awaiting_approval" in typo.text
 
 
 def test_each_command_module_imports_on_its_own() -> None:

@@ -20,6 +20,7 @@ from shared.store import AdapterNotFound, IntegrityError
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 from .ports import InvalidRequest, NotFound, Refused
+from .records import FeedbackState
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -75,7 +76,7 @@ def registry_router(ops: Operations) -> APIRouter:
         return await ops.lineage(scope, version)
 
     @router.get("/scopes/{scope}/feedback")
-    async def feedback_list(scope: ScopePath, state: Annotated[str | None, Query()] = None) -> list[dict[str, Any]]:
+    async def feedback_list(scope: ScopePath, state: Annotated[FeedbackState | None, Query()] = None) -> list[dict[str, Any]]:
         return await ops.feedback_list(scope, state)
 
     @router.get("/feedback/{feedback_id}")

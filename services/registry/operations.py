@@ -132,8 +132,13 @@ class Operations:
             raise InvalidRequest(
                 f"unknown policy setting(s): {', '.join(unknown)}; the settings are: {', '.join(ScopePolicy.model_fields)}"
             )
-        current = await self.ledger.policy(scope)
-        merged = ScopePolicy.model_validate({**current.model_dump(mode="json"), **changes})
+        current = (await self.ledger.policy(scope)).model_dump(mode="json")
+        # Nested settings merge too: {"default_directives": {"epochs": 5}} changes the epochs and
+        # keeps the learning rate and the rank (it used to reset them to the model's defaults).
+        merged = ScopePolicy.model_validate({
+            name: {**current[name], **value} if isinstance(value, dict) and isinstance(current.get(name), dict) else value
+            for name, value in {**current, **changes}.items()
+        })
         return (await actions.set_policy(self.ledger, scope, merged)).model_dump(mode="json")
 
     async def ask(self, scope: str, body: AskRequest) -> dict[str, Any]:
