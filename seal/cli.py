@@ -290,7 +290,11 @@ def demo(
     from shared.models import load_model
     from shared.settings import ModelSettings
 
-    items = load_items(data or DEMO_DATA)
+    try:
+        items = load_items(data or DEMO_DATA)
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]cannot read the demo data:[/] {exc}")
+        raise typer.Exit(2) from exc
     home = demo_home(home)
     settings = ModelSettings(name=model)
     stack = LocalStack(home)
@@ -308,17 +312,22 @@ def demo(
 
             call(service_url("registry"), "PATCH", f"/v1/scopes/{scope}/policy", policy)
             console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy} (fewer trainings: DEMO_CPU_POLICY)")
-        asyncio.run(
+        result = asyncio.run(
             run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope, console=console)
         )
     except KeyboardInterrupt:
         console.print("interrupted")
-    except (RuntimeError, TimeoutError) as exc:
+        raise typer.Exit(130) from None
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         console.print(f"[red]demo failed:[/] {exc}; logs in {home / 'logs'}")
         raise typer.Exit(1) from exc
     finally:
         stop_services(procs)
         stack.stop()
+    undecided = [item for item, outcome in result["outcomes"].items() if outcome.startswith("no decision")]
+    if undecided:
+        console.print(f"[red]no decision in time for {', '.join(undecided)}[/]; logs in {home / 'logs'}")
+        raise typer.Exit(1)
 
 
 @app.command()

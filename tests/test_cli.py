@@ -122,3 +122,16 @@ def test_the_demo_asks_for_one_candidate_per_feedback_on_a_cpu_only() -> None:
     policy = ScopePolicy.model_validate(cli.demo_policy("cpu"))  # settings the registry takes
     assert policy.candidates == 1 and policy.strength_ladder == (0.75,)
     assert cli.demo_policy("cuda") == {}
+
+
+def test_the_demo_refuses_unreadable_data_before_it_starts_anything(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from seal.cli import app
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    for data in (tmp_path / "missing.jsonl", broken):
+        result = CliRunner().invoke(app, ["demo", "--data", str(data), "--home", str(tmp_path / "home")])
+        assert result.exit_code == 2 and "cannot read the demo data" in result.output
+    assert not (tmp_path / "home").exists()  # no stack was started
