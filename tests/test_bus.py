@@ -8,6 +8,7 @@ import json
 
 import nats
 import pytest
+from bus_support import dead_letter_middleware, jetstream_message
 from faststream.nats import NatsBroker
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -176,10 +177,8 @@ async def test_the_beat_stops_even_when_a_publish_swallows_the_cancellation() ->
 async def test_a_stored_record_that_does_not_parse_is_a_transient_failure_not_a_bad_payload(provisioned_stack) -> None:
     """A registry record written by a newer registry (or damaged) must not dead-letter every event of its
     scope at once as an 'invalid payload': the handler fails transiently, and the reason names the record."""
-    from faststream import ContextRepo
     from faststream.exceptions import NackMessage
 
-    from shared.broker import DeadLetterMiddleware
     from shared.registry_view import UnreadableRecord, read_scope_policy
     from shared.subjects import KV_SCOPE_SETTINGS, TRAINER_SELFEDITS
 
@@ -192,30 +191,22 @@ async def test_a_stored_record_that_does_not_parse_is_a_transient_failure_not_a_
     finally:
         await nc.close()
 
-    class Msg:
-        body = b"{}"
-        raw_message = type("Raw", (), {
-            "subject": "seal.events.selfedit.generated", "headers": {},
-            "metadata": type("Meta", (), {"num_delivered": 1, "consumer": TRAINER_SELFEDITS.durable})(),
-        })()
-
     async def handler(_: object) -> None:
         raise info.value
 
-    middleware = DeadLetterMiddleware.for_service("trainer")(Msg(), context=ContextRepo())
+    msg = jetstream_message(1, TRAINER_SELFEDITS.durable, subject="seal.events.selfedit.generated")
     with pytest.raises(NackMessage):  # retried with backoff, not rejected
-        await middleware.consume_scope(handler, Msg())
+        await dead_letter_middleware("trainer", msg).consume_scope(handler, msg)
 
 
 @pytest.mark.parametrize("delivered", [1, 5])
 async def test_without_a_stored_dead_letter_copy_the_message_is_not_terminated(delivered: int, caplog, monkeypatch) -> None:
     """The dead-letter stream unreachable: a rejected message goes back to its stream for a later try
     (not terminated with no copy anywhere); on its last delivery the log says where it still is."""
-    from faststream import ContextRepo
     from faststream.exceptions import NackMessage, RejectMessage
 
     from shared import broker as bus
-    from shared.broker import DeadLetterMiddleware, PermanentFailure
+    from shared.broker import PermanentFailure
     from shared.subjects import GENERATOR_FEEDBACK
 
     class Unreachable:
@@ -227,14 +218,9 @@ async def test_without_a_stored_dead_letter_copy_the_message_is_not_terminated(d
             raise TimeoutError("nats: timeout")
 
     monkeypatch.setattr(bus, "DEAD_LETTER_BACKOFF_S", 0.0)
-    meta = type("Meta", (), {"num_delivered": delivered, "consumer": GENERATOR_FEEDBACK.durable, "stream": "SEAL_EVENTS",
-                             "sequence": type("Seq", (), {"stream": 42})()})()
-    msg = type("Msg", (), {"body": b"{}", "raw_message": type("Raw", (), {
-        "subject": "seal.events.feedback.submitted", "headers": {}, "metadata": meta})()})()
+    msg = jetstream_message(delivered, GENERATOR_FEEDBACK.durable)
     broker = Unreachable()
-    context = ContextRepo()
-    context.set_global("broker", broker)
-    middleware = DeadLetterMiddleware.for_service("generator")(msg, context=context)
+    middleware = dead_letter_middleware("generator", msg, broker)
 
     async def hostile(_: object) -> None:
         raise PermanentFailure("malformed feedback: no passage")

@@ -16,11 +16,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import nats
 import pytest
-from faststream import ContextRepo
+from bus_support import dead_letter_middleware, jetstream_message
 from faststream.exceptions import NackMessage, RejectMessage
 from test_generator_service import candidate_count
 
@@ -37,7 +36,7 @@ from services.generator.state import KvLedger, KvScopeState
 from services.generator.writer import SelfEditWriter, Written
 from services.trainer.rehearsal import Rehearsal
 from shared import events as ev
-from shared.broker import REASON_HEADER, DeadLetterMiddleware, publish_event
+from shared.broker import REASON_HEADER, publish_event
 from shared.generation import chat_prompt, generate
 from shared.models import LoadedModel
 from shared.registry_view import PolicyAdapterRef
@@ -211,15 +210,9 @@ class RecordingBroker:
 @pytest.mark.parametrize("delivered", [1, 4, 5])
 async def test_an_interrupted_message_is_handed_back_or_on_its_last_delivery_dead_lettered(delivered: int) -> None:
     subject = "seal.events.feedback.submitted"
-    raw = SimpleNamespace(
-        subject=subject, headers={"Nats-Msg-Id": "x"},
-        metadata=SimpleNamespace(num_delivered=delivered, consumer=GENERATOR_FEEDBACK.durable),
-    )
-    msg = SimpleNamespace(body=b"{}", raw_message=raw)
-    context = ContextRepo()
+    msg = jetstream_message(delivered, GENERATOR_FEEDBACK.durable, subject=subject)
     broker = RecordingBroker()
-    context.set_global("broker", broker)
-    middleware = DeadLetterMiddleware.for_service("generator")(msg, context=context)
+    middleware = dead_letter_middleware("generator", msg, broker)
 
     async def stopped(_: object) -> None:
         raise Interrupted("generation stopped with 0 of 3 prompts answered")
