@@ -241,18 +241,20 @@ async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequen
     service = consumer.split("-", 1)[0]
     reason = (f"no answer after {deliveries} deliveries to consumer {consumer}: its handler crashed or outran "
               f"the ack wait every time (stream {source}, sequence {sequence})")
-    headers = {k: v for k, v in (original.headers or {}).items() if k != "Nats-Msg-Id"}
-    headers.update({REASON_HEADER: reason, SERVICE_HEADER: service,
-                    "Nats-Msg-Id": f"exhausted-{source}-{sequence}-{consumer}"})
+    headers = dead_letter_headers(original.headers, reason, service)
+    headers["Nats-Msg-Id"] = f"exhausted-{source}-{sequence}-{consumer}"
     # The copy stays in the trace of the message it copies (not the advisory's own).
     if "traceparent" not in headers and (feedback_id := _feedback_id_of(original.data)):
         headers["traceparent"] = root_traceparent(feedback_id)
     token = otel_context.attach(TraceContextTextMapPropagator().extract(headers))
     try:
-        await broker.publish(original.data, dead_letter_subject(service, original.subject), headers=headers, stream=DLQ_STREAM)
+        stored = await store_dead_letter(broker, original.data, dead_letter_subject(service, original.subject), headers)
     finally:
         otel_context.detach(token)
-    log.error("dead-lettered message on %s: %s", original.subject, reason)
+    if stored:
+        log.error("dead-lettered message on %s: %s", original.subject, reason)
+    else:
+        log.error("could not dead-letter %s sequence %d, given up by consumer %s", source, sequence, consumer)
 
 
 async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
@@ -322,9 +324,7 @@ class DeadLetterMiddleware(BaseMiddleware):
             # Not a failure: the process is shutting down. Back to JetStream at once, for another
             # replica; on its last delivery JetStream would drop it, so it is dead-lettered instead.
             subject = getattr(msg, "raw_message", None) and msg.raw_message.subject
-            delivered, durable = _delivery(msg)
-            spec = _SPECS.get(durable or "")
-            limit = spec.max_deliver if spec else 1
+            delivered, limit, _ = _deliveries(msg)
             if delivered >= limit:
                 reason = f"interrupted by a shutdown on its last delivery ({delivered} of {limit}): {exc}"
                 log.error("dead-lettering message on %s: %s", subject, reason)
@@ -336,9 +336,7 @@ class DeadLetterMiddleware(BaseMiddleware):
             log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, reason)
             await self._reject(msg, reason, exc)
         except Exception as exc:
-            delivered, durable = _delivery(msg)
-            spec = _SPECS.get(durable or "")
-            limit = spec.max_deliver if spec else 1
+            delivered, limit, spec = _deliveries(msg)
             reason = f"{type(exc).__name__}: {exc}"
             if delivered >= limit:
                 log.error("giving up after %d deliveries: %s", delivered, reason)
@@ -352,10 +350,9 @@ class DeadLetterMiddleware(BaseMiddleware):
         """Terminate the message once its dead-letter copy is stored; without a copy, hand it back."""
         if await self._dead_letter(msg, reason):
             raise RejectMessage() from exc
-        delivered, durable = _delivery(msg)
-        spec = _SPECS.get(durable or "")
+        delivered, limit, _ = _deliveries(msg)
         subject = getattr(getattr(msg, "raw_message", None), "subject", "unknown")
-        if delivered < (spec.max_deliver if spec else 1):
+        if delivered < limit:
             log.error("no dead-letter copy of the message on %s could be stored; handing it back for another try in %ss",
                       subject, DEAD_LETTER_RETRY_S)
             raise NackMessage(delay=DEAD_LETTER_RETRY_S) from exc
@@ -371,22 +368,40 @@ class DeadLetterMiddleware(BaseMiddleware):
             # A dead letter that fails again is dropped here, never dead-lettered in a loop.
             log.error("dropping unprocessable dead letter on %s: %s", subject, reason)
             return True
-        headers = {k: v for k, v in (getattr(raw, "headers", None) or {}).items() if k != "Nats-Msg-Id"}
-        headers[REASON_HEADER] = reason[:4000]
-        headers[SERVICE_HEADER] = self.service
         broker = self.context.get("broker")
         if broker is None:
             log.error("no broker in context; cannot dead-letter message on %s", subject)
             return False
-        for attempt in range(DEAD_LETTER_TRIES):
-            try:
-                await broker.publish(msg.body, dead_letter_subject(self.service, subject), headers=headers, stream=DLQ_STREAM)
-                return True
-            except Exception:  # noqa: BLE001 - losing the copy must not crash the consumer
-                log.exception("could not dead-letter message on %s (try %d of %d)", subject, attempt + 1, DEAD_LETTER_TRIES)
-                if attempt + 1 < DEAD_LETTER_TRIES:
-                    await asyncio.sleep(DEAD_LETTER_BACKOFF_S * 2**attempt)
-        return False
+        headers = dead_letter_headers(getattr(raw, "headers", None), reason, self.service)
+        return await store_dead_letter(broker, msg.body, dead_letter_subject(self.service, subject), headers)
+
+
+def dead_letter_headers(original: dict[str, str] | None, reason: str, service: str) -> dict[str, str]:
+    """The original's headers (but its message id), with why and by which service it was given up."""
+    headers = {k: v for k, v in (original or {}).items() if k != "Nats-Msg-Id"}
+    headers[REASON_HEADER] = reason[:4000]
+    headers[SERVICE_HEADER] = service
+    return headers
+
+
+async def store_dead_letter(broker: NatsBroker, body: bytes, subject: str, headers: dict[str, str]) -> bool:
+    """Publish a dead-letter copy to its stream, acknowledged by JetStream, in a few tries; False if none took."""
+    for attempt in range(DEAD_LETTER_TRIES):
+        try:
+            await broker.publish(body, subject, headers=headers, stream=DLQ_STREAM)
+            return True
+        except Exception:  # noqa: BLE001 - losing the copy must not crash the consumer
+            log.exception("could not dead-letter message to %s (try %d of %d)", subject, attempt + 1, DEAD_LETTER_TRIES)
+            if attempt + 1 < DEAD_LETTER_TRIES:
+                await asyncio.sleep(DEAD_LETTER_BACKOFF_S * 2**attempt)
+    return False
+
+
+def _deliveries(msg: Any) -> tuple[int, int, ConsumerSpec | None]:
+    """(times delivered, the most its consumer delivers, the consumer's spec if known)."""
+    delivered, durable = _delivery(msg)
+    spec = _SPECS.get(durable or "")
+    return delivered, spec.max_deliver if spec else 1, spec
 
 
 def _stream_position(msg: Any) -> str:
