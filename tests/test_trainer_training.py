@@ -291,6 +291,77 @@ def test_the_kl_anchor_holds_the_model_near_the_base_on_the_rehearsal_answers(ti
     assert result.rehearsal_kl < moved[0.0] / 2
 
 
+def _moved_anchor(tiny_model, tmp_path):
+    """A KlAnchor over five rehearsal answers of different lengths, and a LoRA moved off the base."""
+    from services.trainer.lora_training import lora_config
+    from services.trainer.rehearsal import KlAnchor
+
+    pairs = (("the town of", "green river"), ("the population of", "red city was four thousand"), ("what is", "blue"),
+             ("where is the market", "by the river in the old town"), ("who built it", "the duke"))
+    trainer = LoraTrainer(tiny_model, tmp_path, rehearsal=FixedAnswers(pairs))
+    examples = trainer.rehearsal_examples(TrainingJob("a", FAST, texts=TEXTS, rehearse=True))
+    trainer.host.add_fresh("moved", lora_config(tiny_model.model, rank=8, alpha=16, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, weight in trainer.host.model.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.05)
+
+    def anchor() -> KlAnchor:
+        return KlAnchor(trainer.host, examples, weight=1.0, batch=2, pad_id=0, device=tiny_model.device)
+
+    return trainer, anchor
+
+
+def test_the_kl_anchor_computes_the_base_side_once_and_gets_the_same_divergence(tiny_model, tmp_path) -> None:
+    trainer, anchor = _moved_anchor(tiny_model, tmp_path)
+    model = trainer.host.model
+    cached = anchor()
+    # Steps 0-4 take examples (0,1) (2,3) (4,0) (1,2) (3,4): by step 3 every example's base side is kept.
+    first_time = [cached(model, step) for step in range(5)]
+    assert len(cached._reference) == 5
+    for step in range(5, 10):  # the same batches again, every base side from the cache
+        fresh = anchor()  # computes the base side anew
+        assert cached(model, step) == pytest.approx(fresh(model, step), rel=1e-5)
+        assert cached(model, step) == pytest.approx(first_time[step % 5], rel=1e-5)
+    assert cached.divergence(model) == pytest.approx(anchor().divergence(model), rel=1e-5)
+    assert cached.divergence(model) > 1e-4  # the LoRA moved: something to measure
+
+
+def test_the_kl_anchor_runs_the_base_every_step_for_logits_that_are_not_a_projection(tiny_model, tmp_path) -> None:
+    from contextlib import contextmanager
+
+    trainer, anchor = _moved_anchor(tiny_model, tmp_path)
+    model, host = trainer.host.model, trainer.host
+    plain = anchor()(model, 0)
+
+    class Capped(torch.nn.Module):  # a soft cap on the base's logits, as some model families have
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+            return out
+
+    base_only = host.base_only
+
+    @contextmanager
+    def capped_base():
+        with base_only() as base:
+            yield Capped(base)
+
+    host.base_only = capped_base
+    capped = anchor()
+    values = [capped(model, step) for step in range(6)]
+    assert capped._reference is None  # found out on the first pass: nothing kept
+    assert values[0] != pytest.approx(plain, rel=1e-3)  # measured against the capped logits
+    assert values[5] == pytest.approx(values[0], rel=1e-5)  # step 5 takes examples (0, 1) again, as step 0 did
+
+
 def test_the_rehearsal_prompts_are_not_core_questions() -> None:
     from services.trainer.rehearsal import packaged_prompts
     from shared.scoring import normalize_answer
