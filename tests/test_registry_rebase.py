@@ -181,3 +181,29 @@ async def test_two_scopes_promote_concurrently_and_one_scope_serializes() -> Non
     assert promoted == {("acme", 1), ("globex", 1)}
     # Exactly one acme feedback lost the race and went back for training on v1.
     assert [(r.scope, r.parent_version) for r in w.bus.of(ev.RebaseRequested)] == [("acme", 1)]
+
+
+async def test_the_same_feedback_id_in_two_scopes_keeps_two_self_edits() -> None:
+    """A product publishing on the bus itself can reuse another scope's feedback id: each scope's
+    rebase and lineage must use its own self-edit, never the other scope's."""
+    from services.registry.records import SelfEditRecord, legacy_selfedit_key
+
+    w = make_world()
+    acme = feedback("acme", "fb-1", passage="Quellmoor got its charter in 1387.")
+    other = feedback("other", "fb-1", passage="Its mayor is Ilse Varn.")
+    for root, text in ((acme, "Quellmoor's charter dates from 1387."), (other, "Ilse Varn is the mayor.")):
+        await w.set_policy(root.scope, candidates=1)
+        await handlers.on_feedback_submitted(root, w.ledger, None)
+        generated = self_edit(root, 0, 1)
+        edit = generated.self_edit.model_copy(update={"completion": text, "sequences": (text,)})
+        await handlers.on_selfedit_generated(generated.model_copy(update={"self_edit": edit}), w.ledger)
+    for root, text in ((acme, "1387"), (other, "Ilse Varn")):
+        kept = await w.ledger.self_edit(root.scope, "fb-1", 0)
+        assert kept is not None and kept.scope == root.scope and text in kept.self_edit.completion
+
+    # A record a registry wrote before keys had a scope is read for its own scope, and only there.
+    legacy = feedback("acme", "fb-2")
+    old = SelfEditRecord(feedback_id="fb-2", scope="acme", event_id="e", self_edit=self_edit(legacy, 0, 1).self_edit)
+    await w.state.put(KV_REGISTRY, legacy_selfedit_key("fb-2", 0), old)
+    assert (await w.ledger.self_edit("acme", "fb-2", 0)) == old
+    assert await w.ledger.self_edit("other", "fb-2", 0) is None

@@ -26,9 +26,10 @@ State lives in JetStream KV; every write is a compare-and-set. Keys in the
   decision and an outbox of events still to publish.
 * ``open.<scope>.<feedback>``: an index of feedback not yet decided
   (swept for decision timeouts).
-* ``selfedit.<feedback>.<index>``: :class:`records.SelfEditRecord`, the
-  self-edit of one candidate and the prompt it was written from (needed to
-  rebase it and for the outer loop; also lineage).
+* ``selfedit.<scope>.<feedback>.<index>``: :class:`records.SelfEditRecord`,
+  the self-edit of one candidate and the prompt it was written from (needed
+  to rebase it and for the outer loop; also lineage). Registries before
+  2026-11-27 wrote ``selfedit.<feedback>.<index>``; those are still read.
 * ``seen.<scope>``: a marker that the scope exists.
 
 Scope policies live in the ``seal_scope_settings`` bucket under ``<scope>``.

@@ -55,6 +55,7 @@ from .records import (
     feedback_key,
     head_key,
     key_token,
+    legacy_selfedit_key,
     open_key,
     seen_key,
     selfedit_key,
@@ -117,8 +118,14 @@ class Ledger:
             raise NotFound(f"scope {scope!r} has no version {version}")
         return found
 
-    async def self_edit(self, feedback_id: str, index: int) -> SelfEditRecord | None:
-        return await self.ports.state.read(KV_REGISTRY, selfedit_key(feedback_id, index), SelfEditRecord)
+    async def self_edit(self, scope: str, feedback_id: str, index: int) -> SelfEditRecord | None:
+        found = await self.ports.state.read(KV_REGISTRY, selfedit_key(scope, feedback_id, index), SelfEditRecord)
+        if found is None:
+            # Written by a registry from before scoped keys: the same feedback id in another
+            # scope shared its key, so it is this scope's only if the record says so.
+            legacy = await self.ports.state.read(KV_REGISTRY, legacy_selfedit_key(feedback_id, index), SelfEditRecord)
+            found = legacy if legacy is not None and legacy.scope == scope else None
+        return found
 
     # ----------------------------------------------------------------- intake
 
@@ -146,7 +153,7 @@ class Ledger:
         )
         try:
             await self.ports.state.put(
-                KV_REGISTRY, selfedit_key(event.feedback_id, event.self_edit.candidate_index), record
+                KV_REGISTRY, selfedit_key(event.scope, event.feedback_id, event.self_edit.candidate_index), record
             )
         except Exception as exc:  # noqa: BLE001 - too large for KV: the manifest keeps it too
             if "payload" not in str(exc).lower():
@@ -295,7 +302,7 @@ class Ledger:
     ) -> tuple[ev.SelfEdit, tuple[ev.Probe, ...]] | None:
         cand = record.candidate(index)  # type: ignore[arg-type]
         assert cand is not None
-        kept = await self.self_edit(record.feedback_id, cand.index)
+        kept = await self.self_edit(record.scope, record.feedback_id, cand.index)
         if kept is not None:
             return kept.self_edit, kept.probes
         if cand.adapter is not None:

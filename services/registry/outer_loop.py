@@ -125,14 +125,14 @@ async def count_decided(
     policy: ScopePolicy,
     state: State,
     publish: Callable[[ev.Event], Awaitable[None]],
-    self_edit: Callable[[str, int], Awaitable[SelfEditRecord | None]],
+    self_edit: Callable[[str, str, int], Awaitable[SelfEditRecord | None]],
 ) -> None:
     """Pool a decided feedback's rewarded self-edits; publish the round's request once the
     pool is full (and any request an earlier attempt failed to publish)."""
     self_edits = {}
     for cand in record.candidates:
         if cand.result == "evaluated" and cand.passed:
-            kept = await self_edit(record.feedback_id, cand.index)
+            kept = await self_edit(record.scope, record.feedback_id, cand.index)
             if kept is not None:
                 self_edits[cand.index] = kept
     examples = rewarded_examples(record, self_edits, policy)

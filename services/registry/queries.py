@@ -80,7 +80,7 @@ async def version_lineage(ledger: Ledger, scope: str, version: int) -> dict[str,
     head = await ledger.head(scope)
     feedback = await ledger.record(scope, record.feedback_id)
     cand = feedback.candidate(record.candidate_index) if feedback else None
-    kept = await ledger.self_edit(record.feedback_id, record.candidate_index)
+    kept = await ledger.self_edit(scope, record.feedback_id, record.candidate_index)
     manifest: dict[str, Any] | None = None
     manifest_error = None
     stored_self_edit: dict[str, Any] | None = None
@@ -166,7 +166,7 @@ async def feedback_fate(ledger: Ledger, feedback_id: str) -> dict[str, Any]:
     record = await ledger.find_record(feedback_id)
     candidates = []
     for cand in record.candidates:
-        kept = await ledger.self_edit(feedback_id, cand.index)
+        kept = await ledger.self_edit(record.scope, feedback_id, cand.index)
         candidates.append(
             {
                 **_dump(cand),

@@ -58,7 +58,12 @@ def open_key(scope: str, feedback_id: str) -> str:
     return f"open.{scope}.{key_token(feedback_id)}"
 
 
-def selfedit_key(feedback_id: str, index: int) -> str:
+def selfedit_key(scope: str, feedback_id: str, index: int) -> str:
+    return f"selfedit.{scope}.{key_token(feedback_id)}.{index}"
+
+
+def legacy_selfedit_key(feedback_id: str, index: int) -> str:
+    """Where registries before scoped keys kept a self-edit (read only, for records they wrote)."""
     return f"selfedit.{key_token(feedback_id)}.{index}"
 
 
