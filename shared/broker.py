@@ -55,6 +55,7 @@ from shared.subjects import (
     DLQ_STREAM,
     EVENTS_STREAM,
     KV_BUCKETS,
+    KV_MAX_AGE,
     STREAMS,
     ConsumerSpec,
     dead_letter_subject,
@@ -133,13 +134,16 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
         except NotFoundError:
             await js.add_stream(config)
     for bucket in KV_BUCKETS:
+        age = KV_MAX_AGE.get(bucket)
+        max_age = age.total_seconds() if age else None
         try:
             info = await js.stream_info(f"KV_{bucket}")  # the stream behind the bucket
         except NotFoundError:
-            await js.create_key_value(bucket=bucket, history=16, replicas=replicas)
+            await js.create_key_value(bucket=bucket, history=16, replicas=replicas, ttl=max_age)
             continue
-        if info.config.num_replicas != replicas:
-            await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+        # Replicas and the keys' lifetime apply to a bucket made by an earlier version too.
+        if info.config.num_replicas != replicas or (info.config.max_age or None) != max_age:
+            await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas, max_age=max_age or 0))
 
 
 async def ensure_streams_at(settings: NatsSettings) -> None:

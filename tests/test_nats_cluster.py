@@ -1,6 +1,6 @@
-"""Streams and KV buckets on a real three-node JetStream cluster: the replica count the settings
-ask for (SEAL_NATS__STREAM_REPLICAS, 3 in the prod overlay) is what they get, also for streams and
-buckets created earlier with one."""
+"""Streams and KV buckets on real nats-servers: on a three-node JetStream cluster, the replica
+count the settings ask for (SEAL_NATS__STREAM_REPLICAS, 3 in the prod overlay) is what they get,
+also for streams and buckets created earlier with one; on one server, the keys' lifetime."""
 
 from __future__ import annotations
 
@@ -70,5 +70,49 @@ async def test_ensure_streams_raises_existing_streams_and_buckets_to_the_replica
         assert (await kv.get("scope.s")).value == b"v1"  # what the bucket held is still there
         await ensure_streams(js, 3)  # and again on the next start: nothing to change
         assert set((await replicas()).values()) == {3}
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    """One nats-server with JetStream; its client URL."""
+    port = free_port()
+    cmd = [server_binary("nats-server"), "--jetstream", "--store_dir", str(tmp_path / "js"), "--addr", "127.0.0.1", "--port", str(port)]
+    with (tmp_path / "nats.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_the_processed_bucket_forgets_keys_after_the_events_stream_does_and_no_other_bucket_does(server: str) -> None:
+    from shared.subjects import EVENTS_STREAM, KV_IDEMPOTENCY, KV_MAX_AGE
+
+    for _ in range(100):
+        try:
+            nc = await nats.connect(server, connect_timeout=1, allow_reconnect=False)
+            break
+        except Exception:  # noqa: BLE001 - the server is still starting
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("nats-server did not start within 10 s")
+    js = nc.jetstream()
+    try:
+        # A bucket as an earlier version made it (keys kept for ever), with a key in it.
+        old = await js.create_key_value(bucket=KV_IDEMPOTENCY, history=16)
+        await old.put("generator.acme.fb-1", b"done")
+
+        await ensure_streams(js, 1)
+
+        ages = {b: (await js.stream_info(f"KV_{b}")).config.max_age for b in KV_BUCKETS}
+        events = (await js.stream_info(EVENTS_STREAM)).config.max_age
+        assert ages.pop(KV_IDEMPOTENCY) == KV_MAX_AGE[KV_IDEMPOTENCY].total_seconds() > events
+        assert set(ages.values()) == {0}  # the registry's records and the scope settings never expire
+        assert (await (await js.key_value(KV_IDEMPOTENCY)).get("generator.acme.fb-1")).value == b"done"
+        await ensure_streams(js, 1)  # the next start changes nothing
+        assert (await js.stream_info(f"KV_{KV_IDEMPOTENCY}")).config.max_age == KV_MAX_AGE[KV_IDEMPOTENCY].total_seconds()
     finally:
         await nc.close()
