@@ -242,11 +242,15 @@ def print_fate(fate: dict[str, Any]) -> None:
 def feedback_list(
     scope: str = ScopeOption,
     state: str | None = typer.Option(None, "--state", help=f"one of: {', '.join(get_args(FeedbackState))}"),
+    limit: int = typer.Option(100, "--limit", min=1, max=1000, help="the latest this many"),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """List a scope's feedback and what state each is in."""
-    rows = call(url, "GET", f"/v1/scopes/{scope}/feedback", params={"state": state} if state else None)
+    """List a scope's latest feedback and what state each is in."""
+    params: dict[str, str | int] = {"limit": limit}
+    if state:
+        params["state"] = state
+    rows = call(url, "GET", f"/v1/scopes/{scope}/feedback", params=params)
     if as_json:
         return emit_json(rows)
     table = Table(title=f"feedback of {scope}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -13,10 +14,11 @@ from typer.testing import CliRunner
 
 from seal import ops
 from seal.cli import app as seal_app
-from services.registry import handlers
+from services.registry import handlers, queries
 from services.registry.api import build_api
 from services.registry.operations import Operations
 from shared import events as ev
+from shared.subjects import KV_REGISTRY
 
 
 class FakeAnswerer:
@@ -193,6 +195,27 @@ def test_feedback_in_a_state_that_does_not_exist_is_refused(registry) -> None:
     with TestClient(app) as http:
         typo = http.get("/v1/scopes/acme/feedback", params={"state": "awaiting-approval"})
     assert typo.status_code == 422 and "awaiting_approval" in typo.text
+
+
+async def test_a_feedback_listing_is_the_latest_few_and_skips_a_record_it_cannot_read(registry, cli) -> None:
+    w, app, roots, held = registry
+    late = feedback(passage="A later fact.")
+    late = late.model_copy(update={"occurred_at": late.occurred_at + timedelta(minutes=1)})
+    await handlers.on_feedback_submitted(late, w.ledger, "f" * 32)
+    # A record no version of the registry could read (hand-edited in KV): left out, not fatal.
+    w.state.data[(KV_REGISTRY, "feedback.acme.broken")] = (b'{"feedback_id": 7}', 999)
+    with TestClient(app) as http:
+        every = http.get("/v1/scopes/acme/feedback").json()
+        assert {r["feedback_id"] for r in every} == {r.feedback_id for r in (*roots, held, late)}
+        latest = http.get("/v1/scopes/acme/feedback", params={"limit": 1}).json()
+        assert [r["feedback_id"] for r in latest] == [late.feedback_id] == [every[-1]["feedback_id"]]
+        for limit in (0, 1001, "many"):
+            assert http.get("/v1/scopes/acme/feedback", params={"limit": limit}).status_code == 422
+    assert [r["feedback_id"] for r in json.loads(cli("feedback", "-s", "acme", "--limit", "1", "--json").output)] == [late.feedback_id]
+    # Undecided ones come from the open index, the same as from the records.
+    collecting = await queries.list_feedback(w.ledger, "acme", "collecting")
+    assert [r["feedback_id"] for r in collecting] == [late.feedback_id]
+    assert await queries.list_feedback(w.ledger, "acme", "promoted", limit=5) == [r for r in every if r["state"] == "promoted"]
 
 
 def test_each_command_module_imports_on_its_own() -> None:

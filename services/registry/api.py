@@ -20,6 +20,7 @@ from shared.store import AdapterNotFound, IntegrityError
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 from .ports import InvalidRequest, NotFound, Refused
+from .queries import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX
 from .records import FeedbackState
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
@@ -76,8 +77,13 @@ def registry_router(ops: Operations) -> APIRouter:
         return await ops.lineage(scope, version)
 
     @router.get("/scopes/{scope}/feedback")
-    async def feedback_list(scope: ScopePath, state: Annotated[FeedbackState | None, Query()] = None) -> list[dict[str, Any]]:
-        return await ops.feedback_list(scope, state)
+    async def feedback_list(
+        scope: ScopePath,
+        state: Annotated[FeedbackState | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=FEEDBACK_LIST_MAX)] = FEEDBACK_LIST_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """The latest ``limit`` feedback of the scope (in ``state``), oldest first."""
+        return await ops.feedback_list(scope, state, limit)
 
     @router.get("/feedback/{feedback_id}")
     async def feedback(feedback_id: FeedbackPath) -> dict[str, Any]:

@@ -8,14 +8,18 @@ tests and for running the registry without a server.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from shared.contracts import describe_validation_error
 from shared.registry_view import ConflictError, compare_and_set, read_model
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 Change = Callable[[M | None], M | None]
@@ -71,7 +75,9 @@ class NatsState:
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     found.pop(entry.key, None)
                     continue
-                found[entry.key] = model.model_validate_json(entry.value)
+                parsed = _parsed(model, entry.key, entry.value)
+                if parsed is not None:
+                    found[entry.key] = parsed
                 if entry.delta == 0:
                     break
         finally:
@@ -125,11 +131,22 @@ class MemoryState:
         self.data.pop((bucket, key), None)
 
     async def entries(self, bucket: str, pattern: str, model: type[M]) -> dict[str, M]:
-        return {
-            key: model.model_validate_json(body)
+        found = {
+            key: _parsed(model, key, body)
             for (b, key), (body, _) in sorted(self.data.items())
             if b == bucket and subject_matches(pattern, key)
         }
+        return {key: value for key, value in found.items() if value is not None}
+
+
+def _parsed(model: type[M], key: str, body: bytes) -> M | None:
+    """One entry of a listing; one that does not parse is left out, with the reason in the log,
+    so one bad record (hand-edited, or written by another version) does not hide every other."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        log.warning("%s is not a readable %s, left out: %s", key, model.__name__, describe_validation_error(exc))
+        return None
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

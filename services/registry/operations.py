@@ -83,8 +83,10 @@ class Operations:
     async def feedback(self, feedback_id: str) -> dict[str, Any]:
         return await queries.feedback_fate(self.ledger, feedback_id)
 
-    async def feedback_list(self, scope: str, state: str | None = None) -> list[dict[str, Any]]:
-        return await queries.list_feedback(self.ledger, scope, state)
+    async def feedback_list(
+        self, scope: str, state: str | None = None, limit: int = queries.FEEDBACK_LIST_LIMIT
+    ) -> list[dict[str, Any]]:
+        return await queries.list_feedback(self.ledger, scope, state, limit)
 
     async def get_policy(self, scope: str) -> dict[str, Any]:
         return (await self.ledger.policy(scope)).model_dump(mode="json")

@@ -12,7 +12,11 @@ from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 from .ledger import Ledger
 from .ports import NotFound
-from .records import FeedbackRecord, Marker, ScopeHead, VersionRecord
+from .records import OPEN_STATES, FeedbackRecord, Marker, ScopeHead, VersionRecord
+
+# How many feedback a listing returns by default, and at most.
+FEEDBACK_LIST_LIMIT = 100
+FEEDBACK_LIST_MAX = 1000
 
 MANIFEST_FIELDS = (
     "base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives",
@@ -183,8 +187,19 @@ async def feedback_fate(ledger: Ledger, feedback_id: str) -> dict[str, Any]:
     }
 
 
-async def list_feedback(ledger: Ledger, scope: str, state: str | None = None) -> list[dict[str, Any]]:
-    records = await ledger.ports.state.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord)
-    rows = [feedback_summary(r) for r in records.values() if state is None or r.state == state]
-    return sorted(rows, key=lambda r: r["submitted_at"] or "")
+async def list_feedback(
+    ledger: Ledger, scope: str, state: str | None = None, limit: int = FEEDBACK_LIST_LIMIT
+) -> list[dict[str, Any]]:
+    """The scope's latest ``limit`` feedback (in ``state``), oldest first.
+
+    Undecided states are found through the open index (``open.<scope>.*``), so "what is
+    waiting for an operator" reads only the undecided records, not the scope's history."""
+    if state in OPEN_STATES:
+        markers = await ledger.ports.state.entries(KV_REGISTRY, f"open.{scope}.*", Marker)
+        found = [await ledger.record(scope, m.feedback_id) for m in markers.values() if m.feedback_id]
+        records = [r for r in found if r is not None]
+    else:
+        records = list((await ledger.ports.state.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord)).values())
+    rows = [feedback_summary(r) for r in records if state is None or r.state == state]
+    return sorted(rows, key=lambda r: r["submitted_at"] or "")[-limit:]
 

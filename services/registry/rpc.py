@@ -5,7 +5,7 @@ or ``{"ok": false, "status": 404|409|422|500|503, "error": "..."}``. Every repli
 answers in the queue group ``registry``, so one request gets one answer.
 
 Operations: ``scopes``; ``versions`` {scope}; ``lineage`` {scope, version};
-``feedback`` {feedback_id}; ``feedback_list`` {scope, state?}; ``submit``
+``feedback`` {feedback_id}; ``feedback_list`` {scope, state?, limit?}; ``submit``
 {scope, content, submitted_by?, feedback_id?}; ``approve`` / ``reject``
 {feedback_id, operator, reason}; ``rollback`` {scope, to_version, operator,
 reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, get_args
 
 from faststream.nats import NatsBroker
 from pydantic import ValidationError
@@ -29,6 +29,8 @@ from shared.subjects import REGISTRY_RPC
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 from .ports import InvalidRequest, NotFound, Refused
+from .queries import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX
+from .records import FeedbackState
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,21 @@ def _int(args: dict[str, Any], name: str) -> int:
         raise InvalidRequest(f"{name} must be an integer, not {value!r}"[:200]) from None
 
 
+def _state(args: dict[str, Any]) -> str | None:
+    """An optional feedback state, one of those the HTTP API's ``state`` takes."""
+    state = args.get("state")
+    if state is not None and state not in get_args(FeedbackState):
+        raise InvalidRequest(f"state must be one of {', '.join(get_args(FeedbackState))}, not {state!r}"[:300])
+    return state
+
+
+def _limit(args: dict[str, Any]) -> int:
+    limit = _int(args, "limit") if args.get("limit") is not None else FEEDBACK_LIST_LIMIT
+    if not 1 <= limit <= FEEDBACK_LIST_MAX:
+        raise InvalidRequest(f"limit must be from 1 to {FEEDBACK_LIST_MAX}, not {limit}")
+    return limit
+
+
 def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in names}
 
@@ -71,7 +88,7 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
         "versions": lambda a: ops.versions(_scope(a)),
         "lineage": lambda a: ops.lineage(_scope(a), _int(a, "version")),
         "feedback": lambda a: ops.feedback(_id(a, "feedback_id")),
-        "feedback_list": lambda a: ops.feedback_list(_scope(a), a.get("state")),
+        "feedback_list": lambda a: ops.feedback_list(_scope(a), _state(a), _limit(a)),
         "submit": lambda a: ops.submit(SubmitFeedback.model_validate(a)),
         "approve": lambda a: ops.approve(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),
         "reject": lambda a: ops.reject(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),

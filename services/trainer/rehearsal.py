@@ -131,7 +131,12 @@ class KlAnchor:
         pad_id: int,
         device: torch.device,
         pass_tokens: int = 8192,
+        row_tokens: int = 0,
+        cache_reference: bool = True,
     ):
+        """``row_tokens``: how long a packed row of examples may get (0: a row per example);
+        ``cache_reference``: keep the base's side (False: run the base every step, as
+        ``bench/anchor.py`` compares)."""
         if not examples:
             raise ValueError("an anchor needs at least one example")
         self.host = host
@@ -143,7 +148,8 @@ class KlAnchor:
         self.pass_tokens = pass_tokens
         # Example tokens -> the base's last hidden states at its answer positions (None once the
         # model's logits turn out not to be a projection of them: nothing is cached then).
-        self._reference: dict[tuple[int, ...], torch.Tensor] | None = {}
+        self.row_tokens = row_tokens
+        self._reference: dict[tuple[int, ...], torch.Tensor] | None = {} if cache_reference else None
 
     def __call__(self, model: torch.nn.Module, step: int) -> float:
         """Back-propagate step ``step``'s weighted term; returns its divergence."""
@@ -167,10 +173,12 @@ class KlAnchor:
             model.train(was_training)
 
     def _passes(self, chosen: list[ex.Example]) -> list[tuple[ex.Rows, float]]:
-        # A row per example: rehearsal examples are short and alike in length, so padding them
-        # costs less than attention across one long packed row (on a CPU, about 20% of a step).
+        # A row per example by default: rehearsal examples are short and alike in length, so
+        # padding them costs less than attention across one long packed row (on a CPU, about 20%
+        # of a step).
         passes = ex.plan_epoch(
-            chosen, batch_size=len(chosen), row_tokens=0, pass_tokens=self.pass_tokens, pad_id=self.pad_id, seed=0
+            chosen, batch_size=len(chosen), row_tokens=self.row_tokens, pass_tokens=self.pass_tokens,
+            pad_id=self.pad_id, seed=0,
         )[0].passes
         total = sum(p.targets for p in passes)
         return [(rows.to(self.device), rows.targets / total) for rows in passes if rows.targets]
