@@ -9,13 +9,15 @@ time on a CPU. This measures its steps alone, on a LoRA moved off the base (as i
 a training), for:
 
 * ``packed, base every step``: the examples of a step packed into one row, the bare base run
-  every step (how it was done before 2026-11-27);
+  every step (as before 2026-11-27, except that both sides now project to the vocabulary only
+  at answer positions, so it is a little faster than the code of then was);
 * ``a row each, base every step``: one row per example, the base still run every step;
 * ``a row each, base cached`` (the trainer's way): the base's side computed once per example.
 
 Each layout takes the same steps in the same order after ``--warmup`` steps (which fill the
-cache of the cached one), and must give the same divergence at every step (to 1e-5, relative):
-the layout changes the time, not the result. Results: JSON lines on stdout and ``--out``.
+cache of the cached one), and must give the same divergence at every step (to 1e-5, relative,
+in fp32; 1e-2 in 16-bit): the layout changes the time, not the result. Results: JSON lines on
+stdout and ``--out``, written before that check.
 """
 
 from __future__ import annotations
@@ -92,11 +94,6 @@ def main() -> None:
             "device": str(lm.device), "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
         })
         print(json.dumps(results[-1]), flush=True)
-    first = next(iter(values.values()))
-    for layout, kl in values.items():
-        for a, b in zip(first, kl, strict=True):
-            if abs(a - b) > 1e-5 * abs(a):
-                sys.exit(f"{layout}: divergence {b} where the first layout gave {a}")
     before = results[0]["median_s"]
     print("\n| layout | median s per step | of the packed layout |\n|---|---|---|")
     for r in results:
@@ -104,6 +101,12 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"results": results, "when": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    tolerance = 1e-5 if next(lm.model.parameters()).dtype == torch.float32 else 1e-2
+    first = next(iter(values.values()))
+    for layout, kl in values.items():
+        for a, b in zip(first, kl, strict=True):
+            if abs(a - b) > tolerance * abs(a):
+                sys.exit(f"{layout}: divergence {b} where the first layout gave {a}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.registry.records import FeedbackState
+from services.registry.records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, FeedbackState
 
 DEFAULT_URL = "http://127.0.0.1:18080"
 TERMINAL_STATES = ("promoted", "rejected", "awaiting_approval")
@@ -242,7 +242,7 @@ def print_fate(fate: dict[str, Any]) -> None:
 def feedback_list(
     scope: str = ScopeOption,
     state: str | None = typer.Option(None, "--state", help=f"one of: {', '.join(get_args(FeedbackState))}"),
-    limit: int = typer.Option(100, "--limit", min=1, max=1000, help="the latest this many"),
+    limit: int = typer.Option(FEEDBACK_LIST_LIMIT, "--limit", min=1, max=FEEDBACK_LIST_MAX, help="the latest this many"),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:

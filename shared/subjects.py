@@ -128,5 +128,8 @@ KV_BUCKETS: tuple[str, ...] = (KV_REGISTRY, KV_SCOPE_SETTINGS, KV_IDEMPOTENCY)
 # How long a bucket keeps a key after its last write (absent: for ever). What the services
 # note in ``seal_processed`` (a feedback handled, a training's parent) only matters while the
 # message it was noted for can still be delivered, so it lives 10 days longer than the
-# events stream keeps a message; without a bound it grew by a key or two per feedback.
-KV_MAX_AGE: dict[str, timedelta] = {KV_IDEMPOTENCY: STREAMS[0].max_age + timedelta(days=10)}
+# events stream keeps a message (a key is written after its message was published: at least 10
+# days after the message is gone); without a bound it grew by a key or two per feedback.
+KV_MAX_AGE: dict[str, timedelta] = {
+    KV_IDEMPOTENCY: next(s.max_age for s in STREAMS if s.name == EVENTS_STREAM) + timedelta(days=10)
+}

@@ -114,5 +114,8 @@ async def test_the_processed_bucket_forgets_keys_after_the_events_stream_does_an
         assert (await (await js.key_value(KV_IDEMPOTENCY)).get("generator.acme.fb-1")).value == b"done"
         await ensure_streams(js, 1)  # the next start changes nothing
         assert (await js.stream_info(f"KV_{KV_IDEMPOTENCY}")).config.max_age == KV_MAX_AGE[KV_IDEMPOTENCY].total_seconds()
+        await js.delete_key_value(KV_IDEMPOTENCY)  # and a bucket made new gets it too
+        await ensure_streams(js, 1)
+        assert (await js.stream_info(f"KV_{KV_IDEMPOTENCY}")).config.max_age == KV_MAX_AGE[KV_IDEMPOTENCY].total_seconds()
     finally:
         await nc.close()

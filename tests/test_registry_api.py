@@ -17,7 +17,9 @@ from seal.cli import app as seal_app
 from services.registry import handlers, queries
 from services.registry.api import build_api
 from services.registry.operations import Operations
+from services.registry.records import Marker
 from shared import events as ev
+from shared.registry_view import UnreadableRecord
 from shared.subjects import KV_REGISTRY
 
 
@@ -202,8 +204,11 @@ async def test_a_feedback_listing_is_the_latest_few_and_skips_a_record_it_cannot
     late = feedback(passage="A later fact.")
     late = late.model_copy(update={"occurred_at": late.occurred_at + timedelta(minutes=1)})
     await handlers.on_feedback_submitted(late, w.ledger, "f" * 32)
-    # A record no version of the registry could read (hand-edited in KV): left out, not fatal.
-    w.state.data[(KV_REGISTRY, "feedback.acme.broken")] = (b'{"feedback_id": 7}', 999)
+    # Records no version of the registry could read (hand-edited in KV): left out, not fatal,
+    # also where the open index names one.
+    for key in ("feedback.acme.broken", "feedback.acme.held-broken"):
+        w.state.data[(KV_REGISTRY, key)] = (b'{"feedback_id": 7}', 999)
+    await w.state.put(KV_REGISTRY, "open.acme.held-broken", Marker(feedback_id="held-broken"))
     with TestClient(app) as http:
         every = http.get("/v1/scopes/acme/feedback").json()
         assert {r["feedback_id"] for r in every} == {r.feedback_id for r in (*roots, held, late)}
@@ -215,6 +220,11 @@ async def test_a_feedback_listing_is_the_latest_few_and_skips_a_record_it_cannot
     # Undecided ones come from the open index, the same as from the records.
     collecting = await queries.list_feedback(w.ledger, "acme", "collecting")
     assert [r["feedback_id"] for r in collecting] == [late.feedback_id]
+    held_now = await queries.list_feedback(w.ledger, "acme", "awaiting_approval")
+    assert [r["feedback_id"] for r in held_now] == [held.feedback_id]
+    # Where a decision depends on every record of an id, one that does not parse is an error, not skipped.
+    with pytest.raises(UnreadableRecord, match="feedback.acme.broken"):
+        await w.ledger.find_record("broken")
     assert await queries.list_feedback(w.ledger, "acme", "promoted", limit=5) == [r for r in every if r["state"] == "promoted"]
 
 

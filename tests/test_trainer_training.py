@@ -306,16 +306,45 @@ def _moved_anchor(tiny_model, tmp_path):
         if "lora_B" in name:
             weight.data.normal_(0, 0.05)
 
-    def anchor() -> KlAnchor:
-        return KlAnchor(trainer.host, examples, weight=1.0, batch=2, pad_id=0, device=tiny_model.device)
+    def anchor(**options) -> KlAnchor:
+        return KlAnchor(trainer.host, examples, weight=1.0, batch=2, pad_id=0, device=tiny_model.device, **options)
 
     return trainer, anchor
 
 
-def test_the_kl_anchor_computes_the_base_side_once_and_gets_the_same_divergence(tiny_model, tmp_path) -> None:
-    trainer, anchor = _moved_anchor(tiny_model, tmp_path)
+def _divergence_from_full_logits(host, model, anchor, step: int) -> float:
+    """Step ``step``'s divergence the plain way: logits at every position of both models, then
+    the answer positions picked out (as the anchor did before it kept anything)."""
+    start = step * anchor.batch
+    chosen = [anchor.examples[(start + i) % len(anchor.examples)] for i in range(anchor.batch)]
+    total = 0.0
+    with torch.no_grad():
+        for rows, share in anchor._passes(chosen):
+            keep = torch.zeros_like(rows.labels, dtype=torch.bool)
+            keep[:, :-1] = rows.labels[:, 1:] != IGNORE
+            with host.base_only() as base:
+                # (use_cache=False: with a cache, transformers does not separate packed examples)
+                reference = base(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False).logits[keep]
+            adapted = model(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False).logits[keep]
+            kl = torch.nn.functional.kl_div(
+                torch.log_softmax(adapted.float(), -1), torch.log_softmax(reference.float(), -1), log_target=True,
+                reduction="batchmean",
+            )
+            total += float(kl) * share
+    return total
+
+
+@pytest.mark.parametrize("row_tokens", [0, 64], ids=["a row per example", "packed rows"])
+def test_the_kl_anchor_computes_the_base_side_once_and_gets_the_same_divergence(tiny_model, tmp_path, row_tokens) -> None:
+    trainer, make = _moved_anchor(tiny_model, tmp_path)
     model = trainer.host.model
+
+    def anchor():
+        return make(row_tokens=row_tokens)
+
     cached = anchor()
+    if row_tokens:  # several examples share a row: the cache must split them at their position resets
+        assert max(rows.input_ids.shape[0] for rows, _ in cached._passes(cached.examples)) < len(cached.examples)
     # Steps 0-4 take examples (0,1) (2,3) (4,0) (1,2) (3,4): by step 3 every example's base side is kept.
     first_time = [cached(model, step) for step in range(5)]
     assert len(cached._reference) == 5
@@ -323,6 +352,7 @@ def test_the_kl_anchor_computes_the_base_side_once_and_gets_the_same_divergence(
         fresh = anchor()  # computes the base side anew
         assert cached(model, step) == pytest.approx(fresh(model, step), rel=1e-5)
         assert cached(model, step) == pytest.approx(first_time[step % 5], rel=1e-5)
+        assert cached(model, step) == pytest.approx(_divergence_from_full_logits(trainer.host, model, cached, step), rel=1e-5)
     assert cached.divergence(model) == pytest.approx(anchor().divergence(model), rel=1e-5)
     assert cached.divergence(model) > 1e-4  # the LoRA moved: something to measure
 

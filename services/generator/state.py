@@ -8,7 +8,7 @@
   becomes *done*. A redelivery of a done feedback produces nothing; one that
   finds a pending record republishes the recorded events (same ids, so the
   stream drops the copies) instead of sampling again. The bucket forgets a
-  key 10 days after the events stream forgets the message it was noted for
+  key at least 10 days after the events stream forgets the message it was noted for
   (``shared.subjects.KV_MAX_AGE``).
 """
 

@@ -20,8 +20,7 @@ from shared.store import AdapterNotFound, IntegrityError
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 from .ports import InvalidRequest, NotFound, Refused
-from .queries import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX
-from .records import FeedbackState
+from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, FeedbackState
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]

@@ -17,7 +17,7 @@ from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel, ValidationError
 
 from shared.contracts import describe_validation_error
-from shared.registry_view import ConflictError, compare_and_set, read_model
+from shared.registry_view import ConflictError, UnreadableRecord, compare_and_set, read_model
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,11 @@ class State(Protocol):
 
     async def delete(self, bucket: str, key: str) -> None: ...
 
-    async def entries(self, bucket: str, pattern: str, model: type[M]) -> dict[str, M]:
-        """Every live key matching a NATS subject pattern (``*`` one token, ``>`` the rest)."""
+    async def entries(self, bucket: str, pattern: str, model: type[M], *, skip_unreadable: bool = False) -> dict[str, M]:
+        """Every live key matching a NATS subject pattern (``*`` one token, ``>`` the rest).
+
+        A value that does not parse raises ``UnreadableRecord``, as :meth:`read` does; with
+        ``skip_unreadable`` (listings, the sweep) it is left out, with the reason in the log."""
         ...
 
 
@@ -64,7 +67,7 @@ class NatsState:
         except KeyNotFoundError:
             pass
 
-    async def entries(self, bucket: str, pattern: str, model: type[M]) -> dict[str, M]:
+    async def entries(self, bucket: str, pattern: str, model: type[M], *, skip_unreadable: bool = False) -> dict[str, M]:
         kv = await self.js.key_value(bucket)
         watcher = await kv.watch(pattern, ignore_deletes=True)
         found: dict[str, M] = {}
@@ -75,7 +78,7 @@ class NatsState:
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     found.pop(entry.key, None)
                     continue
-                parsed = _parsed(model, entry.key, entry.value)
+                parsed = _parsed(model, bucket, entry.key, entry.value, skip_unreadable)
                 if parsed is not None:
                     found[entry.key] = parsed
                 if entry.delta == 0:
@@ -106,7 +109,7 @@ class MemoryState:
 
     async def read(self, bucket: str, key: str, model: type[M]) -> M | None:
         body, _ = self._get(bucket, key)
-        return None if body is None else model.model_validate_json(body)
+        return None if body is None else _parsed(model, bucket, key, body, skip_unreadable=False)
 
     async def compare_and_set(self, bucket: str, key: str, model: type[M], change: Change) -> M | None:
         for _ in range(self.attempts):
@@ -130,22 +133,28 @@ class MemoryState:
     async def delete(self, bucket: str, key: str) -> None:
         self.data.pop((bucket, key), None)
 
-    async def entries(self, bucket: str, pattern: str, model: type[M]) -> dict[str, M]:
+    async def entries(self, bucket: str, pattern: str, model: type[M], *, skip_unreadable: bool = False) -> dict[str, M]:
         found = {
-            key: _parsed(model, key, body)
+            key: _parsed(model, bucket, key, body, skip_unreadable)
             for (b, key), (body, _) in sorted(self.data.items())
             if b == bucket and subject_matches(pattern, key)
         }
         return {key: value for key, value in found.items() if value is not None}
 
 
-def _parsed(model: type[M], key: str, body: bytes) -> M | None:
-    """One entry of a listing; one that does not parse is left out, with the reason in the log,
-    so one bad record (hand-edited, or written by another version) does not hide every other."""
+def _parsed(model: type[M], bucket: str, key: str, body: bytes, skip_unreadable: bool) -> M | None:
+    """A stored value as ``model``. One that does not parse raises ``UnreadableRecord``, or with
+    ``skip_unreadable`` is None, with the reason in the log: one bad record (hand-edited, or
+    written by another version) must not hide every other from a listing or the sweep."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        log.warning("%s is not a readable %s, left out: %s", key, model.__name__, describe_validation_error(exc))
+        reason = describe_validation_error(exc)
+        if not skip_unreadable:
+            raise UnreadableRecord(
+                f"the record {key!r} in {bucket} does not parse (written by a newer registry, or damaged): {reason}"
+            ) from None
+        log.warning("%s in %s is not a readable %s, left out: %s", key, bucket, model.__name__, reason)
         return None
 
 

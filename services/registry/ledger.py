@@ -400,7 +400,7 @@ class Ledger:
 
     async def sweep(self) -> int:
         """Settle every open feedback (timeouts, interrupted steps); returns how many were looked at."""
-        markers = await self.ports.state.entries(KV_REGISTRY, "open.*.*", Marker)
+        markers = await self.ports.state.entries(KV_REGISTRY, "open.*.*", Marker, skip_unreadable=True)
         for key, marker in markers.items():
             scope = key.split(".")[1]
             if marker.feedback_id is None:

@@ -17,6 +17,7 @@ from shared.registry_view import ScopePolicy
 from . import actions, queries
 from .ledger import Ledger
 from .ports import InvalidRequest, Refused
+from .records import FEEDBACK_LIST_LIMIT
 
 
 class Body(BaseModel):
@@ -84,7 +85,7 @@ class Operations:
         return await queries.feedback_fate(self.ledger, feedback_id)
 
     async def feedback_list(
-        self, scope: str, state: str | None = None, limit: int = queries.FEEDBACK_LIST_LIMIT
+        self, scope: str, state: str | None = None, limit: int = FEEDBACK_LIST_LIMIT
     ) -> list[dict[str, Any]]:
         return await queries.list_feedback(self.ledger, scope, state, limit)
 

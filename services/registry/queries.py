@@ -5,18 +5,18 @@ Results are plain JSON-ready dicts, the same over HTTP and NATS request-reply.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
-from shared.registry_view import ScopePolicy
+from shared.registry_view import ScopePolicy, UnreadableRecord
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 from .ledger import Ledger
 from .ports import NotFound
-from .records import OPEN_STATES, FeedbackRecord, Marker, ScopeHead, VersionRecord
+from .records import FEEDBACK_LIST_LIMIT, OPEN_STATES, FeedbackRecord, Marker, ScopeHead, VersionRecord
 
-# How many feedback a listing returns by default, and at most.
-FEEDBACK_LIST_LIMIT = 100
-FEEDBACK_LIST_MAX = 1000
+log = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = (
     "base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives",
@@ -45,11 +45,11 @@ def head_summary(head: ScopeHead | None) -> dict[str, Any]:
 
 async def list_scopes(ledger: Ledger) -> list[dict[str, Any]]:
     state = ledger.ports.state
-    heads = {k.split(".", 1)[1]: h for k, h in (await state.entries(KV_REGISTRY, "active.*", ScopeHead)).items()}
-    seen = {k.split(".", 1)[1] for k in await state.entries(KV_REGISTRY, "seen.*", Marker)}
-    policies = await state.entries(KV_SCOPE_SETTINGS, "*", ScopePolicy)
+    heads = {k.split(".", 1)[1]: h for k, h in (await state.entries(KV_REGISTRY, "active.*", ScopeHead, skip_unreadable=True)).items()}
+    seen = {k.split(".", 1)[1] for k in await state.entries(KV_REGISTRY, "seen.*", Marker, skip_unreadable=True)}
+    policies = await state.entries(KV_SCOPE_SETTINGS, "*", ScopePolicy, skip_unreadable=True)
     open_counts: dict[str, int] = {}
-    for key in await state.entries(KV_REGISTRY, "open.*.*", Marker):
+    for key in await state.entries(KV_REGISTRY, "open.*.*", Marker, skip_unreadable=True):
         scope = key.split(".")[1]
         open_counts[scope] = open_counts.get(scope, 0) + 1
     scopes = sorted(set(heads) | seen | set(policies))
@@ -66,7 +66,7 @@ async def list_scopes(ledger: Ledger) -> list[dict[str, Any]]:
 
 async def list_versions(ledger: Ledger, scope: str) -> list[dict[str, Any]]:
     head = await ledger.head(scope)
-    versions = await ledger.ports.state.entries(KV_REGISTRY, f"version.{scope}.*", VersionRecord)
+    versions = await ledger.ports.state.entries(KV_REGISTRY, f"version.{scope}.*", VersionRecord, skip_unreadable=True)
     rows = []
     for record in sorted(versions.values(), key=lambda v: v.version):
         aliases = []
@@ -195,11 +195,21 @@ async def list_feedback(
     Undecided states are found through the open index (``open.<scope>.*``), so "what is
     waiting for an operator" reads only the undecided records, not the scope's history."""
     if state in OPEN_STATES:
-        markers = await ledger.ports.state.entries(KV_REGISTRY, f"open.{scope}.*", Marker)
-        found = [await ledger.record(scope, m.feedback_id) for m in markers.values() if m.feedback_id]
+        markers = await ledger.ports.state.entries(KV_REGISTRY, f"open.{scope}.*", Marker, skip_unreadable=True)
+        found = await asyncio.gather(*(_readable(ledger, scope, m.feedback_id) for m in markers.values() if m.feedback_id))
         records = [r for r in found if r is not None]
     else:
-        records = list((await ledger.ports.state.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord)).values())
-    rows = [feedback_summary(r) for r in records if state is None or r.state == state]
-    return sorted(rows, key=lambda r: r["submitted_at"] or "")[-limit:]
+        stored = await ledger.ports.state.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
+        records = list(stored.values())
+    rows = sorted((feedback_summary(r) for r in records if state is None or r.state == state), key=lambda r: r["submitted_at"] or "")
+    return rows[max(0, len(rows) - limit):]
+
+
+async def _readable(ledger: Ledger, scope: str, feedback_id: str) -> FeedbackRecord | None:
+    """A feedback record for a listing: one that does not parse is left out (logged), not fatal."""
+    try:
+        return await ledger.record(scope, feedback_id)
+    except UnreadableRecord as exc:
+        log.warning("feedback %s of %s left out of a listing: %s", feedback_id, scope, exc)
+        return None
 

@@ -35,6 +35,9 @@ FeedbackState = Literal[
     "rejected",
 ]
 OPEN_STATES: frozenset[str] = frozenset({"collecting", "rebasing", "awaiting_approval", "promoting"})
+# How many feedback a listing returns by default, and at most.
+FEEDBACK_LIST_LIMIT = 100
+FEEDBACK_LIST_MAX = 1000
 
 
 def key_token(identifier: str) -> str:

@@ -29,8 +29,7 @@ from shared.subjects import REGISTRY_RPC
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 from .ports import InvalidRequest, NotFound, Refused
-from .queries import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX
-from .records import FeedbackState
+from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, FeedbackState
 
 log = logging.getLogger(__name__)
 

@@ -111,14 +111,16 @@ class KlAnchor:
     the adapter, and returns the divergence.
 
     The bare base's side never changes, so it is computed once per example:
-    the base's last hidden states at the answer positions (a few KB an
-    example), from which its logits are one projection away. A step then runs
-    one forward and backward pass instead of two forwards and a backward, and
-    both sides project to the vocabulary only at answer positions: about 40%
-    less time per step than running the base each time (bench/RESULTS.md,
-    "Trainer"). A model whose logits are more than the projection of its last
-    hidden states (a soft cap, a scale) is detected on the first pass, and then
-    the base runs every step as before.
+    the base's last hidden states at the answer positions (at most 33 vectors
+    of the hidden size an example: 76 KB for SmolLM2 in fp32), from which its
+    logits are one projection away. A step then runs one forward and backward
+    pass instead of two forwards and a backward, and both sides project to the
+    vocabulary only at answer positions: on a CPU a step takes about 40% less
+    time than running the base every step over one packed row
+    (``bench/anchor.py``, bench/RESULTS.md "Trainer"). Every pass that runs
+    the base checks that its logits are the projection of the hidden states it
+    keeps; for a model where they are not (a soft cap, a scale) nothing is
+    kept, and the base runs every step.
     """
 
     def __init__(
@@ -149,6 +151,8 @@ class KlAnchor:
         # Example tokens -> the base's last hidden states at its answer positions (None once the
         # model's logits turn out not to be a projection of them: nothing is cached then).
         self.row_tokens = row_tokens
+        # Example tokens -> the base's last hidden states at its answer positions (None: nothing
+        # is cached, the base runs every step).
         self._reference: dict[tuple[int, ...], torch.Tensor] | None = {} if cache_reference else None
 
     def __call__(self, model: torch.nn.Module, step: int) -> float:
@@ -191,7 +195,7 @@ class KlAnchor:
         logits = model(
             input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False, logits_to_keep=keep
         ).logits
-        adapted = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+        adapted = torch.log_softmax(_kept(logits, keep).float(), dim=-1)
         return torch.nn.functional.kl_div(adapted, reference, log_target=True, reduction="batchmean")
 
     @torch.no_grad()
@@ -203,23 +207,36 @@ class KlAnchor:
             if self._reference is not None and all(tokens in self._reference for tokens, _ in segments):
                 return head(torch.cat([self._reference[tokens] for tokens, _ in segments]))
             seen: list[torch.Tensor] = []
-            hook = head.register_forward_hook(lambda _module, args, _out: seen.append(args[0].detach()))
+            hook = head.register_forward_hook(lambda _module, args, _out: seen.append(args[0].detach()) if args else None)
             try:
                 logits = base(
                     input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False, logits_to_keep=keep
                 ).logits
             finally:
                 hook.remove()
-            logits = logits.reshape(-1, logits.shape[-1])
+            logits = _kept(logits, keep)
             if self._reference is not None:
                 hidden = seen[-1].reshape(-1, seen[-1].shape[-1]) if seen else None
                 if hidden is None or hidden.shape[0] != logits.shape[0] or not torch.equal(head(hidden), logits):
-                    log.info("rehearsal: this model's logits are not a projection of its hidden states; not cached")
+                    log.warning(
+                        "rehearsal: this model's logits are not the projection of its last hidden states; the base "
+                        "model runs at every step of the anchor (slower, the same result)"
+                    )
                     self._reference = None
                 else:
                     for (tokens, count), part in zip(segments, hidden.split([n for _, n in segments]), strict=True):
                         self._reference.setdefault(tokens, part.clone())
             return logits
+
+
+def _kept(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The logits at the ``keep`` positions, one row each in row-major order, whether the model
+    applied ``logits_to_keep`` (rows already) or ignored it (logits at every position)."""
+    if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+        return logits
+    if logits.dim() == 3 and logits.shape[:2] == keep.shape:
+        return logits[keep]
+    raise ValueError(f"logits of shape {tuple(logits.shape)} for {int(keep.sum())} kept positions of {tuple(keep.shape)}")
 
 
 def _segments(rows: ex.Rows, keep: torch.Tensor) -> list[tuple[tuple[int, ...], int]]:
