@@ -291,8 +291,10 @@ def test_the_kl_anchor_holds_the_model_near_the_base_on_the_rehearsal_answers(ti
     assert result.rehearsal_kl < moved[0.0] / 2
 
 
-def _moved_anchor(tiny_model, tmp_path):
-    """A KlAnchor over five rehearsal answers of different lengths, and a LoRA moved off the base."""
+@pytest.fixture
+def moved_anchor(tiny_model, tmp_path):
+    """A KlAnchor over five rehearsal answers of different lengths, and a LoRA moved off the base
+    (taken off the shared tiny model again afterwards)."""
     from services.trainer.lora_training import lora_config
     from services.trainer.rehearsal import KlAnchor
 
@@ -309,7 +311,10 @@ def _moved_anchor(tiny_model, tmp_path):
     def anchor(**options) -> KlAnchor:
         return KlAnchor(trainer.host, examples, weight=1.0, batch=2, pad_id=0, device=tiny_model.device, **options)
 
-    return trainer, anchor
+    try:
+        yield trainer, anchor
+    finally:
+        trainer.host.remove("moved")
 
 
 def _divergence_from_full_logits(host, model, anchor, step: int) -> float:
@@ -335,8 +340,8 @@ def _divergence_from_full_logits(host, model, anchor, step: int) -> float:
 
 
 @pytest.mark.parametrize("row_tokens", [0, 64], ids=["a row per example", "packed rows"])
-def test_the_kl_anchor_computes_the_base_side_once_and_gets_the_same_divergence(tiny_model, tmp_path, row_tokens) -> None:
-    trainer, make = _moved_anchor(tiny_model, tmp_path)
+def test_the_kl_anchor_computes_the_base_side_once_and_gets_the_same_divergence(moved_anchor, row_tokens) -> None:
+    trainer, make = moved_anchor
     model = trainer.host.model
 
     def anchor():
@@ -357,10 +362,10 @@ def test_the_kl_anchor_computes_the_base_side_once_and_gets_the_same_divergence(
     assert cached.divergence(model) > 1e-4  # the LoRA moved: something to measure
 
 
-def test_the_kl_anchor_runs_the_base_every_step_for_logits_that_are_not_a_projection(tiny_model, tmp_path) -> None:
+def test_the_kl_anchor_runs_the_base_every_step_for_logits_that_are_not_a_projection(moved_anchor) -> None:
     from contextlib import contextmanager
 
-    trainer, anchor = _moved_anchor(tiny_model, tmp_path)
+    trainer, anchor = moved_anchor
     model, host = trainer.host.model, trainer.host
     plain = anchor()(model, 0)
 
