@@ -182,26 +182,32 @@ async def reconcile_consumers(broker: NatsBroker) -> list[str]:
     change them: without this, raising ``max_deliver`` or ``ack_wait`` (``SEAL_TRAINER__MAX_DELIVER``,
     ``SEAL_TRAINER__ACK_WAIT_S``) would change what the service assumes (its dead-letter limit, its
     in-progress beat) but not what the server does, and messages would be redelivered mid-work or
-    dropped undead-lettered. Call it once the broker is connected; returns what it changed."""
+    dropped undead-lettered. Call it once the broker is connected; returns what it changed.
+
+    A failure is logged, not raised: the service serves with its consumers as they are rather
+    than not at all."""
     changed: list[str] = []
     specs = _BROKER_SPECS.get(broker, [])
     if not specs:
         return changed
     js = broker.config.connection_state.stream
-    for spec in specs:
-        try:
-            info = await js.consumer_info(spec.stream, spec.durable)
-        except NotFoundError:
-            continue
-        ack_wait = spec.ack_wait.total_seconds()
-        have = info.config
-        if have.max_deliver == spec.max_deliver and abs((have.ack_wait or 0.0) - ack_wait) < 1e-3:
-            continue
-        await js.add_consumer(spec.stream, have.evolve(ack_wait=ack_wait, max_deliver=spec.max_deliver))
-        what = (f"consumer {spec.durable}: ack_wait {have.ack_wait:g}s -> {ack_wait:g}s, "
-                f"max_deliver {have.max_deliver} -> {spec.max_deliver}")
-        log.warning("updated %s (it kept the settings it was created with)", what)
-        changed.append(what)
+    try:
+        for spec in specs:
+            try:
+                info = await js.consumer_info(spec.stream, spec.durable)
+            except NotFoundError:
+                continue
+            ack_wait = spec.ack_wait.total_seconds()
+            have = info.config
+            if have.max_deliver == spec.max_deliver and abs((have.ack_wait or 0.0) - ack_wait) < 1e-3:
+                continue
+            await js.add_consumer(spec.stream, have.evolve(ack_wait=ack_wait, max_deliver=spec.max_deliver))
+            what = (f"consumer {spec.durable}: ack_wait {have.ack_wait:g}s -> {ack_wait:g}s, "
+                    f"max_deliver {have.max_deliver} -> {spec.max_deliver}")
+            log.warning("updated %s (it kept the settings it was created with)", what)
+            changed.append(what)
+    except Exception:  # noqa: BLE001 - serve with the consumers as they are rather than not at all
+        log.exception("could not bring the durable consumers to their configured ack wait and delivery limit")
     return changed
 
 

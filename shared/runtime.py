@@ -19,8 +19,6 @@ from faststream.nats import NatsBroker
 from shared.broker import reconcile_consumers
 from shared.settings import ServiceSettings
 
-log = logging.getLogger(__name__)
-
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
@@ -48,10 +46,7 @@ def service_app(
         return AsgiResponse(b"ready" if ok else b"not ready", status_code=200 if ok else 503)
 
     async def consumers_as_configured() -> None:
-        try:
-            await reconcile_consumers(broker)
-        except Exception:  # noqa: BLE001 - serve with the consumers as they are rather than not at all
-            log.exception("could not bring the durable consumers to their configured ack wait and delivery limit")
+        await reconcile_consumers(broker)
 
     return AsgiFastStream(
         broker,

@@ -353,3 +353,23 @@ async def test_feedback_published_without_trace_context_is_one_trace_for_every_c
     finally:
         await nc.close()
     assert seen == {"generator": feedback_root(sent.feedback_id)[0], "registry": feedback_root(sent.feedback_id)[0]}
+
+
+async def test_a_consumer_that_cannot_be_reconciled_does_not_stop_the_service(caplog) -> None:
+    """Bringing consumers to their spec is best effort: a failing server call is logged, not raised
+    (the generator, trainer, evaluator and registry all start through it)."""
+    from types import SimpleNamespace
+
+    from shared.broker import _BROKER_SPECS, reconcile_consumers
+
+    class Unreachable:
+        async def consumer_info(self, stream: str, durable: str) -> None:
+            raise TimeoutError("nats: timeout")
+
+    class Broker:  # what reconcile_consumers reads of a NatsBroker
+        config = SimpleNamespace(connection_state=SimpleNamespace(stream=Unreachable()))
+
+    broker = Broker()
+    _BROKER_SPECS[broker] = [ConsumerSpec("test-unreachable", FEEDBACK_SUBMITTED)]
+    assert await reconcile_consumers(broker) == []
+    assert "could not bring the durable consumers" in caplog.text

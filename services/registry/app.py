@@ -124,10 +124,7 @@ class Runtime:
     async def start(self) -> None:
         await self.attach()
         await self.broker.start()
-        try:
-            await reconcile_consumers(self.broker)
-        except Exception:  # noqa: BLE001 - serve with the consumers as they are rather than not at all
-            log.exception("could not bring the durable consumers to their configured ack wait and delivery limit")
+        await reconcile_consumers(self.broker)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweep")
 
     async def stop(self) -> None:
