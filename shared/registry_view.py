@@ -122,8 +122,13 @@ async def read_model(js: JetStreamContext, bucket: str, key: str, model: type[M]
         return None, 0
     if entry.value is None or entry.operation in ("DEL", "PURGE"):
         return None, entry.revision or 0
+    return parse_record(model, bucket, key, entry.value), entry.revision or 0
+
+
+def parse_record(model: type[M], bucket: str, key: str, body: bytes) -> M:
+    """A stored value as ``model``; one that does not parse raises :class:`UnreadableRecord`."""
     try:
-        return model.model_validate_json(entry.value), entry.revision or 0
+        return model.model_validate_json(body)
     except ValidationError as exc:
         raise UnreadableRecord(
             f"the record {key!r} in {bucket} does not parse (written by a newer registry, or damaged): "

@@ -14,10 +14,9 @@ from typing import Protocol, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from shared.contracts import describe_validation_error
-from shared.registry_view import ConflictError, UnreadableRecord, compare_and_set, read_model
+from shared.registry_view import ConflictError, UnreadableRecord, compare_and_set, parse_record, read_model
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +108,12 @@ class MemoryState:
 
     async def read(self, bucket: str, key: str, model: type[M]) -> M | None:
         body, _ = self._get(bucket, key)
-        return None if body is None else _parsed(model, bucket, key, body, skip_unreadable=False)
+        return None if body is None else parse_record(model, bucket, key, body)
 
     async def compare_and_set(self, bucket: str, key: str, model: type[M], change: Change) -> M | None:
         for _ in range(self.attempts):
             body, revision = self._get(bucket, key)
-            current = None if body is None else model.model_validate_json(body)
+            current = None if body is None else parse_record(model, bucket, key, body)
             updated = change(current)
             if updated is None:
                 return current
@@ -143,18 +142,15 @@ class MemoryState:
 
 
 def _parsed(model: type[M], bucket: str, key: str, body: bytes, skip_unreadable: bool) -> M | None:
-    """A stored value as ``model``. One that does not parse raises ``UnreadableRecord``, or with
-    ``skip_unreadable`` is None, with the reason in the log: one bad record (hand-edited, or
-    written by another version) must not hide every other from a listing or the sweep."""
+    """A stored value as ``model`` (:func:`parse_record`); with ``skip_unreadable`` one that does
+    not parse is None, with the reason in the log: one bad record (hand-edited, or written by
+    another version) must not hide every other from a listing or the sweep."""
     try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        reason = describe_validation_error(exc)
+        return parse_record(model, bucket, key, body)
+    except UnreadableRecord as exc:
         if not skip_unreadable:
-            raise UnreadableRecord(
-                f"the record {key!r} in {bucket} does not parse (written by a newer registry, or damaged): {reason}"
-            ) from None
-        log.warning("%s in %s is not a readable %s, left out: %s", key, bucket, model.__name__, reason)
+            raise
+        log.warning("left out: %s", exc)
         return None
 
 
