@@ -148,8 +148,6 @@ class KlAnchor:
         self.pad_id = pad_id
         self.device = device
         self.pass_tokens = pass_tokens
-        # Example tokens -> the base's last hidden states at its answer positions (None once the
-        # model's logits turn out not to be a projection of them: nothing is cached then).
         self.row_tokens = row_tokens
         # Example tokens -> the base's last hidden states at its answer positions (None: nothing
         # is cached, the base runs every step).
@@ -201,7 +199,7 @@ class KlAnchor:
     @torch.no_grad()
     def _reference_logits(self, rows: ex.Rows, keep: torch.Tensor) -> torch.Tensor:
         """The bare base's logits at the ``keep`` positions of ``rows``, in row-major order."""
-        segments = _segments(rows, keep)
+        segments = _segments(rows, keep) if self._reference is not None else []
         with self.host.base_only() as base:
             head = base.get_output_embeddings()
             if self._reference is not None and all(tokens in self._reference for tokens, _ in segments):
