@@ -13,9 +13,11 @@ service, redelivery and later decision lands in the same trace.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 from opentelemetry import baggage, context, trace
 from opentelemetry.sdk.resources import Resource
@@ -44,6 +46,15 @@ def root_traceparent(feedback_id: str) -> str:
     """A W3C ``traceparent`` header under the feedback's own root (sampled)."""
     trace_id, span_id = feedback_root(feedback_id)
     return f"00-{trace_id}-{span_id}-01"
+
+
+def feedback_id_of(body: Any) -> str | None:
+    """The ``feedback_id`` a raw event body (JSON) names, or None."""
+    try:
+        value = json.loads(body).get("feedback_id")
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def feedback_context(feedback_id: str, trace_id: str | None = None) -> context.Context:

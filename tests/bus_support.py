@@ -7,7 +7,7 @@ from typing import Any
 
 from faststream import ContextRepo
 
-from shared.broker import DeadLetterMiddleware
+from shared.dead_letters import DeadLetterMiddleware
 
 
 def jetstream_message(

@@ -15,14 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared import events as ev
-from shared.broker import (
-    REASON_HEADER,
-    PermanentFailure,
-    create_broker,
-    durable_subscriber,
-    kept_in_progress,
-    publish_event,
-)
+from shared.broker import create_broker, durable_subscriber, kept_in_progress, publish_event
+from shared.dead_letters import REASON_HEADER, PermanentFailure
 from shared.settings import TelemetrySettings
 from shared.subjects import DLQ_PREFIX, FEEDBACK_SUBMITTED, ConsumerSpec
 from shared.telemetry import FEEDBACK_ID, setup_tracing
@@ -213,8 +207,7 @@ async def test_without_a_stored_dead_letter_copy_the_message_is_not_terminated(d
     (not terminated with no copy anywhere); on its last delivery the log says where it still is."""
     from faststream.exceptions import NackMessage, RejectMessage
 
-    from shared import broker as bus
-    from shared.broker import PermanentFailure
+    from shared import dead_letters as bus
     from shared.subjects import GENERATOR_FEEDBACK
 
     class Unreachable:
@@ -281,7 +274,7 @@ async def test_a_message_never_answered_lands_in_the_dead_letters(provisioned_st
 
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
-    from shared.broker import SERVICE_HEADER, dead_letter_exhausted_deliveries
+    from shared.dead_letters import SERVICE_HEADER, dead_letter_exhausted_deliveries
     from shared.subjects import DLQ_STREAM, EVENTS_STREAM
 
     nc = await nats.connect(provisioned_stack.nats_url)

@@ -20,7 +20,8 @@ from services.generator.settings import GeneratorConfig, GeneratorSettings
 from services.generator.state import KvLedger, LedgerEntry, ledger_key
 from services.generator.writer import Written
 from shared import events as ev
-from shared.broker import PermanentFailure, publish_event
+from shared.broker import publish_event
+from shared.dead_letters import PermanentFailure
 from shared.registry_view import PolicyAdapterRef, ScopePolicy
 from shared.subjects import (
     DLQ_PREFIX,

@@ -22,7 +22,7 @@ from services.registry.app import create_app
 from services.registry.kv import NatsState
 from services.registry.settings import RegistryConfig, RegistrySettings
 from shared import events as ev
-from shared.broker import REASON_HEADER
+from shared.dead_letters import REASON_HEADER
 from shared.registry_view import read_accepted_probes, read_active
 from shared.store import AdapterManifest
 from shared.subjects import ADAPTER_EVALUATED, AUDIT_PREFIX, DLQ_PREFIX, EVENTS_PREFIX, REGISTRY_RPC, subject_for

@@ -36,7 +36,8 @@ from services.generator.state import KvLedger, KvScopeState
 from services.generator.writer import SelfEditWriter, Written
 from services.trainer.rehearsal import Rehearsal
 from shared import events as ev
-from shared.broker import REASON_HEADER, publish_event
+from shared.broker import publish_event
+from shared.dead_letters import REASON_HEADER
 from shared.generation import chat_prompt, generate
 from shared.models import LoadedModel
 from shared.registry_view import PolicyAdapterRef
@@ -155,7 +156,7 @@ async def test_a_stopped_generator_hands_its_feedback_to_another_replica_at_once
         await publish_event(first.broker, feedback)
         assert await asyncio.to_thread(stopped.entered.wait, 60), "the first replica never took the feedback"
         await second.start()
-        with caplog.at_level(logging.WARNING, logger="shared.broker"):
+        with caplog.at_level(logging.WARNING, logger="shared.dead_letters"):
             signalled = time.monotonic()
             await first.stop()
         out = [await asyncio.wait_for(written.get(), 60)]

@@ -16,7 +16,7 @@ from services.trainer.handlers import TrainerPorts
 from services.trainer.lora_training import LoraTrainer
 from services.trainer.ports import ParentCache
 from shared import events as ev
-from shared.broker import PermanentFailure
+from shared.dead_letters import PermanentFailure
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef
 from shared.store import MANIFEST, AdapterManifest, AdapterNotFound, IntegrityError, adapter_prefix, sha256_file
 

@@ -5,7 +5,7 @@ still be answered) and the ports; it publishes what it decided and returns
 it. No FastStream here: :mod:`.app` only feeds messages in.
 
 * Malformed feedback: ``feedback.rejected`` (when the envelope says whose
-  it was), then :class:`~shared.broker.PermanentFailure`: the message is
+  it was), then :class:`~shared.dead_letters.PermanentFailure`: the message is
   dead-lettered and terminated, never redelivered.
 * Feedback that must not be learned (PII, secrets, injection, blocked
   terms): ``feedback.rejected``, and the message is acknowledged.
@@ -33,7 +33,7 @@ from services.generator.settings import GeneratorConfig
 from services.generator.state import LedgerEntry
 from services.generator.validation import Limits
 from services.generator.writer import Written
-from shared.broker import PermanentFailure
+from shared.dead_letters import PermanentFailure
 from shared.events import Event, FeedbackRejected, FeedbackSubmitted, SelfEditGenerated, SelfEditRejected
 from shared.registry_view import PolicyAdapterRef, ScopePolicy
 from shared.telemetry import mark_lineage

@@ -24,12 +24,12 @@ from shared import events as ev
 from shared.broker import (
     connect_options,
     create_broker,
-    dead_letter_exhausted_deliveries,
     durable_subscriber,
     ensure_streams,
     publish_event,
     reconcile_consumers,
 )
+from shared.dead_letters import dead_letter_exhausted_deliveries
 from shared.store import AdapterStore
 from shared.subjects import (
     REGISTRY_EVALUATED,

@@ -9,7 +9,7 @@ same event ids instead of new ones).
 from __future__ import annotations
 
 from shared import events as ev
-from shared.broker import PermanentFailure
+from shared.dead_letters import PermanentFailure
 
 from . import intake
 from .ledger import Ledger

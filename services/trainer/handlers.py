@@ -35,7 +35,7 @@ from services.trainer.examples import bounded_lineage, selected_sequences, split
 from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected
 from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
 from services.trainer.settings import LINEAGE_LIMIT, REPLAY_PER_EPOCH
-from shared.broker import PermanentFailure
+from shared.dead_letters import PermanentFailure
 from shared.events import (
     AdapterTrained,
     AdapterTrainingFailed,
