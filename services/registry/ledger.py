@@ -52,6 +52,7 @@ from .records import (
     ScopeHead,
     SelfEditRecord,
     VersionRecord,
+    arrival_key,
     feedback_key,
     head_key,
     key_token,
@@ -174,8 +175,10 @@ class Ledger:
     async def _mark(self, scope: str, feedback_id: str, now: datetime) -> None:
         state = self.ports.state
         if await self.record(scope, feedback_id) is None:
-            # The index goes first: an open record is always found by the sweep.
+            # The indexes go first: an open record is always found by the sweep, and every record
+            # by a listing (the arrival index; ``now`` becomes the record's first_seen_at).
             await state.put(KV_REGISTRY, open_key(scope, feedback_id), Marker(at=now, feedback_id=feedback_id))
+            await state.put(KV_REGISTRY, arrival_key(scope, now, feedback_id), Marker(at=now, feedback_id=feedback_id))
             await state.compare_and_set(KV_REGISTRY, seen_key(scope), Marker, lambda m: None if m else Marker(at=now))
 
     async def _update(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 from typing import Any
 
 from shared.registry_view import ScopePolicy, UnreadableRecord
@@ -14,9 +15,22 @@ from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 from .ledger import Ledger
 from .ports import NotFound
-from .records import FEEDBACK_LIST_LIMIT, OPEN_STATES, FeedbackRecord, Marker, ScopeHead, VersionRecord
+from .records import (
+    FEEDBACK_LIST_LIMIT,
+    OPEN_STATES,
+    FeedbackRecord,
+    Marker,
+    ScopeHead,
+    VersionRecord,
+    arrival_key,
+    arrival_stamp,
+    indexed_key,
+)
 
 log = logging.getLogger(__name__)
+
+# Arrival keys a scope's first listing writes at once for records made before the index.
+INDEX_WRITES_AT_ONCE = 64
 
 MANIFEST_FIELDS = (
     "base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives",
@@ -190,19 +204,73 @@ async def feedback_fate(ledger: Ledger, feedback_id: str) -> dict[str, Any]:
 async def list_feedback(
     ledger: Ledger, scope: str, state: str | None = None, limit: int = FEEDBACK_LIST_LIMIT
 ) -> list[dict[str, Any]]:
-    """The scope's latest ``limit`` feedback (in ``state``), oldest first.
+    """The scope's latest ``limit`` feedback (in ``state``), oldest first: latest by when the
+    registry first heard of each (``first_seen_at``), not by the producer's clock.
 
     Undecided states are found through the open index (``open.<scope>.*``), so "what is
-    waiting for an operator" reads only the undecided records, not the scope's history."""
+    waiting for an operator" reads only the undecided records, not the scope's history. The
+    others walk the arrival index (``arrived.<scope>.*``) from its newest key and read records
+    until ``limit`` match, so a long-lived scope's listing does not read its whole history."""
     if state in OPEN_STATES:
         markers = await ledger.ports.state.entries(KV_REGISTRY, f"open.{scope}.*", Marker, skip_unreadable=True)
         found = await asyncio.gather(*(_readable(ledger, scope, m.feedback_id) for m in markers.values() if m.feedback_id))
-        records = [r for r in found if r is not None]
+        records = [r for r in found if r is not None and r.state == state]
     else:
-        stored = await ledger.ports.state.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
-        records = list(stored.values())
-    rows = sorted((feedback_summary(r) for r in records if state is None or r.state == state), key=lambda r: r["submitted_at"] or "")
-    return rows[max(0, len(rows) - limit):]
+        records = await _latest(ledger, scope, state, limit)
+    records.sort(key=_arrival_order)
+    return [feedback_summary(r) for r in records[max(0, len(records) - limit):]]
+
+
+def _arrival_order(record: FeedbackRecord) -> tuple[datetime, datetime, str]:
+    return (record.first_seen_at, record.submitted_at or record.first_seen_at, record.feedback_id)
+
+
+async def _latest(ledger: Ledger, scope: str, state: str | None, limit: int) -> list[FeedbackRecord]:
+    """At least the newest ``limit`` records in ``state`` (any state: None), with every record that
+    arrived together with the oldest of them (one arrival stamp), so the caller's order decides."""
+    store = ledger.ports.state
+    if await store.read(KV_REGISTRY, indexed_key(scope), Marker) is None:
+        await _index_scope(ledger, scope)
+    arrivals = await store.entries(KV_REGISTRY, f"arrived.{scope}.*.*", Marker, skip_unreadable=True)
+    newest_first: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for key in sorted(arrivals, reverse=True):
+        feedback_id = arrivals[key].feedback_id
+        if feedback_id and feedback_id not in seen:  # two arrival keys if two events raced in first
+            seen.add(feedback_id)
+            newest_first.append((arrival_stamp(key), feedback_id))
+    records: list[FeedbackRecord] = []
+    last_stamp: str | None = None
+    start, size = 0, max(limit, 1)
+    while start < len(newest_first):
+        if len(records) >= limit and newest_first[start][0] != last_stamp:
+            break
+        # ``limit`` records first; a state that is rare in the scope's recent history reads twice
+        # as many each round after, so finding it takes a few round trips, not one per record.
+        batch = newest_first[start:start + size]
+        start, size = start + len(batch), size * 2
+        found = await asyncio.gather(*(_readable(ledger, scope, feedback_id) for _, feedback_id in batch))
+        for (stamp, _), record in zip(batch, found):
+            if record is not None and (state is None or record.state == state):
+                records.append(record)
+                last_stamp = stamp
+    return records
+
+
+async def _index_scope(ledger: Ledger, scope: str) -> None:
+    """Give every feedback record of ``scope`` its arrival key, once: records written before the
+    index existed have none. One read of the scope's records, then never again."""
+    store = ledger.ports.state
+    stored = await store.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
+    records = list(stored.values())
+    for start in range(0, len(records), INDEX_WRITES_AT_ONCE):
+        await asyncio.gather(*(
+            store.put(KV_REGISTRY, arrival_key(scope, r.first_seen_at, r.feedback_id), Marker(at=r.first_seen_at, feedback_id=r.feedback_id))
+            for r in records[start:start + INDEX_WRITES_AT_ONCE]
+        ))
+    await store.put(KV_REGISTRY, indexed_key(scope), Marker(at=ledger.ports.clock()))
+    if stored:
+        log.info("arrival index of scope %s: %d records written before it added", scope, len(stored))
 
 
 async def _readable(ledger: Ledger, scope: str, feedback_id: str) -> FeedbackRecord | None:

@@ -6,7 +6,7 @@ changes are made with ``model_copy(update=...)`` inside a compare-and-set.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field
@@ -59,6 +59,24 @@ def feedback_key(scope: str, feedback_id: str) -> str:
 
 def open_key(scope: str, feedback_id: str) -> str:
     return f"open.{scope}.{key_token(feedback_id)}"
+
+
+def arrival_key(scope: str, at: datetime, feedback_id: str) -> str:
+    """The arrival index: one key per feedback, named so that a scope's keys sort by when the
+    registry first heard of each (``first_seen_at``, UTC to the microsecond)."""
+    stamp = at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%f")
+    return f"arrived.{scope}.{stamp}.{key_token(feedback_id)}"
+
+
+def arrival_stamp(key: str) -> str:
+    """The time token of an :func:`arrival_key` (keys of one stamp arrived together)."""
+    return key.split(".")[2]
+
+
+def indexed_key(scope: str) -> str:
+    """Present once every feedback record of the scope has its arrival key (records written
+    before the index existed are added on the scope's first listing)."""
+    return f"indexed.{scope}"
 
 
 def selfedit_key(scope: str, feedback_id: str, index: int) -> str:
@@ -249,7 +267,7 @@ class SelfEditRecord(Contract):
 
 
 class Marker(Contract):
-    """A key whose presence is the information (``seen.<scope>``, ``open.*``)."""
+    """A key whose presence is the information (``seen.<scope>``, ``open.*``, ``arrived.*``, ``indexed.*``)."""
 
     at: datetime | None = None
     feedback_id: str | None = None
