@@ -234,6 +234,12 @@ async def test_compare_and_set_over_real_kv_loses_no_update(running) -> None:
         assert [p.question for _, p in final.probes] == [f"q{i}" for i in range(20)]
         listed = await states[1].entries(KV_REGISTRY, "test.counter.*", AcceptedProbes)
         assert key in listed
+        other_key = f"{key}x"
+        await states[0].put(KV_REGISTRY, other_key, final)
+        assert {key, other_key} <= set(await states[1].keys(KV_REGISTRY, "test.counter.*"))
+        assert await states[1].keys(KV_REGISTRY, "test.elsewhere.*") == []
         await states[0].delete(KV_REGISTRY, key)
+        await states[0].delete(KV_REGISTRY, other_key)
+        assert key not in await states[1].keys(KV_REGISTRY, "test.counter.*")  # a deleted key is not live
     finally:
         await other.close()

@@ -31,10 +31,8 @@ State lives in JetStream KV; every write is a compare-and-set. Keys in the
   to rebase it and for the outer loop; also lineage). Registries before
   2026-11-27 wrote ``selfedit.<feedback>.<index>``; those are still read.
 * ``arrived.<scope>.<first seen, UTC>.<feedback>``: an index of every feedback
-  by when the registry first heard of it; listings walk it from the newest key.
-  ``indexed.<scope>`` marks a scope whose every record has its key: records
-  written before the index (registries before 2026-11-27) get theirs on the
-  scope's first listing.
+  by when the registry first heard of it; listings walk it from the newest key
+  and give a record without one (written before the index) its key.
 * ``seen.<scope>``: a marker that the scope exists.
 
 Scope policies live in the ``seal_scope_settings`` bucket under ``<scope>``.

@@ -37,6 +37,10 @@ class State(Protocol):
 
     async def delete(self, bucket: str, key: str) -> None: ...
 
+    async def keys(self, bucket: str, pattern: str) -> list[str]:
+        """Every live key matching a NATS subject pattern, without reading the values."""
+        ...
+
     async def entries(self, bucket: str, pattern: str, model: type[M], *, skip_unreadable: bool = False) -> dict[str, M]:
         """Every live key matching a NATS subject pattern (``*`` one token, ``>`` the rest).
 
@@ -65,6 +69,24 @@ class NatsState:
             await kv.delete(key)
         except KeyNotFoundError:
             pass
+
+    async def keys(self, bucket: str, pattern: str) -> list[str]:
+        # The server filters by the pattern and sends each key's latest headers only (nats-py's
+        # own ``keys`` watches the whole bucket and filters on this side).
+        kv = await self.js.key_value(bucket)
+        watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
+        found: list[str] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.operation not in ("DEL", "PURGE"):
+                    found.append(entry.key)
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return found
 
     async def entries(self, bucket: str, pattern: str, model: type[M], *, skip_unreadable: bool = False) -> dict[str, M]:
         kv = await self.js.key_value(bucket)
@@ -131,6 +153,9 @@ class MemoryState:
 
     async def delete(self, bucket: str, key: str) -> None:
         self.data.pop((bucket, key), None)
+
+    async def keys(self, bucket: str, pattern: str) -> list[str]:
+        return [key for (b, key) in sorted(self.data) if b == bucket and subject_matches(pattern, key)]
 
     async def entries(self, bucket: str, pattern: str, model: type[M], *, skip_unreadable: bool = False) -> dict[str, M]:
         found = {

@@ -24,13 +24,16 @@ from .records import (
     VersionRecord,
     arrival_key,
     arrival_stamp,
-    indexed_key,
+    key_token,
+    token_id,
 )
 
 log = logging.getLogger(__name__)
 
-# Arrival keys a scope's first listing writes at once for records made before the index.
-INDEX_WRITES_AT_ONCE = 64
+# A listing reads records (and writes missing arrival keys) at most this many at once, and
+# after this many point reads beyond its limit, reads the rest of the scope in one pass.
+LISTING_BATCH = 256
+LISTING_POINT_READS = 1024
 
 MANIFEST_FIELDS = (
     "base_model", "base_model_sha256", "parent_adapter_id", "feedback_ids", "directives",
@@ -211,6 +214,8 @@ async def list_feedback(
     waiting for an operator" reads only the undecided records, not the scope's history. The
     others walk the arrival index (``arrived.<scope>.*``) from its newest key and read records
     until ``limit`` match, so a long-lived scope's listing does not read its whole history."""
+    if limit < 1:
+        return []
     if state in OPEN_STATES:
         markers = await ledger.ports.state.entries(KV_REGISTRY, f"open.{scope}.*", Marker, skip_unreadable=True)
         found = await asyncio.gather(*(_readable(ledger, scope, m.feedback_id) for m in markers.values() if m.feedback_id))
@@ -226,51 +231,73 @@ def _arrival_order(record: FeedbackRecord) -> tuple[datetime, datetime, str]:
 
 
 async def _latest(ledger: Ledger, scope: str, state: str | None, limit: int) -> list[FeedbackRecord]:
-    """At least the newest ``limit`` records in ``state`` (any state: None), with every record that
-    arrived together with the oldest of them (one arrival stamp), so the caller's order decides."""
+    """At least the newest ``limit`` records in ``state`` (any state: None), and every record that
+    may tie with the oldest of them, so that the caller's order decides.
+
+    Two key listings (no values): the arrival index and the scope's records. A record with no
+    arrival key (written by a registry before the index, or by one during a rolling upgrade) gets
+    one here; an arrival key with no record is passed over. Then records are read newest first:
+    ``limit`` of them, then batches twice as large (each at most ``LISTING_BATCH``) while too few
+    match, and past ``limit + LISTING_POINT_READS`` the rest in one pass over the scope's records."""
     store = ledger.ports.state
-    if await store.read(KV_REGISTRY, indexed_key(scope), Marker) is None:
-        await _index_scope(ledger, scope)
-    arrivals = await store.entries(KV_REGISTRY, f"arrived.{scope}.*.*", Marker, skip_unreadable=True)
-    newest_first: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for key in sorted(arrivals, reverse=True):
-        feedback_id = arrivals[key].feedback_id
-        if feedback_id and feedback_id not in seen:  # two arrival keys if two events raced in first
-            seen.add(feedback_id)
-            newest_first.append((arrival_stamp(key), feedback_id))
+    stored = {key.split(".", 2)[2] for key in await store.keys(KV_REGISTRY, f"feedback.{scope}.*")}
+    newest: dict[str, str] = {}  # record token -> its newest arrival stamp
+    for key in await store.keys(KV_REGISTRY, f"arrived.{scope}.*.*"):
+        _, _, stamp, token = key.split(".", 3)
+        if token in stored and stamp > newest.get(token, ""):
+            newest[token] = stamp  # two keys when two first events raced: the record is no newer than this
+    known: dict[str, FeedbackRecord] = {}
+    if missing := stored - newest.keys():
+        for record in await _index(ledger, scope, missing):
+            token = key_token(record.feedback_id)
+            newest[token], known[token] = arrival_stamp(record.first_seen_at), record
+    walk = sorted(((stamp, token) for token, stamp in newest.items()), reverse=True)
+
+    async def read(token: str) -> FeedbackRecord | None:
+        return known[token] if token in known else await _readable(ledger, scope, token_id(token))
+
+    def wanted(record: FeedbackRecord | None) -> bool:
+        return record is not None and (state is None or record.state == state)
+
     records: list[FeedbackRecord] = []
-    last_stamp: str | None = None
-    start, size = 0, max(limit, 1)
-    while start < len(newest_first):
-        if len(records) >= limit and newest_first[start][0] != last_stamp:
+    start, size, reads = 0, min(limit, LISTING_BATCH), 0
+    while start < len(walk):
+        if len(records) >= limit:
+            # Every record not read yet arrived no later than its key says: once that is before
+            # the limit-th newest found, none of them can be among the newest.
+            boundary = sorted(records, key=_arrival_order)[-limit]
+            if walk[start][0] < arrival_stamp(boundary.first_seen_at):
+                break
+        if reads >= limit + LISTING_POINT_READS:
+            rest = {token for _, token in walk[start:]}
+            everything = await store.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
+            records += [r for key, r in everything.items() if key.split(".", 2)[2] in rest and wanted(r)]
             break
-        # ``limit`` records first; a state that is rare in the scope's recent history reads twice
-        # as many each round after, so finding it takes a few round trips, not one per record.
-        batch = newest_first[start:start + size]
-        start, size = start + len(batch), size * 2
-        found = await asyncio.gather(*(_readable(ledger, scope, feedback_id) for _, feedback_id in batch))
-        for (stamp, _), record in zip(batch, found):
-            if record is not None and (state is None or record.state == state):
-                records.append(record)
-                last_stamp = stamp
+        batch = walk[start:start + size]
+        start, size, reads = start + len(batch), min(size * 2, LISTING_BATCH), reads + len(batch)
+        found = await asyncio.gather(*(read(token) for _, token in batch))
+        records += [r for r in found if wanted(r)]
     return records
 
 
-async def _index_scope(ledger: Ledger, scope: str) -> None:
-    """Give every feedback record of ``scope`` its arrival key, once: records written before the
-    index existed have none. One read of the scope's records, then never again."""
+async def _index(ledger: Ledger, scope: str, tokens: set[str]) -> list[FeedbackRecord]:
+    """Read the records ``tokens`` name and give each its arrival key. A few are read one by one;
+    many (a scope from before the index, on its first listing) in one pass over the scope."""
     store = ledger.ports.state
-    stored = await store.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
-    records = list(stored.values())
-    for start in range(0, len(records), INDEX_WRITES_AT_ONCE):
+    if len(tokens) <= LISTING_BATCH:
+        found = await asyncio.gather(*(_readable(ledger, scope, token_id(token)) for token in tokens))
+        records = [r for r in found if r is not None]
+    else:
+        everything = await store.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
+        records = [r for key, r in everything.items() if key.split(".", 2)[2] in tokens]
+    for start in range(0, len(records), LISTING_BATCH):
         await asyncio.gather(*(
             store.put(KV_REGISTRY, arrival_key(scope, r.first_seen_at, r.feedback_id), Marker(at=r.first_seen_at, feedback_id=r.feedback_id))
-            for r in records[start:start + INDEX_WRITES_AT_ONCE]
+            for r in records[start:start + LISTING_BATCH]
         ))
-    await store.put(KV_REGISTRY, indexed_key(scope), Marker(at=ledger.ports.clock()))
-    if stored:
-        log.info("arrival index of scope %s: %d records written before it added", scope, len(stored))
+    if records:
+        log.info("arrival index of scope %s: added %d records that had no key", scope, len(records))
+    return records
 
 
 async def _readable(ledger: Ledger, scope: str, feedback_id: str) -> FeedbackRecord | None:

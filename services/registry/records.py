@@ -45,6 +45,11 @@ def key_token(identifier: str) -> str:
     return identifier.replace("=", "=3D").replace(".", "=2E").replace(":", "=3A")
 
 
+def token_id(token: str) -> str:
+    """The id a :func:`key_token` stands for."""
+    return token.replace("=2E", ".").replace("=3A", ":").replace("=3D", "=")
+
+
 def head_key(scope: str) -> str:
     return f"active.{scope}"
 
@@ -61,22 +66,17 @@ def open_key(scope: str, feedback_id: str) -> str:
     return f"open.{scope}.{key_token(feedback_id)}"
 
 
+def arrival_stamp(at: datetime) -> str:
+    """A time as the arrival index writes it: UTC to the microsecond, sorting as time does (a
+    naive time is taken as UTC)."""
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return at.strftime("%Y%m%dT%H%M%S%f")
+
+
 def arrival_key(scope: str, at: datetime, feedback_id: str) -> str:
     """The arrival index: one key per feedback, named so that a scope's keys sort by when the
-    registry first heard of each (``first_seen_at``, UTC to the microsecond)."""
-    stamp = at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%f")
-    return f"arrived.{scope}.{stamp}.{key_token(feedback_id)}"
-
-
-def arrival_stamp(key: str) -> str:
-    """The time token of an :func:`arrival_key` (keys of one stamp arrived together)."""
-    return key.split(".")[2]
-
-
-def indexed_key(scope: str) -> str:
-    """Present once every feedback record of the scope has its arrival key (records written
-    before the index existed are added on the scope's first listing)."""
-    return f"indexed.{scope}"
+    registry first heard of each (``first_seen_at``)."""
+    return f"arrived.{scope}.{arrival_stamp(at)}.{key_token(feedback_id)}"
 
 
 def selfedit_key(scope: str, feedback_id: str, index: int) -> str:
@@ -267,7 +267,7 @@ class SelfEditRecord(Contract):
 
 
 class Marker(Contract):
-    """A key whose presence is the information (``seen.<scope>``, ``open.*``, ``arrived.*``, ``indexed.*``)."""
+    """A key whose presence is the information (``seen.<scope>``, ``open.*``, ``arrived.*``)."""
 
     at: datetime | None = None
     feedback_id: str | None = None
