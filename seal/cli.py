@@ -22,6 +22,7 @@ from rich.table import Table
 
 from seal.stack import LocalStack, StackPorts
 from shared.broker import ensure_streams_at
+from shared.settings import ModelSettings
 from shared.store import AdapterStore
 
 app = typer.Typer(help="SEAL platform: self-adapting language models.", no_args_is_help=True)
@@ -104,14 +105,52 @@ def health_table(stack: LocalStack, services: dict[str, subprocess.Popen] | None
 
 
 def stop_on_sigterm() -> None:
-    """Turn SIGTERM (a `kill`, a container stop) into SystemExit, so the ``finally`` blocks that
-    stop the services and the stack run: their processes live in sessions of their own and would
-    otherwise outlive this one."""
+    """Turn SIGTERM (a `kill`, a container stop) and SIGHUP (the terminal closed) into SystemExit,
+    so the ``finally`` blocks that stop the services and the stack run: their processes live in
+    sessions of their own and would otherwise outlive this one."""
 
     def leave(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGHUP, leave)
+
+
+def shut_down(procs: dict[str, subprocess.Popen], stack: LocalStack) -> None:
+    """Stop the services, then the servers, with Ctrl-C, SIGTERM and SIGHUP held off meanwhile: a
+    second Ctrl-C while the services finish (up to 30 s) would otherwise end this process before
+    the servers are stopped, and leave them running with the ports taken."""
+    import threading
+
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        stop_services(procs)
+        stack.stop()
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
+def exited_service(procs: dict[str, subprocess.Popen], home: Path) -> str | None:
+    """What to say when a service has exited (its code and its log), or None while all run."""
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            return f"the {name} service exited (code {proc.returncode}); its log: {home / 'logs' / f'{name}.log'}"
+    return None
+
+
+def model_settings(name: str) -> ModelSettings:
+    """The model settings the services will run with: ``name``, and the rest from the same
+    ``SEAL_MODEL__*`` variables they read (device, dtype, cache folder, threads)."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class FromEnvironment(BaseSettings):
+        model_config = SettingsConfigDict(env_prefix="SEAL_", env_nested_delimiter="__", extra="ignore")
+        model: ModelSettings = ModelSettings()
+
+    return FromEnvironment().model.model_copy(update={"name": name})
 
 
 def free_service_port_base() -> int:
@@ -226,9 +265,7 @@ def up(
     try:
         provision(stack)
         if services and not check:
-            from shared.settings import ModelSettings
-
-            defaults = service_defaults(ModelSettings(name=model).device, light_rehearsal=False)
+            defaults = service_defaults(model_settings(model).device, light_rehearsal=False)
             procs = start_services(stack, home, model, SERVICES, defaults=defaults)
         console.print(health_table(stack, procs))
         console.print(f"ready in {time.monotonic() - started:.1f}s; logs in {home / 'logs'}")
@@ -239,11 +276,13 @@ def up(
         console.print("press Ctrl-C to stop")
         while True:
             time.sleep(1)
+            if gone := exited_service(procs, home):
+                console.print(f"[red]{gone}[/]; stopping the rest")
+                raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
-        stop_services(procs)
-        stack.stop()
+        shut_down(procs, stack)
         console.print("stopped; data kept in", str(home))
 
 
@@ -288,15 +327,19 @@ def demo(
     stop_on_sigterm()
     from seal.demo import DEMO_DATA, load_items, run_demo
     from shared.models import load_model
-    from shared.settings import ModelSettings
 
     try:
         items = load_items(data or DEMO_DATA)
     except (OSError, ValueError) as exc:
         console.print(f"[red]cannot read the demo data:[/] {exc}")
         raise typer.Exit(2) from exc
+    if home is None and (busy := StackPorts().busy()):
+        # Before the folder is emptied: it may be the data of the demo that holds these ports.
+        console.print(f"[red]the demo's ports are taken ({', '.join(busy)}):[/] is another demo or `seal up` still "
+                      f"running? Stop it first ({DEMO_HOME} is left as it is).")
+        raise typer.Exit(1)
     home = demo_home(home)
-    settings = ModelSettings(name=model)
+    settings = model_settings(model)
     stack = LocalStack(home)
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -313,7 +356,8 @@ def demo(
             call(service_url("registry"), "PATCH", f"/v1/scopes/{scope}/policy", policy)
             console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy} (fewer trainings: DEMO_CPU_POLICY)")
         result = asyncio.run(
-            run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope, console=console)
+            run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope,
+                     console=console, exited=lambda: exited_service(procs, home))
         )
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -322,8 +366,7 @@ def demo(
         console.print(f"[red]demo failed:[/] {exc}; logs in {home / 'logs'}")
         raise typer.Exit(1) from exc
     finally:
-        stop_services(procs)
-        stack.stop()
+        shut_down(procs, stack)
     undecided = [item for item, outcome in result["outcomes"].items() if outcome.startswith("no decision")]
     if undecided:
         console.print(f"[red]no decision in time for {', '.join(undecided)}[/]; logs in {home / 'logs'}")

@@ -14,6 +14,8 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from rich.table import Table
 from seal.watch import FeedbackProgress, PlatformWatcher
 from shared import events as ev
 from shared.broker import connect_options
+from shared.lora import AdapterHost
 from shared.models import LoadedModel
 from shared.registry_view import read_active
 from shared.scoring import closed_book_accuracy
@@ -66,16 +69,21 @@ def load_items(path: Path) -> list[DemoItem]:
     return items
 
 
-def with_adapter(lm: LoadedModel, store: AdapterStore, ref: ev.ManifestRef | None) -> LoadedModel:
-    """The base model, or the base model with a stored adapter applied (checked on load)."""
+@contextmanager
+def adapter_applied(lm: LoadedModel, host: AdapterHost, store: AdapterStore, ref: ev.ManifestRef | None) -> Iterator[LoadedModel]:
+    """The base model, or the base model with a stored adapter applied (checked on load), which
+    is taken off again afterwards, its downloaded copy removed."""
     if ref is None:
-        return lm
-    from peft import PeftModel
-
-    folder = Path(tempfile.mkdtemp(prefix="seal-demo-"))
-    store.get_adapter(ref, folder / "adapter")
-    model = PeftModel.from_pretrained(lm.model, folder / "adapter").eval()
-    return LoadedModel(model, lm.tokenizer, lm.name, lm.path, lm.weights_sha256, lm.device)
+        yield lm
+        return
+    with tempfile.TemporaryDirectory(prefix="seal-demo-") as folder:
+        store.get_adapter(ref, Path(folder) / "adapter")
+        host.load("demo", Path(folder) / "adapter")
+        host.activate("demo")
+        try:
+            yield lm  # the adapter's layers are in the base model itself
+        finally:
+            host.remove("demo")
 
 
 def progress_table(items: list[DemoItem], ids: dict[str, str], progress: dict[str, FeedbackProgress], started: float) -> Table:
@@ -98,16 +106,20 @@ async def run_demo(
     scope: str = "demo",
     console: Console | None = None,
     timeout_per_feedback: float = 900.0,
+    exited: Callable[[], str | None] = lambda: None,
 ) -> dict[str, object]:
+    """Submit each item's passage, show the platform's progress, then what it learned. ``exited``
+    says when a service the demo depends on has exited (RuntimeError, not a long wait for nothing)."""
     console = console or Console()
+    host = AdapterHost(lm.model)
     store = AdapterStore.from_settings(store_settings)
     nc = await nats.connect(nats_settings.url, **connect_options(nats_settings))
     js = nc.jetstream()
     started = time.monotonic()
     before_ref = (await read_active(js, scope))
     console.print(f"measuring closed-book accuracy before any update ({sum(len(i.questions) for i in items)} questions)...")
-    base = with_adapter(lm, store, before_ref.adapter if before_ref else None)
-    before = {item.id: closed_book_accuracy(base, item.questions) for item in items}
+    with adapter_applied(lm, host, store, before_ref.adapter if before_ref else None) as base:
+        before = {item.id: closed_book_accuracy(base, item.questions) for item in items}
     ids: dict[str, str] = {}
     outcomes: dict[str, str] = {}
     async with PlatformWatcher(nats_settings) as watcher:
@@ -124,16 +136,18 @@ async def run_demo(
                 progress = watcher.progress[event.feedback_id]
                 try:
                     await watcher.wait_until(
-                        lambda: progress.decided,
+                        lambda: progress.decided or exited() is not None,
                         timeout_per_feedback,
                         on_event=lambda _: live.update(progress_table(items, ids, watcher.progress, started)),
                     )
                 except TimeoutError:
                     outcomes[item.id] = f"no decision after {timeout_per_feedback:.0f}s"
+                if (gone := exited()) is not None:
+                    raise RuntimeError(gone)
                 live.update(progress_table(items, ids, watcher.progress, started))
         final = await read_active(js, scope)
-        after_lm = with_adapter(lm, store, final.adapter if final else None)
-        after = {item.id: closed_book_accuracy(after_lm, item.questions) for item in items}
+        with adapter_applied(lm, host, store, final.adapter if final else None) as after_lm:
+            after = {item.id: closed_book_accuracy(after_lm, item.questions) for item in items}
         summary = Table(title="SEAL demo: what the platform learned")
         for column in ("feedback", "before", "after", "outcome"):
             summary.add_column(column)

@@ -127,12 +127,18 @@ class PlatformWatcher:
         while True:
             yield await self.queue.get()
 
-    async def wait_until(self, done: Callable[[], bool], timeout: float, on_event: Callable[[ev.Event], None] | None = None) -> None:
-        """Consume events until ``done()`` holds; TimeoutError after ``timeout`` seconds."""
+    async def wait_until(
+        self, done: Callable[[], bool], timeout: float, on_event: Callable[[ev.Event], None] | None = None, poll_s: float = 2.0
+    ) -> None:
+        """Consume events until ``done()`` holds; TimeoutError after ``timeout`` seconds. ``done`` is
+        asked after each event and every ``poll_s`` seconds without one (it may watch more than events)."""
 
         async def loop() -> None:
             while not done():
-                event = await self.queue.get()
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), poll_s)
+                except TimeoutError:
+                    continue
                 if on_event is not None:
                     on_event(event)
 

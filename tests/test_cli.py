@@ -135,3 +135,92 @@ def test_the_demo_refuses_unreadable_data_before_it_starts_anything(tmp_path) ->
         result = CliRunner().invoke(app, ["demo", "--data", str(data), "--home", str(tmp_path / "home")])
         assert result.exit_code == 2 and "cannot read the demo data" in result.output
     assert not (tmp_path / "home").exists()  # no stack was started
+
+
+def test_a_demo_leaves_the_data_of_one_still_running_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo empties its folder at every start, but not while its ports are taken (another demo,
+    or a `seal up`, still running on that data): it says so and stops first."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    live = tmp_path / cli.DEMO_HOME / "nats" / "jetstream"
+    live.mkdir(parents=True)
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", StackPorts().nats))
+        holder.listen()
+    except OSError:
+        pass  # taken already, which serves as well
+    try:
+        result = CliRunner().invoke(cli.app, ["demo"])
+    finally:
+        holder.close()
+    assert result.exit_code == 1 and "ports are taken" in result.output and f"nats={StackPorts().nats}" in result.output
+    assert live.is_dir()
+
+
+def test_the_cli_reads_the_model_settings_the_services_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEAL_MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("SEAL_MODEL__DTYPE", "bfloat16")
+    monkeypatch.setenv("SEAL_MODEL__CACHE_DIR", str(tmp_path))
+    settings = cli.model_settings("tiny")
+    assert (settings.name, settings.device, settings.dtype, settings.cache_dir) == ("tiny", "cpu", "bfloat16", tmp_path)
+    monkeypatch.delenv("SEAL_MODEL__DEVICE")
+    assert cli.model_settings("default").device == "auto"
+
+
+def test_seal_up_stops_everything_when_a_service_exits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    stopped: list[bool] = []
+
+    class StubStack:
+        def __init__(self, home: Path) -> None:
+            pass
+
+        def start(self) -> StubStack:
+            return self
+
+        def stop(self) -> None:
+            stopped.append(True)
+
+        def nats_healthy(self) -> bool:
+            return True
+
+        s3_healthy = nats_healthy
+        nats_url, s3_endpoint, bucket, data_dir = "nats://stub", "stub", "stub", tmp_path
+
+    def crashing_trainer(*args: object, **kwargs: object) -> dict[str, subprocess.Popen]:
+        return {"trainer": subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])}
+
+    monkeypatch.setattr(cli, "LocalStack", StubStack)
+    monkeypatch.setattr(cli, "provision", lambda stack: None)
+    monkeypatch.setattr(cli, "start_services", crashing_trainer)
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+    result = CliRunner().invoke(cli.app, ["up", "--home", str(tmp_path), "--model", "tiny"])
+    assert result.exit_code == 1
+    assert "the trainer service exited (code 3)" in result.output and "trainer.log" in result.output
+    assert stopped == [True]
+
+
+def test_a_second_ctrl_c_does_not_cut_the_shutdown_short() -> None:
+    """Stopping the services takes up to 30 s; a Ctrl-C meanwhile must not leave the servers up."""
+    import os
+    import signal
+
+    done: list[str] = []
+
+    class Stack:
+        def stop(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+            done.append("servers stopped")
+
+    before = signal.getsignal(signal.SIGINT)
+    cli.shut_down({}, Stack())  # type: ignore[arg-type]
+    assert done == ["servers stopped"]
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C works again afterwards

@@ -242,3 +242,20 @@ def test_a_directive_can_target_the_attention_or_the_feed_forward_layers_alone(
     assert set(config["target_modules"]) == expected
     weights = load_file(result.directory / ADAPTER_WEIGHTS)
     assert {name.split(".")[-3] for name in weights} == expected  # ...<layer>.lora_A.weight
+
+
+def test_unscaled_trainings_of_gone_processes_are_cleared(tmp_path) -> None:
+    """The ladder's unscaled trainings live in memory: what a process that is gone left on disk
+    (a restart, a container whose scratch volume outlived it) is removed; another trainer's stays."""
+    import os
+    import subprocess
+    import sys
+
+    from services.trainer.lora_training import clear_unscaled
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folders = [str(os.getpid()), gone.stdout.strip(), str(os.getppid()), "0f26e3a0781953a9b0ee398075bf3c67"]
+    for name in folders:
+        (tmp_path / name / "adapter").mkdir(parents=True)
+    clear_unscaled(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getppid())]

@@ -53,3 +53,18 @@ async def test_it_gives_up_after_its_attempts_with_the_last_error() -> None:
     with pytest.raises(nats.errors.TimeoutError):
         await watcher_over(js).submit(feedback(), attempts=3)
     assert len(js.calls) == 3
+
+
+async def test_waiting_looks_again_without_events() -> None:
+    """A wait also ends on what no event announces (the demo's check that its services still
+    run): ``done`` is asked every ``poll_s`` seconds, not only after an event."""
+    import time
+
+    from seal.watch import PlatformWatcher
+    from shared.settings import NatsSettings
+
+    watcher = PlatformWatcher(NatsSettings())  # never connected: no event will come
+    ready_at = time.monotonic() + 0.2
+    started = time.monotonic()
+    await watcher.wait_until(lambda: time.monotonic() >= ready_at, timeout=10, poll_s=0.05)
+    assert time.monotonic() - started < 2

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import resource
 import shutil
@@ -119,6 +120,29 @@ class Anchoring:
     batch: int = REHEARSAL_BATCH
 
 
+def clear_unscaled(folder: Path) -> None:
+    """Remove the unscaled trainings that processes no longer running left in ``folder`` (one
+    folder per process id: the cache lives in memory, so a restarted trainer, or a container
+    whose scratch volume outlived it, would otherwise keep up to KEEP_TRAINED adapters each time).
+    This process's own id counts as gone: a container restarts under the same one."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and _running(int(entry.name)):
+            continue  # another trainer on this machine, sharing the work folder
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 class LoraTrainer:
     def __init__(
         self,
@@ -140,6 +164,8 @@ class LoraTrainer:
         self.stopping = threading.Event()
         # training key -> (unscaled PEFT directory, what its training gave), oldest first
         self._trained: OrderedDict[str, tuple[Path, TrainedAdapter]] = OrderedDict()
+        self._unscaled = self.work_dir / "unscaled" / str(os.getpid())
+        clear_unscaled(self.work_dir / "unscaled")
 
     def stop(self) -> None:
         """Make a training that runs now, or starts later, end before its next step."""
@@ -217,7 +243,7 @@ class LoraTrainer:
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
     def _remember(self, key: str, result: TrainedAdapter) -> None:
-        keep = self.work_dir / "unscaled" / key[:32]
+        keep = self._unscaled / key[:32]
         if keep.exists():
             shutil.rmtree(keep)
         shutil.copytree(result.directory, keep)
