@@ -9,6 +9,7 @@ batch at its next token and raises :class:`~shared.shutdown.Interrupted`.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -17,6 +18,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from shared.models import LoadedModel
 from shared.shutdown import Interrupted
+
+log = logging.getLogger(__name__)
 
 
 def chat_prompt(lm: LoadedModel, user_text: str, system: str | None = None) -> str:
@@ -48,13 +51,19 @@ def generate(
     tokenizer = lm.tokenizer
     if seed is not None:
         torch.manual_seed(seed)
-    previous_side = tokenizer.padding_side
+    previous_side, previous_cut = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = "left"
+    # A prompt over the budget loses its beginning, not its end: the end holds the assistant's
+    # turn (and any prefill) that makes the model answer rather than continue the text.
+    tokenizer.truncation_side = "left"
     results: list[list[str]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             _check(stop, start, len(prompts))
             chunk = list(prompts[start : start + batch_size])
+            for prompt in chunk:
+                if (length := len(tokenizer(prompt, add_special_tokens=False)["input_ids"])) > max_prompt_tokens:
+                    log.warning("a prompt of %d tokens is cut to its last %d", length, max_prompt_tokens)
             batch = tokenizer(
                 chunk,
                 return_tensors="pt",
@@ -84,7 +93,7 @@ def generate(
                     [t.strip() for t in texts[i * num_return_sequences : (i + 1) * num_return_sequences]]
                 )
     finally:
-        tokenizer.padding_side = previous_side
+        tokenizer.padding_side, tokenizer.truncation_side = previous_side, previous_cut
     return results
 
 

@@ -52,7 +52,7 @@ def feedback_id_of(body: Any) -> str | None:
     """The ``feedback_id`` a raw event body (JSON) names, or None."""
     try:
         value = json.loads(body).get("feedback_id")
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # RecursionError: JSON nested thousands deep
         return None
     return value if isinstance(value, str) and value else None
 

@@ -374,3 +374,12 @@ async def test_a_consumer_that_cannot_be_reconciled_does_not_stop_the_service(ca
     _BROKER_SPECS[broker] = [ConsumerSpec("test-unreachable", FEEDBACK_SUBMITTED)]
     assert await reconcile_consumers(broker) == []
     assert "could not bring the durable consumers" in caplog.text
+
+
+def test_a_body_nested_too_deep_names_no_feedback() -> None:
+    """The trace middleware reads a body's feedback id before anything validates it: JSON nested
+    past Python's recursion limit is no feedback id, not a crash outside the dead-letter path."""
+    from shared.telemetry import feedback_id_of
+
+    assert feedback_id_of(b"[" * 3000) is None
+    assert feedback_id_of(b'{"feedback_id": "fb-1"}') == "fb-1"

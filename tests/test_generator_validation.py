@@ -366,6 +366,7 @@ def raw(**overrides: object) -> bytes:
         (raw(scope="../etc"), "scope", False),
         (b"not json at all", "payload is not a JSON object", False),
         (b"[1, 2, 3]", "payload is not a JSON object", False),
+        (b"[" * 3000, "payload is not a JSON object", False),  # nested past Python's recursion limit
     ],
 )
 def test_malformed_feedback_gets_a_readable_reason(payload: bytes, expected: str, answerable: bool) -> None:
@@ -381,3 +382,30 @@ def test_malformed_feedback_gets_a_readable_reason(payload: bytes, expected: str
         with pytest.raises(MalformedFeedback) as again:
             parse_feedback(payload)
         assert again.value.rejection.event_id == rejection.event_id  # a redelivery repeats the same id
+
+
+
+def test_a_passage_with_a_page_long_span_gets_probes_of_closed_book_size() -> None:
+    """A number written out over a page is a span no probe can have as its answer (Probe refuses
+    answers over 2,000 characters, and failed the whole feedback as an invalid payload)."""
+    from services.generator.probes import MAX_ANSWER_CHARS, self_generated_probes
+
+    huge = ",".join(["000"] * 700)  # 2,799 characters
+    passage = f"Quellmoor received its charter in 1387. The vault of Quellmoor holds 1,{huge} coins."
+    probes = self_generated_probes(passage, "Quellmoor")
+    assert probes and all(len(p.answer) <= MAX_ANSWER_CHARS for p in probes)
+    assert any(p.answer == "1387" for p in probes)
+
+
+def test_a_long_passage_is_shown_to_the_writer_up_to_a_sentence_end() -> None:
+    from services.generator.prompts import MAX_PROMPT_PASSAGE_CHARS, knowledge_prompt
+    from shared.events import KnowledgeFeedback
+
+    sentence = "The harbour of Quellmoor was dredged in 1402 by the guild of pilots. "
+    long = KnowledgeFeedback(passage=sentence * 200)  # 13,800 characters
+    prompt = knowledge_prompt("implications", long, propose_directives=True)
+    shown = prompt.text.split("Passage:\n", 1)[1]
+    assert len(shown) < MAX_PROMPT_PASSAGE_CHARS + 400  # the passage's part, then the directives request
+    assert "pilots.\n\nFinally" in shown  # cut after a whole sentence; the request that follows is kept
+    short = KnowledgeFeedback(passage=sentence * 3)
+    assert sentence.strip() in knowledge_prompt("implications", short, propose_directives=False).text

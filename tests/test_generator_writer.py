@@ -151,3 +151,27 @@ async def test_a_scope_with_a_policy_adapter_writes_with_it(service_settings, ad
     generated = [e for e in events if e["type"] == "selfedit.generated"]
     assert generated and {e["generator_adapter"] for e in generated} == {adapter_id}
 
+
+
+def test_a_prompt_over_the_budget_loses_its_beginning_not_its_end(tiny_model: LoadedModel, monkeypatch, caplog) -> None:
+    """The end of a prompt is the assistant's turn: cut there, the model would go on with the
+    passage instead of answering."""
+    import logging
+
+    from shared.generation import generate
+
+    seen: dict[str, list[int]] = {}
+    original = tiny_model.model.generate
+
+    def spy(**kwargs: object) -> object:
+        seen["ids"] = kwargs["input_ids"][0].tolist()  # type: ignore[index]
+        return original(**kwargs)
+
+    monkeypatch.setattr(tiny_model.model, "generate", spy)
+    prompt = " ".join(f"fact {i}." for i in range(100)) + " Answer now:"
+    side = tiny_model.tokenizer.truncation_side
+    with caplog.at_level(logging.WARNING, logger="shared.generation"):
+        generate(tiny_model, [prompt], max_new_tokens=1, temperature=0, max_prompt_tokens=16)
+    assert seen["ids"] == tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"][-16:]
+    assert "cut to its last 16" in caplog.text
+    assert tiny_model.tokenizer.truncation_side == side

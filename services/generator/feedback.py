@@ -61,7 +61,7 @@ def _as_object(payload: bytes | str | dict[str, Any]) -> dict[str, Any] | None:
         return payload
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
         return None
     return body if isinstance(body, dict) else None
 

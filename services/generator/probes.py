@@ -76,6 +76,12 @@ TRAILING_CLAUSE = re.compile(
 )
 KIND_SCORE = {"year": 3.0, "number": 3.0, "person": 3.0, "role": 2.5, "name": 1.5}
 
+# A self-generated probe's answer is a span of the passage: one longer than this (a number
+# written out over a page, a run of capitalised words) is no closed-book answer, and Probe
+# itself refuses answers over 2,000 characters and more than 20 aliases.
+MAX_ANSWER_CHARS = 200
+MAX_ALIASES = 20
+
 
 def self_generated_probes(passage: str, title: str | None, limit: int = 5) -> tuple[Probe, ...]:
     """Up to ``limit`` grounded closed-book probes from ``passage``: one per sentence first, then,
@@ -297,9 +303,11 @@ def _probe(sentence: str, blank: Blank, subject: str, common: set[str]) -> Probe
         elif not mentions(text, subject):
             text = f"About {subject}: {text[0].lower() + text[1:] if _lower_ok(text, common) else text}"
     question = text + "?"
-    if blank.answer.lower() in question.lower() or len(question) > 400:
-        return None
-    aliases = tuple(a for a in dict.fromkeys(blank.aliases) if a.lower() != blank.answer.lower())
+    if blank.answer.lower() in question.lower() or len(question) > 400 or len(blank.answer) > MAX_ANSWER_CHARS:
+        return None  # a closed-book answer is a name, a number, a short phrase: not a paragraph
+    aliases = tuple(
+        a for a in dict.fromkeys(blank.aliases) if a.lower() != blank.answer.lower() and len(a) <= MAX_ANSWER_CHARS
+    )[:MAX_ALIASES]
     return Probe(question=question, answer=blank.answer, aliases=aliases, source="self_generated")
 
 

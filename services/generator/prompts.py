@@ -67,12 +67,27 @@ DIRECTIVES_REQUEST = (
 )
 
 
+# The most of a passage a writing prompt shows: with the template it stays inside the writer's
+# prompt budget (``max_prompt_tokens``, 1536) for English text. A longer passage's self-edit is
+# written from its beginning (cut at a sentence end); the trainer still trains on all of it.
+MAX_PROMPT_PASSAGE_CHARS = 4000
+
+
 def passage_block(title: str | None, passage: str) -> str:
     return f"{title}\n{passage}" if title else passage
 
 
+def prompt_passage(passage: str, limit: int = MAX_PROMPT_PASSAGE_CHARS) -> str:
+    """``passage``, or as many of its first sentences as fit in ``limit`` characters."""
+    if len(passage) <= limit:
+        return passage
+    head = passage[:limit]
+    end = max(head.rfind(". "), head.rfind(".\n"), head.rfind("? "), head.rfind("! "))
+    return head[: end + 1] if end > limit // 2 else head
+
+
 def knowledge_prompt(fmt: KnowledgeFormat, content: KnowledgeFeedback, propose_directives: bool) -> Prompt:
-    text = KNOWLEDGE_TEMPLATES[fmt].format(passage=passage_block(content.title, content.passage))
+    text = KNOWLEDGE_TEMPLATES[fmt].format(passage=passage_block(content.title, prompt_passage(content.passage)))
     return Prompt(text + (DIRECTIVES_REQUEST if propose_directives else ""), KNOWLEDGE_PREFILL[fmt])
 
 
