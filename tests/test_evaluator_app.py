@@ -83,7 +83,7 @@ async def test_subscriber_turns_adapter_trained_into_adapter_evaluated(
     assert isinstance(first, ev.AdapterEvaluated) and first.causation_id == sent.event_id
     assert first.candidate_scores.target_product == 0.0 and first.candidate_scores.core == 0.0
     assert isinstance(second, ev.AdapterEvaluationFailed) and "non-finite" in second.reason
-    assert ports.evaluated == ["good"]
+    assert list(ports.evaluated) == ["good"]
 
 
 @pytest.mark.servers

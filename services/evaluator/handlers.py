@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,8 @@ class EvaluatorPorts:
     product_weight: float = 2.0
     # The most an adapter's files may hold (the base model's own weights: None, no limit).
     max_adapter_bytes: int | None = None
-    evaluated: list[str] = field(default_factory=list)  # adapter ids, newest last (for /readyz and tests)
+    # The latest adapter ids, newest last (for /readyz and tests); bounded, as the service runs for months.
+    evaluated: deque[str] = field(default_factory=lambda: deque(maxlen=100))
 
 
 def earlier_probes(event: AdapterTrained, accepted: AcceptedProbes) -> dict[str, tuple[str, Probe]]:

@@ -131,4 +131,6 @@ async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, c
     plans = plan_candidates(feedback, policy, seed)
     adapter = await ports.scope_state.policy_adapter(feedback.scope)
     written = await asyncio.to_thread(ports.writer.write, [p.prompt for p in plans], seed=seed, adapter=adapter)
-    return candidate_events(feedback, policy, plans, written.completions, config, written.adapter_id)
+    # Parsing and the probes' rule-written questions are pure Python, seconds on a long passage:
+    # off the event loop, which keeps the in-progress beats and the health checks answering.
+    return await asyncio.to_thread(candidate_events, feedback, policy, plans, written.completions, config, written.adapter_id)
