@@ -136,3 +136,31 @@ def test_probe_set_digest_depends_on_content_and_settings() -> None:
     assert probe_set_digest(a) == probe_set_digest(b)
     assert probe_set_digest(a) != probe_set_digest(a, max_new_tokens=8)
     assert probe_set_digest(a) != probe_set_digest([Probe(question="Q?", answer="B")])
+
+
+def test_a_measurement_the_judge_did_not_answer_for_is_not_remembered(monkeypatch) -> None:
+    """Graded by the rules alone while the judge was down: remembered, it would be compared later
+    with measurements the judge helped (a parent measured in an outage, its candidates after)."""
+    from contextlib import contextmanager
+
+    from services.evaluator import measurement
+    from services.evaluator.measurement import Measurer, ScoreCache
+    from shared.events import Probe
+
+    class Slot:
+        @contextmanager
+        def serving(self, directory: object):
+            yield None
+
+    monkeypatch.setattr(measurement, "closed_book_answers", lambda lm, questions, **kw: ["the big one"] * len(questions))
+    probes = [Probe(question="Longest river in Africa?", answer="Nile")]
+    verdicts: list[bool | None] = [None, True]
+
+    def judge(question: str, prediction: str, references: object) -> bool | None:
+        return verdicts.pop(0)
+
+    measurer = Measurer(Slot(), ScoreCache(), max_new_tokens=8, batch_size=4, judge=judge, judge_identity="grader")  # type: ignore[arg-type]
+    down = measurer.measure("base", lambda: None, {"target": probes})
+    assert down["target"].correct == 0 and len(measurer.cache) == 0
+    back = measurer.measure("base", lambda: None, {"target": probes})  # asked again, not read from the cache
+    assert back["target"].correct == 1 and len(measurer.cache) == 1

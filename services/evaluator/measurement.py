@@ -133,11 +133,31 @@ class Measurer:
         log.info("measured %s on %d questions (%s)", model_key, len(set(questions)), ", ".join(missing))
         offset = 0
         for name, (probes, digest) in missing.items():
-            result = grade_answers(probes, answers[offset : offset + len(probes)], self.judge)
+            unanswered: list[str] = []
+            result = grade_answers(probes, answers[offset : offset + len(probes)], self._asking(unanswered))
             offset += len(probes)
-            self.cache.put(model_key, digest, result)
+            if unanswered:
+                # Graded by the rules alone where the judge did not answer (down, or paused): a
+                # later measurement, with the judge back, must not be compared with this one.
+                log.info("%s's %s not cached: the judge gave no verdict on %d answers", model_key, name, len(unanswered))
+            else:
+                self.cache.put(model_key, digest, result)
             results[name] = result
         return results
+
+    def _asking(self, unanswered: list[str]) -> Judge | None:
+        """The judge, noting in ``unanswered`` each question it gave no verdict on."""
+        judge = self.judge
+        if judge is None:
+            return None
+
+        def asking(question: str, prediction: str, references: Sequence[str]) -> bool | None:
+            verdict = judge(question, prediction, references)
+            if verdict is None:
+                unanswered.append(question)
+            return verdict
+
+        return asking
 
     def remember(self, model_key: str, probes: Sequence[Probe], result: ClosedBookResult) -> None:
         """Seed the cache with a result measured elsewhere (e.g. while filtering the core set)."""
