@@ -175,3 +175,16 @@ def test_a_prompt_over_the_budget_loses_its_beginning_not_its_end(tiny_model: Lo
     assert seen["ids"] == tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"][-16:]
     assert "cut to its last 16" in caplog.text
     assert tiny_model.tokenizer.truncation_side == side
+
+
+def test_a_writer_removes_the_adapter_folder_it_made(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    import gc
+
+    own = SelfEditWriter(tiny_model, GeneratorConfig(max_new_tokens=8))
+    made = own.cache_dir
+    given = SelfEditWriter(tiny_model, GeneratorConfig(max_new_tokens=8), cache_dir=tmp_path / "kept")
+    given.cache_dir.mkdir()
+    assert made.is_dir()
+    del own, given
+    gc.collect()
+    assert not made.exists() and (tmp_path / "kept").is_dir()

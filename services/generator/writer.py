@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ class SelfEditWriter:
         self.config = config
         self.fetch_adapter = fetch_adapter
         self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="seal-generator-adapters-"))
+        if cache_dir is None:  # a folder of its own: removed with the writer, at the latest when the process exits
+            weakref.finalize(self, shutil.rmtree, self.cache_dir, True)
         self._loaded: OrderedDict[str, Path] = OrderedDict()
         self._lock = threading.Lock()
         # Set by stop(): writing in progress ends at its next token (shared.shutdown.Interrupted).
