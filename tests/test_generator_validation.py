@@ -409,3 +409,24 @@ def test_a_long_passage_is_shown_to_the_writer_up_to_a_sentence_end() -> None:
     assert "pilots.\n\nFinally" in shown  # cut after a whole sentence; the request that follows is kept
     short = KnowledgeFeedback(passage=sentence * 3)
     assert sentence.strip() in knowledge_prompt("implications", short, propose_directives=False).text
+
+
+def test_a_passage_is_cut_into_pieces_the_training_takes_whole() -> None:
+    """A piece longer than the training's sequence length (256 tokens by default) is cut by the
+    trainer, and its end is never trained: the generator cuts passages to fit it."""
+    from services.generator.candidates import feedback_sequences, passage_chunk_chars
+    from services.generator.settings import GeneratorConfig
+    from services.generator.validation import Limits
+    from shared import events as ev
+    from shared.registry_view import ScopePolicy
+
+    config, policy = GeneratorConfig(), ScopePolicy()
+    chunk = passage_chunk_chars(config, policy)
+    assert chunk == int(policy.default_directives.max_seq_len * 3.75) < config.max_sequence_chars
+    sentence = "The harbour of Quellmoor was dredged in 1402 by the guild of pilots. "
+    feedback = ev.FeedbackSubmitted(feedback_id="fb", scope="acme", content=ev.KnowledgeFeedback(passage=sentence * 20))
+    pieces = feedback_sequences(feedback, Limits(passage_chars=chunk))
+    assert len(pieces) == 2 and all(len(p) <= chunk for p in pieces)
+    assert "".join(pieces).count("pilots.") == 20  # every sentence, once
+    roomy = policy.model_copy(update={"default_directives": policy.default_directives.model_copy(update={"max_seq_len": 2048})})
+    assert passage_chunk_chars(config, roomy) == config.max_sequence_chars

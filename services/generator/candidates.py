@@ -112,11 +112,24 @@ def probes_for(feedback: FeedbackSubmitted, config: GeneratorConfig) -> tuple[Pr
     )
 
 
+# Characters a token of English text takes, at least, with SmolLM2's tokenizer (3.96 on average
+# over the dev passages): a passage piece of max_seq_len * this many characters fits the training.
+PASSAGE_CHARS_PER_TOKEN = 3.75
+
+
+def passage_chunk_chars(config: GeneratorConfig, policy: ScopePolicy) -> int:
+    """The longest piece of a passage to train on: one that fits the scope's sequence length
+    (``max_seq_len`` tokens; a longer piece is cut by the trainer, and its end never trained),
+    within the generator's own limit."""
+    fits = int(policy.default_directives.max_seq_len * PASSAGE_CHARS_PER_TOKEN)
+    return max(64, min(config.max_sequence_chars, fits))
+
+
 def feedback_sequences(feedback: FeedbackSubmitted, limits: Limits) -> list[str]:
     """What the feedback itself contributes to every candidate (kept after the written pieces)."""
     content = feedback.content
     if isinstance(content, KnowledgeFeedback):
-        return passage_sequences(content.title, content.passage, limits.max_sequence_chars)
+        return passage_sequences(content.title, content.passage, limits.passage_chars or limits.max_sequence_chars)
     if isinstance(content, CorrectionFeedback):
         sequences = [
             f"Question: {content.question}\nAnswer: {content.right_answer}",
@@ -145,10 +158,12 @@ def grounded_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], con
     return [s for s in sequences if len(s) <= config.max_sequence_chars]
 
 
-def kept_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], config: GeneratorConfig) -> list[str]:
+def kept_sequences(
+    feedback: FeedbackSubmitted, probes: Sequence[Probe], config: GeneratorConfig, passage_chars: int | None = None
+) -> list[str]:
     """What every candidate trains on beside its own written pieces: the grounded pairs (leaving
     room for at least one written piece) and the feedback's own sequences."""
-    limits = Limits(config.max_sequences, config.max_sequence_chars, config.min_sequence_chars)
+    limits = Limits(config.max_sequences, config.max_sequence_chars, config.min_sequence_chars, passage_chars)
     own = feedback_sequences(feedback, limits)
     return grounded_sequences(feedback, probes, config)[: max(0, limits.max_sequences - len(own) - 1)] + own
 
@@ -167,7 +182,7 @@ def candidate_events(
     overlap = config.grounding_min_overlap * (0.5 if isinstance(content, PreferenceFeedback) else 1.0)
     grounding = Grounding.of(feedback_texts(content), overlap)
     probes = probes_for(feedback, config)
-    kept = kept_sequences(feedback, probes, config)
+    kept = kept_sequences(feedback, probes, config, passage_chunk_chars(config, policy))
     title = content.title if isinstance(content, KnowledgeFeedback) else None
     must_contain = content.right_answer if isinstance(content, CorrectionFeedback) else None
     accepted: dict[tuple[str, ...], list[int]] = {}  # training data -> candidates that train on it

@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 from opentelemetry import context, trace
 
-from services.generator.candidates import candidate_events, feedback_seed, feedback_sequences, plan_candidates
+from services.generator.candidates import (
+    candidate_events,
+    feedback_seed,
+    feedback_sequences,
+    passage_chunk_chars,
+    plan_candidates,
+)
 from services.generator.feedback import MalformedFeedback, parse_feedback
 from services.generator.prompts import Prompt
 from services.generator.screening import screen_feedback
@@ -119,10 +125,11 @@ async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, c
     """The events one feedback deserves: a rejection, or one event per candidate."""
     policy = await ports.scope_state.scope_policy(feedback.scope)
     problems = screen_feedback(feedback.content, policy.blocklist)
-    own = feedback_sequences(feedback, Limits(config.max_sequences, config.max_sequence_chars))
+    chunk = passage_chunk_chars(config, policy)
+    own = feedback_sequences(feedback, Limits(config.max_sequences, config.max_sequence_chars, passage_chars=chunk))
     if len(own) > config.max_sequences:
         problems.append(
-            f"is too long to train on: it needs {len(own)} sequences of at most {config.max_sequence_chars} "
+            f"is too long to train on: it needs {len(own)} sequences of at most {chunk} "
             f"characters, more than the limit of {config.max_sequences}"
         )
     if problems:

@@ -137,6 +137,9 @@ class Limits:
     max_sequences: int = 64
     max_sequence_chars: int = 1500
     min_sequence_chars: int = 12
+    # The longest piece a passage is cut into (None: max_sequence_chars), so that each piece fits
+    # the training's sequence length (candidates.passage_chunk_chars).
+    passage_chars: int | None = None
 
 
 @dataclass(frozen=True)
