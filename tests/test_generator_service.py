@@ -68,6 +68,13 @@ class MemoryLedger:
     async def record(self, scope: str, feedback_id: str, entry: LedgerEntry) -> None:
         self.entries[(scope, feedback_id)] = entry
 
+    async def claim(self, scope: str, feedback_id: str, event_id: str, stale_after_s: float) -> LedgerEntry | None:
+        entry = self.entries.get((scope, feedback_id))
+        if entry is None or (entry.status == "writing" and (entry.writer == event_id or entry.stale(stale_after_s))):
+            self.entries[(scope, feedback_id)] = LedgerEntry.writing(event_id)
+            return None
+        return LedgerEntry.decode(entry.encode())
+
 
 class ScriptedWriter:
     """Answers each prompt with a recorded completion for its format."""
@@ -151,6 +158,47 @@ async def test_a_redelivered_feedback_produces_nothing_new() -> None:
     assert again.duplicate and again.events == ()
     assert len(published) == len(first.events) == 9  # 3 candidates of different data x 3 strengths
     assert len(ports.writer.calls) == 1  # type: ignore[attr-defined]
+
+
+async def test_two_deliveries_of_one_feedback_on_two_replicas_are_written_once() -> None:
+    """A product published its feedback again under a new event id, and another replica took it
+    while the first was still writing: it waits for the first, then publishes nothing of its own."""
+    import threading
+
+    release, started = threading.Event(), []
+
+    class SlowWriter(ScriptedWriter):
+        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
+            started.append(seed)
+            release.wait(10)
+            return super().write(prompts, seed=seed, adapter=adapter)
+
+    ports, published = make_ports(writer=SlowWriter())
+    config = GeneratorConfig(claim_poll_s=0.01)
+    feedback = knowledge()
+    retried = feedback.model_copy(update={"event_id": ev.new_id()})
+    first = asyncio.create_task(handle_feedback(payload(feedback), ports, config))
+    await asyncio.sleep(0.2)
+    second = asyncio.create_task(handle_feedback(payload(retried), ports, config))
+    await asyncio.sleep(0.2)
+    assert len(started) == 1 and not second.done()  # waiting, not writing
+    release.set()
+    wrote, waited = await asyncio.gather(first, second)
+    assert len(started) == 1 and not wrote.duplicate and waited.duplicate
+    assert len(published) == len(wrote.events) == 9
+
+
+async def test_a_claim_whose_writer_died_is_taken_over() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from services.generator.state import LedgerEntry
+
+    ports, published = make_ports()
+    feedback = knowledge()
+    dead = LedgerEntry("writing", writer="evt-of-a-dead-replica", at=datetime.now(UTC) - timedelta(hours=1))
+    ports.ledger.entries[(feedback.scope, feedback.feedback_id)] = dead  # type: ignore[attr-defined]
+    outcome = await handle_feedback(payload(feedback), ports, GeneratorConfig(claim_stale_s=600))
+    assert not outcome.duplicate and len(published) == 9
 
 
 async def test_a_crash_after_recording_republishes_the_same_events_without_sampling() -> None:
@@ -343,9 +391,19 @@ async def test_generator_on_real_nats_with_the_tiny_model(service_settings, tmp_
         await wait_for(arrived, later.feedback_id, 1)
         await wait_for(arrived, later.feedback_id, candidate_count(seen[later.feedback_id][0]) - 1)
         entry = await KvLedger(js).recall(first.scope, first.feedback_id)
+        # Claims over the real bucket: the first claimant writes, another waits, its own redelivery
+        # goes on, a finished one is reported as such.
+        ledger, scope, fresh = KvLedger(js), "acme", ev.new_id()
+        assert await ledger.claim(scope, fresh, "evt-a", 600) is None
+        held = await ledger.claim(scope, fresh, "evt-b", 600)
+        assert held is not None and (held.status, held.writer) == ("writing", "evt-a")
+        assert await ledger.claim(scope, fresh, "evt-a", 600) is None
+        assert await ledger.claim(scope, fresh, "evt-b", 0) is None  # stale at once: taken over
+        finished = await ledger.claim(scope, first.feedback_id, "evt-c", 600)
     finally:
         await app.stop()
         await nc.close()
+    assert finished is not None and finished.status == "done"
     assert 3 <= count <= 9
     assert len(seen[first.feedback_id]) == count  # one per candidate, nothing from the redelivery
     assert sorted(e["candidate_index"] if "candidate_index" in e else e["self_edit"]["candidate_index"]

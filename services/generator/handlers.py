@@ -42,6 +42,7 @@ from services.generator.writer import Written
 from shared.dead_letters import PermanentFailure
 from shared.events import Event, FeedbackRejected, FeedbackSubmitted, SelfEditGenerated, SelfEditRejected
 from shared.registry_view import PolicyAdapterRef, ScopePolicy
+from shared.shutdown import Interrupted
 from shared.telemetry import mark_lineage
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Ledger(Protocol):
     async def recall(self, scope: str, feedback_id: str) -> LedgerEntry | None: ...
 
     async def record(self, scope: str, feedback_id: str, entry: LedgerEntry) -> None: ...
+
+    async def claim(self, scope: str, feedback_id: str, event_id: str, stale_after_s: float) -> LedgerEntry | None: ...
 
 
 class Writer(Protocol):
@@ -102,6 +105,8 @@ async def handle_feedback(payload: bytes | str | dict[str, Any], ports: Generato
 
 async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> Outcome:
     entry = await ports.ledger.recall(feedback.scope, feedback.feedback_id)
+    if entry is None or entry.status == "writing":
+        entry = await _claim(feedback, ports, config)
     if entry is not None and entry.status == "done":
         log.info("feedback %s was already handled (%d events); nothing to do", feedback.feedback_id, len(entry.event_ids))
         return Outcome(feedback.feedback_id, (), duplicate=True)
@@ -119,6 +124,24 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
     span.set_attribute("seal.generator.generated", outcome.generated)
     span.set_attribute("seal.generator.rejected", outcome.rejected)
     return outcome
+
+
+async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> LedgerEntry | None:
+    """Wait while another delivery of this feedback writes it (a product that published it again,
+    under a new event id, taken by another replica): two writings would be two sets of candidates
+    under different ids. None: this delivery writes; else what the other one wrote."""
+    waited = False
+    while True:
+        standing = await ports.ledger.claim(feedback.scope, feedback.feedback_id, feedback.event_id, config.claim_stale_s)
+        if standing is None or standing.status != "writing":
+            return standing
+        if not waited:
+            log.info("feedback %s is being written for its delivery %s; waiting for it", feedback.feedback_id, standing.writer)
+            waited = True
+        stopping = getattr(ports.writer, "stopping", None)
+        if stopping is not None and stopping.is_set():
+            raise Interrupted(f"stopped while waiting for feedback {feedback.feedback_id} to be written by another delivery")
+        await asyncio.sleep(config.claim_poll_s)
 
 
 async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> list[Event]:

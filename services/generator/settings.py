@@ -36,6 +36,11 @@ class GeneratorConfig(BaseModel):
     # "instead" of it. Off until an 8-update forgetting run shows it: "also" kept all of the first
     # passage and every core question over 2 updates on a CPU (bench/RESULTS.md, "Forgetting").
     question_first: AskFirst = "off"
+    # Two deliveries of one feedback (a product's retried publish, a new event id) on two replicas:
+    # the first claims the writing, the second waits for it, polling this often; a claim older
+    # than claim_stale_s (its writer died) is taken over.
+    claim_poll_s: float = Field(default=5.0, gt=0.0, le=300.0)
+    claim_stale_s: float = Field(default=900.0, gt=0.0)
     # Policy adapters downloaded from the object store; None: a temporary directory.
     adapter_cache_dir: Path | None = None
     max_loaded_adapters: int = Field(default=4, ge=1, le=64)

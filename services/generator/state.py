@@ -3,7 +3,10 @@
 * :class:`KvScopeState`: the scope's policy (k, format, blocklist, default
   directives) and its policy adapter, as the registry wrote them.
 * :class:`KvLedger`: which feedback this service has handled, in the
-  ``seal_processed`` bucket under ``generator.<feedback id>``. Before
+  ``seal_processed`` bucket under ``generator.<feedback id>``. Before writing,
+  a delivery claims the feedback (*writing*, compare-and-set), so that a
+  second delivery under another event id, on another replica, waits for it
+  rather than writing a second set of candidates. Before
   publishing, the events are recorded as *pending*; after, the record
   becomes *done*. A redelivery of a done feedback produces nothing; one that
   finds a pending record republishes the recorded events (same ids, so the
@@ -23,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from shared.events import Event, parse_event
 from shared.registry_view import PolicyAdapterRef, ScopePolicy, read_policy_adapter, read_scope_policy
@@ -51,9 +54,18 @@ class KvScopeState:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    status: Literal["pending", "done"]
+    """*writing*: claimed by the delivery of ``writer`` (an event id) at ``at``; *pending*: written,
+    its events maybe not all published; *done*: published."""
+
+    status: Literal["writing", "pending", "done"]
     event_ids: tuple[str, ...] = ()
     events: tuple[Event, ...] = field(default=(), compare=False)
+    writer: str | None = None
+    at: datetime | None = field(default=None, compare=False)
+
+    @classmethod
+    def writing(cls, event_id: str) -> "LedgerEntry":
+        return cls("writing", writer=event_id, at=datetime.now(UTC))
 
     @classmethod
     def pending(cls, events: list[Event] | tuple[Event, ...]) -> "LedgerEntry":
@@ -68,6 +80,7 @@ class LedgerEntry:
             "status": self.status,
             "event_ids": list(self.event_ids),
             "events": [e.model_dump(mode="json") for e in self.events],
+            "writer": self.writer,
             "at": datetime.now(UTC).isoformat(),
         }
         packed = zlib.compress(json.dumps(body).encode())
@@ -80,7 +93,12 @@ class LedgerEntry:
     def decode(cls, raw: bytes) -> "LedgerEntry":
         body = json.loads(zlib.decompress(raw))
         events = tuple(parse_event(e) for e in body.get("events", []))
-        return cls(body["status"], tuple(body.get("event_ids", [])), events)
+        at = datetime.fromisoformat(body["at"]) if body.get("at") else None
+        return cls(body["status"], tuple(body.get("event_ids", [])), events, body.get("writer"), at)
+
+    def stale(self, after_s: float) -> bool:
+        """A claim older than ``after_s`` seconds: its writer is taken to have died."""
+        return self.at is None or (datetime.now(UTC) - self.at).total_seconds() > after_s
 
 
 def ledger_key(scope: str, feedback_id: str) -> str:
@@ -110,3 +128,27 @@ class KvLedger:
     async def record(self, scope: str, feedback_id: str, entry: LedgerEntry) -> None:
         kv = await self.js.key_value(self.bucket)
         await kv.put(ledger_key(scope, feedback_id), entry.encode())
+
+    async def claim(self, scope: str, feedback_id: str, event_id: str, stale_after_s: float) -> LedgerEntry | None:
+        """Claim the writing for the delivery of ``event_id``: None when it is this delivery's to
+        write (no entry, its own earlier claim, or a stale one); else the entry in the way (another
+        delivery's claim, or what it wrote). Compare-and-set: of two claimants, one wins."""
+        kv = await self.js.key_value(self.bucket)
+        key, claim = ledger_key(scope, feedback_id), LedgerEntry.writing(event_id).encode()
+        try:
+            await kv.create(key, claim)
+            return None
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            current = await kv.get(key)
+        except KeyNotFoundError:  # gone again (the bucket's TTL): whoever creates it next wins
+            return await self.claim(scope, feedback_id, event_id, stale_after_s)
+        entry = LedgerEntry.decode(current.value)
+        if entry.status != "writing" or (entry.writer != event_id and not entry.stale(stale_after_s)):
+            return entry
+        try:
+            await kv.update(key, claim, last=current.revision)
+            return None
+        except KeyWrongLastSequenceError:  # another claimant took it first
+            return await self.recall(scope, feedback_id) or entry
