@@ -75,6 +75,11 @@ class MemoryLedger:
             return None
         return LedgerEntry.decode(entry.encode())
 
+    async def release(self, scope: str, feedback_id: str, event_id: str) -> None:
+        entry = self.entries.get((scope, feedback_id))
+        if entry is not None and entry.status == "writing" and entry.writer == event_id:
+            del self.entries[(scope, feedback_id)]
+
 
 class ScriptedWriter:
     """Answers each prompt with a recorded completion for its format."""
@@ -186,6 +191,25 @@ async def test_two_deliveries_of_one_feedback_on_two_replicas_are_written_once()
     wrote, waited = await asyncio.gather(first, second)
     assert len(started) == 1 and not wrote.duplicate and waited.duplicate
     assert len(published) == len(wrote.events) == 9
+
+
+async def test_a_delivery_whose_writing_failed_lets_a_waiting_one_go_on_at_once() -> None:
+    class FailingOnce(ScriptedWriter):
+        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
+            if not self.calls:
+                self.calls.append(([], -1))
+                raise ConnectionError("object store unreachable")
+            return super().write(prompts, seed=seed, adapter=adapter)
+
+    ports, published = make_ports(writer=FailingOnce())
+    feedback = knowledge()
+    config = GeneratorConfig(claim_poll_s=30, claim_stale_s=600)  # a wait would outlast the test
+    with pytest.raises(ConnectionError):
+        await handle_feedback(payload(feedback), ports, config)
+    assert await ports.ledger.recall(feedback.scope, feedback.feedback_id) is None  # the claim is given up
+    retried = feedback.model_copy(update={"event_id": ev.new_id()})
+    outcome = await asyncio.wait_for(handle_feedback(payload(retried), ports, config), 10)
+    assert not outcome.duplicate and len(published) == 9
 
 
 async def test_a_claim_whose_writer_died_is_taken_over() -> None:
@@ -399,6 +423,10 @@ async def test_generator_on_real_nats_with_the_tiny_model(service_settings, tmp_
         assert held is not None and (held.status, held.writer) == ("writing", "evt-a")
         assert await ledger.claim(scope, fresh, "evt-a", 600) is None
         assert await ledger.claim(scope, fresh, "evt-b", 0) is None  # stale at once: taken over
+        await ledger.release(scope, fresh, "evt-a")  # no longer evt-a's: left alone
+        assert (await ledger.recall(scope, fresh)).writer == "evt-b"  # type: ignore[union-attr]
+        await ledger.release(scope, fresh, "evt-b")
+        assert await ledger.recall(scope, fresh) is None
         finished = await ledger.claim(scope, first.feedback_id, "evt-c", 600)
     finally:
         await app.stop()

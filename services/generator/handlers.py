@@ -18,6 +18,7 @@ produces nothing new (see :mod:`.state`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class Ledger(Protocol):
     async def record(self, scope: str, feedback_id: str, entry: LedgerEntry) -> None: ...
 
     async def claim(self, scope: str, feedback_id: str, event_id: str, stale_after_s: float) -> LedgerEntry | None: ...
+
+    async def release(self, scope: str, feedback_id: str, event_id: str) -> None: ...
 
 
 class Writer(Protocol):
@@ -114,7 +117,14 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
         log.info("feedback %s was handled but maybe not published; republishing its events", feedback.feedback_id)
         events = list(entry.events)
     else:
-        events = await write_self_edits(feedback, ports, config)
+        try:
+            events = await write_self_edits(feedback, ports, config)
+        except BaseException:
+            # Handed back (a transient failure, a shutdown): another delivery waiting for this one
+            # must not wait until the claim goes stale; on one replica it would hold the only slot.
+            with contextlib.suppress(Exception):
+                await ports.ledger.release(feedback.scope, feedback.feedback_id, feedback.event_id)
+            raise
         await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.pending(events))
     for event in events:
         await ports.publish(event)

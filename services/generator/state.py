@@ -152,3 +152,16 @@ class KvLedger:
             return None
         except KeyWrongLastSequenceError:  # another claimant took it first
             return await self.recall(scope, feedback_id) or entry
+
+    async def release(self, scope: str, feedback_id: str, event_id: str) -> None:
+        """Give up this delivery's claim (its writing failed): a delivery waiting for it goes on at
+        once, instead of when the claim goes stale. Nothing if the claim is no longer its own."""
+        kv = await self.js.key_value(self.bucket)
+        key = ledger_key(scope, feedback_id)
+        try:
+            current = await kv.get(key)
+            entry = LedgerEntry.decode(current.value)
+            if entry.status == "writing" and entry.writer == event_id:
+                await kv.delete(key, last=current.revision)
+        except (KeyNotFoundError, KeyWrongLastSequenceError):
+            pass
