@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from platform_driver import (  # noqa: E402
     RESULTS,
     add_service_env_option,
     answers_with,
+    downloaded,
     machine_label,
     model_settings_of,
     running_platform,
@@ -197,11 +197,8 @@ def main() -> None:
 
         def score_row(i: int, active: object) -> None:
             """The active version's answers on every passage so far, and on the core set."""
-            directory = None
-            if active is not None:
-                directory = Path(tempfile.mkdtemp(prefix="seal-forget-")) / "adapter"
-                store.get_adapter(active.adapter, directory)  # type: ignore[attr-defined]
-            *passages, core_result = answers_with(lm, host, directory, [*(it.questions for it in items[: i + 1]), core])
+            with downloaded(store, active.adapter if active is not None else None) as directory:  # type: ignore[attr-defined]
+                *passages, core_result = answers_with(lm, host, directory, [*(it.questions for it in items[: i + 1]), core])
             row = [result.correct for result in passages]
             core_right = core_result.correct
             right.append([[graded.correct for graded in result.items] for result in passages])

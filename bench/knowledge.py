@@ -49,6 +49,7 @@ from platform_driver import (  # noqa: E402
     RESULTS,
     add_service_env_option,
     answers_with,
+    downloaded,
     machine_label,
     model_settings_of,
     running_platform,
@@ -138,19 +139,15 @@ def run_platform_condition(
         def score(item: DemoItem, active: object, seconds: float, stage: str, best: object) -> None:
             """Score one passage's outcome as soon as it is decided (the services are idle then)."""
             if best is not None:  # what the update taught, whether or not the gates let it through
-                folder = Path(tempfile.mkdtemp(prefix="seal-bench-candidate-")) / "adapter"
-                store.get_adapter(best.adapter, folder)  # type: ignore[attr-defined]
-                right, core_right = score_adapter(lm, host, folder, item, core)
+                with downloaded(store, best.adapter) as folder:  # type: ignore[attr-defined]
+                    right, core_right = score_adapter(lm, host, folder, item, core)
                 gated.correct += right
                 gated.core_correct.append(core_right)
                 gated.per_passage[item.id] = right
                 gated.notes.append(f"{item.id}: reward {best.reward:+.3f}, passed={best.passed}")  # type: ignore[attr-defined]
             gated.total += len(item.questions)
-            directory = None
-            if active is not None:
-                directory = Path(tempfile.mkdtemp(prefix="seal-bench-adapter-")) / "adapter"
-                store.get_adapter(active.adapter, directory)  # type: ignore[attr-defined]
-            right, core_right = score_adapter(lm, host, directory, item, core)
+            with downloaded(store, active.adapter if active is not None else None) as directory:  # type: ignore[attr-defined]
+                right, core_right = score_adapter(lm, host, directory, item, core)
             cond.correct += right
             cond.total += len(item.questions)
             cond.core_correct.append(core_right)

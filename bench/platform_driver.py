@@ -65,6 +65,19 @@ def answers_with(
         host.remove("bench")
 
 
+@contextmanager
+def downloaded(store: Any, ref: Any) -> Iterator[Path | None]:
+    """A stored adapter (``ref``, a ManifestRef; None: none) in a temporary folder, checked on
+    download and removed afterwards: a run of 8 updates kept 8 copies of tens of MB each."""
+    if ref is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="seal-bench-adapter-") as folder:
+        directory = Path(folder) / "adapter"
+        store.get_adapter(ref, directory)
+        yield directory
+
+
 @dataclass
 class Platform:
     """The embedded stack with the four services running on it."""

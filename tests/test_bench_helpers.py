@@ -68,3 +68,16 @@ def test_probe_coverage_counts_answers_and_aliases(shared_data) -> None:
     assert 0 < few["covered"] < many["covered"] <= many["questions"]
     nothing = probes.coverage([{"passage": "no facts here at all, none.", "questions": [{"answer": "x"}]}], 5)
     assert nothing == {"limit": 5, "probes": 0, "per_passage": 0.0, "covered": 0, "questions": 1}
+
+
+def test_a_downloaded_adapter_is_removed_after_scoring() -> None:
+    class Store:
+        def get_adapter(self, ref: object, directory: Path) -> None:
+            directory.mkdir(parents=True)
+            (directory / "adapter_model.safetensors").write_bytes(b"weights")
+
+    with platform_driver.downloaded(Store(), "ref") as directory:
+        assert directory is not None and (directory / "adapter_model.safetensors").is_file()
+    assert not directory.exists() and not directory.parent.exists()
+    with platform_driver.downloaded(Store(), None) as nothing:
+        assert nothing is None
