@@ -113,7 +113,8 @@ def stop_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, leave)
-    signal.signal(signal.SIGHUP, leave)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under nohup, which asks to outlive the terminal
+        signal.signal(signal.SIGHUP, leave)
 
 
 def shut_down(procs: dict[str, subprocess.Popen], stack: LocalStack) -> None:

@@ -39,7 +39,7 @@ import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from shared.generation import chat_prompt, generate
@@ -230,6 +230,11 @@ class ClosedBookResult:
     @property
     def mean_f1(self) -> float | None:
         return sum(item.f1 for item in self.items) / self.total if self.items else None
+
+
+def rules_only(result: ClosedBookResult) -> ClosedBookResult:
+    """``result`` as the rules alone grade it: what the judge turned right is wrong again."""
+    return ClosedBookResult(tuple(replace(item, correct=False, judged=False) if item.judged else item for item in result.items))
 
 
 def grade_answers(

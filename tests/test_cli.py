@@ -224,3 +224,19 @@ def test_a_second_ctrl_c_does_not_cut_the_shutdown_short() -> None:
     cli.shut_down({}, Stack())  # type: ignore[arg-type]
     assert done == ["servers stopped"]
     assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C works again afterwards
+
+
+def test_under_nohup_the_cli_outlives_its_terminal() -> None:
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup hands down
+        cli.stop_on_sigterm()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        cli.stop_on_sigterm()
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)  # the terminal closed: stop cleanly
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

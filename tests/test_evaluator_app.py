@@ -86,6 +86,37 @@ async def test_subscriber_turns_adapter_trained_into_adapter_evaluated(
     assert list(ports.evaluated) == ["good"]
 
 
+async def test_a_judge_gone_quiet_mid_evaluation_leaves_every_side_to_the_rules(
+    tiny_model: LoadedModel, fresh_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent (the base) was measured, and cached, while the judge answered; the next
+    candidate is measured while it is down. Compared as they are, the judge's verdicts on one side
+    only would count as the candidate's loss."""
+    from services.evaluator import handlers, measurement
+
+    core = tmp_path / "core.jsonl"
+    core.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n')
+    settings = EvaluatorSettings(
+        evaluator=EvaluatorConfig(core_set_path=core, core_filter="never", work_dir=tmp_path / "w", max_new_tokens=8),
+        _secrets_dir=str(tmp_path / "no-secrets"),
+    )
+    store = dict_store()
+    ports = build_ports(settings, lm=tiny_model, adapters=store, registry=FakeRegistry())
+    judge_up = [True]
+    ports.measurer.judge = lambda question, prediction, refs: True if judge_up[0] else None
+    # Every answer is one the rules grade wrong and the judge right.
+    monkeypatch.setattr(measurement, "closed_book_answers", lambda lm, questions, **kw: ["the French capital"] * len(questions))
+    results = []
+    for adapter_id in ("first", "second"):
+        ref = store_adapter(store, fresh_adapter, scope="acme", adapter_id=adapter_id, base_sha256=tiny_model.weights_sha256)
+        results.append((await handlers.evaluate_adapter(adapter_trained(ref, scope="acme", adapter_id=adapter_id, probes=probes_of(QA_PAIRS[:1])), ports))[0])
+        judge_up[0] = False
+    first, second = results
+    assert first.parent_scores.core == first.candidate_scores.core == 1.0  # the judge's verdicts, on both sides
+    assert second.parent_scores.core == second.candidate_scores.core == 0.0  # the rules', on both sides
+    assert second.reward == 0.0
+
+
 @pytest.mark.servers
 async def test_evaluator_on_real_servers_reads_scope_policy_and_earlier_probes(
     provisioned_stack, tiny_model: LoadedModel, fresh_adapter: Path, tmp_path: Path

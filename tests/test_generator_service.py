@@ -212,6 +212,27 @@ async def test_a_delivery_whose_writing_failed_lets_a_waiting_one_go_on_at_once(
     assert not outcome.duplicate and len(published) == 9
 
 
+async def test_a_shutdown_ends_a_wait_for_another_delivery_at_once() -> None:
+    """Waiting for another delivery's writing, the generator is told to stop: the delivery goes
+    back at once (Interrupted), before its next call on a connection that is closing."""
+    import threading
+
+    from services.generator.state import LedgerEntry
+    from shared.shutdown import Interrupted
+
+    writer = ScriptedWriter()
+    writer.stopping = threading.Event()  # type: ignore[attr-defined]
+    ports, published = make_ports(writer=writer)
+    feedback = knowledge()
+    ports.ledger.entries[(feedback.scope, feedback.feedback_id)] = LedgerEntry.writing("evt-of-the-other-replica")  # type: ignore[attr-defined]
+    waiting = asyncio.create_task(handle_feedback(payload(feedback), ports, GeneratorConfig(claim_poll_s=30)))
+    await asyncio.sleep(0.2)
+    writer.stopping.set()  # type: ignore[attr-defined]
+    with pytest.raises(Interrupted):
+        await asyncio.wait_for(waiting, 3)
+    assert published == [] and writer.calls == []
+
+
 async def test_a_claim_whose_writer_died_is_taken_over() -> None:
     from datetime import UTC, datetime, timedelta
 

@@ -91,6 +91,9 @@ class Measurer:
             "judge": judge_identity if judge is not None else None,
         }
         self.questions_asked = 0
+        # Answers the judge gave no verdict on (down, paused), over the measurer's life: an
+        # evaluation that sees it grow grades all its sides by the rules alone (handlers.py).
+        self.judge_misses = 0
         # Set by stop(): a measurement in progress ends at its next token (shared.shutdown.Interrupted).
         self.stopping = threading.Event()
 
@@ -155,6 +158,7 @@ class Measurer:
             verdict = judge(question, prediction, references)
             if verdict is None:
                 unanswered.append(question)
+                self.judge_misses += 1
             return verdict
 
         return asking

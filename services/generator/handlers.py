@@ -141,17 +141,26 @@ async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: Gen
     under a new event id, taken by another replica): two writings would be two sets of candidates
     under different ids. None: this delivery writes; else what the other one wrote."""
     waited = False
+    stopping = getattr(ports.writer, "stopping", None)
+
+    def check() -> None:  # before each KV call: the process may be shutting down, its connection closing
+        if stopping is not None and stopping.is_set():
+            raise Interrupted(f"stopped while waiting for feedback {feedback.feedback_id} to be written by another delivery")
+
     while True:
+        check()
         standing = await ports.ledger.claim(feedback.scope, feedback.feedback_id, feedback.event_id, config.claim_stale_s)
         if standing is None or standing.status != "writing":
             return standing
         if not waited:
             log.info("feedback %s is being written for its delivery %s; waiting for it", feedback.feedback_id, standing.writer)
             waited = True
-        stopping = getattr(ports.writer, "stopping", None)
-        if stopping is not None and stopping.is_set():
-            raise Interrupted(f"stopped while waiting for feedback {feedback.feedback_id} to be written by another delivery")
-        await asyncio.sleep(config.claim_poll_s)
+        waited_s = 0.0
+        while waited_s < config.claim_poll_s:  # in short steps, so that a shutdown is seen at once
+            check()
+            step = min(0.5, config.claim_poll_s - waited_s)
+            await asyncio.sleep(step)
+            waited_s += step
 
 
 async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> list[Event]:

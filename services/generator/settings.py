@@ -39,7 +39,7 @@ class GeneratorConfig(BaseModel):
     # Two deliveries of one feedback (a product's retried publish, a new event id) on two replicas:
     # the first claims the writing, the second waits for it, polling this often; a claim older
     # than claim_stale_s (its writer died) is taken over.
-    claim_poll_s: float = Field(default=5.0, gt=0.0, le=300.0)
+    claim_poll_s: float = Field(default=5.0, gt=0.0, le=60.0)
     claim_stale_s: float = Field(default=900.0, gt=0.0)
     # Policy adapters downloaded from the object store; None: a temporary directory.
     adapter_cache_dir: Path | None = None

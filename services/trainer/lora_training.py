@@ -136,7 +136,7 @@ def clear_unscaled(folder: Path) -> None:
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: digits, but no process id
         return False
     except PermissionError:
         return True  # someone else's process
