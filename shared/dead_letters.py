@@ -133,7 +133,8 @@ class DeadLetterMiddleware(BaseMiddleware):
                 await self._reject(msg, reason, exc)
             log.warning("message on %s handed back for redelivery: the %s is shutting down (%s)", subject, self.service, exc)
             raise NackMessage() from exc
-        except (PermanentFailure, ev.EventValidationError, ValidationError) as exc:
+        except (PermanentFailure, ev.EventValidationError, ValidationError, RecursionError) as exc:
+            # RecursionError: JSON nested too deep for the decoder to read; no retry reads it either.
             reason = _readable(exc)
             log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, reason)
             await self._reject(msg, reason, exc)
@@ -217,6 +218,8 @@ def _stream_position(msg: Any) -> str:
 def _readable(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return f"invalid payload: {ev.describe_validation_error(exc)}"
+    if isinstance(exc, RecursionError):
+        return "invalid payload: nested too deeply to read"
     return str(exc) or type(exc).__name__
 
 

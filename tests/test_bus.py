@@ -383,3 +383,27 @@ def test_a_body_nested_too_deep_names_no_feedback() -> None:
 
     assert feedback_id_of(b"[" * 3000) is None
     assert feedback_id_of(b'{"feedback_id": "fb-1"}') == "fb-1"
+
+
+async def test_a_body_nested_too_deep_to_decode_is_dead_lettered_at_once() -> None:
+    """FastStream's JSON decoding raises RecursionError on a body nested thousands deep, before any
+    handler runs: no retry can read it, so it is dead-lettered with a reason, not retried."""
+    import json as stdlib_json
+
+    from faststream.exceptions import RejectMessage
+
+    from shared.subjects import GENERATOR_FEEDBACK
+
+    stored: list[dict] = []
+
+    class Broker:
+        async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> None:
+            stored.append(headers)
+
+    async def decoding(_: object) -> None:
+        stdlib_json.loads(b"[" * 100_000)
+
+    msg = jetstream_message(1, GENERATOR_FEEDBACK.durable)
+    with pytest.raises(RejectMessage):
+        await dead_letter_middleware("generator", msg, Broker()).consume_scope(decoding, msg)
+    assert stored and stored[0][REASON_HEADER] == "invalid payload: nested too deeply to read"

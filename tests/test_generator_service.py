@@ -477,3 +477,25 @@ async def wait_for(queue: asyncio.Queue, feedback_id: str, count: int, timeout: 
                 got += 1
 
     await asyncio.wait_for(drain(), timeout)
+
+
+async def test_a_long_writing_renews_its_claim() -> None:
+    """A writing that outlasts claim_stale_s is not taken for a dead one: its claim is renewed."""
+    import threading
+
+    release = threading.Event()
+
+    class SlowWriter(ScriptedWriter):
+        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
+            release.wait(10)
+            return super().write(prompts, seed=seed, adapter=adapter)
+
+    ports, published = make_ports(writer=SlowWriter())
+    config = GeneratorConfig(claim_poll_s=0.01, claim_stale_s=0.3)
+    feedback = knowledge()
+    writing = asyncio.create_task(handle_feedback(payload(feedback), ports, config))
+    await asyncio.sleep(0.6)  # twice the time after which an unrenewed claim is stale
+    held = await ports.ledger.claim(feedback.scope, feedback.feedback_id, "evt-of-another-delivery", 0.3)
+    assert held is not None and held.status == "writing" and held.writer == feedback.event_id
+    release.set()
+    assert not (await writing).duplicate

@@ -117,14 +117,17 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
         log.info("feedback %s was handled but maybe not published; republishing its events", feedback.feedback_id)
         events = list(entry.events)
     else:
+        keeping = asyncio.create_task(_keep_claim(feedback, ports, config), name="claim-beat")
         try:
             events = await write_self_edits(feedback, ports, config)
         except BaseException:
             # Handed back (a transient failure, a shutdown): another delivery waiting for this one
             # must not wait until the claim goes stale; on one replica it would hold the only slot.
+            keeping.cancel()
             with contextlib.suppress(Exception):
                 await ports.ledger.release(feedback.scope, feedback.feedback_id, feedback.event_id)
             raise
+        keeping.cancel()
         await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.pending(events))
     for event in events:
         await ports.publish(event)
@@ -161,6 +164,17 @@ async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: Gen
             step = min(0.5, config.claim_poll_s - waited_s)
             await asyncio.sleep(step)
             waited_s += step
+
+
+async def _keep_claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> None:
+    """Renew this delivery's claim while it writes (a third of ``claim_stale_s`` apart), so that
+    a long writing is not taken for a dead one."""
+    while True:
+        await asyncio.sleep(config.claim_stale_s / 3)
+        try:
+            await ports.ledger.claim(feedback.scope, feedback.feedback_id, feedback.event_id, config.claim_stale_s)
+        except Exception as exc:  # noqa: BLE001 - a missed renewal only risks a second writing
+            log.warning("could not renew the claim on feedback %s: %s", feedback.feedback_id, exc)
 
 
 async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> list[Event]:
