@@ -108,10 +108,11 @@ def load_passages(path: Path, limit: int) -> list[dict]:
 
 def training_data(setting: Setting, row: dict) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """(texts, pairs) of one passage's update, as the trainer would receive them."""
-    from services.generator.candidates import kept_sequences
+    from services.generator.candidates import kept_sequences, passage_chunk_chars
     from services.generator.settings import GeneratorConfig
     from services.trainer.examples import split_question_answers
     from shared import events as ev
+    from shared.registry_view import ScopePolicy
 
     kind = setting.values.get("data", "platform")
     if kind == "passage":
@@ -122,7 +123,8 @@ def training_data(setting: Setting, row: dict) -> tuple[tuple[str, ...], tuple[t
         feedback_id=ev.new_id(), scope="tradeoff",
         content=ev.KnowledgeFeedback(title=row.get("title") or row["id"], passage=row["passage"]), submitted_by="bench",
     )
-    return split_question_answers(kept_sequences(feedback, (), GeneratorConfig()))
+    config = GeneratorConfig()
+    return split_question_answers(kept_sequences(feedback, (), config, passage_chunk_chars(config, ScopePolicy())))
 
 
 _LOADED: dict[str, object] = {}  # per worker process: the model and the base's core answers, once
