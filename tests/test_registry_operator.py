@@ -155,3 +155,48 @@ async def test_an_id_sent_to_two_scopes_is_never_approved_in_the_wrong_one() -> 
     with pytest.raises(Refused, match=r"sent to several scopes \(acme, globex\)"):
         await actions.approve(w.ledger, "fb-shared", "sre-carol", "ship it")
     assert w.bus.of(ev.AdapterPromoted) == []
+
+
+async def test_an_adapter_gone_from_the_store_is_never_made_active(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scope head is the commit point: an operator's rollback or approval to an adapter that no
+    longer reads back is refused before it moves, and a promotion in flight checks it again."""
+    w = make_world()
+    await three_versions(w)
+    gone = await w.ledger.version("acme", 1)
+    w.manifests.missing.add(gone.adapter_id)
+    with pytest.raises(Refused, match="v1's adapter .* cannot be used"):
+        await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v3 answers badly", "req-1")
+    assert (await w.ledger.head("acme")).version == 3  # type: ignore[union-attr]
+
+    await w.set_policy("acme", candidates=1, approval="manual")
+    held = feedback(passage="Held fact.")
+    await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=3), w.ledger)
+    record = await w.ledger.record("acme", held.feedback_id)
+    assert record is not None and record.state == "awaiting_approval"
+    chosen = record.candidate(record.chosen)  # type: ignore[arg-type]
+    w.manifests.missing.add(chosen.adapter_id)  # type: ignore[union-attr]
+    with pytest.raises(Refused, match="reject this feedback"):
+        await actions.approve(w.ledger, held.feedback_id, "sre-alice", "looks fine")
+    # Gone between the approval's check and the promotion: the head stays, the candidate is unusable.
+    async def passes(*args: object) -> None:
+        return None
+
+    monkeypatch.setattr(actions, "_usable", passes)
+    await actions.approve(w.ledger, held.feedback_id, "sre-alice", "looks fine")
+    assert (await w.ledger.head("acme")).version == 3  # type: ignore[union-attr]
+    after = await w.ledger.record("acme", held.feedback_id)
+    assert after is not None and after.state != "promoting"
+    assert after.candidate(chosen.index).result == "unusable"  # type: ignore[union-attr]
+    assert not w.bus.of(ev.AdapterPromoted)[3:]
+
+
+async def test_a_retried_rollback_keeps_the_probes_of_a_version_promoted_since() -> None:
+    w = make_world()
+    roots = await three_versions(w)
+    await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v2 and v3 answer badly", "req-1")
+    later = feedback(passage="Fact number 4.")
+    await handlers.on_adapter_evaluated(evaluated(later, 0, 1, reward=0.2, parent_version=1), w.ledger)
+    assert (await w.ledger.head("acme")).version == 4  # type: ignore[union-attr]
+    await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v2 and v3 answer badly", "req-1")  # a timeout, retried
+    probes = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
+    assert probes is not None and {fid for fid, _ in probes.probes} == {roots[0].feedback_id, later.feedback_id}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from shared import events as ev
 from shared.registry_view import ScopePolicy
+from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 from . import decision as dc
@@ -48,7 +49,8 @@ async def approve(ledger: Ledger, feedback_id: str, operator: str, reason: str) 
     if head is not None and head.pinned:
         raise Refused(f"scope {record.scope} is pinned at v{head.version} by {head.pinned_by}; unpin it first")
     chosen = record.candidate(record.chosen)
-    assert chosen is not None
+    assert chosen is not None and chosen.adapter is not None
+    await _usable(ledger, chosen.adapter, f"the held candidate's adapter {chosen.adapter_id}", "reject this feedback")
     audit = _operator_action(
         (feedback_id, chosen.index, chosen.attempt, chosen.adapter_id),
         feedback_id,
@@ -107,6 +109,7 @@ async def rollback(
 ) -> ScopeHead:
     """Make an earlier (or any other existing) version active again."""
     target = await ledger.version(scope, to_version)
+    await _usable(ledger, target.adapter, f"v{to_version}'s adapter {target.adapter_id}", "roll back to another version")
     now = ledger.ports.clock()
     outcome: dict[str, object] = {}
 
@@ -139,7 +142,8 @@ async def rollback(
         raise NotFound(f"scope {scope!r} has no active version to roll back from")
     if outcome.get("same"):
         raise Refused(f"v{to_version} is already the active version of {scope}")
-    await ledger.rebuild_probes(scope, to_version)
+    # From the version active now: a retried request finds a later promotion there, whose probes stay.
+    await ledger.rebuild_probes(scope, head.version)
     audit = _operator_action(
         request_id, target.feedback_id, scope, "rollback", operator, reason,
         target_version=to_version, adapter_id=target.adapter_id,
@@ -158,6 +162,15 @@ async def rollback(
         )
     )
     return head
+
+
+async def _usable(ledger: Ledger, ref: ev.ManifestRef, what: str, instead: str) -> None:
+    """Refuse an operator's action that would make an adapter active which does not read back
+    intact from the store (gone, or its files not what its manifest says)."""
+    try:
+        await ledger.ports.manifests.read(ref)
+    except (IntegrityError, AdapterNotFound) as exc:
+        raise Refused(f"{what} cannot be used ({exc}); {instead}") from exc
 
 
 async def set_pin(

@@ -322,8 +322,20 @@ class Ledger:
 
     async def _promote(self, record: FeedbackRecord) -> None:
         cand = record.candidate(record.chosen)  # type: ignore[arg-type]
-        assert cand is not None and cand.adapter is not None
+        assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
         now, by = self.ports.clock(), record.decided_by
+        head_now = await self.head(record.scope)
+        if not (head_now and head_now.promoted_as(cand.adapter_id)) and not await self._intact(record, record.chosen):
+            # Checked before the head moves (the head is the commit point): an adapter that went
+            # missing or corrupt since the decision (one held for an operator's approval, say)
+            # must not become the active version. The candidate is marked unusable; the record
+            # goes back to be decided again.
+            await self._update(
+                record.scope, record.feedback_id,
+                lambda cur: cur.model_copy(update={"state": "collecting", "chosen": None, "decided_by": None, "decided_at": None})
+                if cur is not None and cur.state == "promoting" else None,
+            )
+            return
         found = pr.HeadMove()
         head = await self.ports.state.compare_and_set(
             KV_REGISTRY, head_key(record.scope), ScopeHead, lambda h: pr.move_head(h, record, cand, now, by, found)

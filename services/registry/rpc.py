@@ -77,6 +77,13 @@ def _limit(args: dict[str, Any]) -> int:
     return limit
 
 
+def _changes(args: dict[str, Any]) -> dict[str, Any]:
+    changes = args.get("changes") or {}
+    if not isinstance(changes, dict):
+        raise InvalidRequest(f"changes must be an object of policy settings, not {changes!r}"[:200])
+    return dict(changes)
+
+
 def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in names}
 
@@ -95,7 +102,7 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
         "pin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=True),
         "unpin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=False),
         "policy_get": lambda a: ops.get_policy(_scope(a)),
-        "policy_set": lambda a: ops.set_policy(_scope(a), dict(a.get("changes") or {})),
+        "policy_set": lambda a: ops.set_policy(_scope(a), _changes(a)),
         "ask": lambda a: ops.ask(_scope(a), AskRequest.model_validate(_without(a, "scope"))),
     }
 
