@@ -200,3 +200,20 @@ async def test_a_retried_rollback_keeps_the_probes_of_a_version_promoted_since()
     await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v2 and v3 answer badly", "req-1")  # a timeout, retried
     probes = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
     assert probes is not None and {fid for fid, _ in probes.probes} == {roots[0].feedback_id, later.feedback_id}
+
+
+async def test_a_record_held_for_a_pin_that_is_gone_is_decided_by_the_sweep() -> None:
+    """An unpin commits, then fails before it decides the held records again: the sweep does it."""
+    w = make_world()
+    await three_versions(w)
+    await actions.set_pin(w.ledger, "acme", True, "sre-alice", "release freeze", "req-pin")
+    held = feedback(passage="Fact number 4.")
+    await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=3), w.ledger)
+    record = await w.ledger.record("acme", held.feedback_id)
+    assert record is not None and (record.state, record.hold) == ("awaiting_approval", "pinned")
+    head = await w.ledger.head("acme")
+    assert head is not None
+    await w.state.put(KV_REGISTRY, "active.acme", head.model_copy(update={"pinned": False, "pinned_by": None, "pin_reason": None}))
+    await w.ledger.sweep()
+    assert (await w.ledger.head("acme")).version == 4  # type: ignore[union-attr]
+    assert (await w.ledger.record("acme", held.feedback_id)).state == "promoted"  # type: ignore[union-attr]

@@ -240,6 +240,18 @@ class Ledger:
         if record.state == "promoting":
             await self._promote(record)
             return True
+        if record.state == "awaiting_approval" and record.hold == "pinned":
+            head = await self.head(record.scope)
+            if head is None or not head.pinned:
+                # Held only for a pin that is gone (an unpin that failed half-way, say): the
+                # sweep decides it again, as the unpin would have.
+                reopened = await self._update(
+                    record.scope, record.feedback_id,
+                    lambda cur: dc.reopen(cur) if cur is not None and cur.state == "awaiting_approval" and cur.hold == "pinned"
+                    else None,
+                )
+                return reopened is not None and reopened.state != "awaiting_approval"
+            return False
         if record.state not in ("collecting", "rebasing"):
             return False
         head, policy, now = await self.head(record.scope), await self.policy(record.scope), self.ports.clock()
