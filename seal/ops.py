@@ -32,7 +32,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.registry.records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, FeedbackState
+from services.registry.records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
 
 DEFAULT_URL = "http://127.0.0.1:18080"
 TERMINAL_STATES = ("promoted", "rejected", "awaiting_approval")
@@ -170,9 +170,14 @@ def scopes(url: str = UrlOption, as_json: bool = JsonOption) -> None:
     console.print(table)
 
 
-def versions(scope: str = ScopeOption, url: str = UrlOption, as_json: bool = JsonOption) -> None:
-    """List a scope's versions, newest last, with their tags."""
-    rows = call(url, "GET", f"/v1/scopes/{scope}/versions")
+def versions(
+    scope: str = ScopeOption,
+    limit: int = typer.Option(VERSION_LIST_LIMIT, "--limit", min=1, max=VERSION_LIST_MAX, help="the latest this many"),
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List a scope's latest versions, newest last, with their tags."""
+    rows = call(url, "GET", f"/v1/scopes/{scope}/versions", params={"limit": limit})
     if as_json:
         return emit_json(rows)
     table = Table(title=f"versions of {scope}")

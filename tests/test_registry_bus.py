@@ -82,6 +82,7 @@ async def test_events_in_decisions_out_and_bad_payloads_dead_lettered(registry_a
         listed = json.loads((await br.request({"scope": "acme", "limit": 1}, f"{REGISTRY_RPC}.feedback_list")).body)
         bad_state = json.loads((await br.request({"scope": "acme", "state": "done"}, f"{REGISTRY_RPC}.feedback_list")).body)
         bad_limit = json.loads((await br.request({"scope": "acme", "limit": 0}, f"{REGISTRY_RPC}.feedback_list")).body)
+        few_versions = json.loads((await br.request({"scope": "acme", "limit": 0}, f"{REGISTRY_RPC}.versions")).body)
         not_changes = json.loads((await br.request({"scope": "acme", "changes": "manual"}, f"{REGISTRY_RPC}.policy_set")).body)
 
     assert [(p["version"], p["feedback_id"]) for p in seen["promoted"]] == [(1, root.feedback_id)]
@@ -94,6 +95,7 @@ async def test_events_in_decisions_out_and_bad_payloads_dead_lettered(registry_a
     assert (wildcard["status"], not_a_version["status"], bad_id["status"]) == (422, 422, 422)
     assert "scope must be a string matching" in wildcard["error"] and "version must be an integer" in not_a_version["error"]
     assert misspelt["status"] == 422 and "unknown policy setting(s): aproval" in misspelt["error"]
+    assert few_versions["status"] == 422 and "limit must be from 1 to 1000" in few_versions["error"]
     assert not_changes["status"] == 422 and "changes must be an object" in not_changes["error"]
     assert listed["ok"] and [r["feedback_id"] for r in listed["result"]] == [root.feedback_id]
     assert bad_state["status"] == 422 and "awaiting_approval" in bad_state["error"]

@@ -217,3 +217,18 @@ async def test_a_record_held_for_a_pin_that_is_gone_is_decided_by_the_sweep() ->
     await w.ledger.sweep()
     assert (await w.ledger.head("acme")).version == 4  # type: ignore[union-attr]
     assert (await w.ledger.record("acme", held.feedback_id)).state == "promoted"  # type: ignore[union-attr]
+
+
+async def test_a_version_listing_is_the_latest_few_and_an_oversized_answer_says_so() -> None:
+    from services.registry.rpc import RPC_MAX_ANSWER_BYTES, answer
+
+    w = make_world()
+    await three_versions(w)
+    assert [v["version"] for v in await queries.list_versions(w.ledger, "acme", limit=2)] == [2, 3]
+    assert [v["version"] for v in await queries.list_versions(w.ledger, "acme")] == [1, 2, 3]
+
+    async def huge(args: dict) -> list[str]:
+        return ["x" * 1000] * (RPC_MAX_ANSWER_BYTES // 1000 + 1)
+
+    too_big = await answer(huge, {})
+    assert too_big["status"] == 413 and "ask for less" in too_big["error"]

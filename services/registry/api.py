@@ -20,7 +20,7 @@ from shared.store import AdapterNotFound, IntegrityError
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 from .ports import InvalidRequest, NotFound, Refused
-from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, FeedbackState
+from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -68,8 +68,11 @@ def registry_router(ops: Operations) -> APIRouter:
         return await ops.scopes()
 
     @router.get("/scopes/{scope}/versions")
-    async def versions(scope: ScopePath) -> list[dict[str, Any]]:
-        return await ops.versions(scope)
+    async def versions(
+        scope: ScopePath, limit: Annotated[int, Query(ge=1, le=VERSION_LIST_MAX)] = VERSION_LIST_LIMIT
+    ) -> list[dict[str, Any]]:
+        """The scope's latest ``limit`` versions, oldest first."""
+        return await ops.versions(scope, limit)
 
     @router.get("/scopes/{scope}/versions/{version}/lineage")
     async def lineage(scope: ScopePath, version: Annotated[int, Path(ge=1)]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from shared.registry_view import ScopePolicy
 from . import actions, queries
 from .ledger import Ledger
 from .ports import InvalidRequest, Refused
-from .records import FEEDBACK_LIST_LIMIT
+from .records import FEEDBACK_LIST_LIMIT, VERSION_LIST_LIMIT
 
 
 class Body(BaseModel):
@@ -75,8 +75,8 @@ class Operations:
     async def scopes(self) -> list[dict[str, Any]]:
         return await queries.list_scopes(self.ledger)
 
-    async def versions(self, scope: str) -> list[dict[str, Any]]:
-        return await queries.list_versions(self.ledger, scope)
+    async def versions(self, scope: str, limit: int = VERSION_LIST_LIMIT) -> list[dict[str, Any]]:
+        return await queries.list_versions(self.ledger, scope, limit)
 
     async def lineage(self, scope: str, version: int) -> dict[str, Any]:
         return await queries.version_lineage(self.ledger, scope, version)

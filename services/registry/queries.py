@@ -18,6 +18,7 @@ from .ports import NotFound
 from .records import (
     FEEDBACK_LIST_LIMIT,
     OPEN_STATES,
+    VERSION_LIST_LIMIT,
     FeedbackRecord,
     Marker,
     ScopeHead,
@@ -26,6 +27,7 @@ from .records import (
     arrival_stamp,
     key_token,
     token_id,
+    version_key,
 )
 
 log = logging.getLogger(__name__)
@@ -81,11 +83,14 @@ async def list_scopes(ledger: Ledger) -> list[dict[str, Any]]:
     ]
 
 
-async def list_versions(ledger: Ledger, scope: str) -> list[dict[str, Any]]:
+async def list_versions(ledger: Ledger, scope: str, limit: int = VERSION_LIST_LIMIT) -> list[dict[str, Any]]:
+    """The scope's latest ``limit`` versions, oldest first (their numbers from the keys alone)."""
     head = await ledger.head(scope)
-    versions = await ledger.ports.state.entries(KV_REGISTRY, f"version.{scope}.*", VersionRecord, skip_unreadable=True)
+    numbers = sorted(int(key.rsplit(".", 1)[1]) for key in await ledger.ports.state.keys(KV_REGISTRY, f"version.{scope}.*")
+                     if key.rsplit(".", 1)[1].isdigit())
+    found = await asyncio.gather(*(_version(ledger, scope, n) for n in numbers[max(0, len(numbers) - limit):]))
     rows = []
-    for record in sorted(versions.values(), key=lambda v: v.version):
+    for record in (v for v in found if v is not None):
         aliases = []
         if head is not None and record.version == head.version:
             aliases.append("active")
@@ -93,6 +98,15 @@ async def list_versions(ledger: Ledger, scope: str) -> list[dict[str, Any]]:
             aliases.append("previous")
         rows.append({**_dump(record), "aliases": aliases})
     return rows
+
+
+async def _version(ledger: Ledger, scope: str, number: int) -> VersionRecord | None:
+    """A version record for a listing: one that does not parse is left out (logged), not fatal."""
+    try:
+        return await ledger.ports.state.read(KV_REGISTRY, version_key(scope, number), VersionRecord)
+    except UnreadableRecord as exc:
+        log.warning("version %d of %s left out of a listing: %s", number, scope, exc)
+        return None
 
 
 async def version_lineage(ledger: Ledger, scope: str, version: int) -> dict[str, Any]:

@@ -38,6 +38,10 @@ OPEN_STATES: frozenset[str] = frozenset({"collecting", "rebasing", "awaiting_app
 # How many feedback a listing returns by default, and at most.
 FEEDBACK_LIST_LIMIT = 100
 FEEDBACK_LIST_MAX = 1000
+# A version listing: the latest this many by default, at most VERSION_LIST_MAX (a version record
+# holds its probes, a few KB: 100 of them fit a NATS request-reply answer).
+VERSION_LIST_LIMIT = 100
+VERSION_LIST_MAX = 1000
 
 
 def key_token(identifier: str) -> str:

@@ -1,7 +1,7 @@
 """NATS request-reply for other services: ``seal.rpc.registry.<operation>``.
 
 Request: a JSON object of arguments. Reply: ``{"ok": true, "result": ...}``
-or ``{"ok": false, "status": 404|409|422|500|503, "error": "..."}``. Every replica
+or ``{"ok": false, "status": 404|409|413|422|500|503, "error": "..."}``. Every replica
 answers in the queue group ``registry``, so one request gets one answer.
 
 Operations: ``scopes``; ``versions`` {scope}; ``lineage`` {scope, version};
@@ -15,6 +15,7 @@ question, max_new_tokens?}.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -29,11 +30,13 @@ from shared.subjects import REGISTRY_RPC
 
 from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
 from .ports import InvalidRequest, NotFound, Refused
-from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, FeedbackState
+from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
 
 log = logging.getLogger(__name__)
 
 QUEUE = "registry"
+# What a reply may hold: below nats-server's default max_payload (1 MiB), with room for the envelope.
+RPC_MAX_ANSWER_BYTES = 1_000_000
 
 
 def _scope(args: dict[str, Any]) -> str:
@@ -70,10 +73,10 @@ def _state(args: dict[str, Any]) -> str | None:
     return state
 
 
-def _limit(args: dict[str, Any]) -> int:
-    limit = _int(args, "limit") if args.get("limit") is not None else FEEDBACK_LIST_LIMIT
-    if not 1 <= limit <= FEEDBACK_LIST_MAX:
-        raise InvalidRequest(f"limit must be from 1 to {FEEDBACK_LIST_MAX}, not {limit}")
+def _limit(args: dict[str, Any], default: int, most: int) -> int:
+    limit = _int(args, "limit") if args.get("limit") is not None else default
+    if not 1 <= limit <= most:
+        raise InvalidRequest(f"limit must be from 1 to {most}, not {limit}")
     return limit
 
 
@@ -91,10 +94,10 @@ def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
 def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
     return {
         "scopes": lambda a: ops.scopes(),
-        "versions": lambda a: ops.versions(_scope(a)),
+        "versions": lambda a: ops.versions(_scope(a), _limit(a, VERSION_LIST_LIMIT, VERSION_LIST_MAX)),
         "lineage": lambda a: ops.lineage(_scope(a), _int(a, "version")),
         "feedback": lambda a: ops.feedback(_id(a, "feedback_id")),
-        "feedback_list": lambda a: ops.feedback_list(_scope(a), _state(a), _limit(a)),
+        "feedback_list": lambda a: ops.feedback_list(_scope(a), _state(a), _limit(a, FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX)),
         "submit": lambda a: ops.submit(SubmitFeedback.model_validate(a)),
         "approve": lambda a: ops.approve(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),
         "reject": lambda a: ops.reject(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),
@@ -111,7 +114,13 @@ async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) ->
     if not isinstance(args, dict):
         return {"ok": False, "status": 422, "error": "the request must be a JSON object of arguments"}
     try:
-        return {"ok": True, "result": await call(args)}
+        result = await call(args)
+        size = len(json.dumps(result, default=str))
+        if size > RPC_MAX_ANSWER_BYTES:
+            # Sent as it is, it would exceed the server's message size, and the caller would only time out.
+            return {"ok": False, "status": 413, "error": f"the answer ({size} bytes) is larger than a NATS message "
+                    f"allows ({RPC_MAX_ANSWER_BYTES}); ask for less (a smaller limit)"}
+        return {"ok": True, "result": result}
     except NotFound as exc:
         return {"ok": False, "status": 404, "error": str(exc)}
     except (Refused, ConflictError) as exc:
