@@ -232,3 +232,23 @@ async def test_a_version_listing_is_the_latest_few_and_an_oversized_answer_says_
 
     too_big = await answer(huge, {})
     assert too_big["status"] == 413 and "ask for less" in too_big["error"]
+
+
+async def test_a_pin_that_lands_during_an_approval_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Approve checks the pin, then a pin commits before the promotion moves the head: the pin,
+    checked again at the commit point, wins, and the candidate is held for it."""
+    w = make_world()
+    await three_versions(w)
+    await w.set_policy("acme", candidates=1, approval="manual")
+    held = feedback(passage="Fact number 4.")
+    await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=3), w.ledger)
+
+    async def pinned_meanwhile(*args: object) -> None:
+        await actions.set_pin(w.ledger, "acme", True, "sre-bob", "release freeze", "req-pin")
+
+    monkeypatch.setattr(actions, "_usable", pinned_meanwhile)  # runs after approve's own pin check
+    await actions.approve(w.ledger, held.feedback_id, "sre-alice", "looks fine")
+    head = await w.ledger.head("acme")
+    assert head is not None and (head.version, head.pinned) == (3, True)
+    record = await w.ledger.record("acme", held.feedback_id)
+    assert record is not None and (record.state, record.hold) == ("awaiting_approval", "pinned")

@@ -37,7 +37,7 @@ def move_head(
 
     Idempotent: a candidate promoted before is found in ``recent`` and keeps
     its number. A candidate whose parent is not the active version is
-    ``stale``; a pinned scope holds automatic promotions (``pinned``).
+    ``stale``; a pinned scope holds every promotion (``pinned``).
     """
     found.version, found.stale, found.pinned = None, False, False
     assert cand.adapter_id is not None and cand.adapter is not None
@@ -49,7 +49,9 @@ def move_head(
     if cand.parent_version != current:
         found.stale = True
         return None
-    if head is not None and head.pinned and approved_by is None:
+    if head is not None and head.pinned:
+        # Approved ones too: an approval is refused on a pinned scope, so one that reaches a pinned
+        # head raced the pin, and the pin (checked here, at the commit point) wins.
         found.pinned = True
         return None
     number = (head.latest_version if head else 0) + 1
