@@ -46,9 +46,8 @@ def fresh_adapter(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFact
     return untrained_adapter(tiny_model, tmp_path_factory.mktemp("app-fresh") / "adapter")
 
 
-async def test_subscriber_turns_adapter_trained_into_adapter_evaluated(
-    tiny_model: LoadedModel, fresh_adapter: Path, tmp_path: Path
-) -> None:
+def in_memory(tiny_model: LoadedModel, tmp_path: Path):  # noqa: ANN201
+    """Settings with a one-question core set, an in-memory adapter store, and the ports over them."""
     core = tmp_path / "core.jsonl"
     core.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n')
     settings = EvaluatorSettings(
@@ -56,7 +55,13 @@ async def test_subscriber_turns_adapter_trained_into_adapter_evaluated(
         _secrets_dir=str(tmp_path / "no-secrets"),
     )
     store = dict_store()
-    ports = build_ports(settings, lm=tiny_model, adapters=store, registry=FakeRegistry())
+    return settings, store, build_ports(settings, lm=tiny_model, adapters=store, registry=FakeRegistry())
+
+
+async def test_subscriber_turns_adapter_trained_into_adapter_evaluated(
+    tiny_model: LoadedModel, fresh_adapter: Path, tmp_path: Path
+) -> None:
+    settings, store, ports = in_memory(tiny_model, tmp_path)
     app = create_app(settings, ports)
     broker = app.broker
     got: asyncio.Queue[dict] = asyncio.Queue()
@@ -94,14 +99,7 @@ async def test_a_judge_gone_quiet_mid_evaluation_leaves_every_side_to_the_rules(
     only would count as the candidate's loss."""
     from services.evaluator import handlers, measurement
 
-    core = tmp_path / "core.jsonl"
-    core.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n')
-    settings = EvaluatorSettings(
-        evaluator=EvaluatorConfig(core_set_path=core, core_filter="never", work_dir=tmp_path / "w", max_new_tokens=8),
-        _secrets_dir=str(tmp_path / "no-secrets"),
-    )
-    store = dict_store()
-    ports = build_ports(settings, lm=tiny_model, adapters=store, registry=FakeRegistry())
+    settings, store, ports = in_memory(tiny_model, tmp_path)
     judge_up = [True]
     ports.measurer.judge = lambda question, prediction, refs: True if judge_up[0] else None
     # Every answer is one the rules grade wrong and the judge right.
