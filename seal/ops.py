@@ -22,6 +22,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -59,11 +60,40 @@ OperatorOption = typer.Option(None, "--operator", help="Who: default SEAL_OPERAT
 # ------------------------------------------------------------------- plumbing
 
 
+# An operator action (a body with a request id) is applied once per id: one that timed out, or met
+# a registry that failed (a 5xx) or restarted, is sent again with the same id, which also publishes
+# again (under the same event ids) the events of one that changed the scope and then failed.
+ACTION_TRIES = 3
+ACTION_RETRY_S = 2.0
+
+
 def call(url: str, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
     """One request to the registry; prints a readable error and exits on failure."""
+    tries = ACTION_TRIES if isinstance(body, dict) and body.get("request_id") else 1
+    for attempt in range(1, tries + 1):
+        try:
+            with client_factory(url) as client:
+                response = client.request(method, path, json=body, params=params)
+        except httpx.TransportError as exc:
+            if attempt < tries:
+                errors.print(f"[yellow]no answer from the registry ({exc}); sending it again with the same request id[/]")
+                time.sleep(ACTION_RETRY_S * attempt)
+                continue
+            return _answer(url, exc, None)
+        if response.status_code >= 500 and attempt < tries:
+            errors.print(f"[yellow]the registry answered {response.status_code}; sending it again with the same request id[/]")
+            time.sleep(ACTION_RETRY_S * attempt)
+            continue
+        return _answer(url, None, response)
+    raise AssertionError("unreachable")
+
+
+def _answer(url: str, failure: httpx.TransportError | None, response: httpx.Response | None) -> Any:
+    """The registry's JSON answer, or a readable error and an exit."""
     try:
-        with client_factory(url) as client:
-            response = client.request(method, path, json=body, params=params)
+        if failure is not None:
+            raise failure
+        assert response is not None
     except httpx.TimeoutException as exc:
         # The request may have arrived: an approval, a rejection or a rollback may have been applied.
         errors.print(f"[red]the registry at {url} did not answer in time[/] ({exc}); "

@@ -246,3 +246,30 @@ def test_the_seal_command_has_the_operator_commands() -> None:
     assert result.exit_code == 0
     for name in ("submit", "scopes", "versions", "lineage", "approve", "reject", "rollback", "pin", "ask", "scope-policy"):
         assert name in result.output
+
+
+@pytest.mark.parametrize("first", [httpx.Response(503, json={"detail": "restarting"}), httpx.ReadTimeout("timed out")])
+def test_an_operator_action_is_sent_again_with_its_request_id(monkeypatch, first) -> None:
+    """A rollback that met a failing or silent registry is sent again under the same request id:
+    applied once, and its events published again under their own ids if they were lost."""
+    sent: list[dict] = []
+    head = {"scope": "acme", "version": 1, "adapter_id": "a1", "previous_version": 3, "pinned": False}
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content) if request.content else {})
+        if len(sent) == 1:
+            if isinstance(first, Exception):
+                raise first
+            return first
+        return httpx.Response(200, json=head)
+
+    monkeypatch.setattr(ops, "ACTION_RETRY_S", 0.0)
+    monkeypatch.setattr(ops, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
+    result = CliRunner().invoke(seal_app, ["rollback", "-s", "acme", "--to", "1", "--reason", "v3 answers badly",
+                                           "--operator", "sre-alice", "--url", "http://registry", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(sent) == 2 and sent[0]["request_id"] == sent[1]["request_id"]
+    # A query is not an action: asked once.
+    sent.clear()
+    CliRunner().invoke(seal_app, ["scopes", "--url", "http://registry"])
+    assert len(sent) == 1
