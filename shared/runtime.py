@@ -2,7 +2,9 @@
 
 Every service is an ASGI app (``AsgiFastStream``) so Kubernetes can probe it:
 
-* ``GET /healthz``: liveness; 200 while the broker answers a ping.
+* ``GET /healthz``: liveness; 204 while the broker answers a ping and the
+  service's own liveness check passes (the evaluator: its base model is not
+  left contaminated by an adapter it could not take off), 500 otherwise.
 * ``GET /readyz``: readiness; 200 once the service's own check passes (for
   example: the base model is loaded and the object store answers).
 """
@@ -13,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import NatsBroker
 
 from shared.broker import reconcile_consumers
@@ -31,6 +33,7 @@ def service_app(
     broker: NatsBroker,
     *,
     ready: Callable[[], bool] = lambda: True,
+    alive: Callable[[], bool] = lambda: True,
     on_startup: Sequence[Callable[..., Any]] = (),
     after_startup: Sequence[Callable[..., Any]] = (),
     on_shutdown: Sequence[Callable[..., Any]] = (),
@@ -45,12 +48,24 @@ def service_app(
             ok = False
         return AsgiResponse(b"ready" if ok else b"not ready", status_code=200 if ok else 503)
 
+    @get
+    async def healthz(scope: Any) -> AsgiResponse:
+        try:
+            ok = bool(alive())
+        except Exception:  # noqa: BLE001 - a failing check means "not alive"
+            ok = False
+        if not ok:
+            # A worker pod sits behind no Service: NotReady would not stop it taking messages it can
+            # only fail. Liveness failing restarts it.
+            return AsgiResponse(b"broken", status_code=500)
+        return AsgiResponse(b"", 204) if await broker.ping(5.0) else AsgiResponse(b"", 500)  # as make_ping_asgi
+
     async def consumers_as_configured() -> None:
         await reconcile_consumers(broker)
 
     return AsgiFastStream(
         broker,
-        asgi_routes=[("/healthz", make_ping_asgi(broker, timeout=5.0)), ("/readyz", readyz), *routes],
+        asgi_routes=[("/healthz", healthz), ("/readyz", readyz), *routes],
         on_startup=on_startup,
         after_startup=[consumers_as_configured, *after_startup],
         on_shutdown=on_shutdown,

@@ -407,3 +407,17 @@ async def test_a_body_nested_too_deep_to_decode_is_dead_lettered_at_once() -> No
     with pytest.raises(RejectMessage):
         await dead_letter_middleware("generator", msg, Broker()).consume_scope(decoding, msg)
     assert stored and stored[0][REASON_HEADER] == "invalid payload: nested too deeply to read"
+
+
+async def test_liveness_answers_while_the_broker_is_connected(provisioned_stack) -> None:
+    import httpx
+
+    from shared.runtime import service_app
+
+    broker = create_broker(provisioned_stack.nats_settings(), service="test")
+    app = service_app(broker)
+    async with broker:
+        await broker.start()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+            alive = await http.get("/healthz")
+    assert alive.status_code == 204

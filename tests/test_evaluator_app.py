@@ -174,3 +174,26 @@ async def test_evaluator_on_real_servers_reads_scope_policy_and_earlier_probes(
     # The core filter for this base was remembered in the object store.
     names = [o.object_name for o in store.client.list_objects(store.bucket, prefix="evaluator/core-knowledge/", recursive=True)]
     assert any(name.startswith(f"evaluator/core-knowledge/{sha}") for name in names)
+
+
+async def test_a_contaminated_base_fails_liveness_not_only_readiness() -> None:
+    """A worker pod sits behind no Service: NotReady does not stop it taking messages. Once an
+    adapter could not be taken off the base, /healthz fails, and Kubernetes restarts the pod."""
+    from types import SimpleNamespace
+
+    import httpx
+    from faststream.nats import NatsBroker
+
+    from services.evaluator.app import Runtime
+    from shared.runtime import service_app
+
+    def runtime(healthy: bool) -> Runtime:
+        ports = SimpleNamespace(measurer=SimpleNamespace(host=SimpleNamespace(healthy=healthy)))
+        return Runtime(None, None, ports)  # type: ignore[arg-type]
+
+    assert runtime(True).alive() and not runtime(False).alive()
+    assert Runtime(None, None, None).alive()  # still starting: the startup probe waits
+    app = service_app(NatsBroker(), ready=runtime(False).ready, alive=runtime(False).alive)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://evaluator") as http:
+        broken = await http.get("/healthz")
+    assert broken.status_code == 500 and broken.content == b"broken"

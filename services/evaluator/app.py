@@ -140,6 +140,11 @@ class Runtime:
     def ready(self) -> bool:
         return self.ports is not None and self.ports.measurer.host.healthy
 
+    def alive(self) -> bool:
+        """False once the base model is left with an adapter it could not take off: every
+        measurement would then be wrong, so the process must be restarted (liveness)."""
+        return self.ports is None or self.ports.measurer.host.healthy
+
     async def stop(self) -> None:
         """Before the broker drains its handler: a measurement in progress ends at its next token and
         the adapter's event goes back to JetStream for another replica (shared.shutdown)."""
@@ -179,6 +184,6 @@ def create_app(
         for out in events:
             await publish_event(broker, out)
 
-    app = service_app(broker, ready=runtime.ready, on_startup=[runtime.start], on_shutdown=[runtime.stop])
+    app = service_app(broker, ready=runtime.ready, alive=runtime.alive, on_startup=[runtime.start], on_shutdown=[runtime.stop])
     app.state_runtime = runtime  # type: ignore[attr-defined] - for tests and operators' shells
     return app
