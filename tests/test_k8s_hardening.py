@@ -184,6 +184,11 @@ def test_evaluator_gpu_component_puts_the_evaluator_on_a_gpu(tmp_path):
     assert tolerates_gpu_taint(evaluator)
     # a rollout never needs a spare GPU (a surge pod would wait for one on a full pool)
     assert evaluator["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    env = {e["name"]: e.get("value") for e in main_container(evaluator)["env"]}
+    assert env["SEAL_MODEL__DEVICE"] == "cuda"
+    # Without the component it stays on the CPU, even where a node's runtime shows it every GPU.
+    plain = {e["name"]: e.get("value") for e in main_container(find(overlay("prod"), "Deployment", "evaluator"))["env"]}
+    assert plain["SEAL_MODEL__DEVICE"] == "cpu"
 
 
 def test_model_threads_follow_the_cpu_limit():
