@@ -374,3 +374,26 @@ def test_accepted_probes_stay_within_one_message_however_long_they_are() -> None
     assert kept[-1] == "fb-399" and kept == [f"fb-{i}" for i in range(400 - len(kept), 400)]  # the newest, in order
     assert len(accepted.model_dump_json()) < 2 * MAX_ACCEPTED_PROBE_CHARS < 1_000_000
     assert len(kept) == MAX_ACCEPTED_PROBE_CHARS // (2000 + len("fb-399"))
+
+
+async def test_a_record_of_many_candidates_keeps_the_products_probes_once() -> None:
+    """64 candidates (16 with a 4-rung ladder) each carry the product's probes; stored with every
+    candidate, 20,000 characters of them made the record larger than the KV's 1 MB, and every
+    write of it failed."""
+    from services.registry.records import FeedbackRecord
+    from shared.subjects import KV_REGISTRY
+
+    w = make_world()
+    await w.set_policy("acme", candidates=16, strength_ladder=[1.0, 0.75, 0.5, 0.25])
+    probes = tuple(ev.Probe(question=f"Question {i} about Quellmoor's charter, asked at length?", answer="x" * 300)
+                   for i in range(50))  # about 19,000 characters
+    root = ev.FeedbackSubmitted(
+        feedback_id=ev.new_id(), scope="acme", content=ev.KnowledgeFeedback(passage="Quellmoor got its charter in 1387.", probes=probes),
+    )
+    await handlers.on_feedback_submitted(root, w.ledger, None)
+    for index in range(64):
+        await handlers.on_selfedit_generated(self_edit(root, index, 64), w.ledger)
+    record = await w.state.read(KV_REGISTRY, f"feedback.acme.{root.feedback_id}", FeedbackRecord)
+    assert record is not None and len(record.candidates) == 64
+    assert len(record.model_dump_json()) < 200_000
+    assert all(record.probes_of(c)[: len(probes)] == probes for c in record.candidates)  # as before: the feedback's own

@@ -127,12 +127,20 @@ def note_selfedit_rejected(
     return record.with_candidate(cand)
 
 
+def _unless_the_feedbacks(record: FeedbackRecord, product: tuple[ev.Probe, ...]) -> tuple[ev.Probe, ...]:
+    """A candidate's product probes, or none where they are the feedback's own (``probes_of`` falls
+    back to those): kept once per record, not once per candidate, a record of 64 candidates with a
+    product's 20,000 characters of probes stays far inside the KV's 1 MB."""
+    return () if product and product == record.feedback_probes else product
+
+
 def note_selfedit(
     record: FeedbackRecord | None, event: ev.SelfEditGenerated, policy: ScopePolicy, now: datetime
 ) -> FeedbackRecord | None:
     index, count = event.self_edit.candidate_index, event.self_edit.candidate_count
     record, cand = _candidate_for(record, event, index, count, policy, now)
     product, own = ev.probes_by_source(event.probes)
+    product = _unless_the_feedbacks(record, product)
     if (cand.self_edit_id, cand.product_probes, cand.self_generated_probes) == (event.self_edit.self_edit_id, product, own):
         return None
     return record.with_candidate(
@@ -222,7 +230,7 @@ def note_evaluated(
             "evaluation_event_id": event.event_id,
             "reported_at": now,
             "trace_id": event.trace_id,
-            "product_probes": product or cand.product_probes,
+            "product_probes": _unless_the_feedbacks(record, product) or cand.product_probes,
             "self_generated_probes": own or cand.self_generated_probes,
         }
     )
