@@ -215,11 +215,7 @@ async def set_pin(
     if not pinned:
         for record in await held_records(ledger, scope):
             if record.hold == "pinned":
-                await ledger._update(
-                    scope,
-                    record.feedback_id,
-                    lambda cur: dc.reopen(cur) if cur is not None and cur.hold == "pinned" else None,
-                )
+                await ledger.reopen_pinned(scope, record.feedback_id)
                 await ledger.settle(scope, record.feedback_id)
     return head
 

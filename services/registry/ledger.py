@@ -38,7 +38,7 @@ from shared.registry_view import (
     policy_key,
     probes_key,
 )
-from shared.store import AdapterNotFound, IntegrityError
+from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 from shared.telemetry import feedback_context
 
@@ -181,6 +181,13 @@ class Ledger:
             await state.put(KV_REGISTRY, arrival_key(scope, now, feedback_id), Marker(at=now, feedback_id=feedback_id))
             await state.compare_and_set(KV_REGISTRY, seen_key(scope), Marker, lambda m: None if m else Marker(at=now))
 
+    async def reopen_pinned(self, scope: str, feedback_id: str) -> FeedbackRecord | None:
+        """A record held only because its scope was pinned goes back to be decided again."""
+        return await self._update(
+            scope, feedback_id,
+            lambda cur: dc.reopen(cur) if cur is not None and cur.state == "awaiting_approval" and cur.hold == "pinned" else None,
+        )
+
     async def _update(
         self, scope: str, feedback_id: str, change: Callable[[FeedbackRecord | None], FeedbackRecord | None]
     ) -> FeedbackRecord | None:
@@ -245,11 +252,7 @@ class Ledger:
             if head is None or not head.pinned:
                 # Held only for a pin that is gone (an unpin that failed half-way, say): the
                 # sweep decides it again, as the unpin would have.
-                reopened = await self._update(
-                    record.scope, record.feedback_id,
-                    lambda cur: dc.reopen(cur) if cur is not None and cur.state == "awaiting_approval" and cur.hold == "pinned"
-                    else None,
-                )
+                reopened = await self.reopen_pinned(record.scope, record.feedback_id)
                 return reopened is not None and reopened.state != "awaiting_approval"
             return False
         if record.state not in ("collecting", "rebasing"):
@@ -258,7 +261,7 @@ class Ledger:
         plan = dc.plan_decision(record, head, policy, now, self.config.max_rebase_attempts)
         if plan.action == "wait":
             return False
-        if plan.action in ("promote", "hold") and not await self._intact(record, plan.chosen):
+        if plan.action in ("promote", "hold") and await self._usable_manifest(record, plan.chosen) is None:
             return True
         intended = (plan.action, plan.chosen)
         rebase: tuple[ev.SelfEdit, tuple[ev.Probe, ...]] | None = None
@@ -292,13 +295,13 @@ class Ledger:
             return True
         return (now - cand.reported_at).total_seconds() >= self.config.selfedit_wait_s
 
-    async def _intact(self, record: FeedbackRecord, index: int | None) -> bool:
-        """Check the chosen adapter reads back intact; mark it unusable if not."""
+    async def _usable_manifest(self, record: FeedbackRecord, index: int | None) -> AdapterManifest | None:
+        """The chosen adapter's manifest, read back intact; None, with the candidate marked
+        unusable, if it does not read back."""
         cand = record.candidate(index)  # type: ignore[arg-type]
         assert cand is not None and cand.adapter is not None
         try:
-            await self.ports.manifests.read(cand.adapter)
-            return True
+            return await self.ports.manifests.read(cand.adapter)
         except (IntegrityError, AdapterNotFound) as exc:
             reason = f"adapter {cand.adapter_id} cannot be used: {exc}"
             log.warning(reason)
@@ -310,7 +313,7 @@ class Ledger:
                 return current.with_candidate(now_cand.model_copy(update={"result": "unusable", "passed": False, "reasons": (reason,)}))
 
             await self._update(record.scope, record.feedback_id, change)
-            return False
+            return None
 
     async def _rebase_material(
         self, record: FeedbackRecord, index: int | None
@@ -337,16 +340,13 @@ class Ledger:
         assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
         now, by = self.ports.clock(), record.decided_by
         head_now = await self.head(record.scope)
-        if not (head_now and head_now.promoted_as(cand.adapter_id)) and not await self._intact(record, record.chosen):
-            # Checked before the head moves (the head is the commit point): an adapter that went
+        if head_now and head_now.promoted_as(cand.adapter_id):
+            manifest = await self.ports.manifests.read(cand.adapter)  # a re-run: the head moved already
+        elif (manifest := await self._usable_manifest(record, record.chosen)) is None:
+            # Read before the head moves (the head is the commit point): an adapter that went
             # missing or corrupt since the decision (one held for an operator's approval, say)
-            # must not become the active version. The candidate is marked unusable; the record
-            # goes back to be decided again.
-            await self._update(
-                record.scope, record.feedback_id,
-                lambda cur: cur.model_copy(update={"state": "collecting", "chosen": None, "decided_by": None, "decided_at": None})
-                if cur is not None and cur.state == "promoting" else None,
-            )
+            # must not become the active version. The record goes back to be decided again.
+            await self._back_off(record, head_now, now, pinned=False)
             return
         found = pr.HeadMove()
         head = await self.ports.state.compare_and_set(
@@ -357,7 +357,6 @@ class Ledger:
             return
         version = found.version
         assert version is not None
-        manifest = await self.ports.manifests.read(cand.adapter)
         tags = pr.version_record(record, cand, version, manifest, self.ports.trace_id(), now)
         await self.ports.state.put(KV_REGISTRY, version_key(record.scope, version), tags)
         await self.ports.state.compare_and_set(
@@ -375,10 +374,11 @@ class Ledger:
         )
 
     async def _back_off(self, record: FeedbackRecord, head: ScopeHead | None, now: datetime, pinned: bool) -> None:
-        """The head moved (or got pinned) between the decision and the promotion.
+        """The head moved (or got pinned), or the chosen adapter became unusable, between the
+        decision and the promotion.
 
-        Pinned: the candidate is held. Moved: the record goes back to
-        ``collecting``, where the next step plans its rebase (or gives up)."""
+        Pinned: the candidate is held. Otherwise the record goes back to ``collecting``, where
+        the next step plans its rebase, another candidate, or gives up."""
 
         def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
             if current is None or current.state != "promoting":
