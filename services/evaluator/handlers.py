@@ -44,7 +44,7 @@ from shared.events import (
     probes_by_source,
 )
 from shared.registry_view import AcceptedProbes, ScopePolicy
-from shared.scoring import normalize_answer, rules_only
+from shared.scoring import ClosedBookResult, normalize_answer, rules_only
 from shared.telemetry import current_trace_id
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,15 @@ def _evaluate(
         except UnusableAdapter as exc:
             return [_failed(event, f"candidate adapter {event.adapter_id}: {exc}")]
 
-    base_core = _base_core(ports, policy) if parent_ref is not None else None
+    base = _base_core(ports, policy) if parent_ref is not None else None
     if ports.measurer.judge_misses != misses:
         # The judge went quiet during this evaluation: one side (say the parent, from the cache)
         # may carry its verdicts and the other not. Compare what the rules alone say, on every side.
         log.warning("adapter %s: the judge gave no verdict on some answers; graded by the rules alone", event.adapter_id)
         parent_results = {name: rules_only(r) for name, r in parent_results.items()}
         candidate_results = {name: rules_only(r) for name, r in candidate_results.items()}
-        base_core = _base_core(ports, policy, rules=True) if parent_ref is not None else None
+        base = rules_only(base) if base is not None else None
+    base_core = base.accuracy if base is not None else None
     candidate = scores_of(candidate_results, ports.product_weight)
     parent = scores_of(parent_results, ports.product_weight)
     verdict = judge_update(candidate, parent, policy, candidate_results, parent_results, owners, base_core=base_core)
@@ -208,13 +209,11 @@ def _evaluate(
     ]
 
 
-def _base_core(ports: EvaluatorPorts, policy: ScopePolicy, *, rules: bool = False) -> float | None:
-    """The base model's core accuracy (measured once, then from the cache), where a gate needs it
-    (``rules``: as the rules alone grade it)."""
+def _base_core(ports: EvaluatorPorts, policy: ScopePolicy) -> ClosedBookResult | None:
+    """The base model's core results (measured once, then from the cache), where a gate needs them."""
     if not ports.core_set or policy.max_core_drop_from_base >= 1.0:
         return None
-    base = ports.measurer.measure(base_model_key(ports.base_sha256, ports.model_name), lambda: None, {CORE: ports.core_set})
-    return (rules_only(base[CORE]) if rules else base[CORE]).accuracy
+    return ports.measurer.measure(base_model_key(ports.base_sha256, ports.model_name), lambda: None, {CORE: ports.core_set})[CORE]
 
 
 def _parent(event: AdapterTrained, ref: ManifestRef | None, dest: Path, ports: EvaluatorPorts):  # noqa: ANN202

@@ -136,20 +136,20 @@ class Measurer:
         log.info("measured %s on %d questions (%s)", model_key, len(set(questions)), ", ".join(missing))
         offset = 0
         for name, (probes, digest) in missing.items():
-            unanswered: list[str] = []
-            result = grade_answers(probes, answers[offset : offset + len(probes)], self._asking(unanswered))
+            misses = self.judge_misses
+            result = grade_answers(probes, answers[offset : offset + len(probes)], self._counting_judge())
             offset += len(probes)
-            if unanswered:
+            if self.judge_misses != misses:
                 # Graded by the rules alone where the judge did not answer (down, or paused): a
                 # later measurement, with the judge back, must not be compared with this one.
-                log.info("%s's %s not cached: the judge gave no verdict on %d answers", model_key, name, len(unanswered))
+                log.info("%s's %s not cached: the judge gave no verdict on %d answers", model_key, name, self.judge_misses - misses)
             else:
                 self.cache.put(model_key, digest, result)
             results[name] = result
         return results
 
-    def _asking(self, unanswered: list[str]) -> Judge | None:
-        """The judge, noting in ``unanswered`` each question it gave no verdict on."""
+    def _counting_judge(self) -> Judge | None:
+        """The judge, counting in ``judge_misses`` each answer it gave no verdict on."""
         judge = self.judge
         if judge is None:
             return None
@@ -157,7 +157,6 @@ class Measurer:
         def asking(question: str, prediction: str, references: Sequence[str]) -> bool | None:
             verdict = judge(question, prediction, references)
             if verdict is None:
-                unanswered.append(question)
                 self.judge_misses += 1
             return verdict
 
