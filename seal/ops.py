@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NoReturn, get_args
 
 import httpx
 import typer
@@ -74,34 +74,32 @@ def call(url: str, method: str, path: str, body: Any = None, params: dict[str, A
         try:
             with client_factory(url) as client:
                 response = client.request(method, path, json=body, params=params)
-        except httpx.TransportError as exc:
-            if attempt < tries:
+        except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.TransportError) and attempt < tries:
                 errors.print(f"[yellow]no answer from the registry ({exc}); sending it again with the same request id[/]")
                 time.sleep(ACTION_RETRY_S * attempt)
                 continue
-            return _answer(url, exc, None)
+            _no_answer(url, exc)
         if response.status_code >= 500 and attempt < tries:
             errors.print(f"[yellow]the registry answered {response.status_code}; sending it again with the same request id[/]")
             time.sleep(ACTION_RETRY_S * attempt)
             continue
-        return _answer(url, None, response)
+        return _answer(url, response)
     raise AssertionError("unreachable")
 
 
-def _answer(url: str, failure: httpx.TransportError | None, response: httpx.Response | None) -> Any:
-    """The registry's JSON answer, or a readable error and an exit."""
-    try:
-        if failure is not None:
-            raise failure
-        assert response is not None
-    except httpx.TimeoutException as exc:
+def _no_answer(url: str, exc: httpx.HTTPError) -> NoReturn:
+    if isinstance(exc, httpx.TimeoutException):
         # The request may have arrived: an approval, a rejection or a rollback may have been applied.
         errors.print(f"[red]the registry at {url} did not answer in time[/] ({exc}); "
                      "a change may still have been applied: check before repeating it")
-        raise typer.Exit(2) from exc
-    except httpx.HTTPError as exc:
+    else:
         errors.print(f"[red]cannot reach the registry at {url}[/] ({exc}); is it running? (--url / SEAL_REGISTRY_URL)")
-        raise typer.Exit(2) from exc
+    raise typer.Exit(2) from exc
+
+
+def _answer(url: str, response: httpx.Response) -> Any:
+    """The registry's JSON answer, or a readable error and an exit."""
     if not response.is_success:  # redirects included: a proxy in front of the registry answers for it
         try:
             payload = response.json()

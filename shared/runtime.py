@@ -41,20 +41,12 @@ def service_app(
 ) -> AsgiFastStream:
     @get
     async def readyz(scope: Any) -> AsgiResponse:
-        ok = False
-        try:
-            ok = bool(ready())
-        except Exception:  # noqa: BLE001 - a failing check means "not ready"
-            ok = False
+        ok = _holds(ready)
         return AsgiResponse(b"ready" if ok else b"not ready", status_code=200 if ok else 503)
 
     @get
     async def healthz(scope: Any) -> AsgiResponse:
-        try:
-            ok = bool(alive())
-        except Exception:  # noqa: BLE001 - a failing check means "not alive"
-            ok = False
-        if not ok:
+        if not _holds(alive):
             # A worker pod sits behind no Service: NotReady would not stop it taking messages it can
             # only fail. Liveness failing restarts it.
             return AsgiResponse(b"broken", status_code=500)
@@ -70,6 +62,14 @@ def service_app(
         after_startup=[consumers_as_configured, *after_startup],
         on_shutdown=on_shutdown,
     )
+
+
+def _holds(check: Callable[[], bool]) -> bool:
+    """A service's own check; one that fails counts as not holding."""
+    try:
+        return bool(check())
+    except Exception:  # noqa: BLE001 - a failing check means "not ready" / "not alive"
+        return False
 
 
 def serve(app: AsgiFastStream, settings: ServiceSettings) -> None:
