@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.registry_view import ScopePolicy, UnreadableRecord
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
@@ -31,6 +32,8 @@ from .records import (
 )
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # A listing reads records (and writes missing arrival keys) at most this many at once, and
 # after this many point reads beyond its limit, reads the rest of the scope in one pass.
@@ -101,12 +104,9 @@ async def list_versions(ledger: Ledger, scope: str, limit: int = VERSION_LIST_LI
 
 
 async def _version(ledger: Ledger, scope: str, number: int) -> VersionRecord | None:
-    """A version record for a listing: one that does not parse is left out (logged), not fatal."""
-    try:
-        return await ledger.ports.state.read(KV_REGISTRY, version_key(scope, number), VersionRecord)
-    except UnreadableRecord as exc:
-        log.warning("version %d of %s left out of a listing: %s", number, scope, exc)
-        return None
+    """A version record for a listing (None: gone, or left out, see :func:`_listed`)."""
+    return await _listed(ledger.ports.state.read(KV_REGISTRY, version_key(scope, number), VersionRecord),
+                         f"version {number} of {scope}")
 
 
 async def version_lineage(ledger: Ledger, scope: str, version: int) -> dict[str, Any]:
@@ -283,9 +283,7 @@ async def _latest(ledger: Ledger, scope: str, state: str | None, limit: int) -> 
             if walk[start][0] < arrival_stamp(boundary.first_seen_at):
                 break
         if reads >= limit + LISTING_POINT_READS:
-            rest = {token for _, token in walk[start:]}
-            everything = await store.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
-            records += [r for key, r in everything.items() if key.split(".", 2)[2] in rest and wanted(r)]
+            records += await _scope_records(ledger, scope, {token for _, token in walk[start:]}, state)
             break
         batch = walk[start:start + size]
         start, size, reads = start + len(batch), min(size * 2, LISTING_BATCH), reads + len(batch)
@@ -302,8 +300,7 @@ async def _index(ledger: Ledger, scope: str, tokens: set[str]) -> list[FeedbackR
         found = await asyncio.gather(*(_readable(ledger, scope, token_id(token)) for token in tokens))
         records = [r for r in found if r is not None]
     else:
-        everything = await store.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
-        records = [r for key, r in everything.items() if key.split(".", 2)[2] in tokens]
+        records = await _scope_records(ledger, scope, tokens)
     for start in range(0, len(records), LISTING_BATCH):
         await asyncio.gather(*(
             store.put(KV_REGISTRY, arrival_key(scope, r.first_seen_at, r.feedback_id), Marker(at=r.first_seen_at, feedback_id=r.feedback_id))
@@ -315,10 +312,21 @@ async def _index(ledger: Ledger, scope: str, tokens: set[str]) -> list[FeedbackR
 
 
 async def _readable(ledger: Ledger, scope: str, feedback_id: str) -> FeedbackRecord | None:
-    """A feedback record for a listing: one that does not parse is left out (logged), not fatal."""
+    """A feedback record for a listing (None: gone, or left out, see :func:`_listed`)."""
+    return await _listed(ledger.record(scope, feedback_id), f"feedback {feedback_id} of {scope}")
+
+
+async def _listed(reading: Awaitable[R], what: str) -> R | None:
+    """A record for a listing: one that does not parse is left out (logged), not fatal."""
     try:
-        return await ledger.record(scope, feedback_id)
+        return await reading
     except UnreadableRecord as exc:
-        log.warning("feedback %s of %s left out of a listing: %s", feedback_id, scope, exc)
+        log.warning("%s left out of a listing: %s", what, exc)
         return None
+
+
+async def _scope_records(ledger: Ledger, scope: str, tokens: set[str], state: str | None = None) -> list[FeedbackRecord]:
+    """The scope's records named by ``tokens`` (in ``state``, if given), in one pass over the scope."""
+    everything = await ledger.ports.state.entries(KV_REGISTRY, f"feedback.{scope}.*", FeedbackRecord, skip_unreadable=True)
+    return [r for key, r in everything.items() if key.split(".", 2)[2] in tokens and (state is None or r.state == state)]
 
