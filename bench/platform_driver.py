@@ -57,12 +57,8 @@ def answers_with(
     """Each set asked closed-book with ``directory``'s adapter on the base (or the base alone)."""
     if directory is None:
         return [closed_book_accuracy(lm, questions) for questions in question_sets]
-    host.load("bench", directory)
-    host.activate("bench")
-    try:
+    with host.applied("bench", directory):
         return [closed_book_accuracy(lm, questions) for questions in question_sets]
-    finally:
-        host.remove("bench")
 
 
 @contextmanager

@@ -78,12 +78,8 @@ def adapter_applied(lm: LoadedModel, host: AdapterHost, store: AdapterStore, ref
         return
     with tempfile.TemporaryDirectory(prefix="seal-demo-") as folder:
         store.get_adapter(ref, Path(folder) / "adapter")
-        host.load("demo", Path(folder) / "adapter")
-        host.activate("demo")
-        try:
+        with host.applied("demo", Path(folder) / "adapter"):
             yield lm  # the adapter's layers are in the base model itself
-        finally:
-            host.remove("demo")
 
 
 def progress_table(items: list[DemoItem], ids: dict[str, str], progress: dict[str, FeedbackProgress], started: float) -> Table:

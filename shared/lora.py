@@ -197,6 +197,15 @@ class AdapterHost:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @contextmanager
+    def applied(self, name: str, directory: str | Path) -> Iterator[None]:
+        """Inside this block, the PEFT directory is loaded as ``name`` and active; then removed."""
+        self.load(name, directory)
+        try:
+            yield
+        finally:
+            self.remove(name)
+
+    @contextmanager
     def base_only(self) -> Iterator[torch.nn.Module]:
         """Run the bare base model inside this block, whatever is loaded."""
         if self._peft is None:

@@ -25,3 +25,19 @@ def test_default_model_loads_offline_and_knows_paris(default_model: LoadedModel,
     assert default_model.model.config.num_hidden_layers == 30
     [[answer]] = generate(default_model, [chat_prompt(default_model, "What is the capital of France?")], max_new_tokens=24)
     assert "Paris" in answer
+
+
+def test_an_applied_adapter_is_active_inside_its_block_and_gone_after(tiny_model: LoadedModel, tmp_path) -> None:
+    from shared.lora import AdapterHost, lora_config
+
+    maker = AdapterHost(tiny_model.model)
+    maker.add_fresh("made", lora_config(tiny_model.model, rank=4, alpha=8, target_modules="all-linear"))
+    maker.save("made", tmp_path / "adapter")
+    maker.remove("made")
+    host = AdapterHost(tiny_model.model)
+    with host.applied("demo", tmp_path / "adapter"):
+        assert host.names == ["demo"] and host.active == "demo"
+    assert host.names == []
+    with pytest.raises(RuntimeError), host.applied("demo", tmp_path / "adapter"):
+        raise RuntimeError("a failure inside the block")
+    assert host.names == []  # taken off all the same
