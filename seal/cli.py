@@ -1,7 +1,7 @@
 """The ``seal`` command: run the embedded stack, and operate the platform.
 
     seal up              start nats-server, the S3 server and the services; Ctrl-C stops all
-    seal up --check      start, show health, stop (used by scripts and CI)
+    seal up --check      start nats-server and the S3 server only, show their health, stop
     seal status          is a running stack healthy?
 """
 
@@ -32,8 +32,9 @@ SERVICES = ("registry", "generator", "trainer", "evaluator")
 SERVICE_PORT_BASE = 18080  # registry 18080 (HTTP API), generator 18081, trainer 18082, evaluator 18083
 # The demo on a CPU: the trainer's default rehearsal (158 base answers, 16 per step, weight 3)
 # makes one update of the default model take 9-10 minutes on 2 cores; the demo holds the model
-# with the lighter one (64 answers, 4 per step, weight 1: 3-4 minutes) so that two passages
-# fit in about 15. It forgets more (bench/RESULTS.md). Variables set in the environment win.
+# with the lighter one (64 answers, 4 per step, weight 1: 3-4 minutes) so that the demo's two
+# passages take 10 to 12 minutes (bench/RESULTS.md, "Demo"). It forgets more. Variables set in
+# the environment win.
 DEMO_CPU_SETTINGS = {
     "SEAL_TRAINER__REHEARSAL_PAIRS": "64",
     "SEAL_TRAINER__REHEARSAL_WEIGHT": "1.0",
@@ -247,7 +248,7 @@ def stop_services(procs: dict[str, subprocess.Popen]) -> None:
 @app.command()
 def up(
     home: Path = HomeOption,
-    check: bool = typer.Option(False, "--check", help="Start, show health, then stop."),
+    check: bool = typer.Option(False, "--check", help="Start nats-server and the S3 server only (not the services), show their health, then stop."),
     services: bool = typer.Option(True, "--services/--no-services", help="Also run the four services."),
     model: str = typer.Option("default", "--model", envvar="SEAL_MODEL__NAME", help="Base model: default, tiny, a hub id or a path."),
 ) -> None:
@@ -321,7 +322,7 @@ def demo(
         None, "--home", help="Folder for the stack's data, kept as it is. Default: .seal-demo, emptied at every start."
     ),
     model: str = typer.Option("default", "--model", envvar="SEAL_MODEL__NAME", help="Base model for all services."),
-    data: Path = typer.Option(None, "--data", help="Passages with questions (dev.jsonl format); default: the demo set."),
+    data: Path = typer.Option(None, "--data", help="Passages with questions, one JSON object a line as in seal/data/demo.jsonl; default: that demo set."),
     scope: str = typer.Option("demo", "--scope", help="Scope (adapter line) the demo teaches."),
 ) -> None:
     """Run the whole loop on the embedded stack: feedback in, adapter versions out."""
@@ -383,15 +384,11 @@ def status(home: Path = HomeOption) -> None:
         raise typer.Exit(1)
 
 
-def _register_optional_commands() -> None:
-    try:
-        from seal.ops import register
-    except ImportError:
-        return
-    register(app)
+# The operator commands (submit, versions, approve, ...): imported here, at the end, because
+# they register on ``app``; a missing dependency is an error, not commands quietly gone.
+from seal.ops import register  # noqa: E402
 
-
-_register_optional_commands()
+register(app)
 
 
 if __name__ == "__main__":

@@ -148,14 +148,14 @@ def submit(
     scope: str = ScopeOption,
     passage: str | None = typer.Option(None, "--passage", help="New knowledge, as text."),
     file: Path | None = typer.Option(None, "--file", exists=True, dir_okay=False, help="New knowledge, from a file."),
-    title: str | None = typer.Option(None, "--title"),
+    title: str | None = typer.Option(None, "--title", help="A short title for the passage (it names the subject in probes)."),
     probe: list[str] = typer.Option([], "--probe", help="A closed-book check 'question=answer' (repeatable)."),
     question: str | None = typer.Option(None, "--question", help="Correction: the question answered wrongly."),
     answer: str | None = typer.Option(None, "--answer", help="Correction: the right answer."),
     submitted_by: str | None = typer.Option(None, "--by", help="Who submits it (product or person)."),
     feedback_id: str | None = typer.Option(None, "--feedback-id", help="Your own id, unique across scopes (a retry with it is deduplicated)."),
     url: str = UrlOption,
-    as_json: bool = JsonOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the one-line summary."),
 ) -> None:
     """Submit feedback: new knowledge (--passage/--file) or a correction (--question/--answer)."""
     if question or answer:
@@ -200,7 +200,7 @@ def scopes(url: str = UrlOption, as_json: bool = JsonOption) -> None:
 
 def versions(
     scope: str = ScopeOption,
-    limit: int = typer.Option(VERSION_LIST_LIMIT, "--limit", min=1, max=VERSION_LIST_MAX, help="the latest this many"),
+    limit: int = typer.Option(VERSION_LIST_LIMIT, "--limit", min=1, max=VERSION_LIST_MAX, help="Show the latest this many."),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -222,7 +222,7 @@ def versions(
 
 
 def lineage(
-    scope: str | None = typer.Option(None, "--scope", "-s"),
+    scope: str | None = typer.Option(None, "--scope", "-s", help="The scope of --version."),
     version: int | None = typer.Option(None, "--version", "-v", help="Version -> evaluation, training, self-edit, feedback."),
     feedback: str | None = typer.Option(None, "--feedback", "-f", help="Feedback id -> what became of it."),
     url: str = UrlOption,
@@ -275,7 +275,7 @@ def print_fate(fate: dict[str, Any]) -> None:
 def feedback_list(
     scope: str = ScopeOption,
     state: str | None = typer.Option(None, "--state", help=f"one of: {', '.join(get_args(FeedbackState))}"),
-    limit: int = typer.Option(FEEDBACK_LIST_LIMIT, "--limit", min=1, max=FEEDBACK_LIST_MAX, help="the latest this many"),
+    limit: int = typer.Option(FEEDBACK_LIST_LIMIT, "--limit", min=1, max=FEEDBACK_LIST_MAX, help="Show the latest this many."),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -365,7 +365,7 @@ def unpin(
 def ask(
     question: str = typer.Argument(..., help="The question."),
     scope: str = ScopeOption,
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest answer, in tokens (default: the registry's)."),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
