@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -32,6 +33,32 @@ Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2_000)]
 LONG_TEXT_CHARS = 20_000
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=LONG_TEXT_CHARS)]
+# Closed-book accuracies are fractions; a reward is the change of one, so it lies in [-1, 1].
+Accuracy = Annotated[float, Field(ge=0.0, le=1.0)]
+Reward = Annotated[float, Field(ge=-1.0, le=1.0)]
+# A version number; the first version of a scope is 1.
+VersionNumber = Annotated[int, Field(ge=1)]
+REASON_CHARS = 2_000
+MAX_REASONS = 100
+
+
+def _cut_reason(value: Any) -> Any:
+    # A reason is written by a service from an exception or a gate; one from PEFT or torch can
+    # list every tensor (tens of KB). It is cut, with a mark, rather than refused: refusing it
+    # would lose the event that reports the failure.
+    if isinstance(value, str) and len(value) > REASON_CHARS:
+        return value[: REASON_CHARS - 1] + "\u2026"
+    return value
+
+
+def _cut_reasons(value: Any) -> Any:
+    if isinstance(value, list | tuple) and len(value) > MAX_REASONS:
+        return (*value[: MAX_REASONS - 1], f"... and {len(value) - MAX_REASONS + 1} more")
+    return value
+
+
+Reason = Annotated[str, BeforeValidator(_cut_reason)]
+Reasons = Annotated[tuple[Reason, ...], BeforeValidator(_cut_reasons)]
 
 
 def new_id() -> str:
@@ -74,7 +101,9 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
 class Contract(BaseModel):
     """Base for every value object that crosses a service boundary."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", str_max_length=100_000)
+    # No NaN or infinity anywhere: JSON parsing takes the bare tokens, and one NaN reward makes
+    # every comparison among a feedback's candidates false.
+    model_config = ConfigDict(frozen=True, extra="ignore", str_max_length=100_000, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- values
@@ -246,7 +275,7 @@ class PolicyExample(Contract):
 
     prompt: LongText
     completion: LongText
-    reward: float = 0.0
+    reward: Reward = 0.0
 
 
 class ManifestRef(Contract):
@@ -259,13 +288,13 @@ class ManifestRef(Contract):
 class Scores(Contract):
     """Closed-book accuracies in [0, 1]; ``None`` where a set was empty."""
 
-    target: float | None = None
-    target_product: float | None = None
-    target_self_generated: float | None = None
-    regression: float | None = None
-    core: float | None = None
-    earlier_feedback: float | None = None
-    details: dict[str, float] = Field(default_factory=dict)
+    target: Accuracy | None = None
+    target_product: Accuracy | None = None
+    target_self_generated: Accuracy | None = None
+    regression: Accuracy | None = None
+    core: Accuracy | None = None
+    earlier_feedback: Accuracy | None = None
+    details: dict[Annotated[str, StringConstraints(max_length=200)], float] = Field(default_factory=dict, max_length=256)
 
 
 class GateResult(Contract):
@@ -273,7 +302,7 @@ class GateResult(Contract):
     passed: bool
     value: float | None = None
     threshold: float | None = None
-    reason: str = ""
+    reason: Reason = ""
 
 
 # --------------------------------------------------------------------------- events

@@ -46,6 +46,9 @@ from shared.contracts import (  # noqa: F401 - re-exported: the values are part 
     PreferenceExample,
     PreferenceFeedback,
     Probe,
+    Reason,
+    Reasons,
+    Reward,
     Scope,
     Scores,
     SelfEdit,
@@ -53,6 +56,7 @@ from shared.contracts import (  # noqa: F401 - re-exported: the values are part 
     ShortText,
     TargetModules,
     TrainingDirectives,
+    VersionNumber,
     check_candidate,
     derived_id,
     describe_validation_error,
@@ -135,7 +139,7 @@ class FeedbackSubmitted(Event):
 
 class FeedbackRejected(Event):
     type: Literal["feedback.rejected"] = "feedback.rejected"
-    reason: str
+    reason: Reason
 
 
 class SelfEditGenerated(Event):
@@ -155,7 +159,7 @@ class SelfEditRejected(Event):
     self_edit_id: Identifier
     candidate_index: CandidateIndex = 0
     candidate_count: CandidateCount = 1
-    reasons: tuple[str, ...]
+    reasons: Reasons
 
 
 class RebaseRequested(Event):
@@ -164,7 +168,7 @@ class RebaseRequested(Event):
     type: Literal["training.rebase_requested"] = "training.rebase_requested"
     self_edit: SelfEdit
     probes: tuple[Probe, ...] = Field(default=(), max_length=MAX_PROBES)
-    parent_version: int | None = None
+    parent_version: VersionNumber | None = None
     attempt: int = Field(default=1, ge=1)
 
 
@@ -175,7 +179,7 @@ class AdapterTrained(Event):
     candidate_index: CandidateIndex = 0
     candidate_count: CandidateCount = 1
     parent_adapter_id: Identifier | None = None
-    parent_version: int | None = None
+    parent_version: VersionNumber | None = None
     parent_adapter: ManifestRef | None = None
     adapter: ManifestRef
     probes: tuple[Probe, ...] = Field(default=(), max_length=MAX_PROBES)
@@ -189,7 +193,7 @@ class AdapterTrainingFailed(Event):
     self_edit_id: Identifier
     candidate_index: CandidateIndex = 0
     candidate_count: CandidateCount = 1
-    reason: str
+    reason: Reason
 
 
 class AdapterEvaluated(Event):
@@ -199,15 +203,15 @@ class AdapterEvaluated(Event):
     candidate_index: CandidateIndex = 0
     candidate_count: CandidateCount = 1
     parent_adapter_id: Identifier | None = None
-    parent_version: int | None = None
+    parent_version: VersionNumber | None = None
     parent_adapter: ManifestRef | None = None
     adapter: ManifestRef
     candidate_scores: Scores
     parent_scores: Scores
-    reward: float
+    reward: Reward
     passed: bool
-    gates: tuple[GateResult, ...] = ()
-    reasons: tuple[str, ...] = ()
+    gates: tuple[GateResult, ...] = Field(default=(), max_length=16)
+    reasons: Reasons = ()
     probes: tuple[Probe, ...] = Field(default=(), max_length=MAX_PROBES)
     trace_id: str | None = None
 
@@ -218,16 +222,16 @@ class AdapterEvaluationFailed(Event):
     self_edit_id: Identifier
     candidate_index: CandidateIndex = 0
     candidate_count: CandidateCount = 1
-    reason: str
+    reason: Reason
 
 
 class AdapterPromoted(Event):
     type: Literal["adapter.promoted"] = "adapter.promoted"
     adapter_id: Identifier
     version: int = Field(ge=1)
-    previous_version: int | None = None
+    previous_version: VersionNumber | None = None
     adapter: ManifestRef
-    reward: float | None = None
+    reward: Reward | None = None
     approved_by: str | None = None
 
 
@@ -235,7 +239,7 @@ class AdapterRejected(Event):
     type: Literal["adapter.rejected"] = "adapter.rejected"
     adapter_id: Identifier | None = None
     self_edit_id: Identifier | None = None
-    reasons: tuple[str, ...]
+    reasons: Reasons
     rejected_by: str | None = None
 
 
@@ -243,15 +247,15 @@ class AdapterAwaitingApproval(Event):
     type: Literal["adapter.awaiting_approval"] = "adapter.awaiting_approval"
     adapter_id: Identifier
     adapter: ManifestRef
-    reward: float | None = None
+    reward: Reward | None = None
 
 
 class AdapterRolledBack(Event):
     type: Literal["adapter.rolled_back"] = "adapter.rolled_back"
-    from_version: int | None = None
-    to_version: int
+    from_version: VersionNumber | None = None
+    to_version: VersionNumber
     operator: str
-    reason: str
+    reason: Reason
 
 
 class PolicyTrainingRequested(Event):
@@ -277,7 +281,7 @@ class OperatorAction(Event):
     action: Literal["approve", "reject", "rollback", "pin", "unpin", "set_policy"]
     operator: ShortText
     reason: ShortText
-    target_version: int | None = None
+    target_version: VersionNumber | None = None
     adapter_id: Identifier | None = None
 
 

@@ -22,6 +22,11 @@ SELF_EDIT = ev.SelfEdit(
     candidate_count=3,
 )
 COMMON = {"feedback_id": "fb1", "scope": "acme"}
+EVALUATED = {
+    "type": "adapter.evaluated", "feedback_id": "f", "scope": "s", "adapter_id": "a", "self_edit_id": "e",
+    "adapter": {"uri": "s3://b/k", "manifest_sha256": "0" * 64}, "candidate_scores": {}, "parent_scores": {},
+    "reward": 0.2, "passed": True,
+}
 
 EXAMPLES: list[ev.Event] = [
     ev.FeedbackSubmitted(**COMMON, content=ev.KnowledgeFeedback(passage="Quellmoor ...", title="Q", probes=(PROBE,))),
@@ -137,6 +142,25 @@ def test_caused_events_keep_lineage_and_are_deterministic() -> None:
              "candidate_index": -1, "candidate_count": 3},
             "candidate_index: Input should be greater than or equal to 0",
         ),
+        # NaN and infinity (bare JSON tokens): one NaN reward made the registry's choice among
+        # the candidates fail on every event that completed the feedback
+        (
+            '{"type": "adapter.evaluated", "feedback_id": "f", "scope": "s", "adapter_id": "a", "self_edit_id": "e",'
+            ' "adapter": {"uri": "s3://b/k", "manifest_sha256": "' + "0" * 64 + '"},'
+            ' "candidate_scores": {}, "parent_scores": {}, "reward": NaN, "passed": true}',
+            "reward: Input should be a finite number",
+        ),
+        (
+            {**EVALUATED, "candidate_scores": {"core": 1.5}},
+            "candidate_scores.core: Input should be less than or equal to 1",
+        ),
+        (
+            '{"type": "adapter.trained", "feedback_id": "f", "scope": "s", "adapter_id": "a", "self_edit_id": "e",'
+            ' "adapter": {"uri": "s3://b/k", "manifest_sha256": "' + "0" * 64 + '"}, "final_loss": Infinity}',
+            "final_loss: Input should be a finite number",
+        ),
+        ({**EVALUATED, "reward": 3.0}, "reward: Input should be less than or equal to 1"),
+        ({**EVALUATED, "parent_version": -7}, "parent_version: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_payloads_raise_readable_errors(payload: object, expected: str) -> None:
@@ -178,3 +202,15 @@ def test_streams_hold_every_subject_and_consumers_are_unique() -> None:
     durables = [c.durable for c in CONSUMERS]
     assert len(durables) == len(set(durables))
     assert subject_for(EXAMPLES[0]) == "seal.events.feedback.submitted"
+
+
+def test_long_reasons_are_cut_not_refused() -> None:
+    """A failure's reason comes from an exception (PEFT lists every tensor); refusing it would
+    lose the event that reports the failure, so it is cut, and so is a long list of them."""
+    failed = ev.AdapterEvaluationFailed(**COMMON, adapter_id="a1", self_edit_id="se1", reason="size mismatch " * 10_000)
+    assert len(failed.reason) == 2_000 and failed.reason.endswith("\u2026")
+    rejected = ev.AdapterRejected(**COMMON, reasons=tuple(f"forgot question {i}" for i in range(150)))
+    assert len(rejected.reasons) == 100 and rejected.reasons[-1] == "... and 51 more"
+    assert rejected.reasons[:99] == tuple(f"forgot question {i}" for i in range(99))
+    again = ev.parse_event(rejected.model_dump_json())
+    assert again == rejected
