@@ -12,6 +12,7 @@ JetStream's acknowledgement before its message is terminated.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, NoReturn
 
@@ -139,6 +140,12 @@ class DeadLetterMiddleware(BaseMiddleware):
             log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, reason)
             await self._reject(msg, reason, exc)
         except Exception as exc:
+            unreadable = _unreadable_body(msg)
+            if unreadable is not None:
+                # FastStream decodes the body before the handler runs, and its errors (a JSON
+                # syntax error, an integer of thousands of digits) look transient; no retry reads it.
+                log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, unreadable)
+                await self._reject(msg, unreadable, exc)
             delivered, limit, spec = _deliveries(msg)
             reason = f"{type(exc).__name__}: {exc}"
             if delivered >= limit:
@@ -221,6 +228,20 @@ def _readable(exc: Exception) -> str:
     if isinstance(exc, RecursionError):
         return "invalid payload: nested too deeply to read"
     return str(exc) or type(exc).__name__
+
+
+def _unreadable_body(msg: Any) -> str | None:
+    """Why the message's body is no JSON at all, or None where it is (or there is no body)."""
+    body = getattr(msg, "body", None)
+    if not isinstance(body, bytes | str) or not body:
+        return None
+    try:
+        json.loads(body)
+    except RecursionError:
+        return "invalid payload: nested too deeply to read"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
+        return f"invalid payload: not readable as JSON ({str(exc)[:200]})"
+    return None
 
 
 def _delivery(msg: Any) -> tuple[int, str | None]:

@@ -409,6 +409,53 @@ async def test_a_body_nested_too_deep_to_decode_is_dead_lettered_at_once() -> No
     assert stored and stored[0][REASON_HEADER] == "invalid payload: nested too deeply to read"
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b'{"feedback_id": "fb-1", "scope": ', "Expecting value"),
+        (b'{"feedback_id": "fb-1", "n": ' + b"9" * 5000 + b"}", "integer string conversion"),
+        (b'{"a": "\xc3\x28"}', "can't decode byte"),
+    ],
+)
+async def test_a_body_that_is_no_json_is_dead_lettered_at_once(body: bytes, why: str) -> None:
+    """FastStream decodes the body before the handler runs; its error (a syntax error, an integer of
+    thousands of digits, bytes that are no UTF-8) is a plain ValueError, which looked transient: five
+    deliveries, then "failed 5 times". No retry reads such a body: it is dead-lettered at once."""
+    import json as stdlib_json
+
+    from faststream.exceptions import RejectMessage
+
+    from shared.subjects import GENERATOR_FEEDBACK
+
+    stored: list[dict] = []
+
+    class Broker:
+        async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> None:
+            stored.append(headers)
+
+    async def decoding(message: object) -> None:
+        stdlib_json.loads(message.body)  # type: ignore[attr-defined]
+
+    msg = jetstream_message(1, GENERATOR_FEEDBACK.durable, body=body)
+    with pytest.raises(RejectMessage):
+        await dead_letter_middleware("generator", msg, Broker()).consume_scope(decoding, msg)
+    assert stored and stored[0][REASON_HEADER].startswith("invalid payload: not readable as JSON (")
+    assert why in stored[0][REASON_HEADER]
+
+
+async def test_a_readable_body_with_a_failing_handler_is_still_retried() -> None:
+    from faststream.exceptions import NackMessage
+
+    from shared.subjects import GENERATOR_FEEDBACK
+
+    async def failing(_: object) -> None:
+        raise ValueError("the S3 server said no")
+
+    msg = jetstream_message(1, GENERATOR_FEEDBACK.durable, body=b'{"feedback_id": "fb-1"}')
+    with pytest.raises(NackMessage):
+        await dead_letter_middleware("generator", msg).consume_scope(failing, msg)
+
+
 async def test_liveness_answers_while_the_broker_is_connected(provisioned_stack) -> None:
     import httpx
 

@@ -94,7 +94,7 @@ def judge_with(handler, **settings) -> OpenAICompatibleJudge:  # noqa: ANN001
     return OpenAICompatibleJudge(config, transport=httpx.MockTransport(handler))
 
 
-def reply(text: str) -> httpx.Response:
+def reply(text: object) -> httpx.Response:
     return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": text}}]})
 
 
@@ -115,8 +115,17 @@ def test_judge_speaks_openai_chat_completions() -> None:
     assert "Antarctica" in body["messages"][1]["content"]
 
 
-@pytest.mark.parametrize(("text", "verdict"), [("no", False), ("NO, it is not", False), ("maybe", None), ("", None)])
-def test_judge_verdicts(text: str, verdict: bool | None) -> None:
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [
+        ("no", False), ("NO, it is not", False), ("maybe", None), ("", None), (None, None),
+        # content parts, as some OpenAI-compatible servers answer: used to raise AttributeError
+        # outside the judge's error handling and fail the whole evaluation
+        ([{"type": "text", "text": "Yes"}], True), ([{"type": "image"}, {"type": "text", "text": "no"}], False),
+        ({"unexpected": "shape"}, None), (7, None),
+    ],
+)
+def test_judge_verdicts(text: object, verdict: bool | None) -> None:
     assert judge_with(lambda request: reply(text))("Q?", "x", ["y"]) is verdict
 
 

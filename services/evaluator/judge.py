@@ -70,7 +70,7 @@ class OpenAICompatibleJudge:
                 log.warning("judge failed %d times in a row; rules only for %.0fs: %s", self._failures, PAUSE_S, exc)
             return None
         self._failures = 0
-        word = (text or "").strip().lower().lstrip("\"'*").split(maxsplit=1)
+        word = _text_of(text).strip().lower().lstrip("\"'*").split(maxsplit=1)
         if not word:
             return None
         if word[0].startswith("yes"):
@@ -81,3 +81,13 @@ class OpenAICompatibleJudge:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _text_of(content: object) -> str:
+    """A chat reply's text: a string, or the text parts of a list of content parts (the form some
+    OpenAI-compatible servers answer in); anything else is no verdict, never an error."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
