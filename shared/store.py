@@ -85,6 +85,13 @@ def adapter_prefix(scope: str, adapter_id: str) -> str:
     return f"adapters/{scope}/{adapter_id}"
 
 
+def parse_manifest(body: bytes, uri: str) -> AdapterManifest:
+    try:
+        return AdapterManifest.model_validate_json(body)
+    except ValueError as exc:
+        raise IntegrityError(f"manifest of {uri} is not a valid manifest: {exc}") from exc
+
+
 def parse_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3:// uri: {uri!r}")
@@ -163,8 +170,19 @@ class AdapterStore:
         """Where an adapter of ``scope`` lives in this store (a parent's, from its id)."""
         return f"s3://{self.bucket}/{adapter_prefix(scope, adapter_id)}"
 
-    def exists(self, uri: str) -> bool:
+    def locate(self, uri: str) -> tuple[str, str]:
+        """(bucket, key prefix) of an adapter's URI, which must be in this store's bucket: an event
+        cannot send a service to read from another bucket (or a bucket name the client refuses)."""
         bucket, prefix = parse_uri(uri)
+        if bucket != self.bucket:
+            raise AdapterNotFound(f"{uri} is outside the platform's adapter bucket {self.bucket!r}")
+        return bucket, prefix
+
+    def exists(self, uri: str) -> bool:
+        try:
+            bucket, prefix = self.locate(uri)
+        except AdapterNotFound:
+            return False
         try:
             self.client.stat_object(bucket, f"{prefix}/{MANIFEST}")
             return True
@@ -173,16 +191,17 @@ class AdapterStore:
                 return False
             raise
 
+    def manifest_bytes(self, uri: str) -> bytes:
+        """The stored manifest as it is, read with a size limit."""
+        bucket, prefix = self.locate(uri)
+        return self._get_bytes(bucket, f"{prefix}/{MANIFEST}", uri, limit=MAX_MANIFEST_BYTES)
+
     def read_manifest(self, ref: ManifestRef | str) -> AdapterManifest:
         uri = ref.uri if isinstance(ref, ManifestRef) else ref
-        bucket, prefix = parse_uri(uri)
-        body = self._get_bytes(bucket, f"{prefix}/{MANIFEST}", uri, limit=MAX_MANIFEST_BYTES)
+        body = self.manifest_bytes(uri)
         if isinstance(ref, ManifestRef) and hashlib.sha256(body).hexdigest() != ref.manifest_sha256:
             raise IntegrityError(f"manifest of {uri} does not match the digest in the event")
-        try:
-            return AdapterManifest.model_validate_json(body)
-        except ValueError as exc:
-            raise IntegrityError(f"manifest of {uri} is not a valid manifest: {exc}") from exc
+        return parse_manifest(body, uri)
 
     def get_adapter(self, ref: ManifestRef | str, dest: Path, max_bytes: int | None = None) -> AdapterManifest:
         """Download an adapter into ``dest`` and check every file's sha256.
@@ -193,7 +212,7 @@ class AdapterStore:
         """
         manifest = self.read_manifest(ref)
         uri = ref.uri if isinstance(ref, ManifestRef) else ref
-        bucket, prefix = parse_uri(uri)
+        bucket, prefix = self.locate(uri)
         if len(manifest.files) > MAX_ADAPTER_FILES:
             raise IntegrityError(f"manifest of {uri} lists {len(manifest.files)} files, more than {MAX_ADAPTER_FILES}")
         if max_bytes is not None:

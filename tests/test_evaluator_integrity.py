@@ -152,6 +152,28 @@ async def test_corrupted_parent_fails_the_evaluation(
     assert reason.startswith("parent adapter v1: integrity check failed")
 
 
+@pytest.mark.parametrize("uri", ["s3://Bad_Bucket!/adapters/x", "s3://someone-elses-bucket/adapters/acme/x"])
+async def test_an_adapter_outside_the_platforms_bucket_is_failed_with_the_reason(
+    ports: EvaluatorPorts, uri: str
+) -> None:
+    """A bucket name the S3 client refuses (ValueError) or another bucket (AccessDenied) used to escape
+    as a transient error: five retries, a dead letter, and no evaluation_failed for the registry."""
+    ref = ev.ManifestRef(uri=uri, manifest_sha256="0" * 64)
+    reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="x", probes=PROBES))
+    assert "outside the platform's adapter bucket" in reason
+
+
+async def test_a_parent_from_another_scope_fails_the_evaluation(
+    tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path
+) -> None:
+    """A weak parent of another scope would make any candidate look like a gain."""
+    elsewhere = store_adapter(store, fresh_adapter, scope="other-scope", adapter_id="v1", base_sha256=tiny_model.weights_sha256)
+    child = put(store, fresh_adapter, "child", tiny_model.weights_sha256)
+    event = adapter_trained(child, scope=SCOPE, adapter_id="child", probes=PROBES, parent=elsewhere, parent_adapter_id="v1")
+    reason = await failure_of(ports, event)
+    assert reason.startswith("parent adapter v1:") and "of scope 'other-scope'" in reason
+
+
 async def test_adapter_that_does_not_fit_the_base_is_failed_and_the_base_stays_clean(
     tiny_model: LoadedModel, ports: EvaluatorPorts, store: AdapterStore, fresh_adapter: Path, tmp_path: Path
 ) -> None:

@@ -224,7 +224,7 @@ def _parent(event: AdapterTrained, ref: ManifestRef | None, dest: Path, ports: E
     def fetch() -> Path:
         fetch_adapter(
             ports.adapters, ref, dest, adapter_id=event.parent_adapter_id, base_sha256=ports.base_sha256,
-            max_bytes=ports.max_adapter_bytes,
+            scope=event.scope, max_bytes=ports.max_adapter_bytes,
         )
         return dest
 

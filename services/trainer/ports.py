@@ -26,7 +26,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from shared.events import ManifestRef
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef, read_active, read_policy_adapter
-from shared.store import MANIFEST, AdapterManifest, AdapterStore, parse_uri
+from shared.store import MANIFEST, AdapterManifest, AdapterStore, parse_manifest
 from shared.subjects import KV_IDEMPOTENCY
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,10 @@ class StoredAdapters:
         return self.store.exists(uri)
 
     def stored(self, uri: str) -> tuple[ManifestRef, AdapterManifest]:
-        bucket, prefix = parse_uri(uri)
-        response = self.store.client.get_object(bucket, f"{prefix}/{MANIFEST}")
-        try:
-            body = response.read()
-        finally:
-            response.close()
-            response.release_conn()
-        ref = ManifestRef(uri=uri, manifest_sha256=hashlib.sha256(body).hexdigest())
-        return ref, self.store.read_manifest(ref)
+        """The stored manifest's reference and content, from one read (a write between two reads
+        made them disagree)."""
+        body = self.store.manifest_bytes(uri)
+        return ManifestRef(uri=uri, manifest_sha256=hashlib.sha256(body).hexdigest()), parse_manifest(body, uri)
 
     def put_adapter(self, local_dir: Path, manifest: AdapterManifest) -> ManifestRef:
         return self.store.put_adapter(local_dir, manifest)
