@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
 from services.trainer.lora_training import LoraTrainer
-from services.trainer.ports import ParentCache
+from services.trainer.ports import ParentCache, claim_lost, claim_stale, claim_value
 from shared import events as ev
 from shared.dead_letters import PermanentFailure
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef
@@ -94,6 +96,19 @@ class FakeLedger:
 
     async def pin(self, key: str, value: bytes) -> bytes:
         return self.values.setdefault(key, value)
+
+    async def claim(self, key: str, owner: str, stale_s: float) -> bool:
+        held = self.values.setdefault(key, claim_value(owner))
+        if not claim_lost(held, owner, stale_s):
+            return True
+        if claim_stale(held, stale_s):
+            self.values[key] = claim_value(owner)
+            return True
+        return False
+
+    async def release(self, key: str, owner: str) -> None:
+        if not claim_lost(self.values.get(key), owner, 0):
+            del self.values[key]
 
 
 class CountingTrainer(LoraTrainer):
@@ -265,9 +280,67 @@ async def test_an_adapter_stored_by_another_trainer_meanwhile_is_kept_not_overwr
         return done
 
     ports.trainer.train = train_while_the_other_uploads
+    ports.owner = "the-second-trainer"
     [second] = await handlers.train_self_edit(event, ports)
     assert second.adapter == first.adapter  # the same manifest digest: nothing was overwritten
     assert ports.store.puts == 1 and ports.store.objects == stored
+
+
+async def test_a_trainer_that_loses_the_upload_claim_waits_for_the_others_upload_and_announces_it(ports) -> None:
+    """Both trained and neither saw the other's upload before its own: the one without the claim
+    uploads nothing (two uploads would leave a manifest other than the one announced) and
+    announces the upload of the one with the claim, once it is there."""
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    stored = dict(ports.store.objects)
+    ports.store.objects.clear()  # the first trainer holds the claim and has not uploaded yet
+    ports.owner = "the-second-trainer"
+
+    async def the_first_uploads_later() -> None:
+        await asyncio.sleep(1.5)
+        ports.store.objects.update(stored)
+
+    later = asyncio.create_task(the_first_uploads_later())
+    [second] = await handlers.train_self_edit(event, ports)
+    await later
+    assert ports.trainer.jobs == 2 and ports.store.puts == 1
+    assert second.adapter == first.adapter and ports.store.objects == stored
+    assert not (ports.trainer.work_dir / "trained" / first.adapter_id).exists()  # its own training is not left on disk
+
+
+async def test_a_claim_whose_trainer_died_is_taken_over_and_one_never_released_ends_in_a_retry(ports) -> None:
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    [key] = [k for k in ports.ledger.values if k.startswith("trainer.upload.")]
+    ports.store.objects.clear()
+    ports.owner = "the-second-trainer"
+    ports.upload_wait_s = 0.5
+    with pytest.raises(RuntimeError, match="being stored by another trainer and was not stored after 0s"):
+        await handlers.train_self_edit(event, ports)
+    assert ports.store.puts == 1 and not ports.store.objects
+    # the first trainer's claim is older than the claim's limit: its trainer is taken for gone
+    ports.ledger.values[key] = json.dumps({"owner": "the-first-trainer", "at": time.time() - 700}).encode()
+    [third] = await handlers.train_self_edit(event, ports)
+    assert ports.store.puts == 2 and third.adapter == ports.store.stored(first.adapter.uri)[0]
+
+
+async def test_a_failed_upload_gives_its_claim_up(ports) -> None:
+    """Else the redelivery, on another trainer, would wait out the claim (10 minutes) while its
+    deliveries run out."""
+    event = self_edit_event()
+    put = ports.store.put_adapter
+
+    def s3_down(*args: object) -> None:
+        raise ConnectionError("S3 is down")
+
+    ports.store.put_adapter = s3_down
+    with pytest.raises(ConnectionError):
+        await handlers.train_self_edit(event, ports)
+    assert not [k for k in ports.ledger.values if k.startswith("trainer.upload.")]
+    ports.store.put_adapter = put
+    ports.owner = "another-trainer"
+    [done] = await handlers.train_self_edit(event, ports)
+    assert ports.store.puts == 1 and done.adapter == ports.store.stored(done.adapter.uri)[0]
 
 
 async def test_a_rebase_trains_the_self_edit_again_on_the_new_active_version(ports) -> None:

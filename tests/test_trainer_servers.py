@@ -22,7 +22,7 @@ from seal.stack import free_port
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
 from services.trainer.lora_training import LoraTrainer
-from services.trainer.ports import ParentCache, StoredAdapters
+from services.trainer.ports import KvParentLedger, ParentCache, StoredAdapters
 from services.trainer.settings import TrainerConfig
 from shared import events as ev
 from shared.broker import connect_options
@@ -38,6 +38,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def adapter_ids(store: AdapterStore, scope: str) -> set[str]:
     objects = store.client.list_objects(store.bucket, prefix=f"adapters/{scope}/", recursive=True)
     return {obj.object_name.split("/")[2] for obj in objects}
+
+
+async def test_upload_claims_in_the_real_bucket(provisioned_stack) -> None:
+    """One trainer holds an adapter's upload; another is kept out until the claim is stale."""
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        ledger = KvParentLedger(nc.jetstream())
+        key = f"trainer.upload.claim-{time.time_ns()}"
+        assert await ledger.claim(key, "trainer-a", stale_s=600)
+        assert await ledger.claim(key, "trainer-a", stale_s=600)  # its own again: a redelivery to it
+        assert not await ledger.claim(key, "trainer-b", stale_s=600)
+        await asyncio.sleep(1.1)
+        assert await ledger.claim(key, "trainer-b", stale_s=1)  # trainer-a's claim is stale now
+        assert not await ledger.claim(key, "trainer-a", stale_s=600)
+        await ledger.release(key, "trainer-a")  # not its claim: nothing happens
+        assert not await ledger.claim(key, "trainer-a", stale_s=600)
+        await ledger.release(key, "trainer-b")
+        assert await ledger.claim(key, "trainer-a", stale_s=600)
+    finally:
+        await nc.close()
 
 
 async def test_stored_adapter_loads_with_peft_and_matches_the_trained_model(

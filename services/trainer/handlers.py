@@ -25,7 +25,8 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 
 LINEAGE = "lineage"  # manifest training key: [{"adapter_id", "feedback_id", "sequences"}, ...], oldest first
 LINEAGE_SEQUENCES = "lineage_sequences"  # the flat list that earlier trainers recorded
+# An upload claim older than this is taken for a trainer that died mid-upload (an upload takes
+# seconds; the claim is taken after training, just before it).
+UPLOAD_CLAIM_STALE_S = 600.0
 RECIPE = "packed examples, loss on real tokens only, AdamW + linear decay, grad clip 1.0, KL to the base on rehearsal answers"
 
 
@@ -70,6 +74,9 @@ class TrainerPorts:
     replay_per_epoch: int = REPLAY_PER_EPOCH
     # Sequences of the lineage a manifest keeps for replay, over all its updates.
     lineage_limit: int = LINEAGE_LIMIT
+    # This process, in upload claims; how long it waits for another trainer's upload of the same adapter.
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    upload_wait_s: float = 120.0
 
 
 class Parent(BaseModel):
@@ -163,15 +170,8 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
             ),
         },
     )
-    if await asyncio.to_thread(ports.store.exists, uri):
-        # Another trainer took the same message while this one trained (a redelivery after a missed
-        # beat). Its upload stands: storing ours over it would change the manifest it was announced with.
-        shutil.rmtree(result.directory, ignore_errors=True)
-        ref, stored = await asyncio.to_thread(ports.store.stored, uri)
-        log.warning("adapter %s was stored by another trainer while this one trained; keeping that one", adapter_id)
-        return [trained(ref, stored.metrics.get("final_loss"), stored.metrics.get("seconds"), stored.trace_id)]
-    ref = await _store(ports, result, manifest)
-    return [trained(ref, result.run.final_loss, result.run.seconds, trace_id)]
+    ref, stored = await _store_once(ports, uri, result, manifest)
+    return [trained(ref, stored.metrics.get("final_loss"), stored.metrics.get("seconds"), stored.trace_id)]
 
 
 def recorded_lineage(groups: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -249,7 +249,8 @@ async def train_policy(event: PolicyTrainingRequested, ports: TrainerPorts) -> l
         extra={"round": event.round, "cause_event_id": event.event_id,
                "mean_reward": sum(e.reward for e in event.examples) / len(event.examples)},
     )
-    return [trained(await _store(ports, result, manifest))]
+    ref, _ = await _store_once(ports, uri, result, manifest)
+    return [trained(ref)]
 
 
 # --------------------------------------------------------------------------- shared steps
@@ -290,11 +291,39 @@ async def _parent_adapter(ports: TrainerPorts, parent: Parent | None) -> tuple[P
     return directory, manifest
 
 
-async def _store(ports: TrainerPorts, result: TrainedAdapter, manifest: AdapterManifest) -> ManifestRef:
+async def _store_once(
+    ports: TrainerPorts, uri: str, result: TrainedAdapter, manifest: AdapterManifest
+) -> tuple[ManifestRef, AdapterManifest]:
+    """Store the trained adapter unless another trainer stores this adapter id; the reference
+    and manifest as stored, read back, which is what the event must carry.
+
+    Two trainers can train the same adapter id: a redelivery after a missed beat, or two
+    consumer groups (a canary pool) on the same self-edits. Their manifests differ (times,
+    trace), so two uploads would leave a manifest other than the one announced, or one
+    trainer's checksums over the other's files. A claim in the idempotency bucket lets one
+    upload; the other waits for it and announces what it stored."""
+    key = f"trainer.upload.{manifest.adapter_id}"
     try:
-        return await asyncio.to_thread(ports.store.put_adapter, result.directory, manifest)
+        if await ports.ledger.claim(key, ports.owner, UPLOAD_CLAIM_STALE_S):
+            try:
+                await asyncio.to_thread(ports.store.put_adapter, result.directory, manifest)
+            except BaseException:
+                # Another trainer may take the redelivery: it must not wait out the claim.
+                await asyncio.shield(ports.ledger.release(key, ports.owner))
+                raise
+            return await asyncio.to_thread(ports.store.stored, uri)
     finally:
         shutil.rmtree(result.directory, ignore_errors=True)
+    log.warning("adapter %s is being stored by another trainer; announcing its upload", manifest.adapter_id)
+    deadline = time.monotonic() + ports.upload_wait_s
+    while not await asyncio.to_thread(ports.store.exists, uri):
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"adapter {manifest.adapter_id} is being stored by another trainer and was not stored after "
+                f"{ports.upload_wait_s:.0f}s; a redelivery looks again"
+            )
+        await asyncio.sleep(1.0)
+    return await asyncio.to_thread(ports.store.stored, uri)
 
 
 def adapter_manifest(

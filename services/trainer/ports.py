@@ -16,13 +16,15 @@ Tests pass in-memory fakes with the same methods.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Protocol
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from shared.events import ManifestRef
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef, read_active, read_policy_adapter
@@ -48,6 +50,15 @@ class RegistryReader(Protocol):
 class ParentLedger(Protocol):
     async def pin(self, key: str, value: bytes) -> bytes:
         """Store ``value`` under ``key`` unless something is there; return what is there."""
+        ...
+
+    async def claim(self, key: str, owner: str, stale_s: float) -> bool:
+        """Hold ``key`` for ``owner``: True if it was free, is ``owner``'s already, or was
+        held longer than ``stale_s`` seconds by another (taken over); False if another holds it."""
+        ...
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give up ``owner``'s claim on ``key`` (nothing if another holds it)."""
         ...
 
 
@@ -100,6 +111,59 @@ class KvParentLedger:
         except KeyWrongLastSequenceError:
             entry = await kv.get(key)
             return entry.value or value
+
+    async def claim(self, key: str, owner: str, stale_s: float) -> bool:
+        kv = await self.js.key_value(self.bucket)
+        mine = claim_value(owner)
+        try:
+            await kv.create(key, mine)
+            return True
+        except KeyWrongLastSequenceError:
+            entry = await kv.get(key)
+        if not claim_lost(entry.value, owner, stale_s):
+            return True
+        if not claim_stale(entry.value, stale_s):
+            return False
+        try:
+            await kv.update(key, mine, last=entry.revision)
+            return True
+        except KeyWrongLastSequenceError:  # another took it over first
+            return False
+
+    async def release(self, key: str, owner: str) -> None:
+        kv = await self.js.key_value(self.bucket)
+        try:
+            entry = await kv.get(key)
+            if not claim_lost(entry.value, owner, 0):
+                await kv.delete(key, last=entry.revision)
+        except (KeyNotFoundError, KeyWrongLastSequenceError):
+            pass
+
+
+def claim_value(owner: str) -> bytes:
+    return json.dumps({"owner": owner, "at": time.time()}).encode()
+
+
+def _held(value: bytes | None) -> dict | None:
+    try:
+        held = json.loads(value or b"")
+    except ValueError:
+        return None
+    return held if isinstance(held, dict) else None
+
+
+def claim_lost(value: bytes | None, owner: str, stale_s: float) -> bool:
+    """Whether a claim's stored ``value`` keeps ``owner`` out (another's claim)."""
+    held = _held(value)
+    return held is None or held.get("owner") != owner
+
+
+def claim_stale(value: bytes | None, stale_s: float) -> bool:
+    """Whether a stored claim is older than ``stale_s`` seconds (or unreadable): its holder is
+    taken for gone."""
+    held = _held(value)
+    at = held.get("at") if held else None
+    return not isinstance(at, int | float) or time.time() - at > stale_s
 
 
 class ParentCache:
