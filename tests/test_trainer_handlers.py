@@ -426,3 +426,32 @@ async def test_policy_request_that_cannot_train_is_a_permanent_failure(ports) ->
     )
     with pytest.raises(PermanentFailure, match="not trained"):
         await handlers.train_policy(request, ports)
+
+
+def test_one_parent_fetched_by_two_jobs_at_once_is_downloaded_once(tmp_path: Path) -> None:
+    """A self-edit and a rebase right after an activation: the second download used to replace the
+    folder while the first job loaded from it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list[str] = []
+    started = threading.Event()
+
+    class SlowStorage:
+        def get_adapter(self, ref: ev.ManifestRef, dest: Path) -> AdapterManifest:
+            calls.append(ref.uri)
+            started.set()
+            time.sleep(0.3)
+            dest.mkdir(parents=True)
+            manifest = AdapterManifest(adapter_id="p", scope="acme", base_model="tiny")
+            (dest / MANIFEST).write_text(manifest.model_dump_json())
+            return manifest
+
+    cache = ParentCache(SlowStorage(), tmp_path / "parents")  # type: ignore[arg-type]
+    ref = ev.ManifestRef(uri="s3://b/adapters/acme/p", manifest_sha256="a" * 64)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(cache.fetch, ref)
+        started.wait(5)
+        second = pool.submit(cache.fetch, ref)
+        assert first.result()[0] == second.result()[0] == tmp_path / "parents" / ("a" * 64)
+    assert calls == [ref.uri]

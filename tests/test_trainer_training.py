@@ -217,6 +217,22 @@ def test_a_parent_that_does_not_fit_the_base_is_rejected(trainer: LoraTrainer, t
     assert not [n for n, _ in tiny_model.model.named_modules() if "misfit" in n]
 
 
+def test_a_device_out_of_memory_while_loading_the_parent_is_transient_not_a_rejection(
+    trainer: LoraTrainer, monkeypatch
+) -> None:
+    """Out of memory is the device's state now (another job on the GPU), not the candidate's
+    fault: it is retried as a failure in training is, not published as a permanent failure."""
+    parent = trainer.train(TrainingJob("oom-parent", FAST, texts=TEXTS))
+
+    def full(job: TrainingJob) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "_put_adapter", full)
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train(TrainingJob("oom-child", FAST, texts=TEXTS, parent_dir=parent.directory))
+    assert trainer.host.names == []
+
+
 def test_question_answer_sequences_are_trained_as_chat_turns() -> None:
     from services.trainer.examples import split_question_answers
 

@@ -282,6 +282,8 @@ class LoraTrainer:
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             if job.adapter_id in self.host.names:
                 self.host.remove(job.adapter_id)
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise  # the device is full now, not for good: transient, as in training itself
             what = "the parent adapter does not load" if job.parent_dir else "no LoRA fits"
             raise TrainingRejected(f"{what} on this base model: {exc}") from exc
         device = self.lm.device

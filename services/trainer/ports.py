@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -173,19 +174,24 @@ class ParentCache:
         self.storage = storage
         self.directory = Path(directory)
         self.size = size
+        # Fetches run in threads (a self-edit, a rebase and a policy request at once): a second
+        # download of the same parent would replace the folder while the first job loads it.
+        self._lock = threading.Lock()
 
     def fetch(self, ref: ManifestRef) -> tuple[Path, AdapterManifest]:
         """The parent's PEFT directory; raises IntegrityError / AdapterNotFound."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.directory / ref.manifest_sha256
-        if (target / MANIFEST).exists():
-            target.touch()
-            return target, AdapterManifest.model_validate_json((target / MANIFEST).read_text())
-        manifest = self.storage.get_adapter(ref, target)
-        self._prune()
-        return target, manifest
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            target = self.directory / ref.manifest_sha256
+            if (target / MANIFEST).exists():
+                target.touch()
+                return target, AdapterManifest.model_validate_json((target / MANIFEST).read_text())
+            manifest = self.storage.get_adapter(ref, target)
+            self._prune(keep=target)
+            return target, manifest
 
-    def _prune(self) -> None:
+    def _prune(self, keep: Path) -> None:
         kept = sorted(self.directory.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in kept[self.size :]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
