@@ -33,15 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import string
 import threading
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from shared.answers import normalize_answer
 from shared.generation import chat_prompt, generate
 from shared.models import LoadedModel
 
@@ -67,19 +65,6 @@ __all__ = [
 MAX_NEW_TOKENS = 32
 BATCH_SIZE = 32
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
-_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
-_KEEP_POINT = "\x00"
-_NUMBER_WORDS = {
-    word: str(value)
-    for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
-}
-
-
 class QuestionLike(Protocol):
     """What a probe must offer: :class:`shared.events.Probe` is one."""
 
@@ -94,20 +79,6 @@ Judge = Callable[[str, str, Sequence[str]], bool | None]
 
 
 # ----------------------------------------------------------------- grading
-
-
-def _is_punctuation(char: str) -> bool:
-    return char in string.punctuation or unicodedata.category(char).startswith("P")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation, plus number handling (see the module docstring)."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _THOUSANDS.sub("", text)
-    text = _DECIMAL_POINT.sub(_KEEP_POINT, text)
-    text = "".join(ch for ch in text if not _is_punctuation(ch)).replace(_KEEP_POINT, ".")
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(_NUMBER_WORDS.get(token, token) for token in text.split())
 
 
 def exact_match(prediction: str, reference: str) -> bool:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from services.generator.asking import AskFirst, question_first
 from services.generator.subject import YEAR, Blank, mentions, owner, same_name
+from shared.answers import normalize_answer
 from shared.events import Probe
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(]?[A-Z0-9])")
@@ -305,6 +306,8 @@ def _probe(sentence: str, blank: Blank, subject: str, common: set[str]) -> Probe
     question = text + "?"
     if blank.answer.lower() in question.lower() or len(question) > 400 or len(blank.answer) > MAX_ANSWER_CHARS:
         return None  # a closed-book answer is a name, a number, a short phrase: not a paragraph
+    if not normalize_answer(blank.answer):
+        return None  # "The": no answer could match it
     aliases = tuple(
         a for a in dict.fromkeys(blank.aliases) if a.lower() != blank.answer.lower() and len(a) <= MAX_ANSWER_CHARS
     )[:MAX_ALIASES]

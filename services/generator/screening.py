@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from shared.answers import normalize_answer
 from shared.events import CorrectionFeedback, KnowledgeFeedback, PreferenceFeedback
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
@@ -113,7 +114,24 @@ def screen_feedback(
     content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback, blocklist: Sequence[str] = ()
 ) -> list[str]:
     """Reasons to refuse a feedback before any self-edit is written from it."""
-    return screen_text("\n".join(feedback_texts(content)), blocklist)
+    return screen_text("\n".join(feedback_texts(content)), blocklist) + unanswerable(content)
+
+
+def unanswerable(content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback) -> list[str]:
+    """Answers the evaluator could never find right: nothing is left of them once case,
+    punctuation and a/an/the are set aside ("The", "...")."""
+    if isinstance(content, KnowledgeFeedback):
+        answers = [("probe answer", a) for probe in content.probes for a in (probe.answer, *probe.aliases)]
+    elif isinstance(content, CorrectionFeedback):
+        answers = [("right answer", content.right_answer)]
+    else:
+        answers = [("example response", example.response) for example in content.examples]
+    return [
+        f"{what} {answer[:80]!r} has nothing to compare once case, punctuation and a/an/the are set aside: "
+        "no answer could match it"
+        for what, answer in answers
+        if not normalize_answer(answer)
+    ]
 
 
 # --------------------------------------------------------------------------- helpers
