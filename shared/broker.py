@@ -40,6 +40,7 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
+from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
 
 from shared import events as ev
@@ -185,13 +186,18 @@ async def reconcile_consumers(broker: NatsBroker) -> list[str]:
 
 async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
     """Publish an event to its subject through JetStream, de-duplicated by event id."""
-    mark_lineage(event.feedback_id, event.scope)
-    await broker.publish(
-        event.model_dump(mode="json"),
-        subject_for(event),
-        headers={"Nats-Msg-Id": event.event_id},
-        stream=_stream_of(event),
-    )
+    # The event's feedback rides in the baggage of this publish only: left attached, it stayed
+    # in the caller's context (the registry's sweep) and went out with unrelated later work.
+    token = mark_lineage(event.feedback_id, event.scope)
+    try:
+        await broker.publish(
+            event.model_dump(mode="json"),
+            subject_for(event),
+            headers={"Nats-Msg-Id": event.event_id},
+            stream=_stream_of(event),
+        )
+    finally:
+        otel_context.detach(token)
 
 
 def _stream_of(event: ev.Event) -> str:

@@ -84,8 +84,10 @@ class ConsumerSpec:
     max_deliver: int = 5
     ack_wait: timedelta = timedelta(seconds=60)
     # Redelivery delay after a failed handler's nak, in seconds, by delivery (a missed ack comes
-    # back after ack_wait).
-    backoff: tuple[float, ...] = (1, 5, 15, 30)
+    # back after ack_wait). Five deliveries span about 5 minutes: a transient failure is an S3 or
+    # NATS restart or a leader election, which a minute did not always cover (every event in
+    # flight then went to the dead letters).
+    backoff: tuple[float, ...] = (2, 15, 60, 240)
 
 
 GENERATOR_FEEDBACK = ConsumerSpec("generator-feedback", FEEDBACK_SUBMITTED, ack_wait=timedelta(seconds=120))

@@ -468,3 +468,22 @@ async def test_liveness_answers_while_the_broker_is_connected(provisioned_stack)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
             alive = await http.get("/healthz")
     assert alive.status_code == 204
+
+
+async def test_publishing_an_event_leaves_no_baggage_behind() -> None:
+    """The event's feedback goes out in the publish's baggage and is not left in the caller's
+    context, where the registry's sweep carried it into unrelated later work."""
+    from opentelemetry import baggage
+
+    from shared.broker import publish_event
+    from shared.telemetry import FEEDBACK_ID
+
+    seen: list[object] = []
+
+    class Broker:
+        async def publish(self, body: object, subject: str, headers: dict, stream: str) -> None:
+            seen.append(baggage.get_baggage(FEEDBACK_ID))
+
+    await publish_event(Broker(), ev.FeedbackRejected(feedback_id="fb-left", scope="acme", reason="no"))  # type: ignore[arg-type]
+    assert seen == ["fb-left"]
+    assert baggage.get_baggage(FEEDBACK_ID) is None
