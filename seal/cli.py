@@ -386,9 +386,10 @@ def status(home: Path = HomeOption) -> None:
 
 # The operator commands (submit, versions, approve, ...): imported here, at the end, because
 # they register on ``app``; a missing dependency is an error, not commands quietly gone.
-from seal.ops import register  # noqa: E402
+from seal import dead_letters, ops  # noqa: E402
 
-register(app)
+ops.register(app)
+dead_letters.register(app)
 
 
 if __name__ == "__main__":

@@ -275,10 +275,10 @@ class PolicyAdapterTrained(Event):
 
 
 class OperatorAction(Event):
-    """Audit record of an operator's decision (approve, reject, rollback, pin)."""
+    """Audit record of an operator's decision (approve, reject, rollback, pin, a dead letter replayed)."""
 
     type: Literal["operator.action"] = "operator.action"
-    action: Literal["approve", "reject", "rollback", "pin", "unpin", "set_policy"]
+    action: Literal["approve", "reject", "rollback", "pin", "unpin", "set_policy", "replay"]
     operator: ShortText
     reason: ShortText
     target_version: VersionNumber | None = None

@@ -273,3 +273,39 @@ def test_an_operator_action_is_sent_again_with_its_request_id(monkeypatch, first
     sent.clear()
     CliRunner().invoke(seal_app, ["scopes", "--url", "http://registry"])
     assert len(sent) == 1
+
+
+def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
+    w, _, _, _ = registry
+    entry = {"sequence": 7, "at": "2026-11-27T20:00:00+00:00", "service": "trainer", "subject": "seal.events.selfedit.generated",
+             "reason": "failed 5 times; last error: S3Error: SlowDown", "event_type": "selfedit.generated",
+             "event_id": "e1", "feedback_id": "fb-dead", "scope": "acme", "bytes": 900}
+    asked: list[tuple] = []
+
+    class FakeDeadLetters:
+        async def latest(self, service: str | None, limit: int) -> list[dict]:
+            asked.append(("latest", service, limit))
+            return [entry]
+
+        async def replay(self, sequence: int, operator: str, reason: str) -> dict:
+            asked.append(("replay", sequence, operator, reason))
+            return {**entry, "replayed_to": entry["subject"]}
+
+    fake = FakeDeadLetters()
+    app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _true, _true)  # type: ignore[arg-type, return-value]
+    monkeypatch.setattr(ops, "client_factory", lambda url: TestClient(app))
+    monkeypatch.setenv("SEAL_OPERATOR", "sre-alice")
+    runner = CliRunner()
+    listed = runner.invoke(seal_app, ["dead-letters", "--service", "trainer", "--limit", "5"])
+    assert listed.exit_code == 0 and "SlowDown" in listed.output and "fb-dead" in listed.output  # a table, folded
+    as_json = runner.invoke(seal_app, ["dead-letters", "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.output) == [entry]
+    replayed = runner.invoke(seal_app, ["replay", "7", "--reason", "S3 is back"])
+    assert replayed.exit_code == 0 and "replayed dead letter 7" in replayed.output
+    assert asked == [("latest", "trainer", 5), ("latest", None, 20), ("replay", 7, "sre-alice", "S3 is back")]
+    assert runner.invoke(seal_app, ["replay", "0", "--reason", "x"]).exit_code != 0
+
+
+def test_cli_says_why_without_dead_letters(cli) -> None:
+    result = cli("dead-letters", ok=False)
+    assert result.exit_code != 0 and "dead letters are not reachable" in result.output

@@ -243,3 +243,48 @@ async def test_compare_and_set_over_real_kv_loses_no_update(running) -> None:
         assert key not in await states[1].keys(KV_REGISTRY, "test.counter.*")  # a deleted key is not live
     finally:
         await other.close()
+
+
+async def test_a_dead_letter_is_listed_with_its_reason_and_replayed_once(running) -> None:
+    """An SRE lists what was given up on and why, and replays an event once its cause is fixed: it
+    goes to its subject again (the registry here takes it), the audit stream says who and why, and
+    the dead letter is gone, so a second replay finds nothing."""
+    from shared.dead_letters import SERVICE_HEADER
+    from shared.subjects import DLQ_STREAM
+
+    app, nc, events, http = running
+    js = nc.jetstream()
+    scope = f"dlq-{ev.new_id()[:10]}"
+    root = feedback(scope)
+    headers = {REASON_HEADER: "failed 5 times; last error: S3Error: the S3 server is restarting", SERVICE_HEADER: "generator",
+               "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    ack = await js.publish(f"{DLQ_PREFIX}.generator.{subject_for(root)}", root.model_dump_json().encode(),
+                           headers=headers, stream=DLQ_STREAM)
+    bad = await js.publish(f"{DLQ_PREFIX}.generator.{subject_for(root)}", b'{"type": "feedback.submitted"}',
+                           headers={REASON_HEADER: "invalid payload", SERVICE_HEADER: "generator"}, stream=DLQ_STREAM)
+
+    listed = (await http.get("/v1/dead-letters", params={"service": "generator", "limit": 200})).json()
+    [entry] = [e for e in listed if e["event_id"] == root.event_id]
+    assert entry["sequence"] == ack.seq and entry["subject"] == subject_for(root)
+    assert entry["reason"].startswith("failed 5 times") and entry["feedback_id"] == root.feedback_id and entry["scope"] == scope
+    assert [e["sequence"] for e in listed][:2] == [bad.seq, ack.seq]  # newest first
+    assert all(e["service"] == "generator" for e in listed)
+    assert (await http.get("/v1/dead-letters", params={"service": "Bad Name!"})).status_code == 422
+
+    refused = await http.post(f"/v1/dead-letters/{bad.seq}/replay", json={"operator": "sre-ana", "reason": "fixed"})
+    assert refused.status_code == 409 and "no valid event" in refused.json()["detail"]
+
+    replayed = await http.post(f"/v1/dead-letters/{ack.seq}/replay", json={"operator": "sre-ana", "reason": "S3 is back"})
+    assert replayed.status_code == 200 and replayed.json()["replayed_to"] == subject_for(root)
+    audit = await events.wait_for(of(ev.OperatorAction, scope, action="replay"), timeout=10)
+    assert audit.operator == "sre-ana" and audit.reason == "S3 is back" and audit.feedback_id == root.feedback_id
+    for _ in range(100):  # the registry takes the replayed feedback like any other
+        if (await http.get(f"/v1/feedback/{root.feedback_id}")).status_code == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the replayed feedback never reached the registry")
+    again = await http.post(f"/v1/dead-letters/{ack.seq}/replay", json={"operator": "sre-ana", "reason": "twice"})
+    assert again.status_code == 404 and "replayed already" in again.json()["detail"]
+    copy_ = await js.get_last_msg("SEAL_EVENTS", subject_for(root))
+    assert copy_.headers["Seal-Replayed-From"] == f"{DLQ_STREAM}/{ack.seq}" and copy_.headers["traceparent"] == headers["traceparent"]

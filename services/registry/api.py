@@ -18,9 +18,10 @@ from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError
 from shared.store import AdapterNotFound, IntegrityError
 
-from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
+from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
 from .ports import InvalidRequest, NotFound, Refused
 from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
+from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, SERVICE_PATTERN
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -39,7 +40,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ConflictError, handler(409))
     app.add_exception_handler(ValidationError, handler(422))
     app.add_exception_handler(InvalidRequest, handler(422))
-    app.add_exception_handler(AskUnavailable, handler(503))
+    app.add_exception_handler(Unavailable, handler(503))
     app.add_exception_handler(AdapterNotFound, handler(404))
     app.add_exception_handler(IntegrityError, handler(409))
 
@@ -126,6 +127,17 @@ def registry_router(ops: Operations) -> APIRouter:
     @router.post("/scopes/{scope}/ask")
     async def ask(scope: ScopePath, body: AskRequest) -> dict[str, Any]:
         return await ops.ask(scope, body)
+
+    @router.get("/dead-letters")
+    async def dead_letters(
+        service: Annotated[str | None, Query(pattern=SERVICE_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=DEAD_LETTER_LIST_MAX)] = DEAD_LETTER_LIST_LIMIT,
+    ) -> list[dict[str, Any]]:
+        return await ops.dead_letter_list(service, limit)
+
+    @router.post("/dead-letters/{sequence}/replay")
+    async def replay(sequence: Annotated[int, Path(ge=1)], body: OperatorRequest) -> dict[str, Any]:
+        return await ops.dead_letter_replay(sequence, body)
 
     return router
 

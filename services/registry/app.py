@@ -50,6 +50,7 @@ from .kv import NatsState, State
 from .ledger import Ledger
 from .operations import Operations
 from .ports import Manifests, Ports, StoreManifests
+from .redrive import DeadLetters
 from .rpc import register_rpc
 from .settings import RegistrySettings
 
@@ -206,7 +207,10 @@ def create_app(settings: RegistrySettings, ports: AppPorts | None = None) -> Fas
     broker = create_broker(settings.nats, service="registry", tracer_provider=provider)
     runtime = Runtime(settings, broker, ports or AppPorts())
     subscribe(broker, runtime)
-    ops = Operations(lambda: runtime.ledger, runtime.publish, answerer=lambda: runtime.answerer)
+    dead_letters = DeadLetters(lambda: broker.config.connection_state.stream, runtime.publish)
+    ops = Operations(
+        lambda: runtime.ledger, runtime.publish, answerer=lambda: runtime.answerer, dead_letters=lambda: dead_letters
+    )
     register_rpc(broker, ops)
 
     @contextlib.asynccontextmanager

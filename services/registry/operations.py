@@ -18,6 +18,7 @@ from . import actions, queries
 from .ledger import Ledger
 from .ports import InvalidRequest, Refused
 from .records import FEEDBACK_LIST_LIMIT, VERSION_LIST_LIMIT
+from .redrive import DEAD_LETTER_LIST_LIMIT, DeadLetters
 
 
 class Body(BaseModel):
@@ -51,8 +52,8 @@ class Answerer(Protocol):
     async def answer(self, scope: str, question: str, max_new_tokens: int | None) -> dict[str, Any]: ...
 
 
-class AskUnavailable(Exception):
-    pass
+class Unavailable(Exception):
+    """What this registry cannot do as it runs (answering turned off, no NATS): a 503."""
 
 
 class Operations:
@@ -61,10 +62,12 @@ class Operations:
         ledger: Callable[[], Ledger],
         publish: Callable[[ev.Event], Awaitable[None]],
         answerer: Callable[[], Answerer | None] = lambda: None,
+        dead_letters: Callable[[], DeadLetters | None] = lambda: None,
     ):
         self._ledger = ledger
         self._publish = publish
         self._answerer = answerer
+        self._dead_letters = dead_letters
 
     @property
     def ledger(self) -> Ledger:
@@ -144,8 +147,20 @@ class Operations:
         })
         return (await actions.set_policy(self.ledger, scope, merged)).model_dump(mode="json")
 
+    async def dead_letter_list(self, service: str | None, limit: int = DEAD_LETTER_LIST_LIMIT) -> list[dict[str, Any]]:
+        return await self._dlq().latest(service, limit)
+
+    async def dead_letter_replay(self, sequence: int, body: OperatorRequest) -> dict[str, Any]:
+        return await self._dlq().replay(sequence, body.operator, body.reason)
+
+    def _dlq(self) -> DeadLetters:
+        found = self._dead_letters()
+        if found is None:
+            raise Unavailable("the dead letters are not reachable from this registry (it runs without NATS)")
+        return found
+
     async def ask(self, scope: str, body: AskRequest) -> dict[str, Any]:
         answerer = self._answerer()
         if answerer is None:
-            raise AskUnavailable("answering is turned off in this registry (registry.ask_enabled)")
+            raise Unavailable("answering is turned off in this registry (registry.ask_enabled)")
         return await answerer.answer(scope, body.question, body.max_new_tokens)

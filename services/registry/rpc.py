@@ -10,7 +10,8 @@ Operations: ``scopes``; ``versions`` {scope}; ``lineage`` {scope, version};
 {feedback_id, operator, reason}; ``rollback`` {scope, to_version, operator,
 reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
 ``policy_get`` {scope}; ``policy_set`` {scope, changes}; ``ask`` {scope,
-question, max_new_tokens?}.
+question, max_new_tokens?}; ``dead_letters`` {service?, limit?};
+``dead_letter_replay`` {sequence, operator, reason}.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError
 from shared.subjects import REGISTRY_RPC
 
-from .operations import AskRequest, AskUnavailable, Operations, OperatorRequest, RollbackRequest, SubmitFeedback
+from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
 from .ports import InvalidRequest, NotFound, Refused
 from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
+from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, SERVICE_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,13 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
         "policy_get": lambda a: ops.get_policy(_scope(a)),
         "policy_set": lambda a: ops.set_policy(_scope(a), _changes(a)),
         "ask": lambda a: ops.ask(_scope(a), AskRequest.model_validate(_without(a, "scope"))),
+        "dead_letters": lambda a: ops.dead_letter_list(
+            _matching(a, "service", SERVICE_PATTERN) if a.get("service") is not None else None,
+            _limit(a, DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX),
+        ),
+        "dead_letter_replay": lambda a: ops.dead_letter_replay(
+            _int(a, "sequence"), OperatorRequest.model_validate(_without(a, "sequence"))
+        ),
     }
 
 
@@ -131,7 +140,7 @@ async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) ->
         return {"ok": False, "status": 422, "error": str(exc)}
     except KeyError as exc:
         return {"ok": False, "status": 422, "error": f"missing argument {exc}"}
-    except AskUnavailable as exc:
+    except Unavailable as exc:
         return {"ok": False, "status": 503, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - the caller gets an answer, not a timeout
         log.exception("registry rpc failed")

@@ -1,0 +1,55 @@
+"""Dead-letter commands of the ``seal`` CLI, through the registry's HTTP API.
+
+    seal dead-letters                       the newest messages given up on, and why
+    seal dead-letters --service trainer     one service's
+    seal replay 42 --reason "S3 is back"    publish dead letter 42 to its subject again
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from seal.ops import JsonOption, OperatorOption, ReasonOption, UrlOption, _short, call, console, emit_json, operator_body
+from services.registry.redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX
+
+
+def dead_letters(
+    service: str | None = typer.Option(None, "--service", help="Only this service's: generator, trainer, evaluator or registry."),
+    limit: int = typer.Option(DEAD_LETTER_LIST_LIMIT, "--limit", min=1, max=DEAD_LETTER_LIST_MAX, help="Show the latest this many."),
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List the newest dead letters: what a service gave up on, and why."""
+    rows = call(url, "GET", "/v1/dead-letters", params={"limit": limit, **({"service": service} if service else {})})
+    if as_json:
+        return emit_json(rows)
+    table = Table(title="dead letters, newest first")
+    for col in ("seq", "at", "service", "event", "scope", "feedback", "reason"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r["sequence"]), (r.get("at") or "")[:19], r["service"], r.get("event_type") or r["subject"],
+            r.get("scope") or "-", _short(r.get("feedback_id")), r["reason"][:300],
+        )
+    console.print(table if rows else "no dead letters")
+
+
+def replay(
+    sequence: int = typer.Argument(..., min=1, help="The dead letter's sequence number (seal dead-letters)."),
+    reason: str = ReasonOption,
+    operator: str | None = OperatorOption,
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Publish a dead letter's event to its subject again, once its cause is fixed; it leaves the dead letters."""
+    result = call(url, "POST", f"/v1/dead-letters/{sequence}/replay", operator_body(operator, reason))
+    if as_json:
+        return emit_json(result)
+    console.print(f"replayed dead letter {sequence} ({result.get('event_type')}, feedback {result.get('feedback_id')}) "
+                  f"to {result['replayed_to']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("dead-letters")(dead_letters)
+    app.command("replay")(replay)

@@ -1,0 +1,138 @@
+"""Dead letters for operators: see what was given up on and why, and replay one once its cause is fixed.
+
+A message lands in ``SEAL_DLQ`` (``seal.dlq.<service>.<original subject>``, the reason in its
+headers) when a service rejected it as invalid, failed on it through every delivery, or never
+answered it. Most causes are outside the message: an S3 or NATS outage longer than the retries,
+a model that did not load, a bug since fixed. Replaying publishes the original event to its
+subject again, for every consumer of that subject (their handlers are idempotent: a consumer that
+handled it already does nothing new), records who replayed it and why in the audit stream, and
+removes the dead letter. A dead letter whose body is no valid event is not replayed: it would
+fail the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from nats.js.errors import NotFoundError
+
+from shared import events as ev
+from shared.dead_letters import REASON_HEADER, SERVICE_HEADER
+from shared.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_STREAM
+
+from .ports import NotFound, Refused
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_LIST_LIMIT = 20
+DEAD_LETTER_LIST_MAX = 200
+SERVICE_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
+# Dead letters read to fill one listing, newest first; replayed ones leave gaps in the sequence.
+SCAN_MAX = 2000
+EVENT_SUBJECTS = "seal.events."
+REPLAYED_FROM_HEADER = "Seal-Replayed-From"
+
+
+class DeadLetters:
+    """The dead-letter stream, over a JetStream context (the registry's connection)."""
+
+    def __init__(self, js: Callable[[], JetStreamContext], publish: Callable[[ev.Event], Awaitable[None]]):
+        self._js = js
+        self._publish = publish
+
+    async def latest(self, service: str | None = None, limit: int = DEAD_LETTER_LIST_LIMIT) -> list[dict[str, Any]]:
+        """The newest dead letters first, of one service or of all."""
+        js = self._js()
+        try:
+            state = (await js.stream_info(DLQ_STREAM)).state
+        except NotFoundError:
+            return []
+        found: list[dict[str, Any]] = []
+        sequence, scanned = state.last_seq, 0
+        while sequence >= max(state.first_seq, 1) and len(found) < limit and scanned < SCAN_MAX:
+            try:
+                entry = describe(await js.get_msg(DLQ_STREAM, sequence))
+            except NotFoundError:  # replayed (removed) or aged out
+                entry = None
+            if entry is not None and service in (None, entry["service"]):
+                found.append(entry)
+            sequence -= 1
+            scanned += 1
+        return found
+
+    async def replay(self, sequence: int, operator: str, reason: str) -> dict[str, Any]:
+        """Publish dead letter ``sequence`` to its original subject again, audit it, remove it."""
+        js = self._js()
+        try:
+            message = await js.get_msg(DLQ_STREAM, sequence)
+        except NotFoundError:
+            raise NotFound(f"no dead letter {sequence} in {DLQ_STREAM}: replayed already, or past its retention") from None
+        entry = describe(message)
+        if not entry["subject"].startswith(EVENT_SUBJECTS):
+            raise Refused(f"dead letter {sequence} came from {entry['subject']!r}, not from an event subject; "
+                          "it is not replayed")
+        try:
+            event = ev.parse_event(message.data or b"")
+        except ev.EventValidationError as exc:
+            raise Refused(f"dead letter {sequence} is no valid event, and would fail again: {exc.reason}"[:600]) from None
+        headers = {k: v for k, v in (message.headers or {}).items()
+                   if k not in (REASON_HEADER, SERVICE_HEADER) and not k.startswith("Nats-")}
+        headers[REPLAYED_FROM_HEADER] = f"{DLQ_STREAM}/{sequence}"
+        # Its own message id: the original's may still be in the stream's duplicate window, and a
+        # retried replay of the same dead letter is stored once.
+        headers["Nats-Msg-Id"] = f"replay-{DLQ_STREAM}-{sequence}"
+        await js.publish(entry["subject"], message.data or b"", headers=headers, stream=EVENTS_STREAM)
+        await self._publish(
+            ev.OperatorAction(
+                event_id=ev.derived_id("operator", ("dead-letter", sequence), "replay"),
+                feedback_id=event.feedback_id,
+                scope=event.scope,
+                action="replay",
+                operator=operator,
+                reason=reason,
+            )
+        )
+        try:
+            await js.delete_msg(DLQ_STREAM, sequence)
+        except NotFoundError:
+            pass  # a concurrent replay of the same dead letter removed it; the event went out once
+        log.info("dead letter %d (%s, %s) replayed to %s by %s: %s",
+                 sequence, entry["event_type"], entry["reason"][:200], entry["subject"], operator, reason)
+        return {**entry, "replayed_to": entry["subject"]}
+
+
+def describe(message: RawStreamMsg) -> dict[str, Any]:
+    """What an operator needs to judge a dead letter: when, from where, why, and which event."""
+    rest = (message.subject or "").removeprefix(f"{DLQ_PREFIX}.")
+    service, _, subject = rest.partition(".")
+    headers = message.headers or {}
+    body = _object(message.data)
+    return {
+        "sequence": message.seq,
+        "at": message.time.isoformat() if message.time else None,
+        "service": headers.get(SERVICE_HEADER, service),
+        "subject": subject,
+        "reason": headers.get(REASON_HEADER, ""),
+        "event_type": _text(body.get("type")),
+        "event_id": _text(body.get("event_id")),
+        "feedback_id": _text(body.get("feedback_id")),
+        "scope": _text(body.get("scope")),
+        "bytes": len(message.data or b""),
+    }
+
+
+def _object(data: bytes | None) -> dict[str, Any]:
+    try:
+        value = json.loads(data or b"")
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object) -> str | None:
+    return value[:200] if isinstance(value, str) else None
