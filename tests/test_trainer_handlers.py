@@ -455,3 +455,62 @@ def test_one_parent_fetched_by_two_jobs_at_once_is_downloaded_once(tmp_path: Pat
         second = pool.submit(cache.fetch, ref)
         assert first.result()[0] == second.result()[0] == tmp_path / "parents" / ("a" * 64)
     assert calls == [ref.uri]
+
+
+async def test_a_stale_claim_is_not_taken_over_when_the_adapter_is_stored(ports) -> None:
+    """The first trainer stored and announced the adapter and keeps its claim; a second one that
+    finishes training past the claim's limit must announce that upload, not store over it."""
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    [key] = [k for k in ports.ledger.values if k.startswith("trainer.upload.")]
+    stored = dict(ports.store.objects)
+    ports.store.objects.clear()  # as the second trainer saw it when it started
+    train = ports.trainer.train
+
+    def train_past_the_claims_limit(job):  # noqa: ANN001, ANN202
+        done = train(job)
+        ports.store.objects.update(stored)
+        ports.ledger.values[key] = json.dumps({"owner": "first", "at": time.time() - 700}).encode()
+        return done
+
+    ports.trainer.train = train_past_the_claims_limit
+    ports.owner = "the-second-trainer"
+    [second] = await handlers.train_self_edit(event, ports)
+    assert second.adapter == first.adapter and ports.store.puts == 1 and ports.store.objects == stored
+
+
+async def test_a_waiting_trainer_uploads_its_own_training_when_the_holder_gives_up(ports) -> None:
+    event = self_edit_event()
+    [first] = await handlers.train_self_edit(event, ports)
+    [key] = [k for k in ports.ledger.values if k.startswith("trainer.upload.")]
+    ports.store.objects.clear()
+    ports.owner = "the-second-trainer"
+
+    async def the_holders_upload_fails() -> None:
+        await asyncio.sleep(1.5)
+        ports.ledger.values.pop(key)
+
+    gives_up = asyncio.create_task(the_holders_upload_fails())
+    [second] = await handlers.train_self_edit(event, ports)
+    await gives_up
+    assert ports.trainer.jobs == 2 and ports.store.puts == 2  # its own training, not a third
+    assert second.adapter == ports.store.stored(first.adapter.uri)[0]
+
+
+async def test_a_stopping_trainer_hands_the_message_back_instead_of_waiting(ports) -> None:
+    from shared.shutdown import Interrupted
+
+    event = self_edit_event()
+    await handlers.train_self_edit(event, ports)
+    ports.store.objects.clear()  # the claim's holder has not uploaded yet
+    ports.owner = "the-second-trainer"
+    train = ports.trainer.train
+
+    def train_then_stop(job):  # noqa: ANN001, ANN202
+        done = train(job)
+        ports.trainer.stopping.set()
+        return done
+
+    ports.trainer.train = train_then_stop
+    with pytest.raises(Interrupted, match="stopping"):
+        await handlers.train_self_edit(event, ports)

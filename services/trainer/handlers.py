@@ -50,6 +50,7 @@ from shared.events import (
     derived_id,
 )
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef
+from shared.shutdown import Interrupted
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 from shared.telemetry import current_trace_id
 
@@ -77,6 +78,10 @@ class TrainerPorts:
     # This process, in upload claims; how long it waits for another trainer's upload of the same adapter.
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     upload_wait_s: float = 120.0
+
+    def trainer_stopping(self) -> bool:
+        stopping = getattr(self.trainer, "stopping", None)
+        return bool(stopping is not None and stopping.is_set())
 
 
 class Parent(BaseModel):
@@ -294,36 +299,50 @@ async def _parent_adapter(ports: TrainerPorts, parent: Parent | None) -> tuple[P
 async def _store_once(
     ports: TrainerPorts, uri: str, result: TrainedAdapter, manifest: AdapterManifest
 ) -> tuple[ManifestRef, AdapterManifest]:
-    """Store the trained adapter unless another trainer stores this adapter id; the reference
-    and manifest as stored, read back, which is what the event must carry.
+    """Store the trained adapter unless another trainer stores (or stored) this adapter id; the
+    reference and manifest as stored, read back, which is what the event must carry.
 
     Two trainers can train the same adapter id: a redelivery after a missed beat, or two
     consumer groups (a canary pool) on the same self-edits. Their manifests differ (times,
     trace), so two uploads would leave a manifest other than the one announced, or one
     trainer's checksums over the other's files. A claim in the idempotency bucket lets one
-    upload; the other waits for it and announces what it stored."""
+    upload; the other waits, announces what was stored, or takes the claim over if its holder
+    gave it up (a failed upload) or went quiet past the claim's limit, and uploads its own."""
     key = f"trainer.upload.{manifest.adapter_id}"
+    deadline = time.monotonic() + ports.upload_wait_s
+    waited = False
     try:
-        if await ports.ledger.claim(key, ports.owner, UPLOAD_CLAIM_STALE_S):
-            try:
-                await asyncio.to_thread(ports.store.put_adapter, result.directory, manifest)
-            except BaseException:
-                # Another trainer may take the redelivery: it must not wait out the claim.
-                await asyncio.shield(ports.ledger.release(key, ports.owner))
-                raise
-            return await asyncio.to_thread(ports.store.stored, uri)
+        while True:
+            if await asyncio.to_thread(ports.store.exists, uri):
+                # Stored already: by the claim's holder, or by a trainer whose claim this one took
+                # over as stale. What is stored stands; storing over it would change what was announced.
+                return await asyncio.to_thread(ports.store.stored, uri)
+            if await ports.ledger.claim(key, ports.owner, UPLOAD_CLAIM_STALE_S):
+                await _upload(ports, key, result, manifest)
+                return await asyncio.to_thread(ports.store.stored, uri)
+            if not waited:
+                log.warning("adapter %s is being stored by another trainer; waiting for its upload", manifest.adapter_id)
+                waited = True
+            if ports.trainer_stopping():
+                raise Interrupted(f"the trainer is stopping while adapter {manifest.adapter_id} is stored by another")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"adapter {manifest.adapter_id} is being stored by another trainer and was not stored after "
+                    f"{ports.upload_wait_s:.0f}s; a redelivery looks again"
+                )
+            await asyncio.sleep(1.0)
     finally:
         shutil.rmtree(result.directory, ignore_errors=True)
-    log.warning("adapter %s is being stored by another trainer; announcing its upload", manifest.adapter_id)
-    deadline = time.monotonic() + ports.upload_wait_s
-    while not await asyncio.to_thread(ports.store.exists, uri):
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"adapter {manifest.adapter_id} is being stored by another trainer and was not stored after "
-                f"{ports.upload_wait_s:.0f}s; a redelivery looks again"
-            )
-        await asyncio.sleep(1.0)
-    return await asyncio.to_thread(ports.store.stored, uri)
+
+
+async def _upload(ports: TrainerPorts, key: str, result: TrainedAdapter, manifest: AdapterManifest) -> None:
+    try:
+        await asyncio.to_thread(ports.store.put_adapter, result.directory, manifest)
+    except Exception:
+        # Another trainer may take the redelivery: it must not wait out the claim. (A cancelled
+        # upload keeps its claim: its thread may still be writing.)
+        await ports.ledger.release(key, ports.owner)
+        raise
 
 
 def adapter_manifest(

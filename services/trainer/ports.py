@@ -120,7 +120,10 @@ class KvParentLedger:
             await kv.create(key, mine)
             return True
         except KeyWrongLastSequenceError:
-            entry = await kv.get(key)
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:  # given up between the two calls: free, taken on the next try
+                return False
         if not claim_lost(entry.value, owner, stale_s):
             return True
         if not claim_stale(entry.value, stale_s):
