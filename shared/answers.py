@@ -34,5 +34,6 @@ def normalize_answer(text: str) -> str:
     text = _THOUSANDS.sub("", text)
     text = _DECIMAL_POINT.sub(_KEEP_POINT, text)
     text = "".join(ch for ch in text if not _is_punctuation(ch)).replace(_KEEP_POINT, ".")
-    text = _ARTICLES.sub(" ", text)
+    # An answer that is an article alone ("A", a grade or a blood type) keeps it: nothing would be left.
+    text = _ARTICLES.sub(" ", text) if _ARTICLES.sub(" ", text).strip() else text
     return " ".join(_NUMBER_WORDS.get(token, token) for token in text.split())

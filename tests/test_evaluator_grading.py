@@ -32,6 +32,9 @@ from shared.scoring import (
         ("An apple", "apple"),
         ("theatre", "theatre"),  # articles are whole words only
         ("", ""),
+        ("A", "a"),  # an article alone is the answer (a grade, a blood type): it stays
+        ("The.", "the"),
+        ("...", ""),
     ],
 )
 def test_normalisation(text: str, normalized: str) -> None:
@@ -58,8 +61,12 @@ def test_normalisation(text: str, normalized: str) -> None:
         ("seven", "7", (), True),
         ("It has 7 gates", "seven", (), True),
         ("3.5", "35", (), False),  # decimal points are kept
+        ("A", "A", (), True),  # a grade: an article alone, compared as it is
+        ("A.", "A", (), True),
+        ("B", "A", (), False),
         ("", "Paris", (), False),
-        ("The", "The", (), False),  # a reference that normalises to nothing matches nothing
+        ("...", "...", (), False),  # a reference that normalises to nothing matches nothing
+        ("The Nile", "The", (), False),  # an article-only reference is not found inside a longer answer
     ],
 )
 def test_grade(prediction: str, answer: str, aliases: tuple[str, ...], correct: bool) -> None:

@@ -307,7 +307,7 @@ def _probe(sentence: str, blank: Blank, subject: str, common: set[str]) -> Probe
     if blank.answer.lower() in question.lower() or len(question) > 400 or len(blank.answer) > MAX_ANSWER_CHARS:
         return None  # a closed-book answer is a name, a number, a short phrase: not a paragraph
     if not normalize_answer(blank.answer):
-        return None  # "The": no answer could match it
+        return None  # "...": no answer could match it
     aliases = tuple(
         a for a in dict.fromkeys(blank.aliases) if a.lower() != blank.answer.lower() and len(a) <= MAX_ANSWER_CHARS
     )[:MAX_ALIASES]

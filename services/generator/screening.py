@@ -118,19 +118,20 @@ def screen_feedback(
 
 
 def unanswerable(content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback) -> list[str]:
-    """Answers the evaluator could never find right: nothing is left of them once case,
-    punctuation and a/an/the are set aside ("The", "...")."""
+    """Answers the evaluator could never find right: nothing is left of them, or of any of their
+    aliases, once case and punctuation are set aside ("...", "?!"). An alias alone that is empty
+    is harmless: the answer and the other aliases still match."""
     if isinstance(content, KnowledgeFeedback):
-        answers = [("probe answer", a) for probe in content.probes for a in (probe.answer, *probe.aliases)]
+        answers = [("probe answer", probe.answer, probe.aliases) for probe in content.probes]
     elif isinstance(content, CorrectionFeedback):
-        answers = [("right answer", content.right_answer)]
+        answers = [("right answer", content.right_answer, ())]
     else:
-        answers = [("example response", example.response) for example in content.examples]
+        answers = [("example response", example.response, ()) for example in content.examples]
     return [
-        f"{what} {answer[:80]!r} has nothing to compare once case, punctuation and a/an/the are set aside: "
+        f"{what} {answer[:80]!r} has nothing to compare once case and punctuation are set aside: "
         "no answer could match it"
-        for what, answer in answers
-        if not normalize_answer(answer)
+        for what, answer, aliases in answers
+        if not any(normalize_answer(a) for a in (answer, *aliases))
     ]
 
 
