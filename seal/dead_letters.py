@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from seal.ops import JsonOption, OperatorOption, ReasonOption, UrlOption, _short, call, console, emit_json, operator_body
@@ -28,10 +29,10 @@ def dead_letters(
     for col in ("seq", "at", "service", "event", "scope", "feedback", "reason"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(
-            str(r["sequence"]), (r.get("at") or "")[:19], r["service"], r.get("event_type") or r["subject"],
-            r.get("scope") or "-", _short(r.get("feedback_id")), r["reason"][:300],
-        )
+        # Reasons quote what a product sent: printed as text, never read as rich markup.
+        cells = (str(r["sequence"]), (r.get("at") or "")[:19], r["service"], r.get("event_type") or r["subject"],
+                 r.get("scope") or "-", _short(r.get("feedback_id")), r["reason"][:300])
+        table.add_row(*(escape(cell) for cell in cells))
     console.print(table if rows else "no dead letters")
 
 

@@ -35,5 +35,7 @@ def normalize_answer(text: str) -> str:
     text = _DECIMAL_POINT.sub(_KEEP_POINT, text)
     text = "".join(ch for ch in text if not _is_punctuation(ch)).replace(_KEEP_POINT, ".")
     # An answer that is an article alone ("A", a grade or a blood type) keeps it: nothing would be left.
+    # Such a reference is matched by an answer that is that word alone, never found inside a longer
+    # one (there, "a" is the article: "She got a B").
     text = _ARTICLES.sub(" ", text) if _ARTICLES.sub(" ", text).strip() else text
     return " ".join(_NUMBER_WORDS.get(token, token) for token in text.split())

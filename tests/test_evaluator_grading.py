@@ -64,6 +64,8 @@ def test_normalisation(text: str, normalized: str) -> None:
         ("A", "A", (), True),  # a grade: an article alone, compared as it is
         ("A.", "A", (), True),
         ("B", "A", (), False),
+        ("She got a B", "A", (), False),  # an article-only answer is matched whole, never found inside
+        ("Blood type A", "A", (), False),  # (the judge, where there is one, may rescue such an answer)
         ("", "Paris", (), False),
         ("...", "...", (), False),  # a reference that normalises to nothing matches nothing
         ("The Nile", "The", (), False),  # an article-only reference is not found inside a longer answer

@@ -278,7 +278,7 @@ def test_an_operator_action_is_sent_again_with_its_request_id(monkeypatch, first
 def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
     w, _, _, _ = registry
     entry = {"sequence": 7, "at": "2026-11-27T20:00:00+00:00", "service": "trainer", "subject": "seal.events.selfedit.generated",
-             "reason": "failed 5 times; last error: S3Error: SlowDown", "event_type": "selfedit.generated",
+             "reason": "failed 5 times; last error: S3Error: SlowDown [/x] [red]", "event_type": "selfedit.generated",
              "event_id": "e1", "feedback_id": "fb-dead", "scope": "acme", "bytes": 900}
     asked: list[tuple] = []
 
@@ -298,6 +298,7 @@ def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
     runner = CliRunner()
     listed = runner.invoke(seal_app, ["dead-letters", "--service", "trainer", "--limit", "5"])
     assert listed.exit_code == 0 and "SlowDown" in listed.output and "fb-dead" in listed.output  # a table, folded
+    assert "[/x] [red]" in listed.output  # a product's text is printed, not read as markup
     as_json = runner.invoke(seal_app, ["dead-letters", "--json"])
     assert as_json.exit_code == 0 and json.loads(as_json.output) == [entry]
     replayed = runner.invoke(seal_app, ["replay", "7", "--reason", "S3 is back"])

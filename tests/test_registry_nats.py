@@ -256,7 +256,8 @@ async def test_a_dead_letter_is_listed_with_its_reason_and_replayed_once(running
     js = nc.jetstream()
     scope = f"dlq-{ev.new_id()[:10]}"
     root = feedback(scope)
-    headers = {REASON_HEADER: "failed 5 times; last error: S3Error: the S3 server is restarting", SERVICE_HEADER: "generator",
+    # a reason quoting a product's text: nats-py hands non-ASCII header values back as email Header objects
+    headers = {REASON_HEADER: "failed 5 times; last error: S3Error: the S3 server is restarting (résumé — 履歴書)", SERVICE_HEADER: "generator",
                "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
     ack = await js.publish(f"{DLQ_PREFIX}.generator.{subject_for(root)}", root.model_dump_json().encode(),
                            headers=headers, stream=DLQ_STREAM)
@@ -266,7 +267,7 @@ async def test_a_dead_letter_is_listed_with_its_reason_and_replayed_once(running
     listed = (await http.get("/v1/dead-letters", params={"service": "generator", "limit": 200})).json()
     [entry] = [e for e in listed if e["event_id"] == root.event_id]
     assert entry["sequence"] == ack.seq and entry["subject"] == subject_for(root)
-    assert entry["reason"].startswith("failed 5 times") and entry["feedback_id"] == root.feedback_id and entry["scope"] == scope
+    assert entry["reason"] == headers[REASON_HEADER] and entry["feedback_id"] == root.feedback_id and entry["scope"] == scope
     assert [e["sequence"] for e in listed][:2] == [bad.seq, ack.seq]  # newest first
     assert all(e["service"] == "generator" for e in listed)
     assert (await http.get("/v1/dead-letters", params={"service": "Bad Name!"})).status_code == 422
@@ -288,3 +289,33 @@ async def test_a_dead_letter_is_listed_with_its_reason_and_replayed_once(running
     assert again.status_code == 404 and "replayed already" in again.json()["detail"]
     copy_ = await js.get_last_msg("SEAL_EVENTS", subject_for(root))
     assert copy_.headers["Seal-Replayed-From"] == f"{DLQ_STREAM}/{ack.seq}" and copy_.headers["traceparent"] == headers["traceparent"]
+
+
+async def test_two_replicas_replaying_one_dead_letter_at_once_both_succeed_and_it_goes_out_once(provisioned_stack) -> None:
+    from services.registry.redrive import DeadLetters
+    from shared.dead_letters import SERVICE_HEADER
+    from shared.subjects import DLQ_STREAM
+
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        js = nc.jetstream()
+        root = feedback(f"dlq2-{ev.new_id()[:10]}")
+        ack = await js.publish(f"{DLQ_PREFIX}.generator.{subject_for(root)}", root.model_dump_json().encode(),
+                               headers={REASON_HEADER: "failed", SERVICE_HEADER: "generator"}, stream=DLQ_STREAM)
+        audits: list[ev.Event] = []
+
+        async def audit(event: ev.Event) -> None:
+            audits.append(event)
+
+        first, second = DeadLetters(lambda: js, audit), DeadLetters(lambda: js, audit)
+        done = await asyncio.gather(first.replay(ack.seq, "sre-a", "fixed"), second.replay(ack.seq, "sre-b", "fixed"),
+                                    return_exceptions=True)
+        assert all(isinstance(d, dict) or type(d).__name__ == "NotFound" for d in done), done
+        assert any(isinstance(d, dict) for d in done)
+        assert len({a.event_id for a in audits}) == 1  # one audit event id: stored once
+        copies = await js.pull_subscribe(subject_for(root), durable=None, stream="SEAL_EVENTS",
+                                         config=nats.js.api.ConsumerConfig(deliver_policy=nats.js.api.DeliverPolicy.LAST_PER_SUBJECT))
+        [last] = await copies.fetch(1, timeout=5)
+        assert last.headers["Seal-Replayed-From"] == f"{DLQ_STREAM}/{ack.seq}"
+    finally:
+        await nc.close()

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from email.header import Header, decode_header
 from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from shared import events as ev
 from shared.dead_letters import REASON_HEADER, SERVICE_HEADER
@@ -71,7 +72,8 @@ class DeadLetters:
         try:
             message = await js.get_msg(DLQ_STREAM, sequence)
         except NotFoundError:
-            raise NotFound(f"no dead letter {sequence} in {DLQ_STREAM}: replayed already, or past its retention") from None
+            raise NotFound(f"no dead letter {sequence} in {DLQ_STREAM}: replayed already (perhaps by an earlier try of "
+                           "this request), or past its retention") from None
         entry = describe(message)
         if not entry["subject"].startswith(EVENT_SUBJECTS):
             raise Refused(f"dead letter {sequence} came from {entry['subject']!r}, not from an event subject; "
@@ -80,7 +82,7 @@ class DeadLetters:
             event = ev.parse_event(message.data or b"")
         except ev.EventValidationError as exc:
             raise Refused(f"dead letter {sequence} is no valid event, and would fail again: {exc.reason}"[:600]) from None
-        headers = {k: v for k, v in (message.headers or {}).items()
+        headers = {k: v for k, v in _headers(message).items()
                    if k not in (REASON_HEADER, SERVICE_HEADER) and not k.startswith("Nats-")}
         headers[REPLAYED_FROM_HEADER] = f"{DLQ_STREAM}/{sequence}"
         # Its own message id: the original's may still be in the stream's duplicate window, and a
@@ -99,8 +101,11 @@ class DeadLetters:
         )
         try:
             await js.delete_msg(DLQ_STREAM, sequence)
-        except NotFoundError:
-            pass  # a concurrent replay of the same dead letter removed it; the event went out once
+        except APIError as exc:
+            # Gone already (JSSequenceNotFound, JSStreamMsgDeleteFailed): a concurrent replay of the
+            # same dead letter removed it; the event went out once (the same message id).
+            if not isinstance(exc, NotFoundError) and exc.err_code not in (10043, 10057):
+                raise
         log.info("dead letter %d (%s, %s) replayed to %s by %s: %s",
                  sequence, entry["event_type"], entry["reason"][:200], entry["subject"], operator, reason)
         return {**entry, "replayed_to": entry["subject"]}
@@ -110,7 +115,7 @@ def describe(message: RawStreamMsg) -> dict[str, Any]:
     """What an operator needs to judge a dead letter: when, from where, why, and which event."""
     rest = (message.subject or "").removeprefix(f"{DLQ_PREFIX}.")
     service, _, subject = rest.partition(".")
-    headers = message.headers or {}
+    headers = _headers(message)
     body = _object(message.data)
     return {
         "sequence": message.seq,
@@ -124,6 +129,25 @@ def describe(message: RawStreamMsg) -> dict[str, Any]:
         "scope": _text(body.get("scope")),
         "bytes": len(message.data or b""),
     }
+
+
+def _headers(message: RawStreamMsg) -> dict[str, str]:
+    """The headers as text: nats-py hands a value with non-ASCII characters over as an
+    ``email.header.Header``, which is no string (a reason quoting a product's text)."""
+    return {str(k): _header_text(v) for k, v in (message.headers or {}).items()}
+
+
+def _header_text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return "".join(
+            # the raw bytes, marked "unknown-8bit" by the parser: NATS headers are UTF-8
+            part.decode("utf-8" if charset in (None, "unknown-8bit") else charset, "replace") if isinstance(part, bytes) else part
+            for part, charset in decode_header(str(value) if not isinstance(value, Header) else value)
+        )
+    except (LookupError, ValueError):  # an unknown charset
+        return str(value)
 
 
 def _object(data: bytes | None) -> dict[str, Any]:

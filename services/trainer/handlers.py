@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from services.trainer.examples import bounded_lineage, selected_sequences, split
 from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected
 from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
 from services.trainer.settings import LINEAGE_LIMIT, REPLAY_PER_EPOCH
+from services.trainer.uploads import store_once
 from shared.dead_letters import PermanentFailure
 from shared.events import (
     AdapterTrained,
@@ -50,7 +50,6 @@ from shared.events import (
     derived_id,
 )
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef
-from shared.shutdown import Interrupted
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 from shared.telemetry import current_trace_id
 
@@ -58,9 +57,6 @@ log = logging.getLogger(__name__)
 
 LINEAGE = "lineage"  # manifest training key: [{"adapter_id", "feedback_id", "sequences"}, ...], oldest first
 LINEAGE_SEQUENCES = "lineage_sequences"  # the flat list that earlier trainers recorded
-# An upload claim older than this is taken for a trainer that died mid-upload (an upload takes
-# seconds; the claim is taken after training, just before it).
-UPLOAD_CLAIM_STALE_S = 600.0
 RECIPE = "packed examples, loss on real tokens only, AdamW + linear decay, grad clip 1.0, KL to the base on rehearsal answers"
 
 
@@ -175,7 +171,7 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
             ),
         },
     )
-    ref, stored = await _store_once(ports, uri, result, manifest)
+    ref, stored = await _stored(ports, uri, result, manifest)
     return [trained(ref, stored.metrics.get("final_loss"), stored.metrics.get("seconds"), stored.trace_id)]
 
 
@@ -254,7 +250,7 @@ async def train_policy(event: PolicyTrainingRequested, ports: TrainerPorts) -> l
         extra={"round": event.round, "cause_event_id": event.event_id,
                "mean_reward": sum(e.reward for e in event.examples) / len(event.examples)},
     )
-    ref, _ = await _store_once(ports, uri, result, manifest)
+    ref, _ = await _stored(ports, uri, result, manifest)
     return [trained(ref)]
 
 
@@ -296,53 +292,13 @@ async def _parent_adapter(ports: TrainerPorts, parent: Parent | None) -> tuple[P
     return directory, manifest
 
 
-async def _store_once(
+async def _stored(
     ports: TrainerPorts, uri: str, result: TrainedAdapter, manifest: AdapterManifest
 ) -> tuple[ManifestRef, AdapterManifest]:
-    """Store the trained adapter unless another trainer stores (or stored) this adapter id; the
-    reference and manifest as stored, read back, which is what the event must carry.
-
-    Two trainers can train the same adapter id: a redelivery after a missed beat, or two
-    consumer groups (a canary pool) on the same self-edits. Their manifests differ (times,
-    trace), so two uploads would leave a manifest other than the one announced, or one
-    trainer's checksums over the other's files. A claim in the idempotency bucket lets one
-    upload; the other waits, announces what was stored, or takes the claim over if its holder
-    gave it up (a failed upload) or went quiet past the claim's limit, and uploads its own."""
-    key = f"trainer.upload.{manifest.adapter_id}"
-    deadline = time.monotonic() + ports.upload_wait_s
-    waited = False
-    try:
-        while True:
-            if await asyncio.to_thread(ports.store.exists, uri):
-                # Stored already: by the claim's holder, or by a trainer whose claim this one took
-                # over as stale. What is stored stands; storing over it would change what was announced.
-                return await asyncio.to_thread(ports.store.stored, uri)
-            if await ports.ledger.claim(key, ports.owner, UPLOAD_CLAIM_STALE_S):
-                await _upload(ports, key, result, manifest)
-                return await asyncio.to_thread(ports.store.stored, uri)
-            if not waited:
-                log.warning("adapter %s is being stored by another trainer; waiting for its upload", manifest.adapter_id)
-                waited = True
-            if ports.trainer_stopping():
-                raise Interrupted(f"the trainer is stopping while adapter {manifest.adapter_id} is stored by another")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"adapter {manifest.adapter_id} is being stored by another trainer and was not stored after "
-                    f"{ports.upload_wait_s:.0f}s; a redelivery looks again"
-                )
-            await asyncio.sleep(1.0)
-    finally:
-        shutil.rmtree(result.directory, ignore_errors=True)
-
-
-async def _upload(ports: TrainerPorts, key: str, result: TrainedAdapter, manifest: AdapterManifest) -> None:
-    try:
-        await asyncio.to_thread(ports.store.put_adapter, result.directory, manifest)
-    except Exception:
-        # Another trainer may take the redelivery: it must not wait out the claim. (A cancelled
-        # upload keeps its claim: its thread may still be writing.)
-        await ports.ledger.release(key, ports.owner)
-        raise
+    return await store_once(
+        ports.store, ports.ledger, ports.owner, uri, result.directory, manifest,
+        wait_s=ports.upload_wait_s, stopping=ports.trainer_stopping,
+    )
 
 
 def adapter_manifest(
