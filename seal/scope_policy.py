@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from seal.ops import JsonOption, ScopeOption, UrlOption, call, console, emit_json
+from seal.ops import JsonOption, OperatorOption, ScopeOption, UrlOption, call, console, default_operator, emit_json
 
 policy_app = typer.Typer(help="Read or change a scope's policy (candidates, gates, approval, timeout).", no_args_is_help=True)
 
@@ -53,13 +53,16 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 def policy_set(
     changes: list[str] = typer.Argument(..., help="key=value pairs, e.g. approval=manual candidates=4 min_gain=0.02"),
     scope: str = ScopeOption,
+    reason: str = typer.Option("not given", "--reason", "-r", help="Why: recorded in the audit stream with the change."),
+    operator: str | None = OperatorOption,
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Change some of a scope's policy settings; the rest keep their values."""
+    """Change some of a scope's policy settings; the rest keep their values. Audited: who, why, what."""
     try:
         parsed = parse_settings(changes)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    policy = call(url, "PATCH", f"/v1/scopes/{scope}/policy", parsed)
+    who = {"operator": operator or default_operator(), "reason": reason}
+    policy = call(url, "PATCH", f"/v1/scopes/{scope}/policy", parsed, params=who)
     emit_json(policy) if as_json else print_policy(scope, policy)

@@ -63,7 +63,7 @@ class ScopePolicy(Contract):
     # or fewer epochs teach less for the same forgetting: bench/tradeoff.py in bench/RESULTS.md);
     # the trainer's rehearsal and the evaluator's regression gate hold forgetting back.
     default_directives: TrainingDirectives = TrainingDirectives(learning_rate=1e-3, epochs=10, lora_rank=32, lora_alpha=64)
-    blocklist: tuple[str, ...] = ()
+    blocklist: tuple[Annotated[str, Field(min_length=1, max_length=200)], ...] = Field(default=(), max_length=500)
     # A candidate whose training data repeats an earlier candidate's (the usual case with a
     # small model, whose written self-edits rarely survive validation) is tried at the next
     # strength of this ladder instead of being dropped as a duplicate: the same trained update
@@ -91,7 +91,9 @@ class ScopePolicy(Contract):
     max_core_drop_from_base: float = Field(default=0.05, ge=0.0, le=1.0)
     # registry decision
     approval: Literal["auto", "manual"] = "auto"
-    decision_timeout_s: float = Field(default=1800.0, gt=0)
+    # At most 30 days: a feedback waits that long for its candidates or an approval (a deadline
+    # past the calendar's end failed every later event of the scope).
+    decision_timeout_s: float = Field(default=1800.0, gt=0, le=30 * 86400)
     # outer loop (ReST-EM, services/registry/outer_loop.py): the generator's own policy adapter is
     # trained on every this many rewarded self-edits (0: off, the default until a benchmark shows it
     # helps the default model write). A round's examples travel in one event, so at most 32.

@@ -149,8 +149,11 @@ async def test_cli_actions_reach_the_registry_with_who_and_why(cli, registry) ->
         ("pin", "sre-alice", "freeze"),
         ("unpin", "sre-alice", "thaw"),
     ]
-    policy = json.loads(cli("scope-policy", "set", "-s", "acme", "approval=auto", "candidates=4", "--json").output)
+    policy = json.loads(cli("scope-policy", "set", "-s", "acme", "approval=auto", "candidates=4", "-r", "canary done", "--json").output)
     assert (policy["approval"], policy["candidates"]) == ("auto", 4)
+    audit = w.bus.of(ev.OperatorAction)[-1]
+    assert (audit.action, audit.operator, audit.scope) == ("set_policy", "sre-alice", "acme")
+    assert audit.reason.startswith("canary done (changed: ") and '"approval": "auto"' in audit.reason
     answer = json.loads(cli("ask", "--scope", "acme", "When?", "--json").output)
     assert answer["answer"] == "1387" and answer["version"] == 1
     assert "1387" in cli("ask", "-s", "acme", "When?").output

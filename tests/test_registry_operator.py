@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from test_registry_support import evaluated, feedback, make_world, self_edit
 
@@ -252,3 +254,40 @@ async def test_a_pin_that_lands_during_an_approval_holds_it(monkeypatch: pytest.
     assert head is not None and (head.version, head.pinned) == (3, True)
     record = await w.ledger.record("acme", held.feedback_id)
     assert record is not None and (record.state, record.hold) == ("awaiting_approval", "pinned")
+
+
+async def test_two_operators_changing_different_settings_at_once_both_keep_theirs_and_are_audited() -> None:
+    """The merge used to happen before the compare-and-set: the later write replaced the whole
+    policy it had read, losing the other operator's change."""
+    from services.registry.operations import Operations
+
+    w = make_world()
+    ops = Operations(lambda: w.ledger, w.bus)
+    first_read = asyncio.Event()
+    read = w.ledger.ports.state.read
+
+    async def slow_read(*args: object, **kwargs: object) -> object:  # both read the old policy first
+        found = await read(*args, **kwargs)
+        first_read.set()
+        await asyncio.sleep(0.05)
+        return found
+
+    w.ledger.ports.state.read = slow_read  # type: ignore[method-assign]
+    await asyncio.gather(
+        ops.set_policy("acme", {"candidates": 4}, "sre-alice", "more candidates"),
+        ops.set_policy("acme", {"approval": "manual"}, "sre-bob", "release freeze"),
+    )
+    policy = await w.ledger.policy("acme")
+    assert policy.candidates == 4 and policy.approval == "manual"
+    audits = w.bus.of(ev.OperatorAction)
+    assert sorted((a.action, a.operator) for a in audits) == [("set_policy", "sre-alice"), ("set_policy", "sre-bob")]
+    assert any("release freeze" in a.reason and '"approval": "manual"' in a.reason for a in audits)
+
+
+def test_a_decision_timeout_past_30_days_is_refused() -> None:
+    """A deadline past the calendar's end (1e12 s) raised OverflowError on every later event of the scope."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="less than or equal to 2592000"):
+        ScopePolicy(decision_timeout_s=1e12)
+    assert ScopePolicy(decision_timeout_s=30 * 86400).decision_timeout_s == 2592000

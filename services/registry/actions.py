@@ -8,6 +8,9 @@ rollback.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from shared import events as ev
 from shared.registry_view import ScopePolicy
 from shared.store import AdapterNotFound, IntegrityError
@@ -231,8 +234,41 @@ async def held_records(ledger: Ledger, scope: str) -> list[FeedbackRecord]:
     return records
 
 
-async def set_policy(ledger: Ledger, scope: str, policy: ScopePolicy) -> ScopePolicy:
-    result = await ledger.ports.state.compare_and_set(
-        KV_SCOPE_SETTINGS, scope, ScopePolicy, lambda current: None if current == policy else policy
+async def set_policy(
+    ledger: Ledger, scope: str, changes: dict[str, Any] | ScopePolicy, operator: str | None = None, reason: str = "not given"
+) -> ScopePolicy:
+    """Merge ``changes`` into the scope's policy as it is stored at the write (two operators
+    changing different settings at once both keep theirs); an operator's change is audited."""
+    outcome: dict[str, ScopePolicy] = {}
+
+    def change(current: ScopePolicy | None) -> ScopePolicy | None:
+        merged = merged_policy(current or ScopePolicy(), changes)
+        outcome["policy"] = merged
+        return None if current == merged else merged
+
+    stored = await ledger.ports.state.compare_and_set(KV_SCOPE_SETTINGS, scope, ScopePolicy, change)
+    policy = stored or outcome["policy"]
+    if operator is None:
+        return policy
+    shown = changes.model_dump(mode="json") if isinstance(changes, ScopePolicy) else changes
+    await ledger.ports.publish(
+        _operator_action(
+            (scope, json.dumps(shown, sort_keys=True, default=str), ledger.ports.clock().isoformat()),
+            f"scope-{scope}", scope, "set_policy", operator,
+            f"{reason} (changed: {json.dumps(shown, sort_keys=True, default=str)})"[:2000],
+        )
     )
-    return result or policy
+    return policy
+
+
+def merged_policy(current: ScopePolicy, changes: dict[str, Any] | ScopePolicy) -> ScopePolicy:
+    """``changes`` over ``current``, validated as a whole. Nested settings merge too:
+    {"default_directives": {"epochs": 5}} changes the epochs and keeps the learning rate and the
+    rank (it used to reset them to the model's defaults). A whole policy replaces the current one."""
+    if isinstance(changes, ScopePolicy):
+        return changes
+    now = current.model_dump(mode="json")
+    return ScopePolicy.model_validate({
+        name: {**now[name], **value} if isinstance(value, dict) and isinstance(now.get(name), dict) else value
+        for name, value in {**now, **changes}.items()
+    })

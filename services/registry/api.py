@@ -121,8 +121,14 @@ def registry_router(ops: Operations) -> APIRouter:
         return await ops.get_policy(scope)
 
     @router.patch("/scopes/{scope}/policy")
-    async def set_policy(scope: ScopePath, changes: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
-        return await ops.set_policy(scope, changes)
+    async def set_policy(
+        scope: ScopePath,
+        changes: Annotated[dict[str, Any], Body()],
+        operator: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+        reason: Annotated[str | None, Query(min_length=1, max_length=1000)] = None,
+    ) -> dict[str, Any]:
+        """The changed settings as the body; who and why (``?operator=&reason=``) go to the audit stream."""
+        return await ops.set_policy(scope, changes, operator, reason)
 
     @router.post("/scopes/{scope}/ask")
     async def ask(scope: ScopePath, body: AskRequest) -> dict[str, Any]:

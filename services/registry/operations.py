@@ -130,22 +130,18 @@ class Operations:
         head = await actions.set_pin(self.ledger, scope, pinned, body.operator, body.reason, body.request_id)
         return {"scope": scope, **queries.head_summary(head)}
 
-    async def set_policy(self, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """Merge ``changes`` into the scope's policy (validated as a whole)."""
+    async def set_policy(
+        self, scope: str, changes: dict[str, Any], operator: str | None = None, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Merge ``changes`` into the scope's policy (validated as a whole), and audit who and why."""
         unknown = sorted(set(changes) - set(ScopePolicy.model_fields))
         if unknown:
             # A misspelt key would otherwise be dropped in silence ("aproval=manual" leaving approval auto).
             raise InvalidRequest(
                 f"unknown policy setting(s): {', '.join(unknown)}; the settings are: {', '.join(ScopePolicy.model_fields)}"
             )
-        current = (await self.ledger.policy(scope)).model_dump(mode="json")
-        # Nested settings merge too: {"default_directives": {"epochs": 5}} changes the epochs and
-        # keeps the learning rate and the rank (it used to reset them to the model's defaults).
-        merged = ScopePolicy.model_validate({
-            name: {**current[name], **value} if isinstance(value, dict) and isinstance(current.get(name), dict) else value
-            for name, value in {**current, **changes}.items()
-        })
-        return (await actions.set_policy(self.ledger, scope, merged)).model_dump(mode="json")
+        policy = await actions.set_policy(self.ledger, scope, changes, operator or "unknown", reason or "not given")
+        return policy.model_dump(mode="json")
 
     async def dead_letter_list(self, service: str | None, limit: int = DEAD_LETTER_LIST_LIMIT) -> list[dict[str, Any]]:
         return await self._dlq().latest(service, limit)

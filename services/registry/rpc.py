@@ -9,7 +9,7 @@ Operations: ``scopes``; ``versions`` {scope}; ``lineage`` {scope, version};
 {scope, content, submitted_by?, feedback_id?}; ``approve`` / ``reject``
 {feedback_id, operator, reason}; ``rollback`` {scope, to_version, operator,
 reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
-``policy_get`` {scope}; ``policy_set`` {scope, changes}; ``ask`` {scope,
+``policy_get`` {scope}; ``policy_set`` {scope, changes, operator?, reason?}; ``ask`` {scope,
 question, max_new_tokens?}; ``dead_letters`` {service?, limit?};
 ``dead_letter_replay`` {sequence, operator, reason}.
 """
@@ -89,6 +89,13 @@ def _changes(args: dict[str, Any]) -> dict[str, Any]:
     return dict(changes)
 
 
+def _text(args: dict[str, Any], name: str) -> str | None:
+    value = args.get(name)
+    if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 1000):
+        raise InvalidRequest(f"{name} must be a string of 1 to 1000 characters, not {value!r}"[:200])
+    return value
+
+
 def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in names}
 
@@ -107,7 +114,7 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
         "pin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=True),
         "unpin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=False),
         "policy_get": lambda a: ops.get_policy(_scope(a)),
-        "policy_set": lambda a: ops.set_policy(_scope(a), _changes(a)),
+        "policy_set": lambda a: ops.set_policy(_scope(a), _changes(a), _text(a, "operator"), _text(a, "reason")),
         "ask": lambda a: ops.ask(_scope(a), AskRequest.model_validate(_without(a, "scope"))),
         "dead_letters": lambda a: ops.dead_letter_list(
             _matching(a, "service", SERVICE_PATTERN) if a.get("service") is not None else None,
