@@ -14,11 +14,15 @@ which base an adapter was trained on.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
+import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,11 +135,33 @@ def _write_meta(path: Path, **fields: object) -> None:
     (path / META_FILE).write_text(json.dumps(fields, indent=2))
 
 
+@contextmanager
+def _building(target: Path) -> Iterator[None]:
+    """Held while ``target`` is built: by one thread of this process (the lock) and one process of
+    this machine (an exclusive lock on a file beside it). The services, the CLI and the tests all
+    convert on first use; at once, they wrote one staging folder together, and all but the first
+    failed to rename it (or loaded a file another was still writing)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock, open(target.with_name(target.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _staging(target: Path) -> Path:
+    """A fresh staging folder beside ``target`` (a crashed build's leftovers are removed)."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
 def cached_default_model(cache_dir: Path) -> Path:
     target = cache_dir / "smollm2-135m-instruct"
     if (target / META_FILE).exists():
         return target
-    with _build_lock:
+    with _building(target):
         if (target / META_FILE).exists():
             return target
         spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -153,8 +179,8 @@ def cached_default_model(cache_dir: Path) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = DEFAULT_MODEL_ID
-        staging = target.with_name(target.name + ".partial")
-        staging.mkdir(parents=True, exist_ok=True)
+        staging = _staging(target)
+        staging.mkdir(parents=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _write_meta(staging, source=f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}", model_id=DEFAULT_MODEL_ID)
@@ -166,9 +192,9 @@ def cached_tiny_model(cache_dir: Path) -> Path:
     target = cache_dir / "tiny-llama"
     if (target / META_FILE).exists():
         return target
-    with _build_lock:
+    with _building(target):
         if not (target / META_FILE).exists():
-            staging = target.with_name(target.name + ".partial")
+            staging = _staging(target)
             build_tiny_model(staging)
             staging.rename(target)
     return target

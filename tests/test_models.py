@@ -41,3 +41,28 @@ def test_an_applied_adapter_is_active_inside_its_block_and_gone_after(tiny_model
     with pytest.raises(RuntimeError), host.applied("demo", tmp_path / "adapter"):
         raise RuntimeError("a failure inside the block")
     assert host.names == []  # taken off all the same
+
+
+@pytest.mark.slow
+def test_processes_converting_the_same_model_at_once_all_get_one_whole_copy(tmp_path) -> None:
+    """The services, the CLI and the tests convert a model on first use; started together on a
+    fresh machine they wrote one staging folder at once, and all but one failed to rename it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, time; from pathlib import Path; import shared.models as m; "
+        # a slower build, as the default model's 12-16 s conversion is: the processes overlap in it
+        "build = m.build_tiny_model; m.build_tiny_model = lambda dest, seed=0: (build(dest, seed), time.sleep(3))[0]; "
+        "p = m.cached_tiny_model(Path(sys.argv[1])); print(p, (p / m.META_FILE).read_text().count('weights_sha256'))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert [rc for _, _, rc in results] == [0, 0, 0], [err[-800:] for _, err, _ in results]
+    assert {out.strip() for out, _, _ in results} == {f"{tmp_path / 'tiny-llama'} 1"}
+    meta = json.loads((tmp_path / "tiny-llama" / "seal-base.json").read_text())
+    assert meta["weights_sha256"] and not (tmp_path / "tiny-llama.partial").exists()
