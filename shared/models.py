@@ -62,14 +62,15 @@ class LoadedModel:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """End-of-turn and end-of-text: generation stops on either."""
-        ids = []
-        for token in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+        """End-of-turn and end-of-text, and whatever the model's generation config stops on:
+        generation stops on any. (SmolLM2's ``<|endoftext|>`` is also its unknown token, so a
+        check against the unknown token dropped it; the vocabulary says what exists.)"""
+        vocab = self.tokenizer.get_vocab()
+        ids = [vocab[token] for token in ("<|im_end|>", "<|endoftext|>") if token in vocab]
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for tid in (self.tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])):
+            if isinstance(tid, int) and tid not in ids:
                 ids.append(tid)
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
         return ids
 
 

@@ -19,12 +19,23 @@ def test_tiny_model_is_small_and_has_a_chat_template(tiny_model: LoadedModel) ->
     assert len(out) == 2 and out[0] == out[1]  # greedy is deterministic
 
 
+def test_generation_stops_on_end_of_turn_end_of_text_and_the_models_own_stop_tokens(tiny_model: LoadedModel) -> None:
+    """<|endoftext|> is also the unknown token of these tokenizers: it used to be left out, and a
+    model that wrote it ran on past it."""
+    vocab = tiny_model.tokenizer.get_vocab()
+    ids = tiny_model.stop_token_ids
+    assert vocab["<|im_end|>"] in ids and vocab["<|endoftext|>"] in ids
+    assert set(tiny_model.model.generation_config.eos_token_id) <= set(ids)
+
+
 @pytest.mark.slow
 def test_default_model_loads_offline_and_knows_paris(default_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert default_model.model.config.num_hidden_layers == 30
     [[answer]] = generate(default_model, [chat_prompt(default_model, "What is the capital of France?")], max_new_tokens=24)
     assert "Paris" in answer
+    vocab = default_model.tokenizer.get_vocab()
+    assert {vocab["<|im_end|>"], vocab["<|endoftext|>"]} <= set(default_model.stop_token_ids)
 
 
 def test_an_applied_adapter_is_active_inside_its_block_and_gone_after(tiny_model: LoadedModel, tmp_path) -> None:
