@@ -13,6 +13,7 @@ service, redelivery and later decision lands in the same trace.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -36,10 +37,13 @@ _ROOTS = uuid.UUID("5d3b8f0e-6a51-4c1e-9a57-2f1f3c7e0b11")
 
 
 def feedback_root(feedback_id: str) -> tuple[str, str]:
-    """(trace id, parent span id) in hex for a feedback that came without trace context."""
-    trace_id = uuid.uuid5(_ROOTS, f"trace:{feedback_id}").hex
-    span_id = uuid.uuid5(_ROOTS, f"span:{feedback_id}").hex[:16]
-    return trace_id, span_id
+    """(trace id, parent span id) in hex for a feedback that came without trace context.
+
+    Every bit comes from a hash: a UUID's fixed version and variant bits (uuid5, as before) put
+    every trace id's low 64 bits above half their range, where the ratio sampler reads them, so a
+    sample ratio under 0.5 kept no feedback at all."""
+    digest = hashlib.sha256(f"{_ROOTS}:{feedback_id}".encode()).hexdigest()
+    return digest[:32], digest[32:48]
 
 
 def root_traceparent(feedback_id: str) -> str:
@@ -82,8 +86,13 @@ def setup_tracing(
     resource = Resource.create(
         {"service.name": service_name, "service.namespace": settings.service_namespace}
     )
+    # A feedback's trace arrives as a remote, sampled parent (every service builds the same root
+    # for a feedback, flagged sampled); the ratio applies to it too, decided by the trace id, so
+    # every service keeps or drops the same feedback's spans. (ParentBased alone followed the flag,
+    # and the ratio never applied to a feedback.)
+    by_trace_id = TraceIdRatioBased(settings.sample_ratio)
     provider = TracerProvider(
-        resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio))
+        resource=resource, sampler=ParentBased(by_trace_id, remote_parent_sampled=by_trace_id)
     )
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

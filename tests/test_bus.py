@@ -345,3 +345,26 @@ async def test_publishing_an_event_leaves_no_baggage_behind() -> None:
     await publish_event(Broker(), ev.FeedbackRejected(feedback_id="fb-left", scope="acme", reason="no"))  # type: ignore[arg-type]
     assert seen == ["fb-left"]
     assert baggage.get_baggage(FEEDBACK_ID) is None
+
+
+def test_the_sample_ratio_applies_to_feedback_traces_and_every_service_decides_alike() -> None:
+    """Every feedback's trace arrives as a sampled parent, so the ratio used to apply to nothing:
+    at 0.2, every feedback was still exported. The trace id decides, the same in every service."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shared.telemetry import feedback_context
+
+    def kept(ratio: float, service: str) -> set[str]:
+        exporter = InMemorySpanExporter()
+        provider = setup_tracing(TelemetrySettings(sample_ratio=ratio), service, [SimpleSpanProcessor(exporter)])
+        tracer = provider.get_tracer("test")
+        for i in range(200):
+            with tracer.start_as_current_span("handle", context=feedback_context(f"fb-{i}")):
+                pass
+        return {format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()}
+
+    assert len(kept(1.0, "generator")) == 200 and kept(0.0, "generator") == set()
+    some = kept(0.2, "generator")
+    assert 15 <= len(some) <= 70  # about 40 of 200
+    assert kept(0.2, "trainer") == some  # the same feedbacks in another service
