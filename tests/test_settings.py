@@ -52,3 +52,24 @@ def test_an_unknown_log_level_is_refused_at_start_with_the_choices(monkeypatch: 
     monkeypatch.setenv("SEAL_LOG_LEVEL", "loud")
     with pytest.raises(ValueError, match="'CRITICAL', 'ERROR', 'WARNING', 'INFO' or 'DEBUG'"):
         ServiceSettings(_secrets_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("SEAL_NATS__PASWORD", "nats.paswor"), ("SEAL_MODEL__DEVCE", "model.devce"), ("SEAL_STORE__SECRETKEY", "store.secretkey")],
+)
+def test_a_misspelt_setting_is_an_error_not_ignored(monkeypatch, tmp_path, name: str, field: str) -> None:
+    """SEAL_NATS__PASWORD used to be dropped without a word, and the service ran with no password."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv(name, "x")
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        ServiceSettings(_secrets_dir=str(tmp_path))
+
+
+def test_a_misnamed_secret_file_is_an_error_not_the_default_secret(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    (tmp_path / "store__secretkey").write_text("s3cr3t\n")
+    with pytest.raises(ValidationError, match="secretkey"):
+        ServiceSettings(_secrets_dir=str(tmp_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from shared.settings import ServiceSettings
 
@@ -19,6 +19,8 @@ class JudgeSettings(BaseModel):
     when it is down or unsure, the rules stand, so nothing depends on it.
     """
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt SEAL_* setting is an error
+
     enabled: bool = False
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "gpt-4o-mini"
@@ -27,6 +29,8 @@ class JudgeSettings(BaseModel):
 
 
 class EvaluatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt SEAL_* setting is an error
+
     # Closed-book questions: greedy, short answers, batched.
     max_new_tokens: int = Field(default=32, ge=1, le=256)
     batch_size: int = Field(default=32, ge=1, le=512)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.generator.asking import AskFirst
 from shared.settings import ServiceSettings
 
 
 class GeneratorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt SEAL_* setting is an error
+
     # Sampling (SEAL samples self-edits at temperature 1.0).
     max_new_tokens: int = Field(default=256, ge=1, le=4096)
     temperature: float = Field(default=1.0, gt=0.0, le=2.0)

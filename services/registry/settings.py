@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.settings import ServiceSettings
 
 
 class RegistryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt SEAL_* setting is an error
+
     # How often undecided feedback is checked against its decision timeout.
     sweep_interval_s: float = Field(default=15.0, gt=0)
     # A candidate whose parent keeps moving is trained again at most this often.

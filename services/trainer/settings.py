@@ -12,7 +12,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.settings import ServiceSettings
 from shared.subjects import TRAINER_POLICY, TRAINER_REBASES, TRAINER_SELFEDITS, ConsumerSpec
@@ -27,6 +27,8 @@ LINEAGE_LIMIT = 4096
 
 
 class TrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt SEAL_* setting is an error
+
     # Scratch space: trained adapters before upload, verified parent adapters.
     work_dir: Path = Path(tempfile.gettempdir()) / "seal-trainer"
     # Verified parent adapters kept on local disk for the next update of a scope.
