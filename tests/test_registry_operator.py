@@ -291,3 +291,21 @@ def test_a_decision_timeout_past_30_days_is_refused() -> None:
     with pytest.raises(ValidationError, match="less than or equal to 2592000"):
         ScopePolicy(decision_timeout_s=1e12)
     assert ScopePolicy(decision_timeout_s=30 * 86400).decision_timeout_s == 2592000
+
+
+async def test_a_retried_approval_or_rejection_by_its_operator_is_applied_once_and_answered() -> None:
+    """The CLI sends an action again after a timeout or a 5xx; when the first try went through,
+    the retry used to be refused ("promoted, not awaiting approval") and the CLI exited 1."""
+    w = make_world()
+    await w.set_policy("acme", candidates=1, approval="manual")
+    held, other = feedback(), feedback()
+    await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3), w.ledger)
+    await actions.approve(w.ledger, held.feedback_id, "sre-carol", "reviewed")
+    again = await actions.approve(w.ledger, held.feedback_id, "sre-carol", "reviewed")
+    assert again.state == "promoted" and len(w.bus.of(ev.AdapterPromoted)) == 1
+    with pytest.raises(Refused, match="not awaiting approval"):  # another operator is still told
+        await actions.approve(w.ledger, held.feedback_id, "sre-dan", "me too")
+    await handlers.on_adapter_evaluated(evaluated(other, 0, 1, reward=0.3, parent_version=1), w.ledger)
+    await actions.reject(w.ledger, other.feedback_id, "sre-carol", "memorised the probes")
+    assert (await actions.reject(w.ledger, other.feedback_id, "sre-carol", "memorised the probes")).state == "rejected"
+    assert len([a for a in w.bus.of(ev.OperatorAction) if a.action == "reject"]) == 1

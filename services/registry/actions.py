@@ -46,6 +46,10 @@ async def approve(ledger: Ledger, feedback_id: str, operator: str, reason: str) 
     """Promote the candidate a feedback is held with. If the active version moved
     since it was trained, it is rebased (and held again when it comes back)."""
     record = await ledger.find_record(feedback_id)
+    if record.state in ("promoting", "promoted") and record.decided_by == operator:
+        # This operator's approval went through already: the CLI's retry after a timeout or a
+        # 5xx gets the outcome, not a refusal for a change it made itself.
+        return record
     if record.state != "awaiting_approval" or record.chosen is None:
         raise Refused(f"feedback {feedback_id} is {record.state}, not awaiting approval")
     head = await ledger.head(record.scope)
@@ -86,6 +90,8 @@ async def reject(ledger: Ledger, feedback_id: str, operator: str, reason: str) -
     """Reject a feedback that is held or still in flight, with every candidate it has."""
     record = await ledger.find_record(feedback_id)
     rejectable = ("collecting", "rebasing", "awaiting_approval")
+    if record.state == "rejected" and record.decided_by == operator:
+        return record  # this operator's rejection went through already (a retried request)
     if record.state not in rejectable:
         raise Refused(f"feedback {feedback_id} is {record.state}; only held or undecided feedback can be rejected")
     audit = _operator_action(
