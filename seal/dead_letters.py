@@ -8,10 +8,21 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from seal.ops import JsonOption, OperatorOption, ReasonOption, UrlOption, _short, call, console, emit_json, operator_body
+from seal.ops import (
+    JsonOption,
+    OperatorOption,
+    ReasonOption,
+    UrlOption,
+    _short,
+    api_path,
+    call,
+    console,
+    emit_json,
+    operator_body,
+    plain_row,
+)
 from services.registry.redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX
 
 
@@ -30,9 +41,8 @@ def dead_letters(
         table.add_column(col, overflow="fold")
     for r in rows:
         # Reasons quote what a product sent: printed as text, never read as rich markup.
-        cells = (str(r["sequence"]), (r.get("at") or "")[:19], r["service"], r.get("event_type") or r["subject"],
-                 r.get("scope") or "-", _short(r.get("feedback_id")), r["reason"][:300])
-        table.add_row(*(escape(cell) for cell in cells))
+        plain_row(table, r["sequence"], (r.get("at") or "")[:19], r["service"], r.get("event_type") or r["subject"],
+                  r.get("scope") or "-", _short(r.get("feedback_id")), r["reason"][:300])
     console.print(table if rows else "no dead letters")
 
 
@@ -44,7 +54,7 @@ def replay(
     as_json: bool = JsonOption,
 ) -> None:
     """Publish a dead letter's event to its subject again, once its cause is fixed; it leaves the dead letters."""
-    result = call(url, "POST", f"/v1/dead-letters/{sequence}/replay", operator_body(operator, reason))
+    result = call(url, "POST", api_path("dead-letters", sequence, "replay"), operator_body(operator, reason))
     if as_json:
         return emit_json(result)
     console.print(f"replayed dead letter {sequence} ({result.get('event_type')}, feedback {result.get('feedback_id')}) "

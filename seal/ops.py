@@ -27,11 +27,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, get_args
+from urllib.parse import quote
 
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from services.registry.records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
 
@@ -111,7 +114,7 @@ def _answer(url: str, response: httpx.Response) -> Any:
                 f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" if isinstance(d, dict) else str(d)
                 for d in detail
             )
-        errors.print(f"[red]{response.status_code}[/] {str(detail)[:2000]}")
+        errors.print(f"[red]{response.status_code}[/] {escape(str(detail)[:2000])}")
         raise typer.Exit(1)
     try:
         return response.json()
@@ -119,6 +122,18 @@ def _answer(url: str, response: httpx.Response) -> Any:
         errors.print(f"[red]the answer from {url} is not the registry's JSON[/] ({response.headers.get('content-type')}): "
                      f"{response.text[:200]!r}")
         raise typer.Exit(1) from exc
+
+
+def api_path(*parts: object) -> str:
+    """``/v1/<parts>``, each part quoted whole: an id or scope typed with ``/``, ``..`` or ``?``
+    stays one path segment (``seal approve ../scopes/acme/pin`` must not become a pin)."""
+    return "/v1/" + "/".join(quote(str(part), safe="") for part in parts)
+
+
+def plain_row(table: Table, *cells: object) -> None:
+    """A table row printed as text: what a product or an operator wrote (a passage's summary, a
+    reason) is never read as rich markup ("[/note]" crashed the table)."""
+    table.add_row(*(Text(str(cell)) for cell in cells))
 
 
 def emit_json(data: Any) -> None:
@@ -194,7 +209,7 @@ def scopes(url: str = UrlOption, as_json: bool = JsonOption) -> None:
         table.add_column(col)
     for r in rows:
         pinned = f"yes ({r.get('pinned_by')})" if r.get("pinned") else "no"
-        table.add_row(r["scope"], _fmt(r["active_version"]), _fmt(r["previous_version"]), _fmt(r["latest_version"]), pinned, r["approval"], str(r["open_feedback"]))
+        plain_row(table, r["scope"], _fmt(r["active_version"]), _fmt(r["previous_version"]), _fmt(r["latest_version"]), pinned, r["approval"], str(r["open_feedback"]))
     console.print(table)
 
 
@@ -205,7 +220,7 @@ def versions(
     as_json: bool = JsonOption,
 ) -> None:
     """List a scope's latest versions, newest last, with their tags."""
-    rows = call(url, "GET", f"/v1/scopes/{scope}/versions", params={"limit": limit})
+    rows = call(url, "GET", api_path("scopes", scope, "versions"), params={"limit": limit})
     if as_json:
         return emit_json(rows)
     table = Table(title=f"versions of {scope}")
@@ -213,7 +228,8 @@ def versions(
         table.add_column(col)
     for r in rows:
         scores = r.get("candidate_scores") or {}
-        table.add_row(
+        plain_row(
+            table,
             f"v{r['version']}", ",".join(r["aliases"]) or "-", _short(r["adapter_id"]), _fmt(r.get("parent_version")),
             _fmt(r.get("reward")), _fmt(scores.get("target")), _fmt(scores.get("regression")),
             _short(r["feedback_id"]), r.get("approved_by", "-"), (r.get("promoted_at") or "")[:19],
@@ -230,30 +246,30 @@ def lineage(
 ) -> None:
     """Lineage both ways: from a version back to its feedback, or from a feedback to its fate."""
     if feedback:
-        fate = call(url, "GET", f"/v1/feedback/{feedback}")
+        fate = call(url, "GET", api_path("feedback", feedback))
         if as_json:
             return emit_json(fate)
         return print_fate(fate)
     if not (scope and version):
         raise typer.BadParameter("give --scope and --version, or --feedback")
-    data = call(url, "GET", f"/v1/scopes/{scope}/versions/{version}/lineage")
+    data = call(url, "GET", api_path("scopes", scope, "versions", version, "lineage"))
     if as_json:
         return emit_json(data)
     v, e, t, s, f = data["version"], data["evaluation"] or {}, data["training"], data["self_edit"] or {}, data["feedback"] or {}
     table = Table(title=f"{scope} v{version} ({', '.join(v['aliases']) or 'not active'})", show_header=False)
     table.add_column("what")
     table.add_column("detail")
-    table.add_row("version", f"adapter {v['adapter_id']} on {v.get('base_model') or '?'}; parent v{_fmt(v.get('parent_version'))}; approved by {v['approved_by']}")
-    table.add_row("adapter", v["adapter"]["uri"])
-    table.add_row("evaluation", f"reward {_fmt(e.get('reward'))}, passed {e.get('passed')}, attempt {e.get('attempt')}; event {e.get('event_id')}; trace {e.get('trace_id')}")
+    plain_row(table, "version", f"adapter {v['adapter_id']} on {v.get('base_model') or '?'}; parent v{_fmt(v.get('parent_version'))}; approved by {v['approved_by']}")
+    plain_row(table, "adapter", v["adapter"]["uri"])
+    plain_row(table, "evaluation", f"reward {_fmt(e.get('reward'))}, passed {e.get('passed')}, attempt {e.get('attempt')}; event {e.get('event_id')}; trace {e.get('trace_id')}")
     for gate in e.get("gates", []):
-        table.add_row(f"  gate {gate['gate']}", f"{'pass' if gate['passed'] else 'FAIL'} value {_fmt(gate.get('value'))} threshold {_fmt(gate.get('threshold'))} {gate.get('reason', '')}")
+        plain_row(table, f"  gate {gate['gate']}", f"{'pass' if gate['passed'] else 'FAIL'} value {_fmt(gate.get('value'))} threshold {_fmt(gate.get('threshold'))} {gate.get('reason', '')}")
     run = t.get("run") or {}
-    table.add_row("training run", f"loss {_fmt(run.get('final_loss'))}, {_fmt(run.get('seconds'), 1)}s; event {run.get('event_id', '-')}; trace {run.get('trace_id', '-')}")
-    table.add_row("self-edit", f"{s.get('self_edit_id', '-')} ({s.get('format', '?')}, {len(s.get('sequences', []))} sequences); event {s.get('event_id', '-')}")
-    table.add_row("feedback", f"{f.get('feedback_id')} by {f.get('submitted_by')} at {f.get('submitted_at')}; trace {f.get('trace_id')}")
-    table.add_row("  content", f.get("summary") or "-")
-    table.add_row("ancestors", " <- ".join(f"v{a['version']}" for a in data["ancestors"]) or "-")
+    plain_row(table, "training run", f"loss {_fmt(run.get('final_loss'))}, {_fmt(run.get('seconds'), 1)}s; event {run.get('event_id', '-')}; trace {run.get('trace_id', '-')}")
+    plain_row(table, "self-edit", f"{s.get('self_edit_id', '-')} ({s.get('format', '?')}, {len(s.get('sequences', []))} sequences); event {s.get('event_id', '-')}")
+    plain_row(table, "feedback", f"{f.get('feedback_id')} by {f.get('submitted_by')} at {f.get('submitted_at')}; trace {f.get('trace_id')}")
+    plain_row(table, "  content", f.get("summary") or "-")
+    plain_row(table, "ancestors", " <- ".join(f"v{a['version']}" for a in data["ancestors"]) or "-")
     console.print(table)
 
 
@@ -261,11 +277,12 @@ def print_fate(fate: dict[str, Any]) -> None:
     title = f"feedback {fate['feedback_id']} in {fate['scope']}: {fate['state']}"
     if fate.get("version"):
         title += f" as v{fate['version']}"
-    table = Table(title=title, caption="; ".join(fate.get("reasons") or []) or None)
+    table = Table(title=escape(title), caption=escape("; ".join(fate.get("reasons") or [])) or None)
     for col in ("candidate", "result", "verdict", "attempt", "reward", "adapter", "reasons"):
         table.add_column(col)
     for c in fate["candidates"]:
-        table.add_row(
+        plain_row(
+            table,
             str(c["index"]), c["result"], c.get("verdict") or "-", str(c["attempt"]), _fmt(c.get("reward")),
             _short(c.get("adapter_id")), "; ".join(c.get("reasons") or []),
         )
@@ -283,14 +300,14 @@ def feedback_list(
     params: dict[str, str | int] = {"limit": limit}
     if state:
         params["state"] = state
-    rows = call(url, "GET", f"/v1/scopes/{scope}/feedback", params=params)
+    rows = call(url, "GET", api_path("scopes", scope, "feedback"), params=params)
     if as_json:
         return emit_json(rows)
     table = Table(title=f"feedback of {scope}")
     for col in ("feedback", "state", "version", "submitted by", "submitted at", "summary"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["feedback_id"], r["state"], _fmt(r.get("version")), r.get("submitted_by") or "-", (r.get("submitted_at") or "")[:19], _short(r.get("summary"), 60))
+        plain_row(table, r["feedback_id"], r["state"], _fmt(r.get("version")), r.get("submitted_by") or "-", (r.get("submitted_at") or "")[:19], _short(r.get("summary"), 60))
     console.print(table)
 
 
@@ -302,7 +319,7 @@ def approve(
     as_json: bool = JsonOption,
 ) -> None:
     """Approve a held candidate: it becomes the scope's next version (or is rebased first)."""
-    fate = call(url, "POST", f"/v1/feedback/{feedback_id}/approve", operator_body(operator, reason))
+    fate = call(url, "POST", api_path("feedback", feedback_id, "approve"), operator_body(operator, reason))
     emit_json(fate) if as_json else print_fate(fate)
 
 
@@ -314,14 +331,14 @@ def reject(
     as_json: bool = JsonOption,
 ) -> None:
     """Reject a feedback's candidates."""
-    fate = call(url, "POST", f"/v1/feedback/{feedback_id}/reject", operator_body(operator, reason))
+    fate = call(url, "POST", api_path("feedback", feedback_id, "reject"), operator_body(operator, reason))
     emit_json(fate) if as_json else print_fate(fate)
 
 
 def _print_head(result: dict[str, Any], verb: str) -> None:
     console.print(
         f"{result['scope']}: {verb}; active v{result['active_version']}, previous v{_fmt(result['previous_version'])}, "
-        f"latest v{result['latest_version']}{', pinned by ' + str(result['pinned_by']) if result['pinned'] else ''}"
+        f"latest v{result['latest_version']}{', pinned by ' + escape(str(result['pinned_by'])) if result['pinned'] else ''}"
     )
 
 
@@ -334,7 +351,7 @@ def rollback(
     as_json: bool = JsonOption,
 ) -> None:
     """Roll a scope back to an earlier version."""
-    result = call(url, "POST", f"/v1/scopes/{scope}/rollback", operator_body(operator, reason, to_version=to))
+    result = call(url, "POST", api_path("scopes", scope, "rollback"), operator_body(operator, reason, to_version=to))
     emit_json(result) if as_json else _print_head(result, f"rolled back to v{to}")
 
 
@@ -346,7 +363,7 @@ def pin(
     as_json: bool = JsonOption,
 ) -> None:
     """Pin a scope's active version: promotions are held for approval until unpinned."""
-    result = call(url, "POST", f"/v1/scopes/{scope}/pin", operator_body(operator, reason))
+    result = call(url, "POST", api_path("scopes", scope, "pin"), operator_body(operator, reason))
     emit_json(result) if as_json else _print_head(result, "pinned")
 
 
@@ -358,7 +375,7 @@ def unpin(
     as_json: bool = JsonOption,
 ) -> None:
     """Unpin a scope; what was held only by the pin is decided again."""
-    result = call(url, "POST", f"/v1/scopes/{scope}/unpin", operator_body(operator, reason))
+    result = call(url, "POST", api_path("scopes", scope, "unpin"), operator_body(operator, reason))
     emit_json(result) if as_json else _print_head(result, "unpinned")
 
 
@@ -373,11 +390,12 @@ def ask(
     body: dict[str, Any] = {"question": question}
     if max_new_tokens:
         body["max_new_tokens"] = max_new_tokens
-    result = call(url, "POST", f"/v1/scopes/{scope}/ask", body)
+    result = call(url, "POST", api_path("scopes", scope, "ask"), body)
     if as_json:
         return emit_json(result)
     which = f"v{result['version']}" if result.get("version") else "base model"
-    console.print(f"[dim]{scope} ({which}, {result.get('base_model')}):[/] {result['answer'] or '(no answer)'}")
+    where = escape(f"{scope} ({which}, {result.get('base_model')})")
+    console.print(f"[dim]{where}:[/] {escape(result['answer'] or '(no answer)')}")
 
 
 COMMANDS: dict[str, Callable[..., None]] = {

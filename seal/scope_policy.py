@@ -12,7 +12,18 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from seal.ops import JsonOption, OperatorOption, ScopeOption, UrlOption, call, console, default_operator, emit_json
+from seal.ops import (
+    JsonOption,
+    OperatorOption,
+    ScopeOption,
+    UrlOption,
+    api_path,
+    call,
+    console,
+    default_operator,
+    emit_json,
+    plain_row,
+)
 
 policy_app = typer.Typer(help="Read or change a scope's policy (candidates, gates, approval, timeout).", no_args_is_help=True)
 
@@ -20,7 +31,7 @@ policy_app = typer.Typer(help="Read or change a scope's policy (candidates, gate
 @policy_app.command("get")
 def policy_get(scope: str = ScopeOption, url: str = UrlOption, as_json: bool = JsonOption) -> None:
     """Show a scope's policy (defaults for a scope never configured)."""
-    policy = call(url, "GET", f"/v1/scopes/{scope}/policy")
+    policy = call(url, "GET", api_path("scopes", scope, "policy"))
     if as_json:
         return emit_json(policy)
     print_policy(scope, policy)
@@ -31,7 +42,7 @@ def print_policy(scope: str, policy: dict[str, Any]) -> None:
     table.add_column("setting")
     table.add_column("value")
     for key, value in policy.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+        plain_row(table, key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)
 
 
@@ -64,5 +75,5 @@ def policy_set(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     who = {"operator": operator or default_operator(), "reason": reason}
-    policy = call(url, "PATCH", f"/v1/scopes/{scope}/policy", parsed, params=who)
+    policy = call(url, "PATCH", api_path("scopes", scope, "policy"), parsed, params=who)
     emit_json(policy) if as_json else print_policy(scope, policy)

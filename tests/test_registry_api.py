@@ -313,3 +313,20 @@ def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
 def test_cli_says_why_without_dead_letters(cli) -> None:
     result = cli("dead-letters", ok=False)
     assert result.exit_code != 0 and "dead letters are not reachable" in result.output
+
+
+async def test_cli_prints_what_products_wrote_as_text_and_keeps_ids_one_path_segment(cli, registry, monkeypatch) -> None:
+    from rich.console import Console
+
+    monkeypatch.setattr(ops, "console", Console(width=400))  # one line a row: the text is not folded
+    w, _, _, held = registry
+    marked = feedback(passage="Quellmoor [/note] got its [red]charter[/red] in 1387.")
+    await handlers.on_feedback_submitted(marked, w.ledger, "f" * 32)
+    listed = cli("feedback", "-s", "acme").output
+    assert "[/note]" in listed and "[red]charter" in listed  # printed, not read as markup (it crashed)
+    head = json.loads(cli("scopes", "--json").output)
+    # "../scopes/acme/pin" used to be normalised by the HTTP client into a pin of acme
+    result = cli("approve", "../scopes/acme/pin", "-r", "x", ok=False)
+    assert result.exit_code != 0
+    assert json.loads(cli("scopes", "--json").output) == head
+    assert not [a for a in w.bus.of(ev.OperatorAction) if a.action == "pin"]
