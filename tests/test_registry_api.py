@@ -330,3 +330,22 @@ async def test_cli_prints_what_products_wrote_as_text_and_keeps_ids_one_path_seg
     assert result.exit_code != 0
     assert json.loads(cli("scopes", "--json").output) == head
     assert not [a for a in w.bus.of(ev.OperatorAction) if a.action == "pin"]
+
+
+async def test_rpc_maps_a_missing_or_damaged_adapter_and_a_bad_sequence_as_http_does(registry) -> None:
+    from services.registry import rpc
+    from shared.store import AdapterNotFound, IntegrityError
+
+    async def gone(_: dict) -> None:
+        raise AdapterNotFound("s3://seal-adapters/adapters/acme/a1")
+
+    async def damaged(_: dict) -> None:
+        raise IntegrityError("manifest of s3://seal-adapters/adapters/acme/a1 does not match")
+
+    assert (await rpc.answer(gone, {}))["status"] == 404  # was a 500 over RPC, a 404 over HTTP
+    assert (await rpc.answer(damaged, {}))["status"] == 409
+    w, _, _, _ = registry
+    table = rpc.operations_table(Operations(lambda: w.ledger, w.bus))
+    for sequence in (0, -1, 2**64):
+        answered = await rpc.answer(table["dead_letter_replay"], {"sequence": sequence, "operator": "sre", "reason": "x"})
+        assert answered["status"] == 422 and "sequence must be from 1" in answered["error"]

@@ -21,7 +21,7 @@ from shared.store import AdapterNotFound, IntegrityError
 from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
 from .ports import InvalidRequest, NotFound, Refused
 from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
-from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, SERVICE_PATTERN
+from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, MAX_SEQUENCE, SERVICE_PATTERN
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -142,7 +142,7 @@ def registry_router(ops: Operations) -> APIRouter:
         return await ops.dead_letter_list(service, limit)
 
     @router.post("/dead-letters/{sequence}/replay")
-    async def replay(sequence: Annotated[int, Path(ge=1)], body: OperatorRequest) -> dict[str, Any]:
+    async def replay(sequence: Annotated[int, Path(ge=1, le=MAX_SEQUENCE)], body: OperatorRequest) -> dict[str, Any]:
         return await ops.dead_letter_replay(sequence, body)
 
     return router

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_LIST_LIMIT = 20
 DEAD_LETTER_LIST_MAX = 200
 SERVICE_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
+MAX_SEQUENCE = 2**63 - 1  # a stream sequence is a uint64; past this the server refuses the request
 # Dead letters read to fill one listing, newest first; replayed ones leave gaps in the sequence.
 SCAN_MAX = 2000
 EVENT_SUBJECTS = "seal.events."

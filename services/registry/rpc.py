@@ -27,12 +27,13 @@ from pydantic import ValidationError
 
 from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError
+from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import REGISTRY_RPC
 
 from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
 from .ports import InvalidRequest, NotFound, Refused
 from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
-from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, SERVICE_PATTERN
+from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, MAX_SEQUENCE, SERVICE_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,13 @@ def _changes(args: dict[str, Any]) -> dict[str, Any]:
     return dict(changes)
 
 
+def _sequence(args: dict[str, Any]) -> int:
+    sequence = _int(args, "sequence")
+    if not 1 <= sequence <= MAX_SEQUENCE:
+        raise InvalidRequest(f"sequence must be from 1 to {MAX_SEQUENCE}, not {sequence}")
+    return sequence
+
+
 def _text(args: dict[str, Any], name: str) -> str | None:
     value = args.get(name)
     if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 1000):
@@ -121,7 +129,7 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
             _limit(a, DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX),
         ),
         "dead_letter_replay": lambda a: ops.dead_letter_replay(
-            _int(a, "sequence"), OperatorRequest.model_validate(_without(a, "sequence"))
+            _sequence(a), OperatorRequest.model_validate(_without(a, "sequence"))
         ),
     }
 
@@ -137,9 +145,9 @@ async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) ->
             return {"ok": False, "status": 413, "error": f"the answer ({size} bytes) is larger than a NATS message "
                     f"allows ({RPC_MAX_ANSWER_BYTES}); ask for less (a smaller limit)"}
         return {"ok": True, "result": result}
-    except NotFound as exc:
+    except (NotFound, AdapterNotFound) as exc:  # as over HTTP: an active version whose adapter is gone
         return {"ok": False, "status": 404, "error": str(exc)}
-    except (Refused, ConflictError) as exc:
+    except (Refused, ConflictError, IntegrityError) as exc:
         return {"ok": False, "status": 409, "error": str(exc)}
     except ValidationError as exc:
         return {"ok": False, "status": 422, "error": describe_validation_error(exc)}
