@@ -24,8 +24,10 @@ class CopyingStore:
 
     def __init__(self, sources: dict[str, Path]):
         self.sources = sources
+        self.max_bytes: list[int | None] = []
 
-    def get_adapter(self, ref: str, dest: Path) -> SimpleNamespace:
+    def get_adapter(self, ref: str, dest: Path, max_bytes: int | None = None) -> SimpleNamespace:
+        self.max_bytes.append(max_bytes)
         shutil.copytree(self.sources[ref], dest)
         return SimpleNamespace(base_model_sha256=None, base_model="tiny")
 
@@ -52,9 +54,12 @@ async def test_the_oldest_adapter_leaves_memory_and_disk_and_a_broken_one_leaves
     (misfit / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 3}))
     monkeypatch.setattr(answering, "MAX_LOADED_ADAPTERS", 1)
     heads = Heads()
-    cache = tmp_path / "cache"
+    left = tmp_path / "cache" / "999999999"  # a registry process that is gone left an adapter behind
+    (left / "acme" / "old").mkdir(parents=True)
     store = CopyingStore({"ref-a": adapter, "ref-b": adapter, "ref-bad": misfit})
-    ask = ActiveModelAnswerer(ModelSettings(name="tiny", cache_dir=MODEL_CACHE, device="cpu"), store, heads, cache)  # type: ignore[arg-type]
+    ask = ActiveModelAnswerer(ModelSettings(name="tiny", cache_dir=MODEL_CACHE, device="cpu"), store, heads, tmp_path / "cache")  # type: ignore[arg-type]
+    assert not left.exists()
+    cache = tmp_path / "cache" / str(os.getpid())  # this process's own folder
 
     heads.heads["acme"] = SimpleNamespace(adapter_id="a", adapter="ref-a", version=1)
     assert (await ask.answer("acme", "Which river?", 4))["adapter_id"] == "a"
@@ -62,6 +67,11 @@ async def test_the_oldest_adapter_leaves_memory_and_disk_and_a_broken_one_leaves
     assert (await ask.answer("globex", "Which river?", 4))["adapter_id"] == "b"
     assert ask._host.names == ["b"]  # type: ignore[union-attr]
     assert not (cache / "acme" / "a").exists() and (cache / "globex" / "b").exists()
+    from shared.lora import base_bytes
+    from shared.models import load_model
+
+    base = base_bytes(load_model(ModelSettings(name="tiny", cache_dir=MODEL_CACHE, device="cpu")).model)
+    assert store.max_bytes == [base, base]  # no adapter larger than its (bare) base is downloaded
 
     heads.heads["initech"] = SimpleNamespace(adapter_id="bad", adapter="ref-bad", version=1)
     with pytest.raises(ValueError, match="does not load"):

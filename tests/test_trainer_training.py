@@ -267,7 +267,7 @@ def test_unscaled_trainings_of_gone_processes_are_cleared(tmp_path) -> None:
     import subprocess
     import sys
 
-    from services.trainer.lora_training import clear_unscaled
+    from shared.scratch import clear_gone_processes as clear_unscaled
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     folders = [str(os.getpid()), gone.stdout.strip(), str(os.getppid()), "0f26e3a0781953a9b0ee398075bf3c67"]

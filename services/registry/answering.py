@@ -15,12 +15,14 @@ import asyncio
 import dataclasses
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 from shared.generation import chat_prompt, generate
-from shared.lora import AdapterHost
+from shared.lora import AdapterHost, base_bytes
 from shared.models import LoadedModel, load_model
+from shared.scratch import clear_gone_processes, own_folder
 from shared.settings import ModelSettings
 from shared.store import AdapterStore
 
@@ -44,11 +46,18 @@ class ActiveModelAnswerer:
         self.model_settings = model_settings
         self.store = store
         self.ledger = ledger
-        self.cache_dir = Path(cache_dir).expanduser()
+        # One folder per process, and what processes that are gone left is removed: the cache of
+        # adapters is bounded in memory (MAX_LOADED_ADAPTERS), its files with it.
+        clear_gone_processes(Path(cache_dir).expanduser())
+        self.cache_dir = own_folder(Path(cache_dir).expanduser())
         self.max_new_tokens = max_new_tokens
         self._lock = asyncio.Lock()
+        # The base model is one: a cancelled ask releases the asyncio lock while its thread still
+        # generates, so the thread takes this one too (another ask must not swap adapters under it).
+        self._model_lock = threading.Lock()
         self._base: LoadedModel | None = None
         self._host: AdapterHost | None = None
+        self._max_adapter_bytes: int | None = None
         self._loaded: list[tuple[str, Path]] = []  # (adapter id, its files), oldest first
 
     async def answer(self, scope: str, question: str, max_new_tokens: int | None) -> dict[str, Any]:
@@ -57,8 +66,13 @@ class ActiveModelAnswerer:
             return await asyncio.to_thread(self._answer, scope, head, question, max_new_tokens or self.max_new_tokens)
 
     def _answer(self, scope: str, head: Any, question: str, max_new_tokens: int) -> dict[str, Any]:
+        with self._model_lock:
+            return self._answer_alone(scope, head, question, max_new_tokens)
+
+    def _answer_alone(self, scope: str, head: Any, question: str, max_new_tokens: int) -> dict[str, Any]:
         if self._base is None:
             self._base = load_model(self.model_settings)
+            self._max_adapter_bytes = base_bytes(self._base.model)  # before any adapter is in it
             self._host = AdapterHost(self._base.model)
         base, host = self._base, self._host
         assert host is not None
@@ -91,7 +105,8 @@ class ActiveModelAnswerer:
             dest = self.cache_dir / scope / adapter_id
             dest.parent.mkdir(parents=True, exist_ok=True)  # get_adapter stages beside dest
             try:
-                manifest = self.store.get_adapter(ref, dest)  # verifies every file's sha256
+                # verifies every file's sha256; an adapter larger than its base is refused before download
+                manifest = self.store.get_adapter(ref, dest, max_bytes=self._max_adapter_bytes)
                 base_sha = self._base.weights_sha256
                 if manifest.base_model_sha256 and base_sha and manifest.base_model_sha256 != base_sha:
                     raise Refused(

@@ -54,6 +54,7 @@ from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
 from shared.lora import ADAPTER_WEIGHTS, AdapterHost, lora_config, scale_update
 from shared.models import LoadedModel
+from shared.scratch import clear_gone_processes
 
 log = logging.getLogger(__name__)
 
@@ -120,29 +121,6 @@ class Anchoring:
     batch: int = REHEARSAL_BATCH
 
 
-def clear_unscaled(folder: Path) -> None:
-    """Remove the unscaled trainings that processes no longer running left in ``folder`` (one
-    folder per process id: the cache lives in memory, so a restarted trainer, or a container
-    whose scratch volume outlived it, would otherwise keep up to KEEP_TRAINED adapters each time).
-    This process's own id counts as gone: a container restarts under the same one."""
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid() and _running(int(entry.name)):
-            continue  # another trainer on this machine, sharing the work folder
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # OverflowError: digits, but no process id
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 class LoraTrainer:
     def __init__(
         self,
@@ -165,7 +143,7 @@ class LoraTrainer:
         # training key -> (unscaled PEFT directory, what its training gave), oldest first
         self._trained: OrderedDict[str, tuple[Path, TrainedAdapter]] = OrderedDict()
         self._unscaled = self.work_dir / "unscaled" / str(os.getpid())
-        clear_unscaled(self.work_dir / "unscaled")
+        clear_gone_processes(self.work_dir / "unscaled")
 
     def stop(self) -> None:
         """Make a training that runs now, or starts later, end before its next step."""
