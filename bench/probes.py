@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.generator.probes import self_generated_probes  # noqa: E402
+from services.generator.asking import question_first  # noqa: E402
+from services.generator.probes import _questions, self_generated_probes  # noqa: E402
+from shared.events import Probe  # noqa: E402
 from shared.scoring import normalize_answer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -37,20 +39,42 @@ def covered_questions(
     """How many probes the generator writes at ``limit``, and for each (answer, aliases) of a
     held-out question whether one of them asks for it."""
     written = self_generated_probes(passage, title, limit)
-    asked = {normalize_answer(a) for p in written for a in (p.answer, *p.aliases)}
-    return len(written), [bool(asked & {normalize_answer(a) for a in (answer, *aliases)}) for answer, aliases in answers]
+    return len(written), _hits(written, answers)
+
+
+def question_first_forms(
+    passage: str, title: str | None, answers: Sequence[tuple[str, Sequence[str]]], limit: int
+) -> tuple[int, list[bool]]:
+    """Of the probes written at ``limit``, how many can also be asked question-first
+    (:func:`services.generator.asking.question_first`: a wording the trainer does not train with
+    ``question_first`` off, so a regression set of them would be held out), and which held-out
+    questions those ask for."""
+    written = self_generated_probes(passage, title, limit)
+    subject, asked = _questions(passage, title)
+    where = {probe.question: (sentence, blank) for _, sentence, blank, probe in asked}
+    askable = [p for p in written if p.question in where and question_first(*where[p.question], subject)]
+    return len(askable), _hits(askable, answers)
+
+
+def _hits(probes: Sequence[Probe], answers: Sequence[tuple[str, Sequence[str]]]) -> list[bool]:
+    asked = {normalize_answer(a) for p in probes for a in (p.answer, *p.aliases)}
+    return [bool(asked & {normalize_answer(a) for a in (answer, *aliases)}) for answer, aliases in answers]
 
 
 def coverage(rows: list[dict], limit: int) -> dict:
     """Probes written and held-out questions whose answer a probe asks for, at ``limit`` probes a passage."""
-    probes = covered = questions = 0
+    probes = covered = questions = first = covered_first = 0
     for row in rows:
         answers = [(q["answer"], q.get("aliases", ())) for q in row["questions"]]
         written, hits = covered_questions(row["passage"], row.get("title"), answers, limit)
+        askable, first_hits = question_first_forms(row["passage"], row.get("title"), answers, limit)
         probes += written
         covered += sum(hits)
         questions += len(hits)
-    return {"limit": limit, "probes": probes, "per_passage": probes / len(rows), "covered": covered, "questions": questions}
+        first += askable
+        covered_first += sum(first_hits)
+    return {"limit": limit, "probes": probes, "per_passage": probes / len(rows), "covered": covered, "questions": questions,
+            "question_first": first, "covered_question_first": covered_first}
 
 
 def main() -> None:
@@ -64,10 +88,10 @@ def main() -> None:
     lines = [
         f"Self-generated probes on `{args.data}` ({len(rows)} passages), {time.strftime('%Y-%m-%d')}.",
         "",
-        "| self_probe_count | probes (per passage) | held-out questions whose answer a probe asks |",
-        "|---|---|---|",
+        "| self_probe_count | probes (per passage) | held-out questions whose answer a probe asks | probes that can be asked question-first | held-out questions those ask |",
+        "|---|---|---|---|---|",
         *(f"| {t['limit']} | {t['probes']} ({t['per_passage']:.1f}) | {t['covered']}/{t['questions']} "
-          f"({100 * t['covered'] / t['questions']:.0f}%) |" for t in table),
+          f"({100 * t['covered'] / t['questions']:.0f}%) | {t['question_first']} | {t['covered_question_first']} |" for t in table),
     ]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)

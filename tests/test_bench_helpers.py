@@ -66,8 +66,10 @@ def test_probe_coverage_counts_answers_and_aliases(shared_data) -> None:
     assert few["questions"] == many["questions"] == sum(len(r["questions"]) for r in rows)
     assert few["probes"] <= 5 * len(rows) < many["probes"]
     assert 0 < few["covered"] < many["covered"] <= many["questions"]
+    assert 0 < few["question_first"] <= few["probes"] and few["covered_question_first"] <= few["covered"]
     nothing = probes.coverage([{"passage": "no facts here at all, none.", "questions": [{"answer": "x"}]}], 5)
-    assert nothing == {"limit": 5, "probes": 0, "per_passage": 0.0, "covered": 0, "questions": 1}
+    assert nothing == {"limit": 5, "probes": 0, "per_passage": 0.0, "covered": 0, "questions": 1,
+                       "question_first": 0, "covered_question_first": 0}
 
 
 def test_a_downloaded_adapter_is_removed_after_scoring() -> None:
