@@ -19,6 +19,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from seal.stack import LocalStack, StackPorts
 from shared.broker import ensure_streams_at
@@ -333,7 +334,7 @@ def demo(
     try:
         items = load_items(data or DEMO_DATA)
     except (OSError, ValueError) as exc:
-        console.print(f"[red]cannot read the demo data:[/] {exc}")
+        console.print(Text.assemble(("cannot read the demo data: ", "red"), str(exc)))
         raise typer.Exit(2) from exc
     if home is None and (busy := StackPorts().busy()):
         # Before the folder is emptied: it may be the data of the demo that holds these ports.

@@ -23,6 +23,7 @@ import nats
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from seal.watch import FeedbackProgress, PlatformWatcher
 from shared import events as ev
@@ -89,7 +90,7 @@ def progress_table(items: list[DemoItem], ids: dict[str, str], progress: dict[st
     for item in items:
         fid = ids.get(item.id)
         stage = progress[fid].stage() if fid in progress else "waiting"
-        table.add_row(item.title, stage)
+        table.add_row(Text(item.title), stage)  # a title from --data is text, not markup
     return table
 
 
@@ -151,7 +152,7 @@ async def run_demo(
             progress = watcher.progress[ids[item.id]]
             outcomes.setdefault(item.id, describe_outcome(progress))
             summary.add_row(
-                item.title,
+                Text(item.title),
                 f"{before[item.id].correct}/{before[item.id].total}",
                 f"{after[item.id].correct}/{after[item.id].total}",
                 outcomes[item.id],

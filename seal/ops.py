@@ -32,7 +32,6 @@ from urllib.parse import quote
 import httpx
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -114,7 +113,7 @@ def _answer(url: str, response: httpx.Response) -> Any:
                 f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" if isinstance(d, dict) else str(d)
                 for d in detail
             )
-        errors.print(f"[red]{response.status_code}[/] {escape(str(detail)[:2000])}")
+        errors.print(Text.assemble((str(response.status_code), "red"), " ", str(detail)[:2000]))
         raise typer.Exit(1)
     try:
         return response.json()
@@ -277,7 +276,8 @@ def print_fate(fate: dict[str, Any]) -> None:
     title = f"feedback {fate['feedback_id']} in {fate['scope']}: {fate['state']}"
     if fate.get("version"):
         title += f" as v{fate['version']}"
-    table = Table(title=escape(title), caption=escape("; ".join(fate.get("reasons") or [])) or None)
+    caption = "; ".join(fate.get("reasons") or [])
+    table = Table(title=Text(title), caption=Text(caption) if caption else None)
     for col in ("candidate", "result", "verdict", "attempt", "reward", "adapter", "reasons"):
         table.add_column(col)
     for c in fate["candidates"]:
@@ -338,7 +338,8 @@ def reject(
 def _print_head(result: dict[str, Any], verb: str) -> None:
     console.print(
         f"{result['scope']}: {verb}; active v{result['active_version']}, previous v{_fmt(result['previous_version'])}, "
-        f"latest v{result['latest_version']}{', pinned by ' + escape(str(result['pinned_by'])) if result['pinned'] else ''}"
+        f"latest v{result['latest_version']}{', pinned by ' + str(result['pinned_by']) if result['pinned'] else ''}",
+        markup=False,
     )
 
 
@@ -394,8 +395,7 @@ def ask(
     if as_json:
         return emit_json(result)
     which = f"v{result['version']}" if result.get("version") else "base model"
-    where = escape(f"{scope} ({which}, {result.get('base_model')})")
-    console.print(f"[dim]{where}:[/] {escape(result['answer'] or '(no answer)')}")
+    console.print(Text.assemble((f"{scope} ({which}, {result.get('base_model')}):", "dim"), " ", result["answer"] or "(no answer)"))
 
 
 COMMANDS: dict[str, Callable[..., None]] = {

@@ -15,12 +15,15 @@ def own_folder(folder: Path) -> Path:
 def clear_gone_processes(folder: Path) -> None:
     """Remove what processes no longer running left in ``folder`` (one folder per process id: a
     restarted service, or a container whose scratch volume outlived it, would otherwise keep its
-    files each time). This process's own id counts as gone: a container restarts under the same one."""
+    files each time). This process's own id counts as gone: a container restarts under the same one.
+    Only folders named by a process id are touched: anything else there is not ours."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid() and _running(int(entry.name)):
+        if not entry.name.isdigit():
+            continue
+        if int(entry.name) != os.getpid() and _running(int(entry.name)):
             continue  # another process on this machine, sharing the folder
         shutil.rmtree(entry, ignore_errors=True)
 

@@ -54,12 +54,13 @@ async def test_the_oldest_adapter_leaves_memory_and_disk_and_a_broken_one_leaves
     (misfit / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 3}))
     monkeypatch.setattr(answering, "MAX_LOADED_ADAPTERS", 1)
     heads = Heads()
-    left = tmp_path / "cache" / "999999999"  # a registry process that is gone left an adapter behind
+    left = tmp_path / "cache" / "by-process" / "999999999"  # a registry process that is gone left an adapter behind
     (left / "acme" / "old").mkdir(parents=True)
+    (tmp_path / "cache" / "models").mkdir()  # what else shares the folder is left alone
     store = CopyingStore({"ref-a": adapter, "ref-b": adapter, "ref-bad": misfit})
     ask = ActiveModelAnswerer(ModelSettings(name="tiny", cache_dir=MODEL_CACHE, device="cpu"), store, heads, tmp_path / "cache")  # type: ignore[arg-type]
-    assert not left.exists()
-    cache = tmp_path / "cache" / str(os.getpid())  # this process's own folder
+    assert not left.exists() and (tmp_path / "cache" / "models").is_dir()
+    cache = tmp_path / "cache" / "by-process" / str(os.getpid())  # this process's own folder
 
     heads.heads["acme"] = SimpleNamespace(adapter_id="a", adapter="ref-a", version=1)
     assert (await ask.answer("acme", "Which river?", 4))["adapter_id"] == "a"

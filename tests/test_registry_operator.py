@@ -309,3 +309,21 @@ async def test_a_retried_approval_or_rejection_by_its_operator_is_applied_once_a
     await actions.reject(w.ledger, other.feedback_id, "sre-carol", "memorised the probes")
     assert (await actions.reject(w.ledger, other.feedback_id, "sre-carol", "memorised the probes")).state == "rejected"
     assert len([a for a in w.bus.of(ev.OperatorAction) if a.action == "reject"]) == 1
+
+
+async def test_a_policy_change_is_refused_whole_for_a_blank_operator_or_a_misspelt_nested_setting() -> None:
+    """A blank operator used to be found out only after the write (the change stored, the caller
+    told 422, no audit); a misspelt nested key was dropped in silence."""
+    from pydantic import ValidationError
+
+    from services.registry.operations import Operations
+    from services.registry.ports import InvalidRequest
+
+    w = make_world()
+    ops = Operations(lambda: w.ledger, w.bus)
+    with pytest.raises(ValidationError):
+        await ops.set_policy("acme", {"approval": "manual"}, "   ", "freeze")
+    assert (await w.ledger.policy("acme")).approval == "auto" and not w.bus.of(ev.OperatorAction)
+    with pytest.raises(InvalidRequest, match="unknown setting.* in default_directives: epohcs"):
+        await ops.set_policy("acme", {"default_directives": {"epohcs": 5}}, "sre", "fewer epochs")
+    assert (await w.ledger.policy("acme")).default_directives.epochs == 10

@@ -274,4 +274,5 @@ def test_unscaled_trainings_of_gone_processes_are_cleared(tmp_path) -> None:
     for name in folders:
         (tmp_path / name / "adapter").mkdir(parents=True)
     clear_unscaled(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getppid())]
+    # another trainer's stays, and so does what is not named by a process id (not ours to remove)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getppid()), "0f26e3a0781953a9b0ee398075bf3c67"])

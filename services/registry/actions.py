@@ -246,6 +246,15 @@ async def set_policy(
     """Merge ``changes`` into the scope's policy as it is stored at the write (two operators
     changing different settings at once both keep theirs); an operator's change is audited."""
     outcome: dict[str, ScopePolicy] = {}
+    audit = None
+    if operator is not None:
+        # Built (and so validated: a blank operator is refused) before anything is written.
+        shown = json.dumps(changes.model_dump(mode="json") if isinstance(changes, ScopePolicy) else changes,
+                           sort_keys=True, default=str)
+        audit = _operator_action(
+            (scope, shown, ledger.ports.clock().isoformat()), f"scope-{scope}", scope, "set_policy", operator,
+            f"{reason} (changed: {shown})"[:2000],
+        )
 
     def change(current: ScopePolicy | None) -> ScopePolicy | None:
         merged = merged_policy(current or ScopePolicy(), changes)
@@ -253,18 +262,9 @@ async def set_policy(
         return None if current == merged else merged
 
     stored = await ledger.ports.state.compare_and_set(KV_SCOPE_SETTINGS, scope, ScopePolicy, change)
-    policy = stored or outcome["policy"]
-    if operator is None:
-        return policy
-    shown = changes.model_dump(mode="json") if isinstance(changes, ScopePolicy) else changes
-    await ledger.ports.publish(
-        _operator_action(
-            (scope, json.dumps(shown, sort_keys=True, default=str), ledger.ports.clock().isoformat()),
-            f"scope-{scope}", scope, "set_policy", operator,
-            f"{reason} (changed: {json.dumps(shown, sort_keys=True, default=str)})"[:2000],
-        )
-    )
-    return policy
+    if audit is not None:
+        await ledger.ports.publish(audit)
+    return stored or outcome["policy"]
 
 
 def merged_policy(current: ScopePolicy, changes: dict[str, Any] | ScopePolicy) -> ScopePolicy:

@@ -48,8 +48,9 @@ class ActiveModelAnswerer:
         self.ledger = ledger
         # One folder per process, and what processes that are gone left is removed: the cache of
         # adapters is bounded in memory (MAX_LOADED_ADAPTERS), its files with it.
-        clear_gone_processes(Path(cache_dir).expanduser())
-        self.cache_dir = own_folder(Path(cache_dir).expanduser())
+        # (under a folder of their own: the configured one may hold other things, the models' cache)
+        clear_gone_processes(Path(cache_dir).expanduser() / "by-process")
+        self.cache_dir = own_folder(Path(cache_dir).expanduser() / "by-process")
         self.max_new_tokens = max_new_tokens
         self._lock = asyncio.Lock()
         # The base model is one: a cancelled ask releases the asyncio lock while its thread still

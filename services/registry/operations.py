@@ -140,6 +140,13 @@ class Operations:
             raise InvalidRequest(
                 f"unknown policy setting(s): {', '.join(unknown)}; the settings are: {', '.join(ScopePolicy.model_fields)}"
             )
+        for name, value in changes.items():
+            # Nested settings too: {"default_directives": {"epohcs": 5}} was dropped in silence.
+            section = ScopePolicy.model_fields[name].annotation
+            if isinstance(value, dict) and isinstance(section, type) and issubclass(section, BaseModel):
+                if wrong := sorted(set(value) - set(section.model_fields)):
+                    raise InvalidRequest(f"unknown setting(s) in {name}: {', '.join(wrong)}; "
+                                         f"the settings are: {', '.join(section.model_fields)}")
         policy = await actions.set_policy(self.ledger, scope, changes, operator or "unknown", reason or "not given")
         return policy.model_dump(mode="json")
 
