@@ -341,6 +341,9 @@ def demo(
         console.print(f"[red]the demo's ports are taken ({', '.join(busy)}):[/] is another demo or `seal up` still "
                       f"running? Stop it first ({DEMO_HOME} is left as it is).")
         raise typer.Exit(1)
+    # The default folder is emptied at every start, so the same feedback ids (and so the same
+    # sampled self-edits) can be used each time: the demo repeats. A kept folder needs new ones.
+    seed = 0 if home is None else None
     home = demo_home(home)
     settings = model_settings(model)
     stack = LocalStack(home)
@@ -360,7 +363,7 @@ def demo(
             console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy} (fewer trainings: DEMO_CPU_POLICY)")
         result = asyncio.run(
             run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope,
-                     console=console, exited=lambda: exited_service(procs, home))
+                     console=console, exited=lambda: exited_service(procs, home), seed=seed)
         )
     except KeyboardInterrupt:
         console.print("interrupted")

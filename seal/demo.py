@@ -104,9 +104,13 @@ async def run_demo(
     console: Console | None = None,
     timeout_per_feedback: float = 900.0,
     exited: Callable[[], str | None] = lambda: None,
+    seed: int | None = None,
 ) -> dict[str, object]:
     """Submit each item's passage, show the platform's progress, then what it learned. ``exited``
-    says when a service the demo depends on has exited (RuntimeError, not a long wait for nothing)."""
+    says when a service the demo depends on has exited (RuntimeError, not a long wait for nothing).
+    ``seed``: the feedback ids come from it and the items' ids, and the generator samples a
+    feedback's self-edits from its id, so a seeded demo on a fresh stack repeats; None: new ids
+    (a stack that is kept has seen the seeded ones)."""
     console = console or Console()
     host = AdapterHost(lm.model)
     store = AdapterStore.from_settings(store_settings)
@@ -123,7 +127,7 @@ async def run_demo(
         with Live(progress_table(items, ids, watcher.progress, started), console=console, refresh_per_second=2) as live:
             for item in items:
                 event = ev.FeedbackSubmitted(
-                    feedback_id=ev.new_id(),
+                    feedback_id=ev.new_id() if seed is None else ev.derived_id("demo", seed, item.id),
                     scope=scope,
                     content=ev.KnowledgeFeedback(title=item.title, passage=item.passage),
                     submitted_by="seal-demo",
