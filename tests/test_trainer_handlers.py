@@ -98,7 +98,7 @@ class FakeLedger:
 
     async def claim(self, key: str, owner: str, stale_s: float) -> bool:
         held = self.values.setdefault(key, claim_value(owner))
-        if not claim_lost(held, owner, stale_s):
+        if not claim_lost(held, owner):
             return True
         if claim_stale(held, stale_s):
             self.values[key] = claim_value(owner)
@@ -106,7 +106,7 @@ class FakeLedger:
         return False
 
     async def release(self, key: str, owner: str) -> None:
-        if not claim_lost(self.values.get(key), owner, 0):
+        if not claim_lost(self.values.get(key), owner):
             del self.values[key]
 
 

@@ -139,13 +139,13 @@ def _headers(message: RawStreamMsg) -> dict[str, str]:
 
 
 def _header_text(value: object) -> str:
-    if isinstance(value, str):
-        return value
+    if not isinstance(value, Header):
+        return str(value)
     try:
         return "".join(
             # the raw bytes, marked "unknown-8bit" by the parser: NATS headers are UTF-8
             part.decode("utf-8" if charset in (None, "unknown-8bit") else charset, "replace") if isinstance(part, bytes) else part
-            for part, charset in decode_header(str(value) if not isinstance(value, Header) else value)
+            for part, charset in decode_header(value)
         )
     except (LookupError, ValueError):  # an unknown charset
         return str(value)

@@ -124,7 +124,7 @@ class KvParentLedger:
                 entry = await kv.get(key)
             except KeyNotFoundError:  # given up between the two calls: free, taken on the next try
                 return False
-        if not claim_lost(entry.value, owner, stale_s):
+        if not claim_lost(entry.value, owner):
             return True
         if not claim_stale(entry.value, stale_s):
             return False
@@ -138,7 +138,7 @@ class KvParentLedger:
         kv = await self.js.key_value(self.bucket)
         try:
             entry = await kv.get(key)
-            if not claim_lost(entry.value, owner, 0):
+            if not claim_lost(entry.value, owner):
                 await kv.delete(key, last=entry.revision)
         except (KeyNotFoundError, KeyWrongLastSequenceError):
             pass
@@ -156,7 +156,7 @@ def _held(value: bytes | None) -> dict | None:
     return held if isinstance(held, dict) else None
 
 
-def claim_lost(value: bytes | None, owner: str, stale_s: float) -> bool:
+def claim_lost(value: bytes | None, owner: str) -> bool:
     """Whether a claim's stored ``value`` keeps ``owner`` out (another's claim)."""
     held = _held(value)
     return held is None or held.get("owner") != owner
