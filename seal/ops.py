@@ -35,7 +35,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from services.registry.records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
+from services.registry.records import (
+    FEEDBACK_LIST_LIMIT,
+    FEEDBACK_LIST_MAX,
+    SCOPE_LIST_LIMIT,
+    SCOPE_LIST_MAX,
+    VERSION_LIST_LIMIT,
+    VERSION_LIST_MAX,
+    FeedbackState,
+)
 
 DEFAULT_URL = "http://127.0.0.1:18080"
 TERMINAL_STATES = ("promoted", "rejected", "awaiting_approval")
@@ -198,9 +206,15 @@ def submit(
         console.print(f"follow it with: seal lineage --feedback {result['feedback_id']}")
 
 
-def scopes(url: str = UrlOption, as_json: bool = JsonOption) -> None:
-    """List scopes with their active version, pin and approval policy."""
-    rows = call(url, "GET", "/v1/scopes")
+def scopes(
+    after: str | None = typer.Option(None, "--after", help="Start after this scope (the last one of the page before)."),
+    limit: int = typer.Option(SCOPE_LIST_LIMIT, "--limit", min=1, max=SCOPE_LIST_MAX, help="Show at most this many, in name order."),
+    url: str = UrlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List scopes in name order with their active version, pin and approval policy."""
+    params: dict[str, Any] = {"limit": limit} | ({"after": after} if after is not None else {})
+    rows = call(url, "GET", "/v1/scopes", params=params)
     if as_json:
         return emit_json(rows)
     table = Table(title="scopes")
@@ -210,6 +224,8 @@ def scopes(url: str = UrlOption, as_json: bool = JsonOption) -> None:
         pinned = f"yes ({r.get('pinned_by')})" if r.get("pinned") else "no"
         plain_row(table, r["scope"], _fmt(r["active_version"]), _fmt(r["previous_version"]), _fmt(r["latest_version"]), pinned, r["approval"], str(r["open_feedback"]))
     console.print(table)
+    if len(rows) == limit:
+        console.print(Text(f"more may follow: seal scopes --after {rows[-1]['scope']}", style="dim"))
 
 
 def versions(

@@ -62,18 +62,24 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 @policy_app.command("set")
 def policy_set(
-    changes: list[str] = typer.Argument(..., help="key=value pairs, e.g. approval=manual candidates=4 min_gain=0.02"),
+    changes: list[str] | None = typer.Argument(None, help="key=value pairs, e.g. approval=manual candidates=4 min_gain=0.02"),
     scope: str = ScopeOption,
     reason: str = typer.Option("not given", "--reason", "-r", help="Why: recorded in the audit stream with the change."),
+    replace: bool = typer.Option(
+        False, "--replace", help="Start from the defaults, not the stored policy (repairs one that no longer parses)."
+    ),
     operator: str | None = OperatorOption,
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Change some of a scope's policy settings; the rest keep their values. Audited: who, why, what."""
+    """Change some of a scope's policy settings; the rest keep their values (with --replace: their
+    defaults). Audited: who, why, what."""
+    if not changes and not replace:
+        raise typer.BadParameter("give the settings to change as key=value pairs (or --replace: all defaults)")
     try:
-        parsed = parse_settings(changes)
+        parsed = parse_settings(changes or [])
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    who = {"operator": operator or default_operator(), "reason": reason}
+    who = {"operator": operator or default_operator(), "reason": reason} | ({"replace": "true"} if replace else {})
     policy = call(url, "PATCH", api_path("scopes", scope, "policy"), parsed, params=who)
     emit_json(policy) if as_json else print_policy(scope, policy)

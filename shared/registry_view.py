@@ -119,6 +119,12 @@ def policy_key(scope: str | None) -> str:
 
 async def read_model(js: JetStreamContext, bucket: str, key: str, model: type[M]) -> tuple[M | None, int]:
     """The value at ``key`` parsed as ``model`` and its revision (0 when absent)."""
+    body, revision = await read_raw(js, bucket, key)
+    return (None if body is None else parse_record(model, bucket, key, body)), revision
+
+
+async def read_raw(js: JetStreamContext, bucket: str, key: str) -> tuple[bytes | None, int]:
+    """The stored bytes at ``key`` (None when absent or deleted) and their revision (0 when absent)."""
     kv = await js.key_value(bucket)
     try:
         entry = await kv.get(key)
@@ -126,7 +132,7 @@ async def read_model(js: JetStreamContext, bucket: str, key: str, model: type[M]
         return None, 0
     if entry.value is None or entry.operation in ("DEL", "PURGE"):
         return None, entry.revision or 0
-    return parse_record(model, bucket, key, entry.value), entry.revision or 0
+    return entry.value, entry.revision or 0
 
 
 def parse_record(model: type[M], bucket: str, key: str, body: bytes) -> M:
@@ -138,6 +144,15 @@ def parse_record(model: type[M], bucket: str, key: str, body: bytes) -> M:
             f"the record {key!r} in {bucket} does not parse (written by a newer registry, or damaged): "
             f"{describe_validation_error(exc)}"
         ) from None
+
+
+def _parsed_or_none(model: type[M], bucket: str, key: str, body: bytes, unreadable_as_absent: bool) -> M | None:
+    try:
+        return parse_record(model, bucket, key, body)
+    except UnreadableRecord:
+        if not unreadable_as_absent:
+            raise
+        return None
 
 
 class UnreadableRecord(RuntimeError):
@@ -179,18 +194,23 @@ async def compare_and_set(
     model: type[M],
     change: Callable[[M | None], M | None],
     attempts: int = 20,
+    *,
+    unreadable_as_absent: bool = False,
 ) -> M | None:
     """Read, apply ``change``, write only if nobody wrote in between; retry on conflict.
 
     ``change`` returning None means "leave it as it is". A retry waits a random, growing moment
     first: two writers that retried at once kept colliding, and one of them could lose every
     try against the other's run of writes (a hot key: a scope's head, its accepted probes).
+    A stored value that does not parse raises :class:`UnreadableRecord`; with
+    ``unreadable_as_absent`` ``change`` sees None instead and may write over it (a repair).
     """
     kv = await js.key_value(bucket)
     for attempt in range(attempts):
         if attempt:
             await asyncio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 7)))
-        current, revision = await read_model(js, bucket, key, model)
+        body, revision = await read_raw(js, bucket, key)
+        current = None if body is None else _parsed_or_none(model, bucket, key, body, unreadable_as_absent)
         updated = change(current)
         if updated is None:
             return current

@@ -19,8 +19,8 @@ from services.registry.api import build_api
 from services.registry.operations import Operations
 from services.registry.records import Marker
 from shared import events as ev
-from shared.registry_view import UnreadableRecord
-from shared.subjects import KV_REGISTRY
+from shared.registry_view import ScopePolicy, UnreadableRecord
+from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 
 class FakeAnswerer:
@@ -74,6 +74,9 @@ async def test_http_queries_and_errors(registry) -> None:
         assert http.get("/healthz").status_code == 200 and http.get("/readyz").text == "ready"
         scopes = http.get("/v1/scopes").json()
         assert [(s["scope"], s["active_version"], s["approval"], s["open_feedback"]) for s in scopes] == [("acme", 2, "manual", 1)]
+        assert http.get("/v1/scopes", params={"after": "acme"}).json() == []
+        assert http.get("/v1/scopes", params={"limit": 100_000}).status_code == 422
+        assert http.get("/v1/scopes", params={"after": "a*"}).status_code == 422
         versions = http.get("/v1/scopes/acme/versions").json()
         assert [(v["version"], v["aliases"]) for v in versions] == [(1, ["previous"]), (2, ["active"])]
         lineage = http.get("/v1/scopes/acme/versions/2/lineage").json()
@@ -115,6 +118,8 @@ async def test_http_queries_and_errors(registry) -> None:
 async def test_cli_listings_have_json_and_tables(cli, registry) -> None:
     _, _, roots, held = registry
     assert [s["scope"] for s in json.loads(cli("scopes", "--json").output)] == ["acme"]
+    assert "more may follow: seal scopes --after acme" in cli("scopes", "--limit", "1").output
+    assert "more may follow" not in cli("scopes").output
     versions = json.loads(cli("versions", "--scope", "acme", "--json").output)
     assert [v["version"] for v in versions] == [1, 2]
     lineage = json.loads(cli("lineage", "--scope", "acme", "--version", "2", "--json").output)
@@ -229,6 +234,28 @@ async def test_a_feedback_listing_is_the_latest_few_and_skips_a_record_it_cannot
     with pytest.raises(UnreadableRecord, match="feedback.acme.broken"):
         await w.ledger.find_record("broken")
     assert await queries.list_feedback(w.ledger, "acme", "promoted", limit=5) == [r for r in every if r["state"] == "promoted"]
+
+
+async def test_a_stored_policy_that_no_longer_parses_is_reported_and_replaced(registry, cli) -> None:
+    # hand-edited in KV, or written by a newer registry: a change cannot be merged into it, and
+    # every event of the scope fails until an operator replaces it
+    w, app, _, _ = registry
+    w.state.data[(KV_SCOPE_SETTINGS, "acme")] = (b'{"candidates": "many"}', 999)
+    with TestClient(app) as http:
+        shown = http.get("/v1/scopes/acme/policy")
+        assert shown.status_code == 500 and "'acme' in seal_scope_settings does not parse" in shown.json()["detail"]
+        merged = http.patch("/v1/scopes/acme/policy", json={"approval": "manual"}, params={"operator": "sre", "reason": "x"})
+        assert merged.status_code == 409 and "--replace" in merged.json()["detail"]
+    refused = cli("scope-policy", "set", "-s", "acme", ok=False)
+    assert refused.exit_code == 2 and "key=value" in refused.output
+    repaired = json.loads(cli("scope-policy", "set", "-s", "acme", "--replace", "approval=manual", "-r", "repair", "--json").output)
+    assert repaired == ScopePolicy(approval="manual").model_dump(mode="json")
+    assert await w.ledger.policy("acme") == ScopePolicy(approval="manual")
+    audit = w.bus.of(ev.OperatorAction)[-1]
+    assert audit.reason.startswith("repair (replaced by the defaults with: ") and audit.action == "set_policy"
+    # a replace over a readable policy also starts from the defaults
+    await w.set_policy("acme", candidates=4)
+    assert json.loads(cli("scope-policy", "set", "-s", "acme", "--replace", "--json").output)["candidates"] == ScopePolicy().candidates
 
 
 def test_each_command_module_imports_on_its_own() -> None:
@@ -346,6 +373,10 @@ async def test_rpc_maps_a_missing_or_damaged_adapter_and_a_bad_sequence_as_http_
     assert (await rpc.answer(damaged, {}))["status"] == 409
     w, _, _, _ = registry
     table = rpc.operations_table(Operations(lambda: w.ledger, w.bus))
+    assert [s["scope"] for s in (await rpc.answer(table["scopes"], {"limit": 1}))["result"]] == ["acme"]
+    assert (await rpc.answer(table["scopes"], {"after": "acme"}))["result"] == []
+    assert (await rpc.answer(table["scopes"], {"limit": 0}))["status"] == 422
+    assert (await rpc.answer(table["scopes"], {"after": ">"}))["status"] == 422
     for sequence in (0, -1, 2**64):
         answered = await rpc.answer(table["dead_letter_replay"], {"sequence": sequence, "operator": "sre", "reason": "x"})
         assert answered["status"] == 422 and "sequence must be from 1" in answered["error"]

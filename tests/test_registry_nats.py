@@ -248,6 +248,27 @@ async def test_compare_and_set_over_real_kv_loses_no_update(running) -> None:
             await o.close()
 
 
+async def test_a_value_that_no_longer_parses_is_written_over_only_when_asked(running) -> None:
+    _, nc, _, _ = running
+    from shared.registry_view import ScopePolicy, UnreadableRecord
+    from shared.subjects import KV_SCOPE_SETTINGS
+
+    state, key = NatsState(nc.jetstream()), f"broken-{ev.new_id()[:8]}"
+    await (await nc.jetstream().key_value(KV_SCOPE_SETTINGS)).put(key, b"not json at all")
+    seen: list[ScopePolicy | None] = []
+
+    def repair(current: ScopePolicy | None) -> ScopePolicy:
+        seen.append(current)
+        return ScopePolicy(candidates=2)
+
+    with pytest.raises(UnreadableRecord, match=key):
+        await state.compare_and_set(KV_SCOPE_SETTINGS, key, ScopePolicy, repair)
+    assert seen == []
+    assert await state.compare_and_set(KV_SCOPE_SETTINGS, key, ScopePolicy, repair, unreadable_as_absent=True) == ScopePolicy(candidates=2)
+    assert seen == [None] and await state.read(KV_SCOPE_SETTINGS, key, ScopePolicy) == ScopePolicy(candidates=2)
+    await state.delete(KV_SCOPE_SETTINGS, key)
+
+
 async def test_a_dead_letter_is_listed_with_its_reason_and_replayed_once(running) -> None:
     """An SRE lists what was given up on and why, and replays an event once its cause is fixed: it
     goes to its subject again (the registry here takes it), the audit stream says who and why, and

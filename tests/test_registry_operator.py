@@ -146,6 +146,19 @@ async def test_scope_policy_is_read_back_and_listed() -> None:
     assert [(s["scope"], s["approval"], s["active_version"]) for s in scopes] == [("acme", "manual", None)]
 
 
+async def test_scopes_are_listed_a_page_at_a_time_in_name_order() -> None:
+    # thousands of scopes with long pin reasons outgrow one NATS answer: a listing is bounded
+    w = make_world()
+    for scope in ("globex", "acme", "initech", "hooli", "umbrella"):
+        await actions.set_policy(w.ledger, scope, ScopePolicy(candidates=2))
+    first = await queries.list_scopes(w.ledger, limit=2)
+    assert [s["scope"] for s in first] == ["acme", "globex"]
+    rest = await queries.list_scopes(w.ledger, after=first[-1]["scope"], limit=2)
+    assert [s["scope"] for s in rest] == ["hooli", "initech"]
+    assert [s["scope"] for s in await queries.list_scopes(w.ledger, after="initech")] == ["umbrella"]
+    assert await queries.list_scopes(w.ledger, after="umbrella") == []
+
+
 async def test_an_id_sent_to_two_scopes_is_never_approved_in_the_wrong_one() -> None:
     # a product that publishes on the bus itself can break the ids' uniqueness; acting on either
     # record by id alone would be a guess

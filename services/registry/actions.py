@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from shared import events as ev
-from shared.registry_view import ScopePolicy
+from shared.registry_view import ScopePolicy, UnreadableRecord
 from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
@@ -241,10 +241,19 @@ async def held_records(ledger: Ledger, scope: str) -> list[FeedbackRecord]:
 
 
 async def set_policy(
-    ledger: Ledger, scope: str, changes: dict[str, Any] | ScopePolicy, operator: str | None = None, reason: str = "not given"
+    ledger: Ledger,
+    scope: str,
+    changes: dict[str, Any] | ScopePolicy,
+    operator: str | None = None,
+    reason: str = "not given",
+    *,
+    replace: bool = False,
 ) -> ScopePolicy:
     """Merge ``changes`` into the scope's policy as it is stored at the write (two operators
-    changing different settings at once both keep theirs); an operator's change is audited."""
+    changing different settings at once both keep theirs); an operator's change is audited.
+
+    ``replace`` starts from the defaults instead of the stored policy, and writes over a stored
+    policy that no longer parses (damaged, or written by a newer registry): the way to repair it."""
     outcome: dict[str, ScopePolicy] = {}
     audit = None
     if operator is not None:
@@ -252,16 +261,22 @@ async def set_policy(
         shown = json.dumps(changes.model_dump(mode="json") if isinstance(changes, ScopePolicy) else changes,
                            sort_keys=True, default=str)
         audit = _operator_action(
-            (scope, shown, ledger.ports.clock().isoformat()), f"scope-{scope}", scope, "set_policy", operator,
-            f"{reason} (changed: {shown})"[:2000],
+            (scope, shown, replace, ledger.ports.clock().isoformat()), f"scope-{scope}", scope, "set_policy", operator,
+            f"{reason} ({'replaced by the defaults with' if replace else 'changed'}: {shown})"[:2000],
         )
 
     def change(current: ScopePolicy | None) -> ScopePolicy | None:
-        merged = merged_policy(current or ScopePolicy(), changes)
+        merged = merged_policy(ScopePolicy() if replace or current is None else current, changes)
         outcome["policy"] = merged
         return None if current == merged else merged
 
-    stored = await ledger.ports.state.compare_and_set(KV_SCOPE_SETTINGS, scope, ScopePolicy, change)
+    try:
+        stored = await ledger.ports.state.compare_and_set(
+            KV_SCOPE_SETTINGS, scope, ScopePolicy, change, unreadable_as_absent=replace
+        )
+    except UnreadableRecord as exc:
+        raise Refused(f"{exc}. A change cannot be merged into it: replace the whole policy (seal scope-policy set "
+                      f"--replace, or ?replace=true), which starts from the defaults") from None
     if audit is not None:
         await ledger.ports.publish(audit)
     return stored or outcome["policy"]

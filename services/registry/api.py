@@ -15,12 +15,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
 from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
-from shared.registry_view import ConflictError
+from shared.registry_view import ConflictError, UnreadableRecord
 from shared.store import AdapterNotFound, IntegrityError
 
 from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
 from .ports import InvalidRequest, NotFound, Refused
-from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
+from .records import (
+    FEEDBACK_LIST_LIMIT,
+    FEEDBACK_LIST_MAX,
+    SCOPE_LIST_LIMIT,
+    SCOPE_LIST_MAX,
+    VERSION_LIST_LIMIT,
+    VERSION_LIST_MAX,
+    FeedbackState,
+)
 from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, MAX_SEQUENCE, SERVICE_PATTERN
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
@@ -43,6 +51,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Unavailable, handler(503))
     app.add_exception_handler(AdapterNotFound, handler(404))
     app.add_exception_handler(IntegrityError, handler(409))
+    # A stored record that does not parse: the server's fault, but said in words (not "Internal Server Error").
+    app.add_exception_handler(UnreadableRecord, handler(500))
 
 
 def health_router(alive: Callable[[], Awaitable[bool]], ready: Callable[[], Awaitable[bool]]) -> APIRouter:
@@ -65,8 +75,12 @@ def registry_router(ops: Operations) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["registry"])
 
     @router.get("/scopes")
-    async def scopes() -> list[dict[str, Any]]:
-        return await ops.scopes()
+    async def scopes(
+        after: Annotated[str | None, Query(pattern=SCOPE_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=SCOPE_LIST_MAX)] = SCOPE_LIST_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` scopes in name order; ``after`` the last scope of a page gives the next."""
+        return await ops.scopes(after, limit)
 
     @router.get("/scopes/{scope}/versions")
     async def versions(
@@ -126,9 +140,11 @@ def registry_router(ops: Operations) -> APIRouter:
         changes: Annotated[dict[str, Any], Body()],
         operator: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
         reason: Annotated[str | None, Query(min_length=1, max_length=1000)] = None,
+        replace: bool = False,
     ) -> dict[str, Any]:
-        """The changed settings as the body; who and why (``?operator=&reason=``) go to the audit stream."""
-        return await ops.set_policy(scope, changes, operator, reason)
+        """The changed settings as the body; who and why (``?operator=&reason=``) go to the audit
+        stream. ``?replace=true``: the defaults with these changes, over whatever is stored."""
+        return await ops.set_policy(scope, changes, operator, reason, replace)
 
     @router.post("/scopes/{scope}/ask")
     async def ask(scope: ScopePath, body: AskRequest) -> dict[str, Any]:

@@ -27,10 +27,13 @@ Change = Callable[[M | None], M | None]
 class State(Protocol):
     async def read(self, bucket: str, key: str, model: type[M]) -> M | None: ...
 
-    async def compare_and_set(self, bucket: str, key: str, model: type[M], change: Change) -> M | None:
+    async def compare_and_set(
+        self, bucket: str, key: str, model: type[M], change: Change, *, unreadable_as_absent: bool = False
+    ) -> M | None:
         """Apply ``change`` to the current value and write it unless someone wrote first
         (then read again and retry). ``change`` returning None leaves the value as is;
-        the value in place afterwards is returned."""
+        the value in place afterwards is returned. A value that does not parse raises
+        ``UnreadableRecord``; with ``unreadable_as_absent`` ``change`` sees None (a repair)."""
         ...
 
     async def put(self, bucket: str, key: str, value: BaseModel) -> None: ...
@@ -56,8 +59,10 @@ class NatsState:
     async def read(self, bucket: str, key: str, model: type[M]) -> M | None:
         return (await read_model(self.js, bucket, key, model))[0]
 
-    async def compare_and_set(self, bucket: str, key: str, model: type[M], change: Change) -> M | None:
-        return await compare_and_set(self.js, bucket, key, model, change)
+    async def compare_and_set(
+        self, bucket: str, key: str, model: type[M], change: Change, *, unreadable_as_absent: bool = False
+    ) -> M | None:
+        return await compare_and_set(self.js, bucket, key, model, change, unreadable_as_absent=unreadable_as_absent)
 
     async def put(self, bucket: str, key: str, value: BaseModel) -> None:
         kv = await self.js.key_value(bucket)
@@ -132,10 +137,12 @@ class MemoryState:
         body, _ = self._get(bucket, key)
         return None if body is None else parse_record(model, bucket, key, body)
 
-    async def compare_and_set(self, bucket: str, key: str, model: type[M], change: Change) -> M | None:
+    async def compare_and_set(
+        self, bucket: str, key: str, model: type[M], change: Change, *, unreadable_as_absent: bool = False
+    ) -> M | None:
         for _ in range(self.attempts):
             body, revision = self._get(bucket, key)
-            current = None if body is None else parse_record(model, bucket, key, body)
+            current = None if body is None else _parsed(model, bucket, key, body, unreadable_as_absent)
             updated = change(current)
             if updated is None:
                 return current

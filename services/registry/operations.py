@@ -17,7 +17,7 @@ from shared.registry_view import ScopePolicy
 from . import actions, queries
 from .ledger import Ledger
 from .ports import InvalidRequest, Refused
-from .records import FEEDBACK_LIST_LIMIT, VERSION_LIST_LIMIT
+from .records import FEEDBACK_LIST_LIMIT, SCOPE_LIST_LIMIT, VERSION_LIST_LIMIT
 from .redrive import DEAD_LETTER_LIST_LIMIT, DeadLetters
 
 
@@ -75,8 +75,8 @@ class Operations:
 
     # ---------------------------------------------------------------- queries
 
-    async def scopes(self) -> list[dict[str, Any]]:
-        return await queries.list_scopes(self.ledger)
+    async def scopes(self, after: str | None = None, limit: int = SCOPE_LIST_LIMIT) -> list[dict[str, Any]]:
+        return await queries.list_scopes(self.ledger, after, limit)
 
     async def versions(self, scope: str, limit: int = VERSION_LIST_LIMIT) -> list[dict[str, Any]]:
         return await queries.list_versions(self.ledger, scope, limit)
@@ -131,9 +131,11 @@ class Operations:
         return {"scope": scope, **queries.head_summary(head)}
 
     async def set_policy(
-        self, scope: str, changes: dict[str, Any], operator: str | None = None, reason: str | None = None
+        self, scope: str, changes: dict[str, Any], operator: str | None = None, reason: str | None = None,
+        replace: bool = False,
     ) -> dict[str, Any]:
-        """Merge ``changes`` into the scope's policy (validated as a whole), and audit who and why."""
+        """Merge ``changes`` into the scope's policy (validated as a whole), and audit who and why;
+        ``replace`` starts from the defaults (and repairs a stored policy that no longer parses)."""
         unknown = sorted(set(changes) - set(ScopePolicy.model_fields))
         if unknown:
             # A misspelt key would otherwise be dropped in silence ("aproval=manual" leaving approval auto).
@@ -147,7 +149,9 @@ class Operations:
                 if wrong := sorted(set(value) - set(section.model_fields)):
                     raise InvalidRequest(f"unknown setting(s) in {name}: {', '.join(wrong)}; "
                                          f"the settings are: {', '.join(section.model_fields)}")
-        policy = await actions.set_policy(self.ledger, scope, changes, operator or "unknown", reason or "not given")
+        policy = await actions.set_policy(
+            self.ledger, scope, changes, operator or "unknown", reason or "not given", replace=replace
+        )
         return policy.model_dump(mode="json")
 
     async def dead_letter_list(self, service: str | None, limit: int = DEAD_LETTER_LIST_LIMIT) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from .ports import NotFound
 from .records import (
     FEEDBACK_LIST_LIMIT,
     OPEN_STATES,
+    SCOPE_LIST_LIMIT,
     VERSION_LIST_LIMIT,
     FeedbackRecord,
     Marker,
@@ -65,7 +66,8 @@ def head_summary(head: ScopeHead | None) -> dict[str, Any]:
     }
 
 
-async def list_scopes(ledger: Ledger) -> list[dict[str, Any]]:
+async def list_scopes(ledger: Ledger, after: str | None = None, limit: int = SCOPE_LIST_LIMIT) -> list[dict[str, Any]]:
+    """Up to ``limit`` scopes in name order, those named after ``after`` (the last of the previous page)."""
     state = ledger.ports.state
     heads = {k.split(".", 1)[1]: h for k, h in (await state.entries(KV_REGISTRY, "active.*", ScopeHead, skip_unreadable=True)).items()}
     seen = {k.split(".", 1)[1] for k in await state.entries(KV_REGISTRY, "seen.*", Marker, skip_unreadable=True)}
@@ -74,7 +76,7 @@ async def list_scopes(ledger: Ledger) -> list[dict[str, Any]]:
     for key in await state.entries(KV_REGISTRY, "open.*.*", Marker, skip_unreadable=True):
         scope = key.split(".")[1]
         open_counts[scope] = open_counts.get(scope, 0) + 1
-    scopes = sorted(set(heads) | seen | set(policies))
+    scopes = [s for s in sorted(set(heads) | seen | set(policies)) if after is None or s > after][:limit]
     return [
         {
             "scope": scope,

@@ -42,6 +42,10 @@ FEEDBACK_LIST_MAX = 1000
 # holds its probes, a few KB: 100 of them fit a NATS request-reply answer).
 VERSION_LIST_LIMIT = 100
 VERSION_LIST_MAX = 1000
+# A scope listing, in name order: this many by default, at most SCOPE_LIST_MAX (a scope's row holds
+# its pin reason, up to a few KB: a page must fit a NATS request-reply answer). ``after`` pages on.
+SCOPE_LIST_LIMIT = 200
+SCOPE_LIST_MAX = 1000
 
 
 def key_token(identifier: str) -> str:

@@ -4,12 +4,12 @@ Request: a JSON object of arguments. Reply: ``{"ok": true, "result": ...}``
 or ``{"ok": false, "status": 404|409|413|422|500|503, "error": "..."}``. Every replica
 answers in the queue group ``registry``, so one request gets one answer.
 
-Operations: ``scopes``; ``versions`` {scope}; ``lineage`` {scope, version};
+Operations: ``scopes`` {after?, limit?}; ``versions`` {scope}; ``lineage`` {scope, version};
 ``feedback`` {feedback_id}; ``feedback_list`` {scope, state?, limit?}; ``submit``
 {scope, content, submitted_by?, feedback_id?}; ``approve`` / ``reject``
 {feedback_id, operator, reason}; ``rollback`` {scope, to_version, operator,
 reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
-``policy_get`` {scope}; ``policy_set`` {scope, changes, operator?, reason?}; ``ask`` {scope,
+``policy_get`` {scope}; ``policy_set`` {scope, changes, operator?, reason?, replace?}; ``ask`` {scope,
 question, max_new_tokens?}; ``dead_letters`` {service?, limit?};
 ``dead_letter_replay`` {sequence, operator, reason}.
 """
@@ -32,7 +32,15 @@ from shared.subjects import REGISTRY_RPC
 
 from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
 from .ports import InvalidRequest, NotFound, Refused
-from .records import FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX, VERSION_LIST_LIMIT, VERSION_LIST_MAX, FeedbackState
+from .records import (
+    FEEDBACK_LIST_LIMIT,
+    FEEDBACK_LIST_MAX,
+    SCOPE_LIST_LIMIT,
+    SCOPE_LIST_MAX,
+    VERSION_LIST_LIMIT,
+    VERSION_LIST_MAX,
+    FeedbackState,
+)
 from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, MAX_SEQUENCE, SERVICE_PATTERN
 
 log = logging.getLogger(__name__)
@@ -104,13 +112,23 @@ def _text(args: dict[str, Any], name: str) -> str | None:
     return value
 
 
+def _flag(args: dict[str, Any], name: str) -> bool:
+    value = args.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false, not {value!r}"[:200])
+    return value
+
+
 def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in names}
 
 
 def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
     return {
-        "scopes": lambda a: ops.scopes(),
+        "scopes": lambda a: ops.scopes(
+            _matching(a, "after", SCOPE_PATTERN) if a.get("after") is not None else None,
+            _limit(a, SCOPE_LIST_LIMIT, SCOPE_LIST_MAX),
+        ),
         "versions": lambda a: ops.versions(_scope(a), _limit(a, VERSION_LIST_LIMIT, VERSION_LIST_MAX)),
         "lineage": lambda a: ops.lineage(_scope(a), _int(a, "version")),
         "feedback": lambda a: ops.feedback(_id(a, "feedback_id")),
@@ -122,7 +140,9 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
         "pin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=True),
         "unpin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=False),
         "policy_get": lambda a: ops.get_policy(_scope(a)),
-        "policy_set": lambda a: ops.set_policy(_scope(a), _changes(a), _text(a, "operator"), _text(a, "reason")),
+        "policy_set": lambda a: ops.set_policy(
+            _scope(a), _changes(a), _text(a, "operator"), _text(a, "reason"), _flag(a, "replace")
+        ),
         "ask": lambda a: ops.ask(_scope(a), AskRequest.model_validate(_without(a, "scope"))),
         "dead_letters": lambda a: ops.dead_letter_list(
             _matching(a, "service", SERVICE_PATTERN) if a.get("service") is not None else None,
