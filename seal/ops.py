@@ -202,7 +202,8 @@ def submit(
     if as_json:
         emit_json(result)
     else:
-        console.print(f"submitted feedback [bold]{result['feedback_id']}[/] to scope {scope}")
+        said = "was already submitted (this retry changes nothing)" if result.get("duplicate") else "submitted"
+        console.print(Text(f"feedback {result['feedback_id']} {said} to scope {scope}"))
         console.print(f"follow it with: seal lineage --feedback {result['feedback_id']}")
 
 

@@ -136,6 +136,17 @@ class FeedbackSubmitted(Event):
     content: FeedbackContent
     submitted_by: ShortText | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _event_id_from_the_feedback(cls, data: Any) -> Any:
+        # A product that leaves out event_id gets one derived from its scope and feedback id, the
+        # same in every service that reads the message and on every retry (a random default gave
+        # each consumer its own id, so lineage's event ids matched nothing, and retries differed).
+        if isinstance(data, dict) and data.get("event_id") is None and isinstance(data.get("feedback_id"), str) \
+                and isinstance(data.get("scope"), str):
+            return {**data, "event_id": derived_id("feedback", data["scope"], data["feedback_id"])}
+        return data
+
 
 class FeedbackRejected(Event):
     type: Literal["feedback.rejected"] = "feedback.rejected"

@@ -111,8 +111,16 @@ async def test_http_queries_and_errors(registry) -> None:
         reused = http.post("/v1/feedback", json={"scope": "globex", "feedback_id": held.feedback_id,
                                                  "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}})
         assert reused.status_code == 409 and "already used by scope 'acme'" in reused.json()["detail"]
+        # the same id in the same scope: a retry of the same content is a duplicate, other content is refused
+        await handlers.on_feedback_submitted(w.bus.of(ev.FeedbackSubmitted)[-1], w.ledger, None)
+        again = http.post("/v1/feedback", json={"scope": "acme", "feedback_id": sent.json()["feedback_id"],
+                                                "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}})
+        assert again.status_code == 202 and again.json()["duplicate"] is True and again.json()["event_id"] == sent.json()["event_id"]
+        changed = http.post("/v1/feedback", json={"scope": "acme", "feedback_id": sent.json()["feedback_id"],
+                                                  "content": {"kind": "correction", "question": "Capital?", "right_answer": "Lyon"}})
+        assert changed.status_code == 409 and "already submitted with other content" in changed.json()["detail"]
     submitted = w.bus.of(ev.FeedbackSubmitted)
-    assert [s.feedback_id for s in submitted] == [sent.json()["feedback_id"]]
+    assert [s.feedback_id for s in submitted] == [sent.json()["feedback_id"]] * 2  # sent, and the retry
 
 
 async def test_cli_listings_have_json_and_tables(cli, registry) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_registry_support import (
     T0,
@@ -110,6 +112,27 @@ async def test_candidates_may_arrive_before_the_feedback_itself() -> None:
     record = await record_of(w, root)
     assert record.state == "promoted" and record.summary and record.trace_id == "f" * 32
     assert len(w.bus.of(ev.AdapterPromoted)) == 1
+
+
+async def test_the_same_feedback_id_with_other_content_does_not_rewrite_the_record() -> None:
+    # the generator trains the first event of a feedback id only; the record must keep showing it
+    w = make_world()
+    root = feedback(passage="Quellmoor got its charter in 1387.")
+    await handlers.on_feedback_submitted(root, w.ledger, None)
+    other = root.model_copy(update={"event_id": ev.new_id(), "content": ev.CorrectionFeedback(question="Who?", right_answer="Bob")})
+    await handlers.on_feedback_submitted(other, w.ledger, None)
+    record = await record_of(w, root)
+    assert (record.kind, record.feedback_event_id) == ("knowledge", root.event_id) and "1387" in (record.summary or "")
+    assert record.feedback_probes == intake.feedback_probes(root.content)
+
+
+def test_a_feedback_event_without_an_id_gets_the_same_one_in_every_reader() -> None:
+    body = {"type": "feedback.submitted", "feedback_id": "fb-1", "scope": "acme",
+            "content": {"kind": "correction", "question": "Capital?", "right_answer": "Paris"}}
+    first, second = (ev.parse_event(json.dumps(body).encode()) for _ in range(2))
+    assert first.event_id == second.event_id == ev.derived_id("feedback", "acme", "fb-1")
+    assert ev.parse_event(json.dumps({**body, "event_id": "mine"}).encode()).event_id == "mine"
+    assert ev.parse_event(json.dumps({**body, "scope": "globex"}).encode()).event_id != first.event_id
 
 
 async def test_decision_timeout_decides_with_what_arrived() -> None:

@@ -9,6 +9,8 @@ saw the feedback itself, so any of them may create the record.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from datetime import datetime, timedelta
 
 from shared import events as ev
@@ -18,6 +20,8 @@ from .decision import rejected_event, with_outbox
 from .records import Attempt, CandidateRecord, FeedbackRecord, TrainingRun
 
 SUMMARY_CHARS = 240
+
+log = logging.getLogger(__name__)
 
 
 def new_record(event: ev.Event, policy: ScopePolicy, now: datetime) -> FeedbackRecord:
@@ -39,6 +43,10 @@ def summarize(content: ev.KnowledgeFeedback | ev.CorrectionFeedback | ev.Prefere
     return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
 
 
+def content_digest(content: ev.KnowledgeFeedback | ev.CorrectionFeedback | ev.PreferenceFeedback) -> str:
+    return hashlib.sha256(content.model_dump_json().encode()).hexdigest()
+
+
 def feedback_probes(content: ev.KnowledgeFeedback | ev.CorrectionFeedback | ev.PreferenceFeedback) -> tuple[ev.Probe, ...]:
     if isinstance(content, ev.KnowledgeFeedback):
         return tuple(p for p in content.probes if p.source == "product")
@@ -56,6 +64,15 @@ def note_feedback(
 ) -> FeedbackRecord | None:
     if record is not None and record.feedback_event_id == event.event_id:
         return None
+    digest = content_digest(event.content)
+    if record is not None and record.feedback_event_id is not None:
+        # Another event of a feedback already recorded: the generator takes the first one only,
+        # so the record keeps it (overwriting would show content that was never trained).
+        if record.content_digest is not None and record.content_digest != digest:
+            log.warning("feedback %s of scope %s was sent again with other content (event %s); the first "
+                        "(event %s) stands: a product must give new feedback a new id",
+                        event.feedback_id, event.scope, event.event_id, record.feedback_event_id)
+        return None
     record = record or new_record(event, policy, now)
     # The clock starts when the registry first heard of the feedback, not at the
     # producer's timestamp: a skewed clock or a replayed event must not time out at once.
@@ -66,6 +83,7 @@ def note_feedback(
         "submitted_by": event.submitted_by,
         "submitted_at": event.occurred_at,
         "feedback_event_id": event.event_id,
+        "content_digest": digest,
         "trace_id": trace_id,
         "feedback_probes": feedback_probes(event.content),
     }

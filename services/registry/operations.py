@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared import events as ev
 from shared.registry_view import ScopePolicy
 
-from . import actions, queries
+from . import actions, intake, queries
 from .ledger import Ledger
 from .ports import InvalidRequest, Refused
 from .records import FEEDBACK_LIST_LIMIT, SCOPE_LIST_LIMIT, VERSION_LIST_LIMIT
@@ -104,15 +104,21 @@ class Operations:
             content=body.content,
             submitted_by=body.submitted_by,
         )
+        duplicate = False
         if body.feedback_id:
-            taken = [r.scope for r in await self.ledger.records_of(body.feedback_id) if r.scope != body.scope]
+            # A product retrying the same feedback id gets the same event id (its scope and id's), deduplicated.
+            known = await self.ledger.records_of(body.feedback_id)
+            taken = [r.scope for r in known if r.scope != body.scope]
             if taken:
                 raise Refused(f"feedback id {body.feedback_id!r} is already used by scope {taken[0]!r}; "
                               "feedback ids are unique across the platform")
-            # A product retrying the same feedback id gets the same event id (deduplicated).
-            event = event.model_copy(update={"event_id": ev.derived_id("feedback", body.scope, body.feedback_id)})
+            digests = {r.content_digest for r in known if r.content_digest is not None}
+            if digests and intake.content_digest(body.content) not in digests:
+                raise Refused(f"feedback id {body.feedback_id!r} was already submitted with other content, which "
+                              "stands; new feedback needs a new id")
+            duplicate = bool(digests)
         await self._publish(event)
-        return {"feedback_id": event.feedback_id, "event_id": event.event_id, "scope": event.scope}
+        return {"feedback_id": event.feedback_id, "event_id": event.event_id, "scope": event.scope, "duplicate": duplicate}
 
     async def approve(self, feedback_id: str, body: OperatorRequest) -> dict[str, Any]:
         await actions.approve(self.ledger, feedback_id, body.operator, body.reason)

@@ -168,6 +168,9 @@ class FeedbackRecord(Contract):
     first_seen_at: datetime
     deadline_at: datetime | None = None
     feedback_event_id: str | None = None
+    # sha256 of the feedback's content as first recorded: the same id sent again with other content
+    # is not taken (nothing would be trained on it, and lineage would show what was never learned).
+    content_digest: str | None = None
     trace_id: str | None = None
     candidate_count: int | None = None
     count_from_generator: bool = False
