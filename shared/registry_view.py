@@ -9,7 +9,9 @@ construction, see :data:`shared.events.SCOPE_PATTERN`):
 * ``probes.<scope>``: :class:`AcceptedProbes`, the probes of the scope's
   accepted feedback: the evaluator's regression set for that scope.
 * ``policy.<scope>`` and ``policy._global``: :class:`PolicyAdapterRef`, the
-  generator's own policy adapter (ReST-EM outer loop).
+  generator's own policy adapter (ReST-EM outer loop). The registry writes a
+  scope's own; ``_global`` (no scope can be named so) is a platform-wide
+  fallback that only an operator puts there.
 * in ``seal_scope_settings``, key ``<scope>``: :class:`ScopePolicy`.
 
 Writers use :func:`compare_and_set` so two registry replicas cannot overwrite
@@ -93,8 +95,10 @@ class ScopePolicy(Contract):
     max_core_drop_from_base: float = Field(default=0.05, ge=0.0, le=1.0)
     # registry decision
     approval: Literal["auto", "manual"] = "auto"
-    # At most 30 days: a feedback waits that long for its candidates or an approval (a deadline
-    # past the calendar's end failed every later event of the scope).
+    # A feedback waits this long for its candidates' outcomes, then is decided with what arrived.
+    # One held for an operator (manual approval, a pinned scope) waits for the operator however
+    # long: `seal feedback --state awaiting_approval` lists them. At most 30 days (a deadline past
+    # the calendar's end failed every later event of the scope).
     decision_timeout_s: float = Field(default=1800.0, gt=0, le=30 * 86400)
     # outer loop (ReST-EM, services/registry/outer_loop.py): the generator's own policy adapter is
     # trained on every this many rewarded self-edits (0: off, the default until a benchmark shows it

@@ -92,7 +92,7 @@ async def test_failures_count_as_outcomes_and_nothing_passing_rejects_all() -> N
 
     record = await record_of(w, root)
     assert record.state == "rejected"
-    assert record.reasons == ("none of 3 candidate(s) passed every gate",)
+    assert record.reasons == ("none of 3 candidate(s) with an outcome passed every gate",)
     reasons = {c.index: c.reasons for c in record.candidates}
     assert reasons[0] == ("training failed: CUDA out of memory",)
     assert reasons[1] == ("self-edit rejected: empty",)
@@ -165,7 +165,7 @@ async def test_nothing_at_all_within_the_timeout_is_rejected() -> None:
     w.clock.advance(11)
     await w.ledger.sweep()
     record = await record_of(w, root)
-    assert record.state == "rejected" and "none of 2" in record.reasons[0]
+    assert record.state == "rejected" and "no candidate had an outcome within the decision timeout (10s)" in record.reasons[0]
     assert all(c.result == "timed_out" for c in record.candidates)
 
 
@@ -260,6 +260,12 @@ async def test_operator_rejects_a_held_candidate() -> None:
     assert w.bus.of(ev.OperatorAction)[0].action == "reject"
     with pytest.raises(Refused):
         await actions.approve(w.ledger, root.feedback_id, "sre-bob", "changed my mind")
+    # rejected while its candidates are still in flight: they had no outcome yet, they did not time out
+    await w.set_policy("acme", candidates=2, approval="auto")
+    early = feedback(passage="Another fact.")
+    await handlers.on_feedback_submitted(early, w.ledger, None)
+    await actions.reject(w.ledger, early.feedback_id, "sre-bob", "wrong scope")
+    assert [(c.result, c.verdict) for c in (await record_of(w, early)).candidates] == [("pending", "rejected")] * 2
 
 
 async def test_unreadable_adapter_is_skipped_for_the_next_best() -> None:
@@ -321,8 +327,10 @@ async def test_policy_adapter_is_written_and_never_regresses() -> None:
             ev.PolicyAdapterTrained(feedback_id=root.feedback_id, scope="global", adapter_id=f"pol{rnd}", adapter=ref, round=rnd),
             w.ledger,
         )
-    found = await w.state.read(KV_REGISTRY, "policy._global", PolicyAdapterRef)
+    found = await w.state.read(KV_REGISTRY, "policy.global", PolicyAdapterRef)
     assert found is not None and found.adapter_id == "pol2"
+    # a tenant's scope named "global" is a scope like any other: its adapter is not every scope's fallback
+    assert await w.state.read(KV_REGISTRY, "policy._global", PolicyAdapterRef) is None
 
 
 def test_plan_is_pure_and_prefers_the_lower_index_on_a_tie() -> None:
@@ -358,9 +366,36 @@ def test_on_equal_reward_a_candidate_that_kept_clearly_more_wins_whatever_its_in
     # by more than the gate's allowed drop.
     plan = plan_for(((0.4, 0.85), (0.4, None), (0.4, 0.89)))
     assert (plan.action, plan.chosen) == ("promote", 2)
-    assert "same reward +0.4000; it kept more" in plan.rejections[0][0]
-    assert "-0.010 against -0.050, by more than 0.020" in plan.rejections[0][0]
+    assert "same reward +0.4000; this one kept -0.050 of the regression sets, more than 0.020 below" in plan.rejections[0][0]
+    assert "candidate 2 kept -0.010" in plan.rejections[0][0]
     assert "only its regression sets were measured" in plan.rejections[1][0]
+
+
+def test_a_reason_names_the_score_that_ruled_a_candidate_out() -> None:
+    # candidate 2 kept most; candidate 1 is within the allowed drop of it and wins on its index;
+    # candidate 0 lost to candidate 2's score, not to the winner's (1.9 points below it)
+    plan = plan_for(((0.4, 0.87), (0.4, 0.889), (0.4, 0.9)))
+    assert (plan.action, plan.chosen) == ("promote", 1)
+    assert "this one kept -0.030 of the regression sets, more than 0.020 below the most a tied candidate kept, +0.000" \
+        in plan.rejections[0][0]
+
+
+async def test_a_candidate_that_passed_on_the_active_version_beats_a_stale_one_with_more_reward() -> None:
+    # a promotion landed while the feedback's candidates trained: rewards over different parents
+    # do not compare, and the stale one would only go back to be rebased (and could then fail)
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    first = feedback(passage="Fact one.")
+    await handlers.on_adapter_evaluated(evaluated(first, 0, 1, reward=0.2), w.ledger)
+    await w.set_policy("acme", candidates=2)
+    second = feedback(passage="Fact two.")
+    await handlers.on_adapter_evaluated(evaluated(second, 0, 2, reward=0.4, parent_version=None), w.ledger)
+    await handlers.on_adapter_evaluated(evaluated(second, 1, 2, reward=0.3, parent_version=1), w.ledger)
+    assert w.bus.of(ev.RebaseRequested) == []
+    assert [(e.feedback_id, e.version) for e in w.bus.of(ev.AdapterPromoted)] == [(first.feedback_id, 1), (second.feedback_id, 2)]
+    record = await record_of(w, second)
+    assert record.chosen == 1
+    assert "it passed on v1, while this one was trained on the base model" in record.candidate(0).reasons[0]  # type: ignore[union-attr]
 
 
 def test_on_equal_reward_a_difference_within_the_allowed_drop_leaves_the_lower_index() -> None:

@@ -207,3 +207,29 @@ async def test_the_same_feedback_id_in_two_scopes_keeps_two_self_edits() -> None
     await w.state.put(KV_REGISTRY, legacy_selfedit_key("fb-2", 0), old)
     assert (await w.ledger.self_edit("acme", "fb-2", 0)) == old
     assert await w.ledger.self_edit("other", "fb-2", 0) is None
+
+
+async def test_a_rollback_during_a_promotion_leaves_the_regression_set_of_the_active_version() -> None:
+    # The promotion moved the head to v3; a rollback to v1 moved it back and rebuilt the regression
+    # set from v1 before the promotion appended v3's probes: the set held a version not active.
+    from services.registry import actions
+    from shared.registry_view import AcceptedProbes
+
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    roots = [feedback(passage=f"Fact {i}.") for i in range(3)]
+    for i, root in enumerate(roots[:2]):
+        await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2, parent_version=i or None), w.ledger)
+    rolled = []
+
+    async def roll_back_once(bucket: str, key: str) -> None:
+        if key == "probes.acme" and not rolled:
+            rolled.append(True)
+            await actions.rollback(w.ledger, "acme", 1, "sre", "v3 forgets", "r-1")
+
+    w.state.before_write = roll_back_once
+    await handlers.on_adapter_evaluated(evaluated(roots[2], 0, 1, reward=0.2, parent_version=2), w.ledger)
+    w.state.before_write = None
+    assert rolled and (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
+    accepted = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
+    assert accepted is not None and {fid for fid, _ in accepted.probes} == {roots[0].feedback_id}

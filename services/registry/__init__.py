@@ -16,7 +16,8 @@ State lives in JetStream KV; every write is a compare-and-set. Keys in the
   ignore the extra fields. The commit point of every promotion and rollback.
 * ``probes.<scope>``: :class:`shared.registry_view.AcceptedProbes`, rebuilt
   from the version chain on promotion and on rollback.
-* ``policy.<scope>`` / ``policy._global``: the generator's policy adapter.
+* ``policy.<scope>`` / ``policy._global``: the generator's policy adapter (a scope's own; the
+  platform-wide fallback, put there by an operator only).
 * ``policypool.<scope>``: :class:`outer_loop.PolicyPool`, rewarded self-edits
   waiting for the scope's next outer-loop round (when the policy turns it on).
 * ``version.<scope>.<n>``: :class:`records.VersionRecord`, the tags of one

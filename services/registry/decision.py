@@ -86,17 +86,24 @@ def _settled(value: float) -> float:
     return round(value, 9)
 
 
-def ranked_below(best: CandidateRecord, cand: CandidateRecord, margin: float) -> str:
+def ranked_below(best: CandidateRecord, cand: CandidateRecord, others: list[CandidateRecord], margin: float) -> str:
     """Why a passing candidate lost to the chosen one, in words."""
+    if best.parent_version != cand.parent_version:
+        return (f"candidate {best.index} was chosen: it passed on {describe_version(best.parent_version)}, while this "
+                f"one was trained on {describe_version(cand.parent_version)} (rewards over different parents do not compare)")
     if _reward(best) > _reward(cand):
         return f"candidate {best.index} ranked higher (reward {_signed(best.reward, 4)} > {_signed(cand.reward, 4)})"
     mine, theirs = regression_kept(cand), regression_kept(best)
     if mine is None and theirs is not None:
         return f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)}; only its regression sets were measured)"
     if cand.index < best.index:
+        tied = [k for c in others if c.result == "evaluated" and c.passed and _reward(c) == _reward(best)
+                and c.parent_version == best.parent_version and (k := regression_kept(c)) is not None]
+        most = max(tied, default=theirs)
         return (
-            f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)}; it kept more of the "
-            f"regression sets, {_signed(theirs)} against {_signed(mine)}, by more than {margin:.3f})"
+            f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)}; this one kept "
+            f"{_signed(mine)} of the regression sets, more than {margin:.3f} below the most a tied candidate kept, "
+            f"{_signed(most)}; candidate {best.index} kept {_signed(theirs)})"
         )
     return (
         f"candidate {best.index} ranked higher (same reward {_signed(best.reward, 4)} and a lower index; "
@@ -136,20 +143,26 @@ def plan_decision(
                 f"no outcome within the decision timeout ({policy.decision_timeout_s:g}s)",
             )
     considered = [c for c in live if c.result != "pending"]
-    best = select_best_candidate(considered, policy.max_regression_drop)
+    current = active_version(head)
+    # A reward is a gain over the candidate's own parent, so candidates trained on different
+    # versions (a promotion landed while they trained) do not compare: one that passed on the
+    # active version is chosen over any stale one, which would only go back to be rebased.
+    best = select_best_candidate([c for c in considered if c.parent_version == current], policy.max_regression_drop) \
+        or select_best_candidate(considered, policy.max_regression_drop)
     for cand in considered:
         if best is None or cand.index != best.index:
             if cand.result == "evaluated" and cand.passed and best is not None:
-                rejections[cand.index] = (ranked_below(best, cand, policy.max_regression_drop),)
+                rejections[cand.index] = (ranked_below(best, cand, considered, policy.max_regression_drop),)
             else:
                 rejections[cand.index] = failure_reasons(cand)
     if best is None:
-        if not live:
-            reason = "no candidate arrived before the decision timeout"
+        if not considered:
+            reason = (f"no candidate had an outcome within the decision timeout ({policy.decision_timeout_s:g}s): "
+                      "generation, training or evaluation did not finish (see seal dead-letters)")
         else:
-            reason = f"none of {len(live)} candidate(s) passed every gate"
+            unheard = f"; {len(live) - len(considered)} had no outcome in time" if len(considered) < len(live) else ""
+            reason = f"none of {len(considered)} candidate(s) with an outcome passed every gate{unheard}"
         return Plan("reject", rejections=rejections, reasons=(reason,))
-    current = active_version(head)
     if best.parent_version != current:
         if best.attempt >= max_attempts:
             reason = (
@@ -208,7 +221,8 @@ def apply_rejections(
         cand = record.candidate(index)
         if cand is None or cand.decided:
             continue
-        result = "timed_out" if cand.result == "pending" else cand.result
+        # Without an outcome: timed out, unless an operator decided first (then it simply had none yet).
+        result = "timed_out" if cand.result == "pending" and by is None else cand.result
         updated = cand.model_copy(update={"verdict": "rejected", "result": result, "reasons": reasons})
         record = with_outbox(record.with_candidate(updated), rejected_event(record, updated, reasons, by))
     return record

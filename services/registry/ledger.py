@@ -162,7 +162,9 @@ class Ledger:
             log.warning("self-edit %s not kept in KV (%s); rebase will read the manifest", event.self_edit.self_edit_id, exc)
 
     async def note_policy_trained(self, event: ev.PolicyAdapterTrained) -> None:
-        key = policy_key(None if event.scope == "global" else event.scope)
+        # Its own scope's key, always: ``global`` is a scope name a tenant may take, and reading it as the
+        # platform-wide fallback (``policy._global``) would hand that tenant's adapter to every scope.
+        key = policy_key(event.scope)
         ref = PolicyAdapterRef(adapter_id=event.adapter_id, adapter=event.adapter, round=event.round)
 
         def change(current: PolicyAdapterRef | None) -> PolicyAdapterRef | None:
@@ -365,6 +367,11 @@ class Ledger:
             AcceptedProbes,
             lambda cur: pr.with_accepted(cur, record.scope, record.feedback_id, tags.probes, self.config.max_accepted_probes),
         )
+        head_after = await self.head(record.scope)
+        if head_after is not None and head_after.version != version:
+            # A rollback (or another promotion) moved the head since this one did, and may have
+            # rebuilt the regression set before these probes went in: rebuild it from the head.
+            await self.rebuild_probes(record.scope, head_after.version)
         await self._update(
             record.scope,
             record.feedback_id,

@@ -14,7 +14,8 @@ class RegistryConfig(BaseModel):
 
     # How often undecided feedback is checked against its decision timeout.
     sweep_interval_s: float = Field(default=15.0, gt=0)
-    # A candidate whose parent keeps moving is trained again at most this often.
+    # A candidate whose parent keeps moving is trained at most this many times in all, its first
+    # training included (3: rebased at most twice).
     max_rebase_attempts: int = Field(default=3, ge=1, le=20)
     # A candidate to rebase whose self-edit has not reached the registry yet
     # (its consumer lags) waits this long for it before being rejected.
