@@ -37,8 +37,12 @@ def service_app(
     on_startup: Sequence[Callable[..., Any]] = (),
     after_startup: Sequence[Callable[..., Any]] = (),
     on_shutdown: Sequence[Callable[..., Any]] = (),
+    after_shutdown: Sequence[Callable[..., Any]] = (),
     routes: Sequence[tuple[str, Any]] = (),
 ) -> AsgiFastStream:
+    """The service as an ASGI app with /healthz and /readyz. ``on_shutdown`` runs before the broker
+    drains its handlers (tell work in progress to stop there), ``after_shutdown`` once they are done
+    (close there what a handler still uses on its way out: its own NATS connection, say)."""
     @get
     async def readyz(scope: Any) -> AsgiResponse:
         ok = _holds(ready)
@@ -61,6 +65,7 @@ def service_app(
         on_startup=on_startup,
         after_startup=[consumers_as_configured, *after_startup],
         on_shutdown=on_shutdown,
+        after_shutdown=after_shutdown,
     )
 
 

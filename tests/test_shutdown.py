@@ -228,3 +228,38 @@ async def test_an_interrupted_message_is_handed_back_or_on_its_last_delivery_dea
         [(where, headers)] = broker.published
         assert where == dead_letter_subject("generator", subject)
         assert headers[REASON_HEADER].startswith("interrupted by a shutdown on its last delivery (5 of 5)")
+
+
+@pytest.mark.servers
+async def test_a_service_closes_what_its_handlers_use_only_once_they_are_done(service_settings) -> None:
+    # The generator and the trainer closed their own NATS connection among the first shutdown hooks,
+    # before the broker drained their handler: its claim release and record failed on the way out.
+    from shared.broker import create_broker
+    from shared.runtime import service_app
+
+    broker = create_broker(service_settings.nats, service="shutdown-order")
+    subject = f"seal.test.shutdown.{ev.new_id()[:8]}"
+    order: list[str] = []
+    entered, may_finish = asyncio.Event(), asyncio.Event()
+
+    @broker.subscriber(subject)
+    async def handle(body: object) -> None:
+        entered.set()
+        await may_finish.wait()
+        order.append("handler done")
+
+    async def tell_to_stop() -> None:
+        order.append("told to stop")
+        may_finish.set()
+
+    async def close() -> None:
+        order.append("closed")
+
+    app = service_app(broker, on_shutdown=[tell_to_stop], after_shutdown=[close])
+    await app.start()
+    try:
+        await broker.publish(b"work", subject)
+        await asyncio.wait_for(entered.wait(), 10)
+    finally:
+        await app.stop()
+    assert order == ["told to stop", "handler done", "closed"]

@@ -102,10 +102,14 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
         stop_writing = getattr(runtime.ports and runtime.ports.writer, "stop", None)
         if stop_writing is not None:
             stop_writing()
+
+    async def close() -> None:
+        # After the drain: the handler on its way out still releases its claim and records its work
+        # in KV over this connection (closed before, both failed and the claim waited out its 15 min).
         if runtime.nc is not None:
             await runtime.nc.close()
 
-    return service_app(broker, ready=runtime.ready, on_startup=[start], on_shutdown=[stop])
+    return service_app(broker, ready=runtime.ready, on_startup=[start], on_shutdown=[stop], after_shutdown=[close])
 
 
 def _fetcher(store: AdapterStore) -> Any:

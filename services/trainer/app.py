@@ -92,10 +92,15 @@ def create_app(
         stop_training = getattr(state["ports"] and state["ports"].trainer, "stop", None)
         if stop_training is not None:
             stop_training()
+
+    async def close() -> None:
+        # After the drain: a handler on its way out still releases its upload claim over this connection.
         if state["nc"] is not None:
             await state["nc"].close()
 
-    return service_app(broker, ready=lambda: state["ports"] is not None, on_startup=[start], on_shutdown=[stop])
+    return service_app(
+        broker, ready=lambda: state["ports"] is not None, on_startup=[start], on_shutdown=[stop], after_shutdown=[close]
+    )
 
 
 def build_ports(settings: TrainerSettings, js: Any) -> TrainerPorts:
