@@ -263,6 +263,66 @@ async def test_a_passage_too_long_for_one_self_edit_is_rejected() -> None:
     assert "too long to train on" in rejected.reason and "limit of 8" in rejected.reason
 
 
+async def test_a_long_title_is_not_repeated_whole_in_every_piece_of_a_long_passage() -> None:
+    # 26 KB of feedback made a 1.5 MB event (the title in each of 64 pieces, each emoji 12 bytes
+    # as JSON): refused by the server on every delivery, dead-lettered, the product never told
+    ports, published = make_ports()
+    feedback = ev.FeedbackSubmitted(feedback_id="fb-title", scope="acme",
+                                    content=ev.KnowledgeFeedback(title="\U0001f600" * 2000, passage="Quellmoor is old. " * 100))
+    await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    assert published and all(isinstance(e, ev.SelfEditGenerated) for e in published)
+    assert max(len(json.dumps(e.model_dump(mode="json"))) for e in published) < 200_000
+
+
+async def test_events_too_large_to_send_are_a_rejection_with_a_reason() -> None:
+    from services.generator import handlers
+
+    ports, published = make_ports(writer=ScriptedWriter(suffix=" Quellmoor." * 3000))
+    await handle_feedback(payload(knowledge("fb-huge")), ports, GeneratorConfig())
+    assert all(isinstance(e, ev.SelfEditGenerated) for e in published)  # within the bound
+    largest = max(len(json.dumps(e.model_dump(mode="json"))) for e in published)
+    ports, published = make_ports(writer=ScriptedWriter(suffix=" Quellmoor." * 3000))
+    original = handlers.MAX_EVENT_BYTES
+    handlers.MAX_EVENT_BYTES = largest - 1
+    try:
+        await handle_feedback(payload(knowledge("fb-huge")), ports, GeneratorConfig())  # a fresh ledger
+    finally:
+        handlers.MAX_EVENT_BYTES = original
+    [rejected] = published
+    assert isinstance(rejected, ev.FeedbackRejected) and f"up to {largest} bytes" in rejected.reason
+
+
+async def test_a_long_preference_is_written_from_a_bounded_prompt() -> None:
+    # unbounded, the instruction and the examples filled the writer's prompt, whose left cut lost
+    # the instruction itself (and long enough, the prompt outgrew its event: dead-lettered)
+    ports, published = make_ports()
+    examples = tuple(ev.PreferenceExample(prompt=f"Question {i}?", response="Answer briefly. " * 180) for i in range(4))
+    content = ev.PreferenceFeedback(instruction="Always answer in one short sentence. " * 520, examples=examples)
+    await handle_feedback(payload(ev.FeedbackSubmitted(feedback_id="fb-pref", scope="acme", content=content)), ports, GeneratorConfig())
+    generated = [e for e in published if isinstance(e, ev.SelfEditGenerated)]
+    assert generated and all(len(e.generator_prompt or "") < 12_000 for e in generated)
+    [(prompts, _)] = ports.writer.calls  # type: ignore[attr-defined]
+    assert all("Always answer in one short sentence." in p.text for p in prompts)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        # an example over the sequence limit was dropped in silence, and with it every candidate
+        (ev.PreferenceFeedback(instruction="Be brief.", examples=(ev.PreferenceExample(prompt="Q?", response="A. " * 2000),)),
+         "has examples too long to train on: example 1 (6019) characters"),
+        # the answer came after a question filling the training's sequence length: never trained
+        (ev.CorrectionFeedback(question="Which of these " * 80 + "is right?", right_answer="The third."),
+         "is too long to train on: its question and right answer are 1238 characters together, more than one training sequence of this scope holds (960)"),
+    ],
+)
+async def test_a_correction_or_preference_too_long_to_train_is_rejected_with_why(content: object, expected: str) -> None:
+    ports, published = make_ports()
+    await handle_feedback(payload(ev.FeedbackSubmitted(feedback_id="fb-long-2", scope="acme", content=content)), ports, GeneratorConfig())
+    [rejected] = published
+    assert isinstance(rejected, ev.FeedbackRejected) and expected in rejected.reason, rejected
+
+
 async def test_the_policy_adapter_that_wrote_is_named() -> None:
     ports, published = make_ports(writer=ScriptedWriter(adapter_id="policy-r2"))
     await handle_feedback(payload(knowledge()), ports, GeneratorConfig())

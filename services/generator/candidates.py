@@ -140,6 +140,26 @@ def feedback_sequences(feedback: FeedbackSubmitted, limits: Limits) -> list[str]
     return [s for s in sequences if len(s) <= SEQUENCE_HARD_LIMIT]
 
 
+def untrainable(feedback: FeedbackSubmitted, chunk_chars: int) -> list[str]:
+    """What in a correction or a preference is too long to be trained (said, not dropped in silence:
+    a preference example over the limit was left out, a correction's long question pushed its
+    answer past the training's sequence length, so nothing of the answer was learned)."""
+    content = feedback.content
+    if isinstance(content, CorrectionFeedback):
+        size = len(f"Question: {content.question}\nAnswer: {content.right_answer}")
+        if size > chunk_chars:
+            return [f"is too long to train on: its question and right answer are {size} characters together, "
+                    f"more than one training sequence of this scope holds ({chunk_chars})"]
+    elif isinstance(content, PreferenceFeedback):
+        limit = SEQUENCE_HARD_LIMIT  # a longer response is cut by the trainer, not lost: its style still teaches
+        long = [(i, n) for i, ex in enumerate(content.examples, 1) if (n := len(f"User: {ex.prompt}\nAssistant: {ex.response}")) > limit]
+        if long:
+            shown = ", ".join(f"example {i} ({n})" for i, n in long[:5])
+            return [f"has examples too long to train on: {shown} characters as 'User: ...' and 'Assistant: ...', "
+                    f"more than a training sequence may hold ({limit})"]
+    return []
+
+
 def grounded_sequences(feedback: FeedbackSubmitted, probes: Sequence[Probe], config: GeneratorConfig) -> list[str]:
     """For a passage: a question about each of its facts, answered by the sentence that states it.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from services.generator.candidates import (
     feedback_sequences,
     passage_chunk_chars,
     plan_candidates,
+    untrainable,
 )
 from services.generator.feedback import MalformedFeedback, parse_feedback
 from services.generator.prompts import Prompt
@@ -183,11 +185,16 @@ async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, c
     problems = screen_feedback(feedback.content, policy.blocklist)
     chunk = passage_chunk_chars(config, policy)
     own = feedback_sequences(feedback, Limits(config.max_sequences, config.max_sequence_chars, passage_chars=chunk))
+    problems.extend(untrainable(feedback, chunk))
     if len(own) > config.max_sequences:
         problems.append(
             f"is too long to train on: it needs {len(own)} sequences of at most {chunk} "
             f"characters, more than the limit of {config.max_sequences}"
         )
+    elif (size := encoded_size(own)) > MAX_OWN_SEQUENCE_BYTES:
+        problems.append(f"would make self-edit events too large to send: its own training text alone is {size} bytes "
+                        f"as JSON, more than {MAX_OWN_SEQUENCE_BYTES} (a long title is repeated in every piece of "
+                        "a long passage; text outside ASCII takes up to 12 bytes a character)")
     if problems:
         return [feedback.caused(FeedbackRejected, reason="the feedback " + "; ".join(problems))]
     seed = feedback_seed(feedback.feedback_id)
@@ -196,4 +203,22 @@ async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, c
     written = await asyncio.to_thread(ports.writer.write, [p.prompt for p in plans], seed=seed, adapter=adapter)
     # Parsing and the probes' rule-written questions are pure Python, seconds on a long passage:
     # off the event loop, which keeps the in-progress beats and the health checks answering.
-    return await asyncio.to_thread(candidate_events, feedback, policy, plans, written.completions, config, written.adapter_id)
+    events = await asyncio.to_thread(candidate_events, feedback, policy, plans, written.completions, config, written.adapter_id)
+    largest = max((encoded_size(e.model_dump(mode="json")) for e in events), default=0)
+    if largest > MAX_EVENT_BYTES:
+        # Published, it would fail on every delivery (the server refuses it) and end in the dead
+        # letters with the product never told.
+        return [feedback.caused(FeedbackRejected, reason=f"the feedback's self-edit events would be up to {largest} "
+                                f"bytes, more than a message may carry ({MAX_EVENT_BYTES}); send a shorter passage")]
+    return events
+
+
+# nats-server's default max_payload is 1 MiB: an event stays below it with room for the headers. The
+# feedback's own sequences go into every candidate's event, with the completions and probes besides.
+MAX_EVENT_BYTES = 1_000_000
+MAX_OWN_SEQUENCE_BYTES = 600_000
+
+
+def encoded_size(value: object) -> int:
+    """Bytes as JSON, escaped to ASCII: the most any JSON encoder the broker may use would send."""
+    return len(json.dumps(value))

@@ -104,11 +104,17 @@ def with_title(title: str | None, text: str) -> str:
     return f"{title}\n{text}" if title else text
 
 
+# A long passage's pieces each begin with its title: at most this much of it (a title of thousands
+# of characters repeated in dozens of pieces made events larger than a message may carry).
+PIECE_TITLE_CHARS = 200
+
+
 def passage_sequences(title: str | None, passage: str, max_chars: int) -> list[str]:
     """The raw passage as one sequence, split at sentence ends only where it is too long."""
     whole = with_title(title, passage)
     if len(whole) <= max_chars:
         return [whole]
+    title = title[:PIECE_TITLE_CHARS] if title else title
     budget = max(32, max_chars - len(title or "") - 1)
     chunks: list[str] = []
     current = ""

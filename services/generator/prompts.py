@@ -97,8 +97,21 @@ def correction_prompt(content: CorrectionFeedback, propose_directives: bool) -> 
     return Prompt(text + (DIRECTIVES_REQUEST if propose_directives else ""))
 
 
+# A preference prompt shows the instruction and its first examples within the writer's prompt
+# budget as well: unbounded, 20,000 characters of instruction and four long examples made a
+# prompt longer than an event may carry, and the writer's left cut lost the instruction itself.
+MAX_PROMPT_INSTRUCTION_CHARS = 2000
+MAX_PROMPT_EXAMPLE_CHARS = 1000
+
+
 def preference_prompt(content: PreferenceFeedback, propose_directives: bool) -> Prompt:
-    shown = "".join(f"User: {ex.prompt}\nAssistant: {ex.response}\n\n" for ex in content.examples[:4])
+    shown = "".join(
+        f"User: {prompt_passage(ex.prompt, MAX_PROMPT_EXAMPLE_CHARS // 2)}\n"
+        f"Assistant: {prompt_passage(ex.response, MAX_PROMPT_EXAMPLE_CHARS)}\n\n"
+        for ex in content.examples[:4]
+    )
     examples = f"Examples:\n{shown}" if shown else ""
-    text = PREFERENCE_TEMPLATE.format(instruction=content.instruction, examples=examples)
+    text = PREFERENCE_TEMPLATE.format(
+        instruction=prompt_passage(content.instruction, MAX_PROMPT_INSTRUCTION_CHARS), examples=examples
+    )
     return Prompt(text + (DIRECTIVES_REQUEST if propose_directives else ""), "User:")
