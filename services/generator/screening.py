@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -91,8 +92,20 @@ def find_blocked(text: str, blocklist: Iterable[str]) -> list[str]:
 
 
 def screen_text(text: str, blocklist: Iterable[str] = ()) -> list[str]:
-    """Every reason ``text`` must not be trained on; empty when it is clean."""
-    return list(dict.fromkeys([*find_pii(text), *find_injection(text), *find_blocked(text, blocklist)]))
+    """Every reason ``text`` must not be trained on; empty when it is clean. Screened as written
+    and as read (:func:`as_read`): a zero-width space before the ``@``, a full-width ``＠`` or a
+    soft hyphen inside "Ignore" hid an address or an injection from the patterns."""
+    found = []
+    for view in dict.fromkeys((text, as_read(text))):
+        found += [*find_pii(view), *find_injection(view), *find_blocked(view, blocklist)]
+    return list(dict.fromkeys(found))
+
+
+def as_read(text: str) -> str:
+    """``text`` as a reader (or a tokenizer's normalizer) takes it: compatibility forms folded
+    (NFKC: full-width letters and signs to their plain forms), invisible format characters
+    (zero-width spaces and joiners, soft hyphens, direction marks) removed."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
 
 
 def feedback_texts(content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback) -> list[str]:
@@ -114,7 +127,16 @@ def screen_feedback(
     content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback, blocklist: Sequence[str] = ()
 ) -> list[str]:
     """Reasons to refuse a feedback before any self-edit is written from it."""
-    return screen_text("\n".join(feedback_texts(content)), blocklist) + unanswerable(content)
+    return screen_text("\n".join(feedback_texts(content)), blocklist) + unanswerable(content) + wordless(content)
+
+
+def wordless(content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback) -> list[str]:
+    """Feedback with nothing in it to learn ("." or zero-width spaces): each candidate would cost
+    a training and an evaluation, and teach nothing."""
+    text = content.passage if isinstance(content, KnowledgeFeedback) else (
+        content.question if isinstance(content, CorrectionFeedback) else content.instruction)
+    what = {"knowledge": "passage", "correction": "question", "preference": "instruction"}[content.kind]
+    return [] if any(c.isalnum() for c in as_read(text)) else [f"{what} has no letter or digit in it: nothing to learn"]
 
 
 def unanswerable(content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback) -> list[str]:
