@@ -157,6 +157,76 @@ def test_trainer_requests_a_gpu_and_tolerates_gpu_taints(path):
     assert shm, "torch needs a larger /dev/shm than the container default"
 
 
+def qos_class(workload: dict) -> str:
+    """Kubernetes' QoS class of a pod: only CPU and memory count, init containers too; a
+    request left out defaults to its limit."""
+    bounds = []
+    for container in containers(workload):
+        resources = container.get("resources", {})
+        limits = resources.get("limits", {})
+        requests = {**limits, **resources.get("requests", {})}
+        bounds += [(requests.get(r), limits.get(r)) for r in ("cpu", "memory")]
+    if all(req is None and lim is None for req, lim in bounds):
+        return "BestEffort"
+    if all(lim is not None and req is not None and quantity(req) == quantity(lim) for req, lim in bounds):
+        return "Guaranteed"
+    return "Burstable"
+
+
+def test_prod_trainer_is_guaranteed():
+    """A training run holds a GPU for minutes: under node memory pressure the kubelet evicts
+    Burstable pods before Guaranteed ones, so the trainer must not be the one to go."""
+    trainer = find(overlay("prod"), "Deployment", "trainer")
+    assert qos_class(trainer) == "Guaranteed"
+    container = main_container(trainer)
+    memory = quantity(container["resources"]["limits"]["memory"])
+    assert memory >= 16 * 2**30, "the trainer holds the base model, its optimizer state and /dev/shm"
+    assert quantity(container["resources"]["limits"]["cpu"]) >= 4
+    # /dev/shm is memory-backed: it counts against the same limit, and must leave most of it.
+    (shm,) = [v for v in pod_spec(trainer)["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert quantity(shm["emptyDir"]["sizeLimit"]) <= memory / 8
+
+
+def test_qos_check_can_fail():
+    """The check above tells a Burstable pod: the base trainer (limits above requests) is one."""
+    assert qos_class(find(render("base"), "Deployment", "trainer")) == "Burstable"
+    assert qos_class({"spec": {"template": {"spec": {"containers": [{"name": "x"}]}}}}) == "BestEffort"
+
+
+def broker_drain_seconds() -> float:
+    """How long FastStream drains in-flight messages after SIGTERM (shared/broker.py)."""
+    match = re.search(r"graceful_timeout=([0-9.]+)", (K8S.parent / "shared" / "broker.py").read_text())
+    assert match, "shared/broker.py sets no graceful_timeout"
+    return float(match.group(1))
+
+
+def pre_stop_seconds(container: dict) -> int:
+    pre_stop = container.get("lifecycle", {}).get("preStop")
+    if not pre_stop:
+        return 0
+    assert "sleep" in pre_stop, f"{container['name']}: preStop should be the kubelet's sleep action: {pre_stop}"
+    return int(pre_stop["sleep"]["seconds"])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_registry_keeps_serving_while_it_leaves_the_endpoints(name):
+    """The registry serves HTTP behind a Service: a short preStop sleep lets kube-proxy and
+    ingresses stop routing to a terminating pod before uvicorn stops accepting."""
+    registry = find(overlay(name), "Deployment", "registry")
+    assert 3 <= pre_stop_seconds(main_container(registry)) <= 15
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_grace_period_covers_pre_stop_and_drain(name):
+    drain = broker_drain_seconds()
+    for service in SERVICES:
+        deployment = find(overlay(name), "Deployment", service)
+        grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+        # preStop runs inside the grace period; SIGTERM follows, then the drain; 10 s to exit.
+        needed = pre_stop_seconds(main_container(deployment)) + drain + 10
+        assert grace >= needed, f"{service}: {grace} s grace, needs {needed} s"
+
+
 def test_dev_is_cpu_only():
     objects = overlay("dev")
     for workload in workloads(objects):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import tomllib
@@ -28,6 +29,7 @@ from k8s_render import (
     main_container,
     of_kind,
     overlay,
+    render_directory,
     render_text,
     tool,
     workloads,
@@ -234,19 +236,53 @@ def test_scalers_read_the_consumers_their_service_uses(name):
         assert {"generator-feedback", "trainer-selfedits", "evaluator-adapters"} <= scaled
 
 
-def test_keda_endpoint_follows_the_overlay_namespace():
-    """The replacement fills the namespace in: a renamed namespace keeps KEDA pointed at NATS."""
-    objects = overlay("prod")
-    namespace = of_kind(objects, "Namespace")[0]["metadata"]["name"]
-    for so in of_kind(objects, "ScaledObject"):
-        assert so["metadata"]["namespace"] == namespace
+def renamed_prod(tmp_path, namespace: str) -> list[dict]:
+    """An overlay of one's own over k8s/overlays/prod that sets another namespace, as
+    docs/kubernetes.md (8. Namespace) says to write it."""
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"namespace: {namespace}\n"
+        f"resources:\n  - {os.path.relpath(K8S / 'overlays' / 'prod', tmp_path)}\n"
+        f"transformers:\n  - {os.path.relpath(K8S / 'components' / 'keda-autoscaling' / 'namespace', tmp_path)}\n"
+    )
+    return render_directory(tmp_path)
+
+
+def test_keda_endpoint_follows_a_renamed_namespace(tmp_path):
+    """An overlay over prod with another namespace keeps KEDA pointed at its own NATS, not at
+    the NATS of namespace seal (which may be another team's platform, or nothing)."""
+    objects = renamed_prod(tmp_path, "seal-team")
+    (namespace,) = of_kind(objects, "Namespace")
+    assert namespace["metadata"]["name"] == "seal-team"
+    scaled = of_kind(objects, "ScaledObject")
+    assert {so["metadata"]["name"] for so in scaled} == {"generator", "trainer", "evaluator"}
+    for so in scaled:
+        assert so["metadata"]["namespace"] == "seal-team"
         for trigger in so["spec"]["triggers"]:
-            assert f".{namespace}.svc." in trigger["metadata"]["natsServerMonitoringEndpoint"]
+            assert trigger["metadata"]["natsServerMonitoringEndpoint"] == "nats-headless.seal-team.svc.cluster.local:8222", (
+                so["metadata"]["name"],
+                trigger["name"],
+            )
+
+
+def test_the_keda_component_leaves_the_namespace_to_the_transformer():
+    """The component cannot know the final namespace (it runs before `namespace:`): it keeps a
+    placeholder, and every overlay that uses it lists the transformer that fills it in."""
+    component = yaml.safe_load((K8S / "components" / "keda-autoscaling" / "kustomization.yaml").read_text())
+    assert "replacements" not in component
+    transformer = "../../components/keda-autoscaling/namespace"
+    for name in OVERLAYS:
+        doc = yaml.safe_load((K8S / "overlays" / name / "kustomization.yaml").read_text())
+        if any(c.endswith("components/keda-autoscaling") for c in doc.get("components", [])):
+            assert transformer in doc.get("transformers", []), f"overlays/{name} uses KEDA without {transformer}"
+    for so in scaled_objects():
+        for trigger in so["spec"]["triggers"]:
+            assert "NAMESPACE" not in trigger["metadata"]["natsServerMonitoringEndpoint"]
 
 
 def test_kustomizations_parse_and_reference_existing_files():
     for kustomization in K8S.rglob("kustomization.yaml"):
         doc = yaml.safe_load(kustomization.read_text())
-        for key in ("resources", "components"):
+        for key in ("resources", "components", "transformers"):
             for entry in doc.get(key, []):
                 assert (kustomization.parent / entry).exists(), f"{kustomization}: {entry}"

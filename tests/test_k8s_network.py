@@ -12,7 +12,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import pytest
-from k8s_render import SERVICES, config_map, find, of_kind, overlay, pod_labels, selects, workloads
+from k8s_render import K8S, SERVICES, config_map, find, of_kind, overlay, pod_labels, selects, workloads
 
 DNS = "kube-dns"
 
@@ -153,6 +153,70 @@ def test_keda_and_clients_reach_nats(objects):
     # Cluster routes between the NATS servers, both ways.
     assert ("nats", 6222) in egress(objects, nats_labels)
     assert ingress_admits(objects, nats_labels, "nats", 6222)
+
+
+REGISTRY_CLIENT = {"seal.io/registry-client": "true"}
+REGISTRY_ACCESS = {"seal.io/registry-access": "true"}
+
+
+def registry_peers(objects) -> list[dict]:
+    labels = pod_labels(find(objects, "Deployment", "registry"))
+    peers = []
+    for policy in policies_for(objects, labels, "Ingress"):
+        for rule in policy["spec"].get("ingress", []):
+            assert rule_ports(rule) == {8080}, f"the registry opens {rule_ports(rule)}"
+            assert rule.get("from"), "an ingress rule without sources admits every pod in the cluster"
+            peers += rule["from"]
+    return peers
+
+
+def admits_from(peer: dict, pod: dict, namespace: dict | None) -> bool:
+    """Whether a peer admits a pod with these labels from a namespace with these labels
+    (None: the policy's own namespace)."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], {} if namespace is None else namespace):
+            return False
+    elif namespace is not None:
+        return False
+    return selects(peer.get("podSelector", {}), pod)
+
+
+def registry_admits(objects, pod: dict, namespace: dict | None) -> bool:
+    return any(admits_from(peer, pod, namespace) for peer in registry_peers(objects))
+
+
+def test_registry_api_admits_clients_only_from_approved_namespaces(objects):
+    """The registry's API has no authentication: the policy is what keeps an arbitrary pod in
+    an arbitrary namespace from promoting, rolling back or replaying."""
+    for peer in registry_peers(objects):
+        assert peer.get("podSelector", {}).get("matchLabels") == REGISTRY_CLIENT, peer
+        if "namespaceSelector" in peer:
+            assert peer["namespaceSelector"] == {"matchLabels": REGISTRY_ACCESS}, peer
+    # own namespace and approved namespaces: labelled pods only
+    assert registry_admits(objects, REGISTRY_CLIENT, None)
+    assert registry_admits(objects, REGISTRY_CLIENT, {"kubernetes.io/metadata.name": "ops", **REGISTRY_ACCESS})
+    assert not registry_admits(objects, {}, None)
+    assert not registry_admits(objects, {}, REGISTRY_ACCESS)
+    # any other namespace: not even with the pod label
+    assert not registry_admits(objects, REGISTRY_CLIENT, {"kubernetes.io/metadata.name": "product-team"})
+    assert not registry_admits(objects, REGISTRY_CLIENT, {})
+
+
+def test_registry_check_can_fail(objects):
+    """The check above notices a namespaceSelector that matches every namespace."""
+    policy = next(p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == "registry-api-ingress")
+    any_namespace = {"namespaceSelector": {}, "podSelector": {"matchLabels": REGISTRY_CLIENT}}
+    rule = {"from": [any_namespace], "ports": [{"protocol": "TCP", "port": 8080}]}
+    loose = {**policy, "metadata": {"name": "loose"}, "spec": {**policy["spec"], "ingress": [rule]}}
+    assert registry_admits([*objects, loose], REGISTRY_CLIENT, {"kubernetes.io/metadata.name": "product-team"})
+
+
+def test_registry_access_labels_are_documented(objects):
+    docs = (K8S.parent / "docs" / "kubernetes.md").read_text()
+    for label in (*REGISTRY_CLIENT, *REGISTRY_ACCESS):
+        assert f"`{label}" in docs, f"docs/kubernetes.md does not say how to use {label}"
 
 
 def test_every_pod_may_resolve_names(objects):

@@ -105,7 +105,9 @@ class Ledger:
     async def find_record(self, feedback_id: str) -> FeedbackRecord:
         found = await self.records_of(feedback_id)
         if not found:
-            raise NotFound(f"no feedback {feedback_id!r} is known to the registry")
+            raise NotFound(f"no feedback {feedback_id!r} is known to the registry: just sent, it may not have "
+                           "been read yet (ask again in a few seconds); if it stays unknown, the platform could not "
+                           "read it (an invalid scope or id, say): an operator finds why in seal dead-letters")
         if len(found) > 1:
             # Acting on one of them at random could approve or reject the wrong product's feedback.
             scopes = ", ".join(r.scope for r in found)
