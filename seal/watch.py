@@ -22,7 +22,7 @@ from shared.broker import connect_options
 from shared.settings import NatsSettings
 from shared.subjects import EVENTS_PREFIX, subject_for
 
-FINAL = (ev.AdapterPromoted, ev.AdapterAwaitingApproval, ev.FeedbackRejected)
+FINAL = (ev.FeedbackDecided, ev.AdapterPromoted, ev.AdapterAwaitingApproval, ev.FeedbackRejected)
 PUBLISH_ATTEMPTS = 5
 
 
@@ -57,6 +57,9 @@ class FeedbackProgress:
     def stage(self) -> str:
         if self.of(ev.FeedbackRejected):
             return "feedback rejected"
+        if decided := self.of(ev.FeedbackDecided):
+            end = decided[-1]
+            return f"promoted v{end.version}" if end.outcome == "promoted" else "rejected"  # type: ignore[attr-defined]
         if promoted := self.of(ev.AdapterPromoted):
             return f"promoted v{promoted[-1].version}"  # type: ignore[attr-defined]
         if self.of(ev.AdapterAwaitingApproval):

@@ -246,6 +246,20 @@ class AdapterPromoted(Event):
     approved_by: str | None = None
 
 
+class FeedbackDecided(Event):
+    """The end of one feedback's road, published once by the registry: promoted (as ``version``)
+    or rejected (``reasons``: by its gates, an operator, its decision timeout, or the generator's
+    refusal). What a product watches for its feedback, instead of piecing the outcome together
+    from one ``adapter.*`` event per candidate."""
+
+    type: Literal["feedback.decided"] = "feedback.decided"
+    outcome: Literal["promoted", "rejected"]
+    version: VersionNumber | None = None
+    adapter_id: Identifier | None = None
+    reasons: Reasons = ()
+    decided_by: str | None = None
+
+
 class AdapterRejected(Event):
     type: Literal["adapter.rejected"] = "adapter.rejected"
     adapter_id: Identifier | None = None
@@ -308,6 +322,7 @@ AnyEvent = Annotated[
         AdapterEvaluated,
         AdapterEvaluationFailed,
         AdapterPromoted,
+        FeedbackDecided,
         AdapterRejected,
         AdapterAwaitingApproval,
         AdapterRolledBack,

@@ -71,6 +71,9 @@ class AdapterManifest(BaseModel):
     trace_id: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     files: dict[str, str] = Field(default_factory=dict)
+    # Each file's size in bytes (manifests written before it have none): what a check without
+    # downloading (:meth:`AdapterStore.read_checked_manifest`) compares.
+    sizes: dict[str, int] = Field(default_factory=dict)
 
 
 def sha256_file(path: Path) -> str:
@@ -145,13 +148,15 @@ class AdapterStore:
             raise ValueError(f"{local_dir} holds no files to store")
         prefix = adapter_prefix(manifest.scope, manifest.adapter_id)
         sums: dict[str, str] = {}
+        sizes: dict[str, int] = {}
         for path in files:
             name = path.relative_to(local_dir).as_posix()
             sums[name] = sha256_file(path)
+            sizes[name] = path.stat().st_size
             self.client.fput_object(
                 self.bucket, f"{prefix}/{name}", str(path), metadata={"sha256": sums[name]}
             )
-        final = manifest.model_copy(update={"files": sums})
+        final = manifest.model_copy(update={"files": sums, "sizes": sizes})
         body = json.dumps(final.model_dump(mode="json"), indent=2, sort_keys=True).encode()
         self.client.put_object(
             self.bucket,
@@ -202,6 +207,22 @@ class AdapterStore:
         if isinstance(ref, ManifestRef) and hashlib.sha256(body).hexdigest() != ref.manifest_sha256:
             raise IntegrityError(f"manifest of {uri} does not match the digest in the event")
         return parse_manifest(body, uri)
+
+    def read_checked_manifest(self, ref: ManifestRef | str) -> AdapterManifest:
+        """The manifest, once every file it lists is found in the store at the size it says,
+        without downloading them (the sha256 of each is checked where it is downloaded). What
+        the registry checks before it makes an adapter active: a manifest alone read back intact
+        while its weights were gone, and the active version then failed every load."""
+        manifest = self.read_manifest(ref)
+        uri = ref.uri if isinstance(ref, ManifestRef) else ref
+        bucket, prefix = self.locate(uri)
+        if len(manifest.files) > MAX_ADAPTER_FILES:
+            raise IntegrityError(f"manifest of {uri} lists {len(manifest.files)} files, more than {MAX_ADAPTER_FILES}")
+        for name in manifest.files:
+            size = self._size(bucket, f"{prefix}/{name}", uri)
+            if name in manifest.sizes and size != manifest.sizes[name]:
+                raise IntegrityError(f"{uri}/{name} holds {size} bytes, where its manifest says {manifest.sizes[name]}")
+        return manifest
 
     def get_adapter(self, ref: ManifestRef | str, dest: Path, max_bytes: int | None = None) -> AdapterManifest:
         """Download an adapter into ``dest`` and check every file's sha256.

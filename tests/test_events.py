@@ -49,6 +49,7 @@ EXAMPLES: list[ev.Event] = [
     ev.AdapterEvaluationFailed(**COMMON, adapter_id="a1", self_edit_id="se1", reason="sha256 mismatch"),
     ev.AdapterPromoted(**COMMON, adapter_id="a1", version=1, adapter=REF, reward=0.4),
     ev.AdapterRejected(**COMMON, adapter_id="a1", reasons=("regression drop 0.05 > 0.02",)),
+    ev.FeedbackDecided(**COMMON, outcome="promoted", version=1, adapter_id="a1"),
     ev.AdapterAwaitingApproval(**COMMON, adapter_id="a1", adapter=REF),
     ev.AdapterRolledBack(**COMMON, from_version=2, to_version=1, operator="sre@acme", reason="bad answers"),
     ev.PolicyTrainingRequested(**COMMON, examples=(ev.PolicyExample(prompt="p", completion="c", reward=0.4),)),

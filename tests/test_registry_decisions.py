@@ -36,8 +36,10 @@ async def test_best_passing_candidate_becomes_the_next_version() -> None:
     assert w.bus.events == []  # 2 of 3 candidates: nothing decided yet
     await handlers.on_adapter_evaluated(evaluated(root, 2, 3, reward=0.20), w.ledger)
 
-    # The decision goes out first, then the candidates it rejected.
-    assert w.bus.types() == ["adapter.promoted", "adapter.rejected", "adapter.rejected"]
+    # The decision goes out first, then the candidates it rejected, then the feedback's end.
+    assert w.bus.types() == ["adapter.promoted", "adapter.rejected", "adapter.rejected", "feedback.decided"]
+    [decided] = w.bus.of(ev.FeedbackDecided)
+    assert (decided.outcome, decided.version, decided.adapter_id, decided.reasons) == ("promoted", 1, f"ad-{root.feedback_id[:8]}-1-1", ())
     promoted = w.bus.of(ev.AdapterPromoted)
     assert [(p.version, p.adapter_id, p.previous_version) for p in promoted] == [(1, f"ad-{root.feedback_id[:8]}-1-1", None)]
     rejected = {e.adapter_id: e.reasons for e in w.bus.of(ev.AdapterRejected)}
@@ -98,7 +100,9 @@ async def test_failures_count_as_outcomes_and_nothing_passing_rejects_all() -> N
     assert reasons[1] == ("self-edit rejected: empty",)
     assert "gain 0.000 < 0.01" in reasons[2]
     assert {c.verdict for c in record.candidates} == {"rejected"}
-    assert w.bus.types() == ["adapter.rejected"] * 3
+    assert w.bus.types() == ["adapter.rejected"] * 3 + ["feedback.decided"]
+    [decided] = w.bus.of(ev.FeedbackDecided)
+    assert (decided.outcome, decided.version, decided.reasons) == ("rejected", None, record.reasons)
     assert await w.state.read(KV_REGISTRY, "active.acme", ActiveAdapter) is None
 
 
@@ -176,7 +180,7 @@ async def test_redelivered_events_publish_nothing_new() -> None:
     for event in events + events:
         await handlers.on_adapter_evaluated(event, w.ledger)
     assert w.bus.types().count("adapter.promoted") == 1
-    assert len(w.bus.events) == len({e.event_id for e in w.bus.events}) == 2
+    assert len(w.bus.events) == len({e.event_id for e in w.bus.events}) == 3  # promoted, rejected, decided
 
 
 async def test_a_crash_before_publishing_republishes_the_same_event_ids() -> None:
@@ -287,7 +291,11 @@ async def test_feedback_rejected_by_the_generator_is_recorded() -> None:
     await handlers.on_feedback_rejected(root.caused(ev.FeedbackRejected, reason="passage is empty of facts"), w.ledger)
     record = await record_of(w, root)
     assert record.state == "rejected" and record.reasons == ("feedback rejected: passage is empty of facts",)
-    assert w.bus.events == []
+    [decided] = w.bus.events  # the product already has the generator's reason; the end goes out once too
+    assert isinstance(decided, ev.FeedbackDecided) and decided.outcome == "rejected"
+    assert decided.reasons == record.reasons and decided.causation_id == root.event_id
+    await handlers.on_feedback_rejected(root.caused(ev.FeedbackRejected, reason="passage is empty of facts"), w.ledger)
+    assert len(w.bus.events) == 1
 
 
 async def test_selfedits_and_training_runs_land_in_the_lineage() -> None:

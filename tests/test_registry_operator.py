@@ -178,6 +178,9 @@ async def test_an_adapter_gone_from_the_store_is_never_made_active(monkeypatch: 
     w = make_world()
     await three_versions(w)
     gone = await w.ledger.version("acme", 1)
+    w.manifests.weightless.add(gone.adapter_id)  # its manifest reads back, its weights are gone
+    with pytest.raises(Refused, match="v1's adapter .* cannot be used .*listed in the manifest but missing"):
+        await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v3 answers badly", "req-1")
     w.manifests.missing.add(gone.adapter_id)
     with pytest.raises(Refused, match="v1's adapter .* cannot be used"):
         await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v3 answers badly", "req-1")

@@ -12,7 +12,7 @@ from services.registry.ports import Ports
 from services.registry.settings import RegistryConfig
 from shared import events as ev
 from shared.registry_view import ScopePolicy
-from shared.store import AdapterManifest, AdapterNotFound
+from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 from shared.subjects import KV_SCOPE_SETTINGS
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -30,8 +30,15 @@ class FakeManifests:
 
     def __init__(self) -> None:
         self.missing: set[str] = set()
+        self.weightless: set[str] = set()  # the manifest reads back, a file it lists is gone
         self.self_edits: dict[str, dict] = {}
         self.reads = 0
+
+    async def usable(self, ref: ev.ManifestRef) -> AdapterManifest:
+        manifest = await self.read(ref)
+        if manifest.adapter_id in self.weightless:
+            raise IntegrityError(f"{ref.uri}/adapter_model.safetensors is listed in the manifest but missing")
+        return manifest
 
     async def read(self, ref: ev.ManifestRef) -> AdapterManifest:
         self.reads += 1

@@ -43,6 +43,11 @@ def test_tampered_file_is_refused(adapter_store: AdapterStore, tmp_path: Path) -
     with pytest.raises(IntegrityError, match="adapter_model.safetensors: sha256"):
         adapter_store.get_adapter(ref, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+    # checked without downloading: the size the manifest gives
+    with pytest.raises(IntegrityError, match="holds 100 bytes, where its manifest says 16384"):
+        adapter_store.read_checked_manifest(ref)
+    assert adapter_store.read_checked_manifest(adapter_store.put_adapter(make_adapter(tmp_path / "ok"), manifest("whole"))).sizes[
+        "adapter_model.safetensors"] == 16384
 
 
 def test_tampered_manifest_is_refused(adapter_store: AdapterStore, tmp_path: Path) -> None:
@@ -58,6 +63,9 @@ def test_missing_file_and_missing_adapter(adapter_store: AdapterStore, tmp_path:
     adapter_store.client.remove_object(bucket, f"{prefix}/adapter_config.json")
     with pytest.raises(IntegrityError, match="missing"):
         adapter_store.get_adapter(ref, tmp_path / "dst")
+    assert adapter_store.read_manifest(ref).adapter_id == "half-gone"  # the manifest alone reads back
+    with pytest.raises(IntegrityError, match="adapter_config.json is listed in the manifest but missing"):
+        adapter_store.read_checked_manifest(ref)
     assert not adapter_store.exists(f"s3://{bucket}/adapters/acme/never-written")
     with pytest.raises(AdapterNotFound):
         adapter_store.read_manifest(f"s3://{bucket}/adapters/acme/never-written")

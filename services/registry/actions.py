@@ -177,7 +177,7 @@ async def _usable(ledger: Ledger, ref: ev.ManifestRef, what: str, instead: str) 
     """Refuse an operator's action that would make an adapter active which does not read back
     intact from the store (gone, or its files not what its manifest says)."""
     try:
-        await ledger.ports.manifests.read(ref)
+        await ledger.ports.manifests.usable(ref)
     except (IntegrityError, AdapterNotFound) as exc:
         raise Refused(f"{what} cannot be used ({exc}); {instead}") from exc
 

@@ -325,8 +325,25 @@ def to_rejected(
         if not cand.decided and cand.index not in rejections:
             rejections[cand.index] = plan.reasons
     record = apply_rejections(record, rejections, by)
-    return record.model_copy(
+    record = record.model_copy(
         update={"state": "rejected", "reasons": plan.reasons, "decided_at": now, "decided_by": by, "chosen": None}
+    )
+    return with_outbox(record, decided_event(record))
+
+
+def decided_event(record: FeedbackRecord) -> ev.FeedbackDecided:
+    """The one event that says how a feedback ended (its record promoted or rejected)."""
+    cand = record.candidate(record.chosen) if record.state == "promoted" and record.chosen is not None else None
+    return ev.FeedbackDecided(
+        event_id=_event_id(record, "feedback.decided"),
+        feedback_id=record.feedback_id,
+        scope=record.scope,
+        causation_id=_cause(record, cand),
+        outcome="promoted" if record.state == "promoted" else "rejected",
+        version=record.version if record.state == "promoted" else None,
+        adapter_id=cand.adapter_id if cand is not None else None,
+        reasons=record.reasons if record.state == "rejected" else (),
+        decided_by=record.decided_by,
     )
 
 
@@ -351,4 +368,4 @@ def to_promoted(
     record = record.with_candidate(cand).model_copy(
         update={"state": "promoted", "version": version, "decided_at": record.decided_at or now, "reasons": ()}
     )
-    return with_outbox(record, event)
+    return with_outbox(record, event, decided_event(record))

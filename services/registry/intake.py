@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from shared import events as ev
 from shared.registry_view import ScopePolicy
 
-from .decision import rejected_event, with_outbox
+from .decision import decided_event, rejected_event, with_outbox
 from .records import Attempt, CandidateRecord, FeedbackRecord, TrainingRun
 
 SUMMARY_CHARS = 240
@@ -106,9 +106,10 @@ def note_feedback_rejected(
         c.model_copy(update={"verdict": "rejected", "reasons": (reason,)}) if not c.decided else c
         for c in record.candidates
     )
-    return record.model_copy(
+    record = record.model_copy(
         update={"state": "rejected", "reasons": (reason,), "decided_at": now, "candidates": candidates}
     )
+    return with_outbox(record, decided_event(record))
 
 
 def _candidate_for(

@@ -305,7 +305,7 @@ class Ledger:
         cand = record.candidate(index)  # type: ignore[arg-type]
         assert cand is not None and cand.adapter is not None
         try:
-            return await self.ports.manifests.read(cand.adapter)
+            return await self.ports.manifests.usable(cand.adapter)
         except (IntegrityError, AdapterNotFound) as exc:
             reason = f"adapter {cand.adapter_id} cannot be used: {exc}"
             log.warning(reason)
@@ -417,8 +417,10 @@ class Ledger:
 
     async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
         sent = set()
-        # The decision first (promoted, held, rebased), then the candidates it rejected.
-        for item in sorted(record.outbox, key=lambda i: i.get("type") == "adapter.rejected"):
+        # The decision first (promoted, held, rebased), then the candidates it rejected, then the
+        # feedback's end (feedback.decided): who waits for that one has seen the rest.
+        order = {"adapter.rejected": 1, "feedback.decided": 2}
+        for item in sorted(record.outbox, key=lambda i: order.get(i.get("type"), 0)):
             await self.ports.publish(ev.parse_event(item))
             sent.add(item["event_id"])
         updated = await self._update(record.scope, record.feedback_id, lambda current: without_published(current, sent))

@@ -18,6 +18,8 @@ from .kv import State
 class Manifests(Protocol):
     async def read(self, ref: ev.ManifestRef) -> AdapterManifest: ...
 
+    async def usable(self, ref: ev.ManifestRef) -> AdapterManifest: ...
+
 
 class StoreManifests:
     """Manifests read from the adapter store (blocking client, run in a thread)."""
@@ -27,6 +29,10 @@ class StoreManifests:
 
     async def read(self, ref: ev.ManifestRef) -> AdapterManifest:
         return await asyncio.to_thread(self.store.read_manifest, ref)
+
+    async def usable(self, ref: ev.ManifestRef) -> AdapterManifest:
+        """The manifest, once every file it lists is in the store at its size (before a version goes live)."""
+        return await asyncio.to_thread(self.store.read_checked_manifest, ref)
 
 
 class NotFound(LookupError):
