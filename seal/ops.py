@@ -25,7 +25,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn, get_args
 from urllib.parse import quote
 
@@ -164,47 +163,6 @@ def operator_body(operator: str | None, reason: str, **extra: Any) -> dict[str, 
 
 
 # ------------------------------------------------------------------- commands
-
-
-def submit(
-    scope: str = ScopeOption,
-    passage: str | None = typer.Option(None, "--passage", help="New knowledge, as text."),
-    file: Path | None = typer.Option(None, "--file", exists=True, dir_okay=False, help="New knowledge, from a file."),
-    title: str | None = typer.Option(None, "--title", help="A short title for the passage (it names the subject in probes)."),
-    probe: list[str] = typer.Option([], "--probe", help="A closed-book check 'question=answer' (repeatable)."),
-    question: str | None = typer.Option(None, "--question", help="Correction: the question answered wrongly."),
-    answer: str | None = typer.Option(None, "--answer", help="Correction: the right answer."),
-    submitted_by: str | None = typer.Option(None, "--by", help="Who submits it (product or person)."),
-    feedback_id: str | None = typer.Option(None, "--feedback-id", help="Your own id, unique across scopes (a retry with it is deduplicated)."),
-    url: str = UrlOption,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the one-line summary."),
-) -> None:
-    """Submit feedback: new knowledge (--passage/--file) or a correction (--question/--answer)."""
-    if question or answer:
-        if not (question and answer):
-            raise typer.BadParameter("a correction needs both --question and --answer")
-        content: dict[str, Any] = {"kind": "correction", "question": question, "right_answer": answer}
-    else:
-        text = file.read_text() if file else passage
-        if not text:
-            raise typer.BadParameter("give --passage, --file, or --question with --answer")
-        probes = []
-        for item in probe:
-            q, sep, a = item.partition("=")
-            if not sep or not q.strip() or not a.strip():
-                raise typer.BadParameter(f"--probe wants 'question=answer', got {item!r}")
-            probes.append({"question": q.strip(), "answer": a.strip()})
-        content = {"kind": "knowledge", "passage": text, "title": title, "probes": probes}
-    body = {"scope": scope, "content": content, "submitted_by": submitted_by or default_operator()}
-    if feedback_id:
-        body["feedback_id"] = feedback_id
-    result = call(url, "POST", "/v1/feedback", body)
-    if as_json:
-        emit_json(result)
-    else:
-        said = "was already submitted (this retry changes nothing)" if result.get("duplicate") else "submitted"
-        console.print(Text(f"feedback {result['feedback_id']} {said} to scope {scope}"))
-        console.print(f"follow it with: seal lineage --feedback {result['feedback_id']}")
 
 
 def scopes(
@@ -416,7 +374,6 @@ def ask(
 
 
 COMMANDS: dict[str, Callable[..., None]] = {
-    "submit": submit,
     "scopes": scopes,
     "versions": versions,
     "lineage": lineage,
@@ -433,7 +390,9 @@ COMMANDS: dict[str, Callable[..., None]] = {
 def register(app: typer.Typer) -> None:
     """Add the operator commands to a typer app (the top-level ``seal``)."""
     from seal.scope_policy import policy_app
+    from seal.submit import submit
 
+    app.command("submit")(submit)
     for name, command in COMMANDS.items():
         app.command(name)(command)
     app.add_typer(policy_app, name="scope-policy")

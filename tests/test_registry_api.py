@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from seal import ops
 from seal.cli import app as seal_app
-from services.registry import handlers, queries
+from services.registry import actions, handlers, queries
 from services.registry.api import build_api
 from services.registry.operations import Operations
 from services.registry.records import Marker
@@ -179,6 +179,33 @@ async def test_cli_actions_reach_the_registry_with_who_and_why(cli, registry) ->
     assert refused.exit_code == 1 and "409" in refused.output
     bad = cli("submit", "-s", "acme", "--probe", "no-equals", "--passage", "x", ok=False)
     assert bad.exit_code != 0
+
+
+async def test_cli_submits_each_kind_and_waits_for_the_outcome(cli, registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    from seal import submit
+
+    w, _, roots, held = registry
+    monkeypatch.setattr(submit, "WAIT_POLL_S", 0.01)
+    cli("submit", "-s", "acme", "--question", "Capital?", "--answer", "Brask", "--wrong-answer", "Lund")
+    cli("submit", "-s", "acme", "--instruction", "Answer in one sentence.", "--example", "Is it up?=Yes, since noon.")
+    corrected, preferred = (e.content for e in w.bus.of(ev.FeedbackSubmitted)[-2:])
+    assert (corrected.kind, corrected.wrong_answer) == ("correction", "Lund")  # type: ignore[union-attr]
+    assert preferred.kind == "preference" and preferred.examples[0].response == "Yes, since noon."  # type: ignore[union-attr]
+    both = cli("submit", "-s", "acme", "--passage", "A fact.", "--question", "Q?", "--answer", "A", ok=False)
+    assert both.exit_code == 2 and "got knowledge and correction" in both.output
+
+    # promoted: a retry of the first root's feedback, which became v1
+    done = cli("submit", "-s", "acme", "--passage", "Fact 0.", "--probe", "When did Quellmoor get its charter?=1387",
+               "--feedback-id", roots[0].feedback_id, "--wait", "5")
+    assert f"feedback {roots[0].feedback_id}: promoted as v1" in " ".join(done.output.split())
+    held_now = cli("submit", "-s", "acme", "--passage", "Held fact.", "--feedback-id", held.feedback_id, "--wait", "5", "--json")
+    assert json.loads(held_now.output)["outcome"]["state"] == "awaiting_approval"
+    await actions.reject(w.ledger, held.feedback_id, "sre", "not this one")
+    rejected = cli("submit", "-s", "acme", "--passage", "Held fact.", "--feedback-id", held.feedback_id, "--wait", "5", ok=False)
+    assert rejected.exit_code == 1 and "rejected: rejected by sre: not this one" in " ".join(rejected.output.split())
+    # never read by the registry (nothing consumes the bus here): undecided when the wait runs out
+    unread = cli("submit", "-s", "acme", "--passage", "Unread.", "--wait", "1", ok=False)
+    assert unread.exit_code == 3 and "not read by the registry yet" in " ".join(unread.output.split())
 
 
 def test_cli_says_clearly_when_the_registry_is_unreachable() -> None:
