@@ -64,6 +64,11 @@ def default_operator() -> str:
 
 
 OperatorOption = typer.Option(None, "--operator", help="Who: default SEAL_OPERATOR or the login name.")
+FeedbackScopeOption = typer.Option(None, "--scope", "-s", help="Its scope, where the id was sent to several.")
+
+
+def _scoped(scope: str | None) -> dict[str, Any] | None:
+    return {"scope": scope} if scope else None
 
 
 # ------------------------------------------------------------------- plumbing
@@ -212,7 +217,7 @@ def versions(
 
 
 def lineage(
-    scope: str | None = typer.Option(None, "--scope", "-s", help="The scope of --version."),
+    scope: str | None = typer.Option(None, "--scope", "-s", help="The scope of --version (or of --feedback, where its id is in several)."),
     version: int | None = typer.Option(None, "--version", "-v", help="Version -> evaluation, training, self-edit, feedback."),
     feedback: str | None = typer.Option(None, "--feedback", "-f", help="Feedback id -> what became of it."),
     url: str = UrlOption,
@@ -220,7 +225,7 @@ def lineage(
 ) -> None:
     """Lineage both ways: from a version back to its feedback, or from a feedback to its fate."""
     if feedback:
-        fate = call(url, "GET", api_path("feedback", feedback))
+        fate = call(url, "GET", api_path("feedback", feedback), params=_scoped(scope))
         if as_json:
             return emit_json(fate)
         return print_fate(fate)
@@ -290,11 +295,12 @@ def approve(
     feedback_id: str = typer.Argument(..., help="The feedback whose held candidate to promote."),
     reason: str = ReasonOption,
     operator: str | None = OperatorOption,
+    scope: str | None = FeedbackScopeOption,
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Approve a held candidate: it becomes the scope's next version (or is rebased first)."""
-    fate = call(url, "POST", api_path("feedback", feedback_id, "approve"), operator_body(operator, reason))
+    fate = call(url, "POST", api_path("feedback", feedback_id, "approve"), operator_body(operator, reason), _scoped(scope))
     emit_json(fate) if as_json else print_fate(fate)
 
 
@@ -302,11 +308,12 @@ def reject(
     feedback_id: str = typer.Argument(..., help="The feedback to reject (held or still in flight)."),
     reason: str = ReasonOption,
     operator: str | None = OperatorOption,
+    scope: str | None = FeedbackScopeOption,
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Reject a feedback's candidates."""
-    fate = call(url, "POST", api_path("feedback", feedback_id, "reject"), operator_body(operator, reason))
+    fate = call(url, "POST", api_path("feedback", feedback_id, "reject"), operator_body(operator, reason), _scoped(scope))
     emit_json(fate) if as_json else print_fate(fate)
 
 

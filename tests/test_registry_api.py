@@ -128,6 +128,9 @@ async def test_cli_listings_have_json_and_tables(cli, registry) -> None:
     assert [s["scope"] for s in json.loads(cli("scopes", "--json").output)] == ["acme"]
     assert "more may follow: seal scopes --after acme" in cli("scopes", "--limit", "1").output
     assert "more may follow" not in cli("scopes").output
+    assert json.loads(cli("lineage", "--feedback", held.feedback_id, "--scope", "acme", "--json").output)["scope"] == "acme"
+    elsewhere = cli("lineage", "--feedback", held.feedback_id, "--scope", "globex", ok=False)
+    assert elsewhere.exit_code == 1 and "in scope 'globex'" in elsewhere.output
     versions = json.loads(cli("versions", "--scope", "acme", "--json").output)
     assert [v["version"] for v in versions] == [1, 2]
     lineage = json.loads(cli("lineage", "--scope", "acme", "--version", "2", "--json").output)

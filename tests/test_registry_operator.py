@@ -167,9 +167,23 @@ async def test_an_id_sent_to_two_scopes_is_never_approved_in_the_wrong_one() -> 
         await w.set_policy(scope, candidates=1, approval="manual")
         await handlers.on_adapter_evaluated(evaluated(feedback(scope, "fb-shared"), 0, 1, reward=0.3), w.ledger)
     assert [r.scope for r in await w.ledger.records_of("fb-shared")] == ["acme", "globex"]
-    with pytest.raises(Refused, match=r"sent to several scopes \(acme, globex\)"):
+    with pytest.raises(Refused, match=r"sent to several scopes \(acme, globex\).*name the scope"):
         await actions.approve(w.ledger, "fb-shared", "sre-carol", "ship it")
     assert w.bus.of(ev.AdapterPromoted) == []
+    # named, each is reachable: read, approved, rejected
+    from services.registry.operations import Operations, OperatorRequest
+    from services.registry.rpc import answer, operations_table
+
+    ops = Operations(lambda: w.ledger, w.bus)
+    assert (await ops.feedback("fb-shared", "globex"))["scope"] == "globex"
+    approved = await ops.approve("fb-shared", OperatorRequest(operator="sre-carol", reason="ship it"), "acme")
+    assert (approved["scope"], approved["state"]) == ("acme", "promoted")
+    rejected = await answer(operations_table(ops)["reject"],
+                            {"feedback_id": "fb-shared", "scope": "globex", "operator": "sre-carol", "reason": "no"})
+    assert rejected["ok"] and rejected["result"]["state"] == "rejected"
+    assert [(p.scope, p.version) for p in w.bus.of(ev.AdapterPromoted)] == [("acme", 1)]
+    with pytest.raises(NotFound, match="in scope 'initech'"):
+        await ops.feedback("fb-shared", "initech")
 
 
 async def test_an_adapter_gone_from_the_store_is_never_made_active(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,10 +42,12 @@ def _operator_action(
     )
 
 
-async def approve(ledger: Ledger, feedback_id: str, operator: str, reason: str) -> FeedbackRecord:
+async def approve(
+    ledger: Ledger, feedback_id: str, operator: str, reason: str, scope: str | None = None
+) -> FeedbackRecord:
     """Promote the candidate a feedback is held with. If the active version moved
     since it was trained, it is rebased (and held again when it comes back)."""
-    record = await ledger.find_record(feedback_id)
+    record = await ledger.find_record(feedback_id, scope)
     if record.state in ("promoting", "promoted") and record.decided_by == operator:
         # This operator's approval went through already: the CLI's retry after a timeout or a
         # 5xx gets the outcome, not a refusal for a change it made itself.
@@ -86,9 +88,11 @@ async def approve(ledger: Ledger, feedback_id: str, operator: str, reason: str) 
     return await ledger.settle(record.scope, feedback_id) or updated
 
 
-async def reject(ledger: Ledger, feedback_id: str, operator: str, reason: str) -> FeedbackRecord:
+async def reject(
+    ledger: Ledger, feedback_id: str, operator: str, reason: str, scope: str | None = None
+) -> FeedbackRecord:
     """Reject a feedback that is held or still in flight, with every candidate it has."""
-    record = await ledger.find_record(feedback_id)
+    record = await ledger.find_record(feedback_id, scope)
     rejectable = ("collecting", "rebasing", "awaiting_approval")
     if record.state == "rejected" and record.decided_by == operator:
         return record  # this operator's rejection went through already (a retried request)

@@ -33,6 +33,8 @@ from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, MAX_SEQUENCE,
 
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
+# Where a product broke the feedback ids' uniqueness: which scope's feedback is meant.
+ScopeQuery = Annotated[str | None, Query(pattern=SCOPE_PATTERN)]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -103,20 +105,20 @@ def registry_router(ops: Operations) -> APIRouter:
         return await ops.feedback_list(scope, state, limit)
 
     @router.get("/feedback/{feedback_id}")
-    async def feedback(feedback_id: FeedbackPath) -> dict[str, Any]:
-        return await ops.feedback(feedback_id)
+    async def feedback(feedback_id: FeedbackPath, scope: ScopeQuery = None) -> dict[str, Any]:
+        return await ops.feedback(feedback_id, scope)
 
     @router.post("/feedback", status_code=202)
     async def submit(body: SubmitFeedback) -> dict[str, Any]:
         return await ops.submit(body)
 
     @router.post("/feedback/{feedback_id}/approve")
-    async def approve(feedback_id: FeedbackPath, body: OperatorRequest) -> dict[str, Any]:
-        return await ops.approve(feedback_id, body)
+    async def approve(feedback_id: FeedbackPath, body: OperatorRequest, scope: ScopeQuery = None) -> dict[str, Any]:
+        return await ops.approve(feedback_id, body, scope)
 
     @router.post("/feedback/{feedback_id}/reject")
-    async def reject(feedback_id: FeedbackPath, body: OperatorRequest) -> dict[str, Any]:
-        return await ops.reject(feedback_id, body)
+    async def reject(feedback_id: FeedbackPath, body: OperatorRequest, scope: ScopeQuery = None) -> dict[str, Any]:
+        return await ops.reject(feedback_id, body, scope)
 
     @router.post("/scopes/{scope}/rollback")
     async def rollback(scope: ScopePath, body: RollbackRequest) -> dict[str, Any]:

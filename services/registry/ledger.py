@@ -102,8 +102,11 @@ class Ledger:
         found = await self.ports.state.entries(KV_REGISTRY, f"feedback.*.{key_token(feedback_id)}", FeedbackRecord)
         return sorted(found.values(), key=lambda r: r.scope)
 
-    async def find_record(self, feedback_id: str) -> FeedbackRecord:
-        found = await self.records_of(feedback_id)
+    async def find_record(self, feedback_id: str, scope: str | None = None) -> FeedbackRecord:
+        """The record of a feedback id; ``scope`` picks one where a product broke the ids' uniqueness."""
+        found = [r for r in await self.records_of(feedback_id) if scope is None or r.scope == scope]
+        if not found and scope is not None:
+            raise NotFound(f"no feedback {feedback_id!r} is known to the registry in scope {scope!r}")
         if not found:
             raise NotFound(f"no feedback {feedback_id!r} is known to the registry: just sent, it may not have "
                            "been read yet (ask again in a few seconds); if it stays unknown, the platform could not "
@@ -112,7 +115,8 @@ class Ledger:
             # Acting on one of them at random could approve or reject the wrong product's feedback.
             scopes = ", ".join(r.scope for r in found)
             raise Refused(f"feedback id {feedback_id!r} was sent to several scopes ({scopes}); feedback ids must be "
-                          "unique across the platform, so the registry cannot tell which one is meant")
+                          "unique across the platform, so the registry cannot tell which one is meant: name the "
+                          "scope (--scope, or ?scope= over HTTP)")
         return found[0]
 
     async def version(self, scope: str, version: int) -> VersionRecord:

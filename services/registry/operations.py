@@ -84,8 +84,8 @@ class Operations:
     async def lineage(self, scope: str, version: int) -> dict[str, Any]:
         return await queries.version_lineage(self.ledger, scope, version)
 
-    async def feedback(self, feedback_id: str) -> dict[str, Any]:
-        return await queries.feedback_fate(self.ledger, feedback_id)
+    async def feedback(self, feedback_id: str, scope: str | None = None) -> dict[str, Any]:
+        return await queries.feedback_fate(self.ledger, feedback_id, scope)
 
     async def feedback_list(
         self, scope: str, state: str | None = None, limit: int = FEEDBACK_LIST_LIMIT
@@ -120,13 +120,13 @@ class Operations:
         await self._publish(event)
         return {"feedback_id": event.feedback_id, "event_id": event.event_id, "scope": event.scope, "duplicate": duplicate}
 
-    async def approve(self, feedback_id: str, body: OperatorRequest) -> dict[str, Any]:
-        await actions.approve(self.ledger, feedback_id, body.operator, body.reason)
-        return await queries.feedback_fate(self.ledger, feedback_id)
+    async def approve(self, feedback_id: str, body: OperatorRequest, scope: str | None = None) -> dict[str, Any]:
+        record = await actions.approve(self.ledger, feedback_id, body.operator, body.reason, scope)
+        return await queries.feedback_fate(self.ledger, feedback_id, record.scope)
 
-    async def reject(self, feedback_id: str, body: OperatorRequest) -> dict[str, Any]:
-        await actions.reject(self.ledger, feedback_id, body.operator, body.reason)
-        return await queries.feedback_fate(self.ledger, feedback_id)
+    async def reject(self, feedback_id: str, body: OperatorRequest, scope: str | None = None) -> dict[str, Any]:
+        record = await actions.reject(self.ledger, feedback_id, body.operator, body.reason, scope)
+        return await queries.feedback_fate(self.ledger, feedback_id, record.scope)
 
     async def rollback(self, scope: str, body: RollbackRequest) -> dict[str, Any]:
         head = await actions.rollback(self.ledger, scope, body.to_version, body.operator, body.reason, body.request_id)

@@ -198,9 +198,9 @@ def feedback_summary(record: FeedbackRecord) -> dict[str, Any]:
     }
 
 
-async def feedback_fate(ledger: Ledger, feedback_id: str) -> dict[str, Any]:
-    """From a feedback id, what became of it: every candidate, its verdict and why."""
-    record = await ledger.find_record(feedback_id)
+async def feedback_fate(ledger: Ledger, feedback_id: str, scope: str | None = None) -> dict[str, Any]:
+    """From a feedback id (in ``scope``, where given), what became of it: every candidate, its verdict and why."""
+    record = await ledger.find_record(feedback_id, scope)
     candidates = []
     for cand in record.candidates:
         kept = await ledger.self_edit(record.scope, feedback_id, cand.index)

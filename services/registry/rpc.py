@@ -5,9 +5,9 @@ or ``{"ok": false, "status": 404|409|413|422|500|503, "error": "..."}``. Every r
 answers in the queue group ``registry``, so one request gets one answer.
 
 Operations: ``scopes`` {after?, limit?}; ``versions`` {scope}; ``lineage`` {scope, version};
-``feedback`` {feedback_id}; ``feedback_list`` {scope, state?, limit?}; ``submit``
+``feedback`` {feedback_id, scope?}; ``feedback_list`` {scope, state?, limit?}; ``submit``
 {scope, content, submitted_by?, feedback_id?}; ``approve`` / ``reject``
-{feedback_id, operator, reason}; ``rollback`` {scope, to_version, operator,
+{feedback_id, operator, reason, scope?}; ``rollback`` {scope, to_version, operator,
 reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
 ``policy_get`` {scope}; ``policy_set`` {scope, changes, operator?, reason?, replace?}; ``ask`` {scope,
 question, max_new_tokens?}; ``dead_letters`` {service?, limit?};
@@ -52,6 +52,10 @@ RPC_MAX_ANSWER_BYTES = 1_000_000
 
 def _scope(args: dict[str, Any]) -> str:
     return _matching(args, "scope", SCOPE_PATTERN)
+
+
+def _optional_scope(args: dict[str, Any]) -> str | None:
+    return _scope(args) if args.get("scope") is not None else None
 
 
 def _id(args: dict[str, Any], name: str) -> str:
@@ -131,11 +135,15 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
         ),
         "versions": lambda a: ops.versions(_scope(a), _limit(a, VERSION_LIST_LIMIT, VERSION_LIST_MAX)),
         "lineage": lambda a: ops.lineage(_scope(a), _int(a, "version")),
-        "feedback": lambda a: ops.feedback(_id(a, "feedback_id")),
+        "feedback": lambda a: ops.feedback(_id(a, "feedback_id"), _optional_scope(a)),
         "feedback_list": lambda a: ops.feedback_list(_scope(a), _state(a), _limit(a, FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX)),
         "submit": lambda a: ops.submit(SubmitFeedback.model_validate(a)),
-        "approve": lambda a: ops.approve(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),
-        "reject": lambda a: ops.reject(_id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id"))),
+        "approve": lambda a: ops.approve(
+            _id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id", "scope")), _optional_scope(a)
+        ),
+        "reject": lambda a: ops.reject(
+            _id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id", "scope")), _optional_scope(a)
+        ),
         "rollback": lambda a: ops.rollback(_scope(a), RollbackRequest.model_validate(_without(a, "scope"))),
         "pin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=True),
         "unpin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=False),
