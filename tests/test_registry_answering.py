@@ -80,3 +80,33 @@ async def test_the_oldest_adapter_leaves_memory_and_disk_and_a_broken_one_leaves
     assert ask._host.names == ["b"] and not (cache / "initech" / "bad").exists()  # type: ignore[union-attr]
     assert not [n for n, _ in ask._base.model.named_modules() if ".bad" in n]  # type: ignore[union-attr]
     assert (await ask.answer("globex", "Which river?", 4))["adapter_id"] == "b"  # still serving
+
+
+async def test_a_burst_of_questions_beyond_the_bound_is_told_to_come_back(tmp_path: Path) -> None:
+    # one model answers one question at a time: a burst queued without bound, each caller timing out
+    import asyncio
+    import threading
+
+    from services.registry.operations import AskRequest, Operations, Unavailable
+    from services.registry.ports import Busy
+
+    asker = ActiveModelAnswerer(ModelSettings(name="tiny", cache_dir=MODEL_CACHE), CopyingStore({}), Heads(),
+                                tmp_path / "cache", max_waiting=2)
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(scope: str, head: object, question: str, max_new_tokens: int) -> dict:
+        entered.set()
+        release.wait(10)
+        return {"answer": question}
+
+    asker._answer = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(asker.answer("acme", "one", None))
+    second = asyncio.create_task(asker.answer("acme", "two", None))
+    await asyncio.to_thread(entered.wait, 10)
+    with pytest.raises(Busy, match="2 questions are being answered or waiting"):
+        await asker.answer("acme", "three", None)
+    with pytest.raises(Unavailable, match="ask again shortly"):  # a 503 over HTTP and RPC
+        await Operations(lambda: None, None, lambda: asker).ask("acme", AskRequest(question="four"))  # type: ignore[arg-type]
+    release.set()
+    assert [(await t)["answer"] for t in (first, second)] == ["one", "two"]
+    assert (await asker.answer("acme", "five", None))["answer"] == "five"

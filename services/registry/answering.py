@@ -27,7 +27,7 @@ from shared.settings import ModelSettings
 from shared.store import AdapterStore
 
 from .ledger import Ledger
-from .ports import Refused
+from .ports import Busy, Refused
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class ActiveModelAnswerer:
         ledger: Ledger,
         cache_dir: Path,
         max_new_tokens: int = 64,
+        max_waiting: int = 16,
     ):
         self.model_settings = model_settings
         self.store = store
@@ -52,6 +53,8 @@ class ActiveModelAnswerer:
         clear_gone_processes(Path(cache_dir).expanduser() / "by-process")
         self.cache_dir = own_folder(Path(cache_dir).expanduser() / "by-process")
         self.max_new_tokens = max_new_tokens
+        self.max_waiting = max_waiting
+        self._waiting = 0  # asks in this process, answering or waiting for the model
         self._lock = asyncio.Lock()
         # The base model is one: a cancelled ask releases the asyncio lock while its thread still
         # generates, so the thread takes this one too (another ask must not swap adapters under it).
@@ -62,9 +65,16 @@ class ActiveModelAnswerer:
         self._loaded: list[tuple[str, Path]] = []  # (adapter id, its files), oldest first
 
     async def answer(self, scope: str, question: str, max_new_tokens: int | None) -> dict[str, Any]:
-        head = await self.ledger.head(scope)
-        async with self._lock:
-            return await asyncio.to_thread(self._answer, scope, head, question, max_new_tokens or self.max_new_tokens)
+        if self._waiting >= self.max_waiting:
+            raise Busy(f"{self._waiting} questions are being answered or waiting for the model already (at most "
+                       f"{self.max_waiting}, registry.ask_max_waiting); ask again shortly")
+        self._waiting += 1
+        try:
+            head = await self.ledger.head(scope)
+            async with self._lock:
+                return await asyncio.to_thread(self._answer, scope, head, question, max_new_tokens or self.max_new_tokens)
+        finally:
+            self._waiting -= 1
 
     def _answer(self, scope: str, head: Any, question: str, max_new_tokens: int) -> dict[str, Any]:
         with self._model_lock:

@@ -119,6 +119,7 @@ class Runtime:
                 self._ledger,
                 self.settings.registry.adapter_cache_dir,
                 self.settings.registry.ask_max_new_tokens,
+                self.settings.registry.ask_max_waiting,
             )
         return self._ledger
 

@@ -16,7 +16,7 @@ from shared.registry_view import ScopePolicy
 
 from . import actions, intake, queries
 from .ledger import Ledger
-from .ports import InvalidRequest, Refused
+from .ports import Busy, InvalidRequest, Refused
 from .records import FEEDBACK_LIST_LIMIT, SCOPE_LIST_LIMIT, VERSION_LIST_LIMIT
 from .redrive import DEAD_LETTER_LIST_LIMIT, DeadLetters
 
@@ -176,4 +176,7 @@ class Operations:
         answerer = self._answerer()
         if answerer is None:
             raise Unavailable("answering is turned off in this registry (registry.ask_enabled)")
-        return await answerer.answer(scope, body.question, body.max_new_tokens)
+        try:
+            return await answerer.answer(scope, body.question, body.max_new_tokens)
+        except Busy as exc:
+            raise Unavailable(str(exc)) from exc

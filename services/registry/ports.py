@@ -43,6 +43,10 @@ class Refused(Exception):
     """An operator action that does not apply to the current state (HTTP 409)."""
 
 
+class Busy(Exception):
+    """Too many questions waiting for the one model: answered 503, to be asked again."""
+
+
 class InvalidRequest(ValueError):
     """A request whose arguments cannot be right, whatever the state (HTTP 422)."""
 

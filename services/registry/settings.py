@@ -25,6 +25,9 @@ class RegistryConfig(BaseModel):
     # `seal ask`: answers from the scope's active adapter over the base model.
     ask_enabled: bool = True
     ask_max_new_tokens: int = Field(default=64, ge=1, le=512)
+    # Questions answered one at a time: beyond this many waiting, an ask is answered 503 at once
+    # (a burst queued without bound, each caller timing out while the model worked for nobody).
+    ask_max_waiting: int = Field(default=16, ge=1, le=1000)
     adapter_cache_dir: Path = Path("~/.cache/seal/registry-adapters")
 
 
