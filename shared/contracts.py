@@ -193,7 +193,10 @@ class TrainingDirectives(Contract):
         "lora_rank": (1, 64),
         "lora_alpha": (1, 128),
         "batch_size": (1, 32),
-        "max_seq_len": (16, 2048),
+        # At least 128 where a model proposes it: its rehearsal examples (34-44 tokens of chat
+        # template and prompt before their answer) and question-answer pairs are cut to this, and
+        # below it they lost their answers, and the rehearsal with them, without a word.
+        "max_seq_len": (128, 2048),
         "adapter_scale": (0.05, 1.0),
     }
     FLOATS: ClassVar[frozenset[str]] = frozenset({"learning_rate", "adapter_scale"})

@@ -184,8 +184,8 @@ class AdapterHost:
         except Exception as exc:
             if name in self.names:
                 self.remove(name)
-            if isinstance(exc, ValueError):
-                raise
+            if isinstance(exc, (ValueError, torch.OutOfMemoryError, OSError)):
+                raise  # the adapter's fault, or (out of memory, the disk) the machine's for now
             raise ValueError(f"the adapter does not load: {exc}") from exc
         self.activate(name, trainable=trainable)
         return self.config(name)

@@ -157,7 +157,11 @@ class AdapterStore:
                 self.bucket, f"{prefix}/{name}", str(path), metadata={"sha256": sums[name]}
             )
         final = manifest.model_copy(update={"files": sums, "sizes": sizes})
-        body = json.dumps(final.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        # UTF-8 as it is (escaped to ASCII, text outside it took up to 12 bytes a character).
+        body = json.dumps(final.model_dump(mode="json"), indent=2, sort_keys=True, ensure_ascii=False).encode()
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"the manifest of {manifest.adapter_id} would be {len(body)} bytes, more than a manifest "
+                             f"may be read back ({MAX_MANIFEST_BYTES})")
         self.client.put_object(
             self.bucket,
             f"{prefix}/{MANIFEST}",

@@ -260,3 +260,20 @@ def test_host_serves_the_base_when_asked_for_no_adapter(tiny_model: LoadedModel)
     host = AdapterSlot(tiny_model)
     with host.serving(None) as lm:
         assert lm is tiny_model
+
+
+def test_running_out_of_device_memory_while_attaching_is_not_the_adapters_fault(
+    tiny_model: LoadedModel, fresh_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # made UnusableAdapter, a good candidate (or, on its parent, every candidate) failed for good
+    import torch
+    from peft import PeftModel
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PeftModel, "load_adapter", full)
+    host = AdapterSlot(tiny_model)
+    with pytest.raises(torch.OutOfMemoryError), host.serving(fresh_adapter):
+        pass
+    assert not [n for n, _ in tiny_model.model.named_modules() if "lora" in n.lower()]  # left clean

@@ -211,7 +211,7 @@ def test_directives_are_read_from_the_last_json_object_and_removed() -> None:
         ({"epochs": 7.6, "target_modules": "everything"}, TrainingDirectives(epochs=8)),
         ({"use_sequences": [2, 0, 2, 9, -1, "x"]}, TrainingDirectives(epochs=2, use_sequences=(2, 0))),
         ({"use_sequences": [9]}, TrainingDirectives(epochs=2)),
-        ({"seed": 99, "max_seq_len": 1}, TrainingDirectives(epochs=2, max_seq_len=16)),
+        ({"seed": 99, "max_seq_len": 1}, TrainingDirectives(epochs=2, max_seq_len=128)),
     ],
 )
 def test_directives_are_always_clamped_to_safe_bounds(proposed: dict | None, expected: TrainingDirectives) -> None:

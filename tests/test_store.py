@@ -69,3 +69,14 @@ def test_missing_file_and_missing_adapter(adapter_store: AdapterStore, tmp_path:
     assert not adapter_store.exists(f"s3://{bucket}/adapters/acme/never-written")
     with pytest.raises(AdapterNotFound):
         adapter_store.read_manifest(f"s3://{bucket}/adapters/acme/never-written")
+
+
+def test_a_manifest_is_stored_as_utf_8_and_one_too_large_to_read_back_is_refused(adapter_store: AdapterStore, tmp_path: Path) -> None:
+    src = make_adapter(tmp_path / "src")
+    ref = adapter_store.put_adapter(src, manifest("utf8").model_copy(update={"training": {"note": "漢字"}}))
+    body = adapter_store.manifest_bytes(ref.uri)
+    assert "漢字".encode() in body and b"\\u" not in body  # 3 bytes a character, not 6
+    assert adapter_store.read_manifest(ref).training["note"] == "漢字"
+    huge = manifest("huge").model_copy(update={"training": {"lineage": ["x" * (17 << 20)]}})
+    with pytest.raises(ValueError, match="more than a manifest may be read back"):
+        adapter_store.put_adapter(src, huge)

@@ -160,3 +160,17 @@ def test_a_recorded_lineage_keeps_what_replay_uses_and_stays_within_its_bound() 
     # More updates than the bound: the oldest keep none; no bound, nothing kept.
     assert [len(g) for g in bounded_lineage([["a"], ["b"], ["c"]], limit=2)] == [0, 1, 1]
     assert bounded_lineage([["a"]], limit=0) == [[]]
+
+
+def test_a_recorded_lineage_stays_within_what_a_manifest_can_hold_in_characters() -> None:
+    # 30 updates of 64 sequences of 1,500 characters outside ASCII made a 17 MB manifest: it no
+    # longer read back, and every later update of the scope failed
+    from services.trainer.handlers import MAX_LINEAGE_CHARS, recorded_lineage
+
+    groups = [{"adapter_id": f"a{u}", "feedback_id": f"f{u}", "sequences": [f"{u}-{i} " + "漢" * 1500 for i in range(64)]}
+              for u in range(30)]
+    kept = recorded_lineage(groups, limit=4096)
+    assert sum(len(s) for g in kept for s in g["sequences"]) <= MAX_LINEAGE_CHARS
+    assert [g["adapter_id"] for g in kept] == [f"a{u}" for u in range(30)] and all(g["sequences"] for g in kept)
+    small = [{"adapter_id": "a", "feedback_id": "f", "sequences": ["short"] * 10}]
+    assert recorded_lineage(small, limit=4096) == small

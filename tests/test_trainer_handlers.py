@@ -226,6 +226,23 @@ async def test_a_continuing_update_replays_every_earlier_update_of_its_lineage(p
     assert ports.trainer.last_job.replay == (SEQUENCES, (later[1],))
 
 
+async def test_a_correction_asked_again_stops_the_old_answer_replaying(ports) -> None:
+    # F1 taught "Answer: 7740", F2 corrects it to 7741: replaying F1's pair in F2's training, and in
+    # every later one, taught both answers side by side (the evaluator takes the newest as right)
+    old = ("Question: Which port does the relay use?\nAnswer: 7740", "Question: Who keeps the relay?\nAnswer: Brask")
+    [first] = await handlers.train_self_edit(self_edit_event(sequences=old, completion="\n".join(old)), ports)
+    activate(ports, "acme", first)
+    new = ("Question: which port does the relay use\nAnswer: 7741",)
+    [second] = await handlers.train_self_edit(self_edit_event(sequences=new, completion=new[0]), ports)
+    assert ports.trainer.last_job.replay == ((old[1],),)
+    _, manifest = ports.store.stored(second.adapter.uri)
+    assert [g["sequences"] for g in manifest.training["lineage"]] == [[old[1]], list(new)]
+    activate(ports, "acme", second, version=2)
+    later = ("the relay was painted white",)
+    await handlers.train_self_edit(self_edit_event(sequences=later, completion=later[0]), ports)
+    assert ports.trainer.last_job.replay == ((old[1],), new)
+
+
 async def test_a_manifest_records_the_lineage_within_its_bound(ports) -> None:
     ports.lineage_limit = 4
     [first] = await handlers.train_self_edit(self_edit_event(), ports)

@@ -168,6 +168,9 @@ class AdapterSlot:
         config.inference_mode = True
         try:
             peft_model = PeftModel(self.lm.model, config, adapter_name=ADAPTER_NAME)
+        except torch.OutOfMemoryError:
+            self._check_clean()
+            raise  # transient: the device is full now
         except Exception as exc:  # noqa: BLE001 - e.g. target modules the base does not have
             self._check_clean()
             raise UnusableAdapter(f"adapter does not fit the base model: {exc}") from exc
@@ -181,6 +184,9 @@ class AdapterSlot:
         except UnusableAdapter:
             self._detach(peft_model)
             raise
+        except (torch.OutOfMemoryError, OSError):
+            self._detach(peft_model)
+            raise  # the device or the disk, for now: transient, not the adapter's fault
         except Exception as exc:  # noqa: BLE001 - size mismatches and the like
             self._detach(peft_model)
             raise UnusableAdapter(f"adapter weights do not fit the base model: {exc}") from exc

@@ -37,6 +37,8 @@ from typing import TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from shared.answers import normalize_answer
+
 IGNORE = -100
 
 T = TypeVar("T")
@@ -282,6 +284,19 @@ def replayed_sequences(sequences: Sequence[str]) -> list[str]:
     """What replay uses of one update: its question-answer pairs where it has any, else all of it."""
     pairs = [s for s in sequences if QUESTION_ANSWER.match(s)]
     return pairs or list(sequences)
+
+
+def without_superseded(groups: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Each group (oldest first) without the question-answer pairs a newer group asks again: a
+    correction's new answer replaces the old one, which replay would otherwise go on teaching
+    next to it in every later update (the evaluator already takes the newest answer as right)."""
+    asked: set[str] = set()
+    kept: list[list[str]] = []
+    for group in reversed(groups):
+        mine = [s for s in group if not ((m := QUESTION_ANSWER.match(s)) and normalize_answer(m["question"]) in asked)]
+        asked |= {normalize_answer(m["question"]) for s in group if (m := QUESTION_ANSWER.match(s))}
+        kept.append(mine)
+    return kept[::-1]
 
 
 def bounded_lineage(groups: Sequence[Sequence[str]], limit: int) -> list[list[str]]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.trainer.examples import bounded_lineage, selected_sequences, split_question_answers
+from services.trainer.examples import bounded_lineage, selected_sequences, split_question_answers, without_superseded
 from services.trainer.lora_training import TrainedAdapter, TrainingJob, TrainingRejected
 from services.trainer.ports import AdapterStorage, ParentCache, ParentLedger, RegistryReader
 from services.trainer.settings import LINEAGE_LIMIT, REPLAY_PER_EPOCH
@@ -141,6 +141,9 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
     try:
         parent_dir, parent_manifest = await _parent_adapter(ports, parent)
         earlier = lineage(parent_manifest)
+        # What this update asks again, an earlier one no longer teaches (a correction's old answer).
+        current = without_superseded([*(g["sequences"] for g in earlier), list(texts)])[:-1]
+        earlier = [{**g, "sequences": sequences} for g, sequences in zip(earlier, current)]
         plain, pairs = split_question_answers(texts)
         job = TrainingJob(
             adapter_id, self_edit.directives, texts=plain, pairs=pairs, parent_dir=parent_dir, rehearse=True,
@@ -175,10 +178,20 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
     return [trained(ref, stored.metrics.get("final_loss"), stored.metrics.get("seconds"), stored.trace_id)]
 
 
+# The characters a recorded lineage holds at most: its manifest must read back (MAX_MANIFEST_BYTES,
+# 16 MiB, 4 bytes a character at worst). Counted in sequences alone, a scope whose updates were long
+# texts outside ASCII outgrew it, and every later update of the scope failed.
+MAX_LINEAGE_CHARS = 2_000_000
+
+
 def recorded_lineage(groups: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """The lineage as a manifest records it: every update's ids, and what replay uses of its
-    sequences, within ``limit`` sequences in all (:func:`examples.bounded_lineage`)."""
+    sequences, within ``limit`` sequences in all (:func:`examples.bounded_lineage`) and within
+    MAX_LINEAGE_CHARS characters (a smaller sequence bound, as many times as needed)."""
     kept = bounded_lineage([g["sequences"] for g in groups], limit)
+    while sum(len(s) for g in kept for s in g) > MAX_LINEAGE_CHARS and limit > 0:
+        limit = min(limit, sum(len(g) for g in kept)) * 3 // 4
+        kept = bounded_lineage([g["sequences"] for g in groups], limit)
     return [{**g, "sequences": sequences} for g, sequences in zip(groups, kept)]
 
 
