@@ -108,7 +108,7 @@ def submit(
         return
     if not as_json:
         console.print(Text(f"feedback {result['feedback_id']} submitted to scope {scope}; waiting up to {wait:g} s for its outcome"))
-    fate = wait_for_outcome(url, result["feedback_id"], wait)
+    fate = wait_for_outcome(url, result["feedback_id"], wait, scope)
     if as_json:
         emit_json({**result, "outcome": fate})
     else:
@@ -120,7 +120,7 @@ def submit(
         raise typer.Exit(EXIT_UNDECIDED)
 
 
-def wait_for_outcome(url: str, feedback_id: str, seconds: float) -> dict[str, Any] | None:
+def wait_for_outcome(url: str, feedback_id: str, seconds: float, scope: str | None = None) -> dict[str, Any] | None:
     """The feedback's fate once it is promoted, rejected or held for approval; else the last one
     seen when ``seconds`` ran out (None: the registry had not read it yet)."""
     deadline = time.monotonic() + seconds
@@ -128,7 +128,7 @@ def wait_for_outcome(url: str, feedback_id: str, seconds: float) -> dict[str, An
     while True:
         try:
             with ops.client_factory(url) as client:  # looked up at the call: tests swap it
-                response = client.get(api_path("feedback", feedback_id))
+                response = client.get(api_path("feedback", feedback_id), params={"scope": scope} if scope else None)
         except httpx.HTTPError as exc:
             _no_answer(url, exc)
         if response.status_code != 404:  # 404: not read yet

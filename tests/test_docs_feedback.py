@@ -39,4 +39,4 @@ def test_the_limits_it_states_are_the_schemas() -> None:
     from shared.subjects import FEEDBACK_SUBMITTED, STREAMS
 
     assert f"`{FEEDBACK_SUBMITTED}`" in text
-    assert STREAMS[0].duplicate_window.total_seconds() == 600 and "duplicate window (10 minutes)" in text
+    assert STREAMS[0].duplicate_window.total_seconds() == 600 and "duplicate window (10\nminutes)" in text

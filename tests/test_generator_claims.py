@@ -113,3 +113,31 @@ async def test_a_long_writing_renews_its_claim() -> None:
     assert held is not None and held.status == "writing" and held.writer == feedback.event_id
     release.set()
     assert not (await writing).duplicate
+
+
+async def test_two_messages_of_one_feedback_under_one_event_id_are_still_written_once() -> None:
+    """A product published the same feedback twice without an event id: both messages carry the
+    derived one. Each message is told apart by its stream sequence, so the second does not take
+    the first one's claim for its own and write beside it."""
+    import threading
+
+    release, started = threading.Event(), []
+
+    class SlowWriter(ScriptedWriter):
+        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
+            started.append(seed)
+            release.wait(10)
+            return super().write(prompts, seed=seed, adapter=adapter)
+
+    ports, published = make_ports(writer=SlowWriter())
+    config = GeneratorConfig(claim_poll_s=0.01)
+    feedback = knowledge()
+    first = asyncio.create_task(handle_feedback(payload(feedback), ports, config, delivery="41"))
+    await asyncio.sleep(0.2)
+    second = asyncio.create_task(handle_feedback(payload(feedback), ports, config, delivery="42"))
+    await asyncio.sleep(0.2)
+    assert len(started) == 1 and not second.done()  # waiting, not writing
+    release.set()
+    wrote, waited = await asyncio.gather(first, second)
+    assert len(started) == 1 and not wrote.duplicate and waited.duplicate
+    assert len(published) == len(wrote.events)

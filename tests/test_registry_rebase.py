@@ -233,3 +233,32 @@ async def test_a_rollback_during_a_promotion_leaves_the_regression_set_of_the_ac
     assert rolled and (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
     accepted = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
     assert accepted is not None and {fid for fid, _ in accepted.probes} == {roots[0].feedback_id}
+
+
+async def test_a_promotion_that_sees_a_newer_head_without_its_record_keeps_the_regression_set() -> None:
+    # Another promotion moved the head to v4 and had not written v4's record yet: rebuilt from a
+    # chain that did not exist, the set was written empty, and earlier feedback went unguarded.
+    from services.registry.records import head_key
+    from shared.registry_view import AcceptedProbes
+
+    w = make_world()
+    await w.set_policy("acme", candidates=1)
+    roots = [feedback(passage=f"Fact {i}.") for i in range(3)]
+    for i, root in enumerate(roots[:2]):
+        await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2, parent_version=i or None), w.ledger)
+    moved = []
+
+    async def another_replica_moves_on(bucket: str, key: str) -> None:
+        if key == "probes.acme" and not moved:
+            moved.append(True)
+            await w.state.compare_and_set(
+                KV_REGISTRY, head_key("acme"), ScopeHead,
+                lambda h: h.model_copy(update={"version": 4, "latest_version": 4, "adapter_id": "ad-v4"}),
+            )
+
+    w.state.before_write = another_replica_moves_on
+    await handlers.on_adapter_evaluated(evaluated(roots[2], 0, 1, reward=0.2, parent_version=2), w.ledger)
+    w.state.before_write = None
+    assert moved
+    accepted = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
+    assert accepted is not None and {fid for fid, _ in accepted.probes} == {r.feedback_id for r in roots}

@@ -73,7 +73,7 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
         if runtime.ports is None:
             raise RuntimeError("the generator is not started yet")
         async with kept_in_progress(message, heartbeat_s):
-            outcome = await handle_feedback(message.body, runtime.ports, settings.generator)
+            outcome = await handle_feedback(message.body, runtime.ports, settings.generator, _stream_sequence(message))
         log.info(
             "feedback %s: %d self-edits generated, %d rejected%s",
             outcome.feedback_id, outcome.generated, outcome.rejected, " (duplicate)" if outcome.duplicate else "",
@@ -110,6 +110,15 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
             await runtime.nc.close()
 
     return service_app(broker, ready=runtime.ready, on_startup=[start], on_shutdown=[stop], after_shutdown=[close])
+
+
+def _stream_sequence(message: NatsMessage) -> str | None:
+    """The message's place in its stream: the same on every redelivery of it, another for the same
+    feedback published again (None where the broker gives none, as its test double)."""
+    try:
+        return str(message.raw_message.metadata.sequence.stream)
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return None
 
 
 def _fetcher(store: AdapterStore) -> Any:

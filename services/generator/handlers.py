@@ -94,7 +94,12 @@ class Outcome:
         return sum(isinstance(e, (SelfEditRejected, FeedbackRejected)) for e in self.events)
 
 
-async def handle_feedback(payload: bytes | str | dict[str, Any], ports: GeneratorPorts, config: GeneratorConfig) -> Outcome:
+async def handle_feedback(
+    payload: bytes | str | dict[str, Any], ports: GeneratorPorts, config: GeneratorConfig, delivery: str | None = None
+) -> Outcome:
+    """``delivery``: what tells this message from another message of the same feedback (its stream
+    sequence), so that two messages of one feedback id (a product that published it twice) never
+    take one claim as their own; redeliveries of one message share it. Default: the event id."""
     try:
         feedback = parse_feedback(payload)
     except MalformedFeedback as exc:
@@ -102,16 +107,17 @@ async def handle_feedback(payload: bytes | str | dict[str, Any], ports: Generato
             await ports.publish(exc.rejection)
         raise PermanentFailure(f"malformed feedback: {exc.reason}") from None
     token = mark_lineage(feedback.feedback_id, feedback.scope)
+    writer = f"{feedback.event_id}@{delivery}" if delivery else feedback.event_id
     try:
-        return await _handle_once(feedback, ports, config)
+        return await _handle_once(feedback, ports, config, writer)
     finally:
         context.detach(token)  # type: ignore[arg-type]
 
 
-async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> Outcome:
+async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig, writer: str) -> Outcome:
     entry = await ports.ledger.recall(feedback.scope, feedback.feedback_id)
     if entry is None or entry.status == "writing":
-        entry = await _claim(feedback, ports, config)
+        entry = await _claim(feedback, ports, config, writer)
     if entry is not None and entry.status == "done":
         log.info("feedback %s was already handled (%d events); nothing to do", feedback.feedback_id, len(entry.event_ids))
         return Outcome(feedback.feedback_id, (), duplicate=True)
@@ -119,7 +125,7 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
         log.info("feedback %s was handled but maybe not published; republishing its events", feedback.feedback_id)
         events = list(entry.events)
     else:
-        keeping = asyncio.create_task(_keep_claim(feedback, ports, config), name="claim-beat")
+        keeping = asyncio.create_task(_keep_claim(feedback, ports, config, writer), name="claim-beat")
         try:
             events = await write_self_edits(feedback, ports, config)
         except BaseException:
@@ -127,7 +133,7 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
             # must not wait until the claim goes stale; on one replica it would hold the only slot.
             keeping.cancel()
             with contextlib.suppress(Exception):
-                await ports.ledger.release(feedback.scope, feedback.feedback_id, feedback.event_id)
+                await ports.ledger.release(feedback.scope, feedback.feedback_id, writer)
             raise
         keeping.cancel()
         await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.pending(events))
@@ -141,7 +147,7 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
     return outcome
 
 
-async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> LedgerEntry | None:
+async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig, writer: str) -> LedgerEntry | None:
     """Wait while another delivery of this feedback writes it (a product that published it again,
     under a new event id, taken by another replica): two writings would be two sets of candidates
     under different ids. None: this delivery writes; else what the other one wrote."""
@@ -154,7 +160,7 @@ async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: Gen
 
     while True:
         check()
-        standing = await ports.ledger.claim(feedback.scope, feedback.feedback_id, feedback.event_id, config.claim_stale_s)
+        standing = await ports.ledger.claim(feedback.scope, feedback.feedback_id, writer, config.claim_stale_s)
         if standing is None or standing.status != "writing":
             return standing
         if not waited:
@@ -168,13 +174,13 @@ async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: Gen
             waited_s += step
 
 
-async def _keep_claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> None:
+async def _keep_claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig, writer: str) -> None:
     """Renew this delivery's claim while it writes (a third of ``claim_stale_s`` apart), so that
     a long writing is not taken for a dead one."""
     while True:
         await asyncio.sleep(config.claim_stale_s / 3)
         try:
-            await ports.ledger.claim(feedback.scope, feedback.feedback_id, feedback.event_id, config.claim_stale_s)
+            await ports.ledger.claim(feedback.scope, feedback.feedback_id, writer, config.claim_stale_s)
         except Exception as exc:  # noqa: BLE001 - a missed renewal only risks a second writing
             log.warning("could not renew the claim on feedback %s: %s", feedback.feedback_id, exc)
 

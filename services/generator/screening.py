@@ -105,7 +105,13 @@ def as_read(text: str) -> str:
     """``text`` as a reader (or a tokenizer's normalizer) takes it: compatibility forms folded
     (NFKC: full-width letters and signs to their plain forms), invisible format characters
     (zero-width spaces and joiners, soft hyphens, direction marks) removed."""
-    return "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
+    folded = unicodedata.normalize("NFKC", text).translate(BLANK_LETTERS)
+    return "".join(c for c in folded if unicodedata.category(c) != "Cf")
+
+
+# Letters by category that show as blank space (Hangul fillers): read as spaces, so that
+# "Ignore\u3164all\u3164previous\u3164instructions" is read as words, and a passage of them as empty.
+BLANK_LETTERS = str.maketrans({c: " " for c in "\u115f\u1160\u3164\uffa0"})
 
 
 def feedback_texts(content: KnowledgeFeedback | CorrectionFeedback | PreferenceFeedback) -> list[str]:

@@ -61,7 +61,7 @@ async def approve(
     assert chosen is not None and chosen.adapter is not None
     await _usable(ledger, chosen.adapter, f"the held candidate's adapter {chosen.adapter_id}", "reject this feedback")
     audit = _operator_action(
-        (feedback_id, chosen.index, chosen.attempt, chosen.adapter_id),
+        (record.scope, feedback_id, chosen.index, chosen.attempt, chosen.adapter_id),
         feedback_id,
         record.scope,
         "approve",
@@ -99,7 +99,7 @@ async def reject(
     if record.state not in rejectable:
         raise Refused(f"feedback {feedback_id} is {record.state}; only held or undecided feedback can be rejected")
     audit = _operator_action(
-        (feedback_id, record.state), feedback_id, record.scope, "reject", operator, reason
+        (record.scope, feedback_id, record.state), feedback_id, record.scope, "reject", operator, reason
     )
     plan = dc.Plan("reject", reasons=(f"rejected by {operator}: {reason}",))
     now = ledger.ports.clock()

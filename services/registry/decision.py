@@ -184,7 +184,9 @@ def plan_decision(
 
 
 def _event_id(record: FeedbackRecord, *parts: object) -> str:
-    return ev.derived_id(record.feedback_id, *parts)
+    # The scope too: a bus publisher may reuse a feedback id in two scopes, and the second scope's
+    # events, under the first's ids, were dropped by JetStream as duplicates.
+    return ev.derived_id(record.scope, record.feedback_id, *parts)
 
 
 def _cause(record: FeedbackRecord, cand: CandidateRecord | None = None) -> str | None:

@@ -414,6 +414,12 @@ class Ledger:
                 break
             chain.append(found)
             number = found.parent_version
+        if not chain:
+            # The head's version record is not written yet (its promotion moves the head first, then
+            # writes it, then adds its probes): nothing to rebuild from, and an empty set written
+            # over the scope's would leave its earlier feedback unguarded.
+            log.info("probes of %s not rebuilt: v%d has no version record yet", scope, version)
+            return
         rebuilt = pr.chain_probes(chain, scope, self.config.max_accepted_probes)
         await self.ports.state.compare_and_set(
             KV_REGISTRY, probes_key(scope), AcceptedProbes, lambda cur: None if cur == rebuilt else rebuilt
