@@ -277,3 +277,19 @@ def test_running_out_of_device_memory_while_attaching_is_not_the_adapters_fault(
     with pytest.raises(torch.OutOfMemoryError), host.serving(fresh_adapter):
         pass
     assert not [n for n, _ in tiny_model.model.named_modules() if "lora" in n.lower()]  # left clean
+
+
+def test_without_a_weights_digest_on_both_sides_the_base_models_names_must_agree(tmp_path: Path) -> None:
+    # a hub model has no digest here: an adapter of another checkpoint with the same shapes loaded without a word
+    from services.evaluator.adapters import fetch_adapter
+    from shared.store import AdapterManifest
+
+    class Source:
+        def get_adapter(self, ref: object, dest: Path, max_bytes: int | None = None) -> AdapterManifest:
+            return AdapterManifest(adapter_id="a", scope="acme", base_model="HuggingFaceTB/SmolLM2-360M-Instruct")
+
+    ref = ev.ManifestRef(uri="s3://b/adapters/acme/a", manifest_sha256="0" * 64)
+    with pytest.raises(UnusableAdapter, match="trained on base HuggingFaceTB/SmolLM2-360M-Instruct, this evaluator serves "
+                                              "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        fetch_adapter(Source(), ref, tmp_path / "a", adapter_id="a", base_sha256=None, scope="acme",
+                      base_model="HuggingFaceTB/SmolLM2-135M-Instruct")

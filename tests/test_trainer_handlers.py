@@ -397,3 +397,14 @@ def test_one_parent_fetched_by_two_jobs_at_once_is_downloaded_once(tmp_path: Pat
         second = pool.submit(cache.fetch, ref)
         assert first.result()[0] == second.result()[0] == tmp_path / "parents" / ("a" * 64)
     assert calls == [ref.uri]
+
+
+async def test_a_parent_of_another_base_is_refused_by_name_where_no_digest_compares(ports, monkeypatch) -> None:
+    # a hub model has no weights digest: an adapter of another checkpoint of the same shapes loaded without a word
+    [first] = await handlers.train_self_edit(self_edit_event(), ports)
+    activate(ports, "acme", first)
+    monkeypatch.setattr(type(ports.trainer), "base_model_sha256", property(lambda self: None))
+    monkeypatch.setattr(type(ports.trainer), "base_model", property(lambda self: "HuggingFaceTB/SmolLM2-360M-Instruct"))
+    [failed] = await handlers.train_self_edit(self_edit_event(), ports)
+    assert isinstance(failed, ev.AdapterTrainingFailed)
+    assert "this trainer runs HuggingFaceTB/SmolLM2-360M-Instruct (no weights digest on both sides" in failed.reason

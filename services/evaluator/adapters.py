@@ -63,6 +63,7 @@ def fetch_adapter(
     base_sha256: str | None,
     scope: str | None = None,
     max_bytes: int | None = None,
+    base_model: str | None = None,
 ) -> AdapterManifest:
     """Download and verify an adapter into ``dest``; UnusableAdapter if it must not be used.
 
@@ -83,6 +84,10 @@ def fetch_adapter(
             f"adapter was trained on base weights {manifest.base_model_sha256[:12]}..., "
             f"this evaluator serves {base_sha256[:12]}..."
         )
+    if not (base_sha256 and manifest.base_model_sha256) and base_model and manifest.base_model != base_model:
+        # A hub model has no weights digest here: then the names must agree.
+        raise UnusableAdapter(f"adapter was trained on base {manifest.base_model}, this evaluator serves {base_model} "
+                              "(no weights digest on both sides to compare)")
     check_adapter_files(dest)
     return manifest
 

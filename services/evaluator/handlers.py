@@ -151,6 +151,7 @@ def _evaluate(
                 base_sha256=ports.base_sha256,
                 scope=event.scope,
                 max_bytes=ports.max_adapter_bytes,
+                base_model=ports.model_name,
             )
         except UnusableAdapter as exc:
             return [_failed(event, f"candidate adapter {event.adapter_id}: {exc}")]
@@ -224,7 +225,7 @@ def _parent(event: AdapterTrained, ref: ManifestRef | None, dest: Path, ports: E
     def fetch() -> Path:
         fetch_adapter(
             ports.adapters, ref, dest, adapter_id=event.parent_adapter_id, base_sha256=ports.base_sha256,
-            scope=event.scope, max_bytes=ports.max_adapter_bytes,
+            scope=event.scope, max_bytes=ports.max_adapter_bytes, base_model=ports.model_name,
         )
         return dest
 

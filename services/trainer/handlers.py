@@ -302,6 +302,13 @@ async def _parent_adapter(ports: TrainerPorts, parent: Parent | None) -> tuple[P
             f"parent adapter {parent.adapter_id} was trained on base {manifest.base_model} "
             f"({manifest.base_model_sha256[:12]}...), this trainer runs {ports.trainer.base_model} ({ours[:12]}...)"
         )
+    if not (manifest.base_model_sha256 and ours) and manifest.base_model != ports.trainer.base_model:
+        # A hub model has no weights digest here: then the names must agree (an adapter of another
+        # checkpoint of the same shapes loaded without a word).
+        raise TrainingRejected(
+            f"parent adapter {parent.adapter_id} was trained on base {manifest.base_model}, this trainer runs "
+            f"{ports.trainer.base_model} (no weights digest on both sides to compare)"
+        )
     return directory, manifest
 
 
