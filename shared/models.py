@@ -108,6 +108,19 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     return LoadedModel(model, tokenizer, settings.name, path, sha, device)
 
 
+def other_base(trained_on: str, trained_sha256: str | None, ours: str, our_sha256: str | None) -> str | None:
+    """Why an adapter trained on base ``trained_on`` must not be used on ours, or None when it may:
+    the weights' digests where both sides have one, else the models' names (a hub model has no
+    digest here, and an adapter of another checkpoint of the same shapes loaded without a word)."""
+    if trained_sha256 and our_sha256:
+        if trained_sha256 != our_sha256:
+            return f"trained on base {trained_on} ({trained_sha256[:12]}...), this one is {ours} ({our_sha256[:12]}...)"
+        return None
+    if trained_on != ours:
+        return f"trained on base {trained_on}, this one is {ours} (no weights digest on both sides to compare)"
+    return None
+
+
 def model_path(name: str, cache_dir: Path) -> Path | None:
     """The local directory for a model name, building it if needed; None for hub ids."""
     if name == DEFAULT_MODEL:

@@ -116,7 +116,7 @@ async def test_adapter_for_another_base_is_failed(
 ) -> None:
     ref = put(store, fresh_adapter, "elsewhere", "f" * 64)
     reason = await failure_of(ports, adapter_trained(ref, scope=SCOPE, adapter_id="elsewhere", probes=PROBES))
-    assert "trained on base weights ffffffffffff" in reason
+    assert "trained on base tiny (ffffffffffff..." in reason
 
 
 async def test_manifest_of_another_adapter_is_failed(
@@ -289,7 +289,7 @@ def test_without_a_weights_digest_on_both_sides_the_base_models_names_must_agree
             return AdapterManifest(adapter_id="a", scope="acme", base_model="HuggingFaceTB/SmolLM2-360M-Instruct")
 
     ref = ev.ManifestRef(uri="s3://b/adapters/acme/a", manifest_sha256="0" * 64)
-    with pytest.raises(UnusableAdapter, match="trained on base HuggingFaceTB/SmolLM2-360M-Instruct, this evaluator serves "
+    with pytest.raises(UnusableAdapter, match="trained on base HuggingFaceTB/SmolLM2-360M-Instruct, this one is "
                                               "HuggingFaceTB/SmolLM2-135M-Instruct"):
         fetch_adapter(Source(), ref, tmp_path / "a", adapter_id="a", base_sha256=None, scope="acme",
                       base_model="HuggingFaceTB/SmolLM2-135M-Instruct")

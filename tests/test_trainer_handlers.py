@@ -407,4 +407,4 @@ async def test_a_parent_of_another_base_is_refused_by_name_where_no_digest_compa
     monkeypatch.setattr(type(ports.trainer), "base_model", property(lambda self: "HuggingFaceTB/SmolLM2-360M-Instruct"))
     [failed] = await handlers.train_self_edit(self_edit_event(), ports)
     assert isinstance(failed, ev.AdapterTrainingFailed)
-    assert "this trainer runs HuggingFaceTB/SmolLM2-360M-Instruct (no weights digest on both sides" in failed.reason
+    assert "this one is HuggingFaceTB/SmolLM2-360M-Instruct (no weights digest on both sides" in failed.reason

@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 
 from shared.events import ManifestRef
 from shared.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_lora_config
-from shared.models import LoadedModel
+from shared.models import LoadedModel, other_base
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,8 @@ def fetch_adapter(
         raise UnusableAdapter(f"manifest at {ref.uri} is for adapter {manifest.adapter_id}, not {adapter_id}")
     if scope is not None and manifest.scope != scope:
         raise UnusableAdapter(f"manifest at {ref.uri} is of scope {manifest.scope!r}, not {scope!r}")
-    if base_sha256 and manifest.base_model_sha256 and manifest.base_model_sha256 != base_sha256:
-        raise UnusableAdapter(
-            f"adapter was trained on base weights {manifest.base_model_sha256[:12]}..., "
-            f"this evaluator serves {base_sha256[:12]}..."
-        )
-    if not (base_sha256 and manifest.base_model_sha256) and base_model and manifest.base_model != base_model:
-        # A hub model has no weights digest here: then the names must agree.
-        raise UnusableAdapter(f"adapter was trained on base {manifest.base_model}, this evaluator serves {base_model} "
-                              "(no weights digest on both sides to compare)")
+    if why := other_base(manifest.base_model, manifest.base_model_sha256, base_model or manifest.base_model, base_sha256):
+        raise UnusableAdapter(f"adapter was {why}")
     check_adapter_files(dest)
     return manifest
 

@@ -28,7 +28,7 @@ from services.generator.prompts import Prompt
 from services.generator.settings import GeneratorConfig
 from shared.generation import chat_prompt, generate
 from shared.lora import check_lora_config
-from shared.models import LoadedModel
+from shared.models import LoadedModel, other_base
 from shared.registry_view import PolicyAdapterRef
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 
@@ -118,12 +118,9 @@ class SelfEditWriter:
         assert self.fetch_adapter is not None
         folder = self.cache_dir / name
         manifest = self.fetch_adapter(ref, folder)
-        base_sha = self.lm.weights_sha256
-        if manifest.base_model_sha256 and base_sha and manifest.base_model_sha256 != base_sha:
+        if why := other_base(manifest.base_model, manifest.base_model_sha256, self.lm.name, self.lm.weights_sha256):
             shutil.rmtree(folder, ignore_errors=True)
-            raise UnusableAdapter(
-                f"trained on base {manifest.base_model_sha256[:12]}..., this generator runs {base_sha[:12]}..."
-            )
+            raise UnusableAdapter(why)
         try:
             check_lora_config(folder)
             self.lm.model.load_adapter(str(folder), adapter_name=name, hotswap=False)

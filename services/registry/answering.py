@@ -21,7 +21,7 @@ from typing import Any
 
 from shared.generation import chat_prompt, generate
 from shared.lora import AdapterHost, base_bytes
-from shared.models import LoadedModel, load_model
+from shared.models import LoadedModel, load_model, other_base
 from shared.scratch import clear_gone_processes, own_folder
 from shared.settings import ModelSettings
 from shared.store import AdapterStore
@@ -118,12 +118,9 @@ class ActiveModelAnswerer:
             try:
                 # verifies every file's sha256; an adapter larger than its base is refused before download
                 manifest = self.store.get_adapter(ref, dest, max_bytes=self._max_adapter_bytes)
-                base_sha = self._base.weights_sha256
-                if manifest.base_model_sha256 and base_sha and manifest.base_model_sha256 != base_sha:
-                    raise Refused(
-                        f"adapter {adapter_id} was trained on another base model ({manifest.base_model}); "
-                        f"this registry serves {self._base.name}"
-                    )
+                base = self._base
+                if why := other_base(manifest.base_model, manifest.base_model_sha256, base.name, base.weights_sha256):
+                    raise Refused(f"adapter {adapter_id} was {why} (this registry's)")
                 host.load(adapter_id, dest)  # a load that fails leaves nothing in the base model
             except BaseException:
                 shutil.rmtree(dest, ignore_errors=True)

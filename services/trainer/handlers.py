@@ -49,6 +49,7 @@ from shared.events import (
     TrainingDirectives,
     derived_id,
 )
+from shared.models import other_base
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 from shared.telemetry import current_trace_id
@@ -296,19 +297,9 @@ async def _parent_adapter(ports: TrainerPorts, parent: Parent | None) -> tuple[P
         directory, manifest = await asyncio.to_thread(ports.parents.fetch, parent.adapter)
     except (IntegrityError, AdapterNotFound) as exc:
         raise TrainingRejected(f"parent adapter {parent.adapter_id} cannot be used: {exc}") from exc
-    ours = ports.trainer.base_model_sha256
-    if manifest.base_model_sha256 and ours and manifest.base_model_sha256 != ours:
-        raise TrainingRejected(
-            f"parent adapter {parent.adapter_id} was trained on base {manifest.base_model} "
-            f"({manifest.base_model_sha256[:12]}...), this trainer runs {ports.trainer.base_model} ({ours[:12]}...)"
-        )
-    if not (manifest.base_model_sha256 and ours) and manifest.base_model != ports.trainer.base_model:
-        # A hub model has no weights digest here: then the names must agree (an adapter of another
-        # checkpoint of the same shapes loaded without a word).
-        raise TrainingRejected(
-            f"parent adapter {parent.adapter_id} was trained on base {manifest.base_model}, this trainer runs "
-            f"{ports.trainer.base_model} (no weights digest on both sides to compare)"
-        )
+    trainer = ports.trainer
+    if why := other_base(manifest.base_model, manifest.base_model_sha256, trainer.base_model, trainer.base_model_sha256):
+        raise TrainingRejected(f"parent adapter {parent.adapter_id} was {why}")
     return directory, manifest
 
 
