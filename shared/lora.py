@@ -252,8 +252,16 @@ class AdapterHost:
             raise ValueError(f"an adapter named {name!r} is already loaded")
 
 
-def scale_update(directory: str | Path, scale: float) -> None:
-    """Multiply the LoRA update of the PEFT directory's adapter by ``scale`` (its B matrices).
+def scale_update(directory: str | Path, scale: float, parent: str | Path | None = None) -> None:
+    """Make the PEFT directory's adapter a gentler version of its training: ``scale`` of the way
+    from where the training started to where it ended.
+
+    A fresh adapter started from no update at all: its B matrices are multiplied by ``scale``.
+    One trained on from ``parent`` (a scope's next version carries every earlier update) moves
+    each of its LoRA matrices ``scale`` of the way from the parent's: ``P + scale * (T - P)``.
+    Scaling the B matrices alone there weakened every earlier update with the new one (a 0.5
+    rung halved what the scope had learned before). At 0 the result would be the parent, at 1
+    the training; the parent's knowledge is never scaled down.
 
     The config is untouched, so servers that read ``lora_alpha`` as an integer
     (vLLM, LoRAX) load the result unchanged. A ``scale`` of 1 leaves the file as it is.
@@ -263,12 +271,26 @@ def scale_update(directory: str | Path, scale: float) -> None:
     if scale == 1:
         return
     path = Path(directory) / ADAPTER_WEIGHTS
-    with safe_open(str(path), framework="pt") as weights:
-        metadata = weights.metadata()
-        tensors = {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118 (not a dict)
-    scaled = [key for key in tensors if ".lora_B." in key or ".lora_embedding_B" in key]
-    if not scaled:
-        raise ValueError(f"{path} holds no LoRA B matrix to scale")
-    for key in scaled:
-        tensors[key] = (tensors[key].float() * scale).to(tensors[key].dtype)
+    tensors, metadata = _tensors(path)
+    if parent is not None:
+        start, _ = _tensors(Path(parent) / ADAPTER_WEIGHTS)
+        lora = [k for k in tensors if ".lora_" in k]
+        unmatched = [k for k in lora if k not in start or start[k].shape != tensors[k].shape]
+        if not lora or unmatched:
+            raise ValueError(f"{path} was not trained on from {parent}: {len(unmatched)} of its {len(lora)} LoRA "
+                             f"matrices have no match there{', e.g. ' + unmatched[0] if unmatched else ''}")
+        for key in lora:
+            begun = start[key].float()
+            tensors[key] = (begun + scale * (tensors[key].float() - begun)).to(tensors[key].dtype)
+    else:
+        scaled = [key for key in tensors if ".lora_B." in key or ".lora_embedding_B" in key]
+        if not scaled:
+            raise ValueError(f"{path} holds no LoRA B matrix to scale")
+        for key in scaled:
+            tensors[key] = (tensors[key].float() * scale).to(tensors[key].dtype)
     save_file(tensors, str(path), metadata=metadata)
+
+
+def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    with safe_open(str(path), framework="pt") as weights:
+        return {key: weights.get_tensor(key) for key in weights.keys()}, weights.metadata()  # noqa: SIM118 (not a dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -280,3 +281,40 @@ def test_unscaled_trainings_of_gone_processes_are_cleared(tmp_path) -> None:
     clear_unscaled(tmp_path)
     # another trainer's stays, and so does what is not named by a process id (not ours to remove)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getppid()), "0f26e3a0781953a9b0ee398075bf3c67"])
+
+
+def test_a_gentler_strength_of_a_continuing_update_scales_the_update_not_what_the_scope_knew(
+    trainer: LoraTrainer,
+) -> None:
+    # Scaling the B matrices of an adapter trained on from its parent scaled every earlier update
+    # of the scope with the new one: a 0.5 rung halved what the scope had learned before.
+    parent = trainer.train(TrainingJob("scope-v1", FAST, texts=TEXTS))
+    keep = trainer.work_dir / "kept-parent"
+    shutil.copytree(parent.directory, keep)
+    full = trainer.train(TrainingJob("scope-v2", FAST, texts=TEXTS[:2], parent_dir=keep))
+    half = trainer.train(TrainingJob("scope-v2-half", FAST.model_copy(update={"adapter_scale": 0.5}), texts=TEXTS[:2],
+                                     parent_dir=keep))
+    assert half.reused_from == "scope-v2"
+    p, f, h = (load_file(str(d / ADAPTER_WEIGHTS)) for d in (keep, full.directory, half.directory))
+    assert p.keys() == f.keys() == h.keys()
+    for key in p:  # every matrix halfway from the parent's to the training's
+        expected = p[key].float() + 0.5 * (f[key].float() - p[key].float())
+        assert torch.allclose(h[key].float(), expected, rtol=1e-2, atol=1e-6), key
+    moved = [k for k in p if not torch.equal(p[k], f[k])]
+    assert moved and any(".lora_A." in k for k in moved)
+
+
+def test_scaling_from_a_parent_that_does_not_match_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from shared.lora import scale_update
+
+    child, other = tmp_path / "child", tmp_path / "other"
+    for folder, rank in ((child, 4), (other, 8)):
+        folder.mkdir()
+        save_file({"m.q.lora_A.weight": torch.ones(rank, 6), "m.q.lora_B.weight": torch.ones(6, rank)},
+                  str(folder / ADAPTER_WEIGHTS))
+    with pytest.raises(ValueError, match="was not trained on from .* 2 of its 2 LoRA matrices have no match"):
+        scale_update(child, 0.5, other)
+    scale_update(child, 0.5, child)  # trained on from itself: the update is nothing, nothing moves
+    assert torch.equal(load_file(str(child / ADAPTER_WEIGHTS))["m.q.lora_B.weight"], torch.ones(6, 4))

@@ -14,7 +14,9 @@
 3. runs :func:`inner_loop.fit` over packed steps;
 4. saves the adapter as a PEFT directory, then removes it from the base, so
    the next job (any scope) starts from the bare base model without a reload;
-5. scales the saved update by the directives' ``adapter_scale``.
+5. scales the saved update by the directives' ``adapter_scale``: a fresh adapter's B matrices,
+   or, trained on from a parent, each matrix that far from the parent's (the scope's earlier
+   updates are never scaled down with the new one; ``shared.lora.scale_update``).
 
 The unscaled result of the last few trainings is kept on local disk: a job
 that differs from one of them only in ``adapter_scale`` (the generator's
@@ -198,7 +200,7 @@ class LoraTrainer:
                 return self._rescaled(job, *done)
             result = self._train(job)
             self._remember(key, result)
-            scale_update(result.directory, job.directives.adapter_scale)
+            scale_update(result.directory, job.directives.adapter_scale, job.parent_dir)
             return replace(result, adapter_scale=job.directives.adapter_scale)
 
     def training_key(self, job: TrainingJob) -> str:
@@ -240,7 +242,7 @@ class LoraTrainer:
     def _rescaled(self, job: TrainingJob, unscaled: Path, trained: TrainedAdapter) -> TrainedAdapter:
         out = self._output_dir(job.adapter_id)
         shutil.copytree(unscaled, out)
-        scale_update(out, job.directives.adapter_scale)
+        scale_update(out, job.directives.adapter_scale, job.parent_dir)
         log.info(
             "adapter %s: the training of %s scaled by %.2f (not trained again)",
             job.adapter_id, trained.directory.name, job.directives.adapter_scale,
