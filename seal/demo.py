@@ -29,7 +29,7 @@ from seal.watch import FeedbackProgress, PlatformWatcher
 from shared import events as ev
 from shared.broker import connect_options
 from shared.lora import AdapterHost
-from shared.models import LoadedModel
+from shared.models import LoadedModel, other_base
 from shared.registry_view import read_active
 from shared.scoring import closed_book_accuracy
 from shared.settings import NatsSettings, StoreSettings
@@ -78,7 +78,9 @@ def adapter_applied(lm: LoadedModel, host: AdapterHost, store: AdapterStore, ref
         yield lm
         return
     with tempfile.TemporaryDirectory(prefix="seal-demo-") as folder:
-        store.get_adapter(ref, Path(folder) / "adapter")
+        manifest = store.get_adapter(ref, Path(folder) / "adapter")
+        if why := other_base(manifest.base_model, manifest.base_model_sha256, lm.name, lm.weights_sha256):
+            raise ValueError(f"the adapter at {ref.uri} was {why}")
         with host.applied("demo", Path(folder) / "adapter"):
             yield lm  # the adapter's layers are in the base model itself
 

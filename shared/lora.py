@@ -261,7 +261,10 @@ def scale_update(directory: str | Path, scale: float, parent: str | Path | None 
     each of its LoRA matrices ``scale`` of the way from the parent's: ``P + scale * (T - P)``.
     Scaling the B matrices alone there weakened every earlier update with the new one (a 0.5
     rung halved what the scope had learned before). At 0 the result would be the parent, at 1
-    the training; the parent's knowledge is never scaled down.
+    the training; the parent's knowledge is never scaled down. A and B move together, so the
+    product, the weights' change, moves along a curve: the parent's part stays whole, the new
+    update's lies between ``scale**2`` and ``scale`` of itself (a fresh adapter, whose B alone is
+    scaled, is exactly ``scale`` of its training).
 
     The config is untouched, so servers that read ``lora_alpha`` as an integer
     (vLLM, LoRAX) load the result unchanged. A ``scale`` of 1 leaves the file as it is.

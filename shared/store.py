@@ -50,6 +50,10 @@ class AdapterNotFound(LookupError):
     pass
 
 
+class ManifestTooLarge(ValueError):
+    """An adapter whose manifest would be too large to read back: not stored (the same every try)."""
+
+
 class AdapterManifest(BaseModel):
     """What an adapter is and where it came from. Unknown keys are kept."""
 
@@ -147,21 +151,17 @@ class AdapterStore:
         if not files:
             raise ValueError(f"{local_dir} holds no files to store")
         prefix = adapter_prefix(manifest.scope, manifest.adapter_id)
-        sums: dict[str, str] = {}
-        sizes: dict[str, int] = {}
-        for path in files:
-            name = path.relative_to(local_dir).as_posix()
-            sums[name] = sha256_file(path)
-            sizes[name] = path.stat().st_size
-            self.client.fput_object(
-                self.bucket, f"{prefix}/{name}", str(path), metadata={"sha256": sums[name]}
-            )
+        named = {path.relative_to(local_dir).as_posix(): path for path in files}
+        sums = {name: sha256_file(path) for name, path in named.items()}
+        sizes = {name: path.stat().st_size for name, path in named.items()}
         final = manifest.model_copy(update={"files": sums, "sizes": sizes})
         # UTF-8 as it is (escaped to ASCII, text outside it took up to 12 bytes a character).
         body = json.dumps(final.model_dump(mode="json"), indent=2, sort_keys=True, ensure_ascii=False).encode()
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise ValueError(f"the manifest of {manifest.adapter_id} would be {len(body)} bytes, more than a manifest "
-                             f"may be read back ({MAX_MANIFEST_BYTES})")
+        if len(body) > MAX_MANIFEST_BYTES:  # before anything is uploaded: no files without a manifest
+            raise ManifestTooLarge(f"the manifest of {manifest.adapter_id} would be {len(body)} bytes, more than a "
+                                   f"manifest may be read back ({MAX_MANIFEST_BYTES})")
+        for name, path in named.items():
+            self.client.fput_object(self.bucket, f"{prefix}/{name}", str(path), metadata={"sha256": sums[name]})
         self.client.put_object(
             self.bucket,
             f"{prefix}/{MANIFEST}",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.events import ManifestRef
-from shared.store import AdapterManifest, AdapterNotFound, AdapterStore, IntegrityError, parse_uri
+from shared.store import AdapterManifest, AdapterNotFound, AdapterStore, IntegrityError, ManifestTooLarge, parse_uri
 
 pytestmark = pytest.mark.servers
 
@@ -78,5 +78,7 @@ def test_a_manifest_is_stored_as_utf_8_and_one_too_large_to_read_back_is_refused
     assert "漢字".encode() in body and b"\\u" not in body  # 3 bytes a character, not 6
     assert adapter_store.read_manifest(ref).training["note"] == "漢字"
     huge = manifest("huge").model_copy(update={"training": {"lineage": ["x" * (17 << 20)]}})
-    with pytest.raises(ValueError, match="more than a manifest may be read back"):
+    with pytest.raises(ManifestTooLarge, match="more than a manifest may be read back"):
         adapter_store.put_adapter(src, huge)
+    bucket, prefix = parse_uri(adapter_store.uri_for("acme", "huge"))
+    assert list(adapter_store.client.list_objects(bucket, prefix=f"{prefix}/", recursive=True)) == []  # nothing half-stored

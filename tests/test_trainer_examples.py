@@ -174,3 +174,16 @@ def test_a_recorded_lineage_stays_within_what_a_manifest_can_hold_in_characters(
     assert [g["adapter_id"] for g in kept] == [f"a{u}" for u in range(30)] and all(g["sequences"] for g in kept)
     small = [{"adapter_id": "a", "feedback_id": "f", "sequences": ["short"] * 10}]
     assert recorded_lineage(small, limit=4096) == small
+
+
+def test_only_a_question_asked_again_supersedes_an_earlier_answer() -> None:
+    from services.trainer.examples import without_superseded
+
+    def qa(q: str, a: str) -> str:
+        return f"Question: {q}\nAnswer: {a}"
+
+    old = [qa("What is C++ used for?", "systems"), qa("Which port does the relay use?", "7740"), "prose"]
+    new = [qa("What is C used for?", "kernels"), qa("which port does  the relay use", "7741")]
+    assert without_superseded([old, new]) == [[old[0], old[2]], new]
+    repeated = [qa("Who keeps it?", "Brask"), qa("Who keeps it?", "Brask")]
+    assert without_superseded([repeated]) == [repeated]  # within one update nothing supersedes

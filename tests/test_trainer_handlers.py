@@ -408,3 +408,15 @@ async def test_a_parent_of_another_base_is_refused_by_name_where_no_digest_compa
     [failed] = await handlers.train_self_edit(self_edit_event(), ports)
     assert isinstance(failed, ev.AdapterTrainingFailed)
     assert "this one is HuggingFaceTB/SmolLM2-360M-Instruct (no weights digest on both sides" in failed.reason
+
+
+async def test_an_adapter_whose_manifest_cannot_be_stored_is_a_failed_training_said_once(ports, monkeypatch) -> None:
+    # raised as a plain error it was retried five times (training again each time) and dead-lettered
+    from shared.store import ManifestTooLarge
+
+    def too_large(local_dir: Path, manifest: AdapterManifest) -> ev.ManifestRef:
+        raise ManifestTooLarge(f"the manifest of {manifest.adapter_id} would be 17000000 bytes, more than a manifest may be read back")
+
+    monkeypatch.setattr(ports.store, "put_adapter", too_large)
+    [failed] = await handlers.train_self_edit(self_edit_event(), ports)
+    assert isinstance(failed, ev.AdapterTrainingFailed) and "would be 17000000 bytes" in failed.reason

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
-
-from shared.answers import normalize_answer
 
 IGNORE = -100
 
@@ -293,10 +292,16 @@ def without_superseded(groups: Sequence[Sequence[str]]) -> list[list[str]]:
     asked: set[str] = set()
     kept: list[list[str]] = []
     for group in reversed(groups):
-        mine = [s for s in group if not ((m := QUESTION_ANSWER.match(s)) and normalize_answer(m["question"]) in asked)]
-        asked |= {normalize_answer(m["question"]) for s in group if (m := QUESTION_ANSWER.match(s))}
+        mine = [s for s in group if not ((m := QUESTION_ANSWER.match(s)) and _asked(m["question"]) in asked)]
+        asked |= {_asked(m["question"]) for s in group if (m := QUESTION_ANSWER.match(s))}
         kept.append(mine)
     return kept[::-1]
+
+
+def _asked(question: str) -> str:
+    """A question as a key: the same however it is cased, spaced or ended ("?"), and nothing more
+    (answer normalisation made "What is C++ used for?" and "What is C used for?" one question)."""
+    return " ".join(unicodedata.normalize("NFKC", question).casefold().split()).rstrip(" ?.!")
 
 
 def bounded_lineage(groups: Sequence[Sequence[str]], limit: int) -> list[list[str]]:

@@ -51,7 +51,7 @@ from shared.events import (
 )
 from shared.models import other_base
 from shared.registry_view import ActiveAdapter, PolicyAdapterRef
-from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
+from shared.store import AdapterManifest, AdapterNotFound, IntegrityError, ManifestTooLarge
 from shared.telemetry import current_trace_id
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,10 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
             ),
         },
     )
-    ref, stored = await _stored(ports, uri, result, manifest)
+    try:
+        ref, stored = await _stored(ports, uri, result, manifest)
+    except TrainingRejected as exc:
+        return [failed(exc.reason)]
     return [trained(ref, stored.metrics.get("final_loss"), stored.metrics.get("seconds"), stored.trace_id)]
 
 
@@ -264,7 +267,10 @@ async def train_policy(event: PolicyTrainingRequested, ports: TrainerPorts) -> l
         extra={"round": event.round, "cause_event_id": event.event_id,
                "mean_reward": sum(e.reward for e in event.examples) / len(event.examples)},
     )
-    ref, _ = await _stored(ports, uri, result, manifest)
+    try:
+        ref, _ = await _stored(ports, uri, result, manifest)
+    except TrainingRejected as exc:
+        raise PermanentFailure(f"policy adapter for round {event.round} not stored: {exc.reason}") from exc
     return [trained(ref)]
 
 
@@ -306,10 +312,13 @@ async def _parent_adapter(ports: TrainerPorts, parent: Parent | None) -> tuple[P
 async def _stored(
     ports: TrainerPorts, uri: str, result: TrainedAdapter, manifest: AdapterManifest
 ) -> tuple[ManifestRef, AdapterManifest]:
-    return await store_once(
-        ports.store, ports.ledger, ports.owner, uri, result.directory, manifest,
-        wait_s=ports.upload_wait_s, stopping=ports.trainer_stopping,
-    )
+    try:
+        return await store_once(
+            ports.store, ports.ledger, ports.owner, uri, result.directory, manifest,
+            wait_s=ports.upload_wait_s, stopping=ports.trainer_stopping,
+        )
+    except ManifestTooLarge as exc:  # the same on every delivery: a failed training, said once
+        raise TrainingRejected(str(exc)) from exc
 
 
 def adapter_manifest(

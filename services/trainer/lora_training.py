@@ -200,7 +200,7 @@ class LoraTrainer:
                 return self._rescaled(job, *done)
             result = self._train(job)
             self._remember(key, result)
-            scale_update(result.directory, job.directives.adapter_scale, job.parent_dir)
+            _scaled(result.directory, job)
             return replace(result, adapter_scale=job.directives.adapter_scale)
 
     def training_key(self, job: TrainingJob) -> str:
@@ -242,7 +242,7 @@ class LoraTrainer:
     def _rescaled(self, job: TrainingJob, unscaled: Path, trained: TrainedAdapter) -> TrainedAdapter:
         out = self._output_dir(job.adapter_id)
         shutil.copytree(unscaled, out)
-        scale_update(out, job.directives.adapter_scale, job.parent_dir)
+        _scaled(out, job)
         log.info(
             "adapter %s: the training of %s scaled by %.2f (not trained again)",
             job.adapter_id, trained.directory.name, job.directives.adapter_scale,
@@ -262,8 +262,8 @@ class LoraTrainer:
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             if job.adapter_id in self.host.names:
                 self.host.remove(job.adapter_id)
-            if isinstance(exc, torch.OutOfMemoryError):
-                raise  # the device is full now, not for good: transient, as in training itself
+            if isinstance(exc, (torch.OutOfMemoryError, OSError)):
+                raise  # the device or the disk now (a parent folder gone, say), not for good: transient
             what = "the parent adapter does not load" if job.parent_dir else "no LoRA fits"
             raise TrainingRejected(f"{what} on this base model: {exc}") from exc
         device = self.lm.device
@@ -371,6 +371,16 @@ def _as_prompt(lm: LoadedModel, prompt: str) -> str:
 def _pad_id(lm: LoadedModel) -> int:
     pad = lm.tokenizer.pad_token_id
     return int(pad if pad is not None else lm.tokenizer.eos_token_id)
+
+
+def _scaled(directory: Path, job: TrainingJob) -> None:
+    """:func:`scale_update` for a job. An adapter that does not match its parent is the job's
+    fault, the same on every try (a failed training, said once); a parent file gone (OSError) is
+    not, and is retried."""
+    try:
+        scale_update(directory, job.directives.adapter_scale, job.parent_dir)
+    except ValueError as exc:
+        raise TrainingRejected(f"the trained adapter cannot be made {job.directives.adapter_scale:g} strong: {exc}") from exc
 
 
 def _seed(seed: int) -> None:
