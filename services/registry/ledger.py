@@ -6,7 +6,7 @@ Each step is one compare-and-set on one key and is safe to run again:
 2. :meth:`Ledger.settle` plans the decision (:mod:`.decision`) and moves the
    record to ``promoting``, ``awaiting_approval``, ``rebasing`` or ``rejected``,
    with the events that announce it in the record's outbox;
-3. a ``promoting`` record moves the scope head (``active.<scope>``): the
+3. a ``promoting`` record moves the scope head (``active.<scope>``; :mod:`.promoting`): the
    commit point. The head remembers recent promotions by adapter id, so a
    re-run after a crash finds its own promotion instead of promoting twice;
    a head that moved under the candidate sends it to be rebased instead;
@@ -32,11 +32,9 @@ from opentelemetry import context, trace
 
 from shared import events as ev
 from shared.registry_view import (
-    AcceptedProbes,
     PolicyAdapterRef,
     ScopePolicy,
     policy_key,
-    probes_key,
 )
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
@@ -44,7 +42,7 @@ from shared.telemetry import feedback_context
 
 from . import decision as dc
 from . import outer_loop as ol
-from . import promotion as pr
+from . import promoting
 from .ports import NotFound, Ports, Refused
 from .records import (
     FeedbackRecord,
@@ -303,26 +301,6 @@ class Ledger:
             return True
         return (now - cand.reported_at).total_seconds() >= self.config.selfedit_wait_s
 
-    async def _usable_manifest(self, record: FeedbackRecord, index: int | None) -> AdapterManifest | None:
-        """The chosen adapter's manifest, read back intact; None, with the candidate marked
-        unusable, if it does not read back."""
-        cand = record.candidate(index)  # type: ignore[arg-type]
-        assert cand is not None and cand.adapter is not None
-        try:
-            return await self.ports.manifests.usable(cand.adapter)
-        except (IntegrityError, AdapterNotFound) as exc:
-            reason = f"adapter {cand.adapter_id} cannot be used: {exc}"
-            log.warning(reason)
-
-            def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
-                now_cand = current.candidate(cand.index) if current else None
-                if current is None or now_cand is None or now_cand.adapter_id != cand.adapter_id or now_cand.decided:
-                    return None
-                return current.with_candidate(now_cand.model_copy(update={"result": "unusable", "passed": False, "reasons": (reason,)}))
-
-            await self._update(record.scope, record.feedback_id, change)
-            return None
-
     async def _rebase_material(
         self, record: FeedbackRecord, index: int | None
     ) -> tuple[ev.SelfEdit, tuple[ev.Probe, ...]] | None:
@@ -343,87 +321,15 @@ class Ledger:
                     return None
         return None
 
+    async def _usable_manifest(self, record: FeedbackRecord, index: int | None) -> AdapterManifest | None:
+        return await promoting.usable_manifest(self, record, index)
+
     async def _promote(self, record: FeedbackRecord) -> None:
-        cand = record.candidate(record.chosen)  # type: ignore[arg-type]
-        assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
-        now, by = self.ports.clock(), record.decided_by
-        head_now = await self.head(record.scope)
-        if head_now and head_now.promoted_as(cand.adapter_id):
-            manifest = await self.ports.manifests.read(cand.adapter)  # a re-run: the head moved already
-        elif (manifest := await self._usable_manifest(record, record.chosen)) is None:
-            # Read before the head moves (the head is the commit point): an adapter that went
-            # missing or corrupt since the decision (one held for an operator's approval, say)
-            # must not become the active version. The record goes back to be decided again.
-            await self._back_off(record, head_now, now, pinned=False)
-            return
-        found = pr.HeadMove()
-        head = await self.ports.state.compare_and_set(
-            KV_REGISTRY, head_key(record.scope), ScopeHead, lambda h: pr.move_head(h, record, cand, now, by, found)
-        )
-        if found.stale or found.pinned:
-            await self._back_off(record, head, now, pinned=found.pinned)
-            return
-        version = found.version
-        assert version is not None
-        tags = pr.version_record(record, cand, version, manifest, self.ports.trace_id(), now)
-        await self.ports.state.put(KV_REGISTRY, version_key(record.scope, version), tags)
-        await self.ports.state.compare_and_set(
-            KV_REGISTRY,
-            probes_key(record.scope),
-            AcceptedProbes,
-            lambda cur: pr.with_accepted(cur, record.scope, record.feedback_id, tags.probes, self.config.max_accepted_probes),
-        )
-        head_after = await self.head(record.scope)
-        if head_after is not None and head_after.version != version:
-            # A rollback (or another promotion) moved the head since this one did, and may have
-            # rebuilt the regression set before these probes went in: rebuild it from the head.
-            await self.rebuild_probes(record.scope, head_after.version)
-        await self._update(
-            record.scope,
-            record.feedback_id,
-            lambda cur: dc.to_promoted(cur, version, cand.parent_version, now, by)
-            if cur is not None and cur.state == "promoting"
-            else None,
-        )
-
-    async def _back_off(self, record: FeedbackRecord, head: ScopeHead | None, now: datetime, pinned: bool) -> None:
-        """The head moved (or got pinned), or the chosen adapter became unusable, between the
-        decision and the promotion.
-
-        Pinned: the candidate is held. Otherwise the record goes back to ``collecting``, where
-        the next step plans its rebase, another candidate, or gives up."""
-
-        def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
-            if current is None or current.state != "promoting":
-                return None
-            if pinned:
-                reason = f"scope is pinned at v{head.version}" if head else "scope is pinned"
-                plan = dc.Plan("hold", current.chosen, reasons=(reason,), hold="pinned")
-                return dc.to_held(current.model_copy(update={"state": "collecting"}), plan, now)
-            return current.model_copy(update={"state": "collecting", "chosen": None, "decided_by": None, "decided_at": None})
-
-        await self._update(record.scope, record.feedback_id, change)
+        await promoting.promote(self, record)
 
     async def rebuild_probes(self, scope: str, version: int) -> None:
         """probes.<scope> from the chain of versions that ``version`` stands on."""
-        chain: list[VersionRecord] = []
-        number: int | None = version
-        while number is not None and len(chain) < 10_000:
-            found = await self.ports.state.read(KV_REGISTRY, version_key(scope, number), VersionRecord)
-            if found is None:
-                break
-            chain.append(found)
-            number = found.parent_version
-        if not chain:
-            # The head's version record is not written yet (its promotion moves the head first, then
-            # writes it, then adds its probes): nothing to rebuild from, and an empty set written
-            # over the scope's would leave its earlier feedback unguarded.
-            log.info("probes of %s not rebuilt: v%d has no version record yet", scope, version)
-            return
-        rebuilt = pr.chain_probes(chain, scope, self.config.max_accepted_probes)
-        await self.ports.state.compare_and_set(
-            KV_REGISTRY, probes_key(scope), AcceptedProbes, lambda cur: None if cur == rebuilt else rebuilt
-        )
+        await promoting.rebuild_probes(self, scope, version)
 
     async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
         sent = set()

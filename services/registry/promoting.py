@@ -1,0 +1,132 @@
+"""Promotion, the step that touches the store and the scope head: a ``promoting`` record's chosen
+adapter, checked intact in the store, becomes the scope's next version (the head is the commit
+point), its version record and the scope's regression set are written, and the record becomes
+``promoted``; or, where the head moved, got pinned or the adapter went missing, the record goes
+back to be decided again. The pure parts are in :mod:`.promotion`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from shared.registry_view import AcceptedProbes, probes_key
+from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
+from shared.subjects import KV_REGISTRY
+
+from . import decision as dc
+from . import promotion as pr
+from .records import FeedbackRecord, ScopeHead, VersionRecord, head_key, version_key
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+async def usable_manifest(ledger: Ledger, record: FeedbackRecord, index: int | None) -> AdapterManifest | None:
+    """The chosen adapter's manifest, read back intact; None, with the candidate marked
+    unusable, if it does not read back."""
+    cand = record.candidate(index)  # type: ignore[arg-type]
+    assert cand is not None and cand.adapter is not None
+    try:
+        return await ledger.ports.manifests.usable(cand.adapter)
+    except (IntegrityError, AdapterNotFound) as exc:
+        reason = f"adapter {cand.adapter_id} cannot be used: {exc}"
+        log.warning(reason)
+
+        def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+            now_cand = current.candidate(cand.index) if current else None
+            if current is None or now_cand is None or now_cand.adapter_id != cand.adapter_id or now_cand.decided:
+                return None
+            return current.with_candidate(now_cand.model_copy(update={"result": "unusable", "passed": False, "reasons": (reason,)}))
+
+        await ledger._update(record.scope, record.feedback_id, change)
+        return None
+
+
+async def promote(ledger: Ledger, record: FeedbackRecord) -> None:
+    """Steps 3 and 4 of :mod:`.ledger` for a ``promoting`` record; safe to run again."""
+    cand = record.candidate(record.chosen)  # type: ignore[arg-type]
+    assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
+    now, by = ledger.ports.clock(), record.decided_by
+    head_now = await ledger.head(record.scope)
+    if head_now and head_now.promoted_as(cand.adapter_id):
+        manifest = await ledger.ports.manifests.read(cand.adapter)  # a re-run: the head moved already
+    elif (manifest := await usable_manifest(ledger, record, record.chosen)) is None:
+        # Read before the head moves (the head is the commit point): an adapter that went
+        # missing or corrupt since the decision (one held for an operator's approval, say)
+        # must not become the active version. The record goes back to be decided again.
+        await back_off(ledger, record, head_now, now, pinned=False)
+        return
+    found = pr.HeadMove()
+    head = await ledger.ports.state.compare_and_set(
+        KV_REGISTRY, head_key(record.scope), ScopeHead, lambda h: pr.move_head(h, record, cand, now, by, found)
+    )
+    if found.stale or found.pinned:
+        await back_off(ledger, record, head, now, pinned=found.pinned)
+        return
+    version = found.version
+    assert version is not None
+    tags = pr.version_record(record, cand, version, manifest, ledger.ports.trace_id(), now)
+    await ledger.ports.state.put(KV_REGISTRY, version_key(record.scope, version), tags)
+    await ledger.ports.state.compare_and_set(
+        KV_REGISTRY,
+        probes_key(record.scope),
+        AcceptedProbes,
+        lambda cur: pr.with_accepted(cur, record.scope, record.feedback_id, tags.probes, ledger.config.max_accepted_probes),
+    )
+    head_after = await ledger.head(record.scope)
+    if head_after is not None and head_after.version != version:
+        # A rollback (or another promotion) moved the head since this one did, and may have
+        # rebuilt the regression set before these probes went in: rebuild it from the head.
+        await rebuild_probes(ledger, record.scope, head_after.version)
+    await ledger._update(
+        record.scope,
+        record.feedback_id,
+        lambda cur: dc.to_promoted(cur, version, cand.parent_version, now, by)
+        if cur is not None and cur.state == "promoting"
+        else None,
+    )
+
+
+async def back_off(ledger: Ledger, record: FeedbackRecord, head: ScopeHead | None, now: datetime, pinned: bool) -> None:
+    """The head moved (or got pinned), or the chosen adapter became unusable, between the
+    decision and the promotion.
+
+    Pinned: the candidate is held. Otherwise the record goes back to ``collecting``, where
+    the next step plans its rebase, another candidate, or gives up."""
+
+    def change(current: FeedbackRecord | None) -> FeedbackRecord | None:
+        if current is None or current.state != "promoting":
+            return None
+        if pinned:
+            reason = f"scope is pinned at v{head.version}" if head else "scope is pinned"
+            plan = dc.Plan("hold", current.chosen, reasons=(reason,), hold="pinned")
+            return dc.to_held(current.model_copy(update={"state": "collecting"}), plan, now)
+        return current.model_copy(update={"state": "collecting", "chosen": None, "decided_by": None, "decided_at": None})
+
+    await ledger._update(record.scope, record.feedback_id, change)
+
+
+async def rebuild_probes(ledger: Ledger, scope: str, version: int) -> None:
+    """probes.<scope> from the chain of versions that ``version`` stands on."""
+    chain: list[VersionRecord] = []
+    number: int | None = version
+    while number is not None and len(chain) < 10_000:
+        found = await ledger.ports.state.read(KV_REGISTRY, version_key(scope, number), VersionRecord)
+        if found is None:
+            break
+        chain.append(found)
+        number = found.parent_version
+    if not chain:
+        # The head's version record is not written yet (its promotion moves the head first, then
+        # writes it, then adds its probes): nothing to rebuild from, and an empty set written
+        # over the scope's would leave its earlier feedback unguarded.
+        log.info("probes of %s not rebuilt: v%d has no version record yet", scope, version)
+        return
+    rebuilt = pr.chain_probes(chain, scope, ledger.config.max_accepted_probes)
+    await ledger.ports.state.compare_and_set(
+        KV_REGISTRY, probes_key(scope), AcceptedProbes, lambda cur: None if cur == rebuilt else rebuilt
+    )
