@@ -92,3 +92,14 @@ def test_consumer_overrides_keep_the_shared_subject() -> None:
     assert spec.ack_wait == timedelta(seconds=6) and spec.max_deliver == 3
     assert heartbeat_interval(spec) == pytest.approx(2.0)
     assert TrainerConfig().self_edits == TRAINER_SELFEDITS
+
+
+def test_a_parent_cache_too_small_for_the_jobs_in_flight_is_refused_at_start() -> None:
+    # a self-edit, a rebase and a policy request may each hold a parent while another is fetched
+    from pydantic import ValidationError
+
+    from services.trainer.settings import TrainerConfig
+
+    with pytest.raises(ValidationError, match="parent_cache_size"):
+        TrainerConfig(parent_cache_size=1)
+    assert TrainerConfig(parent_cache_size=4).parent_cache_size == 4

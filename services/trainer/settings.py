@@ -31,8 +31,10 @@ class TrainerConfig(BaseModel):
 
     # Scratch space: trained adapters before upload, verified parent adapters.
     work_dir: Path = Path(tempfile.gettempdir()) / "seal-trainer"
-    # Verified parent adapters kept on local disk for the next update of a scope.
-    parent_cache_size: int = Field(default=16, ge=1)
+    # Verified parent adapters kept on local disk for the next update of a scope. At least 4: a
+    # self-edit, a rebase and a policy request may each hold a parent while a fourth is fetched,
+    # and a smaller cache removed a parent from under a training that was using it.
+    parent_cache_size: int = Field(default=16, ge=4)
     # Consumer overrides (None: the shared ConsumerSpec's values). The message of a
     # training in progress is kept alive every ack_wait / 3 seconds.
     ack_wait_s: float | None = Field(default=None, gt=0)
