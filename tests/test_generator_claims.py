@@ -141,3 +141,28 @@ async def test_two_messages_of_one_feedback_under_one_event_id_are_still_written
     wrote, waited = await asyncio.gather(first, second)
     assert len(started) == 1 and not wrote.duplicate and waited.duplicate
     assert len(published) == len(wrote.events)
+
+
+async def test_a_writing_whose_claim_was_taken_over_publishes_nothing() -> None:
+    """Its renewals failed, its claim went stale and another delivery took it over: publishing
+    this writing too would send a second set of candidates for one feedback."""
+    import threading
+
+    from services.generator.state import LedgerEntry
+
+    release = threading.Event()
+
+    class SlowWriter(ScriptedWriter):
+        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
+            release.wait(10)
+            return super().write(prompts, seed=seed, adapter=adapter)
+
+    ports, published = make_ports(writer=SlowWriter())
+    feedback = knowledge()
+    writing = asyncio.create_task(handle_feedback(payload(feedback), ports, GeneratorConfig(), delivery="7"))
+    await asyncio.sleep(0.2)
+    ports.ledger.entries[(feedback.scope, feedback.feedback_id)] = LedgerEntry.writing("another@8")  # type: ignore[attr-defined]
+    release.set()
+    outcome = await writing
+    assert outcome.duplicate and published == []
+    assert ports.ledger.entries[(feedback.scope, feedback.feedback_id)].writer == "another@8"  # type: ignore[attr-defined]

@@ -80,6 +80,13 @@ class MemoryLedger:
         if entry is not None and entry.status == "writing" and entry.writer == event_id:
             del self.entries[(scope, feedback_id)]
 
+    async def record_written(self, scope: str, feedback_id: str, writer: str, entry: LedgerEntry) -> bool:
+        held = self.entries.get((scope, feedback_id))
+        if held is None or held.status != "writing" or held.writer != writer:
+            return False
+        self.entries[(scope, feedback_id)] = entry
+        return True
+
 
 class ScriptedWriter:
     """Answers each prompt with a recorded completion for its format."""
@@ -423,6 +430,9 @@ async def test_generator_on_real_nats_with_the_tiny_model(service_settings, tmp_
         assert held is not None and (held.status, held.writer) == ("writing", "evt-a")
         assert await ledger.claim(scope, fresh, "evt-a", 600) is None
         assert await ledger.claim(scope, fresh, "evt-b", 0) is None  # stale at once: taken over
+        # what evt-a wrote meanwhile is not recorded over evt-b's claim; evt-b's is
+        assert not await ledger.record_written(scope, fresh, "evt-a", LedgerEntry.pending([first]))
+        assert (await ledger.recall(scope, fresh)).writer == "evt-b"  # type: ignore[union-attr]
         await ledger.release(scope, fresh, "evt-a")  # no longer evt-a's: left alone
         assert (await ledger.recall(scope, fresh)).writer == "evt-b"  # type: ignore[union-attr]
         await ledger.release(scope, fresh, "evt-b")

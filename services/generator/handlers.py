@@ -66,6 +66,8 @@ class Ledger(Protocol):
 
     async def release(self, scope: str, feedback_id: str, event_id: str) -> None: ...
 
+    async def record_written(self, scope: str, feedback_id: str, writer: str, entry: LedgerEntry) -> bool: ...
+
 
 class Writer(Protocol):
     def write(self, prompts: Sequence[Prompt], *, seed: int, adapter: PolicyAdapterRef | None = None) -> Written: ...
@@ -136,7 +138,12 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
                 await ports.ledger.release(feedback.scope, feedback.feedback_id, writer)
             raise
         keeping.cancel()
-        await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.pending(events))
+        if not await ports.ledger.record_written(feedback.scope, feedback.feedback_id, writer, LedgerEntry.pending(events)):
+            # Another delivery took the claim over (this one's renewals failed): its writing stands,
+            # and publishing this one's too would send two sets of candidates for one feedback.
+            log.warning("feedback %s: the claim went to another delivery while this one wrote; its writing stands",
+                        feedback.feedback_id)
+            return Outcome(feedback.feedback_id, (), duplicate=True)
     for event in events:
         await ports.publish(event)
     await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.done(events))

@@ -153,6 +153,25 @@ class KvLedger:
         except KeyWrongLastSequenceError:  # another claimant took it first
             return await self.recall(scope, feedback_id) or entry
 
+    async def record_written(self, scope: str, feedback_id: str, writer: str, entry: LedgerEntry) -> bool:
+        """Record what ``writer`` wrote, only while the claim is still its own (compare-and-set on
+        the claim's revision): False when another delivery took the claim over meanwhile (this
+        one's renewals failed, so its claim went stale), whose writing then stands alone."""
+        kv = await self.js.key_value(self.bucket)
+        key = ledger_key(scope, feedback_id)
+        try:
+            current = await kv.get(key)
+        except KeyNotFoundError:
+            return False
+        held = LedgerEntry.decode(current.value) if current.value else None
+        if held is None or held.status != "writing" or held.writer != writer:
+            return False
+        try:
+            await kv.update(key, entry.encode(), last=current.revision)
+            return True
+        except KeyWrongLastSequenceError:
+            return False
+
     async def release(self, scope: str, feedback_id: str, event_id: str) -> None:
         """Give up this delivery's claim (its writing failed): a delivery waiting for it goes on at
         once, instead of when the claim goes stale. Nothing if the claim is no longer its own."""
