@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import baggage, context, trace
 from opentelemetry.sdk.resources import Resource
@@ -101,10 +102,20 @@ def setup_tracing(
         if not endpoint.endswith("/v1/traces"):
             endpoint += "/v1/traces"
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        log.info("exporting traces to %s", endpoint)
+        log.info("exporting traces to %s", without_credentials(endpoint))
     for processor in extra_processors:
         provider.add_span_processor(processor)
     return provider
+
+
+def without_credentials(url: str) -> str:
+    """``url`` as it may be logged: a user and password in it (``https://user:token@host``) left out."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def current_trace_id() -> str | None:

@@ -368,3 +368,15 @@ def test_the_sample_ratio_applies_to_feedback_traces_and_every_service_decides_a
     some = kept(0.2, "generator")
     assert 15 <= len(some) <= 70  # about 40 of 200
     assert kept(0.2, "trainer") == some  # the same feedbacks in another service
+
+
+def test_an_exporter_address_is_logged_without_its_credentials(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from shared.telemetry import without_credentials
+
+    assert without_credentials("https://tenant:s3cr3t@otlp.example:4318/v1/traces") == "https://***@otlp.example:4318/v1/traces"
+    assert without_credentials("http://collector:4318/v1/traces") == "http://collector:4318/v1/traces"
+    with caplog.at_level(logging.INFO, logger="shared.telemetry"):
+        setup_tracing(TelemetrySettings(otlp_endpoint="http://token@127.0.0.1:9"), "test")
+    assert "exporting traces to http://***@127.0.0.1:9/v1/traces" in caplog.text and "token" not in caplog.text
