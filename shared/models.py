@@ -99,6 +99,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     path = model_path(settings.name, Path(settings.cache_dir).expanduser())
     source = str(path) if path is not None else settings.name
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if not getattr(tokenizer, "chat_template", None):
+        # Every service asks the model in chat turns (generation.chat_prompt): without a template the
+        # first request failed, minutes after a start that looked healthy.
+        raise ValueError(f"model {settings.name!r} has no chat template: the platform asks its questions and "
+                         "writes its self-edits as chat turns, so it needs an instruction-tuned (chat) model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)

@@ -77,3 +77,22 @@ def test_processes_converting_the_same_model_at_once_all_get_one_whole_copy(tmp_
     assert {out.strip() for out, _, _ in results} == {f"{tmp_path / 'tiny-llama'} 1"}
     meta = json.loads((tmp_path / "tiny-llama" / "seal-base.json").read_text())
     assert meta["weights_sha256"] and not (tmp_path / "tiny-llama.partial").exists()
+
+
+def test_a_model_without_a_chat_template_is_refused_at_load(tiny_model: LoadedModel, tmp_path) -> None:
+    # every service asks in chat turns: the first request failed, minutes after a healthy start
+    import json
+    import shutil
+
+    from shared.models import load_model
+    from shared.settings import ModelSettings
+
+    assert tiny_model.path is not None
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model.path, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has no chat template"):
+        load_model(ModelSettings(name=str(plain)))
