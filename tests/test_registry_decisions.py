@@ -463,31 +463,3 @@ async def test_a_record_of_many_candidates_keeps_the_products_probes_once() -> N
     assert record is not None and len(record.candidates) == 64
     assert len(record.model_dump_json()) < 200_000
     assert all(record.probes_of(c)[: len(probes)] == probes for c in record.candidates)  # as before: the feedback's own
-
-
-async def test_a_chosen_adapter_gone_before_the_head_moves_leaves_the_runner_up_to_be_promoted() -> None:
-    # The runners-up were rejected with the decision; when the chosen adapter then turned out gone
-    # from the store (checked again just before the head moves), nothing was left and the
-    # feedback was rejected although another candidate had passed.
-    w = make_world()
-    root = feedback()
-    best = evaluated(root, 0, 2, reward=0.3)
-    checks: list[str] = []
-    usable = w.manifests.usable
-
-    async def gone_on_the_second_look(ref: ev.ManifestRef):  # noqa: ANN202
-        checks.append(ref.uri)
-        if ref == best.adapter and checks.count(ref.uri) > 1:
-            w.manifests.missing.add(best.adapter_id)
-        return await usable(ref)
-
-    w.manifests.usable = gone_on_the_second_look  # type: ignore[method-assign]
-    await handlers.on_adapter_evaluated(best, w.ledger)
-    await handlers.on_adapter_evaluated(evaluated(root, 1, 2, reward=0.2), w.ledger)
-    [promoted] = w.bus.of(ev.AdapterPromoted)
-    assert promoted.adapter_id == f"ad-{root.feedback_id[:8]}-1-1" and promoted.version == 1
-    record = await record_of(w, root)
-    assert record.state == "promoted" and record.chosen == 1
-    assert record.candidate(0).result == "unusable"  # type: ignore[union-attr]
-    [decided] = w.bus.of(ev.FeedbackDecided)
-    assert decided.outcome == "promoted"

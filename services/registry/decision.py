@@ -230,31 +230,15 @@ def apply_rejections(
     return record
 
 
-def with_runners_up_kept(record: FeedbackRecord, plan: Plan) -> FeedbackRecord:
-    """The plan's rejections applied to the candidates that failed; those that passed and only
-    ranked below the chosen one keep their reason but stay undecided until it is promoted
-    (:func:`to_promoted`). If the chosen adapter turns out unusable before the head moves (gone
-    from the store), the next best is still there to be chosen: rejected at once, a passing
-    runner-up was lost with it, and the feedback rejected."""
-    now: dict[int, tuple[str, ...]] = {}
-    for index, reasons in plan.rejections.items():
-        cand = record.candidate(index)
-        if cand is not None and cand.result == "evaluated" and cand.passed and not cand.decided:
-            record = record.with_candidate(cand.model_copy(update={"reasons": reasons}))
-        else:
-            now[index] = reasons
-    return apply_rejections(record, now)
-
-
 def to_promoting(record: FeedbackRecord, plan: Plan, now: datetime, by: str | None = None) -> FeedbackRecord:
-    record = with_runners_up_kept(record, plan)
+    record = apply_rejections(record, plan.rejections)
     return record.model_copy(
         update={"state": "promoting", "chosen": plan.chosen, "decided_at": now, "decided_by": by, "hold": None}
     )
 
 
 def to_held(record: FeedbackRecord, plan: Plan, now: datetime) -> FeedbackRecord:
-    record = with_runners_up_kept(record, plan)
+    record = apply_rejections(record, plan.rejections)
     cand = record.candidate(plan.chosen)  # type: ignore[arg-type]
     assert cand is not None and cand.adapter is not None and cand.adapter_id is not None
     cand = cand.model_copy(update={"verdict": "awaiting_approval", "reasons": plan.reasons})
@@ -386,10 +370,4 @@ def to_promoted(
     record = record.with_candidate(cand).model_copy(
         update={"state": "promoted", "version": version, "decided_at": record.decided_at or now, "reasons": ()}
     )
-    runners_up = {
-        c.index: c.reasons or (f"candidate {cand.index} was promoted as v{version}",)
-        for c in record.candidates
-        if not c.decided and c.index != cand.index
-    }
-    record = apply_rejections(with_outbox(record, event), runners_up)
-    return with_outbox(record, decided_event(record))
+    return with_outbox(record, event, decided_event(record))
