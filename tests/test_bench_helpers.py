@@ -83,3 +83,17 @@ def test_a_downloaded_adapter_is_removed_after_scoring() -> None:
     assert not directory.exists() and not directory.parent.exists()
     with platform_driver.downloaded(Store(), None) as nothing:
         assert nothing is None
+
+
+def test_the_ladder_table_counts_only_the_earlier_passages_of_each_update() -> None:
+    import ladder
+
+    passages = [{"id": "p1"}, {"id": "p2"}]
+    rows = [
+        {"update": 1, "how": "full", "scale": 1.0, "asked": [{"passage": "p1", "right": 3, "of": 5, "f1": 0.1}]},
+        {"update": 2, "how": "update", "scale": 0.5, "asked": [
+            {"passage": "p1", "right": 2, "of": 5, "f1": 0.05}, {"passage": "p2", "right": 4, "of": 5, "f1": 0.2}]},
+    ]
+    lines = ladder.table(rows, passages).splitlines()
+    assert lines[2] == "| 1 | 1.0 | 3/5 (0.10) |  | 0/0 |"
+    assert lines[3] == "| 2 | 0.5, update | 2/5 (0.05) | 4/5 (0.20) | 2/5 |"  # p2 is the update's own passage
