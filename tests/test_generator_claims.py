@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from test_generator_service import ScriptedWriter, knowledge, make_ports, payload
@@ -12,20 +13,25 @@ from services.generator.settings import GeneratorConfig
 from shared import events as ev
 
 
+class SlowWriter(ScriptedWriter):
+    """Writes once ``release`` is set (at most 10 s), noting each writing's seed in ``started``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release, self.started = threading.Event(), []
+
+    def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
+        self.started.append(seed)
+        self.release.wait(10)
+        return super().write(prompts, seed=seed, adapter=adapter)
+
+
 async def test_two_deliveries_of_one_feedback_on_two_replicas_are_written_once() -> None:
     """A product published its feedback again under a new event id, and another replica took it
     while the first was still writing: it waits for the first, then publishes nothing of its own."""
-    import threading
-
-    release, started = threading.Event(), []
-
-    class SlowWriter(ScriptedWriter):
-        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
-            started.append(seed)
-            release.wait(10)
-            return super().write(prompts, seed=seed, adapter=adapter)
-
-    ports, published = make_ports(writer=SlowWriter())
+    writer = SlowWriter()
+    release, started = writer.release, writer.started
+    ports, published = make_ports(writer=writer)
     config = GeneratorConfig(claim_poll_s=0.01)
     feedback = knowledge()
     retried = feedback.model_copy(update={"event_id": ev.new_id()})
@@ -62,8 +68,6 @@ async def test_a_delivery_whose_writing_failed_lets_a_waiting_one_go_on_at_once(
 async def test_a_shutdown_ends_a_wait_for_another_delivery_at_once() -> None:
     """Waiting for another delivery's writing, the generator is told to stop: the delivery goes
     back at once (Interrupted), before its next call on a connection that is closing."""
-    import threading
-
     from services.generator.state import LedgerEntry
     from shared.shutdown import Interrupted
 
@@ -95,16 +99,9 @@ async def test_a_claim_whose_writer_died_is_taken_over() -> None:
 
 async def test_a_long_writing_renews_its_claim() -> None:
     """A writing that outlasts claim_stale_s is not taken for a dead one: its claim is renewed."""
-    import threading
-
-    release = threading.Event()
-
-    class SlowWriter(ScriptedWriter):
-        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
-            release.wait(10)
-            return super().write(prompts, seed=seed, adapter=adapter)
-
-    ports, published = make_ports(writer=SlowWriter())
+    writer = SlowWriter()
+    release = writer.release
+    ports, published = make_ports(writer=writer)
     config = GeneratorConfig(claim_poll_s=0.01, claim_stale_s=0.3)
     feedback = knowledge()
     writing = asyncio.create_task(handle_feedback(payload(feedback), ports, config))
@@ -119,17 +116,9 @@ async def test_two_messages_of_one_feedback_under_one_event_id_are_still_written
     """A product published the same feedback twice without an event id: both messages carry the
     derived one. Each message is told apart by its stream sequence, so the second does not take
     the first one's claim for its own and write beside it."""
-    import threading
-
-    release, started = threading.Event(), []
-
-    class SlowWriter(ScriptedWriter):
-        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
-            started.append(seed)
-            release.wait(10)
-            return super().write(prompts, seed=seed, adapter=adapter)
-
-    ports, published = make_ports(writer=SlowWriter())
+    writer = SlowWriter()
+    release, started = writer.release, writer.started
+    ports, published = make_ports(writer=writer)
     config = GeneratorConfig(claim_poll_s=0.01)
     feedback = knowledge()
     first = asyncio.create_task(handle_feedback(payload(feedback), ports, config, delivery="41"))
@@ -146,18 +135,11 @@ async def test_two_messages_of_one_feedback_under_one_event_id_are_still_written
 async def test_a_writing_whose_claim_was_taken_over_publishes_nothing() -> None:
     """Its renewals failed, its claim went stale and another delivery took it over: publishing
     this writing too would send a second set of candidates for one feedback."""
-    import threading
-
     from services.generator.state import LedgerEntry
 
-    release = threading.Event()
-
-    class SlowWriter(ScriptedWriter):
-        def write(self, prompts, *, seed, adapter=None):  # noqa: ANN001, ANN201
-            release.wait(10)
-            return super().write(prompts, seed=seed, adapter=adapter)
-
-    ports, published = make_ports(writer=SlowWriter())
+    writer = SlowWriter()
+    release = writer.release
+    ports, published = make_ports(writer=writer)
     feedback = knowledge()
     writing = asyncio.create_task(handle_feedback(payload(feedback), ports, GeneratorConfig(), delivery="7"))
     await asyncio.sleep(0.2)
