@@ -209,56 +209,58 @@ async def test_the_same_feedback_id_in_two_scopes_keeps_two_self_edits() -> None
     assert await w.ledger.self_edit("other", "fb-2", 0) is None
 
 
-async def test_a_rollback_during_a_promotion_leaves_the_regression_set_of_the_active_version() -> None:
-    # The promotion moved the head to v3; a rollback to v1 moved it back and rebuilt the regression
-    # set from v1 before the promotion appended v3's probes: the set held a version not active.
-    from services.registry import actions
+async def _third_promotion_interleaved(w, interleave):  # noqa: ANN001, ANN202
+    """v1 and v2 of scope acme, then a third feedback promoted on v2 with ``interleave()`` run once,
+    just before the promotion writes the scope's regression set; (the three feedback, the
+    feedback ids the regression set holds after)."""
     from shared.registry_view import AcceptedProbes
 
-    w = make_world()
     await w.set_policy("acme", candidates=1)
     roots = [feedback(passage=f"Fact {i}.") for i in range(3)]
     for i, root in enumerate(roots[:2]):
         await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2, parent_version=i or None), w.ledger)
-    rolled = []
+    done: list[bool] = []
 
-    async def roll_back_once(bucket: str, key: str) -> None:
-        if key == "probes.acme" and not rolled:
-            rolled.append(True)
-            await actions.rollback(w.ledger, "acme", 1, "sre", "v3 forgets", "r-1")
+    async def once(bucket: str, key: str) -> None:
+        if key == "probes.acme" and not done:
+            done.append(True)
+            await interleave()
 
-    w.state.before_write = roll_back_once
+    w.state.before_write = once
     await handlers.on_adapter_evaluated(evaluated(roots[2], 0, 1, reward=0.2, parent_version=2), w.ledger)
     w.state.before_write = None
-    assert rolled and (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
+    assert done
     accepted = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
-    assert accepted is not None and {fid for fid, _ in accepted.probes} == {roots[0].feedback_id}
+    return roots, ({fid for fid, _ in accepted.probes} if accepted else None)
+
+
+async def test_a_rollback_during_a_promotion_leaves_the_regression_set_of_the_active_version() -> None:
+    # The promotion moved the head to v3; a rollback to v1 moved it back and rebuilt the regression
+    # set from v1 before the promotion appended v3's probes: the set held a version not active.
+    from services.registry import actions
+
+    w = make_world()
+
+    async def roll_back() -> None:
+        await actions.rollback(w.ledger, "acme", 1, "sre", "v3 forgets", "r-1")
+
+    roots, accepted = await _third_promotion_interleaved(w, roll_back)
+    assert (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
+    assert accepted == {roots[0].feedback_id}
 
 
 async def test_a_promotion_that_sees_a_newer_head_without_its_record_keeps_the_regression_set() -> None:
     # Another promotion moved the head to v4 and had not written v4's record yet: rebuilt from a
     # chain that did not exist, the set was written empty, and earlier feedback went unguarded.
     from services.registry.records import head_key
-    from shared.registry_view import AcceptedProbes
 
     w = make_world()
-    await w.set_policy("acme", candidates=1)
-    roots = [feedback(passage=f"Fact {i}.") for i in range(3)]
-    for i, root in enumerate(roots[:2]):
-        await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2, parent_version=i or None), w.ledger)
-    moved = []
 
-    async def another_replica_moves_on(bucket: str, key: str) -> None:
-        if key == "probes.acme" and not moved:
-            moved.append(True)
-            await w.state.compare_and_set(
-                KV_REGISTRY, head_key("acme"), ScopeHead,
-                lambda h: h.model_copy(update={"version": 4, "latest_version": 4, "adapter_id": "ad-v4"}),
-            )
+    async def another_replica_moves_on() -> None:
+        await w.state.compare_and_set(
+            KV_REGISTRY, head_key("acme"), ScopeHead,
+            lambda h: h.model_copy(update={"version": 4, "latest_version": 4, "adapter_id": "ad-v4"}),
+        )
 
-    w.state.before_write = another_replica_moves_on
-    await handlers.on_adapter_evaluated(evaluated(roots[2], 0, 1, reward=0.2, parent_version=2), w.ledger)
-    w.state.before_write = None
-    assert moved
-    accepted = await w.state.read(KV_REGISTRY, "probes.acme", AcceptedProbes)
-    assert accepted is not None and {fid for fid, _ in accepted.probes} == {r.feedback_id for r in roots}
+    roots, accepted = await _third_promotion_interleaved(w, another_replica_moves_on)
+    assert accepted == {r.feedback_id for r in roots}
