@@ -54,8 +54,9 @@ def _scope(args: dict[str, Any]) -> str:
     return _matching(args, "scope", SCOPE_PATTERN)
 
 
-def _optional_scope(args: dict[str, Any]) -> str | None:
-    return _scope(args) if args.get("scope") is not None else None
+def _optional(args: dict[str, Any], name: str, pattern: str) -> str | None:
+    """An argument that may be left out (or null), else as :func:`_matching` takes it."""
+    return _matching(args, name, pattern) if args.get(name) is not None else None
 
 
 def _id(args: dict[str, Any], name: str) -> str:
@@ -130,19 +131,19 @@ def _without(args: dict[str, Any], *names: str) -> dict[str, Any]:
 def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
     return {
         "scopes": lambda a: ops.scopes(
-            _matching(a, "after", SCOPE_PATTERN) if a.get("after") is not None else None,
+            _optional(a, "after", SCOPE_PATTERN),
             _limit(a, SCOPE_LIST_LIMIT, SCOPE_LIST_MAX),
         ),
         "versions": lambda a: ops.versions(_scope(a), _limit(a, VERSION_LIST_LIMIT, VERSION_LIST_MAX)),
         "lineage": lambda a: ops.lineage(_scope(a), _int(a, "version")),
-        "feedback": lambda a: ops.feedback(_id(a, "feedback_id"), _optional_scope(a)),
+        "feedback": lambda a: ops.feedback(_id(a, "feedback_id"), _optional(a, "scope", SCOPE_PATTERN)),
         "feedback_list": lambda a: ops.feedback_list(_scope(a), _state(a), _limit(a, FEEDBACK_LIST_LIMIT, FEEDBACK_LIST_MAX)),
         "submit": lambda a: ops.submit(SubmitFeedback.model_validate(a)),
         "approve": lambda a: ops.approve(
-            _id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id", "scope")), _optional_scope(a)
+            _id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id", "scope")), _optional(a, "scope", SCOPE_PATTERN)
         ),
         "reject": lambda a: ops.reject(
-            _id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id", "scope")), _optional_scope(a)
+            _id(a, "feedback_id"), OperatorRequest.model_validate(_without(a, "feedback_id", "scope")), _optional(a, "scope", SCOPE_PATTERN)
         ),
         "rollback": lambda a: ops.rollback(_scope(a), RollbackRequest.model_validate(_without(a, "scope"))),
         "pin": lambda a: ops.pin(_scope(a), OperatorRequest.model_validate(_without(a, "scope")), pinned=True),
@@ -153,7 +154,7 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
         ),
         "ask": lambda a: ops.ask(_scope(a), AskRequest.model_validate(_without(a, "scope"))),
         "dead_letters": lambda a: ops.dead_letter_list(
-            _matching(a, "service", SERVICE_PATTERN) if a.get("service") is not None else None,
+            _optional(a, "service", SERVICE_PATTERN),
             _limit(a, DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX),
         ),
         "dead_letter_replay": lambda a: ops.dead_letter_replay(
