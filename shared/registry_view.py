@@ -21,6 +21,7 @@ each other's updates.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Callable
 from typing import Annotated, Literal, TypeVar
@@ -31,6 +32,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from shared.events import Contract, ManifestRef, Probe, TrainingDirectives, describe_validation_error
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -150,12 +153,16 @@ def parse_record(model: type[M], bucket: str, key: str, body: bytes) -> M:
         ) from None
 
 
-def _parsed_or_none(model: type[M], bucket: str, key: str, body: bytes, unreadable_as_absent: bool) -> M | None:
+def parsed_or_none(model: type[M], bucket: str, key: str, body: bytes, tolerate: bool) -> M | None:
+    """A stored value as ``model`` (:func:`parse_record`); with ``tolerate`` one that does not
+    parse is None, with the reason in the log (one bad record, hand-edited or written by another
+    version, must not hide every other from a listing or the sweep; a repair writes over it)."""
     try:
         return parse_record(model, bucket, key, body)
-    except UnreadableRecord:
-        if not unreadable_as_absent:
+    except UnreadableRecord as exc:
+        if not tolerate:
             raise
+        log.warning("not read: %s", exc)
         return None
 
 
@@ -214,7 +221,7 @@ async def compare_and_set(
         if attempt:
             await asyncio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 7)))
         body, revision = await read_raw(js, bucket, key)
-        current = None if body is None else _parsed_or_none(model, bucket, key, body, unreadable_as_absent)
+        current = None if body is None else parsed_or_none(model, bucket, key, body, unreadable_as_absent)
         updated = change(current)
         if updated is None:
             return current

@@ -8,7 +8,6 @@ tests and for running the registry without a server.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -16,9 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from pydantic import BaseModel
 
-from shared.registry_view import ConflictError, UnreadableRecord, compare_and_set, parse_record, read_model
-
-log = logging.getLogger(__name__)
+from shared.registry_view import ConflictError, compare_and_set, parse_record, parsed_or_none, read_model
 
 M = TypeVar("M", bound=BaseModel)
 Change = Callable[[M | None], M | None]
@@ -104,7 +101,7 @@ class NatsState:
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     found.pop(entry.key, None)
                     continue
-                parsed = _parsed(model, bucket, entry.key, entry.value, skip_unreadable)
+                parsed = parsed_or_none(model, bucket, entry.key, entry.value, skip_unreadable)
                 if parsed is not None:
                     found[entry.key] = parsed
                 if entry.delta == 0:
@@ -142,7 +139,7 @@ class MemoryState:
     ) -> M | None:
         for _ in range(self.attempts):
             body, revision = self._get(bucket, key)
-            current = None if body is None else _parsed(model, bucket, key, body, unreadable_as_absent)
+            current = None if body is None else parsed_or_none(model, bucket, key, body, unreadable_as_absent)
             updated = change(current)
             if updated is None:
                 return current
@@ -166,24 +163,11 @@ class MemoryState:
 
     async def entries(self, bucket: str, pattern: str, model: type[M], *, skip_unreadable: bool = False) -> dict[str, M]:
         found = {
-            key: _parsed(model, bucket, key, body, skip_unreadable)
+            key: parsed_or_none(model, bucket, key, body, skip_unreadable)
             for (b, key), (body, _) in sorted(self.data.items())
             if b == bucket and subject_matches(pattern, key)
         }
         return {key: value for key, value in found.items() if value is not None}
-
-
-def _parsed(model: type[M], bucket: str, key: str, body: bytes, skip_unreadable: bool) -> M | None:
-    """A stored value as ``model`` (:func:`parse_record`); with ``skip_unreadable`` one that does
-    not parse is None, with the reason in the log: one bad record (hand-edited, or written by
-    another version) must not hide every other from a listing or the sweep."""
-    try:
-        return parse_record(model, bucket, key, body)
-    except UnreadableRecord as exc:
-        if not skip_unreadable:
-            raise
-        log.warning("left out: %s", exc)
-        return None
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
