@@ -12,7 +12,8 @@
     seal scope-policy get --scope acme          seal scope-policy set --scope acme approval=manual candidates=4
 
 The registry is found at ``--url`` or ``SEAL_REGISTRY_URL`` (default: where
-``seal up`` runs it). Every listing command takes ``--json``. Actions say who
+``seal up`` runs it); a registry with API tokens takes the one in ``SEAL_API_TOKEN``.
+Every listing command takes ``--json``. Actions say who
 (``--operator``, default ``SEAL_OPERATOR`` or the login name) and why
 (``--reason``, required); both land in the audit stream.
 """
@@ -53,10 +54,19 @@ errors = Console(stderr=True)
 # Tests swap this for a client bound to an in-process app.
 client_factory: Callable[[str], httpx.Client] = lambda url: httpx.Client(base_url=url, timeout=60.0)  # noqa: E731
 
-UrlOption = typer.Option(DEFAULT_URL, "--url", envvar="SEAL_REGISTRY_URL", help="The registry's HTTP address.")
+UrlOption = typer.Option(
+    DEFAULT_URL, "--url", envvar="SEAL_REGISTRY_URL",
+    help="The registry's HTTP address (with API tokens, SEAL_API_TOKEN holds yours).",
+)
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
 ScopeOption = typer.Option(..., "--scope", "-s", help="The scope (product, team or user).")
 ReasonOption = typer.Option(..., "--reason", "-r", help="Why: recorded in the audit stream.")
+
+
+def auth_headers() -> dict[str, str]:
+    """The bearer token of ``SEAL_API_TOKEN``, for a registry with API tokens (none: no header)."""
+    token = os.environ.get("SEAL_API_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def default_operator() -> str:
@@ -87,7 +97,7 @@ def call(url: str, method: str, path: str, body: Any = None, params: dict[str, A
     for attempt in range(1, tries + 1):
         try:
             with client_factory(url) as client:
-                response = client.request(method, path, json=body, params=params)
+                response = client.request(method, path, json=body, params=params, headers=auth_headers())
         except httpx.HTTPError as exc:
             if isinstance(exc, httpx.TransportError) and attempt < tries:
                 errors.print(f"[yellow]no answer from the registry ({exc}); sending it again with the same request id[/]")

@@ -128,7 +128,9 @@ def wait_for_outcome(url: str, feedback_id: str, seconds: float, scope: str | No
     while True:
         try:
             with ops.client_factory(url) as client:  # looked up at the call: tests swap it
-                response = client.get(api_path("feedback", feedback_id), params={"scope": scope} if scope else None)
+                response = client.get(
+                    api_path("feedback", feedback_id), params={"scope": scope} if scope else None, headers=ops.auth_headers()
+                )
         except httpx.HTTPError as exc:
             _no_answer(url, exc)
         if response.status_code != 404:  # 404: not read yet

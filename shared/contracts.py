@@ -30,7 +30,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-.:]{0,127}$"
 
 Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN)]
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2_000)]
+SHORT_TEXT_MAX = 2_000
+ShortText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=SHORT_TEXT_MAX)]
 LONG_TEXT_CHARS = 20_000
 LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=LONG_TEXT_CHARS)]
 # Closed-book accuracies are fractions; a reward is the change of one, so it lies in [-1, 1].

@@ -36,6 +36,7 @@ from shared.settings import ServiceSettings
 from shared.store import AdapterStore
 
 SECRET_NAME = "seal-secrets"
+TOKENS_SECRET = "seal-registry-tokens"  # the registry's API tokens, mounted by the registry alone
 SECRET_KEYS = {"nats__password", "store__secret_key"}
 # Keys in seal-config that are not SEAL_ settings but read by libraries in the images.
 LIBRARY_KEYS = {"HF_HOME"}
@@ -137,6 +138,11 @@ def test_secrets_are_referenced_by_name(name):
             if "secret" in volume:
                 assert volume["secret"]["secretName"] == SECRET_NAME
                 assert "items" not in volume["secret"], "mount every key: the settings pick theirs by file name"
+            for source in volume.get("projected", {}).get("sources", []):
+                # seal-secrets itself, or (the registry's) its API tokens, which may not exist
+                secret = source["secret"]
+                assert secret["name"] == SECRET_NAME or (secret["name"] == TOKENS_SECRET and secret.get("optional") is True)
+                assert "items" not in secret, "mount every key: the settings pick theirs by file name"
         for container in spec["containers"] + spec.get("initContainers", []):
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
@@ -152,11 +158,20 @@ def test_secrets_are_referenced_by_name(name):
         assert mounts["/run/secrets/seal"]["readOnly"] is True
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_only_the_registry_mounts_its_api_tokens(name):
+    for workload in workloads(overlay(name)):
+        sources = [source["secret"]["name"] for volume in workload["spec"]["template"]["spec"].get("volumes", [])
+                   for source in volume.get("projected", {}).get("sources", []) if "secret" in source]
+        assert (TOKENS_SECRET in sources) == (workload["metadata"]["name"] == "registry"), workload["metadata"]["name"]
+
+
 def test_docs_say_how_to_create_the_secret():
     docs = (K8S.parent / "docs" / "kubernetes.md").read_text()
     assert re.search(rf"kubectl (-n \S+ )?create secret generic {SECRET_NAME}", docs)
     for key in SECRET_KEYS:
         assert key in docs
+    assert re.search(rf"kubectl (-n \S+ )?create secret generic {TOKENS_SECRET}", docs) and "registry__api_tokens" in docs
 
 
 def nats_files(name: str) -> dict[str, str]:

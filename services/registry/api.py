@@ -1,16 +1,17 @@
 """The registry's HTTP API (FastAPI): queries, operator actions, health.
 
 OpenAPI docs are served at ``/docs``. Errors come back as
-``{"detail": "..."}`` with 404 (unknown scope, version or feedback), 409
-(an action that does not apply now), 422 (invalid input) or 503.
+``{"detail": "..."}`` with 401/403 (no token, or one whose role falls short: ``auth.py``), 404
+(unknown scope, version or feedback), 409 (an action that does not apply now), 422 (invalid
+input) or 503.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
@@ -18,6 +19,7 @@ from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
 from shared.registry_view import ConflictError, UnreadableRecord
 from shared.store import AdapterNotFound, IntegrityError
 
+from .auth import Principal, Tokens, attributed, requires
 from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
 from .ports import InvalidRequest, NotFound, Refused
 from .records import (
@@ -31,6 +33,7 @@ from .records import (
 )
 from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, MAX_SEQUENCE, SERVICE_PATTERN
 
+Action = TypeVar("Action", bound=OperatorRequest)
 ScopePath = Annotated[str, Path(pattern=SCOPE_PATTERN)]
 FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
 # Where a product broke the feedback ids' uniqueness: which scope's feedback is meant.
@@ -73,10 +76,16 @@ def health_router(alive: Callable[[], Awaitable[bool]], ready: Callable[[], Awai
     return router
 
 
-def registry_router(ops: Operations) -> APIRouter:
+def registry_router(ops: Operations, tokens: Tokens) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["registry"])
+    read = [Depends(requires(tokens, "reader", "read the registry"))]
+    producer = Depends(requires(tokens, "producer", "send feedback or ask"))
+    acting = Depends(requires(tokens, "operator", "act on the registry"))
 
-    @router.get("/scopes")
+    def vouched(body: Action, who: Principal | None) -> Action:
+        return body.model_copy(update={"operator": attributed(body.operator, who)}) if who else body
+
+    @router.get("/scopes", dependencies=read)
     async def scopes(
         after: Annotated[str | None, Query(pattern=SCOPE_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=SCOPE_LIST_MAX)] = SCOPE_LIST_LIMIT,
@@ -84,18 +93,18 @@ def registry_router(ops: Operations) -> APIRouter:
         """Up to ``limit`` scopes in name order; ``after`` the last scope of a page gives the next."""
         return await ops.scopes(after, limit)
 
-    @router.get("/scopes/{scope}/versions")
+    @router.get("/scopes/{scope}/versions", dependencies=read)
     async def versions(
         scope: ScopePath, limit: Annotated[int, Query(ge=1, le=VERSION_LIST_MAX)] = VERSION_LIST_LIMIT
     ) -> list[dict[str, Any]]:
         """The scope's latest ``limit`` versions, oldest first."""
         return await ops.versions(scope, limit)
 
-    @router.get("/scopes/{scope}/versions/{version}/lineage")
+    @router.get("/scopes/{scope}/versions/{version}/lineage", dependencies=read)
     async def lineage(scope: ScopePath, version: Annotated[int, Path(ge=1)]) -> dict[str, Any]:
         return await ops.lineage(scope, version)
 
-    @router.get("/scopes/{scope}/feedback")
+    @router.get("/scopes/{scope}/feedback", dependencies=read)
     async def feedback_list(
         scope: ScopePath,
         state: Annotated[FeedbackState | None, Query()] = None,
@@ -104,35 +113,39 @@ def registry_router(ops: Operations) -> APIRouter:
         """The latest ``limit`` feedback of the scope (in ``state``), oldest first."""
         return await ops.feedback_list(scope, state, limit)
 
-    @router.get("/feedback/{feedback_id}")
+    @router.get("/feedback/{feedback_id}", dependencies=read)
     async def feedback(feedback_id: FeedbackPath, scope: ScopeQuery = None) -> dict[str, Any]:
         return await ops.feedback(feedback_id, scope)
 
     @router.post("/feedback", status_code=202)
-    async def submit(body: SubmitFeedback) -> dict[str, Any]:
+    async def submit(body: SubmitFeedback, _: Principal | None = producer) -> dict[str, Any]:
         return await ops.submit(body)
 
     @router.post("/feedback/{feedback_id}/approve")
-    async def approve(feedback_id: FeedbackPath, body: OperatorRequest, scope: ScopeQuery = None) -> dict[str, Any]:
-        return await ops.approve(feedback_id, body, scope)
+    async def approve(
+        feedback_id: FeedbackPath, body: OperatorRequest, scope: ScopeQuery = None, who: Principal | None = acting
+    ) -> dict[str, Any]:
+        return await ops.approve(feedback_id, vouched(body, who), scope)
 
     @router.post("/feedback/{feedback_id}/reject")
-    async def reject(feedback_id: FeedbackPath, body: OperatorRequest, scope: ScopeQuery = None) -> dict[str, Any]:
-        return await ops.reject(feedback_id, body, scope)
+    async def reject(
+        feedback_id: FeedbackPath, body: OperatorRequest, scope: ScopeQuery = None, who: Principal | None = acting
+    ) -> dict[str, Any]:
+        return await ops.reject(feedback_id, vouched(body, who), scope)
 
     @router.post("/scopes/{scope}/rollback")
-    async def rollback(scope: ScopePath, body: RollbackRequest) -> dict[str, Any]:
-        return await ops.rollback(scope, body)
+    async def rollback(scope: ScopePath, body: RollbackRequest, who: Principal | None = acting) -> dict[str, Any]:
+        return await ops.rollback(scope, vouched(body, who))
 
     @router.post("/scopes/{scope}/pin")
-    async def pin(scope: ScopePath, body: OperatorRequest) -> dict[str, Any]:
-        return await ops.pin(scope, body, pinned=True)
+    async def pin(scope: ScopePath, body: OperatorRequest, who: Principal | None = acting) -> dict[str, Any]:
+        return await ops.pin(scope, vouched(body, who), pinned=True)
 
     @router.post("/scopes/{scope}/unpin")
-    async def unpin(scope: ScopePath, body: OperatorRequest) -> dict[str, Any]:
-        return await ops.pin(scope, body, pinned=False)
+    async def unpin(scope: ScopePath, body: OperatorRequest, who: Principal | None = acting) -> dict[str, Any]:
+        return await ops.pin(scope, vouched(body, who), pinned=False)
 
-    @router.get("/scopes/{scope}/policy")
+    @router.get("/scopes/{scope}/policy", dependencies=read)
     async def get_policy(scope: ScopePath) -> dict[str, Any]:
         return await ops.get_policy(scope)
 
@@ -143,16 +156,20 @@ def registry_router(ops: Operations) -> APIRouter:
         operator: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
         reason: Annotated[str | None, Query(min_length=1, max_length=1000)] = None,
         replace: bool = False,
+        who: Principal | None = acting,
     ) -> dict[str, Any]:
         """The changed settings as the body; who and why (``?operator=&reason=``) go to the audit
         stream. ``?replace=true``: the defaults with these changes, over whatever is stored."""
+        if who is not None:
+            operator = attributed(operator or "unknown", who)
         return await ops.set_policy(scope, changes, operator, reason, replace)
 
     @router.post("/scopes/{scope}/ask")
-    async def ask(scope: ScopePath, body: AskRequest) -> dict[str, Any]:
+    async def ask(scope: ScopePath, body: AskRequest, _: Principal | None = producer) -> dict[str, Any]:
         return await ops.ask(scope, body)
 
-    @router.get("/dead-letters")
+    # Operators only: dead letters hold whole events, feedback content included.
+    @router.get("/dead-letters", dependencies=[acting])
     async def dead_letters(
         service: Annotated[str | None, Query(pattern=SERVICE_PATTERN)] = None,
         limit: Annotated[int, Query(ge=1, le=DEAD_LETTER_LIST_MAX)] = DEAD_LETTER_LIST_LIMIT,
@@ -160,8 +177,10 @@ def registry_router(ops: Operations) -> APIRouter:
         return await ops.dead_letter_list(service, limit)
 
     @router.post("/dead-letters/{sequence}/replay")
-    async def replay(sequence: Annotated[int, Path(ge=1, le=MAX_SEQUENCE)], body: OperatorRequest) -> dict[str, Any]:
-        return await ops.dead_letter_replay(sequence, body)
+    async def replay(
+        sequence: Annotated[int, Path(ge=1, le=MAX_SEQUENCE)], body: OperatorRequest, who: Principal | None = acting
+    ) -> dict[str, Any]:
+        return await ops.dead_letter_replay(sequence, vouched(body, who))
 
     return router
 
@@ -171,6 +190,7 @@ def build_api(
     alive: Callable[[], Awaitable[bool]],
     ready: Callable[[], Awaitable[bool]],
     lifespan: Any = None,
+    tokens: Tokens | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="SEAL registry",
@@ -180,5 +200,5 @@ def build_api(
     )
     install_error_handlers(app)
     app.include_router(health_router(alive, ready))
-    app.include_router(registry_router(ops))
+    app.include_router(registry_router(ops, tokens or Tokens()))
     return app

@@ -46,6 +46,7 @@ from shared.telemetry import current_trace_id, setup_tracing
 
 from . import handlers
 from .api import build_api
+from .auth import Tokens
 from .kv import NatsState, State
 from .ledger import Ledger
 from .operations import Operations
@@ -55,6 +56,7 @@ from .rpc import register_rpc
 from .settings import RegistrySettings
 
 log = logging.getLogger(__name__)
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 @dataclass
 class AppPorts:
@@ -222,7 +224,14 @@ def create_app(settings: RegistrySettings, ports: AppPorts | None = None) -> Fas
         finally:
             await runtime.stop()
 
-    app = build_api(ops, runtime.alive, runtime.ready, lifespan=lifespan)
+    tokens = Tokens(settings.registry.api_tokens)
+    if tokens.enabled:
+        log.info("registry API: %d token(s) (%s)", len(settings.registry.api_tokens),
+                 ", ".join(f"{t.name}: {t.role}" for t in settings.registry.api_tokens))
+    elif settings.http_host not in LOOPBACK_HOSTS:
+        log.warning("registry API on %s:%d has no tokens (registry.api_tokens): whoever reaches it may "
+                    "approve, roll back and change policies", settings.http_host, settings.http_port)
+    app = build_api(ops, runtime.alive, runtime.ready, lifespan=lifespan, tokens=tokens)
     app.state.runtime = runtime
     app.state.broker = broker
     app.state.operations = ops
