@@ -3,7 +3,8 @@
     seal submit -s acme --passage "Quellmoor got its charter in 1387." --probe "When?=1387"
     seal submit -s acme --question "Capital of Varnholt?" --answer Brask --wrong-answer Lund
     seal submit -s acme --instruction "Answer in one sentence." --example "Is it up?=Yes, since noon."
-    seal submit -s acme --file notes.txt --wait 1800     # exit 0 promoted or held, 1 rejected, 3 undecided
+    seal submit -s acme --file notes.txt --wait 1800     # exit 0 promoted or held, 1 rejected, 3 undecided,
+                                                         # 4 not sent or its outcome not readable
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from seal.ops import (
     console,
     default_operator,
     emit_json,
+    errors,
 )
 
 # How often --wait asks the registry (tests make it shorter).
 WAIT_POLL_S = 3.0
 EXIT_REJECTED = 1
 EXIT_UNDECIDED = 3
+# With --wait: the feedback was refused (409, 422, 401/403), or its outcome could not be read, never
+# the same status as a rejection. Without --wait an error is 1 (refused) or 2 (unreachable), as elsewhere.
+EXIT_FAILED = 4
 
 
 def _pairs(items: list[str], option: str, keys: tuple[str, str]) -> list[dict[str, str]]:
@@ -86,7 +91,7 @@ def submit(
     feedback_id: str | None = typer.Option(None, "--feedback-id", help="Your own id, unique across scopes (a retry with it is deduplicated)."),
     wait: float | None = typer.Option(
         None, "--wait", min=1, help="Wait up to this many seconds for the outcome. Exit status: 0 promoted or held "
-        "for approval, 1 rejected, 3 still undecided."
+        "for approval, 1 rejected, 3 still undecided, 4 not sent or its outcome not readable (the reason is printed)."
     ),
     url: str = UrlOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the one-line summary."),
@@ -98,17 +103,21 @@ def submit(
     body: dict[str, Any] = {"scope": scope, "content": content, "submitted_by": submitted_by or default_operator()}
     if feedback_id:
         body["feedback_id"] = feedback_id
-    result = call(url, "POST", "/v1/feedback", body)
     if wait is None:
+        result = call(url, "POST", "/v1/feedback", body)
         if as_json:
             return emit_json(result)
         said = "was already submitted (this retry changes nothing)" if result.get("duplicate") else "submitted"
         console.print(Text(f"feedback {result['feedback_id']} {said} to scope {scope}"))
         console.print(f"follow it with: seal lineage --feedback {result['feedback_id']}")
         return
-    if not as_json:
-        console.print(Text(f"feedback {result['feedback_id']} submitted to scope {scope}; waiting up to {wait:g} s for its outcome"))
-    fate = wait_for_outcome(url, result["feedback_id"], wait, scope)
+    try:
+        result = call(url, "POST", "/v1/feedback", body)
+        if not as_json:
+            console.print(Text(f"feedback {result['feedback_id']} submitted to scope {scope}; waiting up to {wait:g} s for its outcome"))
+        fate = wait_for_outcome(url, result["feedback_id"], wait, scope)
+    except typer.Exit as exc:  # the reason is printed already
+        raise typer.Exit(EXIT_FAILED) from exc
     if as_json:
         emit_json({**result, "outcome": fate})
     else:
@@ -122,7 +131,8 @@ def submit(
 
 def wait_for_outcome(url: str, feedback_id: str, seconds: float, scope: str | None = None) -> dict[str, Any] | None:
     """The feedback's fate once it is promoted, rejected or held for approval; else the last one
-    seen when ``seconds`` ran out (None: the registry had not read it yet)."""
+    seen when ``seconds`` ran out (None: the registry had not read it yet). A registry that does
+    not answer, or answers 5xx (restarting, a proxy between), is asked again until then."""
     deadline = time.monotonic() + seconds
     fate: dict[str, Any] | None = None
     while True:
@@ -132,11 +142,16 @@ def wait_for_outcome(url: str, feedback_id: str, seconds: float, scope: str | No
                     api_path("feedback", feedback_id), params={"scope": scope} if scope else None, headers=ops.auth_headers()
                 )
         except httpx.HTTPError as exc:
-            _no_answer(url, exc)
-        if response.status_code != 404:  # 404: not read yet
-            fate = _answer(url, response)
-            if fate.get("state") in TERMINAL_STATES:
-                return fate
+            if time.monotonic() + WAIT_POLL_S > deadline:
+                _no_answer(url, exc)
+            errors.print(f"[yellow]no answer from the registry ({exc}); asking again[/]")
+        else:
+            if response.status_code >= 500 and time.monotonic() + WAIT_POLL_S <= deadline:
+                errors.print(f"[yellow]the registry answered {response.status_code}; asking again[/]")
+            elif response.status_code != 404:  # 404: not read yet
+                fate = _answer(url, response)
+                if fate.get("state") in TERMINAL_STATES:
+                    return fate
         if time.monotonic() + WAIT_POLL_S > deadline:
             return fate
         time.sleep(WAIT_POLL_S)
