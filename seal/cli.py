@@ -2,7 +2,7 @@
 
     seal up              start nats-server, the S3 server and the services; Ctrl-C stops all
     seal up --check      start nats-server and the S3 server only, show their health, stop
-    seal status          is a running stack healthy?
+    seal status          are the stack's servers and its four services up and ready?
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ SERVICE_PORT_BASE = 18080  # registry 18080 (HTTP API), generator 18081, trainer
 # The demo on a CPU: the trainer's default rehearsal (158 base answers, 16 per step, weight 3)
 # makes one update of the default model take 9-10 minutes on 2 cores; the demo holds the model
 # with the lighter one (64 answers, 4 per step, weight 1: 3-4 minutes) so that the demo's two
-# passages take 10 to 12 minutes (bench/RESULTS.md, "Demo"). It forgets more. Variables set in
+# passages take 8 to 12 minutes (bench/RESULTS.md, "Demo"). It forgets more. Variables set in
 # the environment win.
 DEMO_CPU_SETTINGS = {
     "SEAL_TRAINER__REHEARSAL_PAIRS": "64",
@@ -90,7 +90,23 @@ def provision(stack: LocalStack) -> None:
     AdapterStore.from_settings(stack.store_settings()).ensure_bucket()
 
 
-def health_table(stack: LocalStack, services: dict[str, subprocess.Popen] | None = None) -> Table:
+def service_readiness(port_base: int = SERVICE_PORT_BASE) -> dict[str, str]:
+    """Each service's /readyz, where ``seal up`` runs it: ready, starting (its model loading) or down."""
+    import httpx
+
+    states = {}
+    for name in SERVICES:
+        try:
+            answer = httpx.get(f"{service_url(name, port_base)}/readyz", timeout=2)
+            states[name] = "ready" if answer.status_code == 200 else "starting"
+        except httpx.HTTPError:
+            states[name] = "down"
+    return states
+
+
+def health_table(
+    stack: LocalStack, services: dict[str, subprocess.Popen] | None = None, readiness: dict[str, str] | None = None
+) -> Table:
     table = Table(title="SEAL local stack")
     table.add_column("component")
     table.add_column("address")
@@ -102,6 +118,9 @@ def health_table(stack: LocalStack, services: dict[str, subprocess.Popen] | None
     for name, proc in (services or {}).items():
         state = ok.replace("healthy", "running") if proc.poll() is None else f"[red]exited {proc.returncode}[/]"
         table.add_row(f"service: {name}", f"pid {proc.pid}", state)
+    for name, said in (readiness or {}).items():
+        color = {"ready": "green", "starting": "yellow"}.get(said, "red")
+        table.add_row(f"service: {name}", service_url(name), f"[{color}]{said}[/]")
     table.caption = f"data: {stack.data_dir}"
     return table
 
@@ -270,6 +289,8 @@ def up(
         if services and not check:
             defaults = service_defaults(model_settings(model).device, light_rehearsal=False)
             procs = start_services(stack, home, model, SERVICES, defaults=defaults)
+            with console.status("the services are loading the model..."):
+                wait_services_ready(procs)
         console.print(health_table(stack, procs))
         console.print(f"ready in {time.monotonic() - started:.1f}s; logs in {home / 'logs'}")
         if check:
@@ -282,6 +303,9 @@ def up(
             if gone := exited_service(procs, home):
                 console.print(f"[red]{gone}[/]; stopping the rest")
                 raise typer.Exit(1)
+    except (RuntimeError, TimeoutError) as exc:  # a service that exited or never became ready
+        console.print(f"[red]{exited_service(procs, home) or exc}[/]; logs in {home / 'logs'}")
+        raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
@@ -368,7 +392,7 @@ def demo(
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
-    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+    except (RuntimeError, TimeoutError, OSError, ValueError) as exc:  # OSError, ValueError: a model that does not load
         console.print(f"[red]demo failed:[/] {exc}; logs in {home / 'logs'}")
         raise typer.Exit(1) from exc
     finally:
@@ -381,10 +405,11 @@ def demo(
 
 @app.command()
 def status(home: Path = HomeOption) -> None:
-    """Show whether the local stack's servers answer."""
+    """Show whether the local stack's servers answer and its services are ready (exit 1 if not)."""
     stack = LocalStack(home.resolve(), StackPorts())
-    console.print(health_table(stack))
-    if not (stack.nats_healthy() and stack.s3_healthy()):
+    readiness = service_readiness()
+    console.print(health_table(stack, readiness=readiness))
+    if not (stack.nats_healthy() and stack.s3_healthy()) or set(readiness.values()) != {"ready"}:
         raise typer.Exit(1)
 
 

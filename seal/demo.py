@@ -47,7 +47,7 @@ class DemoItem:
 
 
 def load_items(path: Path) -> list[DemoItem]:
-    """Any file in the format of shared/data/dev.jsonl."""
+    """Passages with their questions, one JSON object a line, as in ``seal/data/demo.jsonl``."""
     items = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():

@@ -240,3 +240,85 @@ def test_under_nohup_the_cli_outlives_its_terminal() -> None:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+class ServersUp:
+    """A stand-in for the embedded stack whose servers answer (the stack itself: test_stack.py)."""
+
+    stopped: list[bool]
+
+    def __init__(self, home: Path) -> None:
+        self.stopped = []
+        self.nats_url, self.s3_endpoint, self.bucket, self.data_dir = "nats://stub", "stub", "stub", home
+
+    def start(self) -> ServersUp:
+        return self
+
+    def stop(self) -> None:
+        self.stopped.append(True)
+
+    def nats_healthy(self) -> bool:
+        return True
+
+    def s3_healthy(self) -> bool:
+        return True
+
+
+def test_seal_up_says_ready_only_once_the_services_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    said: list[str] = []
+    monkeypatch.setattr(cli, "LocalStack", ServersUp)
+    monkeypatch.setattr(cli, "provision", lambda stack: None)
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+    monkeypatch.setattr(cli, "start_services", lambda *a, **k: {"trainer": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])})
+
+    def never_ready(procs: dict, **kw: object) -> None:
+        said.append("waited")
+        raise TimeoutError("services not ready after 600s: trainer")
+
+    monkeypatch.setattr(cli, "wait_services_ready", never_ready)
+    result = CliRunner().invoke(cli.app, ["up", "--home", str(tmp_path), "--model", "tiny"])
+    assert said == ["waited"] and result.exit_code == 1
+    assert "not ready after 600s: trainer" in result.output and "ready in" not in result.output
+
+
+def test_seal_status_fails_while_a_service_is_down_or_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(cli, "LocalStack", lambda home, ports: ServersUp(home))
+    states = {"registry": "ready", "generator": "ready", "trainer": "starting", "evaluator": "down"}
+    monkeypatch.setattr(cli, "service_readiness", lambda: states)
+    result = CliRunner().invoke(cli.app, ["status"])
+    assert result.exit_code == 1
+    assert "starting" in result.output and "down" in result.output and "18082" in result.output
+    monkeypatch.setattr(cli, "service_readiness", lambda: dict.fromkeys(cli.SERVICES, "ready"))
+    assert CliRunner().invoke(cli.app, ["status"]).exit_code == 0
+
+
+def test_service_readiness_asks_each_service_where_seal_up_runs_it() -> None:
+    # nothing listens on these ports here: every service is down
+    assert cli.service_readiness(port_base=cli.free_service_port_base()) == dict.fromkeys(cli.SERVICES, "down")
+
+
+@pytest.mark.parametrize("failure", [OSError("tiny-typo is not a local folder nor a hub id"), ValueError("the model has no chat template")])
+def test_a_demo_whose_model_does_not_load_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception) -> None:
+    from typer.testing import CliRunner
+
+    stack = ServersUp(tmp_path)
+    monkeypatch.setattr(cli, "LocalStack", lambda home: stack)
+    monkeypatch.setattr(cli, "provision", lambda stack: None)
+    monkeypatch.setattr(cli, "start_services", lambda *a, **k: {})
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+
+    def fails(settings: object) -> None:
+        raise failure
+
+    monkeypatch.setattr("shared.models.load_model", fails)  # imported by the demo when it runs
+    result = CliRunner().invoke(cli.app, ["demo", "--home", str(tmp_path / "demo")])
+    assert result.exit_code == 1 and "demo failed:" in result.output and str(failure) in " ".join(result.output.split())
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert stack.stopped == [True]
