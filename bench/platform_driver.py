@@ -117,7 +117,8 @@ def set_scope_policy(platform: Platform, scope: str, changes: dict[str, Any]) ->
     from seal.cli import service_url
     from seal.ops import call
 
-    return call(service_url("registry", platform.port_base), "PATCH", f"/v1/scopes/{scope}/policy", changes)
+    return call(service_url("registry", platform.port_base), "PATCH", f"/v1/scopes/{scope}/policy", changes,
+                params={"operator": "bench", "reason": "the benchmark's settings for this run"})
 
 
 async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float, seed: int = 0) -> tuple[Any, float]:

@@ -383,7 +383,8 @@ def demo(
         if policy := demo_policy(settings.device):
             from seal.ops import call
 
-            call(service_url("registry"), "PATCH", f"/v1/scopes/{scope}/policy", policy)
+            call(service_url("registry"), "PATCH", f"/v1/scopes/{scope}/policy", policy,
+                 params={"operator": "seal demo", "reason": "the demo on a CPU: fewer trainings (DEMO_CPU_POLICY)"})
             console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy} (fewer trainings: DEMO_CPU_POLICY)")
         result = asyncio.run(
             run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope,

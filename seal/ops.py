@@ -9,7 +9,7 @@
     seal rollback --scope acme --to 2 --reason "v3 forgets the core set"
     seal pin --scope acme --reason "release freeze"     seal unpin --scope acme --reason "done"
     seal ask --scope acme "When did Quellmoor get its charter?"
-    seal scope-policy get --scope acme          seal scope-policy set --scope acme approval=manual candidates=4
+    seal scope-policy get --scope acme          seal scope-policy set --scope acme approval=manual -r "release freeze"
 
 The registry is found at ``--url`` or ``SEAL_REGISTRY_URL`` (default: where
 ``seal up`` runs it); a registry with API tokens takes the one in ``SEAL_API_TOKEN``.

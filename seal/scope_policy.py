@@ -1,7 +1,7 @@
 """``seal scope-policy``: read or change a scope's policy through the registry's HTTP API.
 
     seal scope-policy get --scope acme
-    seal scope-policy set --scope acme approval=manual candidates=4 policy_round_examples=16
+    seal scope-policy set --scope acme approval=manual candidates=4 policy_round_examples=16 -r "more candidates"
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from rich.table import Table
 from seal.ops import (
     JsonOption,
     OperatorOption,
+    ReasonOption,
     ScopeOption,
     UrlOption,
     api_path,
@@ -64,7 +65,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 def policy_set(
     changes: list[str] | None = typer.Argument(None, help="key=value pairs, e.g. approval=manual candidates=4 min_gain=0.02"),
     scope: str = ScopeOption,
-    reason: str = typer.Option("not given", "--reason", "-r", help="Why: recorded in the audit stream with the change."),
+    reason: str = ReasonOption,
     replace: bool = typer.Option(
         False, "--replace", help="Start from the defaults, not the stored policy (repairs one that no longer parses)."
     ),

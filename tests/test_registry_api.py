@@ -33,6 +33,9 @@ class FakeAnswerer:
                 "adapter_id": head.adapter_id if head else None, "base_model": "tiny"}
 
 
+WHO = {"operator": "sre-alice", "reason": "tuning"}  # a policy change says who and why
+
+
 async def _true() -> bool:
     return True
 
@@ -93,15 +96,20 @@ async def test_http_queries_and_errors(registry) -> None:
         assert missing_reason.status_code == 422
         same = http.post("/v1/scopes/acme/rollback", json={"operator": "x", "reason": "y", "to_version": 2})
         assert same.status_code == 409 and "already the active version" in same.json()["detail"]
-        bad_policy = http.patch("/v1/scopes/acme/policy", json={"candidates": 100})
+        # a policy decides what is promoted: a change says who and why, or is refused
+        for partial in ({}, {"operator": "sre-alice"}, {"reason": "tuning"}):
+            unsigned = http.patch("/v1/scopes/acme/policy", json={"candidates": 2}, params=partial)
+            assert unsigned.status_code == 422 and ("operator" in unsigned.text or "reason" in unsigned.text)
+        assert not w.bus.of(ev.OperatorAction) and http.get("/v1/scopes/acme/policy").json()["candidates"] == 1
+        bad_policy = http.patch("/v1/scopes/acme/policy", json={"candidates": 100}, params=WHO)
         assert bad_policy.status_code == 422 and "candidates" in bad_policy.json()["detail"]
         # a misspelt setting is refused, not dropped (approval would have stayed as it was)
-        misspelt = http.patch("/v1/scopes/acme/policy", json={"aproval": "auto", "candidates": 2})
+        misspelt = http.patch("/v1/scopes/acme/policy", json={"aproval": "auto", "candidates": 2}, params=WHO)
         assert misspelt.status_code == 422 and "unknown policy setting(s): aproval" in misspelt.json()["detail"]
         assert http.get("/v1/scopes/acme/policy").json()["candidates"] == 1
         # one nested setting changes, the others keep their values
         before = http.get("/v1/scopes/acme/policy").json()["default_directives"]
-        after = http.patch("/v1/scopes/acme/policy", json={"default_directives": {"epochs": 5}}).json()["default_directives"]
+        after = http.patch("/v1/scopes/acme/policy", json={"default_directives": {"epochs": 5}}, params=WHO).json()["default_directives"]
         assert after == {**before, "epochs": 5} and before["epochs"] != 5
         assert "/v1/scopes/{scope}/rollback" in http.get("/openapi.json").json()["paths"]
 
@@ -284,7 +292,7 @@ async def test_a_stored_policy_that_no_longer_parses_is_reported_and_replaced(re
         assert shown.status_code == 500 and "'acme' in seal_scope_settings does not parse" in shown.json()["detail"]
         merged = http.patch("/v1/scopes/acme/policy", json={"approval": "manual"}, params={"operator": "sre", "reason": "x"})
         assert merged.status_code == 409 and "--replace" in merged.json()["detail"]
-    refused = cli("scope-policy", "set", "-s", "acme", ok=False)
+    refused = cli("scope-policy", "set", "-s", "acme", "-r", "nothing", ok=False)
     assert refused.exit_code == 2 and "key=value" in refused.output
     repaired = json.loads(cli("scope-policy", "set", "-s", "acme", "--replace", "approval=manual", "-r", "repair", "--json").output)
     assert repaired == ScopePolicy(approval="manual").model_dump(mode="json")
@@ -293,7 +301,7 @@ async def test_a_stored_policy_that_no_longer_parses_is_reported_and_replaced(re
     assert audit.reason.startswith("repair (replaced by the defaults with: ") and audit.action == "set_policy"
     # a replace over a readable policy also starts from the defaults
     await w.set_policy("acme", candidates=4)
-    assert json.loads(cli("scope-policy", "set", "-s", "acme", "--replace", "--json").output)["candidates"] == ScopePolicy().candidates
+    assert json.loads(cli("scope-policy", "set", "-s", "acme", "--replace", "-r", "defaults", "--json").output)["candidates"] == ScopePolicy().candidates
 
 
 def test_each_command_module_imports_on_its_own() -> None:

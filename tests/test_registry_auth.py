@@ -130,6 +130,10 @@ async def test_each_role_reaches_its_routes_and_no_further(guarded) -> None:
                              ("PATCH", "/v1/scopes/acme/policy"), ("POST", "/v1/scopes/acme/rollback")]:
             assert http.request(method, path, json={}, headers=bearer(PRODUCER)).status_code == 403, (method, path)
         assert len(w.bus.of(ev.FeedbackSubmitted)) == 1 and not w.bus.of(ev.OperatorAction)  # nothing refused was applied
+        assert w.bus.of(ev.FeedbackSubmitted)[0].submitted_by == "shop-backend"  # who sent it, as lineage shows
+        http.post("/v1/feedback", json={"scope": "acme", "content": {**CORRECTION, "question": "Largest?"}, "submitted_by": "bot-7"},
+                  headers=bearer(PRODUCER))
+        assert w.bus.of(ev.FeedbackSubmitted)[-1].submitted_by == "bot-7 (token shop-backend)"
 
         approved = http.post(f"/v1/feedback/{held.feedback_id}/approve", json={"operator": "alice", "reason": "looks right"},
                              headers=bearer(OPERATOR))

@@ -77,19 +77,21 @@ async def test_events_in_decisions_out_and_bad_payloads_dead_lettered(registry_a
         not_a_version = json.loads((await br.request({"scope": "acme", "version": "two"}, f"{REGISTRY_RPC}.lineage")).body)
         bad_id = json.loads((await br.request({"feedback_id": "a.>"}, f"{REGISTRY_RPC}.feedback")).body)
         misspelt = json.loads(
-            (await br.request({"scope": "acme", "changes": {"aproval": "manual"}}, f"{REGISTRY_RPC}.policy_set")).body
+            (await br.request({"scope": "acme", "changes": {"aproval": "manual"}, "operator": "sre", "reason": "x"}, f"{REGISTRY_RPC}.policy_set")).body
         )
         listed = json.loads((await br.request({"scope": "acme", "limit": 1}, f"{REGISTRY_RPC}.feedback_list")).body)
         bad_state = json.loads((await br.request({"scope": "acme", "state": "done"}, f"{REGISTRY_RPC}.feedback_list")).body)
         bad_limit = json.loads((await br.request({"scope": "acme", "limit": 0}, f"{REGISTRY_RPC}.feedback_list")).body)
         few_versions = json.loads((await br.request({"scope": "acme", "limit": 0}, f"{REGISTRY_RPC}.versions")).body)
-        not_changes = json.loads((await br.request({"scope": "acme", "changes": "manual"}, f"{REGISTRY_RPC}.policy_set")).body)
+        unsigned = json.loads((await br.request({"scope": "acme", "changes": {"candidates": 2}}, f"{REGISTRY_RPC}.policy_set")).body)
+        not_changes = json.loads((await br.request({"scope": "acme", "changes": "manual", "operator": "sre", "reason": "x"}, f"{REGISTRY_RPC}.policy_set")).body)
 
     assert [(p["version"], p["feedback_id"]) for p in seen["promoted"]] == [(1, root.feedback_id)]
     assert len(seen["rejected"]) == 2
     assert len(seen["dead"]) == 1
     assert versions["ok"] and [v["version"] for v in versions["result"]] == [1]
     assert missing == {"ok": False, "status": 404, "error": "scope 'acme' has no version 9"}
+    assert unsigned == {"ok": False, "status": 422, "error": "missing argument 'operator'"}
     assert fate["ok"] and fate["result"]["state"] == "promoted"
     assert invalid["ok"] is False and invalid["status"] == 422
     assert (wildcard["status"], not_a_version["status"], bad_id["status"]) == (422, 422, 422)

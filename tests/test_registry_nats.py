@@ -193,7 +193,8 @@ async def test_concurrent_feedback_is_rebased_promoted_rolled_back_and_asked(
 async def test_timeout_sweep_and_dead_letters_over_a_real_server(running, adapter_store, peft_dir) -> None:
     app, nc, events, http = running
     scope = f"reg-{ev.new_id()[:10]}"
-    policy = await http.patch(f"/v1/scopes/{scope}/policy", json={"candidates": 2, "decision_timeout_s": 1.0})
+    policy = await http.patch(f"/v1/scopes/{scope}/policy", json={"candidates": 2, "decision_timeout_s": 1.0},
+                            params={"operator": "sre", "reason": "a short timeout"})
     assert policy.status_code == 200
     root = feedback(scope)
     dead = await nc.subscribe(f"{DLQ_PREFIX}.registry.>")

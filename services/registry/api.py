@@ -118,7 +118,9 @@ def registry_router(ops: Operations, tokens: Tokens) -> APIRouter:
         return await ops.feedback(feedback_id, scope)
 
     @router.post("/feedback", status_code=202)
-    async def submit(body: SubmitFeedback, _: Principal | None = producer) -> dict[str, Any]:
+    async def submit(body: SubmitFeedback, who: Principal | None = producer) -> dict[str, Any]:
+        if who is not None:  # lineage names the token that sent it beside whoever the body says
+            body = body.model_copy(update={"submitted_by": attributed(body.submitted_by or who.name, who)})
         return await ops.submit(body)
 
     @router.post("/feedback/{feedback_id}/approve")
@@ -153,16 +155,15 @@ def registry_router(ops: Operations, tokens: Tokens) -> APIRouter:
     async def set_policy(
         scope: ScopePath,
         changes: Annotated[dict[str, Any], Body()],
-        operator: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-        reason: Annotated[str | None, Query(min_length=1, max_length=1000)] = None,
+        operator: Annotated[str, Query(min_length=1, max_length=200)],
+        reason: Annotated[str, Query(min_length=1, max_length=1000)],
         replace: bool = False,
         who: Principal | None = acting,
     ) -> dict[str, Any]:
-        """The changed settings as the body; who and why (``?operator=&reason=``) go to the audit
-        stream. ``?replace=true``: the defaults with these changes, over whatever is stored."""
-        if who is not None:
-            operator = attributed(operator or "unknown", who)
-        return await ops.set_policy(scope, changes, operator, reason, replace)
+        """The changed settings as the body; who and why (``?operator=&reason=``, both required: a
+        policy decides what is promoted) go to the audit stream. ``?replace=true``: the defaults
+        with these changes, over whatever is stored."""
+        return await ops.set_policy(scope, changes, attributed(operator, who), reason, replace)
 
     @router.post("/scopes/{scope}/ask")
     async def ask(scope: ScopePath, body: AskRequest, _: Principal | None = producer) -> dict[str, Any]:

@@ -137,8 +137,7 @@ class Operations:
         return {"scope": scope, **queries.head_summary(head)}
 
     async def set_policy(
-        self, scope: str, changes: dict[str, Any], operator: str | None = None, reason: str | None = None,
-        replace: bool = False,
+        self, scope: str, changes: dict[str, Any], operator: str, reason: str, replace: bool = False
     ) -> dict[str, Any]:
         """Merge ``changes`` into the scope's policy (validated as a whole), and audit who and why;
         ``replace`` starts from the defaults (and repairs a stored policy that no longer parses)."""
@@ -156,7 +155,7 @@ class Operations:
                     raise InvalidRequest(f"unknown setting(s) in {name}: {', '.join(wrong)}; "
                                          f"the settings are: {', '.join(section.model_fields)}")
         policy = await actions.set_policy(
-            self.ledger, scope, changes, operator or "unknown", reason or "not given", replace=replace
+            self.ledger, scope, changes, operator, reason, replace=replace
         )
         return policy.model_dump(mode="json")
 

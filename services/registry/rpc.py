@@ -9,7 +9,7 @@ Operations: ``scopes`` {after?, limit?}; ``versions`` {scope}; ``lineage`` {scop
 {scope, content, submitted_by?, feedback_id?}; ``approve`` / ``reject``
 {feedback_id, operator, reason, scope?}; ``rollback`` {scope, to_version, operator,
 reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
-``policy_get`` {scope}; ``policy_set`` {scope, changes, operator?, reason?, replace?}; ``ask`` {scope,
+``policy_get`` {scope}; ``policy_set`` {scope, changes, operator, reason, replace?}; ``ask`` {scope,
 question, max_new_tokens?}; ``dead_letters`` {service?, limit?};
 ``dead_letter_replay`` {sequence, operator, reason}.
 """
@@ -110,9 +110,9 @@ def _sequence(args: dict[str, Any]) -> int:
     return sequence
 
 
-def _text(args: dict[str, Any], name: str) -> str | None:
-    value = args.get(name)
-    if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 1000):
+def _text(args: dict[str, Any], name: str) -> str:
+    value = args[name]  # KeyError: "missing argument"
+    if not isinstance(value, str) or not value.strip() or len(value) > 1000:
         raise InvalidRequest(f"{name} must be a string of 1 to 1000 characters, not {value!r}"[:200])
     return value
 
