@@ -3,6 +3,7 @@
     seal dead-letters                       the newest messages given up on, and why
     seal dead-letters --service trainer     one service's
     seal replay 42 --reason "S3 is back"    publish dead letter 42 to its subject again
+                                            (refused once its feedback is decided, unless --force)
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ def dead_letters(
     if as_json:
         return emit_json(rows)
     table = Table(title="dead letters, newest first")
-    for col in ("seq", "at", "service", "event", "scope", "feedback", "reason"):
+    for col in ("seq", "at", "service", "event", "scope", "feedback", "feedback state", "reason"):
         table.add_column(col, overflow="fold")
     for r in rows:
         # Reasons quote what a product sent: printed as text, never read as rich markup.
         plain_row(table, r["sequence"], (r.get("at") or "")[:19], r["service"], r.get("event_type") or r["subject"],
-                  r.get("scope") or "-", _short(r.get("feedback_id")), r["reason"][:300])
+                  r.get("scope") or "-", _short(r.get("feedback_id")), r.get("feedback_state") or "-", r["reason"][:300])
     console.print(table if rows else "no dead letters")
 
 
@@ -50,11 +51,15 @@ def replay(
     sequence: int = typer.Argument(..., min=1, help="The dead letter's sequence number (seal dead-letters)."),
     reason: str = ReasonOption,
     operator: str | None = OperatorOption,
+    force: bool = typer.Option(
+        False, "--force", help="Replay a step of a feedback that is decided already (its outcome is not considered)."
+    ),
     url: str = UrlOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Publish a dead letter's event to its subject again, once its cause is fixed; it leaves the dead letters."""
-    result = call(url, "POST", api_path("dead-letters", sequence, "replay"), operator_body(operator, reason))
+    body = operator_body(operator, reason, **({"force": True} if force else {}))
+    result = call(url, "POST", api_path("dead-letters", sequence, "replay"), body)
     if as_json:
         return emit_json(result)
     console.print(f"replayed dead letter {sequence} ({result.get('event_type')}, feedback {result.get('feedback_id')}) "

@@ -7,6 +7,11 @@ failure is retried with a growing delay and dead-lettered on its last delivery
 handler never answered (the pod killed on every delivery) is copied from JetStream's
 max-deliveries advisory (:func:`dead_letter_exhausted_deliveries`). A copy is stored with
 JetStream's acknowledgement before its message is terminated.
+
+Every retry and every dead-lettering is logged on one line that names the message (subject, event
+type and id, feedback id, stream sequence: :func:`message_fields`) and, once stored, the copy's
+dead-letter sequence (what ``seal replay`` takes), with the handler's exception and its traceback;
+the same fields ride on the log record (``extra``) for a structured log handler.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from faststream import BaseMiddleware
@@ -38,6 +45,20 @@ DEAD_LETTER_TRIES = 3
 DEAD_LETTER_BACKOFF_S = 0.5  # doubled after each failed try
 DEAD_LETTER_RETRY_S = 30.0
 SERVICE_HEADER = "Seal-Dead-Letter-Service"
+
+
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    """A dead-letter copy as JetStream acknowledged it: ``sequence`` is what ``seal replay`` takes."""
+
+    subject: str
+    stream: str | None = None
+    sequence: int | None = None
+
+    def __str__(self) -> str:
+        if self.sequence is None:
+            return f"dead letter on {self.subject} (no sequence acknowledged)"
+        return f"dead letter {self.sequence} (stream {self.stream or DLQ_STREAM}, subject {self.subject})"
 
 
 class PermanentFailure(Exception):
@@ -103,10 +124,13 @@ async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequen
         stored = await store_dead_letter(broker, original.data, dead_letter_subject(service, original.subject), headers)
     finally:
         otel_context.detach(token)
+    fields = message_fields(original.data, original.subject, original.headers, source, sequence)
     if stored:
-        log.error("dead-lettered message on %s: %s", original.subject, reason)
+        log.error("dead-lettered message [%s]: %s; stored as %s", describe(fields), reason, stored,
+                  extra=_extra(fields, stored))
     else:
-        log.error("could not dead-letter %s sequence %d, given up by consumer %s", source, sequence, consumer)
+        log.error("could not dead-letter message [%s], given up by consumer %s", describe(fields), consumer,
+                  extra=_extra(fields))
 
 
 class DeadLetterMiddleware(BaseMiddleware):
@@ -126,62 +150,70 @@ class DeadLetterMiddleware(BaseMiddleware):
         except Interrupted as exc:
             # Not a failure: the process is shutting down. Back to JetStream at once, for another
             # replica; on its last delivery JetStream would drop it, so it is dead-lettered instead.
-            subject = getattr(msg, "raw_message", None) and msg.raw_message.subject
             delivered, limit, _ = _deliveries(msg)
             if delivered >= limit:
                 reason = f"interrupted by a shutdown on its last delivery ({delivered} of {limit}): {exc}"
-                log.error("dead-lettering message on %s: %s", subject, reason)
-                await self._reject(msg, reason, exc)
-            log.warning("message on %s handed back for redelivery: the %s is shutting down (%s)", subject, self.service, exc)
+                await self._reject(msg, reason, exc, "dead-lettering", logging.ERROR)
+            fields = _fields_of(msg)
+            log.warning("message [%s] handed back for redelivery: the %s is shutting down (%s)",
+                        describe(fields), self.service, _one_line(str(exc)), extra=_extra(fields))
             raise NackMessage() from exc
         except (PermanentFailure, ev.EventValidationError, ValidationError, RecursionError) as exc:
             # RecursionError: JSON nested too deep for the decoder to read; no retry reads it either.
-            reason = _readable(exc)
-            log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, reason)
-            await self._reject(msg, reason, exc)
+            await self._reject(msg, _readable(exc), exc, "rejecting", logging.WARNING)
         except Exception as exc:
             unreadable = _unreadable_body(msg)
             if unreadable is not None:
                 # FastStream decodes the body before the handler runs, and its errors (a JSON
                 # syntax error, an integer of thousands of digits) look transient; no retry reads it.
-                log.warning("rejecting message on %s: %s", getattr(msg, "raw_message", None) and msg.raw_message.subject, unreadable)
-                await self._reject(msg, unreadable, exc)
+                await self._reject(msg, unreadable, exc, "rejecting", logging.WARNING)
             delivered, limit, spec = _deliveries(msg)
             reason = f"{type(exc).__name__}: {exc}"
             if delivered >= limit:
-                log.error("giving up after %d deliveries: %s", delivered, reason)
-                await self._reject(msg, f"failed {delivered} times; last error: {reason}", exc)
+                await self._reject(msg, f"failed {delivered} times; last error: {reason}", exc,
+                                   f"giving up after {delivered} deliveries on", logging.ERROR)
             backoff = spec.backoff if spec and spec.backoff else (1.0,)
             delay = backoff[min(delivered - 1, len(backoff) - 1)]
-            log.warning("transient failure (delivery %d of %d), retrying in %ss: %s", delivered, limit, delay, reason)
+            fields = _fields_of(msg)
+            log.warning("transient failure (delivery %d of %d) on message [%s], retrying in %ss: %s", delivered, limit,
+                        describe(fields), delay, _one_line(reason), exc_info=exc, extra=_extra(fields))
             raise NackMessage(delay=delay) from exc
 
-    async def _reject(self, msg: Any, reason: str, exc: Exception) -> NoReturn:
-        """Terminate the message once its dead-letter copy is stored; without a copy, hand it back."""
-        if await self._dead_letter(msg, reason):
-            raise RejectMessage() from exc
-        delivered, limit, _ = _deliveries(msg)
-        subject = getattr(getattr(msg, "raw_message", None), "subject", "unknown")
-        if delivered < limit:
-            log.error("no dead-letter copy of the message on %s could be stored; handing it back for another try in %ss",
-                      subject, DEAD_LETTER_RETRY_S)
-            raise NackMessage(delay=DEAD_LETTER_RETRY_S) from exc
-        log.error("no dead-letter copy of the message on %s could be stored on its last delivery; it is still in its "
-                  "stream (%s): %s", subject, _stream_position(msg), reason)
-        raise RejectMessage() from exc
+    async def _reject(self, msg: Any, reason: str, exc: BaseException, what: str, level: int) -> NoReturn:
+        """Terminate the message once its dead-letter copy is stored; without a copy, hand it back.
 
-    async def _dead_letter(self, msg: Any, reason: str) -> bool:
-        """Store a copy in the dead-letter stream (acknowledged by JetStream); False if that failed."""
-        raw = getattr(msg, "raw_message", None)
-        subject = getattr(raw, "subject", "unknown")
+        Logs one line: ``what`` (rejecting, giving up after N deliveries on, ...) the message, why, and
+        where its copy was stored (or that none could be), with ``exc`` and its traceback."""
+        fields = _fields_of(msg)
+        about, why = describe(fields), _one_line(reason)
+        subject = fields["subject"] or "unknown"
         if subject.startswith(f"{DLQ_PREFIX}."):
             # A dead letter that fails again is dropped here, never dead-lettered in a loop.
-            log.error("dropping unprocessable dead letter on %s: %s", subject, reason)
-            return True
+            log.error("%s message [%s]: %s; dropped: an unprocessable dead letter is not dead-lettered again",
+                      what, about, why, exc_info=exc, extra=_extra(fields))
+            raise RejectMessage() from exc
+        stored = await self._dead_letter(msg, reason)
+        if stored:
+            log.log(level, "%s message [%s]: %s; stored as %s", what, about, why, stored,
+                    exc_info=exc, extra=_extra(fields, stored))
+            raise RejectMessage() from exc
+        delivered, limit, _ = _deliveries(msg)
+        if delivered < limit:
+            log.error("%s message [%s]: %s; no dead-letter copy could be stored, handing it back for another try in %ss",
+                      what, about, why, DEAD_LETTER_RETRY_S, exc_info=exc, extra=_extra(fields))
+            raise NackMessage(delay=DEAD_LETTER_RETRY_S) from exc
+        log.error("%s message [%s]: %s; no dead-letter copy could be stored on its last delivery; it is still in its "
+                  "stream (%s)", what, about, why, _stream_position(msg), exc_info=exc, extra=_extra(fields))
+        raise RejectMessage() from exc
+
+    async def _dead_letter(self, msg: Any, reason: str) -> StoredDeadLetter | None:
+        """Store a copy in the dead-letter stream (acknowledged by JetStream); None if that failed."""
+        raw = getattr(msg, "raw_message", None)
+        subject = getattr(raw, "subject", "unknown")
         broker = self.context.get("broker")
         if broker is None:
             log.error("no broker in context; cannot dead-letter message on %s", subject)
-            return False
+            return None
         headers = dead_letter_headers(getattr(raw, "headers", None), reason, self.service)
         return await store_dead_letter(broker, msg.body, dead_letter_subject(self.service, subject), headers)
 
@@ -194,17 +226,95 @@ def dead_letter_headers(original: dict[str, str] | None, reason: str, service: s
     return headers
 
 
-async def store_dead_letter(broker: NatsBroker, body: bytes, subject: str, headers: dict[str, str]) -> bool:
-    """Publish a dead-letter copy to its stream, acknowledged by JetStream, in a few tries; False if none took."""
+async def store_dead_letter(
+    broker: NatsBroker, body: bytes, subject: str, headers: dict[str, str],
+) -> StoredDeadLetter | None:
+    """Publish a dead-letter copy to its stream, acknowledged by JetStream, in a few tries: where it was
+    stored (its dead-letter sequence from the acknowledgement), or None if no try took."""
     for attempt in range(DEAD_LETTER_TRIES):
         try:
-            await broker.publish(body, subject, headers=headers, stream=DLQ_STREAM)
-            return True
+            ack = await broker.publish(body, subject, headers=headers, stream=DLQ_STREAM)
         except Exception:  # noqa: BLE001 - losing the copy must not crash the consumer
             log.exception("could not dead-letter message to %s (try %d of %d)", subject, attempt + 1, DEAD_LETTER_TRIES)
             if attempt + 1 < DEAD_LETTER_TRIES:
                 await asyncio.sleep(DEAD_LETTER_BACKOFF_S * 2**attempt)
-    return False
+            continue
+        sequence = getattr(ack, "seq", None)
+        return StoredDeadLetter(subject, getattr(ack, "stream", None) or DLQ_STREAM,
+                                sequence if isinstance(sequence, int) else None)
+    return None
+
+
+def message_fields(
+    body: Any, subject: str | None, headers: dict[str, str] | None = None,
+    stream: str | None = None, sequence: int | None = None,
+) -> dict[str, Any]:
+    """What ties a log line to a message: its subject, event type and id, feedback id and stream position.
+
+    Read from the raw body, which may be no event at all (a value that is not known is None); the event
+    id falls back to the ``Nats-Msg-Id`` header, which :func:`shared.broker.publish_event` sets to it."""
+    event: Any = None
+    if isinstance(body, bytes | str) and body:
+        try:
+            event = json.loads(body)
+        except (ValueError, RecursionError):
+            event = None
+    event = event if isinstance(event, dict) else {}
+    msg_id = (headers or {}).get("Nats-Msg-Id") if isinstance(headers, dict) else None
+    return {
+        "subject": subject,
+        "event_type": _text(event.get("type")),
+        "event_id": _text(event.get("event_id")) or _text(msg_id),
+        "feedback_id": _text(event.get("feedback_id")),
+        "stream": stream,
+        "stream_seq": sequence,
+    }
+
+
+def describe(fields: dict[str, Any]) -> str:
+    """``subject=... type=... event_id=... feedback_id=... stream_seq=SEAL_EVENTS:42``, what is known of it."""
+    parts = [f"subject={_token(fields.get('subject') or 'unknown')}"]
+    parts += [f"{label}={_token(fields[key])}" for key, label in
+              (("event_type", "type"), ("event_id", "event_id"), ("feedback_id", "feedback_id")) if fields.get(key)]
+    if fields.get("stream_seq") is not None:
+        parts.append(f"stream_seq={_token(fields.get('stream') or '?')}:{fields['stream_seq']}")
+    return " ".join(parts)
+
+
+def _fields_of(msg: Any) -> dict[str, Any]:
+    raw = getattr(msg, "raw_message", None)
+    stream = sequence = None
+    try:
+        meta = raw.metadata  # type: ignore[union-attr]
+        stream, sequence = meta.stream, int(meta.sequence.stream)
+    except Exception:  # noqa: BLE001 - core NATS or the in-memory test broker
+        pass
+    headers = getattr(raw, "headers", None)
+    return message_fields(getattr(msg, "body", None), getattr(raw, "subject", None), headers, stream, sequence)
+
+
+def _extra(fields: dict[str, Any], stored: StoredDeadLetter | None = None) -> dict[str, Any]:
+    """The fields as log record attributes (``extra``), the dead letter's sequence among them where stored."""
+    return {**fields, "dead_letter_subject": stored.subject if stored else None,
+            "dead_letter_seq": stored.sequence if stored else None}
+
+
+_PLAIN = re.compile(r"[\w.:@/+=-]{1,200}")
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _token(value: Any) -> str:
+    """A value as one word of a log line: quoted (and cut) where a body's text would break it."""
+    text = str(value)
+    return text if _PLAIN.fullmatch(text) else ascii(text[:200])
+
+
+def _one_line(text: str) -> str:
+    """An exception's text on one line (the traceback follows the line; the reason stays readable)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _deliveries(msg: Any) -> tuple[int, int, ConsumerSpec | None]:

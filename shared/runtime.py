@@ -17,16 +17,58 @@ from typing import Any
 
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import NatsBroker
+from opentelemetry import baggage
 
 from shared.broker import reconcile_consumers
 from shared.settings import ServiceSettings
+from shared.telemetry import FEEDBACK_ID, current_trace_id
+
+# ``lineage``: " [feedback=... trace=...]" where the line was logged in a feedback's work, else empty.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s%(lineage)s: %(message)s"
+
+
+class LineageFilter(logging.Filter):
+    """Ties every log line to the feedback and the trace it was logged in.
+
+    Sets ``lineage`` (for :data:`LOG_FORMAT`), and ``feedback_id`` and ``trace_id`` where the record
+    does not carry them already: a record's own ``feedback_id`` (the dead-letter logs name the message's,
+    :mod:`shared.dead_letters`), else the one in the OpenTelemetry baggage
+    (:func:`shared.telemetry.mark_lineage`); the trace is the active span's, which the registry stores
+    with each feedback. A line logged outside any feedback's work is left as it was."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            if getattr(record, "feedback_id", None) is None:
+                found = baggage.get_baggage(FEEDBACK_ID)
+                record.feedback_id = found if isinstance(found, str) and found else None
+            if getattr(record, "trace_id", None) is None:
+                record.trace_id = current_trace_id()
+        except Exception:  # noqa: BLE001 - a log line is never lost to its decoration
+            record.feedback_id = getattr(record, "feedback_id", None)
+            record.trace_id = getattr(record, "trace_id", None)
+        parts = [f"{label}={_word(value)}" for label, value in
+                 (("feedback", record.feedback_id), ("trace", record.trace_id)) if value]
+        record.lineage = f" [{' '.join(parts)}]" if parts else ""
+        return True
+
+
+def _word(value: object) -> str:
+    """One word of the line: a feedback id read from a message body is quoted where it would break it."""
+    text = str(value)
+    return text if text.isprintable() and not any(c.isspace() or c in "[]" for c in text) else ascii(text[:200])
+
+
+def log_handler(stream: Any = None) -> logging.Handler:
+    """A handler writing :data:`LOG_FORMAT` lines, each with its feedback and trace (:class:`LineageFilter`);
+    an exception logged with ``exc_info`` comes with its traceback."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(LineageFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[log_handler()])
 
 
 def service_app(

@@ -150,3 +150,244 @@ async def test_a_readable_body_with_a_failing_handler_is_still_retried() -> None
     msg = jetstream_message(1, GENERATOR_FEEDBACK.durable, body=b'{"feedback_id": "fb-1"}')
     with pytest.raises(NackMessage):
         await dead_letter_middleware("generator", msg).consume_scope(failing, msg)
+
+
+# The log lines of a retry and of a dead-lettering: which feedback, event and dead letter they are about.
+
+
+def _event_body(feedback_id: str = "fb-logs-1", event_id: str = "ev-logs-1") -> bytes:
+    import json as stdlib_json
+
+    return stdlib_json.dumps({"type": "feedback.submitted", "event_id": event_id, "feedback_id": feedback_id,
+                              "scope": "acme"}).encode()
+
+
+class AckingBroker:
+    """Stores a dead-letter copy and acknowledges it as JetStream does, with its sequence in the stream."""
+
+    def __init__(self, sequence: int = 7) -> None:
+        self.sequence = sequence
+        self.stored: list[tuple[str, dict]] = []
+
+    async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> object:
+        from nats.js.api import PubAck
+
+        self.stored.append((subject, headers))
+        return PubAck(stream=stream, seq=self.sequence)
+
+
+def _records(caplog: pytest.LogCaptureFixture, event_id: str) -> list:
+    return [r for r in caplog.records if r.name == "shared.dead_letters" and event_id in r.getMessage()]
+
+
+async def test_a_transient_failure_is_logged_with_its_message_and_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """The retry's line names the subject, event, feedback and stream sequence; the handler's exception
+    comes with its traceback (the NackMessage it becomes carries neither to FastStream's own log)."""
+    import logging
+
+    from faststream.exceptions import NackMessage
+
+    from shared.subjects import GENERATOR_FEEDBACK
+
+    async def flaky(_: object) -> None:
+        raise ConnectionError("object store unreachable")
+
+    msg = jetstream_message(2, GENERATOR_FEEDBACK.durable, body=_event_body(), sequence=1234)
+    with caplog.at_level(logging.WARNING, logger="shared.dead_letters"), pytest.raises(NackMessage):
+        await dead_letter_middleware("generator", msg, AckingBroker()).consume_scope(flaky, msg)
+    [record] = _records(caplog, "ev-logs-1")
+    line = record.getMessage()
+    assert "transient failure (delivery 2 of 5)" in line and "\n" not in line
+    for part in ("subject=seal.events.feedback.submitted", "type=feedback.submitted", "event_id=ev-logs-1",
+                 "feedback_id=fb-logs-1", "stream_seq=SEAL_EVENTS:1234", "ConnectionError: object store unreachable"):
+        assert part in line
+    assert record.exc_info and isinstance(record.exc_info[1], ConnectionError)
+    assert "in flaky" in caplog.text  # the traceback, down to the handler's frame
+    assert (record.feedback_id, record.event_id, record.stream_seq) == ("fb-logs-1", "ev-logs-1", 1234)
+
+
+@pytest.mark.parametrize(
+    ("delivered", "failure", "headline"),
+    [
+        (5, ConnectionError("object store unreachable"), "giving up after 5 deliveries on message"),
+        (1, PermanentFailure("malformed feedback: no passage"), "rejecting message"),
+    ],
+)
+async def test_a_dead_lettering_is_logged_with_its_dead_letter_sequence(
+    delivered: int, failure: Exception, headline: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given up on (its last delivery) or rejected at once: one line names the message and the dead letter
+    its copy became, by the sequence JetStream acknowledged (what ``seal replay`` takes), with the traceback."""
+    import logging
+
+    from faststream.exceptions import RejectMessage
+
+    from shared.subjects import GENERATOR_FEEDBACK
+
+    async def failing(_: object) -> None:
+        raise failure
+
+    broker = AckingBroker(sequence=31)
+    msg = jetstream_message(delivered, GENERATOR_FEEDBACK.durable, body=_event_body(), sequence=99)
+    with caplog.at_level(logging.WARNING, logger="shared.dead_letters"), pytest.raises(RejectMessage):
+        await dead_letter_middleware("generator", msg, broker).consume_scope(failing, msg)
+    assert len(broker.stored) == 1
+    [record] = _records(caplog, "ev-logs-1")
+    line = record.getMessage()
+    assert line.startswith(headline) and "\n" not in line
+    for part in ("event_id=ev-logs-1", "feedback_id=fb-logs-1", "stream_seq=SEAL_EVENTS:99", str(failure),
+                 "dead letter 31 (stream SEAL_DLQ, subject seal.dlq.generator.seal.events.feedback.submitted)"):
+        assert part in line
+    assert record.dead_letter_seq == 31 and record.feedback_id == "fb-logs-1"
+    assert record.exc_info and record.exc_info[1] is failure
+
+
+async def test_a_body_that_is_no_event_is_still_logged_on_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """What a hostile body holds is quoted, not written into the log as lines of its own; with no event
+    id in it, the message id the producer gave names it."""
+    import logging
+
+    from faststream.exceptions import RejectMessage
+
+    from shared.subjects import GENERATOR_FEEDBACK
+
+    async def rejecting(_: object) -> None:
+        raise PermanentFailure("no")
+
+    body = b'{"feedback_id": "fb\\nFAKE ERROR line", "type": 3}'
+    msg = jetstream_message(1, GENERATOR_FEEDBACK.durable, body=body)
+    with caplog.at_level(logging.WARNING, logger="shared.dead_letters"), pytest.raises(RejectMessage):
+        await dead_letter_middleware("generator", msg, AckingBroker()).consume_scope(rejecting, msg)
+    [record] = [r for r in caplog.records if r.name == "shared.dead_letters"]
+    line = record.getMessage()
+    assert "\n" not in line and "feedback_id='fb\\nFAKE ERROR line'" in line
+    assert "event_id=x" in line and "type=" not in line
+
+
+async def test_a_copy_from_the_max_deliveries_advisory_is_logged_with_its_dead_letter_sequence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from shared.dead_letters import _copy_exhausted
+
+    original = SimpleNamespace(data=_event_body("fb-adv", "ev-adv"), subject="seal.events.feedback.submitted",
+                               headers={"Nats-Msg-Id": "ev-adv"})
+
+    class Stream:
+        async def get_msg(self, stream: str, sequence: int) -> object:
+            return original
+
+    broker = AckingBroker(sequence=12)
+    broker.config = SimpleNamespace(connection_state=SimpleNamespace(stream=Stream()))  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="shared.dead_letters"):
+        await _copy_exhausted(broker, "SEAL_EVENTS", "generator-feedback", 77, 5)  # type: ignore[arg-type]
+    [record] = _records(caplog, "ev-adv")
+    line = record.getMessage()
+    for part in ("feedback_id=fb-adv", "stream_seq=SEAL_EVENTS:77", "dead letter 12 (stream SEAL_DLQ"):
+        assert part in line
+    assert record.dead_letter_seq == 12
+
+
+@pytest.mark.servers
+async def test_a_message_dead_lettered_through_a_real_server_is_logged_with_its_sequences(
+    provisioned_stack, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through nats-server: the give-up line names the event, its feedback, its sequence in the events
+    stream and the sequence its copy has in the dead-letter stream, and carries the handler's traceback."""
+    import asyncio
+    import contextlib
+    import json as stdlib_json
+    import logging
+
+    from shared import events as ev
+    from shared.broker import create_broker, durable_subscriber, publish_event
+    from shared.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_STREAM, FEEDBACK_SUBMITTED, ConsumerSpec
+
+    lost = ev.FeedbackSubmitted(feedback_id=ev.new_id(), scope="acme",
+                                content=ev.KnowledgeFeedback(passage="a passage whose store never answers"))
+    service = "dlqlogs"
+    spec = ConsumerSpec(f"{service}-{ev.new_id()[:8]}", FEEDBACK_SUBMITTED, max_deliver=2, backoff=(0.1,))
+    broker = create_broker(provisioned_stack.nats_settings(), service=service)
+
+    @durable_subscriber(broker, spec)
+    async def on_feedback(event: ev.FeedbackSubmitted) -> None:
+        if event.feedback_id == lost.feedback_id:
+            raise ConnectionError("object store unreachable")
+
+    nc = await nats.connect(provisioned_stack.nats_url)
+    js = nc.jetstream()
+    dead = await nc.subscribe(f"{DLQ_PREFIX}.{service}.>")
+    try:
+        with caplog.at_level(logging.WARNING, logger="shared.dead_letters"):
+            async with broker:
+                await broker.start()
+                await publish_event(broker, lost)
+                deadline = asyncio.get_running_loop().time() + 30
+                while True:
+                    assert asyncio.get_running_loop().time() < deadline, "no dead-letter copy"
+                    with contextlib.suppress(nats.errors.TimeoutError):
+                        copy = await dead.next_msg(timeout=1)
+                        if stdlib_json.loads(copy.data).get("feedback_id") == lost.feedback_id:
+                            break
+                stored = await js.get_last_msg(DLQ_STREAM, copy.subject)
+                original = await js.get_last_msg(EVENTS_STREAM, FEEDBACK_SUBMITTED)
+                for _ in range(50):  # the line is logged once the copy is acknowledged
+                    if any(r.levelno == logging.ERROR for r in _records(caplog, lost.event_id)):
+                        break
+                    await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    assert stdlib_json.loads(original.data)["event_id"] == lost.event_id
+    retry, gave_up = _records(caplog, lost.event_id)
+    assert retry.getMessage().startswith("transient failure (delivery 1 of 2)")
+    line = gave_up.getMessage()
+    assert line.startswith("giving up after 2 deliveries on message")
+    for part in (f"event_id={lost.event_id}", f"feedback_id={lost.feedback_id}", "type=feedback.submitted",
+                 f"stream_seq={EVENTS_STREAM}:{original.seq}", f"dead letter {stored.seq} (stream {DLQ_STREAM},"):
+        assert part in line
+    assert gave_up.dead_letter_seq == stored.seq
+    assert gave_up.exc_info and isinstance(gave_up.exc_info[1], ConnectionError)
+
+
+def test_a_service_log_line_names_the_feedback_and_trace_it_was_logged_in() -> None:
+    """shared.runtime's log lines: one logged while a feedback is worked on says which (the baggage
+    mark_lineage sets) and in which trace; one logged outside any is as before; a traceback is kept."""
+    import io
+    import logging
+
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    from shared.runtime import log_handler
+    from shared.telemetry import feedback_context, feedback_root, mark_lineage
+
+    out = io.StringIO()
+    logger = logging.getLogger("tests.lineage")
+    logger.addHandler(log_handler(out))
+    logger.propagate, logger.level = False, logging.INFO
+    try:
+        logger.info("outside any feedback")
+        token = otel_context.attach(feedback_context("fb-line"))
+        try:
+            with trace.get_tracer("tests").start_as_current_span("work"):
+                lineage = mark_lineage("fb-line", "acme")
+                try:
+                    try:
+                        raise ConnectionError("object store unreachable")
+                    except ConnectionError:
+                        logger.exception("could not store")
+                finally:
+                    otel_context.detach(lineage)
+        finally:
+            otel_context.detach(token)
+        logger.warning("given up", extra={"feedback_id": "fb-own"})
+    finally:
+        logger.handlers.clear()
+    first, second, *rest = out.getvalue().splitlines()
+    assert first.endswith(" INFO tests.lineage: outside any feedback")
+    trace_id = feedback_root("fb-line")[0]
+    assert f"ERROR tests.lineage [feedback=fb-line trace={trace_id}]: could not store" in second
+    assert "ConnectionError: object store unreachable" in rest[-2] and "Traceback" in rest[0]
+    assert rest[-1].endswith(" WARNING tests.lineage [feedback=fb-own]: given up")

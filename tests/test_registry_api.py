@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from rich.console import Console
 from test_registry_support import evaluated, feedback, make_world
 from typer.testing import CliRunner
 
-from seal import ops
+from seal import dead_letters, ops
 from seal.cli import app as seal_app
 from services.registry import actions, handlers, queries
 from services.registry.api import build_api
@@ -361,26 +362,66 @@ def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
     class FakeDeadLetters:
         async def latest(self, service: str | None, limit: int) -> list[dict]:
             asked.append(("latest", service, limit))
-            return [entry]
+            return [dict(entry)]
 
-        async def replay(self, sequence: int, operator: str, reason: str) -> dict:
+        async def replay(self, sequence: int, operator: str, reason: str, check: Any = None) -> dict:
             asked.append(("replay", sequence, operator, reason))
             return {**entry, "replayed_to": entry["subject"]}
 
     fake = FakeDeadLetters()
     app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _true, _true)  # type: ignore[arg-type, return-value]
     monkeypatch.setattr(ops, "client_factory", lambda url: TestClient(app))
+    monkeypatch.setattr(dead_letters, "console", Console(width=300))  # one line a row: the text is not folded
     monkeypatch.setenv("SEAL_OPERATOR", "sre-alice")
     runner = CliRunner()
     listed = runner.invoke(seal_app, ["dead-letters", "--service", "trainer", "--limit", "5"])
     assert listed.exit_code == 0 and "SlowDown" in listed.output and "fb-dead" in listed.output  # a table, folded
     assert "[/x] [red]" in listed.output  # a product's text is printed, not read as markup
     as_json = runner.invoke(seal_app, ["dead-letters", "--json"])
-    assert as_json.exit_code == 0 and json.loads(as_json.output) == [entry]
+    assert as_json.exit_code == 0 and json.loads(as_json.output) == [{**entry, "feedback_state": None}]  # unknown here
     replayed = runner.invoke(seal_app, ["replay", "7", "--reason", "S3 is back"])
     assert replayed.exit_code == 0 and "replayed dead letter 7" in replayed.output
     assert asked == [("latest", "trainer", 5), ("latest", None, 20), ("replay", 7, "sre-alice", "S3 is back")]
     assert runner.invoke(seal_app, ["replay", "0", "--reason", "x"]).exit_code != 0
+
+
+async def test_a_step_of_a_decided_feedback_is_replayed_only_when_forced(registry, monkeypatch) -> None:
+    """A feedback decided while a step of it sat in the dead letters (a decision timeout during an
+    outage): replaying that step would train and evaluate a candidate the registry no longer
+    considers, so the replay says so and is refused, unless forced; an open feedback's step goes."""
+    w, _, roots, held = registry
+    letters = {7: evaluated(roots[0], 0, 1, reward=0.2), 8: evaluated(held, 0, 1, reward=0.3, parent_version=2),
+               9: ev.PolicyTrainingRequested(feedback_id=roots[0].feedback_id, scope="acme",
+                                             examples=(ev.PolicyExample(prompt="p", completion="c"),))}
+    replayed: list[int] = []
+
+    class FakeDeadLetters:
+        async def latest(self, service: str | None, limit: int) -> list[dict]:
+            return [{"sequence": 7, "scope": "acme", "feedback_id": roots[0].feedback_id},
+                    {"sequence": 6, "scope": "../etc", "feedback_id": roots[0].feedback_id}, {"sequence": 5}]
+
+        async def replay(self, sequence: int, operator: str, reason: str, check: Any = None) -> dict:
+            await check(letters[sequence])
+            replayed.append(sequence)
+            return {"sequence": sequence, "replayed_to": "seal.events.x"}
+
+    fake = FakeDeadLetters()
+    app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _true, _true)  # type: ignore[arg-type, return-value]
+    who = {"operator": "sre-alice", "reason": "S3 is back"}
+    with TestClient(app) as http:
+        states = [e["feedback_state"] for e in http.get("/v1/dead-letters").json()]
+        assert states == ["promoted", None, None]  # a hostile scope in a body is never looked up
+        refused = http.post("/v1/dead-letters/7/replay", json=who)
+        assert refused.status_code == 409 and replayed == []
+        assert f"feedback {roots[0].feedback_id} of scope acme was decided already: promoted" in refused.json()["detail"]
+        assert "--force" in refused.json()["detail"]
+        assert http.post("/v1/dead-letters/7/replay", json={**who, "force": True}).status_code == 200
+        assert http.post("/v1/dead-letters/8/replay", json=who).status_code == 200  # held for approval: still open
+        assert http.post("/v1/dead-letters/9/replay", json=who).status_code == 200  # not a step of the feedback's decision
+        await actions.reject(w.ledger, held.feedback_id, "sre", "not this one")
+        rejected = http.post("/v1/dead-letters/8/replay", json=who)
+        assert rejected.status_code == 409 and "rejected (rejected by sre: not this one)" in rejected.json()["detail"]
+    assert replayed == [7, 8, 9]
 
 
 def test_cli_says_why_without_dead_letters(cli) -> None:

@@ -20,7 +20,15 @@ from shared.registry_view import ConflictError, UnreadableRecord
 from shared.store import AdapterNotFound, IntegrityError
 
 from .auth import Principal, Tokens, attributed, requires
-from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
+from .operations import (
+    AskRequest,
+    Operations,
+    OperatorRequest,
+    ReplayRequest,
+    RollbackRequest,
+    SubmitFeedback,
+    Unavailable,
+)
 from .ports import InvalidRequest, NotFound, Refused
 from .records import (
     FEEDBACK_LIST_LIMIT,
@@ -179,7 +187,7 @@ def registry_router(ops: Operations, tokens: Tokens) -> APIRouter:
 
     @router.post("/dead-letters/{sequence}/replay")
     async def replay(
-        sequence: Annotated[int, Path(ge=1, le=MAX_SEQUENCE)], body: OperatorRequest, who: Principal | None = acting
+        sequence: Annotated[int, Path(ge=1, le=MAX_SEQUENCE)], body: ReplayRequest, who: Principal | None = acting
     ) -> dict[str, Any]:
         return await ops.dead_letter_replay(sequence, vouched(body, who))
 

@@ -6,6 +6,7 @@ and an operator always has to say who they are and why.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -25,11 +26,23 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The steps from a feedback to its decision: replayed after the decision, their outcome is not considered.
+PIPELINE_EVENTS: tuple[type[ev.Event], ...] = (
+    ev.FeedbackSubmitted, ev.SelfEditGenerated, ev.RebaseRequested, ev.AdapterTrained, ev.AdapterTrainingFailed,
+    ev.AdapterEvaluated, ev.AdapterEvaluationFailed,
+)
+
+
 class OperatorRequest(Body):
     operator: ev.ShortText
     reason: ev.ShortText
     # The CLI sends one per invocation; a retried request is applied once.
     request_id: ev.Identifier = Field(default_factory=ev.new_id)
+
+
+class ReplayRequest(OperatorRequest):
+    # Replay a step of a feedback that is decided already (its outcome would not be considered).
+    force: bool = False
 
 
 class RollbackRequest(OperatorRequest):
@@ -160,10 +173,35 @@ class Operations:
         return policy.model_dump(mode="json")
 
     async def dead_letter_list(self, service: str | None, limit: int = DEAD_LETTER_LIST_LIMIT) -> list[dict[str, Any]]:
-        return await self._dlq().latest(service, limit)
+        """The newest dead letters, each with the state of its feedback (whether a replay can still count)."""
+        entries = await self._dlq().latest(service, limit)
+        states: dict[tuple[str, str], str | None] = {}
+        for entry in entries:
+            scope, feedback_id = entry.get("scope"), entry.get("feedback_id")
+            entry["feedback_state"] = None
+            # As the dead letter's body says: looked up only where both are what the events allow.
+            if isinstance(scope, str) and isinstance(feedback_id, str) and re.fullmatch(ev.SCOPE_PATTERN, scope) \
+                    and re.fullmatch(ev.ID_PATTERN, feedback_id):
+                if (scope, feedback_id) not in states:
+                    record = await self.ledger.record(scope, feedback_id)
+                    states[(scope, feedback_id)] = record.state if record else None
+                entry["feedback_state"] = states[(scope, feedback_id)]
+        return entries
 
-    async def dead_letter_replay(self, sequence: int, body: OperatorRequest) -> dict[str, Any]:
-        return await self._dlq().replay(sequence, body.operator, body.reason)
+    async def dead_letter_replay(self, sequence: int, body: ReplayRequest) -> dict[str, Any]:
+        async def still_counts(event: ev.Event) -> None:
+            if body.force or type(event) not in PIPELINE_EVENTS:
+                return
+            record = await self.ledger.record(event.scope, event.feedback_id)
+            if record is not None and record.state in ("promoted", "rejected"):
+                why = f" ({'; '.join(record.reasons)})" if record.state == "rejected" and record.reasons else ""
+                raise Refused(
+                    f"feedback {event.feedback_id} of scope {event.scope} was decided already: {record.state}"
+                    f"{why[:400]}; what replaying this {event.type} leads to would not be considered. To train it "
+                    "again, submit its feedback again under a new id; to replay it all the same, force it (--force)"
+                )
+
+        return await self._dlq().replay(sequence, body.operator, body.reason, still_counts)
 
     def _dlq(self) -> DeadLetters:
         found = self._dead_letters()

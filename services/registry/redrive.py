@@ -7,7 +7,9 @@ a model that did not load, a bug since fixed. Replaying publishes the original e
 subject again, for every consumer of that subject (their handlers are idempotent: a consumer that
 handled it already does nothing new), records who replayed it and why in the audit stream, and
 removes the dead letter. A dead letter whose body is no valid event is not replayed: it would
-fail the same way.
+fail the same way. Nor, unless forced, is a step of a feedback's pipeline once the feedback is
+decided (a decision timeout, typically, while the step sat here): what it leads to would be a
+candidate the registry no longer considers (``Operations.dead_letter_replay``).
 """
 
 from __future__ import annotations
@@ -67,8 +69,11 @@ class DeadLetters:
             scanned += 1
         return found
 
-    async def replay(self, sequence: int, operator: str, reason: str) -> dict[str, Any]:
-        """Publish dead letter ``sequence`` to its original subject again, audit it, remove it."""
+    async def replay(
+        self, sequence: int, operator: str, reason: str, check: Callable[[ev.Event], Awaitable[None]] | None = None
+    ) -> dict[str, Any]:
+        """Publish dead letter ``sequence`` to its original subject again, audit it, remove it;
+        ``check`` may refuse the event first (raising)."""
         js = self._js()
         try:
             message = await js.get_msg(DLQ_STREAM, sequence)
@@ -83,6 +88,8 @@ class DeadLetters:
             event = ev.parse_event(message.data or b"")
         except ev.EventValidationError as exc:
             raise Refused(f"dead letter {sequence} is no valid event, and would fail again: {exc.reason}"[:600]) from None
+        if check is not None:
+            await check(event)
         headers = {k: v for k, v in _headers(message).items()
                    if k not in (REASON_HEADER, SERVICE_HEADER) and not k.startswith("Nats-")}
         headers[REPLAYED_FROM_HEADER] = f"{DLQ_STREAM}/{sequence}"

@@ -11,7 +11,7 @@ Operations: ``scopes`` {after?, limit?}; ``versions`` {scope}; ``lineage`` {scop
 reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
 ``policy_get`` {scope}; ``policy_set`` {scope, changes, operator, reason, replace?}; ``ask`` {scope,
 question, max_new_tokens?}; ``dead_letters`` {service?, limit?};
-``dead_letter_replay`` {sequence, operator, reason}.
+``dead_letter_replay`` {sequence, operator, reason, force?}.
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from shared.registry_view import ConflictError
 from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import REGISTRY_RPC
 
-from .operations import AskRequest, Operations, OperatorRequest, RollbackRequest, SubmitFeedback, Unavailable
+from .operations import (
+    AskRequest,
+    Operations,
+    OperatorRequest,
+    ReplayRequest,
+    RollbackRequest,
+    SubmitFeedback,
+    Unavailable,
+)
 from .ports import InvalidRequest, NotFound, Refused
 from .records import (
     FEEDBACK_LIST_LIMIT,
@@ -158,7 +166,7 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
             _limit(a, DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX),
         ),
         "dead_letter_replay": lambda a: ops.dead_letter_replay(
-            _sequence(a), OperatorRequest.model_validate(_without(a, "sequence"))
+            _sequence(a), ReplayRequest.model_validate(_without(a, "sequence"))
         ),
     }
 
