@@ -126,18 +126,31 @@ async def rollback(
     now = ledger.ports.clock()
     outcome: dict[str, object] = {}
 
+    audit = _operator_action(
+        request_id, target.feedback_id, scope, "rollback", operator, reason,
+        target_version=to_version, adapter_id=target.adapter_id,
+    )
+
     def change(head: ScopeHead | None) -> ScopeHead | None:
         outcome.clear()
         if head is None:
             outcome["missing"] = True
             return None
-        if head.last_request_id == request_id:
-            outcome["from"] = head.previous_version
+        if head.last_request_id == request_id:  # a retry: what it announced goes out with the flush below
             return None
         if head.version == to_version:
             outcome["same"] = True
             return None
-        outcome["from"] = head.version
+        rolled_back = ev.AdapterRolledBack(
+            event_id=ev.derived_id("operator", request_id, "adapter.rolled_back"),
+            feedback_id=target.feedback_id,
+            scope=scope,
+            causation_id=audit.event_id,
+            from_version=head.version,
+            to_version=to_version,
+            operator=operator,
+            reason=reason,
+        )
         return head.model_copy(
             update={
                 "version": to_version,
@@ -147,6 +160,7 @@ async def rollback(
                 "previous_version": head.version,
                 "last_request_id": request_id,
                 "updated_at": now,
+                "outbox": (*head.outbox, audit.model_dump(mode="json"), rolled_back.model_dump(mode="json")),
             }
         )
 
@@ -154,27 +168,11 @@ async def rollback(
     if outcome.get("missing") or head is None:
         raise NotFound(f"scope {scope!r} has no active version to roll back from")
     if outcome.get("same"):
+        await ledger.flush_head(scope)  # an earlier action's events whose publish failed
         raise Refused(f"v{to_version} is already the active version of {scope}")
     # From the version active now: a retried request finds a later promotion there, whose probes stay.
     await ledger.rebuild_probes(scope, head.version)
-    audit = _operator_action(
-        request_id, target.feedback_id, scope, "rollback", operator, reason,
-        target_version=to_version, adapter_id=target.adapter_id,
-    )
-    await ledger.ports.publish(audit)
-    await ledger.ports.publish(
-        ev.AdapterRolledBack(
-            event_id=ev.derived_id("operator", request_id, "adapter.rolled_back"),
-            feedback_id=target.feedback_id,
-            scope=scope,
-            causation_id=audit.event_id,
-            from_version=outcome.get("from"),  # type: ignore[arg-type]
-            to_version=to_version,
-            operator=operator,
-            reason=reason,
-        )
-    )
-    return head
+    return await ledger.flush_head(scope) or head
 
 
 async def _usable(ledger: Ledger, ref: ev.ManifestRef, what: str, instead: str) -> None:
@@ -199,11 +197,15 @@ async def set_pin(
         if head is None:
             outcome["missing"] = True
             return None
-        if head.last_request_id == request_id:
+        if head.last_request_id == request_id:  # a retry: what it announced goes out with the flush below
             return None
         if head.pinned == pinned:
             outcome["same"] = True
             return None
+        audit = _operator_action(
+            request_id, head.feedback_id or f"scope-{scope}", scope, "pin" if pinned else "unpin", operator, reason,
+            target_version=head.version, adapter_id=head.adapter_id,
+        )
         return head.model_copy(
             update={
                 "pinned": pinned,
@@ -211,6 +213,7 @@ async def set_pin(
                 "pin_reason": reason if pinned else None,
                 "last_request_id": request_id,
                 "updated_at": now,
+                "outbox": (*head.outbox, audit.model_dump(mode="json")),
             }
         )
 
@@ -218,13 +221,9 @@ async def set_pin(
     if outcome.get("missing") or head is None:
         raise NotFound(f"scope {scope!r} has no active version to pin")
     if outcome.get("same"):
+        await ledger.flush_head(scope)  # an earlier action's events whose publish failed
         raise Refused(f"scope {scope} is already {'pinned' if pinned else 'unpinned'}")
-    await ledger.ports.publish(
-        _operator_action(
-            request_id, head.feedback_id or f"scope-{scope}", scope, "pin" if pinned else "unpin", operator, reason,
-            target_version=head.version, adapter_id=head.adapter_id,
-        )
-    )
+    head = await ledger.flush_head(scope) or head
     if not pinned:
         for record in await held_records(ledger, scope):
             if record.hold == "pinned":

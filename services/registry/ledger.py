@@ -331,6 +331,26 @@ class Ledger:
         """probes.<scope> from the chain of versions that ``version`` stands on."""
         await promoting.rebuild_probes(self, scope, version)
 
+    async def flush_head(self, scope: str) -> ScopeHead | None:
+        """Publish the events of the scope head's outbox (an operator's rollback or pin), then remove
+        them: the audit of a change to the active version is not lost to a failed publish or a
+        restart; what one left behind goes out with the scope's next rollback, pin or promotion."""
+        head = await self.head(scope)
+        if head is None or not head.outbox:
+            return head
+        sent = set()
+        for item in head.outbox:
+            await self.ports.publish(ev.parse_event(item))  # deterministic ids: a re-publish is dropped
+            sent.add(item["event_id"])
+
+        def published(current: ScopeHead | None) -> ScopeHead | None:
+            if current is None or not current.outbox:
+                return None
+            left = tuple(item for item in current.outbox if item["event_id"] not in sent)
+            return None if left == current.outbox else current.model_copy(update={"outbox": left})
+
+        return await self.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, published)
+
     async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
         sent = set()
         # The decision first (promoted, held, rebased), then the candidates it rejected, then the

@@ -78,6 +78,8 @@ async def promote(ledger: Ledger, record: FeedbackRecord) -> None:
         lambda cur: pr.with_accepted(cur, record.scope, record.feedback_id, tags.probes, ledger.config.max_accepted_probes),
     )
     head_after = await ledger.head(record.scope)
+    if head_after is not None and head_after.outbox:  # a rollback's or pin's events whose publish failed
+        await ledger.flush_head(record.scope)
     if head_after is not None and head_after.version != version:
         # A rollback (or another promotion) moved the head since this one did, and may have
         # rebuilt the regression set before these probes went in: rebuild it from the head.

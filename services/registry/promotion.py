@@ -71,6 +71,7 @@ def move_head(
         recent=recent[-RECENT_PROMOTIONS:],
         last_request_id=head.last_request_id if head else None,
         updated_at=now,
+        outbox=head.outbox if head else (),  # an operator's events not yet published: kept to go out
     )
 
 

@@ -259,6 +259,9 @@ class ScopeHead(ActiveAdapter):
     recent: tuple[tuple[int, str], ...] = ()
     last_request_id: str | None = None
     updated_at: datetime | None = None
+    # Events of an operator's rollback or pin not yet published (outbox): written with the change they
+    # announce, published, then removed; one whose publish failed goes out with the scope's next action.
+    outbox: tuple[dict[str, Any], ...] = ()
 
     def promoted_as(self, adapter_id: str) -> int | None:
         for version, promoted in self.recent:
