@@ -38,7 +38,7 @@ from faststream import AckPolicy, BaseMiddleware
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
@@ -46,7 +46,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from shared import events as ev
 from shared.dead_letters import DeadLetterMiddleware, remember_consumer
 from shared.settings import NatsSettings
-from shared.subjects import KV_BUCKETS, KV_MAX_AGE, STREAMS, ConsumerSpec, subject_for
+from shared.subjects import DLQ_STREAM, EVENTS_STREAM, KV_BUCKETS, KV_MAX_AGE, STREAMS, ConsumerSpec, subject_for
 from shared.telemetry import feedback_id_of, mark_lineage, root_traceparent
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,22 @@ def create_broker(
     )
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+async def ensure_streams(js: JetStreamContext, settings: NatsSettings | None = None) -> None:
     """Create (or update) every stream and KV bucket; safe to call on every start.
 
-    ``replicas`` applies to existing ones too: raising it (a single server grown into a
-    three-node cluster) turns the streams and the buckets' streams into R3."""
+    The settings' ``stream_replicas`` applies to existing ones too: raising it (a single server
+    grown into a three-node cluster) turns the streams and the buckets' streams into R3; so do
+    the streams' byte limits."""
+    settings = settings or NatsSettings()
+    replicas = settings.stream_replicas
+    max_bytes = {EVENTS_STREAM: settings.events_max_bytes, DLQ_STREAM: settings.dead_letters_max_bytes}
     for spec in STREAMS:
         config = StreamConfig(
             name=spec.name,
             subjects=list(spec.subjects),
             max_age=spec.max_age.total_seconds(),
+            max_bytes=max_bytes.get(spec.name, -1),  # -1: no limit
+            discard=DiscardPolicy.OLD,
             duplicate_window=spec.duplicate_window.total_seconds(),
             storage=StorageType.FILE,
             num_replicas=replicas,
@@ -123,7 +129,7 @@ async def ensure_streams_at(settings: NatsSettings) -> None:
     """Connect, create streams and buckets, disconnect."""
     nc = await nats.connect(settings.url, **connect_options(settings))
     try:
-        await ensure_streams(nc.jetstream(), settings.stream_replicas)
+        await ensure_streams(nc.jetstream(), settings)
     finally:
         await nc.close()
 

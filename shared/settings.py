@@ -34,6 +34,11 @@ class NatsSettings(BaseModel):
     connect_timeout_s: float = 5.0
     # Replicas of every stream and KV bucket: 3 on a 3-node JetStream cluster.
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    # Bytes the events and the dead letters may hold on disk, the oldest dropped beyond: a flood of
+    # malformed feedback (each copy up to 1 MB, kept 30 days) must not fill JetStream's volume and
+    # stop the whole bus. The audit stream is not capped (nats.conf's max_file_store bounds all).
+    events_max_bytes: int = Field(default=5 * 2**30, ge=2**20)
+    dead_letters_max_bytes: int = Field(default=2**30, ge=2**20)
 
 
 class StoreSettings(BaseModel):

@@ -14,6 +14,7 @@ import pytest
 
 from seal.stack import free_port, server_binary
 from shared.broker import ensure_streams
+from shared.settings import NatsSettings
 from shared.subjects import KV_BUCKETS, KV_REGISTRY, STREAMS
 
 pytestmark = pytest.mark.servers
@@ -60,15 +61,15 @@ async def test_ensure_streams_raises_existing_streams_and_buckets_to_the_replica
         async def replicas() -> dict[str, int]:
             return {name: (await js.stream_info(name)).config.num_replicas for name in names}
 
-        await ensure_streams(js, 1)  # a single server's settings, as a cluster first gets them
+        await ensure_streams(js, NatsSettings(stream_replicas=1))  # a single server's settings, as a cluster first gets them
         assert set((await replicas()).values()) == {1}
         kv = await js.key_value(KV_REGISTRY)
         await kv.put("scope.s", b"v1")
 
-        await ensure_streams(js, 3)
+        await ensure_streams(js, NatsSettings(stream_replicas=3))
         assert set((await replicas()).values()) == {3}
         assert (await kv.get("scope.s")).value == b"v1"  # what the bucket held is still there
-        await ensure_streams(js, 3)  # and again on the next start: nothing to change
+        await ensure_streams(js, NatsSettings(stream_replicas=3))  # and again on the next start: nothing to change
         assert set((await replicas()).values()) == {3}
     finally:
         await nc.close()
@@ -105,17 +106,17 @@ async def test_the_processed_bucket_forgets_keys_after_the_events_stream_does_an
         old = await js.create_key_value(bucket=KV_IDEMPOTENCY, history=16)
         await old.put("generator.acme.fb-1", b"done")
 
-        await ensure_streams(js, 1)
+        await ensure_streams(js, NatsSettings(stream_replicas=1))
 
         ages = {b: (await js.stream_info(f"KV_{b}")).config.max_age for b in KV_BUCKETS}
         events = (await js.stream_info(EVENTS_STREAM)).config.max_age
         assert ages.pop(KV_IDEMPOTENCY) == KV_MAX_AGE[KV_IDEMPOTENCY].total_seconds() > events
         assert set(ages.values()) == {0}  # the registry's records and the scope settings never expire
         assert (await (await js.key_value(KV_IDEMPOTENCY)).get("generator.acme.fb-1")).value == b"done"
-        await ensure_streams(js, 1)  # the next start changes nothing
+        await ensure_streams(js, NatsSettings(stream_replicas=1))  # the next start changes nothing
         assert (await js.stream_info(f"KV_{KV_IDEMPOTENCY}")).config.max_age == KV_MAX_AGE[KV_IDEMPOTENCY].total_seconds()
         await js.delete_key_value(KV_IDEMPOTENCY)  # and a bucket made new gets it too
-        await ensure_streams(js, 1)
+        await ensure_streams(js, NatsSettings(stream_replicas=1))
         assert (await js.stream_info(f"KV_{KV_IDEMPOTENCY}")).config.max_age == KV_MAX_AGE[KV_IDEMPOTENCY].total_seconds()
     finally:
         await nc.close()

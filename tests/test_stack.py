@@ -88,3 +88,46 @@ def test_sigterm_runs_the_cleanup_that_stops_the_services(tmp_path: Path) -> Non
     done = subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=60)
     assert done.returncode == 143
     assert marker.read_text() == "services stopped"
+
+
+def test_the_events_and_dead_letters_keep_within_their_byte_limits(tmp_path: Path) -> None:
+    """A flood of dead letters drops the oldest ones at the stream's limit instead of filling
+    JetStream's volume (and stopping the whole bus); the audit stream has no such limit."""
+    import subprocess
+
+    from seal.stack import server_binary
+    from shared.broker import ensure_streams
+    from shared.settings import NatsSettings
+    from shared.subjects import AUDIT_STREAM, DLQ_PREFIX, DLQ_STREAM
+
+    port = StackPorts.free().nats
+    server = subprocess.Popen([server_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def flood() -> None:
+        for _ in range(100):
+            try:
+                nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                await asyncio.sleep(0.1)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, NatsSettings(dead_letters_max_bytes=2**20))
+            first = await js.publish(f"{DLQ_PREFIX}.generator.seal.events.feedback.submitted", b"x" * 200_000)
+            for _ in range(9):
+                await js.publish(f"{DLQ_PREFIX}.generator.seal.events.feedback.submitted", b"x" * 200_000)
+            info = await js.stream_info(DLQ_STREAM)
+            assert info.state.bytes <= 2**20 and info.state.first_seq > first.seq  # the oldest went
+            assert (await js.stream_info(EVENTS_STREAM)).config.max_bytes == NatsSettings().events_max_bytes
+            assert (await js.stream_info(AUDIT_STREAM)).config.max_bytes in (-1, None)
+            await ensure_streams(js)  # the next start with the defaults raises the limit again
+            assert (await js.stream_info(DLQ_STREAM)).config.max_bytes == 2**30
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(flood())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

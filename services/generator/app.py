@@ -87,7 +87,7 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
             return
         runtime.nc = await nats.connect(settings.nats.url, **connect_options(settings.nats))
         js = runtime.nc.jetstream()
-        await ensure_streams(js, settings.nats.stream_replicas)
+        await ensure_streams(js, settings.nats)
         runtime.store = AdapterStore.from_settings(settings.store)
         lm = await asyncio.to_thread(load_model, settings.model)
         writer = SelfEditWriter(

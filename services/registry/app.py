@@ -96,7 +96,7 @@ class Runtime:
         if state is None:
             self._nc = await nats.connect(self.settings.nats.url, **connect_options(self.settings.nats))
             js = self._nc.jetstream()
-            await ensure_streams(js, self.settings.nats.stream_replicas)
+            await ensure_streams(js, self.settings.nats)
             state = NatsState(js)
         store = self.ports.store
         if store is None and (self.ports.manifests is None or self.settings.registry.ask_enabled):
