@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -44,7 +45,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
 
 from shared import events as ev
-from shared.dead_letters import DeadLetterMiddleware, remember_consumer
+from shared.dead_letters import DeadLetterMiddleware, described, remember_consumer
 from shared.settings import NatsSettings
 from shared.subjects import DLQ_STREAM, EVENTS_STREAM, KV_BUCKETS, KV_MAX_AGE, STREAMS, ConsumerSpec, subject_for
 from shared.telemetry import feedback_id_of, mark_lineage, root_traceparent
@@ -235,21 +236,38 @@ class TraceRootMiddleware(BaseMiddleware):
         return await call_next(msg)
 
 
+# Work of this process that ran past its limit (kept_in_progress), described: while there is any,
+# the service reports itself not alive (shared.runtime.service_app), and is restarted.
+overdue_work: set[str] = set()
+
+
 @contextlib.asynccontextmanager
-async def kept_in_progress(message: Any, every_s: float) -> AsyncIterator[None]:
+async def kept_in_progress(message: Any, every_s: float, at_most_s: float | None = None) -> AsyncIterator[None]:
     """Tell JetStream every ``every_s`` seconds that ``message`` is still being worked on.
 
     For handlers that run longer than the consumer's ack wait (generation,
     training, evaluation), so the message is not redelivered meanwhile. The
     beat stops on a flag as well as on cancellation: nats-py swallows a
     cancellation that lands inside a publish, which would leave it running.
+
+    Past ``at_most_s`` the work counts as hung (a worker thread that never returns): the beat
+    stops, so JetStream hands the message to another replica after its ack wait (and to the dead
+    letters after its last delivery), and the service reports itself not alive until the work ends.
     """
     done = asyncio.Event()
+    started = time.monotonic()
+    what = f"message [{described(message)}] (work {id(message):x})"
 
     async def beat() -> None:
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), every_s)
+                return
+            if at_most_s is not None and time.monotonic() - started > at_most_s:
+                log.error("still working on %s after %.0f s (the limit is %.0f s): no longer holding it; it goes to "
+                          "another replica after its ack wait, and this service reports itself not alive",
+                          what, time.monotonic() - started, at_most_s)
+                overdue_work.add(what)
                 return
             try:
                 await message.in_progress()
@@ -264,3 +282,7 @@ async def kept_in_progress(message: Any, every_s: float) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if what in overdue_work:
+            log.warning("%s ended after %.0f s, past its limit", what, time.monotonic() - started)
+            overdue_work.discard(what)
+

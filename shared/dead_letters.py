@@ -281,6 +281,11 @@ def describe(fields: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def described(msg: Any) -> str:
+    """A FastStream message as :func:`describe` puts it, for a log line."""
+    return describe(_fields_of(msg))
+
+
 def _fields_of(msg: Any) -> dict[str, Any]:
     raw = getattr(msg, "raw_message", None)
     stream = sequence = None

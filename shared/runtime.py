@@ -19,7 +19,7 @@ from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import NatsBroker
 from opentelemetry import baggage
 
-from shared.broker import reconcile_consumers
+from shared.broker import overdue_work, reconcile_consumers
 from shared.settings import ServiceSettings
 from shared.telemetry import FEEDBACK_ID, current_trace_id
 
@@ -96,6 +96,8 @@ def service_app(
             # A worker pod sits behind no Service: NotReady would not stop it taking messages it can
             # only fail. Liveness failing restarts it.
             return AsgiResponse(b"broken", status_code=500)
+        if overdue_work:  # a handler past its work limit: hung, and its replica takes nothing else
+            return AsgiResponse(f"hung: {sorted(overdue_work)[0]}"[:500].encode(), status_code=500)
         return AsgiResponse(b"", 204) if await broker.ping(5.0) else AsgiResponse(b"", 500)  # as make_ping_asgi
 
     async def consumers_as_configured() -> None:

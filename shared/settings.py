@@ -96,6 +96,9 @@ class ServiceSettings(BaseSettings):
     model: ModelSettings = ModelSettings()
     http_host: str = "0.0.0.0"
     http_port: int = 8080
+    # One message's work (a generation, a training, an evaluation) past this is taken for hung: the
+    # message goes to another replica and the service reports itself not alive (restarted).
+    work_limit_s: float = Field(default=7200.0, ge=60.0)
     # CRITICAL, ERROR, WARNING (or WARN), INFO or DEBUG, in any case; anything else is refused at start.
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
 

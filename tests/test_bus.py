@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from shared import events as ev
 from shared.broker import create_broker, durable_subscriber, kept_in_progress, publish_event
 from shared.dead_letters import REASON_HEADER, PermanentFailure
-from shared.settings import TelemetrySettings
+from shared.settings import NatsSettings, TelemetrySettings
 from shared.subjects import DLQ_PREFIX, FEEDBACK_SUBMITTED, ConsumerSpec
 from shared.telemetry import FEEDBACK_ID, setup_tracing
 
@@ -160,6 +160,45 @@ async def test_long_work_keeps_its_message_in_progress_and_stops_after() -> None
     await asyncio.sleep(0.15)
     assert beats >= 3
     assert msg.beats == beats  # no beats once the work is done
+
+
+async def test_work_past_its_limit_lets_its_message_go_and_the_service_reports_itself_hung(caplog) -> None:
+    """A handler that hangs (a worker thread that never returns) no longer holds its message for
+    ever: the beat stops, so JetStream redelivers it elsewhere, and until the work ends the process
+    counts as not alive, so Kubernetes restarts it."""
+    from shared.broker import overdue_work
+
+    msg = BeatingMessage()
+    msg.body = b'{"type": "selfedit.generated", "event_id": "ev-hung", "feedback_id": "fb-hung"}'  # type: ignore[attr-defined]
+    async with kept_in_progress(msg, every_s=0.02, at_most_s=0.1):
+        await asyncio.sleep(0.3)
+        assert msg.beats <= 6  # about 0.1 s of beats, then none
+        beats = msg.beats
+        await asyncio.sleep(0.1)
+        assert msg.beats == beats
+        [hung] = overdue_work
+        assert "event_id=ev-hung" in hung and "feedback_id=fb-hung" in hung
+    assert not overdue_work  # the work ended: alive again
+    assert "still working on" in caplog.text and "fb-hung" in caplog.text and "ended after" in caplog.text
+    async with kept_in_progress(msg, every_s=0.02, at_most_s=5):
+        await asyncio.sleep(0.1)
+    assert not overdue_work and caplog.text.count("still working on") == 1  # within its limit: nothing said
+
+
+async def test_liveness_fails_while_work_is_hung() -> None:
+    import httpx
+
+    from shared.broker import overdue_work
+    from shared.runtime import service_app
+
+    app = service_app(create_broker(NatsSettings(url="nats://127.0.0.1:1"), service="test"))
+    overdue_work.add("message [subject=seal.events.selfedit.generated event_id=ev-1]")
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+            hung = await http.get("/healthz")
+    finally:
+        overdue_work.clear()
+    assert hung.status_code == 500 and "hung: message [subject=seal.events.selfedit.generated" in hung.text
 
 
 async def test_the_beat_stops_even_when_a_publish_swallows_the_cancellation() -> None:

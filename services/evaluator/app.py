@@ -179,7 +179,7 @@ def create_app(
 
     @durable_subscriber(broker, EVALUATOR_ADAPTERS)
     async def on_adapter_trained(event: AdapterTrained, message: NatsMessage) -> None:
-        async with kept_in_progress(message, heartbeat_s):
+        async with kept_in_progress(message, heartbeat_s, settings.work_limit_s):
             events = await evaluate_adapter(event, runtime.require())
         for out in events:
             await publish_event(broker, out)

@@ -72,7 +72,7 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
     async def on_feedback(body: Any, message: NatsMessage) -> None:
         if runtime.ports is None:
             raise RuntimeError("the generator is not started yet")
-        async with kept_in_progress(message, heartbeat_s):
+        async with kept_in_progress(message, heartbeat_s, settings.work_limit_s):
             outcome = await handle_feedback(message.body, runtime.ports, settings.generator, _stream_sequence(message))
         log.info(
             "feedback %s: %d self-edits generated, %d rejected%s",

@@ -65,7 +65,7 @@ def create_app(
                       "messaging.delivery": str(delivery)}
         with tracer.start_as_current_span("trainer.train", attributes=attributes):
             # A training stopped by shutdown raises Interrupted: the middleware hands the message back.
-            async with kept_in_progress(msg, heartbeat_interval(spec)):
+            async with kept_in_progress(msg, heartbeat_interval(spec), settings.work_limit_s):
                 produced = await handler(event, state["ports"])
             for out in produced:
                 await publish_event(broker, out)
