@@ -364,7 +364,7 @@ def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
             asked.append(("latest", service, limit))
             return [dict(entry)]
 
-        async def replay(self, sequence: int, operator: str, reason: str, check: Any = None) -> dict:
+        async def replay(self, sequence: int, operator: str, reason: str, check: Any = None, request_id: Any = None) -> dict:
             asked.append(("replay", sequence, operator, reason))
             return {**entry, "replayed_to": entry["subject"]}
 
@@ -400,7 +400,7 @@ async def test_a_step_of_a_decided_feedback_is_replayed_only_when_forced(registr
             return [{"sequence": 7, "scope": "acme", "feedback_id": roots[0].feedback_id},
                     {"sequence": 6, "scope": "../etc", "feedback_id": roots[0].feedback_id}, {"sequence": 5}]
 
-        async def replay(self, sequence: int, operator: str, reason: str, check: Any = None) -> dict:
+        async def replay(self, sequence: int, operator: str, reason: str, check: Any = None, request_id: Any = None) -> dict:
             await check(letters[sequence])
             replayed.append(sequence)
             return {"sequence": sequence, "replayed_to": "seal.events.x"}

@@ -303,7 +303,8 @@ async def test_a_dead_letter_is_listed_with_its_reason_and_replayed_once(running
     replayed = await http.post(f"/v1/dead-letters/{ack.seq}/replay", json={"operator": "sre-ana", "reason": "S3 is back"})
     assert replayed.status_code == 200 and replayed.json()["replayed_to"] == subject_for(root)
     audit = await events.wait_for(of(ev.OperatorAction, scope, action="replay"), timeout=10)
-    assert audit.operator == "sre-ana" and audit.reason == "S3 is back" and audit.feedback_id == root.feedback_id
+    assert audit.operator == "sre-ana" and audit.feedback_id == root.feedback_id and audit.causation_id == root.event_id
+    assert audit.reason == f"S3 is back (dead letter {ack.seq} of the generator: feedback.submitted {root.event_id} to {subject_for(root)})"
     for _ in range(100):  # the registry takes the replayed feedback like any other
         if (await http.get(f"/v1/feedback/{root.feedback_id}")).status_code == 200:
             break
@@ -333,11 +334,12 @@ async def test_two_replicas_replaying_one_dead_letter_at_once_both_succeed_and_i
             audits.append(event)
 
         first, second = DeadLetters(lambda: js, audit), DeadLetters(lambda: js, audit)
-        done = await asyncio.gather(first.replay(ack.seq, "sre-a", "fixed"), second.replay(ack.seq, "sre-b", "fixed"),
-                                    return_exceptions=True)
+        done = await asyncio.gather(first.replay(ack.seq, "sre-a", "fixed", request_id="req-a"),
+                                    second.replay(ack.seq, "sre-b", "fixed", request_id="req-b"), return_exceptions=True)
         assert all(isinstance(d, dict) or type(d).__name__ == "NotFound" for d in done), done
         assert any(isinstance(d, dict) for d in done)
-        assert len({a.event_id for a in audits}) == 1  # one audit event id: stored once
+        # each operator whose replay went through is audited under its own id (the event went out once, below)
+        assert len(audits) == sum(isinstance(d, dict) for d in done) == len({a.event_id for a in audits})
         copies = await js.pull_subscribe(subject_for(root), durable=None, stream="SEAL_EVENTS",
                                          config=nats.js.api.ConsumerConfig(deliver_policy=nats.js.api.DeliverPolicy.LAST_PER_SUBJECT))
         [last] = await copies.fetch(1, timeout=5)

@@ -201,7 +201,7 @@ class Operations:
                     "again, submit its feedback again under a new id; to replay it all the same, force it (--force)"
                 )
 
-        return await self._dlq().replay(sequence, body.operator, body.reason, still_counts)
+        return await self._dlq().replay(sequence, body.operator, body.reason, still_counts, body.request_id)
 
     def _dlq(self) -> DeadLetters:
         found = self._dead_letters()

@@ -70,7 +70,8 @@ class DeadLetters:
         return found
 
     async def replay(
-        self, sequence: int, operator: str, reason: str, check: Callable[[ev.Event], Awaitable[None]] | None = None
+        self, sequence: int, operator: str, reason: str, check: Callable[[ev.Event], Awaitable[None]] | None = None,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Publish dead letter ``sequence`` to its original subject again, audit it, remove it;
         ``check`` may refuse the event first (raising)."""
@@ -99,12 +100,15 @@ class DeadLetters:
         await js.publish(entry["subject"], message.data or b"", headers=headers, stream=EVENTS_STREAM)
         await self._publish(
             ev.OperatorAction(
-                event_id=ev.derived_id("operator", ("dead-letter", sequence), "replay"),
+                # Per request: two operators replaying one dead letter are both audited (one event goes out).
+                event_id=ev.derived_id("operator", ("dead-letter", sequence, request_id), "replay"),
                 feedback_id=event.feedback_id,
                 scope=event.scope,
+                causation_id=event.event_id,
                 action="replay",
                 operator=operator,
-                reason=reason,
+                reason=f"{reason} (dead letter {sequence} of the {entry['service']}: {event.type} {event.event_id} "
+                       f"to {entry['subject']})"[:2000],
             )
         )
         try:
