@@ -249,6 +249,9 @@ def lineage(
     table.add_column("what")
     table.add_column("detail")
     plain_row(table, "version", f"adapter {v['adapter_id']} on {v.get('base_model') or '?'}; parent v{_fmt(v.get('parent_version'))}; approved by {v['approved_by']}")
+    plain_row(table, "  traces", f"promotion {v.get('trace_id') or '-'}; registry {v.get('registry_trace_id') or '-'}")
+    if len(v.get("feedback_ids") or ()) > 1:  # a version that took in several feedback (a rebase, a policy round)
+        plain_row(table, "  feedback", ", ".join(v["feedback_ids"]))
     plain_row(table, "adapter", v["adapter"]["uri"])
     plain_row(table, "evaluation", f"reward {_fmt(e.get('reward'))}, passed {e.get('passed')}, attempt {e.get('attempt')}; event {e.get('event_id')}; trace {e.get('trace_id')}")
     for gate in e.get("gates", []):
@@ -258,7 +261,7 @@ def lineage(
     plain_row(table, "self-edit", f"{s.get('self_edit_id', '-')} ({s.get('format', '?')}, {len(s.get('sequences', []))} sequences); event {s.get('event_id', '-')}")
     plain_row(table, "feedback", f"{f.get('feedback_id')} by {f.get('submitted_by')} at {f.get('submitted_at')}; trace {f.get('trace_id')}")
     plain_row(table, "  content", f.get("summary") or "-")
-    plain_row(table, "ancestors", " <- ".join(f"v{a['version']}" for a in data["ancestors"]) or "-")
+    plain_row(table, "ancestors", " <- ".join(f"v{a['version']} (feedback {a.get('feedback_id') or '?'})" for a in data["ancestors"]) or "-")
     console.print(table)
 
 

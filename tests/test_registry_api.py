@@ -155,6 +155,9 @@ async def test_cli_listings_have_json_and_tables(cli, registry) -> None:
                  ("feedback", "-s", "acme"), ("scope-policy", "get", "-s", "acme")):
         assert cli(*args).output.strip()
     assert "v2" in cli("versions", "-s", "acme").output
+    # what an SRE follows from a version: its traces, and each ancestor's feedback
+    shown = " ".join(cli("lineage", "-s", "acme", "-v", "2").output.split())
+    assert f"v1 (feedback {roots[0].feedback_id})" in shown and "promotion " in shown and "registry " in shown
 
 
 async def test_cli_actions_reach_the_registry_with_who_and_why(cli, registry) -> None:
