@@ -42,6 +42,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import TracerProvider
 
 from shared import events as ev
@@ -197,14 +198,16 @@ async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
     # in the caller's context (the registry's sweep) and went out with unrelated later work.
     token = mark_lineage(event.feedback_id, event.scope)
     try:
-        await broker.publish(
-            event.model_dump(mode="json"),
-            subject_for(event),
-            headers={"Nats-Msg-Id": event.event_id},
-            stream=_stream_of(event),
-        )
+        headers = {"Nats-Msg-Id": event.event_id}
+        # In the headers ourselves: FastStream sends baggage only from inside a consumer, so an event
+        # published from the registry's HTTP API or its sweep reached the next service without it.
+        _BAGGAGE.inject(headers)
+        await broker.publish(event.model_dump(mode="json"), subject_for(event), headers=headers, stream=_stream_of(event))
     finally:
         otel_context.detach(token)
+
+
+_BAGGAGE = W3CBaggagePropagator()
 
 
 def _stream_of(event: ev.Event) -> str:
