@@ -247,6 +247,30 @@ async def test_an_approval_outside_any_trace_is_recorded_in_the_feedbacks_trace(
     assert current_trace_id() is None  # and nothing of it is left attached
 
 
+async def test_an_approval_over_request_reply_is_recorded_in_the_feedbacks_trace_not_the_requests() -> None:
+    # a NATS request-reply command runs in its message's own trace: what it decides still joins the feedback's
+    import dataclasses
+
+    from opentelemetry import trace
+
+    from services.registry import actions
+    from shared.telemetry import current_trace_id, feedback_context
+
+    w = make_world()
+    w.ledger.ports = dataclasses.replace(w.ledger.ports, trace_id=current_trace_id)
+    await w.set_policy("acme", candidates=1, approval="manual")
+    root = feedback("acme")
+    await handlers.on_feedback_submitted(root, w.ledger, "0af7651916cd43dd8448eb211c80319c")
+    await handlers.on_adapter_evaluated(evaluated(root, 0, 1, reward=0.2), w.ledger)
+    request_trace = "1234567890abcdef1234567890abcdef"
+    with trace.use_span(trace.NonRecordingSpan(trace.get_current_span(feedback_context("rpc", request_trace)).get_span_context())):
+        assert current_trace_id() == request_trace
+        await actions.approve(w.ledger, root.feedback_id, "sre-alice", "looked at the scores")
+        assert current_trace_id() == request_trace  # the request's own trace is back afterwards
+    version = await w.ledger.version("acme", 1)
+    assert version.registry_trace_id == "0af7651916cd43dd8448eb211c80319c"
+
+
 async def test_operator_rejects_a_held_candidate() -> None:
     from services.registry import actions
     from services.registry.ports import Refused

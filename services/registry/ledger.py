@@ -210,17 +210,20 @@ class Ledger:
         consumers and the sweep would otherwise publish the same outbox
         twice); across replicas compare-and-set and event ids keep it right.
 
-        Outside a message's trace (the sweep, an operator's command) it works in the
-        feedback's own trace, so what it publishes (a promotion, a rejection, a rebase and the
-        training that follows) stays in the trace that explains the feedback."""
+        Outside the feedback's trace (the sweep, an operator's command over HTTP, or over NATS
+        request-reply, whose message has a trace of its own) it works in the feedback's own trace,
+        so what it publishes (a promotion, a rejection, a rebase and the training that follows)
+        stays in the trace that explains the feedback."""
         key = (scope, feedback_id)
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         token = None
         try:
-            if not trace.get_current_span().get_span_context().is_valid:
-                known = await self.record(scope, feedback_id)
-                token = context.attach(feedback_context(feedback_id, known.trace_id if known else None))
+            current = trace.get_current_span().get_span_context()
+            known = await self.record(scope, feedback_id)
+            recorded = known.trace_id.lower() if known and known.trace_id else None
+            if not current.is_valid or (recorded and format(current.trace_id, "032x") != recorded):
+                token = context.attach(feedback_context(feedback_id, recorded))
             async with lock:
                 return await self._settle(scope, feedback_id)
         finally:
