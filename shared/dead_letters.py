@@ -115,7 +115,7 @@ async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequen
     reason = (f"no answer after {deliveries} deliveries to consumer {consumer}: its handler crashed or outran "
               f"the ack wait every time (stream {source}, sequence {sequence})")
     headers = dead_letter_headers(original.headers, reason, service)
-    headers["Nats-Msg-Id"] = f"exhausted-{source}-{sequence}-{consumer}"
+    headers["Nats-Msg-Id"] = copy_id(source, sequence, consumer)
     # The copy stays in the trace of the message it copies (not the advisory's own).
     if "traceparent" not in headers and (feedback_id := feedback_id_of(original.data)):
         headers["traceparent"] = root_traceparent(feedback_id)
@@ -215,7 +215,19 @@ class DeadLetterMiddleware(BaseMiddleware):
             log.error("no broker in context; cannot dead-letter message on %s", subject)
             return None
         headers = dead_letter_headers(getattr(raw, "headers", None), reason, self.service)
+        try:
+            meta = raw.metadata  # type: ignore[union-attr]
+            headers["Nats-Msg-Id"] = copy_id(meta.stream, int(meta.sequence.stream), meta.consumer)
+        except Exception:  # noqa: BLE001 - core NATS or the in-memory test broker: no position to name it by
+            pass
         return await store_dead_letter(broker, msg.body, dead_letter_subject(self.service, subject), headers)
+
+
+def copy_id(stream: str, sequence: int, consumer: str) -> str:
+    """The message id of a dead-letter copy: the same whichever way a message is given up on (its
+    handler's last failure, or JetStream's max-deliveries notice after a terminate that was lost),
+    so JetStream stores one copy."""
+    return f"dead-{stream}-{sequence}-{consumer}"
 
 
 def dead_letter_headers(original: dict[str, str] | None, reason: str, service: str) -> dict[str, str]:
