@@ -187,3 +187,15 @@ def test_only_a_question_asked_again_supersedes_an_earlier_answer() -> None:
     assert without_superseded([old, new]) == [[old[0], old[2]], new]
     repeated = [qa("Who keeps it?", "Brask"), qa("Who keeps it?", "Brask")]
     assert without_superseded([repeated]) == [repeated]  # within one update nothing supersedes
+
+
+def test_a_recorded_lineage_names_a_bounded_number_of_updates(monkeypatch) -> None:
+    from services.trainer import handlers
+
+    monkeypatch.setattr(handlers, "MAX_LINEAGE_UPDATES", 5)
+    groups = [{"adapter_id": f"a{i}", "feedback_id": f"f{i}", "sequences": [f"Fact {i}."] if i in (0, 7) else []}
+              for i in range(9)]
+    kept = handlers.recorded_lineage(groups, limit=4096)
+    # the oldest updates without sequences dropped out; one that replay still uses stays, however old
+    assert [g["adapter_id"] for g in kept] == ["a0", "a5", "a6", "a7", "a8"]
+    assert handlers.recorded_lineage(groups[:5], limit=4096) == groups[:5]

@@ -188,15 +188,32 @@ async def train_self_edit(event: SelfEditGenerated | RebaseRequested, ports: Tra
 MAX_LINEAGE_CHARS = 2_000_000
 
 
+# Updates a recorded lineage names at most: past this the oldest of those that keep no sequences
+# for replay drop out (about 100 bytes each; the registry's versions keep the whole chain), so a
+# scope of a hundred thousand updates does not outgrow its manifests either.
+MAX_LINEAGE_UPDATES = 20_000
+
+
 def recorded_lineage(groups: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The lineage as a manifest records it: every update's ids, and what replay uses of its
-    sequences, within ``limit`` sequences in all (:func:`examples.bounded_lineage`) and within
-    MAX_LINEAGE_CHARS characters (a smaller sequence bound, as many times as needed)."""
+    """The lineage as a manifest records it: the ids of its latest MAX_LINEAGE_UPDATES updates
+    (and of every update that keeps sequences), and what replay uses of their sequences, within
+    ``limit`` sequences in all (:func:`examples.bounded_lineage`) and within MAX_LINEAGE_CHARS
+    characters (a smaller sequence bound, as many times as needed)."""
     kept = bounded_lineage([g["sequences"] for g in groups], limit)
     while sum(len(s) for g in kept for s in g) > MAX_LINEAGE_CHARS and limit > 0:
         limit = min(limit, sum(len(g) for g in kept)) * 3 // 4
         kept = bounded_lineage([g["sequences"] for g in groups], limit)
-    return [{**g, "sequences": sequences} for g, sequences in zip(groups, kept)]
+    recorded = [{**g, "sequences": sequences} for g, sequences in zip(groups, kept)]
+    extra = len(recorded) - MAX_LINEAGE_UPDATES
+    if extra > 0:
+        dropped = set()
+        for i, group in enumerate(recorded):  # oldest first
+            if len(dropped) == extra:
+                break
+            if not group["sequences"]:
+                dropped.add(i)
+        recorded = [g for i, g in enumerate(recorded) if i not in dropped]
+    return recorded
 
 
 def lineage(manifest: AdapterManifest | None) -> list[dict[str, Any]]:
