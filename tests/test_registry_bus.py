@@ -127,3 +127,40 @@ async def test_operator_actions_over_request_reply_land_in_the_audit_subject(reg
     assert json.loads(reply.body)["result"]["pinned"] is True
     assert [(a["action"], a["operator"], a["reason"]) for a in audit] == [("pin", "sre-alice", "freeze")]
     assert ev.parse_event(audit[0]).type == "operator.action"
+
+
+async def test_request_reply_takes_the_registrys_api_tokens_and_their_roles(tmp_path) -> None:
+    """Who holds the NATS password to publish feedback cannot approve, pin or read dead letters over the
+    bus without an operator's token: the same tokens and roles as the HTTP API, in the same header."""
+    tokens = [{"name": "shop", "role": "producer", "token": "p" * 32}, {"name": "oncall", "role": "operator", "token": "o" * 32}]
+    settings = RegistrySettings(registry=RegistryConfig(ask_enabled=False, api_tokens=tokens), _secrets_dir=str(tmp_path / "none"))
+    app = create_app(settings, AppPorts(state=MemoryState(), manifests=FakeManifests(), clock=Clock()))
+    audit: list[dict] = []
+    heard = asyncio.Event()
+
+    @app.state.broker.subscriber(OPERATOR_ACTION, stream=JStream(AUDIT_STREAM, declare=False))
+    async def on_audit(body: dict) -> None:
+        audit.append(body)
+        heard.set()
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    pin = {"scope": "acme", "operator": "sre-alice", "reason": "freeze"}
+    async with TestNatsBroker(app.state.broker) as br:
+        ledger = await app.state.runtime.attach()
+        from services.registry import handlers
+
+        await handlers.on_adapter_evaluated(evaluated(feedback(), 0, 1, reward=0.2), ledger)
+        bare = json.loads((await br.request(pin, f"{REGISTRY_RPC}.pin")).body)
+        wrong = json.loads((await br.request(pin, f"{REGISTRY_RPC}.pin", headers=bearer("w" * 32))).body)
+        short = json.loads((await br.request(pin, f"{REGISTRY_RPC}.pin", headers=bearer("p" * 32))).body)
+        letters = json.loads((await br.request({}, f"{REGISTRY_RPC}.dead_letters", headers=bearer("p" * 32))).body)
+        read = json.loads((await br.request({"scope": "acme"}, f"{REGISTRY_RPC}.versions", headers=bearer("p" * 32))).body)
+        assert not audit  # nothing refused was applied
+        done = json.loads((await br.request(pin, f"{REGISTRY_RPC}.pin", headers=bearer("o" * 32))).body)
+        await asyncio.wait_for(heard.wait(), 5)
+    assert (bare["status"], wrong["status"], short["status"], letters["status"]) == (401, 401, 403, 403)
+    assert "Authorization: Bearer" in bare["error"] and "has the producer role" in short["error"]
+    assert read["ok"] and done["ok"] and done["result"]["pinned"] is True
+    assert [(a["action"], a["operator"]) for a in audit] == [("pin", "sre-alice (token oncall)")]

@@ -214,7 +214,6 @@ def create_app(settings: RegistrySettings, ports: AppPorts | None = None) -> Fas
     ops = Operations(
         lambda: runtime.ledger, runtime.publish, answerer=lambda: runtime.answerer, dead_letters=lambda: dead_letters
     )
-    register_rpc(broker, ops)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -231,6 +230,7 @@ def create_app(settings: RegistrySettings, ports: AppPorts | None = None) -> Fas
     elif settings.http_host not in LOOPBACK_HOSTS:
         log.warning("registry API on %s:%d has no tokens (registry.api_tokens): whoever reaches it may "
                     "approve, roll back and change policies", settings.http_host, settings.http_port)
+    register_rpc(broker, ops, tokens)  # the same tokens over NATS request-reply
     app = build_api(ops, runtime.alive, runtime.ready, lifespan=lifespan, tokens=tokens)
     app.state.runtime = runtime
     app.state.broker = broker

@@ -7,8 +7,9 @@ stream under the name the caller gives and the token's name, so a shared login c
 held the key. With no tokens the API is open, as on the embedded local stack; the registry says
 so at start when it listens beyond this machine.
 
-The NATS request-reply operations (``rpc.py``) are guarded by NATS's own authorization: grant
-publish on ``seal.rpc.registry.>`` only to the users that may act.
+The NATS request-reply operations (``rpc.py``) take the same tokens, in the request's
+``Authorization`` header, with the same roles: a product that holds the NATS password to publish
+feedback can no more approve over the bus than over HTTP.
 """
 
 from __future__ import annotations
@@ -66,31 +67,51 @@ class Tokens:
         return found
 
 
+class Unauthorized(Exception):
+    """A request without a known token (401), or with one whose role falls short (403)."""
+
+    def __init__(self, status: int, detail: str, challenge: str = "Bearer") -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.challenge = status, detail, challenge
+
+
+def authorize(tokens: Tokens, presented: str | None, role: ApiRole, action: str, where: str) -> Principal | None:
+    """Who ``presented`` (a bearer token, or None) is, when it may ``action``; None when the API is
+    open. ``where`` names the request in the log line of a refusal."""
+    if not tokens.enabled:
+        return None
+    if not presented:
+        raise Unauthorized(401, f"to {action} the registry needs an API token with the {role} role at least: "
+                                "send Authorization: Bearer <token> (the seal CLI sends SEAL_API_TOKEN)")
+    principal = tokens.principal(presented)
+    if principal is None:
+        log.warning("refused %s: an unknown API token", where)
+        raise Unauthorized(401, "the API token is not one of this registry's tokens (registry.api_tokens)",
+                           'Bearer error="invalid_token"')
+    if not principal.may(role):
+        log.warning("refused %s to token %s (%s)", where, principal.name, principal.role)
+        raise Unauthorized(403, f"the token {principal.name!r} has the {principal.role} role; to {action} needs the {role} role")
+    return principal
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, or None."""
+    scheme, _, token = (header or "").strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
 def requires(tokens: Tokens, role: ApiRole, action: str) -> Callable[..., Awaitable[Principal | None]]:
     """A FastAPI dependency: the request's principal when its token may ``action`` (None when the
     API is open), else a 401 or 403 that says what is missing."""
 
     async def check(request: Request) -> Principal | None:
-        if not tokens.enabled:
-            return None
-        credentials: HTTPAuthorizationCredentials | None = await _bearer(request)
-        if credentials is None:
-            raise HTTPException(
-                401,
-                f"to {action} the registry needs an API token with the {role} role at least: "
-                "send Authorization: Bearer <token> (the seal CLI sends SEAL_API_TOKEN)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        principal = tokens.principal(credentials.credentials)
-        if principal is None:
-            log.warning("refused %s %s: an unknown API token", request.method, request.url.path)
-            raise HTTPException(401, "the API token is not one of this registry's tokens (registry.api_tokens)",
-                                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        if not principal.may(role):
-            log.warning("refused %s %s to token %s (%s)", request.method, request.url.path, principal.name, principal.role)
-            raise HTTPException(403, f"the token {principal.name!r} has the {principal.role} role; "
-                                     f"to {action} needs the {role} role")
-        return principal
+        credentials: HTTPAuthorizationCredentials | None = await _bearer(request) if tokens.enabled else None
+        try:
+            return authorize(tokens, credentials.credentials if credentials else None, role, action,
+                             f"{request.method} {request.url.path}")
+        except Unauthorized as exc:
+            headers = {"WWW-Authenticate": exc.challenge} if exc.status == 401 else None
+            raise HTTPException(exc.status, exc.detail, headers=headers) from None
 
     return check
 

@@ -1,8 +1,10 @@
 """NATS request-reply for other services: ``seal.rpc.registry.<operation>``.
 
-Request: a JSON object of arguments. Reply: ``{"ok": true, "result": ...}``
-or ``{"ok": false, "status": 404|409|413|422|500|503, "error": "..."}``. Every replica
-answers in the queue group ``registry``, so one request gets one answer.
+Request: a JSON object of arguments; where the registry has API tokens, the header
+``Authorization: Bearer <token>`` with the operation's role (``ROLES``, as over HTTP). Reply:
+``{"ok": true, "result": ...}`` or ``{"ok": false, "status": 401|403|404|409|413|422|500|503,
+"error": "..."}``. Every replica answers in the queue group ``registry``, so one request gets one
+answer.
 
 Operations: ``scopes`` {after?, limit?}; ``versions`` {scope}; ``lineage`` {scope, version};
 ``feedback`` {feedback_id, scope?}; ``feedback_list`` {scope, state?, limit?}; ``submit``
@@ -22,7 +24,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, get_args
 
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsMessage
 from pydantic import ValidationError
 
 from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
@@ -30,6 +32,7 @@ from shared.registry_view import ConflictError
 from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import REGISTRY_RPC
 
+from .auth import Principal, Tokens, Unauthorized, attributed, authorize, bearer_token
 from .operations import (
     AskRequest,
     Operations,
@@ -50,6 +53,7 @@ from .records import (
     FeedbackState,
 )
 from .redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX, MAX_SEQUENCE, SERVICE_PATTERN
+from .settings import ApiRole
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +203,41 @@ async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) ->
         return {"ok": False, "status": 500, "error": f"the registry failed to answer: {type(exc).__name__}: {exc}"[:500]}
 
 
-def register_rpc(broker: NatsBroker, ops: Operations) -> None:
+# The role each operation needs where the registry has API tokens (as over HTTP).
+ROLES: dict[str, ApiRole] = {
+    "scopes": "reader", "versions": "reader", "lineage": "reader", "feedback": "reader", "feedback_list": "reader",
+    "policy_get": "reader", "submit": "producer", "ask": "producer",
+    "approve": "operator", "reject": "operator", "rollback": "operator", "pin": "operator", "unpin": "operator",
+    "policy_set": "operator", "dead_letters": "operator", "dead_letter_replay": "operator",
+}
+
+
+def register_rpc(broker: NatsBroker, ops: Operations, tokens: Tokens | None = None) -> None:
     for name, call in operations_table(ops).items():
-        _subscribe(broker, name, call)
+        _subscribe(broker, name, call, tokens or Tokens())
 
 
-def _subscribe(broker: NatsBroker, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+def _subscribe(broker: NatsBroker, name: str, call: Callable[[dict[str, Any]], Awaitable[Any]], tokens: Tokens) -> None:
+    role = ROLES[name]
+
     @broker.subscriber(f"{REGISTRY_RPC}.{name}", queue=QUEUE, title=f"registry-rpc-{name}")
-    async def reply(args: Any) -> dict[str, Any]:
-        return await answer(call, args)
+    async def reply(args: Any, message: NatsMessage) -> dict[str, Any]:
+        try:
+            who = authorize(tokens, bearer_token((message.headers or {}).get("Authorization")), role,
+                            f"call {name}", f"rpc {name}")
+        except Unauthorized as exc:
+            return {"ok": False, "status": exc.status, "error": exc.detail}
+        return await answer(call, vouched(args, who))
+
+
+def vouched(args: Any, who: Principal | None) -> Any:
+    """The arguments with the token's holder beside the names they give (as the HTTP API does)."""
+    if who is None or not isinstance(args, dict):
+        return args
+    changed = dict(args)
+    if isinstance(args.get("operator"), str):
+        changed["operator"] = attributed(args["operator"], who)
+    if "content" in args:  # a submission: who sent it
+        given = args.get("submitted_by")
+        changed["submitted_by"] = attributed(given if isinstance(given, str) and given.strip() else who.name, who)
+    return changed
