@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared import events as ev
-from shared.registry_view import ScopePolicy
+from shared.registry_view import ScopePolicy, UnreadableRecord
 
 from . import actions, intake, queries
 from .ledger import Ledger
@@ -183,8 +183,11 @@ class Operations:
             if isinstance(scope, str) and isinstance(feedback_id, str) and re.fullmatch(ev.SCOPE_PATTERN, scope) \
                     and re.fullmatch(ev.ID_PATTERN, feedback_id):
                 if (scope, feedback_id) not in states:
-                    record = await self.ledger.record(scope, feedback_id)
-                    states[(scope, feedback_id)] = record.state if record else None
+                    try:
+                        record = await self.ledger.record(scope, feedback_id)
+                        states[(scope, feedback_id)] = record.state if record else None
+                    except UnreadableRecord:  # a record that no longer parses is what put letters here
+                        states[(scope, feedback_id)] = "unreadable"
                 entry["feedback_state"] = states[(scope, feedback_id)]
         return entries
 
