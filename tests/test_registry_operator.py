@@ -83,6 +83,28 @@ async def test_a_rollback_whose_announcement_failed_is_announced_by_what_comes_n
     assert (await w.ledger.head("acme")).outbox == ()  # type: ignore[union-attr]
 
 
+async def test_a_rollback_cut_short_after_its_change_is_announced_by_the_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry stopped between moving the head and publishing (a crash, a deploy): nobody acts
+    on the scope again, and still the sweep publishes the audit and adapter.rolled_back."""
+    w = make_world()
+    await three_versions(w)
+
+    async def crash(scope: str) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(w.ledger, "flush_head", crash)
+    with pytest.raises(SystemExit):
+        await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v3 answers badly", "req-1")
+    monkeypatch.undo()
+    assert not w.bus.of(ev.OperatorAction) and (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
+    await w.ledger.sweep()
+    assert [(a.action, a.operator) for a in w.bus.of(ev.OperatorAction)] == [("rollback", "sre-alice")]
+    assert [(r.from_version, r.to_version) for r in w.bus.of(ev.AdapterRolledBack)] == [(3, 1)]
+    assert await w.state.keys(KV_REGISTRY, "headout.*") == []  # nothing left to sweep
+    await w.ledger.sweep()
+    assert len(w.bus.of(ev.OperatorAction)) == 1
+
+
 async def test_a_pin_whose_audit_failed_is_audited_by_the_next_try() -> None:
     w = make_world()
     await three_versions(w)

@@ -19,7 +19,7 @@ from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 from . import decision as dc
 from .ledger import Ledger
 from .ports import NotFound, Refused
-from .records import FeedbackRecord, Marker, ScopeHead, head_key
+from .records import FeedbackRecord, Marker, ScopeHead, head_key, head_outbox_key
 
 
 def _operator_action(
@@ -164,6 +164,7 @@ async def rollback(
             }
         )
 
+    await ledger.ports.state.put(KV_REGISTRY, head_outbox_key(scope), Marker(at=now))  # before: a crash after is swept
     head = await ledger.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, change)
     if outcome.get("missing") or head is None:
         raise NotFound(f"scope {scope!r} has no active version to roll back from")
@@ -217,6 +218,7 @@ async def set_pin(
             }
         )
 
+    await ledger.ports.state.put(KV_REGISTRY, head_outbox_key(scope), Marker(at=now))  # before: a crash after is swept
     head = await ledger.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, change)
     if outcome.get("missing") or head is None:
         raise NotFound(f"scope {scope!r} has no active version to pin")

@@ -53,6 +53,7 @@ from .records import (
     arrival_key,
     feedback_key,
     head_key,
+    head_outbox_key,
     key_token,
     legacy_selfedit_key,
     open_key,
@@ -340,6 +341,7 @@ class Ledger:
         restart; what one left behind goes out with the scope's next rollback, pin or promotion."""
         head = await self.head(scope)
         if head is None or not head.outbox:
+            await self.ports.state.delete(KV_REGISTRY, head_outbox_key(scope))
             return head
         sent = set()
         for item in head.outbox:
@@ -352,7 +354,10 @@ class Ledger:
             left = tuple(item for item in current.outbox if item["event_id"] not in sent)
             return None if left == current.outbox else current.model_copy(update={"outbox": left})
 
-        return await self.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, published)
+        head = await self.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, published)
+        if head is None or not head.outbox:
+            await self.ports.state.delete(KV_REGISTRY, head_outbox_key(scope))
+        return head
 
     async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
         sent = set()
@@ -377,6 +382,11 @@ class Ledger:
 
     async def sweep(self) -> int:
         """Settle every open feedback (timeouts, interrupted steps); returns how many were looked at."""
+        for key in await self.ports.state.keys(KV_REGISTRY, "headout.*"):  # a rollback's or pin's, left by a crash
+            try:
+                await self.flush_head(key.split(".", 1)[1])
+            except Exception:  # noqa: BLE001 - one scope must not stop the sweep
+                log.exception("sweep could not publish the head outbox of %s", key)
         markers = await self.ports.state.entries(KV_REGISTRY, "open.*.*", Marker, skip_unreadable=True)
         for key, marker in markers.items():
             scope = key.split(".")[1]

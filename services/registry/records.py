@@ -70,6 +70,11 @@ def feedback_key(scope: str, feedback_id: str) -> str:
     return f"feedback.{scope}.{key_token(feedback_id)}"
 
 
+def head_outbox_key(scope: str) -> str:
+    """Present while the scope head's outbox may hold events: the sweep publishes what a crash left."""
+    return f"headout.{scope}"
+
+
 def open_key(scope: str, feedback_id: str) -> str:
     return f"open.{scope}.{key_token(feedback_id)}"
 
