@@ -51,9 +51,9 @@ from platform_driver import (  # noqa: E402
 )
 from probes import covered_questions  # noqa: E402
 
-from seal.cli import service_url, stop_on_sigterm  # noqa: E402
+from seal.client import call  # noqa: E402
 from seal.demo import describe_outcome, load_items  # noqa: E402
-from seal.ops import call  # noqa: E402
+from seal.processes import service_url, stop_on_sigterm  # noqa: E402
 from seal.scope_policy import parse_settings  # noqa: E402
 from seal.watch import PlatformWatcher  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402

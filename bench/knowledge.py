@@ -58,8 +58,8 @@ from platform_driver import (  # noqa: E402
     submit_passage,
 )
 
-from seal.cli import stop_on_sigterm  # noqa: E402
 from seal.demo import DemoItem, load_items  # noqa: E402
+from seal.processes import stop_on_sigterm  # noqa: E402
 from services.evaluator.core_knowledge import load_question_set  # noqa: E402
 from services.trainer.lora_training import LoraTrainer, TrainingJob  # noqa: E402
 from shared.events import Probe, TrainingDirectives  # noqa: E402

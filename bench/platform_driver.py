@@ -80,16 +80,16 @@ class Platform:
 
     stack: Any  # seal.stack.LocalStack
     store: Any  # shared.store.AdapterStore
-    port_base: int  # service i listens on port_base + i (seal.cli.SERVICES order)
+    port_base: int  # service i listens on port_base + i (seal.processes.SERVICES order)
 
 
 @contextmanager
 def running_platform(model: str, service_env: dict[str, str] | None, prefix: str) -> Iterator[Platform]:
     """Start the stack and the four services in a new folder; stop them however the block ends."""
-    from seal.cli import (
+    from seal.cli import provision
+    from seal.processes import (
         SERVICES,
         free_service_port_base,
-        provision,
         start_services,
         stop_services,
         wait_services_ready,
@@ -114,8 +114,8 @@ def running_platform(model: str, service_env: dict[str, str] | None, prefix: str
 
 def set_scope_policy(platform: Platform, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
     """Change some of ``scope``'s policy through the registry's API; the policy as it now stands."""
-    from seal.cli import service_url
-    from seal.ops import call
+    from seal.client import call
+    from seal.processes import service_url
 
     return call(service_url("registry", platform.port_base), "PATCH", f"/v1/scopes/{scope}/policy", changes,
                 params={"operator": "bench", "reason": "the benchmark's settings for this run"})

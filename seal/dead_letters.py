@@ -11,18 +11,18 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from seal.ops import (
+from seal.client import (
     JsonOption,
     OperatorOption,
     ReasonOption,
     UrlOption,
-    _short,
     api_path,
     call,
     console,
     emit_json,
     operator_body,
     plain_row,
+    short,
 )
 from services.registry.redrive import DEAD_LETTER_LIST_LIMIT, DEAD_LETTER_LIST_MAX
 
@@ -43,7 +43,7 @@ def dead_letters(
     for r in rows:
         # Reasons quote what a product sent: printed as text, never read as rich markup.
         plain_row(table, r["sequence"], (r.get("at") or "")[:19], r["service"], r.get("event_type") or r["subject"],
-                  r.get("scope") or "-", _short(r.get("feedback_id")), r.get("feedback_state") or "-", r["reason"][:300])
+                  r.get("scope") or "-", short(r.get("feedback_id")), r.get("feedback_state") or "-", r["reason"][:300])
     console.print(table if rows else "no dead letters")
 
 

@@ -15,26 +15,35 @@ The registry is found at ``--url`` or ``SEAL_REGISTRY_URL`` (default: where
 ``seal up`` runs it); a registry with API tokens takes the one in ``SEAL_API_TOKEN``.
 Every listing command takes ``--json``. Actions say who
 (``--operator``, default ``SEAL_OPERATOR`` or the login name) and why
-(``--reason``, required); both land in the audit stream.
+(``--reason``, required); both land in the audit stream. The HTTP plumbing and the options
+these commands share are in seal.client.
 """
 
 from __future__ import annotations
 
-import getpass
-import json
-import os
-import time
-import uuid
 from collections.abc import Callable
-from typing import Any, NoReturn, get_args
-from urllib.parse import quote
+from typing import Any, get_args
 
-import httpx
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from seal.client import (
+    FeedbackScopeOption,
+    JsonOption,
+    OperatorOption,
+    ReasonOption,
+    ScopeOption,
+    UrlOption,
+    api_path,
+    call,
+    console,
+    emit_json,
+    fmt,
+    operator_body,
+    plain_row,
+    short,
+)
 from services.registry.records import (
     FEEDBACK_LIST_LIMIT,
     FEEDBACK_LIST_MAX,
@@ -45,136 +54,9 @@ from services.registry.records import (
     FeedbackState,
 )
 
-DEFAULT_URL = "http://127.0.0.1:18080"
-TERMINAL_STATES = ("promoted", "rejected", "awaiting_approval")
-
-console = Console()
-errors = Console(stderr=True)
-
-# Tests swap this for a client bound to an in-process app.
-client_factory: Callable[[str], httpx.Client] = lambda url: httpx.Client(base_url=url, timeout=60.0)  # noqa: E731
-
-UrlOption = typer.Option(
-    DEFAULT_URL, "--url", envvar="SEAL_REGISTRY_URL",
-    help="The registry's HTTP address (with API tokens, SEAL_API_TOKEN holds yours).",
-)
-JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
-ScopeOption = typer.Option(..., "--scope", "-s", help="The scope (product, team or user).")
-ReasonOption = typer.Option(..., "--reason", "-r", help="Why: recorded in the audit stream.")
-
-
-def auth_headers() -> dict[str, str]:
-    """The bearer token of ``SEAL_API_TOKEN``, for a registry with API tokens (none: no header)."""
-    token = os.environ.get("SEAL_API_TOKEN", "").strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def default_operator() -> str:
-    return os.environ.get("SEAL_OPERATOR") or getpass.getuser()
-
-
-OperatorOption = typer.Option(None, "--operator", help="Who: default SEAL_OPERATOR or the login name.")
-FeedbackScopeOption = typer.Option(None, "--scope", "-s", help="Its scope, where the id was sent to several.")
-
 
 def _scoped(scope: str | None) -> dict[str, Any] | None:
     return {"scope": scope} if scope else None
-
-
-# ------------------------------------------------------------------- plumbing
-
-
-# An operator action (a body with a request id) is applied once per id: one that timed out, or met
-# a registry that failed (a 5xx) or restarted, is sent again with the same id, which also publishes
-# again (under the same event ids) the events of one that changed the scope and then failed.
-ACTION_TRIES = 3
-ACTION_RETRY_S = 2.0
-
-
-def call(url: str, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
-    """One request to the registry; prints a readable error and exits on failure."""
-    tries = ACTION_TRIES if isinstance(body, dict) and body.get("request_id") else 1
-    for attempt in range(1, tries + 1):
-        try:
-            with client_factory(url) as client:
-                response = client.request(method, path, json=body, params=params, headers=auth_headers())
-        except httpx.HTTPError as exc:
-            if isinstance(exc, httpx.TransportError) and attempt < tries:
-                errors.print(f"[yellow]no answer from the registry ({exc}); sending it again with the same request id[/]")
-                time.sleep(ACTION_RETRY_S * attempt)
-                continue
-            _no_answer(url, exc)
-        if response.status_code >= 500 and attempt < tries:
-            errors.print(f"[yellow]the registry answered {response.status_code}; sending it again with the same request id[/]")
-            time.sleep(ACTION_RETRY_S * attempt)
-            continue
-        return _answer(url, response)
-    raise AssertionError("unreachable")
-
-
-def _no_answer(url: str, exc: httpx.HTTPError) -> NoReturn:
-    if isinstance(exc, httpx.TimeoutException):
-        # The request may have arrived: an approval, a rejection or a rollback may have been applied.
-        errors.print(f"[red]the registry at {url} did not answer in time[/] ({exc}); "
-                     "a change may still have been applied: check before repeating it")
-    else:
-        errors.print(f"[red]cannot reach the registry at {url}[/] ({exc}); is it running? (--url / SEAL_REGISTRY_URL)")
-    raise typer.Exit(2) from exc
-
-
-def _answer(url: str, response: httpx.Response) -> Any:
-    """The registry's JSON answer, or a readable error and an exit."""
-    if not response.is_success:  # redirects included: a proxy in front of the registry answers for it
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = None
-        detail = payload.get("detail", response.text) if isinstance(payload, dict) else response.text
-        if isinstance(detail, list):  # FastAPI's validation errors
-            detail = "; ".join(
-                f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" if isinstance(d, dict) else str(d)
-                for d in detail
-            )
-        errors.print(Text.assemble((str(response.status_code), "red"), " ", str(detail)[:2000]))
-        raise typer.Exit(1)
-    try:
-        return response.json()
-    except ValueError as exc:
-        errors.print(f"[red]the answer from {url} is not the registry's JSON[/] ({response.headers.get('content-type')}): "
-                     f"{response.text[:200]!r}")
-        raise typer.Exit(1) from exc
-
-
-def api_path(*parts: object) -> str:
-    """``/v1/<parts>``, each part quoted whole: an id or scope typed with ``/``, ``..`` or ``?``
-    stays one path segment (``seal approve ../scopes/acme/pin`` must not become a pin)."""
-    return "/v1/" + "/".join(quote(str(part), safe="") for part in parts)
-
-
-def plain_row(table: Table, *cells: object) -> None:
-    """A table row printed as text: what a product or an operator wrote (a passage's summary, a
-    reason) is never read as rich markup ("[/note]" crashed the table)."""
-    table.add_row(*(Text(str(cell)) for cell in cells))
-
-
-def emit_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _short(text: str | None, width: int = 16) -> str:
-    return "-" if not text else (text if len(text) <= width else text[: width - 1] + "…")
-
-
-def operator_body(operator: str | None, reason: str, **extra: Any) -> dict[str, Any]:
-    return {"operator": operator or default_operator(), "reason": reason, "request_id": uuid.uuid4().hex, **extra}
 
 
 # ------------------------------------------------------------------- commands
@@ -196,7 +78,7 @@ def scopes(
         table.add_column(col)
     for r in rows:
         pinned = f"yes ({r.get('pinned_by')})" if r.get("pinned") else "no"
-        plain_row(table, r["scope"], _fmt(r["active_version"]), _fmt(r["previous_version"]), _fmt(r["latest_version"]), pinned, r["approval"], str(r["open_feedback"]))
+        plain_row(table, r["scope"], fmt(r["active_version"]), fmt(r["previous_version"]), fmt(r["latest_version"]), pinned, r["approval"], str(r["open_feedback"]))
     console.print(table)
     if len(rows) == limit:
         console.print(Text(f"more may follow: seal scopes --after {rows[-1]['scope']}", style="dim"))
@@ -219,9 +101,9 @@ def versions(
         scores = r.get("candidate_scores") or {}
         plain_row(
             table,
-            f"v{r['version']}", ",".join(r["aliases"]) or "-", _short(r["adapter_id"]), _fmt(r.get("parent_version")),
-            _fmt(r.get("reward")), _fmt(scores.get("target")), _fmt(scores.get("regression")),
-            _short(r["feedback_id"]), r.get("approved_by", "-"), (r.get("promoted_at") or "")[:19],
+            f"v{r['version']}", ",".join(r["aliases"]) or "-", short(r["adapter_id"]), fmt(r.get("parent_version")),
+            fmt(r.get("reward")), fmt(scores.get("target")), fmt(scores.get("regression")),
+            short(r["feedback_id"]), r.get("approved_by", "-"), (r.get("promoted_at") or "")[:19],
         )
     console.print(table)
 
@@ -248,16 +130,16 @@ def lineage(
     table = Table(title=f"{scope} v{version} ({', '.join(v['aliases']) or 'not active'})", show_header=False)
     table.add_column("what")
     table.add_column("detail")
-    plain_row(table, "version", f"adapter {v['adapter_id']} on {v.get('base_model') or '?'}; parent v{_fmt(v.get('parent_version'))}; approved by {v['approved_by']}")
+    plain_row(table, "version", f"adapter {v['adapter_id']} on {v.get('base_model') or '?'}; parent v{fmt(v.get('parent_version'))}; approved by {v['approved_by']}")
     plain_row(table, "  traces", f"promotion {v.get('trace_id') or '-'}; registry {v.get('registry_trace_id') or '-'}")
     if len(v.get("feedback_ids") or ()) > 1:  # a version that took in several feedback (a rebase, a policy round)
         plain_row(table, "  feedback", ", ".join(v["feedback_ids"]))
     plain_row(table, "adapter", v["adapter"]["uri"])
-    plain_row(table, "evaluation", f"reward {_fmt(e.get('reward'))}, passed {e.get('passed')}, attempt {e.get('attempt')}; event {e.get('event_id')}; trace {e.get('trace_id')}")
+    plain_row(table, "evaluation", f"reward {fmt(e.get('reward'))}, passed {e.get('passed')}, attempt {e.get('attempt')}; event {e.get('event_id')}; trace {e.get('trace_id')}")
     for gate in e.get("gates", []):
-        plain_row(table, f"  gate {gate['gate']}", f"{'pass' if gate['passed'] else 'FAIL'} value {_fmt(gate.get('value'))} threshold {_fmt(gate.get('threshold'))} {gate.get('reason', '')}")
+        plain_row(table, f"  gate {gate['gate']}", f"{'pass' if gate['passed'] else 'FAIL'} value {fmt(gate.get('value'))} threshold {fmt(gate.get('threshold'))} {gate.get('reason', '')}")
     run = t.get("run") or {}
-    plain_row(table, "training run", f"loss {_fmt(run.get('final_loss'))}, {_fmt(run.get('seconds'), 1)}s; event {run.get('event_id', '-')}; trace {run.get('trace_id', '-')}")
+    plain_row(table, "training run", f"loss {fmt(run.get('final_loss'))}, {fmt(run.get('seconds'), 1)}s; event {run.get('event_id', '-')}; trace {run.get('trace_id', '-')}")
     plain_row(table, "self-edit", f"{s.get('self_edit_id', '-')} ({s.get('format', '?')}, {len(s.get('sequences', []))} sequences); event {s.get('event_id', '-')}")
     plain_row(table, "feedback", f"{f.get('feedback_id')} by {f.get('submitted_by')} at {f.get('submitted_at')}; trace {f.get('trace_id')}")
     plain_row(table, "  content", f.get("summary") or "-")
@@ -276,8 +158,8 @@ def print_fate(fate: dict[str, Any]) -> None:
     for c in fate["candidates"]:
         plain_row(
             table,
-            str(c["index"]), c["result"], c.get("verdict") or "-", str(c["attempt"]), _fmt(c.get("reward")),
-            _short(c.get("adapter_id")), "; ".join(c.get("reasons") or []),
+            str(c["index"]), c["result"], c.get("verdict") or "-", str(c["attempt"]), fmt(c.get("reward")),
+            short(c.get("adapter_id")), "; ".join(c.get("reasons") or []),
         )
     console.print(table)
 
@@ -300,7 +182,7 @@ def feedback_list(
     for col in ("feedback", "state", "version", "submitted by", "submitted at", "summary"):
         table.add_column(col)
     for r in rows:
-        plain_row(table, r["feedback_id"], r["state"], _fmt(r.get("version")), r.get("submitted_by") or "-", (r.get("submitted_at") or "")[:19], _short(r.get("summary"), 60))
+        plain_row(table, r["feedback_id"], r["state"], fmt(r.get("version")), r.get("submitted_by") or "-", (r.get("submitted_at") or "")[:19], short(r.get("summary"), 60))
     console.print(table)
 
 
@@ -332,7 +214,7 @@ def reject(
 
 def _print_head(result: dict[str, Any], verb: str) -> None:
     console.print(
-        f"{result['scope']}: {verb}; active v{result['active_version']}, previous v{_fmt(result['previous_version'])}, "
+        f"{result['scope']}: {verb}; active v{result['active_version']}, previous v{fmt(result['previous_version'])}, "
         f"latest v{result['latest_version']}{', pinned by ' + str(result['pinned_by']) if result['pinned'] else ''}",
         markup=False,
     )

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from seal.ops import (
+from seal.client import (
     JsonOption,
     OperatorOption,
     ReasonOption,

@@ -17,13 +17,10 @@ import httpx
 import typer
 from rich.text import Text
 
-from seal import ops
-from seal.ops import (
-    TERMINAL_STATES,
+from seal import client
+from seal.client import (
     ScopeOption,
     UrlOption,
-    _answer,
-    _no_answer,
     api_path,
     call,
     console,
@@ -31,6 +28,9 @@ from seal.ops import (
     emit_json,
     errors,
 )
+
+# The states a --wait ends at (the last one: held for an operator's approval).
+TERMINAL_STATES = ("promoted", "rejected", "awaiting_approval")
 
 # How often --wait asks the registry (tests make it shorter).
 WAIT_POLL_S = 3.0
@@ -137,19 +137,19 @@ def wait_for_outcome(url: str, feedback_id: str, seconds: float, scope: str | No
     fate: dict[str, Any] | None = None
     while True:
         try:
-            with ops.client_factory(url) as client:  # looked up at the call: tests swap it
-                response = client.get(
-                    api_path("feedback", feedback_id), params={"scope": scope} if scope else None, headers=ops.auth_headers()
+            with client.client_factory(url) as http:  # looked up at the call: tests swap it
+                response = http.get(
+                    api_path("feedback", feedback_id), params={"scope": scope} if scope else None, headers=client.auth_headers()
                 )
         except httpx.HTTPError as exc:
             if time.monotonic() + WAIT_POLL_S > deadline:
-                _no_answer(url, exc)
+                client.no_answer(url, exc)
             errors.print(f"[yellow]no answer from the registry ({exc}); asking again[/]")
         else:
             if response.status_code >= 500 and time.monotonic() + WAIT_POLL_S <= deadline:
                 errors.print(f"[yellow]the registry answered {response.status_code}; asking again[/]")
             elif response.status_code != 404:  # 404: not read yet
-                fate = _answer(url, response)
+                fate = client.answer(url, response)
                 if fate.get("state") in TERMINAL_STATES:
                     return fate
         if time.monotonic() + WAIT_POLL_S > deadline:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from seal import cli
+from seal import cli, processes
 from seal.stack import LocalStack, StackPorts
 from services.trainer.settings import TrainerSettings
 
@@ -18,9 +18,9 @@ def launched_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defaults: dict
         def __init__(self, args: list[str], env: dict[str, str], **_: object) -> None:
             seen[args[-1]] = env
 
-    monkeypatch.setattr(cli.subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr(processes.subprocess, "Popen", RecordingPopen)
     (tmp_path / "logs").mkdir(exist_ok=True)
-    cli.start_services(LocalStack(tmp_path, StackPorts.free()), tmp_path, "tiny", ("trainer",), defaults=defaults)
+    processes.start_services(LocalStack(tmp_path, StackPorts.free()), tmp_path, "tiny", ("trainer",), defaults=defaults)
     return seen["services.trainer"]
 
 
@@ -221,7 +221,7 @@ def test_a_second_ctrl_c_does_not_cut_the_shutdown_short() -> None:
             done.append("servers stopped")
 
     before = signal.getsignal(signal.SIGINT)
-    cli.shut_down({}, Stack())  # type: ignore[arg-type]
+    processes.shut_down({}, Stack())  # type: ignore[arg-type]
     assert done == ["servers stopped"]
     assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C works again afterwards
 
@@ -232,10 +232,10 @@ def test_under_nohup_the_cli_outlives_its_terminal() -> None:
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup hands down
-        cli.stop_on_sigterm()
+        processes.stop_on_sigterm()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        cli.stop_on_sigterm()
+        processes.stop_on_sigterm()
         assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN)  # the terminal closed: stop cleanly
     finally:
         for sig, handler in saved.items():
@@ -301,7 +301,7 @@ def test_seal_status_fails_while_a_service_is_down_or_starting(monkeypatch: pyte
 
 def test_service_readiness_asks_each_service_where_seal_up_runs_it() -> None:
     # nothing listens on these ports here: every service is down
-    assert cli.service_readiness(port_base=cli.free_service_port_base()) == dict.fromkeys(cli.SERVICES, "down")
+    assert processes.service_readiness(port_base=processes.free_service_port_base()) == dict.fromkeys(processes.SERVICES, "down")
 
 
 @pytest.mark.parametrize("failure", [OSError("tiny-typo is not a local folder nor a hub id"), ValueError("the model has no chat template")])

@@ -13,7 +13,7 @@ from rich.console import Console
 from test_registry_support import evaluated, feedback, make_world
 from typer.testing import CliRunner
 
-from seal import dead_letters, ops
+from seal import client, dead_letters, ops
 from seal.cli import app as seal_app
 from services.registry import actions, handlers, queries
 from services.registry.api import build_api
@@ -59,7 +59,7 @@ async def registry():
 @pytest.fixture
 def cli(registry, monkeypatch):
     _, app, _, _ = registry
-    monkeypatch.setattr(ops, "client_factory", lambda url: TestClient(app))
+    monkeypatch.setattr(client, "client_factory", lambda url: TestClient(app))
     monkeypatch.setenv("SEAL_OPERATOR", "sre-alice")
     runner = CliRunner()
 
@@ -244,7 +244,7 @@ def test_cli_says_what_went_wrong_with_an_answer_that_is_not_the_registrys(monke
             raise answer
         return answer
 
-    monkeypatch.setattr(ops, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
+    monkeypatch.setattr(client, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
     result = CliRunner().invoke(seal_app, ["scopes", "--url", "http://registry"])
     assert result.exit_code == code and expected in " ".join(result.output.split())  # rich wraps lines
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
@@ -309,12 +309,12 @@ async def test_a_stored_policy_that_no_longer_parses_is_reported_and_replaced(re
 
 
 def test_each_command_module_imports_on_its_own() -> None:
-    # seal.scope_policy imports seal.ops; ops once registered scope-policy at import time, so
+    # seal.scope_policy once imported seal.ops, which registered scope-policy at import time, so
     # importing scope_policy first (as bench/forgetting.py's parse_settings does) failed.
     import subprocess
     import sys
 
-    for module in ("seal.scope_policy", "seal.ops", "seal.cli"):
+    for module in ("seal.scope_policy", "seal.client", "seal.ops", "seal.processes", "seal.cli"):
         done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
 
@@ -343,8 +343,8 @@ def test_an_operator_action_is_sent_again_with_its_request_id(monkeypatch, first
             return first
         return httpx.Response(200, json=head)
 
-    monkeypatch.setattr(ops, "ACTION_RETRY_S", 0.0)
-    monkeypatch.setattr(ops, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
+    monkeypatch.setattr(client, "ACTION_RETRY_S", 0.0)
+    monkeypatch.setattr(client, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
     result = CliRunner().invoke(seal_app, ["rollback", "-s", "acme", "--to", "1", "--reason", "v3 answers badly",
                                            "--operator", "sre-alice", "--url", "http://registry", "--json"])
     assert result.exit_code == 0, result.output
@@ -373,7 +373,7 @@ def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
 
     fake = FakeDeadLetters()
     app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _true, _true)  # type: ignore[arg-type, return-value]
-    monkeypatch.setattr(ops, "client_factory", lambda url: TestClient(app))
+    monkeypatch.setattr(client, "client_factory", lambda url: TestClient(app))
     monkeypatch.setattr(dead_letters, "console", Console(width=300))  # one line a row: the text is not folded
     monkeypatch.setenv("SEAL_OPERATOR", "sre-alice")
     runner = CliRunner()
@@ -414,6 +414,11 @@ async def test_a_step_of_a_decided_feedback_is_replayed_only_when_forced(registr
     with TestClient(app) as http:
         states = [e["feedback_state"] for e in http.get("/v1/dead-letters").json()]
         assert states == ["promoted", None, None]  # a hostile scope in a body is never looked up
+        key = (KV_REGISTRY, f"feedback.acme.{roots[0].feedback_id}")
+        kept, w.state.data[key] = w.state.data[key], (b"{not json", 99)
+        # a record that no longer parses (what fills the dead letters then) does not break the listing
+        assert [e["feedback_state"] for e in http.get("/v1/dead-letters").json()] == ["unreadable", None, None]
+        w.state.data[key] = kept
         refused = http.post("/v1/dead-letters/7/replay", json=who)
         assert refused.status_code == 409 and replayed == []
         assert f"feedback {roots[0].feedback_id} of scope acme was decided already: promoted" in refused.json()["detail"]

@@ -12,7 +12,7 @@ from test_registry_api import FakeAnswerer, _true
 from test_registry_support import evaluated, feedback, make_world
 from typer.testing import CliRunner
 
-from seal import ops
+from seal import client
 from seal.cli import app as seal_app
 from services.registry import handlers
 from services.registry.api import build_api
@@ -74,6 +74,18 @@ def test_tokens_come_from_the_environment_or_a_secret_file(monkeypatch, tmp_path
 def test_a_weak_or_misspelt_token_is_refused_at_start(changed: dict[str, str], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         ApiToken.model_validate({**tokens()[2], **changed})
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": "oncall", "role": "operator", "token": " hidden-secret-value-0123456789"},
+    {"name": "oncall", "role": "operator", "token": "hidden-secret"},
+    {"name": "oncall", "role": "operator", "tokn": "hidden-secret-value-0123456789"},
+])
+def test_a_misconfigured_token_is_reported_without_its_secret(monkeypatch, entry: dict[str, str]) -> None:
+    monkeypatch.setenv("SEAL_REGISTRY__API_TOKENS", json.dumps([entry]))
+    with pytest.raises(ValidationError) as refused:
+        RegistrySettings()
+    assert "registry.api_tokens" in str(refused.value) and "hidden-secret" not in str(refused.value)
 
 
 def test_two_tokens_with_one_name_or_one_secret_are_refused() -> None:
@@ -148,7 +160,7 @@ async def test_each_role_reaches_its_routes_and_no_further(guarded) -> None:
 
 async def test_the_cli_sends_seal_api_token(guarded, monkeypatch) -> None:
     w, app, held = guarded
-    monkeypatch.setattr(ops, "client_factory", lambda url: TestClient(app))
+    monkeypatch.setattr(client, "client_factory", lambda url: TestClient(app))
     monkeypatch.setenv("SEAL_OPERATOR", "alice")
     runner = CliRunner()
 

@@ -55,7 +55,7 @@ def test_busy_port_is_reported(tmp_path: Path, stack: LocalStack) -> None:
 def test_a_second_set_of_services_gets_ports_nobody_listens_on() -> None:
     import socket
 
-    from seal.cli import SERVICE_PORT_BASE, SERVICES, free_service_port_base
+    from seal.processes import SERVICE_PORT_BASE, SERVICES, free_service_port_base
     from seal.stack import port_is_free
 
     with socket.socket() as held:  # a port in use must never be handed out
@@ -76,7 +76,7 @@ def test_sigterm_runs_the_cleanup_that_stops_the_services(tmp_path: Path) -> Non
     marker = tmp_path / "stopped"
     script = (
         "import os, signal, time\n"
-        "from seal.cli import stop_on_sigterm\n"
+        "from seal.processes import stop_on_sigterm\n"
         "stop_on_sigterm()\n"
         "try:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -131,3 +131,16 @@ def test_the_events_and_dead_letters_keep_within_their_byte_limits(tmp_path: Pat
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_local_stack_asks_its_streams_for_little_disk(tmp_path: Path) -> None:
+    """JetStream reserves each stream's byte limit when it is made: with the production limits a stack
+    on a small disk would not start. The services the stack runs take the same small limits."""
+    from shared.settings import NatsSettings
+
+    stack = LocalStack(tmp_path, StackPorts.free())
+    settings = stack.nats_settings()
+    assert settings.events_max_bytes + settings.dead_letters_max_bytes <= 2**30 < NatsSettings().events_max_bytes
+    env = stack.env()
+    assert int(env["SEAL_NATS__EVENTS_MAX_BYTES"]) == settings.events_max_bytes
+    assert int(env["SEAL_NATS__DEAD_LETTERS_MAX_BYTES"]) == settings.dead_letters_max_bytes

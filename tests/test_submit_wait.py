@@ -8,7 +8,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from seal import ops, submit
+from seal import client, submit
 from seal.cli import app as seal_app
 
 ACCEPTED = httpx.Response(202, json={"feedback_id": "fb-1", "event_id": "e-1", "scope": "acme", "duplicate": False})
@@ -29,7 +29,7 @@ def registry(monkeypatch, post: httpx.Response, polls: list[httpx.Response | Exc
             raise answer
         return answer
 
-    monkeypatch.setattr(ops, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
+    monkeypatch.setattr(client, "client_factory", lambda url: httpx.Client(base_url=url, transport=httpx.MockTransport(reply)))
     monkeypatch.setattr(submit, "WAIT_POLL_S", 0.01)
     return seen
 
