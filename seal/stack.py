@@ -64,6 +64,13 @@ def free_admin_port() -> int:
     raise RuntimeError("no free port pair for the S3 server's admin ports")
 
 
+# The streams' byte limits on a developer's machine: JetStream reserves a stream's limit against its
+# store when the stream is made, and the production defaults (5 GiB and 1 GiB) would not start a
+# stack on a disk with less than about 8 GiB free.
+LOCAL_EVENTS_MAX_BYTES = 512 * 2**20
+LOCAL_DEAD_LETTERS_MAX_BYTES = 128 * 2**20
+
+
 @dataclass
 class StackPorts:
     nats: int = 14222
@@ -117,7 +124,8 @@ class LocalStack:
         return f"127.0.0.1:{self.ports.s3}"
 
     def nats_settings(self) -> NatsSettings:
-        return NatsSettings(url=self.nats_url)
+        return NatsSettings(url=self.nats_url, events_max_bytes=LOCAL_EVENTS_MAX_BYTES,
+                            dead_letters_max_bytes=LOCAL_DEAD_LETTERS_MAX_BYTES)
 
     def store_settings(self) -> StoreSettings:
         return StoreSettings(
@@ -131,6 +139,8 @@ class LocalStack:
         """Environment variables that point a service at this stack."""
         return {
             "SEAL_NATS__URL": self.nats_url,
+            "SEAL_NATS__EVENTS_MAX_BYTES": str(LOCAL_EVENTS_MAX_BYTES),
+            "SEAL_NATS__DEAD_LETTERS_MAX_BYTES": str(LOCAL_DEAD_LETTERS_MAX_BYTES),
             "SEAL_STORE__ENDPOINT": self.s3_endpoint,
             "SEAL_STORE__ACCESS_KEY": self.access_key,
             "SEAL_STORE__SECRET_KEY": self.secret_key,

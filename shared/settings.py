@@ -87,6 +87,9 @@ class ServiceSettings(BaseSettings):
         secrets_nested_delimiter="__",
         secrets_prefix="",
         extra="ignore",
+        # A misconfigured secret (an API token too short, a misspelt key beside it) is reported by
+        # where and why, never by its value: the error goes to the pod's log.
+        hide_input_in_errors=True,
     )
 
     service_name: str = "seal"
