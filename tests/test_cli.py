@@ -297,6 +297,10 @@ def test_seal_status_fails_while_a_service_is_down_or_starting(monkeypatch: pyte
     assert "starting" in result.output and "down" in result.output and "18082" in result.output
     monkeypatch.setattr(cli, "service_readiness", lambda: dict.fromkeys(cli.SERVICES, "ready"))
     assert CliRunner().invoke(cli.app, ["status"]).exit_code == 0
+    monkeypatch.setattr(cli, "service_readiness", lambda: dict.fromkeys(cli.SERVICES, "down"))
+    none = CliRunner().invoke(cli.app, ["status"])
+    assert none.exit_code == 1 and "--servers-only" in none.output
+    assert CliRunner().invoke(cli.app, ["status", "--servers-only"]).exit_code == 0  # after `seal up --no-services`
 
 
 def test_service_readiness_asks_each_service_where_seal_up_runs_it() -> None:
