@@ -280,6 +280,9 @@ class PolicyExample(Contract):
     prompt: LongText
     completion: LongText
     reward: Reward = 0.0
+    # Where it came from (the policy adapter's lineage): the decided feedback and its self-edit.
+    feedback_id: Identifier | None = None
+    self_edit_id: Identifier | None = None
 
 
 class ManifestRef(Contract):

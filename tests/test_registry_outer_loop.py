@@ -74,6 +74,9 @@ async def test_rewarded_self_edits_pool_until_a_round_is_full() -> None:
         (f"completion 0 of {third.feedback_id}", 0.3),
     ]
     assert request.examples[0].prompt == f"Write implications of passage {first.feedback_id}"
+    # each example names its feedback and self-edit: the policy adapter's lineage
+    assert [e.feedback_id for e in request.examples] == [first.feedback_id, third.feedback_id, third.feedback_id]
+    assert all(e.self_edit_id for e in request.examples)
     assert request.directives == ScopePolicy().policy_directives
     pool = await w.state.read(KV_REGISTRY, policy_pool_key("acme"), PolicyPool)
     assert pool is not None and (pool.rounds, pool.examples, pool.outbox) == (1, (), ())
@@ -89,6 +92,22 @@ async def test_a_feedback_is_counted_once_and_the_same_completion_once() -> None
     pool = await w.state.read(KV_REGISTRY, policy_pool_key("acme"), PolicyPool)
     assert pool is not None and [(e.completion, e.reward) for e in pool.examples] == [("same words", 0.4)]
     assert w.bus.of(ev.PolicyTrainingRequested) == []
+
+
+async def test_a_late_event_long_after_the_pool_forgot_a_feedback_counts_nothing(monkeypatch) -> None:
+    """The pool remembers the last 1000 feedback it counted; a feedback is counted as it closes, so
+    an event about it that comes later still (a replayed dead letter, say) adds no example again."""
+    from services.registry import outer_loop
+
+    monkeypatch.setattr(outer_loop, "COUNTED_KEPT", 1)
+    w = make_world()
+    await with_policy(w, policy_round_examples=10)
+    root = await decide(w, [(0.4, True), (0.3, True)])
+    await decide(w, [(0.4, True)])  # the pool forgets root
+    await handlers.on_adapter_evaluated(evaluated(root, 1, 2, reward=0.3), w.ledger)
+    await w.ledger.settle("acme", root.feedback_id)
+    pool = await w.state.read(KV_REGISTRY, policy_pool_key("acme"), PolicyPool)
+    assert pool is not None and [e.feedback_id for e in pool.examples].count(root.feedback_id) == 2  # its two, once
 
 
 async def test_a_completion_too_long_for_a_policy_example_is_left_out_and_the_decision_stands() -> None:

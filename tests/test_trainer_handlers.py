@@ -330,7 +330,8 @@ async def test_a_corrupt_parent_fails_the_candidate(ports) -> None:
 
 async def test_policy_adapter_trains_on_prompt_completion_pairs(ports) -> None:
     examples = tuple(
-        ev.PolicyExample(prompt=f"Write implications of: passage {i}", completion=f"It follows that {i}.", reward=0.5)
+        ev.PolicyExample(prompt=f"Write implications of: passage {i}", completion=f"It follows that {i}.", reward=0.5,
+                         feedback_id=f"fb-{i}", self_edit_id=f"se-{i}")
         for i in range(3)
     )
     request = ev.PolicyTrainingRequested(feedback_id=ev.new_id(), scope="acme", examples=examples, directives=DIRECTIVES, round=2)
@@ -339,6 +340,8 @@ async def test_policy_adapter_trains_on_prompt_completion_pairs(ports) -> None:
     _, manifest = ports.store.stored(out.adapter.uri)
     assert manifest.kind == "policy" and manifest.parent_adapter_id is None
     assert manifest.training["round"] == 2 and manifest.training["examples"] == 3
+    # the manifest names every feedback the round learned from, not only the one that completed it
+    assert [e["feedback_id"] for e in manifest.training["examples_from"]] == ["fb-0", "fb-1", "fb-2"]
     # Next round continues the policy adapter the registry holds.
     ports.registry.policies["acme"] = PolicyAdapterRef(adapter_id=out.adapter_id, adapter=out.adapter, round=2)
     nxt = request.model_copy(update={"event_id": ev.new_id(), "round": 3})

@@ -249,8 +249,12 @@ class Ledger:
         if record is not None and record.outbox:
             record = await self._flush(record)
         if record is not None and not record.is_open:
-            await self._count_for_policy(record)  # before the open index goes: a crash is swept again
-            await self.ports.state.delete(KV_REGISTRY, open_key(scope, feedback_id))
+            marker = open_key(scope, feedback_id)
+            # Counted as it closes (before the open index goes: a crash is swept again), not by every
+            # late event that settles it afterwards, long after the pool forgot it was counted.
+            if await self.ports.state.read(KV_REGISTRY, marker, Marker) is not None:
+                await self._count_for_policy(record)
+                await self.ports.state.delete(KV_REGISTRY, marker)
         return record
 
     async def _step(self, record: FeedbackRecord) -> bool:

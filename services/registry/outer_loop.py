@@ -78,7 +78,10 @@ def rewarded_examples(
                 log.info("feedback %s candidate %d: prompt or completion too long for a policy example; left out",
                          record.feedback_id, cand.index)
                 continue
-            found[completion] = ev.PolicyExample(prompt=kept.generator_prompt, completion=completion, reward=cand.reward)
+            found[completion] = ev.PolicyExample(
+                prompt=kept.generator_prompt, completion=completion, reward=cand.reward,
+                feedback_id=record.feedback_id, self_edit_id=kept.self_edit.self_edit_id,
+            )
     return list(found.values())
 
 

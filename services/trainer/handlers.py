@@ -282,7 +282,10 @@ async def train_policy(event: PolicyTrainingRequested, ports: TrainerPorts) -> l
         result=result,
         trace_id=trace_id,
         extra={"round": event.round, "cause_event_id": event.event_id,
-               "mean_reward": sum(e.reward for e in event.examples) / len(event.examples)},
+               "mean_reward": sum(e.reward for e in event.examples) / len(event.examples),
+               # every feedback and self-edit the round learned from, not only the one that completed it
+               "examples_from": [{"feedback_id": e.feedback_id, "self_edit_id": e.self_edit_id, "reward": e.reward}
+                                 for e in event.examples]},
     )
     try:
         ref, _ = await _stored(ports, uri, result, manifest)
