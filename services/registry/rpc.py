@@ -175,7 +175,7 @@ def operations_table(ops: Operations) -> dict[str, Callable[[dict[str, Any]], Aw
     }
 
 
-async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) -> dict[str, Any]:
+async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any, name: str = "?") -> dict[str, Any]:
     if not isinstance(args, dict):
         return {"ok": False, "status": 422, "error": "the request must be a JSON object of arguments"}
     try:
@@ -199,7 +199,7 @@ async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any) ->
     except Unavailable as exc:
         return {"ok": False, "status": 503, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - the caller gets an answer, not a timeout
-        log.exception("registry rpc failed")
+        log.exception("registry rpc %s failed (arguments %s)", name, ascii(sorted(args) if isinstance(args, dict) else type(args).__name__)[:300])
         return {"ok": False, "status": 500, "error": f"the registry failed to answer: {type(exc).__name__}: {exc}"[:500]}
 
 
@@ -227,7 +227,7 @@ def _subscribe(broker: NatsBroker, name: str, call: Callable[[dict[str, Any]], A
                             f"call {name}", f"rpc {name}")
         except Unauthorized as exc:
             return {"ok": False, "status": exc.status, "error": exc.detail}
-        return await answer(call, vouched(args, who))
+        return await answer(call, vouched(args, who), name)
 
 
 def vouched(args: Any, who: Principal | None) -> Any:
