@@ -346,3 +346,33 @@ async def test_two_replicas_replaying_one_dead_letter_at_once_both_succeed_and_i
         assert last.headers["Seal-Replayed-From"] == f"{DLQ_STREAM}/{ack.seq}"
     finally:
         await nc.close()
+
+
+async def test_one_services_dead_letters_are_listed_under_a_flood_of_anothers(provisioned_stack, monkeypatch) -> None:
+    """A flood of generator dead letters (malformed feedback) after a few of the trainer's: listing the
+    trainer's still finds them, newest first, however far back they are."""
+    from services.registry import redrive
+    from shared.dead_letters import SERVICE_HEADER
+    from shared.subjects import DLQ_STREAM
+
+    monkeypatch.setattr(redrive, "SERVICE_WINDOW", 7)  # many steps back over a small flood
+    monkeypatch.setattr(redrive, "SCAN_MAX", 20)
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        js = nc.jetstream()
+        service = f"t{ev.new_id()[:8]}"
+        ours = []
+        for i in range(3):
+            ack = await js.publish(f"{DLQ_PREFIX}.{service}.seal.events.selfedit.generated", f'{{"n": {i}}}'.encode(),
+                                   headers={REASON_HEADER: f"S3 down {i}", SERVICE_HEADER: service}, stream=DLQ_STREAM)
+            ours.append(ack.seq)
+        for i in range(40):
+            await js.publish(f"{DLQ_PREFIX}.flood.seal.events.feedback.submitted", b"{}",
+                             headers={REASON_HEADER: "invalid", SERVICE_HEADER: "flood"}, stream=DLQ_STREAM)
+        letters = redrive.DeadLetters(lambda: js, None)  # type: ignore[arg-type]
+        listed = await letters.latest(service, 2)
+        assert [e["sequence"] for e in listed] == ours[::-1][:2] and listed[0]["reason"] == "S3 down 2"
+        assert [e["sequence"] for e in await letters.latest(service, 10)] == ours[::-1]
+        assert len(await letters.latest(None, 5)) == 5  # all services: the newest, as before
+    finally:
+        await nc.close()

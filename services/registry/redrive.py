@@ -38,6 +38,8 @@ SERVICE_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 MAX_SEQUENCE = 2**63 - 1  # a stream sequence is a uint64; past this the server refuses the request
 # Dead letters read to fill one listing, newest first; replayed ones leave gaps in the sequence.
 SCAN_MAX = 2000
+# Sequences read per step of one service's listing, from the newest back.
+SERVICE_WINDOW = 2000
 EVENT_SUBJECTS = "seal.events."
 REPLAYED_FROM_HEADER = "Seal-Replayed-From"
 
@@ -56,6 +58,8 @@ class DeadLetters:
             state = (await js.stream_info(DLQ_STREAM)).state
         except NotFoundError:
             return []
+        if service is not None:
+            return await self._latest_of(js, service, limit, max(state.first_seq, 1), state.last_seq)
         found: list[dict[str, Any]] = []
         sequence, scanned = state.last_seq, 0
         while sequence >= max(state.first_seq, 1) and len(found) < limit and scanned < SCAN_MAX:
@@ -121,6 +125,31 @@ class DeadLetters:
         log.info("dead letter %d (%s, %s) replayed to %s by %s: %s",
                  sequence, entry["event_type"], entry["reason"][:200], entry["subject"], operator, reason)
         return {**entry, "replayed_to": entry["subject"]}
+
+
+    async def _latest_of(self, js: JetStreamContext, service: str, limit: int, first: int, last: int) -> list[dict[str, Any]]:
+        """One service's newest dead letters, however many of other services' came after them: the
+        server picks the service's subjects (``next_by_subj``), a window of sequences at a time from
+        the newest back, so a flood of one service's letters hides no other's."""
+        subject = f"{DLQ_PREFIX}.{service}.>"
+        found: list[dict[str, Any]] = []
+        high = last
+        while high >= first and len(found) < limit:
+            low = max(first, high - SERVICE_WINDOW + 1)
+            window: list[dict[str, Any]] = []
+            sequence = low
+            while sequence <= high:
+                try:
+                    message = await js.get_msg(DLQ_STREAM, seq=sequence, subject=subject, next=True)
+                except NotFoundError:  # none of the service's at or after it
+                    break
+                if message.seq is None or message.seq > high:
+                    break
+                window.append(describe(message))
+                sequence = message.seq + 1
+            found.extend(reversed(window))
+            high = low - 1
+        return found[:limit]
 
 
 def describe(message: RawStreamMsg) -> dict[str, Any]:
