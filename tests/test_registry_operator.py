@@ -98,11 +98,37 @@ async def test_a_rollback_cut_short_after_its_change_is_announced_by_the_sweep(m
     monkeypatch.undo()
     assert not w.bus.of(ev.OperatorAction) and (await w.ledger.head("acme")).version == 1  # type: ignore[union-attr]
     await w.ledger.sweep()
+    assert not w.bus.of(ev.OperatorAction)  # a marker this young may be an action still under way: left to it
+    w.clock.advance(600)
+    await w.ledger.sweep()
     assert [(a.action, a.operator) for a in w.bus.of(ev.OperatorAction)] == [("rollback", "sre-alice")]
     assert [(r.from_version, r.to_version) for r in w.bus.of(ev.AdapterRolledBack)] == [(3, 1)]
-    assert await w.state.keys(KV_REGISTRY, "headout.*") == []  # nothing left to sweep
+    assert await w.state.keys(KV_REGISTRY, "headout.*.*") == []  # nothing left to sweep
     await w.ledger.sweep()
     assert len(w.bus.of(ev.OperatorAction)) == 1
+
+
+async def test_another_flush_never_removes_the_marker_of_an_action_under_way() -> None:
+    """Between a rollback's marker and its change, the scope's head is flushed by something else (the
+    sweep, another replica's action, a promotion); then the rollback's own publish fails. Its marker
+    is still there, so the sweep publishes its audit."""
+    w = make_world()
+    await three_versions(w)
+
+    async def flush_in_between(bucket: str, key: str) -> None:
+        if key == "active.acme":
+            w.state.before_write = None
+            await w.ledger.flush_head("acme")
+            w.bus.fail_next = 1  # and the rollback's own publish, after its change, fails
+
+    w.state.before_write = flush_in_between
+    with pytest.raises(ConnectionError):
+        await actions.rollback(w.ledger, "acme", 1, "sre-alice", "v3 answers badly", "req-rb")
+    assert len(await w.state.keys(KV_REGISTRY, "headout.*.*")) == 1
+    w.clock.advance(600)
+    await w.ledger.sweep()
+    assert [a.action for a in w.bus.of(ev.OperatorAction)] == ["rollback"]
+    assert await w.state.keys(KV_REGISTRY, "headout.*.*") == []
 
 
 async def test_a_pin_whose_audit_failed_is_audited_by_the_next_try() -> None:

@@ -164,16 +164,21 @@ async def rollback(
             }
         )
 
-    await ledger.ports.state.put(KV_REGISTRY, head_outbox_key(scope), Marker(at=now))  # before: a crash after is swept
+    marker = head_outbox_key(scope, request_id)
+    await ledger.ports.state.put(KV_REGISTRY, marker, Marker(at=now))  # before: a crash after is swept
     head = await ledger.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, change)
     if outcome.get("missing") or head is None:
+        await ledger.ports.state.delete(KV_REGISTRY, marker)
         raise NotFound(f"scope {scope!r} has no active version to roll back from")
     if outcome.get("same"):
         await ledger.flush_head(scope)  # an earlier action's events whose publish failed
+        await ledger.ports.state.delete(KV_REGISTRY, marker)
         raise Refused(f"v{to_version} is already the active version of {scope}")
     # From the version active now: a retried request finds a later promotion there, whose probes stay.
     await ledger.rebuild_probes(scope, head.version)
-    return await ledger.flush_head(scope) or head
+    head = await ledger.flush_head(scope) or head
+    await ledger.ports.state.delete(KV_REGISTRY, marker)
+    return head
 
 
 async def _usable(ledger: Ledger, ref: ev.ManifestRef, what: str, instead: str) -> None:
@@ -218,14 +223,18 @@ async def set_pin(
             }
         )
 
-    await ledger.ports.state.put(KV_REGISTRY, head_outbox_key(scope), Marker(at=now))  # before: a crash after is swept
+    marker = head_outbox_key(scope, request_id)
+    await ledger.ports.state.put(KV_REGISTRY, marker, Marker(at=now))  # before: a crash after is swept
     head = await ledger.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, change)
     if outcome.get("missing") or head is None:
+        await ledger.ports.state.delete(KV_REGISTRY, marker)
         raise NotFound(f"scope {scope!r} has no active version to pin")
     if outcome.get("same"):
         await ledger.flush_head(scope)  # an earlier action's events whose publish failed
+        await ledger.ports.state.delete(KV_REGISTRY, marker)
         raise Refused(f"scope {scope} is already {'pinned' if pinned else 'unpinned'}")
     head = await ledger.flush_head(scope) or head
+    await ledger.ports.state.delete(KV_REGISTRY, marker)
     if not pinned:
         for record in await held_records(ledger, scope):
             if record.hold == "pinned":

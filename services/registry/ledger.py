@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from opentelemetry import context, trace
@@ -53,7 +53,6 @@ from .records import (
     arrival_key,
     feedback_key,
     head_key,
-    head_outbox_key,
     key_token,
     legacy_selfedit_key,
     open_key,
@@ -76,6 +75,11 @@ def unrebasable(plan: dc.Plan) -> dc.Plan:
         rejections={**plan.rejections, plan.chosen: (reason,)},  # type: ignore[dict-item]
         reasons=(f"the chosen candidate could not be rebased: {reason}",),
     )
+
+
+# How long an operator's action may take between its head-outbox marker and removing it: the sweep
+# leaves a younger marker alone (the action flushes its own events), and flushes an older one's.
+HEAD_OUTBOX_GRACE = timedelta(minutes=5)
 
 
 @dataclass
@@ -345,7 +349,6 @@ class Ledger:
         restart; what one left behind goes out with the scope's next rollback, pin or promotion."""
         head = await self.head(scope)
         if head is None or not head.outbox:
-            await self.ports.state.delete(KV_REGISTRY, head_outbox_key(scope))
             return head
         sent = set()
         for item in head.outbox:
@@ -358,10 +361,7 @@ class Ledger:
             left = tuple(item for item in current.outbox if item["event_id"] not in sent)
             return None if left == current.outbox else current.model_copy(update={"outbox": left})
 
-        head = await self.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, published)
-        if head is None or not head.outbox:
-            await self.ports.state.delete(KV_REGISTRY, head_outbox_key(scope))
-        return head
+        return await self.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, published)
 
     async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
         sent = set()
@@ -386,9 +386,15 @@ class Ledger:
 
     async def sweep(self) -> int:
         """Settle every open feedback (timeouts, interrupted steps); returns how many were looked at."""
-        for key in await self.ports.state.keys(KV_REGISTRY, "headout.*"):  # a rollback's or pin's, left by a crash
+        now = self.ports.clock()
+        markers = await self.ports.state.entries(KV_REGISTRY, "headout.*.*", Marker, skip_unreadable=True)
+        for key, marker in markers.items():  # a rollback's or pin's events a crash left in the head's outbox
+            if marker.at is not None and now - marker.at < HEAD_OUTBOX_GRACE:
+                continue  # its action may still be under way: it removes the marker itself
             try:
-                await self.flush_head(key.split(".", 1)[1])
+                head = await self.flush_head(key.split(".")[1])
+                if head is None or not head.outbox:
+                    await self.ports.state.delete(KV_REGISTRY, key)
             except Exception:  # noqa: BLE001 - one scope must not stop the sweep
                 log.exception("sweep could not publish the head outbox of %s", key)
         markers = await self.ports.state.entries(KV_REGISTRY, "open.*.*", Marker, skip_unreadable=True)

@@ -70,9 +70,11 @@ def feedback_key(scope: str, feedback_id: str) -> str:
     return f"feedback.{scope}.{key_token(feedback_id)}"
 
 
-def head_outbox_key(scope: str) -> str:
-    """Present while the scope head's outbox may hold events: the sweep publishes what a crash left."""
-    return f"headout.{scope}"
+def head_outbox_key(scope: str, request_id: str) -> str:
+    """Present while an operator's rollback or pin may have left events in the scope head's outbox:
+    written before the change, removed by the action once they are out; the sweep publishes what a
+    crash left (one per request: another action's flush can never remove it under this one)."""
+    return f"headout.{scope}.{key_token(request_id)}"
 
 
 def open_key(scope: str, feedback_id: str) -> str:
