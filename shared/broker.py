@@ -40,7 +40,7 @@ from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import TracerProvider
@@ -110,10 +110,20 @@ async def ensure_streams(js: JetStreamContext, settings: NatsSettings | None = N
             num_replicas=replicas,
         )
         try:
-            await js.stream_info(spec.name)
-            await js.update_stream(config)
+            existing = await js.stream_info(spec.name)
         except NotFoundError:
             await js.add_stream(config)
+            continue
+        try:
+            await js.update_stream(config)
+        except APIError as exc:
+            if exc.err_code != INSUFFICIENT_STORAGE:
+                raise
+            # A larger limit than the server's store can reserve (a service started by hand, with
+            # the production limits, against a developer's stack on a small disk): keep the stream's.
+            log.warning("could not raise stream %s to %d bytes (%s); it keeps its limit of %s bytes",
+                        spec.name, config.max_bytes, exc.description, existing.config.max_bytes)
+            await js.update_stream(dataclasses.replace(config, max_bytes=existing.config.max_bytes))
     for bucket in KV_BUCKETS:
         age = KV_MAX_AGE.get(bucket)
         max_age = age.total_seconds() if age else None
@@ -208,6 +218,7 @@ async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
 
 
 _BAGGAGE = W3CBaggagePropagator()
+INSUFFICIENT_STORAGE = 10047  # JetStream: "insufficient storage resources available"
 
 
 def _stream_of(event: ev.Event) -> str:

@@ -144,3 +144,43 @@ def test_the_local_stack_asks_its_streams_for_little_disk(tmp_path: Path) -> Non
     env = stack.env()
     assert int(env["SEAL_NATS__EVENTS_MAX_BYTES"]) == settings.events_max_bytes
     assert int(env["SEAL_NATS__DEAD_LETTERS_MAX_BYTES"]) == settings.dead_letters_max_bytes
+
+
+def test_a_limit_the_servers_store_cannot_reserve_leaves_the_streams_as_they_are(tmp_path: Path) -> None:
+    """A service started by hand (the production limits) against a developer's stack whose JetStream
+    store is small: it starts, and the streams keep the limits they have."""
+    import subprocess
+
+    from seal.stack import server_binary
+    from shared.broker import ensure_streams
+    from shared.settings import NatsSettings
+    from shared.subjects import DLQ_STREAM
+
+    port = StackPorts.free().nats
+    config = tmp_path / "nats.conf"
+    config.write_text(f'jetstream {{ store_dir: "{tmp_path}/js", max_file_store: 1GB }}\n')
+    server = subprocess.Popen([server_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def start_twice() -> None:
+        for _ in range(100):
+            try:
+                nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                await asyncio.sleep(0.1)
+        try:
+            js = nc.jetstream()
+            small = NatsSettings(events_max_bytes=256 * 2**20, dead_letters_max_bytes=64 * 2**20)
+            await ensure_streams(js, small)
+            await ensure_streams(js)  # 5 GiB + 1 GiB: more than the 1GB store can reserve
+            assert (await js.stream_info(EVENTS_STREAM)).config.max_bytes == small.events_max_bytes
+            assert (await js.stream_info(DLQ_STREAM)).config.max_bytes == small.dead_letters_max_bytes
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(start_twice())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -132,10 +132,15 @@ class DeadLetters:
         server picks the service's subjects (``next_by_subj``), a window of sequences at a time from
         the newest back, so a flood of one service's letters hides no other's."""
         subject = f"{DLQ_PREFIX}.{service}.>"
+        try:  # the service's oldest letter: below it there is nothing of the service's to read
+            first = (await js.get_msg(DLQ_STREAM, seq=first, subject=subject, next=True)).seq or first
+        except NotFoundError:
+            return []
         found: list[dict[str, Any]] = []
-        high = last
+        high, window_size = last, min(SERVICE_WINDOW, max(64, 2 * limit))
         while high >= first and len(found) < limit:
-            low = max(first, high - SERVICE_WINDOW + 1)
+            low = max(first, high - window_size + 1)
+            window_size = min(SERVICE_WINDOW, window_size * 2)  # few of the service's near the top: look wider
             window: list[dict[str, Any]] = []
             sequence = low
             while sequence <= high:

@@ -223,8 +223,8 @@ def _subscribe(broker: NatsBroker, name: str, call: Callable[[dict[str, Any]], A
     @broker.subscriber(f"{REGISTRY_RPC}.{name}", queue=QUEUE, title=f"registry-rpc-{name}")
     async def reply(args: Any, message: NatsMessage) -> dict[str, Any]:
         try:
-            who = authorize(tokens, bearer_token((message.headers or {}).get("Authorization")), role,
-                            f"call {name}", f"rpc {name}")
+            header = next((v for k, v in (message.headers or {}).items() if k.lower() == "authorization"), None)
+            who = authorize(tokens, bearer_token(header), role, f"call {name}", f"rpc {name}")
         except Unauthorized as exc:
             return {"ok": False, "status": exc.status, "error": exc.detail}
         return await answer(call, vouched(args, who), name)
