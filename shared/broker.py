@@ -17,8 +17,9 @@ Delivery contract, the same for every service:
   dead-lettered rather than dropped.
 * A dead-letter copy is stored with JetStream's acknowledgement before its
   message is terminated; a copy that cannot be stored (the dead-letter stream
-  unreachable or full) leaves the message in its stream, nak'ed for another
-  try 30 s later.
+  unreachable, or JetStream's store full; at its own byte limit the stream
+  drops its oldest letters instead) leaves the message in its stream, nak'ed
+  for another try 30 s later.
 * :func:`publish_event` sets ``Nats-Msg-Id`` to the event id, so a duplicate
   publish inside the stream's duplicate window is dropped by JetStream.
 """

@@ -179,8 +179,39 @@ def nats_files(name: str) -> dict[str, str]:
     return next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].startswith("nats-config-"))["data"]
 
 
-def nats_env(password: str = "not-a-real-password") -> dict[str, str]:
-    return {**os.environ, "POD_NAME": "nats-0", "NATS_USER": "seal", "NATS_PASSWORD": password}
+def nats_store_env(name: str) -> str:
+    """NATS_MAX_FILE_STORE as the overlay's StatefulSet sets it (nats.conf reads it)."""
+    nats_container = next(c for c in find(overlay(name), "StatefulSet", "nats")["spec"]["template"]["spec"]["containers"]
+                          if c["name"] == "nats")
+    [value] = [e["value"] for e in nats_container["env"] if e["name"] == "NATS_MAX_FILE_STORE"]
+    return value
+
+
+def nats_env(password: str = "not-a-real-password", name: str = "dev") -> dict[str, str]:
+    return {**os.environ, "POD_NAME": "nats-0", "NATS_USER": "seal", "NATS_PASSWORD": password,
+            "NATS_MAX_FILE_STORE": nats_store_env(name)}
+
+
+def _bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)\s*([KMGT]i?B?|)", size.strip()).groups()  # type: ignore[union-attr]
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[:1]]
+    return int(number) * (1024 if "i" in unit or unit.endswith("B") else 1000) ** power
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_jetstream_keeps_within_its_volume_and_the_streams_within_jetstream(name):
+    """A flood must not fill the NATS volume: JetStream's store is below the claim, and the
+    events' and the dead letters' limits (the services' settings in that overlay) within the store."""
+    objects = overlay(name)
+    claim = find(objects, "StatefulSet", "nats")["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    store = _bytes(nats_store_env(name))
+    settings = config_map(objects, "seal-config")["data"]
+    from shared.settings import NatsSettings
+
+    defaults = NatsSettings()
+    events = int(settings.get("SEAL_NATS__EVENTS_MAX_BYTES", defaults.events_max_bytes))
+    dead = int(settings.get("SEAL_NATS__DEAD_LETTERS_MAX_BYTES", defaults.dead_letters_max_bytes))
+    assert events + dead < store < _bytes(claim), (name, events, dead, store, claim)
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -191,7 +222,7 @@ def test_nats_config_is_valid(name, tmp_path):
         [tool("nats-server"), "-t", "-c", str(tmp_path / "nats.conf")],
         capture_output=True,
         text=True,
-        env=nats_env(),
+        env=nats_env(name=name),
         timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -263,8 +294,10 @@ async def test_rendered_nats_runs_jetstream_behind_the_secret_and_provisioning_w
         for key in list(os.environ):
             if key.startswith("SEAL_"):
                 monkeypatch.delenv(key)
+        for key, value in data.items():  # as the pods get them: the user, the streams' limits within dev's store
+            if key.startswith("SEAL_NATS__"):
+                monkeypatch.setenv(key, value)
         monkeypatch.setenv("SEAL_NATS__URL", f"nats://127.0.0.1:{client_port}")
-        monkeypatch.setenv("SEAL_NATS__USER", data["SEAL_NATS__USER"])
         monkeypatch.setenv("SEAL_STORE__ENDPOINT", store.endpoint)
         monkeypatch.setenv("SEAL_STORE__ACCESS_KEY", store.access_key)
         monkeypatch.setenv("SEAL_STORE__BUCKET", bucket)

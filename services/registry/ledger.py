@@ -346,7 +346,8 @@ class Ledger:
     async def flush_head(self, scope: str) -> ScopeHead | None:
         """Publish the events of the scope head's outbox (an operator's rollback or pin), then remove
         them: the audit of a change to the active version is not lost to a failed publish or a
-        restart; what one left behind goes out with the scope's next rollback, pin or promotion."""
+        restart; what one left behind goes out with the scope's next rollback, pin or promotion, or
+        with the sweep (``headout.`` markers over HEAD_OUTBOX_GRACE old)."""
         head = await self.head(scope)
         if head is None or not head.outbox:
             return head
@@ -385,7 +386,9 @@ class Ledger:
     # ------------------------------------------------------------------ sweep
 
     async def sweep(self) -> int:
-        """Settle every open feedback (timeouts, interrupted steps); returns how many were looked at."""
+        """Publish the head outboxes a crashed rollback or pin left (markers older than
+        HEAD_OUTBOX_GRACE), then settle every open feedback (timeouts, interrupted steps); returns
+        how many feedback were looked at."""
         now = self.ports.clock()
         markers = await self.ports.state.entries(KV_REGISTRY, "headout.*.*", Marker, skip_unreadable=True)
         for key, marker in markers.items():  # a rollback's or pin's events a crash left in the head's outbox

@@ -267,7 +267,8 @@ class ScopeHead(ActiveAdapter):
     last_request_id: str | None = None
     updated_at: datetime | None = None
     # Events of an operator's rollback or pin not yet published (outbox): written with the change they
-    # announce, published, then removed; one whose publish failed goes out with the scope's next action.
+    # announce, published, then removed; one whose publish failed goes out with the scope's next
+    # rollback, pin or promotion, or with the sweep once its marker is 5 minutes old.
     outbox: tuple[dict[str, Any], ...] = ()
 
     def promoted_as(self, adapter_id: str) -> int | None:

@@ -56,8 +56,9 @@ class RegistryConfig(BaseModel):
     # (a burst queued without bound, each caller timing out while the model worked for nobody).
     ask_max_waiting: int = Field(default=16, ge=1, le=1000)
     adapter_cache_dir: Path = Path("~/.cache/seal/registry-adapters")
-    # Bearer tokens of the HTTP API (a JSON list of {name, role, token}: SEAL_REGISTRY__API_TOKENS,
-    # or the secret file registry__api_tokens). None: the API is open to whoever reaches it.
+    # Bearer tokens of the HTTP API and of NATS request-reply (a JSON list of {name, role, token}:
+    # SEAL_REGISTRY__API_TOKENS, or the secret file registry__api_tokens). Empty (the default): both
+    # are open to whoever reaches them.
     api_tokens: list[ApiToken] = []
 
     @model_validator(mode="after")
