@@ -36,9 +36,10 @@ DEAD_LETTER_LIST_LIMIT = 20
 DEAD_LETTER_LIST_MAX = 200
 SERVICE_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 MAX_SEQUENCE = 2**63 - 1  # a stream sequence is a uint64; past this the server refuses the request
-# Dead letters read to fill one listing, newest first; replayed ones leave gaps in the sequence.
+# Dead letters read to fill a listing of all services, newest first; replayed ones leave gaps.
 SCAN_MAX = 2000
-# Sequences read per step of one service's listing, from the newest back.
+# The widest window of sequences one service's listing reads per step, from the newest back (it
+# starts at max(64, 2 x limit) and doubles).
 SERVICE_WINDOW = 2000
 EVENT_SUBJECTS = "seal.events."
 REPLAYED_FROM_HEADER = "Seal-Replayed-From"

@@ -10,10 +10,11 @@ Operations: ``scopes`` {after?, limit?}; ``versions`` {scope}; ``lineage`` {scop
 ``feedback`` {feedback_id, scope?}; ``feedback_list`` {scope, state?, limit?}; ``submit``
 {scope, content, submitted_by?, feedback_id?}; ``approve`` / ``reject``
 {feedback_id, operator, reason, scope?}; ``rollback`` {scope, to_version, operator,
-reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason};
+reason, request_id?}; ``pin`` / ``unpin`` {scope, operator, reason, request_id?};
 ``policy_get`` {scope}; ``policy_set`` {scope, changes, operator, reason, replace?}; ``ask`` {scope,
 question, max_new_tokens?}; ``dead_letters`` {service?, limit?};
-``dead_letter_replay`` {sequence, operator, reason, force?}.
+``dead_letter_replay`` {sequence, operator, reason, request_id?, force?}. A request with its
+``request_id`` again is applied once.
 """
 
 from __future__ import annotations
