@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import nats
@@ -93,24 +94,15 @@ def test_sigterm_runs_the_cleanup_that_stops_the_services(tmp_path: Path) -> Non
 def test_the_events_and_dead_letters_keep_within_their_byte_limits(tmp_path: Path) -> None:
     """A flood of dead letters drops the oldest ones at the stream's limit instead of filling
     JetStream's volume (and stopping the whole bus); the audit stream has no such limit."""
-    import subprocess
 
-    from seal.stack import server_binary
     from shared.broker import ensure_streams
     from shared.settings import NatsSettings
     from shared.subjects import AUDIT_STREAM, DLQ_PREFIX, DLQ_STREAM
 
-    port = StackPorts.free().nats
-    server = subprocess.Popen([server_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port, server = jetstream_server(tmp_path)
 
     async def flood() -> None:
-        for _ in range(100):
-            try:
-                nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0)
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                await asyncio.sleep(0.1)
+        nc = await connected(port)
         try:
             js = nc.jetstream()
             await ensure_streams(js, NatsSettings(dead_letters_max_bytes=2**20))
@@ -149,26 +141,15 @@ def test_the_local_stack_asks_its_streams_for_little_disk(tmp_path: Path) -> Non
 def test_a_limit_the_servers_store_cannot_reserve_leaves_the_streams_as_they_are(tmp_path: Path) -> None:
     """A service started by hand (the production limits) against a developer's stack whose JetStream
     store is small: it starts, and the streams keep the limits they have."""
-    import subprocess
 
-    from seal.stack import server_binary
     from shared.broker import ensure_streams
     from shared.settings import NatsSettings
     from shared.subjects import DLQ_STREAM
 
-    port = StackPorts.free().nats
-    config = tmp_path / "nats.conf"
-    config.write_text(f'jetstream {{ store_dir: "{tmp_path}/js", max_file_store: 1GB }}\n')
-    server = subprocess.Popen([server_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port, server = jetstream_server(tmp_path, "max_file_store: 1GB")
 
     async def start_twice() -> None:
-        for _ in range(100):
-            try:
-                nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0)
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                await asyncio.sleep(0.1)
+        nc = await connected(port)
         try:
             js = nc.jetstream()
             small = NatsSettings(events_max_bytes=256 * 2**20, dead_letters_max_bytes=64 * 2**20)
@@ -184,3 +165,27 @@ def test_a_limit_the_servers_store_cannot_reserve_leaves_the_streams_as_they_are
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def jetstream_server(folder: Path, limits: str = "") -> tuple[int, subprocess.Popen[bytes]]:
+    """A nats-server of its own with JetStream in ``folder`` (``limits``: more of its jetstream block)."""
+    import subprocess
+
+    from seal.stack import server_binary
+
+    port = StackPorts.free().nats
+    config = folder / "nats.conf"
+    config.write_text(f'jetstream {{ store_dir: "{folder}/js", {limits} }}\n')
+    server = subprocess.Popen([server_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-c", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return port, server
+
+
+async def connected(port: int) -> nats.NATS:
+    """A connection to the server on ``port`` once it listens."""
+    for _ in range(100):
+        try:
+            return await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, max_reconnect_attempts=0)
+        except Exception:  # noqa: BLE001 - not listening yet
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"no nats-server on port {port}")
