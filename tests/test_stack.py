@@ -71,7 +71,6 @@ def test_a_second_set_of_services_gets_ports_nobody_listens_on() -> None:
 
 
 def test_sigterm_runs_the_cleanup_that_stops_the_services(tmp_path: Path) -> None:
-    import subprocess
     import sys
 
     marker = tmp_path / "stopped"
@@ -169,7 +168,6 @@ def test_a_limit_the_servers_store_cannot_reserve_leaves_the_streams_as_they_are
 
 def jetstream_server(folder: Path, limits: str = "") -> tuple[int, subprocess.Popen[bytes]]:
     """A nats-server of its own with JetStream in ``folder`` (``limits``: more of its jetstream block)."""
-    import subprocess
 
     from seal.stack import server_binary
 
