@@ -136,23 +136,26 @@ def wait_for_outcome(url: str, feedback_id: str, seconds: float, scope: str | No
     deadline = time.monotonic() + seconds
     fate: dict[str, Any] | None = None
     while True:
+        # Decided once per round, before asking: a failure on the last round is the answer (unreachable,
+        # or the 5xx), never a silent "undecided" because the clock crossed the deadline in between.
+        last_round = time.monotonic() + WAIT_POLL_S > deadline
         try:
             with client.client_factory(url) as http:  # looked up at the call: tests swap it
                 response = http.get(
                     api_path("feedback", feedback_id), params={"scope": scope} if scope else None, headers=client.auth_headers()
                 )
         except httpx.HTTPError as exc:
-            if time.monotonic() + WAIT_POLL_S > deadline:
+            if last_round:
                 client.no_answer(url, exc)
             errors.print(f"[yellow]no answer from the registry ({exc}); asking again[/]")
         else:
-            if response.status_code >= 500 and time.monotonic() + WAIT_POLL_S <= deadline:
+            if response.status_code >= 500 and not last_round:
                 errors.print(f"[yellow]the registry answered {response.status_code}; asking again[/]")
             elif response.status_code != 404:  # 404: not read yet
                 fate = client.answer(url, response)
                 if fate.get("state") in TERMINAL_STATES:
                     return fate
-        if time.monotonic() + WAIT_POLL_S > deadline:
+        if last_round:
             return fate
         time.sleep(WAIT_POLL_S)
 

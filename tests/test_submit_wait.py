@@ -74,3 +74,14 @@ def test_a_registry_silent_to_the_end_is_unreachable_not_rejected(monkeypatch) -
     registry(monkeypatch, ACCEPTED, [httpx.ConnectError("refused")])
     result = run("--wait", "1", "--json")
     assert result.exit_code == 4 and "cannot reach the registry" in " ".join(result.output.split())
+
+
+def test_the_deadline_crossed_after_a_failed_ask_is_still_unreachable(monkeypatch) -> None:
+    # The clock passes the deadline between a failed ask and the check after it: the last ask failed,
+    # so the outcome is "cannot reach", never "undecided" (exit 3) by the timing of the clock.
+    registry(monkeypatch, ACCEPTED, [httpx.ConnectError("refused")])
+    ticks = iter([0.0, 0.5, 0.995])
+    monkeypatch.setattr(submit.time, "monotonic", lambda: next(ticks, 0.995))
+    monkeypatch.setattr(submit.time, "sleep", lambda seconds: None)
+    result = run("--wait", "1")
+    assert result.exit_code == 4 and "cannot reach the registry" in " ".join(result.output.split())
