@@ -78,13 +78,15 @@ def exited_service(procs: dict[str, subprocess.Popen], home: Path) -> str | None
 
 
 def free_service_port_base() -> int:
-    """A base port with the four service ports above it free: for a second stack beside the first."""
+    """A base port with the four service ports above it free: for a second stack beside the first
+    (below the ephemeral range, as :func:`seal.stack.free_port` says why)."""
     import random
 
-    from seal.stack import port_is_free
+    from seal.stack import LOWEST_CHOSEN_PORT, ephemeral_ports, port_is_free
 
+    top = max(ephemeral_ports()[0] - len(SERVICES), LOWEST_CHOSEN_PORT + 1000)
     for _ in range(200):
-        base = random.randrange(20000, 60000, 10)
+        base = random.randrange(LOWEST_CHOSEN_PORT, top, 10)
         if all(port_is_free(base + i) for i in range(len(SERVICES))):
             return base
     raise RuntimeError("found no four free ports in a row for the services")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,18 +51,42 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Ports handed out for tests start here, below the kernel's ephemeral range.
+LOWEST_CHOSEN_PORT = 10000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the source ports of outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def free_port(span: int = 0) -> int:
+    """A port nobody listens on (and ``port + span`` free too), chosen below the ephemeral range:
+    one from that range can be taken as the source port of an outgoing connection between being
+    chosen and being bound (weed's parts connect to each other while they start), and the
+    server that wanted it exits."""
+    top = min(ephemeral_ports()[0], 65535) - span
+    for _ in range(500):
+        if top - LOWEST_CHOSEN_PORT < 1000:
+            break  # an unusual ephemeral range: take what the kernel gives
+        port = random.randrange(LOWEST_CHOSEN_PORT, top)
+        if port_is_free(port) and (not span or port_is_free(port + span)):
+            return port
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + span < 65535 and (not span or port_is_free(port + span)):
+            return port
+    raise RuntimeError("no free port" + (f" pair {span} apart" if span else ""))
 
 
 def free_admin_port() -> int:
-    for _ in range(200):
-        port = free_port()
-        if port + ADMIN_GRPC_OFFSET < 65535 and port_is_free(port + ADMIN_GRPC_OFFSET):
-            return port
-    raise RuntimeError("no free port pair for the S3 server's admin ports")
+    return free_port(span=ADMIN_GRPC_OFFSET)
 
 
 # The streams' byte limits on a developer's machine: JetStream reserves a stream's limit against its

@@ -338,10 +338,12 @@ async def test_a_message_dead_lettered_through_a_real_server_is_logged_with_its_
 
                 await _copy_exhausted(broker, EVENTS_STREAM, spec.durable, original.seq, 2)
                 assert (await js.get_last_msg(DLQ_STREAM, copy.subject)).seq == stored.seq
-                for _ in range(50):  # the line is logged once the copy is acknowledged
+                for _ in range(150):  # the line is logged once the copy is acknowledged
                     if any(r.levelno == logging.ERROR for r in _records(caplog, lost.event_id)):
                         break
                     await asyncio.sleep(0.1)
+                else:
+                    pytest.fail("no dead-lettering line logged within 15 s")
     finally:
         await nc.close()
     assert stdlib_json.loads(original.data)["event_id"] == lost.event_id

@@ -102,11 +102,11 @@ async def test_a_long_writing_renews_its_claim() -> None:
     writer = SlowWriter()
     release = writer.release
     ports, published = make_ports(writer=writer)
-    config = GeneratorConfig(claim_poll_s=0.01, claim_stale_s=0.3)
+    config = GeneratorConfig(claim_poll_s=0.01, claim_stale_s=1.5)  # renewed every 0.5 s
     feedback = knowledge()
     writing = asyncio.create_task(handle_feedback(payload(feedback), ports, config))
-    await asyncio.sleep(0.6)  # twice the time after which an unrenewed claim is stale
-    held = await ports.ledger.claim(feedback.scope, feedback.feedback_id, "evt-of-another-delivery", 0.3)
+    await asyncio.sleep(3.0)  # twice the time after which an unrenewed claim is stale
+    held = await ports.ledger.claim(feedback.scope, feedback.feedback_id, "evt-of-another-delivery", 1.5)
     assert held is not None and held.status == "writing" and held.writer == feedback.event_id
     release.set()
     assert not (await writing).duplicate

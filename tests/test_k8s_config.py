@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.request
@@ -31,6 +30,7 @@ import pytest
 import yaml
 from k8s_render import K8S, OVERLAYS, SERVICES, config_map, find, main_container, of_kind, overlay, tool, workloads
 
+from seal.stack import free_port
 from shared import subjects
 from shared.settings import ServiceSettings
 from shared.store import AdapterStore
@@ -235,12 +235,6 @@ def test_nats_config_check_can_fail(tmp_path):
     del env["NATS_PASSWORD"]  # the Secret is missing
     result = subprocess.run([tool("nats-server"), "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, env=env)
     assert result.returncode != 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def replace_once(text: str, old: str, new: str) -> str:

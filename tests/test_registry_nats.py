@@ -193,13 +193,15 @@ async def test_concurrent_feedback_is_rebased_promoted_rolled_back_and_asked(
 async def test_timeout_sweep_and_dead_letters_over_a_real_server(running, adapter_store, peft_dir) -> None:
     app, nc, events, http = running
     scope = f"reg-{ev.new_id()[:10]}"
-    policy = await http.patch(f"/v1/scopes/{scope}/policy", json={"candidates": 2, "decision_timeout_s": 1.0},
+    policy = await http.patch(f"/v1/scopes/{scope}/policy", json={"candidates": 2, "decision_timeout_s": 5.0},
                             params={"operator": "sre", "reason": "a short timeout"})
     assert policy.status_code == 200
     root = feedback(scope)
     dead = await nc.subscribe(f"{DLQ_PREFIX}.registry.>")
-    await publish(nc, root)
+    # Stored first: the decision's clock starts when the registry hears of the feedback, and an
+    # upload slower than the timeout would leave no candidate with an outcome in time.
     only = await asyncio.to_thread(stored, adapter_store, peft_dir, evaluated(root, 0, 2, reward=0.2), None)
+    await publish(nc, root)
     await publish(nc, only)  # candidate 1 never reports: the sweep decides after the timeout
     promoted = await events.wait_for(of(ev.AdapterPromoted, scope), timeout=30)
     timed_out = await events.wait_for(of(ev.AdapterRejected, scope), timeout=10)

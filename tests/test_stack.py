@@ -70,6 +70,28 @@ def test_a_second_set_of_services_gets_ports_nobody_listens_on() -> None:
     assert SERVICE_PORT_BASE == 18080  # the documented ports of `seal up` and the demo stay put
 
 
+def test_ports_for_tests_come_from_below_the_ephemeral_range_and_skip_ports_in_use(monkeypatch) -> None:
+    """A port from the ephemeral range could become an outgoing connection's source port before the
+    server that wanted it binds it (weed's parts connect to each other while they start)."""
+    import socket
+    from types import SimpleNamespace
+
+    from seal import stack
+
+    low = stack.ephemeral_ports()[0]
+    for _ in range(20):
+        assert stack.LOWEST_CHOSEN_PORT <= stack.free_port() < low
+        assert stack.free_admin_port() + stack.ADMIN_GRPC_OFFSET < low
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", stack.free_port()))
+        held.listen()
+        taken = held.getsockname()[1]
+        offered = iter([taken, taken + 1, taken + 2])
+        monkeypatch.setattr(stack, "random", SimpleNamespace(randrange=lambda *_: next(offered)))
+        chosen = stack.free_port()
+    assert chosen != taken and chosen in (taken + 1, taken + 2)
+
+
 def test_sigterm_runs_the_cleanup_that_stops_the_services(tmp_path: Path) -> None:
     import sys
 
