@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from opentelemetry import context, trace
@@ -41,8 +41,8 @@ from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 from shared.telemetry import feedback_context
 
 from . import decision as dc
+from . import head_outbox, promoting
 from . import outer_loop as ol
-from . import promoting
 from .ports import NotFound, Ports, Refused
 from .records import (
     FeedbackRecord,
@@ -75,11 +75,6 @@ def unrebasable(plan: dc.Plan) -> dc.Plan:
         rejections={**plan.rejections, plan.chosen: (reason,)},  # type: ignore[dict-item]
         reasons=(f"the chosen candidate could not be rebased: {reason}",),
     )
-
-
-# How long an operator's action may take between its head-outbox marker and removing it: the sweep
-# leaves a younger marker alone (the action flushes its own events), and flushes an older one's.
-HEAD_OUTBOX_GRACE = timedelta(minutes=5)
 
 
 @dataclass
@@ -344,25 +339,8 @@ class Ledger:
         await promoting.rebuild_probes(self, scope, version)
 
     async def flush_head(self, scope: str) -> ScopeHead | None:
-        """Publish the events of the scope head's outbox (an operator's rollback or pin), then remove
-        them: the audit of a change to the active version is not lost to a failed publish or a
-        restart; what one left behind goes out with the scope's next rollback, pin or promotion, or
-        with the sweep (``headout.`` markers over HEAD_OUTBOX_GRACE old)."""
-        head = await self.head(scope)
-        if head is None or not head.outbox:
-            return head
-        sent = set()
-        for item in head.outbox:
-            await self.ports.publish(ev.parse_event(item))  # deterministic ids: a re-publish is dropped
-            sent.add(item["event_id"])
-
-        def published(current: ScopeHead | None) -> ScopeHead | None:
-            if current is None or not current.outbox:
-                return None
-            left = tuple(item for item in current.outbox if item["event_id"] not in sent)
-            return None if left == current.outbox else current.model_copy(update={"outbox": left})
-
-        return await self.ports.state.compare_and_set(KV_REGISTRY, head_key(scope), ScopeHead, published)
+        """Publish what the scope head's outbox holds (an operator's rollback or pin; :mod:`.head_outbox`)."""
+        return await head_outbox.flush(self, scope)
 
     async def _flush(self, record: FeedbackRecord) -> FeedbackRecord:
         sent = set()
@@ -386,20 +364,10 @@ class Ledger:
     # ------------------------------------------------------------------ sweep
 
     async def sweep(self) -> int:
-        """Publish the head outboxes a crashed rollback or pin left (markers older than
-        HEAD_OUTBOX_GRACE), then settle every open feedback (timeouts, interrupted steps); returns
-        how many feedback were looked at."""
-        now = self.ports.clock()
-        markers = await self.ports.state.entries(KV_REGISTRY, "headout.*.*", Marker, skip_unreadable=True)
-        for key, marker in markers.items():  # a rollback's or pin's events a crash left in the head's outbox
-            if marker.at is not None and now - marker.at < HEAD_OUTBOX_GRACE:
-                continue  # its action may still be under way: it removes the marker itself
-            try:
-                head = await self.flush_head(key.split(".")[1])
-                if head is None or not head.outbox:
-                    await self.ports.state.delete(KV_REGISTRY, key)
-            except Exception:  # noqa: BLE001 - one scope must not stop the sweep
-                log.exception("sweep could not publish the head outbox of %s", key)
+        """Publish the head outboxes a crashed rollback or pin left (:mod:`.head_outbox`), then
+        settle every open feedback (timeouts, interrupted steps); returns how many feedback were
+        looked at."""
+        await head_outbox.sweep(self, self.ports.clock())
         markers = await self.ports.state.entries(KV_REGISTRY, "open.*.*", Marker, skip_unreadable=True)
         for key, marker in markers.items():
             scope = key.split(".")[1]
