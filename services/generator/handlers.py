@@ -195,7 +195,8 @@ async def _keep_claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config
 async def write_self_edits(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig) -> list[Event]:
     """The events one feedback deserves: a rejection, or one event per candidate."""
     policy = await ports.scope_state.scope_policy(feedback.scope)
-    problems = screen_feedback(feedback.content, policy.blocklist)
+    # In a thread: a megabyte of hostile text takes the patterns a second or two, and the loop beats meanwhile.
+    problems = await asyncio.to_thread(screen_feedback, feedback.content, policy.blocklist)
     chunk = passage_chunk_chars(config, policy)
     own = feedback_sequences(feedback, Limits(config.max_sequences, config.max_sequence_chars, passage_chars=chunk))
     problems.extend(untrainable(feedback, chunk))

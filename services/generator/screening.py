@@ -17,7 +17,10 @@ from collections.abc import Iterable, Sequence
 from shared.answers import normalize_answer
 from shared.events import CorrectionFeedback, KnowledgeFeedback, PreferenceFeedback
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# Every pattern is linear in the text: a match starts only where a run of its characters starts
+# (tried at every position of a 20,000-character run, the address took seconds; ``^\s*`` below
+# spanned lines, and a passage of newlines took hours), since feedback is hostile input.
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 PHONE = re.compile(r"(?<![\w.,])\+?\(?\d[\d\s().-]{7,}\d(?![\w]|[.,]\d)")
 CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 
@@ -58,7 +61,7 @@ INJECTION: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("a jailbreak phrase", re.compile(r"(?i)\b(?:jailbreak|jailbroken|developer mode|do anything now|DAN mode)\b")),
     ("a role takeover", re.compile(r"(?i)\b(?:from now on,? you (?:are|will|must)|you are no longer bound|pretend (?:to be|you are))\b")),
     ("chat-template control tokens", re.compile(r"<\|[a-z_]{2,20}\|>|\[/?INST\]|<</?SYS>>|<\|(?:im_start|im_end)")),
-    ("a fake system turn", re.compile(r"(?im)^\s*(?:#+\s*)?system\s*(?:prompt)?\s*:")),
+    ("a fake system turn", re.compile(r"(?im)^[ \t]*(?:#+[ \t]*)?system[ \t]*(?:prompt)?[ \t]*:")),
 )
 
 
