@@ -100,12 +100,27 @@ def lora_config(
     )
 
 
+# What a plain LoRA adapter's config may set to anything (each checked or harmless to the base);
+# every other key must be unset (None, false or empty), and these two only take the values here.
+PLAIN_LORA_KEYS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
+    "fan_in_fan_out", "use_rslora", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "megatron_core", "qalora_group_size", "init_lora_weights", "bias",
+    # Copies of whole modules, trained beside the LoRA layers: loaded as copies, the base's own
+    # modules untouched (the evaluator deletes an untrusted adapter's copies before it unloads).
+    "modules_to_save",
+})
+SAFE_INITS = (True, False, "gaussian")
+
+
 def check_lora_config(directory: str | Path) -> dict:
     """The PEFT directory's config, refused if it is not one this platform writes.
 
     Read before PEFT builds anything from it: PEFT allocates the LoRA matrices a config asks for
     before it loads a single weight, so a 1 KB config with ``r: 10000000`` would take gigabytes.
-    Only LoRA, with every rank within the directives' bound, passes."""
+    Only plain LoRA passes: every rank within the directives' bound, no option that changes the
+    base model's weights (an init such as PiSSA, biases) or the model beyond a low-rank update."""
     path = Path(directory) / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -114,6 +129,17 @@ def check_lora_config(directory: str | Path) -> dict:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise ValueError(f"only LoRA adapters are used here, not peft_type {kind!r}")
+    if (init := config.get("init_lora_weights", True)) not in SAFE_INITS:
+        # PiSSA, OLoRA, CorDA, LoftQ... rewrite the base layers' weights as the adapter loads, and
+        # unloading it does not put them back: every later evaluation would use another base.
+        raise ValueError(f"LoRA init_lora_weights {init!r} changes the base model's weights; "
+                         f"only {', '.join(map(repr, SAFE_INITS))} are used here")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"LoRA bias {config.get('bias')!r} would load biases into the base model's layers; only 'none' is used here")
+    if unknown := sorted(k for k, v in config.items() if k not in PLAIN_LORA_KEYS and v not in (None, False, {}, [], "")):
+        # What this platform never sets (DoRA, layer replication, modules or tokens to save, new PEFT
+        # features): each changes the model beyond a low-rank update, some its base for good.
+        raise ValueError(f"LoRA options this platform never writes are set: {', '.join(unknown)}")
     pattern = config.get("rank_pattern") or {}
     ranks = [config.get("r"), *(pattern.values() if isinstance(pattern, dict) else [pattern])]
     for rank in ranks:

@@ -200,6 +200,12 @@ async def test_adapter_that_does_not_fit_the_base_is_failed_and_the_base_stays_c
         ({"r": 10_000_000}, "LoRA rank 10000000 is outside 1..64"),  # PEFT would allocate gigabytes first
         ({"rank_pattern": {"q_proj": 4096}}, "LoRA rank 4096 is outside 1..64"),
         ({"peft_type": "PROMPT_TUNING"}, "only LoRA adapters are used here, not peft_type 'PROMPT_TUNING'"),
+        # PEFT rewrites the base layers' weights for these as it loads them; unloading does not undo it
+        ({"init_lora_weights": "pissa"}, "init_lora_weights 'pissa' changes the base model's weights"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights 'olora' changes the base model's weights"),
+        ({"bias": "all"}, "would load biases into the base model's layers"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "options this platform never writes are set: layer_replication"),
+        ({"use_dora": True, "trainable_token_indices": [1, 2]}, "never writes are set: trainable_token_indices, use_dora"),
     ],
 )
 async def test_a_config_this_platform_never_writes_is_refused_before_peft_builds_it(
