@@ -186,6 +186,24 @@ async def test_a_crash_after_recording_republishes_the_same_events_without_sampl
     assert (await ports.ledger.recall(feedback.scope, feedback.feedback_id)).status == "done"  # type: ignore[union-attr]
 
 
+async def test_a_crash_after_recording_events_too_large_to_keep_sends_them_written_again(monkeypatch) -> None:
+    from services.generator import state
+
+    monkeypatch.setattr(state, "MAX_PENDING_BYTES", 10)  # every pending entry is kept as ids alone
+    ports, published = make_ports()
+    feedback = knowledge()
+    first = await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    await ports.ledger.record(feedback.scope, feedback.feedback_id, LedgerEntry.pending(first.events))
+    assert not (await ports.ledger.recall(feedback.scope, feedback.feedback_id)).events  # type: ignore[union-attr]
+    published.clear()
+    retried = await handle_feedback(payload(feedback), ports, GeneratorConfig())
+    assert not retried.duplicate  # before: taken for another delivery's writing, and nothing was sent
+    assert [e.event_id for e in published] == [e.event_id for e in first.events]
+    same = [e.model_dump(exclude={"occurred_at"}) for e in first.events]
+    assert [e.model_dump(exclude={"occurred_at"}) for e in published] == same  # the same events
+    assert (await ports.ledger.recall(feedback.scope, feedback.feedback_id)).status == "done"  # type: ignore[union-attr]
+
+
 async def test_the_same_feedback_id_in_two_scopes_is_two_feedbacks() -> None:
     # products choose their ids: "fb-1" of one product is not "fb-1" of another
     ports, published = make_ports()

@@ -126,6 +126,8 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
     if entry is not None and entry.events:
         log.info("feedback %s was handled but maybe not published; republishing its events", feedback.feedback_id)
         events = list(entry.events)
+    elif entry is not None and entry.status == "pending":
+        events = await _write_again(feedback, ports, config, entry)
     else:
         keeping = asyncio.create_task(_keep_claim(feedback, ports, config, writer), name="claim-beat")
         try:
@@ -152,6 +154,22 @@ async def _handle_once(feedback: FeedbackSubmitted, ports: GeneratorPorts, confi
     span.set_attribute("seal.generator.generated", outcome.generated)
     span.set_attribute("seal.generator.rejected", outcome.rejected)
     return outcome
+
+
+async def _write_again(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig, entry: LedgerEntry) -> list[Event]:
+    """The events of a writing recorded by their ids alone (too large to keep in the ledger) whose
+    publishing did not finish: written again. Their ids derive from the feedback and the candidate,
+    and the sampling is seeded, so the same events come out; only those recorded are sent, so that
+    a policy changed meanwhile cannot add a second outcome to the one already partly sent."""
+    log.info("feedback %s was handled but maybe not published, its events not kept; writing them again", feedback.feedback_id)
+    events = await write_self_edits(feedback, ports, config)
+    recorded = set(entry.event_ids)
+    same = [e for e in events if e.event_id in recorded]
+    if len(same) != len(recorded):
+        log.warning("feedback %s: written again, %d of its %d recorded events came out (the scope's policy changed?); "
+                    "sending those, the registry's decision timeout covers the rest",
+                    feedback.feedback_id, len(same), len(recorded))
+    return same
 
 
 async def _claim(feedback: FeedbackSubmitted, ports: GeneratorPorts, config: GeneratorConfig, writer: str) -> LedgerEntry | None:
