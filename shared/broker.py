@@ -50,7 +50,7 @@ from shared import events as ev
 from shared.dead_letters import DeadLetterMiddleware, described, remember_consumer
 from shared.settings import NatsSettings
 from shared.subjects import DLQ_STREAM, EVENTS_STREAM, KV_BUCKETS, KV_MAX_AGE, STREAMS, ConsumerSpec, subject_for
-from shared.telemetry import feedback_id_of, mark_lineage, root_traceparent
+from shared.telemetry import lineage_of, mark_lineage, root_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +245,9 @@ class TraceRootMiddleware(BaseMiddleware):
     async def consume_scope(self, call_next: Any, msg: Any) -> Any:
         headers = getattr(msg, "headers", None)
         if isinstance(headers, dict) and "traceparent" not in headers:
-            feedback_id = feedback_id_of(getattr(msg, "body", b""))
-            if feedback_id:
-                headers["traceparent"] = root_traceparent(feedback_id)
+            lineage = lineage_of(getattr(msg, "body", b""))
+            if lineage:
+                headers["traceparent"] = root_traceparent(*lineage)
         return await call_next(msg)
 
 

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from shared import events as ev
 from shared.shutdown import Interrupted
 from shared.subjects import CONSUMERS, DLQ_PREFIX, DLQ_STREAM, EVENTS_STREAM, ConsumerSpec, dead_letter_subject
-from shared.telemetry import feedback_id_of, root_traceparent
+from shared.telemetry import lineage_of, root_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequen
     headers = dead_letter_headers(original.headers, reason, service)
     headers["Nats-Msg-Id"] = copy_id(source, sequence, consumer)
     # The copy stays in the trace of the message it copies (not the advisory's own).
-    if "traceparent" not in headers and (feedback_id := feedback_id_of(original.data)):
-        headers["traceparent"] = root_traceparent(feedback_id)
+    if "traceparent" not in headers and (lineage := lineage_of(original.data)):
+        headers["traceparent"] = root_traceparent(*lineage)
     token = otel_context.attach(TraceContextTextMapPropagator().extract(headers))
     try:
         stored = await store_dead_letter(broker, original.data, dead_letter_subject(service, original.subject), headers)

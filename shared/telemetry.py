@@ -7,7 +7,7 @@ context in message headers, so one feedback event is one trace across all
 four services. Where no context came with it (a product publishing on the
 bus without a ``traceparent``; the registry deciding from its sweep or an
 operator's command) the trace is the feedback's own root,
-:func:`feedback_context`: its trace id derives from the feedback id, so every
+:func:`feedback_context`: its trace id derives from the scope and the feedback id, so every
 service, redelivery and later decision lands in the same trace.
 """
 
@@ -37,35 +37,41 @@ SCOPE = "seal.scope"
 _ROOTS = uuid.UUID("5d3b8f0e-6a51-4c1e-9a57-2f1f3c7e0b11")
 
 
-def feedback_root(feedback_id: str) -> tuple[str, str]:
+def feedback_root(feedback_id: str, scope: str = "") -> tuple[str, str]:
     """(trace id, parent span id) in hex for a feedback that came without trace context.
+
+    From the scope and the feedback id together: products choose their own ids, and "fb-1" of one
+    scope is another feedback than "fb-1" of the next, with a trace (and a sampling) of its own.
 
     Every bit comes from a hash: a UUID's fixed version and variant bits (uuid5, as before) put
     every trace id's low 64 bits above half their range, where the ratio sampler reads them, so a
     sample ratio under 0.5 kept no feedback at all."""
-    digest = hashlib.sha256(f"{_ROOTS}:{feedback_id}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{_ROOTS}:{scope}:{feedback_id}".encode()).hexdigest()
     return digest[:32], digest[32:48]
 
 
-def root_traceparent(feedback_id: str) -> str:
+def root_traceparent(feedback_id: str, scope: str = "") -> str:
     """A W3C ``traceparent`` header under the feedback's own root (sampled)."""
-    trace_id, span_id = feedback_root(feedback_id)
+    trace_id, span_id = feedback_root(feedback_id, scope)
     return f"00-{trace_id}-{span_id}-01"
 
 
-def feedback_id_of(body: Any) -> str | None:
-    """The ``feedback_id`` a raw event body (JSON) names, or None."""
+def lineage_of(body: Any) -> tuple[str, str] | None:
+    """(feedback id, scope) a raw event body (JSON) names (the scope "" where it names none), or None."""
     try:
-        value = json.loads(body).get("feedback_id")
+        parsed = json.loads(body)
+        value, scope = parsed.get("feedback_id"), parsed.get("scope")
     except (ValueError, TypeError, AttributeError, RecursionError):  # RecursionError: JSON nested thousands deep
         return None
-    return value if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    return value, scope if isinstance(scope, str) else ""
 
 
-def feedback_context(feedback_id: str, trace_id: str | None = None) -> context.Context:
+def feedback_context(feedback_id: str, trace_id: str | None = None, scope: str = "") -> context.Context:
     """A context whose parent is the feedback's trace: ``trace_id`` (hex) where it is known,
-    else the feedback's own root. Spans started in it join that trace."""
-    root_trace, root_span = feedback_root(feedback_id)
+    else the feedback's own root (in ``scope``). Spans started in it join that trace."""
+    root_trace, root_span = feedback_root(feedback_id, scope)
     try:
         tid = int(trace_id, 16) if trace_id else 0
     except ValueError:

@@ -300,7 +300,7 @@ async def test_a_message_never_answered_lands_in_the_dead_letters(provisioned_st
     from shared.telemetry import feedback_root
 
     assert lost_trace["id"] == ""
-    assert copy.headers["traceparent"].split("-")[1] == feedback_root(lost.feedback_id)[0]
+    assert copy.headers["traceparent"].split("-")[1] == feedback_root(lost.feedback_id, lost.scope)[0]
 
 
 async def test_feedback_published_without_trace_context_is_one_trace_for_every_consumer(provisioned_stack) -> None:
@@ -333,7 +333,8 @@ async def test_feedback_published_without_trace_context_is_one_trace_for_every_c
             seen = dict([await asyncio.wait_for(got.get(), 20), await asyncio.wait_for(got.get(), 20)])
     finally:
         await nc.close()
-    assert seen == {"generator": feedback_root(sent.feedback_id)[0], "registry": feedback_root(sent.feedback_id)[0]}
+    root = feedback_root(sent.feedback_id, sent.scope)[0]
+    assert seen == {"generator": root, "registry": root}
 
 
 async def test_a_consumer_that_cannot_be_reconciled_does_not_stop_the_service(caplog) -> None:

@@ -75,10 +75,21 @@ async def test_without_a_stored_dead_letter_copy_the_message_is_not_terminated(d
 def test_a_body_nested_too_deep_names_no_feedback() -> None:
     """The trace middleware reads a body's feedback id before anything validates it: JSON nested
     past Python's recursion limit is no feedback id, not a crash outside the dead-letter path."""
-    from shared.telemetry import feedback_id_of
+    from shared.telemetry import lineage_of
 
-    assert feedback_id_of(b"[" * 3000) is None
-    assert feedback_id_of(b'{"feedback_id": "fb-1"}') == "fb-1"
+    assert lineage_of(b"[" * 3000) is None
+    assert lineage_of(b'{"feedback_id": "fb-1", "scope": "acme"}') == ("fb-1", "acme")
+    assert lineage_of(b'{"feedback_id": "fb-1", "scope": 7}') == ("fb-1", "")
+
+
+def test_the_same_feedback_id_in_two_scopes_has_two_traces() -> None:
+    """Products choose their feedback ids: "fb-1" of acme and "fb-1" of globex are two feedbacks,
+    each in a trace of its own (and sampled on its own)."""
+    from shared.telemetry import feedback_root, root_traceparent
+
+    assert feedback_root("fb-1", "acme")[0] != feedback_root("fb-1", "globex")[0]
+    assert feedback_root("fb-1", "acme") == feedback_root("fb-1", "acme")
+    assert root_traceparent("fb-1", "acme").split("-")[1] == feedback_root("fb-1", "acme")[0]
 
 
 async def test_a_body_nested_too_deep_to_decode_is_dead_lettered_at_once() -> None:

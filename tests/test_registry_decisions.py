@@ -243,7 +243,7 @@ async def test_an_approval_outside_any_trace_is_recorded_in_the_feedbacks_trace(
         head = await w.ledger.head(scope)
         assert head is not None
         version = await w.ledger.version(scope, head.version)
-        assert version.registry_trace_id == (trace_id or feedback_root(root.feedback_id)[0])
+        assert version.registry_trace_id == (trace_id or feedback_root(root.feedback_id, scope)[0])
     assert current_trace_id() is None  # and nothing of it is left attached
 
 

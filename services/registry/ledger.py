@@ -223,7 +223,7 @@ class Ledger:
             known = await self.record(scope, feedback_id)
             recorded = known.trace_id.lower() if known and known.trace_id else None
             if not current.is_valid or (recorded and format(current.trace_id, "032x") != recorded):
-                token = context.attach(feedback_context(feedback_id, recorded))
+                token = context.attach(feedback_context(feedback_id, recorded, scope))
             async with lock:
                 return await self._settle(scope, feedback_id)
         finally:
