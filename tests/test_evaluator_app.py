@@ -197,3 +197,19 @@ async def test_a_contaminated_base_fails_liveness_not_only_readiness() -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://evaluator") as http:
         broken = await http.get("/healthz")
     assert broken.status_code == 500 and broken.content == b"broken"
+
+
+def test_what_a_killed_evaluator_left_in_its_work_dir_is_removed_at_start(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    """Killed mid-evaluation (out of memory, past its grace period), an evaluator leaves a downloaded
+    adapter in its work dir, which in a pod is a size-limited volume that outlives the container."""
+    import os
+
+    work = tmp_path / "w"
+    left = work / "999999999" / "eval-abc" / "candidate"  # a process id no process has
+    left.mkdir(parents=True)
+    (left / "adapter_model.safetensors").write_bytes(b"x" * 1024)
+    theirs = work / "notes"  # not a process's folder: not ours to remove
+    theirs.mkdir()
+    _, _, ports = in_memory(tiny_model, tmp_path)
+    assert not (work / "999999999").exists() and theirs.is_dir()
+    assert ports.work_dir == work / str(os.getpid())

@@ -188,3 +188,20 @@ def test_a_writer_removes_the_adapter_folder_it_made(tiny_model: LoadedModel, tm
     del own, given
     gc.collect()
     assert not made.exists() and (tmp_path / "kept").is_dir()
+
+
+def test_a_writer_keeps_its_adapters_in_a_folder_of_its_process_and_clears_what_gone_ones_left(monkeypatch, tmp_path) -> None:
+    import os
+    import tempfile
+
+    from services.generator.writer import SelfEditWriter
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left = tmp_path / "seal-generator-adapters" / "999999999" / "writer-x" / "policy-a"  # a killed process's
+    left.mkdir(parents=True)
+    writer = SelfEditWriter(None, GeneratorConfig())  # type: ignore[arg-type]
+    assert not left.exists()
+    assert writer.cache_dir.parent == tmp_path / "seal-generator-adapters" / str(os.getpid())
+    folder = writer.cache_dir
+    del writer
+    assert not folder.exists()  # removed with the writer

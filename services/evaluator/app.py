@@ -44,6 +44,7 @@ from shared.models import LoadedModel, load_model
 from shared.registry_view import AcceptedProbes, ScopePolicy, read_accepted_probes, read_scope_policy
 from shared.runtime import service_app
 from shared.scoring import ClosedBookResult
+from shared.scratch import clear_gone_processes, own_folder
 from shared.store import AdapterStore
 from shared.subjects import EVALUATOR_ADAPTERS
 from shared.telemetry import setup_tracing
@@ -109,7 +110,11 @@ def build_ports(
         kept_items = {p.question for p in core}
         measurer.remember(base_key, core, ClosedBookResult(tuple(i for i in asked[0].items if i.question in kept_items)))
     log.info("core knowledge: %d of %d questions for base %s", len(core), len(questions), lm.name)
-    work_dir = (config.work_dir or Path(tempfile.gettempdir()) / "seal-evaluator").expanduser()
+    # A folder per process: what a process killed mid-evaluation left (a downloaded adapter, a
+    # merged copy) is removed as the next one starts, instead of filling the pod's /tmp volume.
+    scratch = (config.work_dir or Path(tempfile.gettempdir()) / "seal-evaluator").expanduser()
+    clear_gone_processes(scratch)
+    work_dir = own_folder(scratch)
     return EvaluatorPorts(
         adapters=adapters,
         registry=registry,

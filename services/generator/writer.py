@@ -30,6 +30,7 @@ from shared.generation import chat_prompt, generate
 from shared.lora import check_lora_config
 from shared.models import LoadedModel, other_base
 from shared.registry_view import PolicyAdapterRef
+from shared.scratch import clear_gone_processes, own_folder
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,16 @@ class SelfEditWriter:
         self.lm = lm
         self.config = config
         self.fetch_adapter = fetch_adapter
-        self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix="seal-generator-adapters-"))
-        if cache_dir is None:  # a folder of its own: removed with the writer, at the latest when the process exits
-            weakref.finalize(self, shutil.rmtree, self.cache_dir, True)
+        if cache_dir is None:
+            # A folder of its own: removed with the writer, at the latest when the process exits, and
+            # what a killed process left is removed as the next one starts (shared.scratch).
+            scratch = Path(tempfile.gettempdir()) / "seal-generator-adapters"
+            clear_gone_processes(scratch)
+            mine = own_folder(scratch)
+            mine.mkdir(parents=True, exist_ok=True)
+            cache_dir = Path(tempfile.mkdtemp(prefix="writer-", dir=mine))
+            weakref.finalize(self, shutil.rmtree, cache_dir, True)
+        self.cache_dir = Path(cache_dir)
         self._loaded: OrderedDict[str, Path] = OrderedDict()
         self._lock = threading.Lock()
         # Set by stop(): writing in progress ends at its next token (shared.shutdown.Interrupted).
