@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import time
@@ -256,6 +257,26 @@ class TraceRootMiddleware(BaseMiddleware):
 overdue_work: set[str] = set()
 
 
+@dataclasses.dataclass
+class _WorkClock:
+    started: float
+
+
+# The clock of the message whose work this task (or a worker thread it started: asyncio.to_thread
+# copies the context) is doing, inside kept_in_progress.
+_work_clock: contextvars.ContextVar[_WorkClock | None] = contextvars.ContextVar("seal_work_clock", default=None)
+
+
+def work_begins() -> None:
+    """The current message's work begins now: its limit (``at_most_s`` of :func:`kept_in_progress`)
+    counts from here. For work that first waits its turn (the trainer trains one job at a time, and
+    a replica holds a message of each of its consumers): a message that waited an hour for the one
+    before it is not hung. Safe to call from a worker thread, and outside any message's work."""
+    clock = _work_clock.get()
+    if clock is not None:
+        clock.started = time.monotonic()
+
+
 @contextlib.asynccontextmanager
 async def kept_in_progress(message: Any, every_s: float, at_most_s: float | None = None) -> AsyncIterator[None]:
     """Tell JetStream every ``every_s`` seconds that ``message`` is still being worked on.
@@ -270,7 +291,8 @@ async def kept_in_progress(message: Any, every_s: float, at_most_s: float | None
     letters after its last delivery), and the service reports itself not alive until the work ends.
     """
     done = asyncio.Event()
-    started = time.monotonic()
+    clock = _WorkClock(time.monotonic())
+    token = _work_clock.set(clock)
     what = f"message [{described(message)}] (work {id(message):x})"
 
     async def beat() -> None:
@@ -278,10 +300,10 @@ async def kept_in_progress(message: Any, every_s: float, at_most_s: float | None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), every_s)
                 return
-            if at_most_s is not None and time.monotonic() - started > at_most_s:
+            if at_most_s is not None and time.monotonic() - clock.started > at_most_s:
                 log.error("still working on %s after %.0f s (the limit is %.0f s): no longer holding it; it goes to "
                           "another replica after its ack wait, and this service reports itself not alive",
-                          what, time.monotonic() - started, at_most_s)
+                          what, time.monotonic() - clock.started, at_most_s)
                 overdue_work.add(what)
                 return
             try:
@@ -297,7 +319,8 @@ async def kept_in_progress(message: Any, every_s: float, at_most_s: float | None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        _work_clock.reset(token)
         if what in overdue_work:
-            log.warning("%s ended after %.0f s, past its limit", what, time.monotonic() - started)
+            log.warning("%s ended after %.0f s, past its limit", what, time.monotonic() - clock.started)
             overdue_work.discard(what)
 

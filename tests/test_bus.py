@@ -188,6 +188,23 @@ async def test_work_past_its_limit_lets_its_message_go_and_the_service_reports_i
     assert not overdue_work and caplog.text.count("still working on") == 1  # within its limit: nothing said
 
 
+async def test_work_that_waited_its_turn_counts_its_limit_from_when_it_began() -> None:
+    """The trainer trains one job at a time: a message that waited for the training before it is
+    not hung; its limit counts from when its own training began (said from the worker thread)."""
+    from shared.broker import overdue_work, work_begins
+
+    msg = BeatingMessage()
+    async with kept_in_progress(msg, every_s=0.05, at_most_s=3.0):
+        await asyncio.sleep(2.0)  # waiting for the lock
+        await asyncio.to_thread(work_begins)  # as the trainer's worker thread does once it has it
+        await asyncio.sleep(2.0)  # 4 s in all, 2 s of its own work
+        assert not overdue_work
+        beats = msg.beats
+        await asyncio.sleep(0.3)
+        assert msg.beats > beats  # still beating past 3 s since the message came: it is held
+    work_begins()  # outside any message's work: nothing happens
+
+
 async def test_liveness_fails_while_work_is_hung() -> None:
     import httpx
 

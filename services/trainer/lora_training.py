@@ -52,6 +52,7 @@ from services.trainer import examples as ex
 from services.trainer.inner_loop import NonFiniteTraining, TrainingRun, fit
 from services.trainer.rehearsal import KlAnchor, Rehearsal
 from services.trainer.settings import REHEARSAL_BATCH, REHEARSAL_WEIGHT
+from shared.broker import work_begins
 from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
 from shared.lora import ADAPTER_WEIGHTS, AdapterHost, lora_config, scale_update
@@ -193,6 +194,7 @@ class LoraTrainer:
 
     def train(self, job: TrainingJob) -> TrainedAdapter:
         with self._lock:
+            work_begins()  # the wait for another message's training is not this one's work
             key = self.training_key(job)
             done = self._trained.get(key)
             if done is not None and (done[0] / ADAPTER_WEIGHTS).is_file():
