@@ -230,7 +230,7 @@ def test_scalers_read_the_consumers_their_service_uses(name):
             assert meta["stream"] == spec.stream
             # The headless Service in the ScaledObject's own namespace, monitoring port.
             assert meta["natsServerMonitoringEndpoint"] == f"nats-headless.{namespace}.svc.cluster.local:8222"
-            assert meta["account"] == "$G"
+            assert meta["account"] == "SEAL"  # the services' account in nats.conf
     if name == "prod":
         scaled = {t["metadata"]["consumer"] for so in of_kind(objects, "ScaledObject") for t in so["spec"]["triggers"]}
         assert {"generator-feedback", "trainer-selfedits", "evaluator-adapters"} <= scaled
