@@ -49,7 +49,8 @@ class EvaluatorConfig(BaseModel):
     persist_core_filter: bool = True
     # Parent scores kept in memory: (model, probe set) pairs.
     score_cache_entries: int = Field(default=256, ge=1)
-    # Where adapters are downloaded while being evaluated; default: the system temp dir.
+    # Where adapters are downloaded while being evaluated (in a folder per process, what a killed
+    # one left removed at the next start); default: seal-evaluator in the system temp dir.
     work_dir: Path | None = None
     judge: JudgeSettings = JudgeSettings()
 
