@@ -111,7 +111,10 @@ class Event(Contract):
         fields.setdefault("feedback_id", self.feedback_id)
         fields.setdefault("scope", self.scope)
         event_type = event_cls.model_fields["type"].default
-        fields.setdefault("event_id", derived_id(self.event_id, event_type, key))
+        # The scope and the feedback too: a product may choose its events' ids, and two products
+        # (or two feedback of one) under one id got the same ids downstream, which JetStream's
+        # duplicate window dropped and the trainer took for the same work.
+        fields.setdefault("event_id", derived_id(self.scope, self.feedback_id, self.event_id, event_type, key))
         return event_cls(causation_id=self.event_id, **fields)
 
     @classmethod

@@ -215,3 +215,21 @@ def test_long_reasons_are_cut_not_refused() -> None:
     assert rejected.reasons[:99] == tuple(f"forgot question {i}" for i in range(99))
     again = ev.parse_event(rejected.model_dump_json())
     assert again == rejected
+
+
+def test_what_follows_a_product_chosen_event_id_is_its_own_per_scope_and_feedback() -> None:
+    """Products may choose their events' ids: two products (or two feedback of one) sending "ev-1"
+    must not get one set of ids downstream, which JetStream's duplicate window would drop and the
+    trainer would take for the same work (its adapter ids and parent pins derive from them)."""
+    from services.generator.candidates import self_edit_id
+
+    content = ev.KnowledgeFeedback(passage="Quellmoor got its charter in 1387.")
+    ours = ev.FeedbackSubmitted(event_id="ev-1", feedback_id="fb-1", scope="acme", content=content)
+    theirs = ours.model_copy(update={"scope": "globex"})
+    next_one = ours.model_copy(update={"feedback_id": "fb-2"})
+    follows = [f.caused(ev.FeedbackRejected, reason="r").event_id for f in (ours, theirs, next_one)]
+    assert len(set(follows)) == 3
+    assert len({self_edit_id(f, 0) for f in (ours, theirs, next_one)}) == 3
+    # and a redelivery gets the very same ones
+    assert ours.caused(ev.FeedbackRejected, reason="r").event_id == follows[0]
+    assert self_edit_id(ours, 0) == self_edit_id(ours.model_copy(), 0)

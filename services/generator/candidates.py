@@ -73,7 +73,9 @@ def feedback_seed(feedback_id: str) -> int:
 
 
 def self_edit_id(feedback: FeedbackSubmitted, index: int) -> str:
-    return derived_id(feedback.event_id, "self_edit", index)
+    """Stable on redelivery, and distinct across scopes and feedback (the trainer's adapter ids and
+    parent pins derive from it), whatever event id a product chose."""
+    return derived_id(feedback.scope, feedback.feedback_id, feedback.event_id, "self_edit", index)
 
 
 def plan_candidates(feedback: FeedbackSubmitted, policy: ScopePolicy, seed: int) -> list[CandidatePlan]:

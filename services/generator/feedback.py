@@ -90,7 +90,7 @@ def _rejection(body: dict[str, Any], payload: Any, reason: str) -> FeedbackRejec
     # The same bad payload always yields the same rejection id (deduplicated on the bus).
     basis = cause or hashlib.sha256(_as_bytes(payload)).hexdigest()
     return FeedbackRejected(
-        event_id=derived_id(basis, FeedbackRejected.model_fields["type"].default, ""),
+        event_id=derived_id(scope, feedback_id, basis, FeedbackRejected.model_fields["type"].default, ""),
         feedback_id=feedback_id,
         scope=scope,
         causation_id=cause,
