@@ -126,6 +126,20 @@ async def test_without_a_known_token_only_health_and_docs_answer(guarded) -> Non
         assert http.get("/v1/scopes", headers={"Authorization": f"Basic {READER}"}).status_code == 401
 
 
+async def test_a_body_past_the_bound_is_refused_before_it_is_read_whole(guarded) -> None:
+    """The body is read before the token is checked: unbounded, anyone who can reach the API could
+    hold gigabytes in the registry's memory."""
+    from services.registry.api import MAX_BODY_BYTES
+
+    _, app, _ = guarded
+    with TestClient(app) as http:
+        huge = http.post("/v1/feedback", content=b"x" * (MAX_BODY_BYTES + 1), headers={"Content-Type": "application/json"})
+        assert huge.status_code == 413
+        fits = http.post("/v1/feedback", json={"scope": "acme", "content": {"kind": "knowledge", "passage": "é" * 20_000}},
+                         headers=bearer(PRODUCER))
+        assert fits.status_code == 202, fits.text  # the longest passage, escaped, is within it
+
+
 async def test_each_role_reaches_its_routes_and_no_further(guarded) -> None:
     w, app, held = guarded
     with TestClient(app) as http:

@@ -194,6 +194,12 @@ def registry_router(ops: Operations, tokens: Tokens) -> APIRouter:
     return router
 
 
+# The largest request body read: the body is read (and parsed) before a route's token is checked, so
+# without a bound anyone who can reach the API could hold gigabytes in the registry's memory. A
+# feedback must fit a NATS message (1 MiB) as an event; JSON escapes can make the body larger.
+MAX_BODY_BYTES = 4 * 2**20
+
+
 def build_api(
     ops: Operations,
     alive: Callable[[], Awaitable[bool]],
@@ -206,6 +212,7 @@ def build_api(
         description="Adapter versions, decisions and lineage of the SEAL platform.",
         version="1",
         lifespan=lifespan,
+        max_body_size=MAX_BODY_BYTES,
     )
     install_error_handlers(app)
     app.include_router(health_router(alive, ready))
