@@ -352,6 +352,18 @@ async def test_a_version_listing_is_the_latest_few_and_an_oversized_answer_says_
     assert too_big["status"] == 413 and "ask for less" in too_big["error"]
 
 
+async def test_an_unexpected_failure_answers_with_a_reference_not_the_internals(caplog) -> None:
+    from services.registry.rpc import answer
+
+    async def broken(args: dict) -> None:
+        raise OSError("S3 error at http://minio.internal:9000/seal-adapters/acme/v3 (request 4F2A)")
+
+    failed = await answer(broken, {}, "lineage")
+    assert failed["status"] == 500 and "minio.internal" not in failed["error"]
+    ref = failed["error"].split("error ")[1].split(":")[0]
+    assert ref in caplog.text and "minio.internal" in caplog.text  # the operator finds it in the log
+
+
 async def test_a_pin_that_lands_during_an_approval_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Approve checks the pin, then a pin commits before the promotion moves the head: the pin,
     checked again at the commit point, wins, and the candidate is held for it."""

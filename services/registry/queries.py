@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from shared.registry_view import ScopePolicy, UnreadableRecord
+from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import KV_REGISTRY, KV_SCOPE_SETTINGS
 
 from .ledger import Ledger
@@ -125,8 +126,12 @@ async def version_lineage(ledger: Ledger, scope: str, version: int) -> dict[str,
         found = await ledger.ports.manifests.read(record.adapter)
         stored_self_edit = found.self_edit
         manifest = {k: v for k, v in found.model_dump(mode="json").items() if k in MANIFEST_FIELDS}
-    except Exception as exc:  # noqa: BLE001 - lineage still answers without the store
-        manifest_error = f"{type(exc).__name__}: {exc}"
+    except (IntegrityError, AdapterNotFound) as exc:
+        manifest_error = str(exc)
+    except Exception:  # noqa: BLE001 - lineage still answers without the store
+        # The details stay in the log: the store's errors name its host, bucket and keys.
+        log.warning("lineage of %s v%s: the adapter's manifest could not be read", scope, record.version, exc_info=True)
+        manifest_error = "the object store did not answer (the registry's log has the details)"
     chain = []
     number = record.parent_version
     while number is not None and len(chain) < 1000:

@@ -28,7 +28,7 @@ from typing import Any, get_args
 from faststream.nats import NatsBroker, NatsMessage
 from pydantic import ValidationError
 
-from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error
+from shared.events import ID_PATTERN, SCOPE_PATTERN, describe_validation_error, new_id
 from shared.registry_view import ConflictError
 from shared.store import AdapterNotFound, IntegrityError
 from shared.subjects import REGISTRY_RPC
@@ -199,9 +199,12 @@ async def answer(call: Callable[[dict[str, Any]], Awaitable[Any]], args: Any, na
         return {"ok": False, "status": 422, "error": f"missing argument {exc}"}
     except Unavailable as exc:
         return {"ok": False, "status": 503, "error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - the caller gets an answer, not a timeout
-        log.exception("registry rpc %s failed (arguments %s)", name, ascii(sorted(args) if isinstance(args, dict) else type(args).__name__)[:300])
-        return {"ok": False, "status": 500, "error": f"the registry failed to answer: {type(exc).__name__}: {exc}"[:500]}
+    except Exception:  # noqa: BLE001 - the caller gets an answer, not a timeout
+        # The details stay in the log: an object-store or KV error names hosts, buckets and keys.
+        ref = new_id()[:12]
+        log.exception("registry rpc %s failed (error %s; arguments %s)", name, ref,
+                      ascii(sorted(args) if isinstance(args, dict) else type(args).__name__)[:300])
+        return {"ok": False, "status": 500, "error": f"the registry failed to answer (error {ref}: the registry's log has the details)"}
 
 
 # The role each operation needs where the registry has API tokens (as over HTTP).
