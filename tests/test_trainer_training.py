@@ -167,7 +167,7 @@ def test_a_non_finite_loss_fails_the_candidate_and_saves_nothing(trainer: LoraTr
             trainer.train(TrainingJob("broken", FAST, texts=TEXTS))
     finally:
         weight.data.copy_(saved)
-    assert not (tmp_path / "trained" / "broken").exists()
+    assert not (trainer.outputs / "broken").exists() and trainer.outputs.parent == tmp_path / "trained"
     assert trainer.host.names == []
 
 
@@ -179,7 +179,7 @@ def test_a_stopped_trainer_ends_a_running_training_before_its_next_step_and_save
     with pytest.raises(TrainingInterrupted, match=r"stopped before step \d+ of 200"):
         trainer.train(job)
     timer.join()
-    assert not (tmp_path / "trained" / "stopped").exists()
+    assert not (trainer.outputs / "stopped").exists() and trainer.outputs.parent == tmp_path / "trained"
     assert trainer.host.names == []
     # a job that starts after the stop (the process is on its way out) takes no step
     with pytest.raises(TrainingInterrupted, match="before step 1 of"):
@@ -318,3 +318,13 @@ def test_scaling_from_a_parent_that_does_not_match_is_refused(tmp_path: Path) ->
         scale_update(child, 0.5, other)
     scale_update(child, 0.5, child)  # trained on from itself: the update is nothing, nothing moves
     assert torch.equal(load_file(str(child / ADAPTER_WEIGHTS))["m.q.lora_B.weight"], torch.ones(6, 4))
+
+
+def test_what_a_killed_trainer_left_before_its_upload_is_removed_at_start(tiny_model, tmp_path) -> None:
+    """A trainer killed between saving an adapter and uploading it (out of memory, restarted as
+    hung) left the adapter in the pod's size-limited /tmp; the next one removes it as it starts."""
+    left = tmp_path / "trained" / "999999999" / "adapter-x"
+    left.mkdir(parents=True)
+    (left / "adapter_model.safetensors").write_bytes(b"x" * 1024)
+    trainer = LoraTrainer(tiny_model, tmp_path)
+    assert not left.parent.exists() and trainer.outputs.parent == tmp_path / "trained"

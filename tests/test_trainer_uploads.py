@@ -59,7 +59,7 @@ async def test_a_trainer_that_loses_the_upload_claim_waits_for_the_others_upload
     await later
     assert ports.trainer.jobs == 2 and ports.store.puts == 1
     assert second.adapter == first.adapter and ports.store.objects == stored
-    assert not (ports.trainer.work_dir / "trained" / first.adapter_id).exists()  # its own training is not left on disk
+    assert not (ports.trainer.outputs / first.adapter_id).exists()  # its own training is not left on disk
 
 
 async def test_a_claim_whose_trainer_died_is_taken_over_and_one_never_released_ends_in_a_retry(ports) -> None:

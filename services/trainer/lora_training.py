@@ -57,7 +57,7 @@ from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
 from shared.lora import ADAPTER_WEIGHTS, AdapterHost, lora_config, scale_update
 from shared.models import LoadedModel
-from shared.scratch import clear_gone_processes
+from shared.scratch import clear_gone_processes, own_folder
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,10 @@ class LoraTrainer:
         self._trained: OrderedDict[str, tuple[Path, TrainedAdapter]] = OrderedDict()
         self._unscaled = self.work_dir / "unscaled" / str(os.getpid())
         clear_gone_processes(self.work_dir / "unscaled")
+        # Each job's output until it is uploaded (the upload removes it), per process as well: a
+        # trainer killed in between (out of memory, restarted as hung) left it in the pod's /tmp.
+        self.outputs = own_folder(self.work_dir / "trained")
+        clear_gone_processes(self.work_dir / "trained")
 
     def stop(self) -> None:
         """Make a training that runs now, or starts later, end before its next step."""
@@ -195,15 +199,22 @@ class LoraTrainer:
     def train(self, job: TrainingJob) -> TrainedAdapter:
         with self._lock:
             work_begins()  # the wait for another message's training is not this one's work
-            key = self.training_key(job)
-            done = self._trained.get(key)
-            if done is not None and (done[0] / ADAPTER_WEIGHTS).is_file():
-                self._trained.move_to_end(key)
-                return self._rescaled(job, *done)
-            result = self._train(job)
-            self._remember(key, result)
-            _scaled(result.directory, job)
-            return replace(result, adapter_scale=job.directives.adapter_scale)
+            try:
+                return self._train_or_reuse(job)
+            except BaseException:
+                shutil.rmtree(self.outputs / job.adapter_id, ignore_errors=True)  # nothing to upload
+                raise
+
+    def _train_or_reuse(self, job: TrainingJob) -> TrainedAdapter:
+        key = self.training_key(job)
+        done = self._trained.get(key)
+        if done is not None and (done[0] / ADAPTER_WEIGHTS).is_file():
+            self._trained.move_to_end(key)
+            return self._rescaled(job, *done)
+        result = self._train(job)
+        self._remember(key, result)
+        _scaled(result.directory, job)
+        return replace(result, adapter_scale=job.directives.adapter_scale)
 
     def training_key(self, job: TrainingJob) -> str:
         """What determines the trained weights: the job without its id and ``adapter_scale``."""
@@ -236,7 +247,7 @@ class LoraTrainer:
 
     def _output_dir(self, adapter_id: str) -> Path:
         """Where a job's PEFT directory is written (emptied of an earlier attempt's)."""
-        out = self.work_dir / "trained" / adapter_id
+        out = self.outputs / adapter_id
         if out.exists():
             shutil.rmtree(out)
         return out
