@@ -136,7 +136,7 @@ async def rollback(
         if head is None:
             outcome["missing"] = True
             return None
-        if head.last_request_id == request_id:  # a retry: what it announced goes out with the flush below
+        if head.handled(request_id):  # a retry: what it announced goes out with the flush below
             return None
         if head.version == to_version:
             outcome["same"] = True
@@ -158,7 +158,7 @@ async def rollback(
                 "adapter": target.adapter,
                 "feedback_id": target.feedback_id,
                 "previous_version": head.version,
-                "last_request_id": request_id,
+                **head.remembering(request_id),
                 "updated_at": now,
                 "outbox": (*head.outbox, audit.model_dump(mode="json"), rolled_back.model_dump(mode="json")),
             }
@@ -203,7 +203,7 @@ async def set_pin(
         if head is None:
             outcome["missing"] = True
             return None
-        if head.last_request_id == request_id:  # a retry: what it announced goes out with the flush below
+        if head.handled(request_id):  # a retry: what it announced goes out with the flush below
             return None
         if head.pinned == pinned:
             outcome["same"] = True
@@ -217,7 +217,7 @@ async def set_pin(
                 "pinned": pinned,
                 "pinned_by": operator if pinned else None,
                 "pin_reason": reason if pinned else None,
-                "last_request_id": request_id,
+                **head.remembering(request_id),
                 "updated_at": now,
                 "outbox": (*head.outbox, audit.model_dump(mode="json")),
             }

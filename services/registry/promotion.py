@@ -70,6 +70,7 @@ def move_head(
         latest_version=number,
         recent=recent[-RECENT_PROMOTIONS:],
         last_request_id=head.last_request_id if head else None,
+        recent_requests=head.recent_requests if head else (),
         updated_at=now,
         outbox=head.outbox if head else (),  # an operator's events not yet published: kept to go out
     )

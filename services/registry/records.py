@@ -249,6 +249,10 @@ class VersionRecord(Contract):
     probes: tuple[Probe, ...] = ()
 
 
+# Operator actions a scope head remembers by request id (retries come within minutes).
+RECENT_REQUESTS = 64
+
+
 class ScopeHead(ActiveAdapter):
     """``active.<scope>``: what :class:`ActiveAdapter` readers see, plus the aliases.
 
@@ -265,11 +269,23 @@ class ScopeHead(ActiveAdapter):
     # re-run promotion idempotent even after the head moved on.
     recent: tuple[tuple[int, str], ...] = ()
     last_request_id: str | None = None
+    # The request ids of the latest operator actions on the head, newest last: a retry of one (its
+    # answer was lost) is known for one even after another operator's action came in between.
+    recent_requests: tuple[str, ...] = ()
     updated_at: datetime | None = None
     # Events of an operator's rollback or pin not yet published (outbox): written with the change they
     # announce, published, then removed; one whose publish failed goes out with the scope's next
     # rollback, pin or promotion, or with the sweep once its marker is 5 minutes old.
     outbox: tuple[dict[str, Any], ...] = ()
+
+    def handled(self, request_id: str) -> bool:
+        """Whether the operator's action ``request_id`` already changed this head."""
+        return request_id == self.last_request_id or request_id in self.recent_requests
+
+    def remembering(self, request_id: str) -> dict[str, Any]:
+        """The fields that record ``request_id`` as handled (for ``model_copy(update=...)``)."""
+        return {"last_request_id": request_id,
+                "recent_requests": (*self.recent_requests, request_id)[-RECENT_REQUESTS:]}
 
     def promoted_as(self, adapter_id: str) -> int | None:
         for version, promoted in self.recent:
