@@ -184,23 +184,29 @@ async def reconcile_consumers(broker: NatsBroker) -> list[str]:
     if not specs:
         return changed
     js = broker.config.connection_state.stream
-    try:
-        for spec in specs:
+    for spec in specs:  # each on its own: one that fails must not keep the others as they were
+        try:
             try:
                 info = await js.consumer_info(spec.stream, spec.durable)
             except NotFoundError:
                 continue
             ack_wait = spec.ack_wait.total_seconds()
             have = info.config
-            if have.max_deliver == spec.max_deliver and abs((have.ack_wait or 0.0) - ack_wait) < 1e-3:
+            same = (have.max_deliver == spec.max_deliver and abs((have.ack_wait or 0.0) - ack_wait) < 1e-3
+                    and (have.filter_subject or spec.subject) == spec.subject)
+            if same:
                 continue
-            await js.add_consumer(spec.stream, have.evolve(ack_wait=ack_wait, max_deliver=spec.max_deliver))
+            # The subject too: a durable made for another subject (an event renamed) kept filtering
+            # the old one, and its handler silently received nothing.
+            await js.add_consumer(spec.stream, have.evolve(
+                ack_wait=ack_wait, max_deliver=spec.max_deliver, filter_subject=spec.subject))
             what = (f"consumer {spec.durable}: ack_wait {have.ack_wait:g}s -> {ack_wait:g}s, "
-                    f"max_deliver {have.max_deliver} -> {spec.max_deliver}")
+                    f"max_deliver {have.max_deliver} -> {spec.max_deliver}, "
+                    f"subject {have.filter_subject} -> {spec.subject}")
             log.warning("updated %s (it kept the settings it was created with)", what)
             changed.append(what)
-    except Exception:  # noqa: BLE001 - serve with the consumers as they are rather than not at all
-        log.exception("could not bring the durable consumers to their configured ack wait and delivery limit")
+        except Exception:  # noqa: BLE001 - serve with the consumers as they are rather than not at all
+            log.exception("could not bring consumer %s to its configured subject, ack wait and delivery limit", spec.durable)
     return changed
 
 
@@ -245,10 +251,13 @@ class TraceRootMiddleware(BaseMiddleware):
 
     async def consume_scope(self, call_next: Any, msg: Any) -> Any:
         headers = getattr(msg, "headers", None)
-        if isinstance(headers, dict) and "traceparent" not in headers:
-            lineage = lineage_of(getattr(msg, "body", b""))
-            if lineage:
-                headers["traceparent"] = root_traceparent(*lineage)
+        try:
+            if isinstance(headers, dict) and "traceparent" not in headers:
+                lineage = lineage_of(getattr(msg, "body", b""))
+                if lineage:
+                    headers["traceparent"] = root_traceparent(*lineage)
+        except Exception:  # noqa: BLE001 - before the dead-letter middleware: a hostile body must reach it
+            log.warning("no trace root for a message on %s", getattr(msg, "subject", "?"), exc_info=True)
         return await call_next(msg)
 
 

@@ -17,10 +17,12 @@ the same fields ride on the log record (``extra``) for a structured log handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 from dataclasses import dataclass
+from email.header import Header, decode_header
 from typing import Any, NoReturn
 
 from faststream import BaseMiddleware
@@ -33,7 +35,15 @@ from pydantic import ValidationError
 
 from shared import events as ev
 from shared.shutdown import Interrupted
-from shared.subjects import CONSUMERS, DLQ_PREFIX, DLQ_STREAM, EVENTS_STREAM, ConsumerSpec, dead_letter_subject
+from shared.subjects import (
+    CONSUMERS,
+    DLQ_PREFIX,
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    RPC_PREFIX,
+    ConsumerSpec,
+    dead_letter_subject,
+)
 from shared.telemetry import lineage_of, root_traceparent
 
 log = logging.getLogger(__name__)
@@ -187,6 +197,16 @@ class DeadLetterMiddleware(BaseMiddleware):
         fields = _fields_of(msg)
         about, why = describe(fields), _one_line(reason)
         subject = fields["subject"] or "unknown"
+        if subject.startswith(f"{RPC_PREFIX}."):
+            # A request (core NATS, not a stream's message): its caller is answered with the reason.
+            # Never stored: its headers carry the caller's API token, and a caller could fill the
+            # dead letters with requests.
+            log.warning("%s request [%s]: %s; answered with the reason", what, about, why, extra=_extra(fields))
+            raw = getattr(msg, "raw_message", None)
+            if getattr(raw, "reply", None):
+                with contextlib.suppress(Exception):
+                    await raw.respond(json.dumps({"ok": False, "status": 400, "error": why[:1000]}).encode())
+            raise RejectMessage() from exc
         if subject.startswith(f"{DLQ_PREFIX}."):
             # A dead letter that fails again is dropped here, never dead-lettered in a loop.
             log.error("%s message [%s]: %s; dropped: an unprocessable dead letter is not dead-lettered again",
@@ -223,6 +243,21 @@ class DeadLetterMiddleware(BaseMiddleware):
         return await store_dead_letter(broker, msg.body, dead_letter_subject(self.service, subject), headers)
 
 
+def header_text(value: object) -> str:
+    """A header value as text: nats-py hands one with non-ASCII characters over (from a stream read)
+    as an ``email.header.Header``, which is no string and which it cannot publish again."""
+    if not isinstance(value, Header):
+        return str(value)
+    try:
+        return "".join(
+            # the raw bytes, marked "unknown-8bit" by the parser: NATS headers are UTF-8
+            part.decode("utf-8" if charset in (None, "unknown-8bit") else charset, "replace") if isinstance(part, bytes) else part
+            for part, charset in decode_header(value)
+        )
+    except (LookupError, ValueError):  # an unknown charset
+        return str(value)
+
+
 def copy_id(stream: str, sequence: int, consumer: str) -> str:
     """The message id of a dead-letter copy: the same whichever way a message is given up on (its
     handler's last failure, or JetStream's max-deliveries notice after a terminate that was lost),
@@ -230,9 +265,19 @@ def copy_id(stream: str, sequence: int, consumer: str) -> str:
     return f"dead-{stream}-{sequence}-{consumer}"
 
 
-def dead_letter_headers(original: dict[str, str] | None, reason: str, service: str) -> dict[str, str]:
-    """The original's headers (but its message id), with why and by which service it was given up."""
-    headers = {k: v for k, v in (original or {}).items() if k != "Nats-Msg-Id"}
+# Never stored with a copy: credentials (a registry request's API token) in a stream every
+# service's user can read.
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def dead_letter_headers(original: dict[str, Any] | None, reason: str, service: str) -> dict[str, str]:
+    """The original's headers, as text, with why and by which service it was given up. Not the
+    server's own (``Nats-*``: its message id, and directives such as an expected last sequence or a
+    rollup, which would make JetStream refuse the copy), nor credentials."""
+    headers = {
+        str(k): header_text(v) for k, v in (original or {}).items()
+        if not str(k).lower().startswith("nats-") and str(k).lower() not in SECRET_HEADERS
+    }
     headers[REASON_HEADER] = reason[:4000]
     headers[SERVICE_HEADER] = service
     return headers

@@ -65,7 +65,12 @@ def lineage_of(body: Any) -> tuple[str, str] | None:
         return None
     if not isinstance(value, str) or not value:
         return None
-    return value, scope if isinstance(scope, str) else ""
+    scope = scope if isinstance(scope, str) else ""
+    try:  # a lone surrogate ("\ud800") is valid JSON but no UTF-8: such an id names no trace
+        value.encode(), scope.encode()
+    except UnicodeEncodeError:
+        return None
+    return value, scope
 
 
 def feedback_context(feedback_id: str, trace_id: str | None = None, scope: str = "") -> context.Context:

@@ -371,7 +371,38 @@ async def test_a_consumer_that_cannot_be_reconciled_does_not_stop_the_service(ca
     broker = Broker()
     _BROKER_SPECS[broker] = [ConsumerSpec("test-unreachable", FEEDBACK_SUBMITTED)]
     assert await reconcile_consumers(broker) == []
-    assert "could not bring the durable consumers" in caplog.text
+    assert "could not bring consumer test-unreachable" in caplog.text
+
+
+async def test_a_consumer_made_for_another_subject_is_brought_to_its_own_and_one_failure_stops_no_other() -> None:
+    """A durable keeps the subject it was made with (an event renamed since): its handler would
+    silently receive nothing. One consumer that cannot be reconciled leaves the next ones to be."""
+    from types import SimpleNamespace
+
+    from nats.js.api import ConsumerConfig
+
+    from shared.broker import _BROKER_SPECS, reconcile_consumers
+
+    made: list[ConsumerConfig] = []
+
+    class Server:
+        async def consumer_info(self, stream: str, durable: str) -> SimpleNamespace:
+            if durable == "test-broken":
+                raise TimeoutError("nats: timeout")
+            return SimpleNamespace(config=ConsumerConfig(
+                durable_name=durable, filter_subject="seal.events.feedback.old_name", ack_wait=60.0, max_deliver=5))
+
+        async def add_consumer(self, stream: str, config: ConsumerConfig) -> None:
+            made.append(config)
+
+    class Broker:
+        config = SimpleNamespace(connection_state=SimpleNamespace(stream=Server()))
+
+    broker = Broker()
+    _BROKER_SPECS[broker] = [ConsumerSpec("test-broken", FEEDBACK_SUBMITTED), ConsumerSpec("test-renamed", FEEDBACK_SUBMITTED)]
+    changed = await reconcile_consumers(broker)
+    assert [c.filter_subject for c in made] == [FEEDBACK_SUBMITTED] and made[0].durable_name == "test-renamed"
+    assert len(changed) == 1 and "subject seal.events.feedback.old_name -> " in changed[0]
 
 
 async def test_liveness_answers_while_the_broker_is_connected(provisioned_stack) -> None:

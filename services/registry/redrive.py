@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from email.header import Header, decode_header
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -25,7 +24,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from shared import events as ev
-from shared.dead_letters import REASON_HEADER, SERVICE_HEADER
+from shared.dead_letters import REASON_HEADER, SERVICE_HEADER, header_text
 from shared.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_STREAM
 
 from .ports import NotFound, Refused
@@ -181,20 +180,7 @@ def describe(message: RawStreamMsg) -> dict[str, Any]:
 def _headers(message: RawStreamMsg) -> dict[str, str]:
     """The headers as text: nats-py hands a value with non-ASCII characters over as an
     ``email.header.Header``, which is no string (a reason quoting a product's text)."""
-    return {str(k): _header_text(v) for k, v in (message.headers or {}).items()}
-
-
-def _header_text(value: object) -> str:
-    if not isinstance(value, Header):
-        return str(value)
-    try:
-        return "".join(
-            # the raw bytes, marked "unknown-8bit" by the parser: NATS headers are UTF-8
-            part.decode("utf-8" if charset in (None, "unknown-8bit") else charset, "replace") if isinstance(part, bytes) else part
-            for part, charset in decode_header(value)
-        )
-    except (LookupError, ValueError):  # an unknown charset
-        return str(value)
+    return {str(k): header_text(v) for k, v in (message.headers or {}).items()}
 
 
 def _object(data: bytes | None) -> dict[str, Any]:
