@@ -55,6 +55,9 @@ DEAD_LETTER_TRIES = 3
 DEAD_LETTER_BACKOFF_S = 0.5  # doubled after each failed try
 DEAD_LETTER_RETRY_S = 30.0
 SERVICE_HEADER = "Seal-Dead-Letter-Service"
+# On a copy without the original's body: the original and the copy's headers would exceed the
+# server's message limit (a NATS server closes the connection of a client that publishes one).
+TRUNCATED_HEADER = "Seal-Dead-Letter-Truncated"
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,8 @@ async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequen
         headers["traceparent"] = root_traceparent(*lineage)
     token = otel_context.attach(TraceContextTextMapPropagator().extract(headers))
     try:
-        stored = await store_dead_letter(broker, original.data, dead_letter_subject(service, original.subject), headers)
+        stored = await store_dead_letter(broker, original.data, dead_letter_subject(service, original.subject), headers,
+                                         f"stream {source} at sequence {sequence}")
     finally:
         otel_context.detach(token)
     fields = message_fields(original.data, original.subject, original.headers, source, sequence)
@@ -235,12 +239,14 @@ class DeadLetterMiddleware(BaseMiddleware):
             log.error("no broker in context; cannot dead-letter message on %s", subject)
             return None
         headers = dead_letter_headers(getattr(raw, "headers", None), reason, self.service)
+        origin = None
         try:
             meta = raw.metadata  # type: ignore[union-attr]
             headers["Nats-Msg-Id"] = copy_id(meta.stream, int(meta.sequence.stream), meta.consumer)
+            origin = f"stream {meta.stream} at sequence {int(meta.sequence.stream)}"
         except Exception:  # noqa: BLE001 - core NATS or the in-memory test broker: no position to name it by
             pass
-        return await store_dead_letter(broker, msg.body, dead_letter_subject(self.service, subject), headers)
+        return await store_dead_letter(broker, msg.body, dead_letter_subject(self.service, subject), headers, origin)
 
 
 def header_text(value: object) -> str:
@@ -256,6 +262,17 @@ def header_text(value: object) -> str:
         )
     except (LookupError, ValueError):  # an unknown charset
         return str(value)
+
+
+def _over_limit(broker: Any, body: bytes, headers: dict[str, str]) -> int | None:
+    """The server's message limit where a copy of ``body`` with ``headers`` would exceed it, else None
+    (the client checks only the body against it; the server counts the headers too)."""
+    try:
+        limit = int(broker.config.connection_state.connection.max_payload)
+    except Exception:  # noqa: BLE001 - not connected, or a test's broker: nothing known to check against
+        return None
+    size = len(body) + len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+    return limit if size > limit else None
 
 
 def copy_id(stream: str, sequence: int, consumer: str) -> str:
@@ -284,10 +301,18 @@ def dead_letter_headers(original: dict[str, Any] | None, reason: str, service: s
 
 
 async def store_dead_letter(
-    broker: NatsBroker, body: bytes, subject: str, headers: dict[str, str],
+    broker: NatsBroker, body: bytes, subject: str, headers: dict[str, str], origin: str | None = None,
 ) -> StoredDeadLetter | None:
     """Publish a dead-letter copy to its stream, acknowledged by JetStream, in a few tries: where it was
-    stored (its dead-letter sequence from the acknowledgement), or None if no try took."""
+    stored (its dead-letter sequence from the acknowledgement), or None if no try took.
+
+    A copy over the server's message limit (an original near it, plus the reason) keeps the reason
+    and where the original is (``origin``: its stream and sequence), not its body."""
+    if (limit := _over_limit(broker, body, headers)) is not None:
+        where = f": it stays in {origin} until the stream's retention removes it" if origin else ""
+        headers = {**headers, TRUNCATED_HEADER: f"the original's {len(body)} bytes, with the reason, are over the "
+                                                f"server's message limit of {limit} bytes{where}"}
+        body = b""
     for attempt in range(DEAD_LETTER_TRIES):
         try:
             ack = await broker.publish(body, subject, headers=headers, stream=DLQ_STREAM)

@@ -77,3 +77,54 @@ async def test_a_stream_message_that_cannot_be_read_is_still_dead_lettered() -> 
     with pytest.raises(RejectMessage):
         await dead_letter_middleware("generator", msg, Broker()).consume_scope(decoding, msg)
     assert len(stored) == 1
+
+
+async def test_a_copy_over_the_message_limit_keeps_the_reason_and_where_the_original_is(provisioned_stack) -> None:
+    """An original near the server's limit, plus the reason, is over it: the server would close the
+    service's connection for that publish (the client checks the body alone), and no copy was
+    stored on any try. The copy keeps the reason and the original's position; the service stays up."""
+    import asyncio
+
+    import nats
+
+    from shared import events as ev
+    from shared.broker import create_broker, durable_subscriber
+    from shared.dead_letters import TRUNCATED_HEADER, PermanentFailure
+    from shared.subjects import DLQ_STREAM, FEEDBACK_SUBMITTED, ConsumerSpec, dead_letter_subject
+
+    marker = ev.new_id()
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    broker = create_broker(provisioned_stack.nats_settings(), service="testbig")
+
+    @durable_subscriber(broker, ConsumerSpec(f"testbig-{marker[:8]}", FEEDBACK_SUBMITTED, max_deliver=2))
+    async def on_feedback(body: dict) -> None:
+        if body.get("marker") == marker:
+            raise PermanentFailure("the product's payload is refused " + "because " * 50)
+        if body.get("after") == marker:
+            await seen.put("after")
+
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        async with broker:
+            await broker.start()
+            js = nc.jetstream()
+            limit = nc.max_payload
+            big = json.dumps({"marker": marker, "filler": "x" * (limit - 300)}).encode()
+            await js.publish(FEEDBACK_SUBMITTED, big)
+            await js.publish(FEEDBACK_SUBMITTED, json.dumps({"after": marker}).encode())
+            assert await asyncio.wait_for(seen.get(), 30) == "after"  # the service kept its connection
+            subject = dead_letter_subject("testbig", FEEDBACK_SUBMITTED)
+            for _ in range(100):
+                try:
+                    copy = await js.get_last_msg(DLQ_STREAM, subject)
+                    break
+                except nats.js.errors.NotFoundError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("no dead-letter copy stored")
+    finally:
+        await nc.close()
+    assert copy.data in (b"", None)
+    assert "over the server's message limit" in copy.headers[TRUNCATED_HEADER]
+    assert "stays in stream SEAL_EVENTS at sequence" in copy.headers[TRUNCATED_HEADER]
+    assert copy.headers[REASON_HEADER].startswith("the product's payload is refused")

@@ -24,7 +24,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import APIError, NotFoundError
 
 from shared import events as ev
-from shared.dead_letters import REASON_HEADER, SERVICE_HEADER, header_text
+from shared.dead_letters import REASON_HEADER, SERVICE_HEADER, TRUNCATED_HEADER, header_text
 from shared.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_STREAM
 
 from .ports import NotFound, Refused
@@ -89,6 +89,9 @@ class DeadLetters:
         if not entry["subject"].startswith(EVENT_SUBJECTS):
             raise Refused(f"dead letter {sequence} came from {entry['subject']!r}, not from an event subject; "
                           "it is not replayed")
+        if truncated := _headers(message).get(TRUNCATED_HEADER):
+            raise Refused(f"dead letter {sequence} kept no copy of its message ({truncated}); "
+                          "publish it again from there once the cause is fixed"[:600])
         try:
             event = ev.parse_event(message.data or b"")
         except ev.EventValidationError as exc:
