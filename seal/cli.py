@@ -24,6 +24,7 @@ from rich.text import Text
 # Imported by name: the commands below look them up here (tests swap them on this module).
 from seal.processes import (
     SERVICES,
+    busy_service_ports,
     console,
     exited_service,
     service_readiness,
@@ -144,6 +145,10 @@ def up(
     home = home.resolve()
     stack = LocalStack(home)
     started = time.monotonic()
+    if services and not check and (busy := busy_service_ports()):
+        console.print(f"[red]the services' ports are taken ({', '.join(busy)}):[/] is another `seal up` or demo "
+                      "still running? Stop it first.")
+        raise typer.Exit(1)
     with console.status("starting nats-server and the S3 server..."):
         try:
             stack.start()
@@ -167,11 +172,13 @@ def up(
         console.print("press Ctrl-C to stop")
         while True:
             time.sleep(1)
-            if gone := exited_service(procs, home):
+            if gone := exited_service(procs, home, stack):
                 console.print(f"[red]{gone}[/]; stopping the rest")
                 raise typer.Exit(1)
+    except typer.Exit:
+        raise  # said already (typer.Exit is a RuntimeError)
     except (RuntimeError, TimeoutError) as exc:  # a service that exited or never became ready
-        console.print(f"[red]{exited_service(procs, home) or exc}[/]; logs in {home / 'logs'}")
+        console.print(f"[red]{exited_service(procs, home, stack) or exc}[/]; logs in {home / 'logs'}")
         raise typer.Exit(1) from exc
     except KeyboardInterrupt:
         console.print("stopping...")
@@ -227,7 +234,7 @@ def demo(
     except (OSError, ValueError) as exc:
         console.print(Text.assemble(("cannot read the demo data: ", "red"), str(exc)))
         raise typer.Exit(2) from exc
-    if home is None and (busy := StackPorts().busy()):
+    if home is None and (busy := StackPorts().busy() + busy_service_ports()):
         # Before the folder is emptied: it may be the data of the demo that holds these ports.
         console.print(f"[red]the demo's ports are taken ({', '.join(busy)}):[/] is another demo or `seal up` still "
                       f"running? Stop it first ({DEMO_HOME} is left as it is).")
@@ -255,11 +262,13 @@ def demo(
             console.print(f"on a CPU the demo sets scope {scope!r}'s policy to {policy} (fewer trainings: DEMO_CPU_POLICY)")
         result = asyncio.run(
             run_demo(items, nats_settings=stack.nats_settings(), store_settings=stack.store_settings(), lm=lm, scope=scope,
-                     console=console, exited=lambda: exited_service(procs, home), seed=seed)
+                     console=console, exited=lambda: exited_service(procs, home, stack), seed=seed)
         )
     except KeyboardInterrupt:
         console.print("interrupted")
         raise typer.Exit(130) from None
+    except typer.Exit:
+        raise  # said already, with its own status (typer.Exit is a RuntimeError)
     except (RuntimeError, TimeoutError, OSError, ValueError) as exc:  # OSError, ValueError: a model that does not load
         console.print(f"[red]demo failed:[/] {exc}; logs in {home / 'logs'}")
         raise typer.Exit(1) from exc

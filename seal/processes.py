@@ -69,12 +69,21 @@ def shut_down(procs: dict[str, subprocess.Popen], stack: LocalStack) -> None:
             signal.signal(sig, handler)
 
 
-def exited_service(procs: dict[str, subprocess.Popen], home: Path) -> str | None:
-    """What to say when a service has exited (its code and its log), or None while all run."""
+def exited_service(procs: dict[str, subprocess.Popen], home: Path, stack: LocalStack | None = None) -> str | None:
+    """What to say when a service, or one of ``stack``'s servers, has exited (its code and its log),
+    or None while all run."""
     for name, proc in procs.items():
         if proc.poll() is not None:
             return f"the {name} service exited (code {proc.returncode}); its log: {home / 'logs' / f'{name}.log'}"
-    return None
+    return stack.exited() if stack is not None else None
+
+
+def busy_service_ports(port_base: int = SERVICE_PORT_BASE) -> list[str]:
+    """The services' ports something already listens on (a service binds its port only once its
+    model is loaded, minutes after the start on a CPU: a clash would show that late)."""
+    from seal.stack import port_is_free
+
+    return [f"{name}={port_base + i}" for i, name in enumerate(SERVICES) if not port_is_free(port_base + i)]
 
 
 def free_service_port_base() -> int:
@@ -114,7 +123,9 @@ def start_services(
             continue
         env = {
             **(defaults or {}),
-            **os.environ,
+            # Not the shell's NATS and S3 settings: the local stack's are set below, and one meant
+            # for an external server (TLS, 3 replicas, a token) would make the services fail here.
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SEAL_NATS__", "SEAL_STORE__"))},
             **stack.env(),
             "SEAL_MODEL__NAME": model,
             "SEAL_HTTP_HOST": "127.0.0.1",

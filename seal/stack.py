@@ -242,6 +242,13 @@ class LocalStack:
         )
         out.close()
 
+    def exited(self) -> str | None:
+        """What to say when nats-server or the S3 server has exited (its code and its log), or None."""
+        for name, proc in self._procs.items():
+            if proc.poll() is not None:
+                return f"{name} exited (code {proc.returncode}); its log: {self.data_dir / 'logs' / (name + '.log')}"
+        return None
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         pending = {"nats": self.nats_healthy, "s3": self.s3_healthy}

@@ -189,6 +189,9 @@ def test_seal_up_stops_everything_when_a_service_exits(tmp_path: Path, monkeypat
         def stop(self) -> None:
             stopped.append(True)
 
+        def exited(self) -> None:
+            return None
+
         def nats_healthy(self) -> bool:
             return True
 
@@ -256,6 +259,9 @@ class ServersUp:
 
     def stop(self) -> None:
         self.stopped.append(True)
+
+    def exited(self) -> None:
+        return None
 
     def nats_healthy(self) -> bool:
         return True
@@ -326,3 +332,51 @@ def test_a_demo_whose_model_does_not_load_says_why(tmp_path: Path, monkeypatch: 
     assert result.exit_code == 1 and "demo failed:" in result.output and str(failure) in " ".join(result.output.split())
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert stack.stopped == [True]
+
+
+def test_the_shells_nats_and_s3_settings_stay_out_of_the_local_services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exported for an external NATS or MinIO (3 replicas, TLS), they made the local services fail."""
+    monkeypatch.setenv("SEAL_NATS__STREAM_REPLICAS", "3")
+    monkeypatch.setenv("SEAL_STORE__SECURE", "true")
+    monkeypatch.setenv("SEAL_TRAINER__REHEARSAL_BATCH", "8")  # the services' own settings still come through
+    env = launched_env(tmp_path, monkeypatch, None)
+    assert "SEAL_NATS__STREAM_REPLICAS" not in env and "SEAL_STORE__SECURE" not in env
+    assert env["SEAL_NATS__URL"].startswith("nats://127.0.0.1:") and env["SEAL_TRAINER__REHEARSAL_BATCH"] == "8"
+
+
+def test_a_server_of_the_stack_that_exits_is_noticed_like_a_service(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    stack = LocalStack(tmp_path, StackPorts.free())
+    stack._procs["nats"] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    stack._procs["nats"].wait()
+    said = processes.exited_service({}, tmp_path, stack)
+    assert said is not None and "nats exited (code 2)" in said and "nats.log" in said
+    assert processes.exited_service({}, tmp_path) is None  # without the stack: the services only
+
+
+def test_seal_up_refuses_service_ports_in_use_before_it_starts_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service binds its port once its model is loaded: a clash showed minutes later as an exit."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    started: list[bool] = []
+
+    class Stack(ServersUp):
+        def start(self) -> ServersUp:
+            started.append(True)
+            return self
+
+    monkeypatch.setattr(cli, "LocalStack", Stack)
+    monkeypatch.setattr(cli, "stop_on_sigterm", lambda: None)
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", processes.SERVICE_PORT_BASE + 1))
+        except OSError:
+            pytest.skip("the port is in use by something else here")
+        held.listen()
+        result = CliRunner().invoke(cli.app, ["up", "--home", str(tmp_path), "--model", "tiny"])
+    assert result.exit_code == 1 and started == []
+    assert f"generator={processes.SERVICE_PORT_BASE + 1}" in " ".join(result.output.split())
