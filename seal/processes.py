@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from seal.stack import LocalStack
+from seal.stack import LocalStack, die_with_parent
 
 # The CLI's console (seal.cli prints with it too): what start_services prints goes through an open
 # console.status spinner.
@@ -134,7 +134,7 @@ def start_services(
         out = (logs / f"{name}.log").open("ab")
         procs[name] = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"], env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent(),
         )
         out.close()
     return procs

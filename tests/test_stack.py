@@ -209,3 +209,37 @@ async def connected(port: int) -> nats.NATS:
         except Exception:  # noqa: BLE001 - not listening yet
             await asyncio.sleep(0.1)
     raise AssertionError(f"no nats-server on port {port}")
+
+
+def test_a_child_of_the_cli_dies_with_it_when_the_cli_is_killed_outright(tmp_path: Path) -> None:
+    """Killed outright (the OOM killer, SIGKILL), the CLI can stop nothing: its servers and services
+    kept the ports and the model's memory, and the next `seal up` found its ports taken."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    script = (
+        "import subprocess, sys, time\n"
+        "from seal.stack import die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+        " start_new_session=True, preexec_fn=die_with_parent())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())  # type: ignore[union-attr]
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the child outlived the process that started it")
