@@ -340,7 +340,7 @@ async def test_a_message_dead_lettered_through_a_real_server_is_logged_with_its_
                     assert asyncio.get_running_loop().time() < deadline, "no dead-letter copy"
                     with contextlib.suppress(nats.errors.TimeoutError):
                         copy = await dead.next_msg(timeout=1)
-                        if stdlib_json.loads(copy.data).get("feedback_id") == lost.feedback_id:
+                        if lost.feedback_id.encode() in (copy.data or b""):  # another test's letter may be no JSON
                             break
                 stored = await js.get_last_msg(DLQ_STREAM, copy.subject)
                 original = await js.get_last_msg(EVENTS_STREAM, FEEDBACK_SUBMITTED)
