@@ -97,3 +97,17 @@ def test_the_ladder_table_counts_only_the_earlier_passages_of_each_update() -> N
     lines = ladder.table(rows, passages).splitlines()
     assert lines[2] == "| 1 | 1.0 | 3/5 (0.10) |  | 0/0 |"
     assert lines[3] == "| 2 | 0.5, update | 2/5 (0.05) | 4/5 (0.20) | 2/5 |"  # p2 is the update's own passage
+
+
+def test_a_seed_from_1_on_samples_the_training_too_and_seed_0_repeats_the_recorded_runs() -> None:
+    """Seeds 0 and 1 gave the same matrix question for question: the writer's samples, all the seed
+    changed, were nearly all dropped by the grounding filter, and the training seed was the same."""
+    from shared.registry_view import ScopePolicy
+
+    assert forgetting.seeded_policy({"max_regression_drop": 1.0}, 0) == {"max_regression_drop": 1.0}
+    seeded = forgetting.seeded_policy({"max_regression_drop": 1.0}, 2)
+    defaults = ScopePolicy().default_directives.model_dump(mode="json")
+    assert seeded["default_directives"] == {**defaults, "seed": 2} and seeded["max_regression_drop"] == 1.0
+    ScopePolicy.model_validate({**ScopePolicy().model_dump(mode="json"), **seeded})  # the registry takes it
+    own = {"default_directives": {**defaults, "seed": 7}}
+    assert forgetting.seeded_policy(own, 2) == own  # a run's own directives are left as they are
