@@ -91,12 +91,12 @@ def free_service_port_base() -> int:
     (below the ephemeral range, as :func:`seal.stack.free_port` says why)."""
     import random
 
-    from seal.stack import LOWEST_CHOSEN_PORT, ephemeral_ports, port_is_free
+    from seal.stack import LOWEST_CHOSEN_PORT, ephemeral_ports
 
     top = max(ephemeral_ports()[0] - len(SERVICES), LOWEST_CHOSEN_PORT + 1000)
     for _ in range(200):
         base = random.randrange(LOWEST_CHOSEN_PORT, top, 10)
-        if all(port_is_free(base + i) for i in range(len(SERVICES))):
+        if not busy_service_ports(base):
             return base
     raise RuntimeError("found no four free ports in a row for the services")
 

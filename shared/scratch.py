@@ -12,6 +12,12 @@ def own_folder(folder: Path) -> Path:
     return Path(folder) / str(os.getpid())
 
 
+def fresh_own_folder(folder: Path) -> Path:
+    """This process's folder under ``folder``, once what gone processes left there is removed."""
+    clear_gone_processes(folder)
+    return own_folder(folder)
+
+
 def clear_gone_processes(folder: Path) -> None:
     """Remove what processes no longer running left in ``folder`` (one folder per process id: a
     restarted service, or a container whose scratch volume outlived it, would otherwise keep its

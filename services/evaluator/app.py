@@ -44,7 +44,7 @@ from shared.models import LoadedModel, load_model
 from shared.registry_view import AcceptedProbes, ScopePolicy, read_accepted_probes, read_scope_policy
 from shared.runtime import service_app
 from shared.scoring import ClosedBookResult
-from shared.scratch import clear_gone_processes, own_folder
+from shared.scratch import fresh_own_folder
 from shared.store import AdapterStore
 from shared.subjects import EVALUATOR_ADAPTERS
 from shared.telemetry import setup_tracing
@@ -112,9 +112,7 @@ def build_ports(
     log.info("core knowledge: %d of %d questions for base %s", len(core), len(questions), lm.name)
     # A folder per process: what a process killed mid-evaluation left (a downloaded adapter, a
     # merged copy) is removed as the next one starts, instead of filling the pod's /tmp volume.
-    scratch = (config.work_dir or Path(tempfile.gettempdir()) / "seal-evaluator").expanduser()
-    clear_gone_processes(scratch)
-    work_dir = own_folder(scratch)
+    work_dir = fresh_own_folder((config.work_dir or Path(tempfile.gettempdir()) / "seal-evaluator").expanduser())
     return EvaluatorPorts(
         adapters=adapters,
         registry=registry,

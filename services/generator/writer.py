@@ -30,7 +30,7 @@ from shared.generation import chat_prompt, generate
 from shared.lora import check_lora_config
 from shared.models import LoadedModel, other_base
 from shared.registry_view import PolicyAdapterRef
-from shared.scratch import clear_gone_processes, own_folder
+from shared.scratch import fresh_own_folder
 from shared.store import AdapterManifest, AdapterNotFound, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ class SelfEditWriter:
         if cache_dir is None:
             # A folder of its own: removed with the writer, at the latest when the process exits, and
             # what a killed process left is removed as the next one starts (shared.scratch).
-            scratch = Path(tempfile.gettempdir()) / "seal-generator-adapters"
-            clear_gone_processes(scratch)
-            mine = own_folder(scratch)
+            mine = fresh_own_folder(Path(tempfile.gettempdir()) / "seal-generator-adapters")
             mine.mkdir(parents=True, exist_ok=True)
             cache_dir = Path(tempfile.mkdtemp(prefix="writer-", dir=mine))
             weakref.finalize(self, shutil.rmtree, cache_dir, True)

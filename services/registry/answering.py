@@ -22,7 +22,7 @@ from typing import Any
 from shared.generation import chat_prompt, generate
 from shared.lora import AdapterHost, base_bytes
 from shared.models import LoadedModel, load_model, other_base
-from shared.scratch import clear_gone_processes, own_folder
+from shared.scratch import fresh_own_folder
 from shared.settings import ModelSettings
 from shared.store import AdapterStore
 
@@ -50,8 +50,7 @@ class ActiveModelAnswerer:
         # One folder per process, and what processes that are gone left is removed: the cache of
         # adapters is bounded in memory (MAX_LOADED_ADAPTERS), its files with it.
         # (under a folder of their own: the configured one may hold other things, the models' cache)
-        clear_gone_processes(Path(cache_dir).expanduser() / "by-process")
-        self.cache_dir = own_folder(Path(cache_dir).expanduser() / "by-process")
+        self.cache_dir = fresh_own_folder(Path(cache_dir).expanduser() / "by-process")
         self.max_new_tokens = max_new_tokens
         self.max_waiting = max_waiting
         self._waiting = 0  # asks in this process, answering or waiting for the model

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import resource
 import shutil
@@ -57,7 +56,7 @@ from shared.events import TrainingDirectives
 from shared.generation import chat_prompt
 from shared.lora import ADAPTER_WEIGHTS, AdapterHost, lora_config, scale_update
 from shared.models import LoadedModel
-from shared.scratch import clear_gone_processes, own_folder
+from shared.scratch import fresh_own_folder
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +144,10 @@ class LoraTrainer:
         self.stopping = threading.Event()
         # training key -> (unscaled PEFT directory, what its training gave), oldest first
         self._trained: OrderedDict[str, tuple[Path, TrainedAdapter]] = OrderedDict()
-        self._unscaled = self.work_dir / "unscaled" / str(os.getpid())
-        clear_gone_processes(self.work_dir / "unscaled")
+        self._unscaled = fresh_own_folder(self.work_dir / "unscaled")
         # Each job's output until it is uploaded (the upload removes it), per process as well: a
         # trainer killed in between (out of memory, restarted as hung) left it in the pod's /tmp.
-        self.outputs = own_folder(self.work_dir / "trained")
-        clear_gone_processes(self.work_dir / "trained")
+        self.outputs = fresh_own_folder(self.work_dir / "trained")
 
     def stop(self) -> None:
         """Make a training that runs now, or starts later, end before its next step."""
