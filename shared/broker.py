@@ -57,7 +57,11 @@ log = logging.getLogger(__name__)
 
 def connect_options(settings: NatsSettings) -> dict[str, Any]:
     """Keyword arguments for ``nats.connect`` / ``NatsBroker`` from settings."""
-    options: dict[str, Any] = {"connect_timeout": max(1, int(settings.connect_timeout_s))}
+    options: dict[str, Any] = {
+        "connect_timeout": max(1, int(settings.connect_timeout_s)),
+        "reconnect_time_wait": settings.reconnect_wait_s,
+        "max_reconnect_attempts": settings.max_reconnect_attempts,
+    }
     if settings.user:
         options["user"] = settings.user
     if settings.password:

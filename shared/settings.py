@@ -32,6 +32,12 @@ class NatsSettings(BaseModel):
     token: SecretStr | None = None
     creds_file: Path | None = None
     connect_timeout_s: float = 5.0
+    # After a lost connection the client tries again every ``reconnect_wait_s``, for ever by default
+    # (-1): nats-py's own limit (60 tries) closes the connection for good after about two minutes
+    # without NATS, and a closed connection never comes back: its pull consumers then spin on the CPU
+    # and take nothing more, until the process is restarted.
+    reconnect_wait_s: float = Field(default=2.0, gt=0)
+    max_reconnect_attempts: int = Field(default=-1, ge=-1)
     # Replicas of every stream and KV bucket: 3 on a 3-node JetStream cluster.
     stream_replicas: int = Field(default=1, ge=1, le=5)
     # Bytes the events and the dead letters may hold on disk, the oldest dropped beyond: a flood of
