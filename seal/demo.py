@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import nats
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -27,7 +26,7 @@ from rich.text import Text
 
 from seal.watch import FeedbackProgress, PlatformWatcher
 from shared import events as ev
-from shared.broker import connect_options
+from shared.broker import connect_nats
 from shared.lora import AdapterHost
 from shared.models import LoadedModel, other_base
 from shared.registry_view import read_active
@@ -116,7 +115,7 @@ async def run_demo(
     console = console or Console()
     host = AdapterHost(lm.model)
     store = AdapterStore.from_settings(store_settings)
-    nc = await nats.connect(nats_settings.url, **connect_options(nats_settings))
+    nc = await connect_nats(nats_settings)
     js = nc.jetstream()
     started = time.monotonic()
     before_ref = (await read_active(js, scope))

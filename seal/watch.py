@@ -18,7 +18,7 @@ import nats.js.errors
 from nats.js.api import DeliverPolicy
 
 from shared import events as ev
-from shared.broker import connect_options
+from shared.broker import connect_nats
 from shared.settings import NatsSettings
 from shared.subjects import EVENTS_PREFIX, subject_for
 
@@ -90,7 +90,7 @@ class PlatformWatcher:
         self.progress: dict[str, FeedbackProgress] = {}
 
     async def __aenter__(self) -> "PlatformWatcher":
-        self.nc = await nats.connect(self.settings.url, **connect_options(self.settings))
+        self.nc = await connect_nats(self.settings)
         js = self.nc.jetstream()
         await js.subscribe(
             f"{EVENTS_PREFIX}.>", cb=self._on_message, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW

@@ -38,8 +38,11 @@ from typing import Any
 
 import nats
 from faststream import AckPolicy, BaseMiddleware
+from faststream.exceptions import IncorrectState
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.nats.security import NatsCredentials, NatsToken, NatsUserPassword
+from faststream.security import BaseSecurity
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
@@ -73,6 +76,84 @@ def connect_options(settings: NatsSettings) -> dict[str, Any]:
     return options
 
 
+class NatsUnreachable(ConnectionError):
+    """The first connect to NATS did not succeed in ``first_connect_timeout_s``."""
+
+
+def _unreachable(settings: NatsSettings, reason: object) -> NatsUnreachable:
+    said = f": {reason!r}" if reason else " (see the log for what NATS said)"
+    return NatsUnreachable(f"no connection to NATS at {settings.url} in {settings.first_connect_timeout_s:g} s{said}")
+
+
+async def connect_nats(settings: NatsSettings) -> nats.NATS:
+    """A connection to NATS made with :func:`connect_options`.
+
+    Reconnecting for ever (the default) makes nats-py try the first connect for ever too: a wrong
+    address or password would hang a tool, or a service's start, with nothing said. The first
+    connect gives up after ``first_connect_timeout_s`` with what NATS last said instead."""
+    nc = nats.NATS()
+    try:
+        await asyncio.wait_for(nc.connect(settings.url, **connect_options(settings)), settings.first_connect_timeout_s)
+    except TimeoutError:
+        reason = nc.last_error
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise _unreachable(settings, reason) from None
+    return nc
+
+
+async def connect_broker(broker: NatsBroker) -> None:
+    """Connect ``broker`` (made by :func:`create_broker`), giving up as :func:`connect_nats` does;
+    its start then finds the connection made."""
+    settings = _BROKER_SETTINGS.get(broker)
+    if settings is None:
+        await broker.connect()
+        return
+    try:
+        await asyncio.wait_for(broker.connect(), settings.first_connect_timeout_s)
+    except TimeoutError:
+        raise _unreachable(settings, None) from None
+
+
+def connection_of(broker: NatsBroker) -> nats.NATS | None:
+    """The broker's connection, or None before it connected and after it stopped."""
+    try:
+        return broker.config.connection_state.connection
+    except IncorrectState:
+        return None
+
+
+def closed_for_good(*connections: nats.NATS | None) -> str | None:
+    """What to say when one of ``connections`` is closed, else None (not made yet counts as fine).
+
+    A connection that reconnects is not closed: NATS being away does not make a service broken.
+    NATS closes one for good on an error it sends (credentials revoked by a configuration reload,
+    an authorization violation) whatever the reconnect settings; nothing comes through it again
+    until the process restarts. The broker's pull consumers then loop without yielding, and the
+    process answers no probe: Kubernetes restarts it either way."""
+    for nc in connections:
+        if nc is not None and nc.is_closed:
+            return f"its NATS connection is closed ({nc.last_error!r})"
+    return None
+
+
+# What connect_options may hold that NatsBroker takes only as its ``security`` (it refuses ``user``
+# and ``password`` outright: every service with credentials failed to start).
+CREDENTIAL_OPTIONS = frozenset({"user", "password", "token", "user_credentials"})
+
+
+def broker_security(options: dict[str, Any]) -> BaseSecurity | None:
+    """The credentials in :func:`connect_options`'s ``options`` as NatsBroker takes them: a
+    credentials file, else a user and password, else a token (one kind; nats-py's own order)."""
+    if options.get("user_credentials"):
+        return NatsCredentials(options["user_credentials"])
+    if options.get("user"):
+        return NatsUserPassword(options["user"], options.get("password", ""))
+    if options.get("token"):
+        return NatsToken(options["token"])
+    return None
+
+
 def create_broker(
     settings: NatsSettings,
     *,
@@ -81,7 +162,8 @@ def create_broker(
     extra_middlewares: Iterable[Any] = (),
 ) -> NatsBroker:
     """A NatsBroker with OpenTelemetry propagation and dead-lettering installed."""
-    return NatsBroker(
+    options = connect_options(settings)
+    broker = NatsBroker(
         settings.url,
         name=f"seal-{service}",
         middlewares=(
@@ -91,8 +173,11 @@ def create_broker(
             *extra_middlewares,
         ),
         graceful_timeout=30.0,
-        **connect_options(settings),
+        security=broker_security(options),
+        **{key: value for key, value in options.items() if key not in CREDENTIAL_OPTIONS},
     )
+    _BROKER_SETTINGS[broker] = settings
+    return broker
 
 
 async def ensure_streams(js: JetStreamContext, settings: NatsSettings | None = None) -> None:
@@ -145,7 +230,7 @@ async def ensure_streams(js: JetStreamContext, settings: NatsSettings | None = N
 
 async def ensure_streams_at(settings: NatsSettings) -> None:
     """Connect, create streams and buckets, disconnect."""
-    nc = await nats.connect(settings.url, **connect_options(settings))
+    nc = await connect_nats(settings)
     try:
         await ensure_streams(nc.jetstream(), settings)
     finally:
@@ -243,6 +328,8 @@ def _stream_of(event: ev.Event) -> str:
 
 # The specs each broker subscribes with (reconcile_consumers).
 _BROKER_SPECS: weakref.WeakKeyDictionary[NatsBroker, list[ConsumerSpec]] = weakref.WeakKeyDictionary()
+# The settings each broker was made with (connect_broker).
+_BROKER_SETTINGS: weakref.WeakKeyDictionary[NatsBroker, NatsSettings] = weakref.WeakKeyDictionary()
 
 
 class TraceRootMiddleware(BaseMiddleware):

@@ -2,9 +2,13 @@
 
 Every service is an ASGI app (``AsgiFastStream``) so Kubernetes can probe it:
 
-* ``GET /healthz``: liveness; 204 while the broker answers a ping and the
-  service's own liveness check passes (the evaluator: its base model is not
-  left contaminated by an adapter it could not take off), 500 otherwise.
+* ``GET /healthz``: liveness; 204 while the service's NATS connections are
+  open (connected, or reconnecting while NATS is away: a restart would not
+  bring NATS back, and it would end a training in progress) and its own
+  liveness check passes (the evaluator: its base model is not left
+  contaminated by an adapter it could not take off), 500 otherwise: a
+  connection NATS closed for good takes nothing more until the process
+  restarts (:func:`shared.broker.closed_for_good`).
 * ``GET /readyz``: readiness; 200 once the service's own check passes (for
   example: the base model is loaded and the object store answers).
 """
@@ -12,14 +16,14 @@ Every service is an ASGI app (``AsgiFastStream``) so Kubernetes can probe it:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import NatsBroker
 from opentelemetry import baggage
 
-from shared.broker import overdue_work, reconcile_consumers
+from shared.broker import closed_for_good, connect_broker, connection_of, overdue_work, reconcile_consumers
 from shared.settings import ServiceSettings
 from shared.telemetry import FEEDBACK_ID, current_trace_id
 
@@ -81,10 +85,12 @@ def service_app(
     on_shutdown: Sequence[Callable[..., Any]] = (),
     after_shutdown: Sequence[Callable[..., Any]] = (),
     routes: Sequence[tuple[str, Any]] = (),
+    connections: Callable[[], Iterable[Any]] = tuple,
 ) -> AsgiFastStream:
     """The service as an ASGI app with /healthz and /readyz. ``on_shutdown`` runs before the broker
     drains its handlers (tell work in progress to stop there), ``after_shutdown`` once they are done
-    (close there what a handler still uses on its way out: its own NATS connection, say)."""
+    (close there what a handler still uses on its way out: its own NATS connection, say).
+    ``connections``: the service's own NATS connections besides the broker's, for /healthz."""
     @get
     async def readyz(scope: Any) -> AsgiResponse:
         ok = _holds(ready)
@@ -98,7 +104,15 @@ def service_app(
             return AsgiResponse(b"broken", status_code=500)
         if overdue_work:  # a handler past its work limit: hung, and its replica takes nothing else
             return AsgiResponse(f"hung: {sorted(overdue_work)[0]}"[:500].encode(), status_code=500)
-        return AsgiResponse(b"", 204) if await broker.ping(5.0) else AsgiResponse(b"", 500)  # as make_ping_asgi
+        connection = connection_of(broker)
+        if connection is None:
+            return AsgiResponse(b"not connected to NATS", status_code=500)
+        if closed := closed_for_good(connection, *connections()):
+            return AsgiResponse(closed[:500].encode(), status_code=500)
+        return AsgiResponse(b"", 204)
+
+    async def connected() -> None:  # first: a NATS that cannot be reached is said, not waited for
+        await connect_broker(broker)
 
     async def consumers_as_configured() -> None:
         await reconcile_consumers(broker)
@@ -106,7 +120,7 @@ def service_app(
     return AsgiFastStream(
         broker,
         asgi_routes=[("/healthz", healthz), ("/readyz", readyz), *routes],
-        on_startup=on_startup,
+        on_startup=[connected, *on_startup],
         after_startup=[consumers_as_configured, *after_startup],
         on_shutdown=on_shutdown,
         after_shutdown=after_shutdown,

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from seal.stack import free_port, server_binary
 from shared import events as ev
-from shared.broker import create_broker, durable_subscriber, ensure_streams_at, publish_event
+from shared.broker import (
+    NatsUnreachable,
+    connect_nats,
+    create_broker,
+    durable_subscriber,
+    ensure_streams_at,
+    publish_event,
+)
+from shared.runtime import service_app
 from shared.settings import NatsSettings
 from shared.subjects import FEEDBACK_SUBMITTED, ConsumerSpec
 
@@ -21,20 +31,36 @@ pytestmark = pytest.mark.servers
 
 
 class NatsServer:
-    """One nats-server with JetStream on disk, to stop and start again on the same port and store."""
+    """One nats-server with JetStream on disk, to stop and start again on the same port and store,
+    and to give users (``passwords``) whose configuration can be reloaded."""
 
     def __init__(self, store: Path) -> None:
         self.store, self.port, self.proc = store, free_port(), None
+        self.config = store.parent / "nats.conf"
+        self.passwords: dict[str, str] = {}
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self._write_config()
         self.proc = subprocess.Popen(
-            [server_binary("nats-server"), "--jetstream", "--store_dir", str(self.store),
-             "--addr", "127.0.0.1", "--port", str(self.port)],
+            [server_binary("nats-server"), "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def reload(self) -> None:
+        """The configuration again, as an operator's rotation does (SIGHUP)."""
+        self._write_config()
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
+    def _write_config(self) -> None:
+        users = ", ".join(f'{{user: "{user}", password: "{password}"}}' for user, password in self.passwords.items())
+        self.config.write_text(
+            f'listen: "127.0.0.1:{self.port}"\njetstream {{ store_dir: "{self.store}" }}\n'
+            + (f"authorization {{ users = [ {users} ] }}\n" if users else "")
         )
 
     def stop(self) -> None:
@@ -103,7 +129,8 @@ async def _ride_out_an_outage(nats_server: NatsServer) -> None:
         return ev.FeedbackSubmitted(feedback_id=fid, scope="acme",
                                     content=ev.KnowledgeFeedback(passage="Quellmoor received its charter in 1387."))
 
-    async with broker:
+    app = service_app(broker)
+    async with broker, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
         await broker.start()
         await publish_event(broker, feedback("fb-before"))
         assert await asyncio.wait_for(received.get(), 20) == "fb-before"
@@ -111,8 +138,56 @@ async def _ride_out_an_outage(nats_server: NatsServer) -> None:
         nats_server.stop()
         await asyncio.sleep(4.0)  # 60 tries 0.02 s apart, each refused at once, take about 1.2 s
         assert not broker.connection.is_closed
+        # Alive: a restart would not bring NATS back, and would end the work in progress.
+        assert (await http.get("/healthz")).status_code == 204
 
         nats_server.start()
         await connected(settings)
         await publish_event(broker, feedback("fb-after"))
         assert await asyncio.wait_for(received.get(), 30) == "fb-after"
+
+
+async def test_a_connection_nats_closed_for_good_fails_liveness_with_the_reason(nats_server) -> None:
+    """Whatever the reconnect settings, NATS closes a connection whose credentials a configuration
+    reload revoked; nothing comes through it again, so the process must be restarted."""
+    nats_server.passwords = {"svc": "one", "kv": "one"}
+    nats_server.stop()
+    nats_server.start()
+    settings = NatsSettings(url=nats_server.url, user="svc", password="one", events_max_bytes=2**26,
+                            dead_letters_max_bytes=2**26)
+    await connected(settings)
+    own = await connect_nats(settings.model_copy(update={"user": "kv"}))
+    broker = create_broker(settings, service="test")
+    app = service_app(broker, connections=lambda: (own,))
+    try:
+        async with broker, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+            await broker.start()
+            assert (await http.get("/healthz")).status_code == 204
+            nats_server.passwords["kv"] = "two"  # rotated
+            nats_server.reload()
+            for _ in range(100):
+                if own.is_closed:
+                    break
+                await asyncio.sleep(0.1)
+            answer = await http.get("/healthz")
+    finally:
+        await own.close()
+    assert answer.status_code == 500 and "closed" in answer.text and "Authorization" in answer.text, answer.text
+
+
+async def test_the_first_connect_gives_up_and_says_what_nats_said(nats_server) -> None:
+    """Reconnecting for ever makes nats-py try the first connect for ever too: a wrong password or
+    address must end a tool or a service's start with the reason, not hang it."""
+    nats_server.passwords = {"svc": "one"}
+    nats_server.stop()
+    nats_server.start()
+    await connected(NatsSettings(url=nats_server.url, user="svc", password="one"))
+    wrong = NatsSettings(url=nats_server.url, user="svc", password="two", first_connect_timeout_s=1.0)
+    with pytest.raises(NatsUnreachable, match="Authorization"):
+        await asyncio.wait_for(connect_nats(wrong), 15)
+    nobody = NatsSettings(url=f"nats://127.0.0.1:{free_port()}", first_connect_timeout_s=1.0)
+    with pytest.raises(NatsUnreachable, match=f"no connection to NATS at {nobody.url} in 1 s"):
+        await asyncio.wait_for(connect_nats(nobody), 15)
+    app = service_app(create_broker(nobody, service="test"))
+    with pytest.raises(NatsUnreachable):  # a service's start
+        await asyncio.wait_for(app.start(), 15)

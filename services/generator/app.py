@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import nats
 from faststream.asgi import AsgiFastStream
 from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NatsClient
@@ -28,7 +27,7 @@ from services.generator.settings import GeneratorSettings
 from services.generator.state import KvLedger, KvScopeState
 from services.generator.writer import SelfEditWriter
 from shared.broker import (
-    connect_options,
+    connect_nats,
     create_broker,
     durable_subscriber,
     ensure_streams,
@@ -85,7 +84,7 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
     async def start() -> None:
         if runtime.ports is not None:
             return
-        runtime.nc = await nats.connect(settings.nats.url, **connect_options(settings.nats))
+        runtime.nc = await connect_nats(settings.nats)
         js = runtime.nc.jetstream()
         await ensure_streams(js, settings.nats)
         runtime.store = AdapterStore.from_settings(settings.store)
@@ -109,7 +108,8 @@ def create_app(settings: GeneratorSettings, ports: GeneratorPorts | None = None)
         if runtime.nc is not None:
             await runtime.nc.close()
 
-    return service_app(broker, ready=runtime.ready, on_startup=[start], on_shutdown=[stop], after_shutdown=[close])
+    return service_app(broker, ready=runtime.ready, on_startup=[start], on_shutdown=[stop], after_shutdown=[close],
+                       connections=lambda: (runtime.nc,))
 
 
 def _stream_sequence(message: NatsMessage) -> str | None:

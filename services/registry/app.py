@@ -22,7 +22,10 @@ from faststream.nats import NatsBroker
 
 from shared import events as ev
 from shared.broker import (
-    connect_options,
+    closed_for_good,
+    connect_broker,
+    connect_nats,
+    connection_of,
     create_broker,
     durable_subscriber,
     ensure_streams,
@@ -94,7 +97,7 @@ class Runtime:
         """Build the ledger over the configured state (connecting to NATS KV if needed)."""
         state = self.ports.state
         if state is None:
-            self._nc = await nats.connect(self.settings.nats.url, **connect_options(self.settings.nats))
+            self._nc = await connect_nats(self.settings.nats)
             js = self._nc.jetstream()
             await ensure_streams(js, self.settings.nats)
             state = NatsState(js)
@@ -126,6 +129,7 @@ class Runtime:
         return self._ledger
 
     async def start(self) -> None:
+        await connect_broker(self.broker)
         await self.attach()
         await self.broker.start()
         await reconcile_consumers(self.broker)
@@ -153,13 +157,13 @@ class Runtime:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.registry.sweep_interval_s)
 
     async def alive(self) -> bool:
-        try:
-            return bool(await self.broker.ping(timeout=2.0))
-        except Exception:  # noqa: BLE001
-            return False
+        """Its connections are open: connected, or reconnecting while NATS is away (shared.runtime)."""
+        connection = connection_of(self.broker)
+        return connection is not None and closed_for_good(connection, self._nc) is None
 
     async def ready(self) -> bool:
-        if self._ledger is None or not await self.alive():
+        connection = connection_of(self.broker)
+        if self._ledger is None or connection is None or not connection.is_connected:
             return False
         return self._nc is None or self._nc.is_connected
 

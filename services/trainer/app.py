@@ -24,7 +24,6 @@ import asyncio
 import logging
 from typing import Any
 
-import nats
 from faststream.asgi import AsgiFastStream
 from faststream.nats.annotations import NatsMessage
 from opentelemetry.sdk.trace import TracerProvider
@@ -32,7 +31,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
 from services.trainer.settings import TrainerSettings
-from shared.broker import connect_options, create_broker, durable_subscriber, kept_in_progress, publish_event
+from shared.broker import connect_nats, create_broker, durable_subscriber, kept_in_progress, publish_event
 from shared.events import Event, PolicyTrainingRequested, RebaseRequested, SelfEditGenerated
 from shared.runtime import service_app
 from shared.subjects import ConsumerSpec
@@ -84,7 +83,7 @@ def create_app(
 
     async def start() -> None:
         if state["ports"] is None:
-            state["nc"] = await nats.connect(settings.nats.url, **connect_options(settings.nats))
+            state["nc"] = await connect_nats(settings.nats)
             state["ports"] = await asyncio.to_thread(build_ports, settings, state["nc"].jetstream())
 
     async def stop() -> None:
@@ -99,7 +98,8 @@ def create_app(
             await state["nc"].close()
 
     return service_app(
-        broker, ready=lambda: state["ports"] is not None, on_startup=[start], on_shutdown=[stop], after_shutdown=[close]
+        broker, ready=lambda: state["ports"] is not None, on_startup=[start], on_shutdown=[stop], after_shutdown=[close],
+        connections=lambda: (state["nc"],),
     )
 
 
