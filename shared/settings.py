@@ -60,6 +60,11 @@ class StoreSettings(BaseModel):
     bucket: str = "seal-adapters"
     secure: bool = False
     region: str | None = None
+    # Per try: the minio client's own defaults (5 minutes each, 6 tries) held a service's thread
+    # for up to half an hour on an S3 server that accepts connections and never answers.
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=5, ge=0)
 
 
 class TelemetrySettings(BaseModel):

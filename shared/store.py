@@ -19,12 +19,15 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import certifi
+import urllib3
 from minio import Minio
 from minio.error import S3Error
 from pydantic import BaseModel, ConfigDict, Field
@@ -108,6 +111,18 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.rstrip("/")
 
 
+def http_client(settings: StoreSettings) -> urllib3.PoolManager:
+    """The minio client's own HTTP pool (certificates from ``SSL_CERT_FILE`` or certifi, retries of
+    5xx answers with backoff) with the settings' timeouts and number of retries."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=settings.retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+
+
 class AdapterStore:
     def __init__(self, client: Minio, bucket: str):
         self.client = client
@@ -121,6 +136,7 @@ class AdapterStore:
             secret_key=settings.secret_key.get_secret_value(),
             secure=settings.secure,
             region=settings.region,
+            http_client=http_client(settings),
         )
         return cls(client, settings.bucket)
 

@@ -82,3 +82,36 @@ def test_a_manifest_is_stored_as_utf_8_and_one_too_large_to_read_back_is_refused
         adapter_store.put_adapter(src, huge)
     bucket, prefix = parse_uri(adapter_store.uri_for("acme", "huge"))
     assert list(adapter_store.client.list_objects(bucket, prefix=f"{prefix}/", recursive=True)) == []  # nothing half-stored
+
+
+def test_an_s3_server_that_never_answers_fails_a_call_in_the_settings_time(tmp_path: Path) -> None:
+    """minio's own client waits 5 minutes a try, 6 tries: a service's thread was held for half an
+    hour by an S3 server that accepts connections and never answers."""
+    import socket
+    import threading
+    import time
+
+    from shared.settings import StoreSettings
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepted by the kernel, never read nor answered
+    store = AdapterStore.from_settings(StoreSettings(endpoint=f"127.0.0.1:{silent.getsockname()[1]}",
+                                                     read_timeout_s=0.5, retries=1))
+    outcome: list[object] = []
+
+    def call() -> None:
+        started = time.monotonic()
+        try:
+            store.read_manifest("s3://seal-adapters/acme/adapters/a1")
+            outcome.append("answered")
+        except Exception as exc:  # noqa: BLE001 - what it fails with is checked below
+            outcome.append((type(exc).__name__, time.monotonic() - started))
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(30)
+    silent.close()
+    assert outcome, "still waiting for the S3 server after 30 s"
+    [(_, seconds)] = outcome
+    assert seconds < 10  # two tries of 0.5 s, and the backoff between them
