@@ -39,7 +39,7 @@ from shared.subjects import (
     CONSUMERS,
     DLQ_PREFIX,
     DLQ_STREAM,
-    EVENTS_STREAM,
+    REGISTRY_EXHAUSTED,
     RPC_PREFIX,
     ConsumerSpec,
     dead_letter_subject,
@@ -87,21 +87,19 @@ def remember_consumer(spec: ConsumerSpec) -> None:
     _SPECS[spec.durable] = spec
 
 
-# JetStream's notice that a consumer gave up on a message: every delivery went unanswered.
-MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
-EXHAUSTED_QUEUE = "seal-exhausted-deliveries"
-
-
-def dead_letter_exhausted_deliveries(broker: NatsBroker, stream: str = EVENTS_STREAM) -> Any:
-    """Subscribe ``broker`` to copy every message a consumer of ``stream`` gave up on into the dead letters.
+def dead_letter_exhausted_deliveries(broker: NatsBroker) -> Any:
+    """Subscribe ``broker`` to copy every message a consumer of the events gave up on into the dead letters.
 
     The middleware dead-letters what a handler failed on; a message whose handler never answered
     (the pod OOM-killed, evicted, or outrunning the ack wait on every delivery) runs out of
     deliveries with no exception anywhere, and JetStream only says so in an advisory. This copies
-    it, by its stream sequence, to ``seal.dlq.<service>.<subject>`` with the reason; one replica per
-    advisory (a queue group), and a copy made twice is stored once (its ``Nats-Msg-Id``)."""
+    it, by its stream sequence, to ``seal.dlq.<service>.<subject>`` with the reason. The advisories
+    are read from their stream (``SEAL_ADVISORIES``) by a durable consumer shared by the replicas:
+    one published while no registry ran is read when one starts, and a copy that could not be
+    stored is tried again (a copy made twice is stored once: its ``Nats-Msg-Id``)."""
+    from shared.broker import durable_subscriber  # which imports this module
 
-    @broker.subscriber(MAX_DELIVERIES_ADVISORY.format(stream=stream), queue=EXHAUSTED_QUEUE)
+    @durable_subscriber(broker, REGISTRY_EXHAUSTED)
     async def on_exhausted(advisory: Any) -> None:
         try:
             source, consumer = str(advisory["stream"]), str(advisory["consumer"])
@@ -109,10 +107,7 @@ def dead_letter_exhausted_deliveries(broker: NatsBroker, stream: str = EVENTS_ST
         except (KeyError, TypeError, ValueError, IndexError):
             log.error("unreadable max-deliveries advisory: %r", advisory)
             return
-        try:
-            await _copy_exhausted(broker, source, consumer, sequence, deliveries)
-        except Exception:  # noqa: BLE001 - an advisory is not redelivered: say what was not copied
-            log.exception("could not dead-letter %s sequence %d, given up by consumer %s", source, sequence, consumer)
+        await _copy_exhausted(broker, source, consumer, sequence, deliveries)
 
     return on_exhausted
 
@@ -142,9 +137,8 @@ async def _copy_exhausted(broker: NatsBroker, source: str, consumer: str, sequen
     if stored:
         log.error("dead-lettered message [%s]: %s; stored as %s", describe(fields), reason, stored,
                   extra=_extra(fields, stored))
-    else:
-        log.error("could not dead-letter message [%s], given up by consumer %s", describe(fields), consumer,
-                  extra=_extra(fields))
+    else:  # tried again: the advisory goes back to its stream
+        raise RuntimeError(f"could not dead-letter message [{describe(fields)}], given up by consumer {consumer}")
 
 
 class DeadLetterMiddleware(BaseMiddleware):

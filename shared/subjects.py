@@ -3,7 +3,8 @@
 Services import names from here and nowhere else. Events live in one stream
 (``SEAL_EVENTS``, subjects ``seal.events.>``) which is also the audit log;
 messages that failed ``max_deliver`` times are copied to ``SEAL_DLQ``.
-Operator actions land in ``SEAL_AUDIT``. Registry queries and commands go
+Operator actions land in ``SEAL_AUDIT``. JetStream's notices that a consumer of the events gave up
+on a message are kept in ``SEAL_ADVISORIES`` until the registry has copied the message. Registry queries and commands go
 over core NATS request-reply (``seal.rpc.registry.*``), not through a stream.
 """
 
@@ -17,6 +18,7 @@ from shared import events as ev
 EVENTS_STREAM = "SEAL_EVENTS"
 DLQ_STREAM = "SEAL_DLQ"
 AUDIT_STREAM = "SEAL_AUDIT"
+ADVISORIES_STREAM = "SEAL_ADVISORIES"
 
 EVENTS_PREFIX = "seal.events"
 DLQ_PREFIX = "seal.dlq"
@@ -46,6 +48,11 @@ POLICY_TRAINING_REQUESTED = SUBJECTS[ev.PolicyTrainingRequested]
 POLICY_TRAINED = SUBJECTS[ev.PolicyAdapterTrained]
 OPERATOR_ACTION = SUBJECTS[ev.OperatorAction]
 
+# JetStream's notice that a consumer of the events gave up on a message: every delivery went
+# unanswered. Published once, to whoever listens then: kept in a stream of its own, so that one
+# sent while no registry runs (restarting, or all its pods down) is still read.
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{EVENTS_STREAM}.*"
+
 # Registry request-reply (core NATS).
 REGISTRY_RPC = f"{RPC_PREFIX}.registry"
 
@@ -71,6 +78,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(EVENTS_STREAM, (f"{EVENTS_PREFIX}.>",), max_age=timedelta(days=90)),
     StreamSpec(DLQ_STREAM, (f"{DLQ_PREFIX}.>",), max_age=timedelta(days=30)),
     StreamSpec(AUDIT_STREAM, (f"{AUDIT_PREFIX}.>",), max_age=timedelta(days=3650)),
+    StreamSpec(ADVISORIES_STREAM, (MAX_DELIVERIES_ADVISORY,), max_age=timedelta(days=30)),
 )
 
 
@@ -104,6 +112,7 @@ REGISTRY_SELFEDIT_REJECTED = ConsumerSpec("registry-selfedit-rejected", SELFEDIT
 REGISTRY_FEEDBACK = ConsumerSpec("registry-feedback", FEEDBACK_SUBMITTED)
 REGISTRY_FEEDBACK_REJECTED = ConsumerSpec("registry-feedback-rejected", FEEDBACK_REJECTED)
 REGISTRY_POLICY_TRAINED = ConsumerSpec("registry-policy-trained", POLICY_TRAINED)
+REGISTRY_EXHAUSTED = ConsumerSpec("registry-exhausted", MAX_DELIVERIES_ADVISORY, stream=ADVISORIES_STREAM)
 
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     GENERATOR_FEEDBACK,
@@ -120,6 +129,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     REGISTRY_FEEDBACK,
     REGISTRY_FEEDBACK_REJECTED,
     REGISTRY_POLICY_TRAINED,
+    REGISTRY_EXHAUSTED,
 )
 
 # JetStream key-value buckets (registry state, compare-and-set).

@@ -7,6 +7,7 @@ import contextlib
 import json
 
 import nats
+import nats.js.errors
 import pytest
 from faststream.nats import NatsBroker
 from opentelemetry import trace
@@ -264,31 +265,32 @@ async def test_an_existing_consumer_takes_the_ack_wait_and_limit_it_is_given_now
     assert await subscribed(raised, reconcile=True) == (180, 8)  # nothing left to change
 
 
-async def test_a_message_never_answered_lands_in_the_dead_letters(provisioned_stack) -> None:
+async def test_a_message_never_answered_lands_in_the_dead_letters_even_with_no_registry_listening(provisioned_stack) -> None:
     """Every delivery outran the ack wait (a pod OOM-killed each time): no exception anywhere, only
-    JetStream's advisory; the registry's subscriber copies the message to the dead letters with why."""
+    JetStream's advisory, published once. It is kept in its stream, so a registry that starts only
+    afterwards (all its pods were down) still copies the message to the dead letters, with why."""
     from datetime import timedelta
 
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
     from shared.dead_letters import SERVICE_HEADER, dead_letter_exhausted_deliveries
-    from shared.subjects import DLQ_STREAM, EVENTS_STREAM
+    from shared.subjects import ADVISORIES_STREAM, DLQ_STREAM, EVENTS_STREAM, MAX_DELIVERIES_ADVISORY
 
     nc = await nats.connect(provisioned_stack.nats_url)
     js = nc.jetstream()
     dead = await nc.subscribe(f"{DLQ_PREFIX}.crashy.>")
-    watcher = create_broker(provisioned_stack.nats_settings(), service="registry")
-    dead_letter_exhausted_deliveries(watcher)
+    publisher = create_broker(provisioned_stack.nats_settings(), service="test")
     durable = f"crashy-{ev.new_id()[:8]}"
+    advisory_subject = MAX_DELIVERIES_ADVISORY.replace("*", durable)
     lost = feedback("a passage whose handler always dies")
     try:
-        async with watcher:
-            await watcher.start()
+        async with publisher:
+            await publisher.start()
             sub = await js.pull_subscribe(
                 FEEDBACK_SUBMITTED, durable=durable, stream=EVENTS_STREAM,
                 config=ConsumerConfig(ack_wait=timedelta(seconds=1).total_seconds(), max_deliver=2, deliver_policy=DeliverPolicy.NEW),
             )
-            await publish_event(watcher, lost)
+            await publish_event(publisher, lost)
             lost_trace = {"id": None}
             seen = 0
             deadline = asyncio.get_running_loop().time() + 30
@@ -298,12 +300,24 @@ async def test_a_message_never_answered_lands_in_the_dead_letters(provisioned_st
                         if json.loads(msg.data).get("feedback_id") == lost.feedback_id:
                             seen += 1
                             lost_trace["id"] = (msg.headers or {}).get("traceparent", "--").split("-")[1]
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.get_last_msg(ADVISORIES_STREAM, advisory_subject)
+                    break  # JetStream gave up on it, while nobody listened
+            else:
+                pytest.fail("no max-deliveries advisory kept for a message whose deliveries ran out")
+
+        watcher = create_broker(provisioned_stack.nats_settings(), service="registry")
+        dead_letter_exhausted_deliveries(watcher)
+        async with watcher:
+            await watcher.start()
+            deadline = asyncio.get_running_loop().time() + 30
+            while asyncio.get_running_loop().time() < deadline:
                 with contextlib.suppress(nats.errors.TimeoutError):
-                    copy = await dead.next_msg(timeout=0.1)
+                    copy = await dead.next_msg(timeout=0.5)
                     if json.loads(copy.data).get("feedback_id") == lost.feedback_id:
                         break
             else:
-                pytest.fail("no dead-letter copy of a message whose deliveries ran out")
+                pytest.fail("no dead-letter copy of a message whose deliveries ran out before a registry listened")
             stored = await js.get_last_msg(DLQ_STREAM, copy.subject)  # kept in the stream, not just sent
     finally:
         await nc.close()
