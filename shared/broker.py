@@ -257,6 +257,34 @@ def durable_subscriber(broker: NatsBroker, spec: ConsumerSpec, **kwargs: Any) ->
     )
 
 
+async def missing_consumers(broker: NatsBroker, timeout_s: float = 3.0) -> list[str]:
+    """The broker's durable consumers JetStream says are gone (deleted by hand, or their stream lost
+    with the server's store). FastStream makes a consumer only when it subscribes: without it a
+    replica fetches from nothing and takes no message again until it restarts (its init container
+    then makes the streams, and its subscribe the consumers). What NATS does not answer in
+    ``timeout_s`` (away, electing a leader) counts as there, and so does every consumer before the
+    broker has started (its subscribers make them: a first start loads its model first)."""
+    if not getattr(broker, "running", False):
+        return []
+    try:
+        js = broker.config.connection_state.stream
+    except IncorrectState:
+        return []
+    missing: list[str] = []
+
+    async def look(spec: ConsumerSpec) -> None:
+        try:
+            await js.consumer_info(spec.stream, spec.durable, timeout=timeout_s)
+        except NotFoundError:
+            missing.append(f"{spec.stream}/{spec.durable}")
+        except Exception:  # noqa: BLE001 - no answer is not "gone"
+            return
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(look(s) for s in _BROKER_SPECS.get(broker, []))), timeout_s + 1)
+    return sorted(missing)
+
+
 async def reconcile_consumers(broker: NatsBroker) -> list[str]:
     """Bring the broker's durable consumers that already exist to their specs' ack wait and delivery limit.
 

@@ -8,7 +8,8 @@ Every service is an ASGI app (``AsgiFastStream``) so Kubernetes can probe it:
   liveness check passes (the evaluator: its base model is not left
   contaminated by an adapter it could not take off), 500 otherwise: a
   connection NATS closed for good takes nothing more until the process
-  restarts (:func:`shared.broker.closed_for_good`).
+  restarts (:func:`shared.broker.closed_for_good`), as does one whose durable
+  consumers JetStream says are gone (:func:`shared.broker.missing_consumers`).
 * ``GET /readyz``: readiness; 200 once the service's own check passes (for
   example: the base model is loaded and the object store answers).
 """
@@ -23,7 +24,14 @@ from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import NatsBroker
 from opentelemetry import baggage
 
-from shared.broker import closed_for_good, connect_broker, connection_of, overdue_work, reconcile_consumers
+from shared.broker import (
+    closed_for_good,
+    connect_broker,
+    connection_of,
+    missing_consumers,
+    overdue_work,
+    reconcile_consumers,
+)
 from shared.settings import ServiceSettings
 from shared.telemetry import FEEDBACK_ID, current_trace_id
 
@@ -109,6 +117,8 @@ def service_app(
             return AsgiResponse(b"not connected to NATS", status_code=500)
         if closed := closed_for_good(connection, *connections()):
             return AsgiResponse(closed[:500].encode(), status_code=500)
+        if gone := await missing_consumers(broker):
+            return AsgiResponse(f"JetStream consumers gone: {', '.join(gone)}"[:500].encode(), status_code=500)
         return AsgiResponse(b"", 204)
 
     async def connected() -> None:  # first: a NATS that cannot be reached is said, not waited for

@@ -191,3 +191,23 @@ async def test_the_first_connect_gives_up_and_says_what_nats_said(nats_server) -
     app = service_app(create_broker(nobody, service="test"))
     with pytest.raises(NatsUnreachable):  # a service's start
         await asyncio.wait_for(app.start(), 15)
+
+
+async def test_a_consumer_jetstream_lost_fails_liveness_with_its_name(nats_server) -> None:
+    """FastStream makes a durable consumer when it subscribes, never again: one deleted by hand (or
+    lost with the server's store) leaves the replica taking nothing until it restarts."""
+    settings = NatsSettings(url=nats_server.url, events_max_bytes=2**26, dead_letters_max_bytes=2**26)
+    await connected(settings)
+    broker = create_broker(settings, service="test")
+
+    @durable_subscriber(broker, ConsumerSpec("test-lost", FEEDBACK_SUBMITTED))
+    async def on_feedback(event: ev.FeedbackSubmitted) -> None:
+        pass
+
+    app = service_app(broker)
+    async with broker, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+        await broker.start()
+        assert (await http.get("/healthz")).status_code == 204
+        await broker.config.connection_state.stream.delete_consumer("SEAL_EVENTS", "test-lost")
+        answer = await http.get("/healthz")
+    assert answer.status_code == 500 and "SEAL_EVENTS/test-lost" in answer.text, answer.text

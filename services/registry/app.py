@@ -29,6 +29,7 @@ from shared.broker import (
     create_broker,
     durable_subscriber,
     ensure_streams,
+    missing_consumers,
     publish_event,
     reconcile_consumers,
 )
@@ -159,7 +160,9 @@ class Runtime:
     async def alive(self) -> bool:
         """Its connections are open: connected, or reconnecting while NATS is away (shared.runtime)."""
         connection = connection_of(self.broker)
-        return connection is not None and closed_for_good(connection, self._nc) is None
+        if connection is None or closed_for_good(connection, self._nc) is not None:
+            return False
+        return not await missing_consumers(self.broker)
 
     async def ready(self) -> bool:
         connection = connection_of(self.broker)
