@@ -51,7 +51,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import TracerProvider
 
 from shared import events as ev
-from shared.dead_letters import DeadLetterMiddleware, described, remember_consumer
+from shared.dead_letters import PUBLISH_ACK_TIMEOUT_S, DeadLetterMiddleware, described, remember_consumer
 from shared.settings import NatsSettings
 from shared.subjects import DLQ_STREAM, EVENTS_STREAM, KV_BUCKETS, KV_MAX_AGE, STREAMS, ConsumerSpec, subject_for
 from shared.telemetry import lineage_of, mark_lineage, root_traceparent
@@ -328,7 +328,8 @@ async def reconcile_consumers(broker: NatsBroker) -> list[str]:
 
 
 async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
-    """Publish an event to its subject through JetStream, de-duplicated by event id."""
+    """Publish an event to its subject through JetStream, de-duplicated by event id, waiting up to
+    :data:`~shared.dead_letters.PUBLISH_ACK_TIMEOUT_S` for JetStream's acknowledgement."""
     # The event's feedback rides in the baggage of this publish only: left attached, it stayed
     # in the caller's context (the registry's sweep) and went out with unrelated later work.
     token = mark_lineage(event.feedback_id, event.scope)
@@ -337,7 +338,8 @@ async def publish_event(broker: NatsBroker, event: ev.Event) -> None:
         # In the headers ourselves: FastStream sends baggage only from inside a consumer, so an event
         # published from the registry's HTTP API or its sweep reached the next service without it.
         _BAGGAGE.inject(headers)
-        await broker.publish(event.model_dump(mode="json"), subject_for(event), headers=headers, stream=_stream_of(event))
+        await broker.publish(event.model_dump(mode="json"), subject_for(event), headers=headers, stream=_stream_of(event),
+                             timeout=PUBLISH_ACK_TIMEOUT_S)
     finally:
         otel_context.detach(token)
 

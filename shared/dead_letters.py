@@ -54,6 +54,10 @@ REASON_HEADER = "Seal-Dead-Letter-Reason"
 DEAD_LETTER_TRIES = 3
 DEAD_LETTER_BACKOFF_S = 0.5  # doubled after each failed try
 DEAD_LETTER_RETRY_S = 30.0
+# JetStream's acknowledgement of a publish (an event, a dead-letter copy) is waited for this long.
+# FastStream's own default, half a second, failed publishes on a replicated stream busy with a
+# leader election or a slow disk: a training of minutes was then done again for its event.
+PUBLISH_ACK_TIMEOUT_S = 5.0
 SERVICE_HEADER = "Seal-Dead-Letter-Service"
 # On a copy without the original's body: the original and the copy's headers would exceed the
 # server's message limit (a NATS server closes the connection of a client that publishes one).
@@ -316,7 +320,7 @@ async def store_dead_letter(
         body = b""
     for attempt in range(DEAD_LETTER_TRIES):
         try:
-            ack = await broker.publish(body, subject, headers=headers, stream=DLQ_STREAM)
+            ack = await broker.publish(body, subject, headers=headers, stream=DLQ_STREAM, timeout=PUBLISH_ACK_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - losing the copy must not crash the consumer
             log.exception("could not dead-letter message to %s (try %d of %d)", subject, attempt + 1, DEAD_LETTER_TRIES)
             if attempt + 1 < DEAD_LETTER_TRIES:

@@ -444,13 +444,16 @@ async def test_publishing_an_event_leaves_no_baggage_behind() -> None:
     seen: list[object] = []
 
     class Broker:
-        async def publish(self, body: object, subject: str, headers: dict, stream: str) -> None:
+        async def publish(self, body: object, subject: str, headers: dict, stream: str, timeout: float | None = None) -> None:
             seen.append(baggage.get_baggage(FEEDBACK_ID))
             seen.append(headers.get("baggage"))
+            seen.append(timeout)
 
     await publish_event(Broker(), ev.FeedbackRejected(feedback_id="fb-left", scope="acme", reason="no"))  # type: ignore[arg-type]
     # in the message too, from outside any consumer (an HTTP handler, a sweep): the next service reads it
     assert seen[0] == "fb-left" and "seal.feedback_id=fb-left" in seen[1] and "seal.scope=acme" in seen[1]
+    # JetStream's acknowledgement waited for in seconds, not FastStream's half second
+    assert seen[2] == 5.0
     assert baggage.get_baggage(FEEDBACK_ID) is None
 
 

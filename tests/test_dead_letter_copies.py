@@ -42,7 +42,7 @@ async def test_a_request_that_cannot_be_read_is_answered_with_the_reason_and_nev
     answers: list[bytes] = []
 
     class Broker:
-        async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> None:
+        async def publish(self, body: bytes, subject: str, headers: dict, stream: str, timeout: float | None = None) -> None:
             stored.append(headers)
 
     async def respond(data: bytes) -> None:
@@ -66,7 +66,7 @@ async def test_a_stream_message_that_cannot_be_read_is_still_dead_lettered() -> 
     stored: list[dict] = []
 
     class Broker:
-        async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> None:
+        async def publish(self, body: bytes, subject: str, headers: dict, stream: str, timeout: float | None = None) -> None:
             stored.append(headers)
 
     msg = jetstream_message(1, GENERATOR_FEEDBACK.durable, body=b'{"feedback_id": ')

@@ -104,7 +104,7 @@ async def test_a_body_nested_too_deep_to_decode_is_dead_lettered_at_once() -> No
     stored: list[dict] = []
 
     class Broker:
-        async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> None:
+        async def publish(self, body: bytes, subject: str, headers: dict, stream: str, timeout: float | None = None) -> None:
             stored.append(headers)
 
     async def decoding(_: object) -> None:
@@ -137,7 +137,7 @@ async def test_a_body_that_is_no_json_is_dead_lettered_at_once(body: bytes, why:
     stored: list[dict] = []
 
     class Broker:
-        async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> None:
+        async def publish(self, body: bytes, subject: str, headers: dict, stream: str, timeout: float | None = None) -> None:
             stored.append(headers)
 
     async def decoding(message: object) -> None:
@@ -180,7 +180,7 @@ class AckingBroker:
         self.sequence = sequence
         self.stored: list[tuple[str, dict]] = []
 
-    async def publish(self, body: bytes, subject: str, headers: dict, stream: str) -> object:
+    async def publish(self, body: bytes, subject: str, headers: dict, stream: str, timeout: float | None = None) -> object:
         from nats.js.api import PubAck
 
         self.stored.append((subject, headers))

@@ -203,7 +203,7 @@ class RecordingBroker:
     def __init__(self) -> None:
         self.published: list[tuple[str, dict]] = []
 
-    async def publish(self, body: bytes, subject: str, headers: dict, stream: str | None = None) -> None:
+    async def publish(self, body: bytes, subject: str, headers: dict, stream: str | None = None, timeout: float | None = None) -> None:
         assert stream == DLQ_STREAM  # stored with JetStream's acknowledgement, not fired and forgotten
         self.published.append((subject, headers))
 
