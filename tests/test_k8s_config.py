@@ -657,6 +657,13 @@ def test_models_run_on_the_device_they_ask_for(name):
     if name in expected:
         trainer = main_container(find(overlay(name), "Deployment", "trainer"))
         assert env_value(trainer, "SEAL_MODEL__DEVICE") == expected[name]
+    # In float32 on a GPU too, as every benchmark ran ("auto" would train in bfloat16 there).
+    config = next(o for o in overlay(name) if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("seal-config"))
+    import torch
+
+    from shared.models import resolve_dtype
+
+    assert resolve_dtype(config["data"]["SEAL_MODEL__DTYPE"], torch.device("cuda")) == torch.float32
 
 
 def test_evaluator_gpu_over_prod_as_the_docs_say(tmp_path):
