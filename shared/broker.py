@@ -33,10 +33,11 @@ import dataclasses
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import nats
+import nats.errors
 from faststream import AckPolicy, BaseMiddleware
 from faststream.exceptions import IncorrectState
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
@@ -112,7 +113,9 @@ async def connect_broker(broker: NatsBroker) -> None:
     try:
         await asyncio.wait_for(broker.connect(), settings.first_connect_timeout_s)
     except TimeoutError:
-        raise _unreachable(settings, None) from None
+        raise _unreachable(settings, _BROKER_ERRORS.get(broker)) from None
+    except nats.errors.Error as exc:  # refused (credentials): FastStream gives up on it at once
+        raise NatsUnreachable(f"NATS at {settings.url} refused the connection: {exc!r}") from exc
 
 
 def connection_of(broker: NatsBroker) -> nats.NATS | None:
@@ -123,18 +126,45 @@ def connection_of(broker: NatsBroker) -> nats.NATS | None:
         return None
 
 
-def closed_for_good(*connections: nats.NATS | None) -> str | None:
-    """What to say when one of ``connections`` is closed, else None (not made yet counts as fine).
+def nats_trouble(broker: NatsBroker, *own: nats.NATS | None, now: Callable[[], float] = time.monotonic) -> str | None:
+    """What is wrong for good with the broker's connection or the service's ``own`` ones, else None
+    (one not made yet counts as fine). For liveness: only a restart mends these.
 
-    A connection that reconnects is not closed: NATS being away does not make a service broken.
-    NATS closes one for good on an error it sends (credentials revoked by a configuration reload,
-    an authorization violation) whatever the reconnect settings; nothing comes through it again
-    until the process restarts. The broker's pull consumers then loop without yielding, and the
-    process answers no probe: Kubernetes restarts it either way."""
-    for nc in connections:
-        if nc is not None and nc.is_closed:
-            return f"its NATS connection is closed ({nc.last_error!r})"
+    NATS being away is not one of them: a connection that reconnects comes back by itself, and a
+    restart would end the work in progress. These are:
+
+    * a connection closed: NATS closes one on an error it sends (credentials revoked by a
+      configuration reload), whatever the reconnect settings. The broker's pull consumers then
+      loop without yielding, and the process answers no probe at all, which fails it as well;
+    * one that stopped reconnecting: FastStream's error callback ends nats-py's reconnecting on an
+      error it takes for unrecoverable (NATS restarted with another password), leaving the
+      connection neither closed nor connected nor trying;
+    * one down longer than the settings' ``max_disconnected_s``: it still tries (with credentials
+      NATS no longer takes, say), and what the service publishes meanwhile fills nats-py's buffer,
+      past which the pull consumers' task is restarted in a tight loop."""
+    connection = connection_of(broker)
+    if connection is None:
+        return "not connected to NATS"
+    limit = (_BROKER_SETTINGS.get(broker) or NatsSettings()).max_disconnected_s
+    for nc in (connection, *own):
+        if nc is None:
+            continue
+        if nc.is_closed:
+            return f"a NATS connection is closed ({nc.last_error!r})"
+        if nc.is_connected:
+            _DOWN_SINCE.pop(nc, None)
+            continue
+        down = now() - _DOWN_SINCE.setdefault(nc, now())
+        reconnecting = getattr(nc, "_reconnection_task", None)  # nats-py's own task; None before any loss
+        if reconnecting is not None and reconnecting.done():
+            return f"a NATS connection stopped reconnecting ({nc.last_error!r})"
+        if down > limit:
+            return f"a NATS connection has been down {down:.0f} s, more than {limit:g} ({nc.last_error!r})"
     return None
+
+
+# When each connection was first seen down by nats_trouble.
+_DOWN_SINCE: weakref.WeakKeyDictionary[nats.NATS, float] = weakref.WeakKeyDictionary()
 
 
 # What connect_options may hold that NatsBroker takes only as its ``security`` (it refuses ``user``
@@ -163,6 +193,10 @@ def create_broker(
 ) -> NatsBroker:
     """A NatsBroker with OpenTelemetry propagation and dead-lettering installed."""
     options = connect_options(settings)
+
+    async def noted(error: Exception) -> None:  # for connect_broker's message: FastStream logs none before it connects
+        _BROKER_ERRORS[broker] = error
+
     broker = NatsBroker(
         settings.url,
         name=f"seal-{service}",
@@ -174,6 +208,7 @@ def create_broker(
         ),
         graceful_timeout=30.0,
         security=broker_security(options),
+        error_cb=noted,
         **{key: value for key, value in options.items() if key not in CREDENTIAL_OPTIONS},
     )
     _BROKER_SETTINGS[broker] = settings
@@ -264,8 +299,9 @@ async def missing_consumers(broker: NatsBroker, timeout_s: float = 3.0) -> list[
     then makes the streams, and its subscribe the consumers). What NATS does not answer in
     ``timeout_s`` (away, electing a leader) counts as there, and so does every consumer before the
     broker has started (its subscribers make them: a first start loads its model first)."""
-    if not getattr(broker, "running", False):
-        return []
+    connection = connection_of(broker)
+    if not getattr(broker, "running", False) or connection is None or not connection.is_connected:
+        return []  # asked while NATS is away, the question would wait in nats-py's buffer
     try:
         js = broker.config.connection_state.stream
     except IncorrectState:
@@ -358,8 +394,9 @@ def _stream_of(event: ev.Event) -> str:
 
 # The specs each broker subscribes with (reconcile_consumers).
 _BROKER_SPECS: weakref.WeakKeyDictionary[NatsBroker, list[ConsumerSpec]] = weakref.WeakKeyDictionary()
-# The settings each broker was made with (connect_broker).
+# The settings each broker was made with (connect_broker, nats_trouble), and its last connection error.
 _BROKER_SETTINGS: weakref.WeakKeyDictionary[NatsBroker, NatsSettings] = weakref.WeakKeyDictionary()
+_BROKER_ERRORS: weakref.WeakKeyDictionary[NatsBroker, Exception] = weakref.WeakKeyDictionary()
 
 
 class TraceRootMiddleware(BaseMiddleware):

@@ -3,13 +3,14 @@
 Every service is an ASGI app (``AsgiFastStream``) so Kubernetes can probe it:
 
 * ``GET /healthz``: liveness; 204 while the service's NATS connections are
-  open (connected, or reconnecting while NATS is away: a restart would not
-  bring NATS back, and it would end a training in progress) and its own
-  liveness check passes (the evaluator: its base model is not left
-  contaminated by an adapter it could not take off), 500 otherwise: a
-  connection NATS closed for good takes nothing more until the process
-  restarts (:func:`shared.broker.closed_for_good`), as does one whose durable
-  consumers JetStream says are gone (:func:`shared.broker.missing_consumers`).
+  usable (connected, or reconnecting while NATS is away, up to a bound: a
+  restart would not bring NATS back, and it would end a training in
+  progress) and its own liveness check passes (the evaluator: its base model
+  is not left contaminated by an adapter it could not take off), 500
+  otherwise: a connection closed, or no longer trying, takes nothing more
+  until the process restarts (:func:`shared.broker.nats_trouble`), nor does a
+  service whose durable consumers JetStream says are gone
+  (:func:`shared.broker.missing_consumers`).
 * ``GET /readyz``: readiness; 200 once the service's own check passes (for
   example: the base model is loaded and the object store answers).
 """
@@ -25,10 +26,9 @@ from faststream.nats import NatsBroker
 from opentelemetry import baggage
 
 from shared.broker import (
-    closed_for_good,
     connect_broker,
-    connection_of,
     missing_consumers,
+    nats_trouble,
     overdue_work,
     reconcile_consumers,
 )
@@ -112,11 +112,8 @@ def service_app(
             return AsgiResponse(b"broken", status_code=500)
         if overdue_work:  # a handler past its work limit: hung, and its replica takes nothing else
             return AsgiResponse(f"hung: {sorted(overdue_work)[0]}"[:500].encode(), status_code=500)
-        connection = connection_of(broker)
-        if connection is None:
-            return AsgiResponse(b"not connected to NATS", status_code=500)
-        if closed := closed_for_good(connection, *connections()):
-            return AsgiResponse(closed[:500].encode(), status_code=500)
+        if trouble := nats_trouble(broker, *connections()):
+            return AsgiResponse(trouble[:500].encode(), status_code=500)
         if gone := await missing_consumers(broker):
             return AsgiResponse(f"JetStream consumers gone: {', '.join(gone)}"[:500].encode(), status_code=500)
         return AsgiResponse(b"", 204)

@@ -112,7 +112,10 @@ REGISTRY_SELFEDIT_REJECTED = ConsumerSpec("registry-selfedit-rejected", SELFEDIT
 REGISTRY_FEEDBACK = ConsumerSpec("registry-feedback", FEEDBACK_SUBMITTED)
 REGISTRY_FEEDBACK_REJECTED = ConsumerSpec("registry-feedback-rejected", FEEDBACK_REJECTED)
 REGISTRY_POLICY_TRAINED = ConsumerSpec("registry-policy-trained", POLICY_TRAINED)
-REGISTRY_EXHAUSTED = ConsumerSpec("registry-exhausted", MAX_DELIVERIES_ADVISORY, stream=ADVISORIES_STREAM)
+# Tried for about half a day, not 5 minutes: what fails here is storing the copy (the dead-letter
+# stream away), and the message it copies is otherwise lost without a trace.
+REGISTRY_EXHAUSTED = ConsumerSpec("registry-exhausted", MAX_DELIVERIES_ADVISORY, stream=ADVISORIES_STREAM,
+                                  max_deliver=50, backoff=(2, 15, 60, 240, 900))
 
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     GENERATOR_FEEDBACK,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import threading
@@ -189,7 +190,10 @@ async def test_the_first_connect_gives_up_and_says_what_nats_said(nats_server) -
     with pytest.raises(NatsUnreachable, match=f"no connection to NATS at {nobody.url} in 1 s"):
         await asyncio.wait_for(connect_nats(nobody), 15)
     app = service_app(create_broker(nobody, service="test"))
-    with pytest.raises(NatsUnreachable):  # a service's start
+    with pytest.raises(NatsUnreachable, match="in 1 s: .*Connect call failed"):  # a service's start
+        await asyncio.wait_for(app.start(), 15)
+    app = service_app(create_broker(wrong, service="test"))
+    with pytest.raises(NatsUnreachable, match="refused the connection: .*Authorization"):
         await asyncio.wait_for(app.start(), 15)
 
 
@@ -211,3 +215,53 @@ async def test_a_consumer_jetstream_lost_fails_liveness_with_its_name(nats_serve
         await broker.config.connection_state.stream.delete_consumer("SEAL_EVENTS", "test-lost")
         answer = await http.get("/healthz")
     assert answer.status_code == 500 and "SEAL_EVENTS/test-lost" in answer.text, answer.text
+
+
+async def test_a_connection_that_stopped_reconnecting_or_stays_down_fails_liveness(nats_server) -> None:
+    """NATS restarted with another password for the service's user: FastStream ends nats-py's
+    reconnecting on the refusal, and the connection is left neither closed nor connected nor
+    trying. And a connection that keeps trying, down past ``max_disconnected_s``, fails too."""
+    nats_server.passwords = {"svc": "one"}
+    nats_server.stop()
+    nats_server.start()
+    settings = NatsSettings(url=nats_server.url, user="svc", password="one", reconnect_wait_s=0.05,
+                            events_max_bytes=2**26, dead_letters_max_bytes=2**26)
+    await connected(settings)
+    broker = create_broker(settings, service="test")
+    app = service_app(broker)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+            await broker.start()
+            assert (await http.get("/healthz")).status_code == 204
+            nats_server.stop()
+            nats_server.passwords["svc"] = "two"
+            nats_server.start()
+            for _ in range(100):
+                answer = await http.get("/healthz")
+                if answer.status_code != 204:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        with contextlib.suppress(Exception):  # its connection is in no state to drain
+            await broker.stop()
+    assert answer.status_code == 500 and "stopped reconnecting" in answer.text, answer.text
+
+    nats_server.passwords["svc"] = "one"
+    nats_server.stop()
+    nats_server.start()
+    await connected(settings)
+    patient = create_broker(settings.model_copy(update={"max_disconnected_s": 1.0}), service="test")
+    app = service_app(patient)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
+            await patient.start()
+            nats_server.stop()
+            await asyncio.sleep(0.5)
+            first = await http.get("/healthz")  # down, and trying: alive
+            await asyncio.sleep(1.5)
+            later = await http.get("/healthz")
+    finally:
+        with contextlib.suppress(Exception):  # no NATS to drain to
+            await patient.stop()
+    assert first.status_code == 204, first.text
+    assert later.status_code == 500 and "has been down" in later.text, later.text

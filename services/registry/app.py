@@ -22,7 +22,6 @@ from faststream.nats import NatsBroker
 
 from shared import events as ev
 from shared.broker import (
-    closed_for_good,
     connect_broker,
     connect_nats,
     connection_of,
@@ -30,6 +29,7 @@ from shared.broker import (
     durable_subscriber,
     ensure_streams,
     missing_consumers,
+    nats_trouble,
     publish_event,
     reconcile_consumers,
 )
@@ -158,9 +158,8 @@ class Runtime:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.registry.sweep_interval_s)
 
     async def alive(self) -> bool:
-        """Its connections are open: connected, or reconnecting while NATS is away (shared.runtime)."""
-        connection = connection_of(self.broker)
-        if connection is None or closed_for_good(connection, self._nc) is not None:
+        """Its connections are usable (shared.broker.nats_trouble) and its consumers there (shared.runtime)."""
+        if nats_trouble(self.broker, self._nc) is not None:
             return False
         return not await missing_consumers(self.broker)
 
