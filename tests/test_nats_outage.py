@@ -256,7 +256,10 @@ async def test_a_connection_that_stopped_reconnecting_or_stays_down_fails_livene
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as http:
             await patient.start()
             nats_server.stop()
-            await asyncio.sleep(0.5)
+            for _ in range(100):  # until the client has noticed
+                if not patient.connection.is_connected:
+                    break
+                await asyncio.sleep(0.1)
             first = await http.get("/healthz")  # down, and trying: alive
             await asyncio.sleep(1.5)
             later = await http.get("/healthz")
