@@ -26,7 +26,7 @@ from rich.text import Text
 
 from seal.watch import FeedbackProgress, PlatformWatcher
 from shared import events as ev
-from shared.broker import connect_nats
+from shared.connections import connect_nats
 from shared.lora import AdapterHost
 from shared.models import LoadedModel, other_base
 from shared.registry_view import read_active

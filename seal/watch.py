@@ -18,7 +18,7 @@ import nats.js.errors
 from nats.js.api import DeliverPolicy
 
 from shared import events as ev
-from shared.broker import connect_nats
+from shared.connections import connect_nats
 from shared.settings import NatsSettings
 from shared.subjects import EVENTS_PREFIX, subject_for
 

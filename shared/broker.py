@@ -1,5 +1,5 @@
 """The bus: broker factory, stream setup, durable subscribers, publishing (dead letters:
-:mod:`shared.dead_letters`).
+:mod:`shared.dead_letters`; connections and their liveness: :mod:`shared.connections`).
 
 Delivery contract, the same for every service:
 
@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import nats
@@ -42,8 +42,6 @@ from faststream import AckPolicy, BaseMiddleware
 from faststream.exceptions import IncorrectState
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
-from faststream.nats.security import NatsCredentials, NatsToken, NatsUserPassword
-from faststream.security import BaseSecurity
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
@@ -52,137 +50,21 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.trace import TracerProvider
 
 from shared import events as ev
+from shared.connections import (
+    broker_security,
+    connect_nats,
+    connection_of,
+    nats_trouble,
+    note_broker_error,
+    reconnect_options,
+    remember_broker,
+)
 from shared.dead_letters import PUBLISH_ACK_TIMEOUT_S, DeadLetterMiddleware, described, remember_consumer
 from shared.settings import NatsSettings
 from shared.subjects import DLQ_STREAM, EVENTS_STREAM, KV_BUCKETS, KV_MAX_AGE, STREAMS, ConsumerSpec, subject_for
 from shared.telemetry import lineage_of, mark_lineage, root_traceparent
 
 log = logging.getLogger(__name__)
-
-def connect_options(settings: NatsSettings) -> dict[str, Any]:
-    """Keyword arguments for ``nats.connect`` / ``NatsBroker`` from settings."""
-    options: dict[str, Any] = {
-        "connect_timeout": max(1, int(settings.connect_timeout_s)),
-        "reconnect_time_wait": settings.reconnect_wait_s,
-        "max_reconnect_attempts": settings.max_reconnect_attempts,
-    }
-    if settings.user:
-        options["user"] = settings.user
-    if settings.password:
-        options["password"] = settings.password.get_secret_value()
-    if settings.token:
-        options["token"] = settings.token.get_secret_value()
-    if settings.creds_file:
-        options["user_credentials"] = str(settings.creds_file)
-    return options
-
-
-class NatsUnreachable(ConnectionError):
-    """The first connect to NATS did not succeed in ``first_connect_timeout_s``."""
-
-
-def _unreachable(settings: NatsSettings, reason: object) -> NatsUnreachable:
-    said = f": {reason!r}" if reason else " (see the log for what NATS said)"
-    return NatsUnreachable(f"no connection to NATS at {settings.url} in {settings.first_connect_timeout_s:g} s{said}")
-
-
-async def connect_nats(settings: NatsSettings) -> nats.NATS:
-    """A connection to NATS made with :func:`connect_options`.
-
-    Reconnecting for ever (the default) makes nats-py try the first connect for ever too: a wrong
-    address or password would hang a tool, or a service's start, with nothing said. The first
-    connect gives up after ``first_connect_timeout_s`` with what NATS last said instead."""
-    nc = nats.NATS()
-    try:
-        await asyncio.wait_for(nc.connect(settings.url, **connect_options(settings)), settings.first_connect_timeout_s)
-    except TimeoutError:
-        reason = nc.last_error
-        with contextlib.suppress(Exception):
-            await nc.close()
-        raise _unreachable(settings, reason) from None
-    return nc
-
-
-async def connect_broker(broker: NatsBroker) -> None:
-    """Connect ``broker`` (made by :func:`create_broker`), giving up as :func:`connect_nats` does;
-    its start then finds the connection made."""
-    settings = _BROKER_SETTINGS.get(broker)
-    if settings is None:
-        await broker.connect()
-        return
-    try:
-        await asyncio.wait_for(broker.connect(), settings.first_connect_timeout_s)
-    except TimeoutError:
-        raise _unreachable(settings, _BROKER_ERRORS.get(broker)) from None
-    except nats.errors.Error as exc:  # refused (credentials): FastStream gives up on it at once
-        raise NatsUnreachable(f"NATS at {settings.url} refused the connection: {exc!r}") from exc
-
-
-def connection_of(broker: NatsBroker) -> nats.NATS | None:
-    """The broker's connection, or None before it connected and after it stopped."""
-    try:
-        return broker.config.connection_state.connection
-    except IncorrectState:
-        return None
-
-
-def nats_trouble(broker: NatsBroker, *own: nats.NATS | None, now: Callable[[], float] = time.monotonic) -> str | None:
-    """What is wrong for good with the broker's connection or the service's ``own`` ones, else None
-    (one not made yet counts as fine). For liveness: only a restart mends these.
-
-    NATS being away is not one of them: a connection that reconnects comes back by itself, and a
-    restart would end the work in progress. These are:
-
-    * a connection closed: NATS closes one on an error it sends (credentials revoked by a
-      configuration reload), whatever the reconnect settings. The broker's pull consumers then
-      loop without yielding, and the process answers no probe at all, which fails it as well;
-    * one that stopped reconnecting: FastStream's error callback ends nats-py's reconnecting on an
-      error it takes for unrecoverable (NATS restarted with another password), leaving the
-      connection neither closed nor connected nor trying;
-    * one down longer than the settings' ``max_disconnected_s``: it still tries (with credentials
-      NATS no longer takes, say), and what the service publishes meanwhile fills nats-py's buffer,
-      past which the pull consumers' task is restarted in a tight loop."""
-    connection = connection_of(broker)
-    if connection is None:
-        return "not connected to NATS"
-    limit = (_BROKER_SETTINGS.get(broker) or NatsSettings()).max_disconnected_s
-    for nc in (connection, *own):
-        if nc is None:
-            continue
-        if nc.is_closed:
-            return f"a NATS connection is closed ({nc.last_error!r})"
-        if nc.is_connected:
-            _DOWN_SINCE.pop(nc, None)
-            continue
-        down = now() - _DOWN_SINCE.setdefault(nc, now())
-        reconnecting = getattr(nc, "_reconnection_task", None)  # nats-py's own task; None before any loss
-        if reconnecting is not None and reconnecting.done():
-            return f"a NATS connection stopped reconnecting ({nc.last_error!r})"
-        if down > limit:
-            return f"a NATS connection has been down {down:.0f} s, more than {limit:g} ({nc.last_error!r})"
-    return None
-
-
-# When each connection was first seen down by nats_trouble.
-_DOWN_SINCE: weakref.WeakKeyDictionary[nats.NATS, float] = weakref.WeakKeyDictionary()
-
-
-# What connect_options may hold that NatsBroker takes only as its ``security`` (it refuses ``user``
-# and ``password`` outright: every service with credentials failed to start).
-CREDENTIAL_OPTIONS = frozenset({"user", "password", "token", "user_credentials"})
-
-
-def broker_security(options: dict[str, Any]) -> BaseSecurity | None:
-    """The credentials in :func:`connect_options`'s ``options`` as NatsBroker takes them: a
-    credentials file, else a user and password, else a token (one kind; nats-py's own order)."""
-    if options.get("user_credentials"):
-        return NatsCredentials(options["user_credentials"])
-    if options.get("user"):
-        return NatsUserPassword(options["user"], options.get("password", ""))
-    if options.get("token"):
-        return NatsToken(options["token"])
-    return None
-
 
 def create_broker(
     settings: NatsSettings,
@@ -191,11 +73,11 @@ def create_broker(
     tracer_provider: TracerProvider | None = None,
     extra_middlewares: Iterable[Any] = (),
 ) -> NatsBroker:
-    """A NatsBroker with OpenTelemetry propagation and dead-lettering installed."""
-    options = connect_options(settings)
+    """A NatsBroker with OpenTelemetry propagation and dead-lettering installed (connect it with
+    :func:`shared.connections.connect_broker`)."""
 
-    async def noted(error: Exception) -> None:  # for connect_broker's message: FastStream logs none before it connects
-        _BROKER_ERRORS[broker] = error
+    async def noted(error: Exception) -> None:
+        note_broker_error(broker, error)
 
     broker = NatsBroker(
         settings.url,
@@ -207,11 +89,11 @@ def create_broker(
             *extra_middlewares,
         ),
         graceful_timeout=30.0,
-        security=broker_security(options),
+        security=broker_security(settings),
         error_cb=noted,
-        **{key: value for key, value in options.items() if key not in CREDENTIAL_OPTIONS},
+        **reconnect_options(settings),
     )
-    _BROKER_SETTINGS[broker] = settings
+    remember_broker(broker, settings)
     return broker
 
 
@@ -321,6 +203,17 @@ async def missing_consumers(broker: NatsBroker, timeout_s: float = 3.0) -> list[
     return sorted(missing)
 
 
+async def bus_trouble(broker: NatsBroker, *own: nats.NATS | None) -> str | None:
+    """Why the service's bus is broken for good (for liveness), else None: a connection of the broker
+    or of the service's ``own`` that only a restart mends (:func:`shared.connections.nats_trouble`),
+    or durable consumers of the broker JetStream says are gone (:func:`missing_consumers`)."""
+    if trouble := nats_trouble(broker, *own):
+        return trouble
+    if gone := await missing_consumers(broker):
+        return f"JetStream consumers gone: {', '.join(gone)}"
+    return None
+
+
 async def reconcile_consumers(broker: NatsBroker) -> list[str]:
     """Bring the broker's durable consumers that already exist to their specs' ack wait and delivery limit.
 
@@ -394,9 +287,6 @@ def _stream_of(event: ev.Event) -> str:
 
 # The specs each broker subscribes with (reconcile_consumers).
 _BROKER_SPECS: weakref.WeakKeyDictionary[NatsBroker, list[ConsumerSpec]] = weakref.WeakKeyDictionary()
-# The settings each broker was made with (connect_broker, nats_trouble), and its last connection error.
-_BROKER_SETTINGS: weakref.WeakKeyDictionary[NatsBroker, NatsSettings] = weakref.WeakKeyDictionary()
-_BROKER_ERRORS: weakref.WeakKeyDictionary[NatsBroker, Exception] = weakref.WeakKeyDictionary()
 
 
 class TraceRootMiddleware(BaseMiddleware):

@@ -8,7 +8,7 @@ Every service is an ASGI app (``AsgiFastStream``) so Kubernetes can probe it:
   progress) and its own liveness check passes (the evaluator: its base model
   is not left contaminated by an adapter it could not take off), 500
   otherwise: a connection closed, or no longer trying, takes nothing more
-  until the process restarts (:func:`shared.broker.nats_trouble`), nor does a
+  until the process restarts (:func:`shared.connections.nats_trouble`), nor does a
   service whose durable consumers JetStream says are gone
   (:func:`shared.broker.missing_consumers`).
 * ``GET /readyz``: readiness; 200 once the service's own check passes (for
@@ -25,13 +25,8 @@ from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import NatsBroker
 from opentelemetry import baggage
 
-from shared.broker import (
-    connect_broker,
-    missing_consumers,
-    nats_trouble,
-    overdue_work,
-    reconcile_consumers,
-)
+from shared.broker import bus_trouble, overdue_work, reconcile_consumers
+from shared.connections import connect_broker
 from shared.settings import ServiceSettings
 from shared.telemetry import FEEDBACK_ID, current_trace_id
 
@@ -112,10 +107,8 @@ def service_app(
             return AsgiResponse(b"broken", status_code=500)
         if overdue_work:  # a handler past its work limit: hung, and its replica takes nothing else
             return AsgiResponse(f"hung: {sorted(overdue_work)[0]}"[:500].encode(), status_code=500)
-        if trouble := nats_trouble(broker, *connections()):
+        if trouble := await bus_trouble(broker, *connections()):
             return AsgiResponse(trouble[:500].encode(), status_code=500)
-        if gone := await missing_consumers(broker):
-            return AsgiResponse(f"JetStream consumers gone: {', '.join(gone)}"[:500].encode(), status_code=500)
         return AsgiResponse(b"", 204)
 
     async def connected() -> None:  # first: a NATS that cannot be reached is said, not waited for

@@ -40,7 +40,7 @@ class NatsSettings(BaseModel):
     max_reconnect_attempts: int = Field(default=-1, ge=-1)
     # The first connect gives up after this long, saying what NATS said (a wrong address or password).
     first_connect_timeout_s: float = Field(default=30.0, gt=0)
-    # A connection down longer than this fails the service's liveness (shared.broker.nats_trouble).
+    # A connection down longer than this fails the service's liveness (shared.connections.nats_trouble).
     max_disconnected_s: float = Field(default=900.0, gt=0)
     # Replicas of every stream and KV bucket: 3 on a 3-node JetStream cluster.
     stream_replicas: int = Field(default=1, ge=1, le=5)

@@ -16,14 +16,8 @@ import pytest
 
 from seal.stack import free_port, server_binary
 from shared import events as ev
-from shared.broker import (
-    NatsUnreachable,
-    connect_nats,
-    create_broker,
-    durable_subscriber,
-    ensure_streams_at,
-    publish_event,
-)
+from shared.broker import create_broker, durable_subscriber, ensure_streams_at, publish_event
+from shared.connections import NatsUnreachable, connect_nats
 from shared.runtime import service_app
 from shared.settings import NatsSettings
 from shared.subjects import FEEDBACK_SUBMITTED, ConsumerSpec

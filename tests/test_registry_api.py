@@ -37,6 +37,10 @@ class FakeAnswerer:
 WHO = {"operator": "sre-alice", "reason": "tuning"}  # a policy change says who and why
 
 
+async def _fine() -> None:
+    return None
+
+
 async def _true() -> bool:
     return True
 
@@ -52,7 +56,7 @@ async def registry():
     await w.set_policy("acme", candidates=1, approval="manual")
     held = feedback(passage="Held fact.")
     await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=2), w.ledger)
-    app = build_api(Operations(lambda: w.ledger, w.bus, lambda: FakeAnswerer(w.ledger)), _true, _true)
+    app = build_api(Operations(lambda: w.ledger, w.bus, lambda: FakeAnswerer(w.ledger)), _fine, _true)
     return w, app, roots, held
 
 
@@ -70,6 +74,20 @@ def cli(registry, monkeypatch):
         return result
 
     return run
+
+
+def test_liveness_failing_says_why_in_the_answer_and_the_log(caplog) -> None:
+    """An SRE reading a restarted registry's events sees why it was not alive, not a generic word."""
+    w = make_world()
+
+    async def gone() -> str:
+        return "JetStream consumers gone: SEAL_EVENTS/registry-feedback"
+
+    app = build_api(Operations(lambda: w.ledger, w.bus), gone, _true)
+    with TestClient(app) as http, caplog.at_level("WARNING"):
+        answer = http.get("/healthz")
+    assert answer.status_code == 503 and answer.text == "JetStream consumers gone: SEAL_EVENTS/registry-feedback"
+    assert "not alive: JetStream consumers gone: SEAL_EVENTS/registry-feedback" in caplog.text
 
 
 async def test_http_queries_and_errors(registry) -> None:
@@ -372,7 +390,7 @@ def test_cli_lists_and_replays_dead_letters(registry, monkeypatch) -> None:
             return {**entry, "replayed_to": entry["subject"]}
 
     fake = FakeDeadLetters()
-    app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _true, _true)  # type: ignore[arg-type, return-value]
+    app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _fine, _true)  # type: ignore[arg-type, return-value]
     monkeypatch.setattr(client, "client_factory", lambda url: TestClient(app))
     monkeypatch.setattr(dead_letters, "console", Console(width=300))  # one line a row: the text is not folded
     monkeypatch.setenv("SEAL_OPERATOR", "sre-alice")
@@ -409,7 +427,7 @@ async def test_a_step_of_a_decided_feedback_is_replayed_only_when_forced(registr
             return {"sequence": sequence, "replayed_to": "seal.events.x"}
 
     fake = FakeDeadLetters()
-    app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _true, _true)  # type: ignore[arg-type, return-value]
+    app = build_api(Operations(lambda: w.ledger, w.bus, dead_letters=lambda: fake), _fine, _true)  # type: ignore[arg-type, return-value]
     who = {"operator": "sre-alice", "reason": "S3 is back"}
     with TestClient(app) as http:
         states = [e["feedback_state"] for e in http.get("/v1/dead-letters").json()]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-from test_registry_api import FakeAnswerer, _true
+from test_registry_api import FakeAnswerer, _fine, _true
 from test_registry_support import evaluated, feedback, make_world
 from typer.testing import CliRunner
 
@@ -49,7 +49,7 @@ async def guarded():
     held = feedback(passage="Held fact.")
     await handlers.on_adapter_evaluated(evaluated(held, 0, 1, reward=0.3, parent_version=1), w.ledger)
     configured = RegistryConfig.model_validate({"api_tokens": tokens()}).api_tokens
-    app = build_api(Operations(lambda: w.ledger, w.bus, lambda: FakeAnswerer(w.ledger)), _true, _true,
+    app = build_api(Operations(lambda: w.ledger, w.bus, lambda: FakeAnswerer(w.ledger)), _fine, _true,
                     tokens=Tokens(configured))
     return w, app, held
 

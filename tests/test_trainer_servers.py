@@ -25,7 +25,7 @@ from services.trainer.lora_training import LoraTrainer
 from services.trainer.ports import KvParentLedger, ParentCache, StoredAdapters
 from services.trainer.settings import TrainerConfig
 from shared import events as ev
-from shared.broker import connect_options
+from shared.connections import connect_options
 from shared.store import AdapterStore
 from shared.subjects import ADAPTER_TRAINED, EVENTS_STREAM, SELFEDIT_GENERATED
 

@@ -27,13 +27,13 @@ from services.generator.settings import GeneratorSettings
 from services.generator.state import KvLedger, KvScopeState
 from services.generator.writer import SelfEditWriter
 from shared.broker import (
-    connect_nats,
     create_broker,
     durable_subscriber,
     ensure_streams,
     kept_in_progress,
     publish_event,
 )
+from shared.connections import connect_nats
 from shared.events import Event
 from shared.models import load_model
 from shared.registry_view import PolicyAdapterRef

@@ -8,6 +8,7 @@ input) or 503.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -47,6 +48,8 @@ FeedbackPath = Annotated[str, Path(pattern=ID_PATTERN)]
 # Where a product broke the feedback ids' uniqueness: which scope's feedback is meant.
 ScopeQuery = Annotated[str | None, Query(pattern=SCOPE_PATTERN)]
 
+log = logging.getLogger(__name__)
+
 
 def install_error_handlers(app: FastAPI) -> None:
     def handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
@@ -68,13 +71,16 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UnreadableRecord, handler(500))
 
 
-def health_router(alive: Callable[[], Awaitable[bool]], ready: Callable[[], Awaitable[bool]]) -> APIRouter:
+def health_router(trouble: Callable[[], Awaitable[str | None]], ready: Callable[[], Awaitable[bool]]) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> PlainTextResponse:
-        ok = await alive()
-        return PlainTextResponse("ok" if ok else "broker unreachable", status_code=200 if ok else 503)
+        """Liveness: 200, or 503 with why only a restart mends it (said in the log as well)."""
+        if (why := await trouble()) is None:
+            return PlainTextResponse("ok")
+        log.warning("not alive: %s", why)
+        return PlainTextResponse(why[:500], status_code=503)
 
     @router.get("/readyz", response_class=PlainTextResponse)
     async def readyz() -> PlainTextResponse:
@@ -202,7 +208,7 @@ MAX_BODY_BYTES = 4 * 2**20
 
 def build_api(
     ops: Operations,
-    alive: Callable[[], Awaitable[bool]],
+    trouble: Callable[[], Awaitable[str | None]],
     ready: Callable[[], Awaitable[bool]],
     lifespan: Any = None,
     tokens: Tokens | None = None,
@@ -215,6 +221,6 @@ def build_api(
         max_body_size=MAX_BODY_BYTES,
     )
     install_error_handlers(app)
-    app.include_router(health_router(alive, ready))
+    app.include_router(health_router(trouble, ready))
     app.include_router(registry_router(ops, tokens or Tokens()))
     return app

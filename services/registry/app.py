@@ -22,17 +22,14 @@ from faststream.nats import NatsBroker
 
 from shared import events as ev
 from shared.broker import (
-    connect_broker,
-    connect_nats,
-    connection_of,
+    bus_trouble,
     create_broker,
     durable_subscriber,
     ensure_streams,
-    missing_consumers,
-    nats_trouble,
     publish_event,
     reconcile_consumers,
 )
+from shared.connections import connect_broker, connect_nats, connection_of
 from shared.dead_letters import dead_letter_exhausted_deliveries
 from shared.store import AdapterStore
 from shared.subjects import (
@@ -157,11 +154,10 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.registry.sweep_interval_s)
 
-    async def alive(self) -> bool:
-        """Its connections are usable (shared.broker.nats_trouble) and its consumers there (shared.runtime)."""
-        if nats_trouble(self.broker, self._nc) is not None:
-            return False
-        return not await missing_consumers(self.broker)
+    async def trouble(self) -> str | None:
+        """Why the registry is broken for good (for liveness), else None: its bus, as every
+        service's (:func:`shared.broker.bus_trouble`)."""
+        return await bus_trouble(self.broker, self._nc)
 
     async def ready(self) -> bool:
         connection = connection_of(self.broker)
@@ -237,7 +233,7 @@ def create_app(settings: RegistrySettings, ports: AppPorts | None = None) -> Fas
         log.warning("registry API on %s:%d has no tokens (registry.api_tokens): whoever reaches it may "
                     "approve, roll back and change policies", settings.http_host, settings.http_port)
     register_rpc(broker, ops, tokens)  # the same tokens over NATS request-reply
-    app = build_api(ops, runtime.alive, runtime.ready, lifespan=lifespan, tokens=tokens)
+    app = build_api(ops, runtime.trouble, runtime.ready, lifespan=lifespan, tokens=tokens)
     app.state.runtime = runtime
     app.state.broker = broker
     app.state.operations = ops

@@ -31,7 +31,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.trainer import handlers
 from services.trainer.handlers import TrainerPorts
 from services.trainer.settings import TrainerSettings
-from shared.broker import connect_nats, create_broker, durable_subscriber, kept_in_progress, publish_event
+from shared.broker import create_broker, durable_subscriber, kept_in_progress, publish_event
+from shared.connections import connect_nats
 from shared.events import Event, PolicyTrainingRequested, RebaseRequested, SelfEditGenerated
 from shared.runtime import service_app
 from shared.subjects import ConsumerSpec
