@@ -174,8 +174,8 @@ async def rollback(
         await ledger.flush_head(scope)  # an earlier action's events whose publish failed
         await ledger.ports.state.delete(KV_REGISTRY, marker)
         raise Refused(f"v{to_version} is already the active version of {scope}")
-    # From the version active now: a retried request finds a later promotion there, whose probes stay.
-    await ledger.rebuild_probes(scope, head.version)
+    # From the version active when it runs: a promotion landing meanwhile keeps its probes.
+    await ledger.rebuild_probes(scope)
     head = await ledger.flush_head(scope) or head
     await ledger.ports.state.delete(KV_REGISTRY, marker)
     return head

@@ -334,9 +334,9 @@ class Ledger:
     async def _promote(self, record: FeedbackRecord) -> None:
         await promoting.promote(self, record)
 
-    async def rebuild_probes(self, scope: str, version: int) -> None:
-        """probes.<scope> from the chain of versions that ``version`` stands on."""
-        await promoting.rebuild_probes(self, scope, version)
+    async def rebuild_probes(self, scope: str) -> None:
+        """probes.<scope> from the chain of versions the scope's active version stands on."""
+        await promoting.rebuild_probes(self, scope)
 
     async def flush_head(self, scope: str) -> ScopeHead | None:
         """Publish what the scope head's outbox holds (an operator's rollback or pin; :mod:`.head_outbox`)."""

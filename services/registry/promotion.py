@@ -80,10 +80,12 @@ def version_record(
     record: FeedbackRecord,
     cand: CandidateRecord,
     version: int,
-    manifest: AdapterManifest,
+    manifest: AdapterManifest | None,
     registry_trace_id: str | None,
     now: datetime,
 ) -> VersionRecord:
+    """The version's record; ``manifest`` None where the adapter, active already, no longer reads
+    back (its lineage's earlier feedback and its base model are then not recorded)."""
     assert cand.adapter_id is not None and cand.adapter is not None
     return VersionRecord(
         scope=record.scope,
@@ -93,7 +95,7 @@ def version_record(
         parent_version=cand.parent_version,
         parent_adapter_id=cand.parent_adapter_id,
         feedback_id=record.feedback_id,
-        feedback_ids=tuple(dict.fromkeys((record.feedback_id, *manifest.feedback_ids))),
+        feedback_ids=tuple(dict.fromkeys((record.feedback_id, *(manifest.feedback_ids if manifest else ())))),
         candidate_index=cand.index,
         self_edit_id=cand.self_edit_id,
         reward=cand.reward,
@@ -101,10 +103,10 @@ def version_record(
         parent_scores=cand.parent_scores,
         gates=cand.gates,
         evaluation_event_id=cand.evaluation_event_id,
-        trace_id=cand.trace_id or manifest.trace_id,
+        trace_id=cand.trace_id or (manifest.trace_id if manifest else None),
         registry_trace_id=registry_trace_id,
-        base_model=manifest.base_model,
-        base_model_sha256=manifest.base_model_sha256,
+        base_model=manifest.base_model if manifest else None,
+        base_model_sha256=manifest.base_model_sha256 if manifest else None,
         promoted_at=record.decided_at or now,
         approved_by=record.decided_by or "auto",
         probes=record.probes_of(cand),
