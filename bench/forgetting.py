@@ -21,6 +21,16 @@ a few cores do not spin against each other. Both are recorded in the JSON.
 set`` would: ``--policy max_regression_drop=1.0`` lifts the regression gate,
 which shows how much the trained updates themselves forget (SEAL's figure has
 no gate).
+
+``--resume bench/results/forgetting-STAMP.json`` goes on with a stopped run (a
+CPU run of 8 updates takes longer than a working session): the same command
+plus ``--resume``, on the same machine, whose stack folder (``home`` in the
+JSON, or ``--home``) still holds the run's streams and adapters. It measures the
+updates the JSON lacks and rewrites that JSON. What the services held undone
+when the run stopped is dropped; the update that was in flight is rejected (as an
+operator would) and submitted again under another feedback id, so its writer
+draws another sample (its training seed is the scope's, unchanged). The JSON
+says which updates were resumed so.
 """
 
 from __future__ import annotations
@@ -37,12 +47,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import typer  # noqa: E402
 from platform_driver import (  # noqa: E402
     CORE,
     RESULTS,
     add_service_env_option,
     answers_with,
+    bench_feedback_id,
     downloaded,
+    drop_work_in_flight,
     machine_label,
     model_settings_of,
     running_platform,
@@ -109,6 +122,57 @@ def changed_questions(right: list[list[list[bool]]]) -> tuple[list[tuple[int, in
     return lost, gained
 
 
+def resumed_run(parser: argparse.ArgumentParser, args: argparse.Namespace, changes: dict[str, Any],
+                service_env: dict[str, str]) -> dict[str, Any]:
+    """The stopped run's JSON, checked against this command: a resumed run must be the same run."""
+    try:
+        previous = json.loads(args.resume.read_text())
+    except (OSError, ValueError) as exc:
+        parser.error(f"--resume {args.resume}: {exc}")
+    differs = [f"{what}: {mine!r} here, {theirs!r} in the run"
+               for what, mine, theirs in (("seed", args.seed, previous.get("seed")), ("policy", changes, previous.get("policy")),
+                                          ("service environment", service_env, previous.get("service_env")),
+                                          ("updates", len(load_items(args.data)[: args.updates]), previous.get("updates_planned")))
+               if mine != theirs]
+    if differs:
+        parser.error("--resume: not the same run: " + "; ".join(differs))
+    previous["scope"] = previous.get("scope") or args.scope
+    previous["home"] = previous.get("home") or (str(args.home) if args.home else None)
+    if not previous["scope"] or not previous["home"] or not Path(previous["home"]).is_dir():
+        parser.error("--resume: the run's scope and stack folder are needed (--scope, --home: its log's first line names "
+                     "the scope; the folder is /tmp/seal-forgetting-*)")
+    return previous
+
+
+def submitted_before(port_base: int, seed: int, item: Any, times: int) -> tuple[str, object]:
+    """How the first update of a resumed run goes on, as (what, with):
+
+    * ("submit", None): the stopped run had not submitted it;
+    * ("measure", its record): it was decided before the run stopped, not yet measured;
+    * ("again", new feedback id): it was in flight. That feedback is rejected (what it left undone
+      was dropped; a candidate evaluated before the stop would otherwise be promoted at its
+      deadline, in the middle of this update), and the passage goes in again under the new id."""
+    first = bench_feedback_id(seed, item)
+    record = registry_record(port_base, first)
+    for _ in range(60):  # a promotion the stop cut short is finished by the registry's sweep
+        if not isinstance(record, dict) or record.get("state") != "promoting":
+            break
+        time.sleep(5)
+        record = registry_record(port_base, first)
+    if not isinstance(record, dict) or "state" not in record:
+        return "submit", None
+    if record["state"] in ("promoted", "rejected"):
+        return "measure", record
+    try:
+        call(service_url("registry", port_base), "POST", f"/v1/feedback/{first}/reject",
+             {"operator": "bench", "reason": "the benchmark stopped during this update; it is submitted again"})
+    except typer.Exit:  # decided meanwhile (its deadline passed): rejected is all that could become of it
+        record = registry_record(port_base, first)
+        if not isinstance(record, dict) or record.get("state") != "rejected":
+            raise
+    return "again", bench_feedback_id(seed, item, "resumed", times + 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -122,6 +186,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="which sample: the feedback ids (and so the writer's samples) derive from it, and from 1 on "
                              "the training seed is it too (seeded_policy); the same seed repeats a run")
+    parser.add_argument("--resume", type=Path, metavar="JSON",
+                        help="a stopped run's bench/results/forgetting-*.json: go on from its last measured update")
+    parser.add_argument("--home", type=Path, help="with --resume: the run's stack folder, where its JSON does not say")
+    parser.add_argument("--scope", help="with --resume: the run's scope, where its JSON does not say")
     add_service_env_option(parser)
     args = parser.parse_args()
     try:
@@ -135,10 +203,11 @@ def main() -> None:
     stop_on_sigterm()  # a killed run still stops its services and stack
 
     items = load_items(args.data)[: args.updates]
+    previous = resumed_run(parser, args, changes, service_env) if args.resume else {}
     core = load_question_set(args.core)
     lm = load_model(model_settings)
     host = AdapterHost(lm.model)
-    scope = f"forgetting-{time.strftime('%H%M%S')}"
+    scope = previous.get("scope") or f"forgetting-{time.strftime('%H%M%S')}"
     matrix: list[list[int]] = []
     right: list[list[list[bool]]] = []  # right[i][j][q]: after update i, passage j's question q
     # Which of each passage's questions one of its self-generated probes asks for (the probes the
@@ -156,6 +225,13 @@ def main() -> None:
     # reasons, the earlier-feedback questions it forgot among them), for what the report leaves out.
     records: list[object] = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    resumed: list[dict[str, Any]] = []  # the updates submitted again after the run stopped in them
+    home: Path | None = None
+    if previous:
+        matrix, right, core_after = previous["matrix"], previous["right"], previous["core_after"]
+        stages, outcomes, seconds, records = previous["stages"], previous["outcomes"], previous["seconds"], previous["records"]
+        resumed, home = list(previous.get("resumed", [])), Path(previous["home"])
+        stamp = args.resume.stem.removeprefix("forgetting-")
 
     def write_report() -> str:
         """The matrix so far, as JSON and Markdown (rewritten after every update: a long run that
@@ -201,14 +277,23 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"forgetting-{stamp}.md").write_text(table)
         (RESULTS / f"forgetting-{stamp}.json").write_text(
-            json.dumps({"command": " ".join(sys.argv), "seed": args.seed, "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": {"right_after_own_update": own_all, "right_after_last": last_all}, "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": lost, "records": records}, indent=2)
+            json.dumps({"command": previous.get("command") or " ".join(sys.argv), "seed": args.seed, "scope": scope,
+                        "home": str(home) if home else None, "resumed": resumed, "machine": machine_label(lm), "policy": changes, "service_env": service_env, "updates_planned": len(items), "matrix": matrix, "core_after": core_after, "stages": stages, "outcomes": outcomes, "seconds": seconds, "retention": retention, "overall": {"right_after_own_update": own_all, "right_after_last": last_all}, "self_probe_count": probe_count, "covered_by_probes": covered, "right": right, "lost": lost, "records": records}, indent=2)
         )
         return table
 
-    with running_platform(args.model, service_env, "seal-forgetting-") as platform:
+    def drop_undone(stack: object) -> None:
+        if previous:
+            print(f"dropped what the services held undone: {asyncio.run(drop_work_in_flight(stack)) or 'nothing'}", flush=True)
+
+    with running_platform(args.model, service_env, "seal-forgetting-", home=home, before_services=drop_undone) as platform:
         store = platform.store
-        policy = set_scope_policy(platform, scope, changes)  # changes hold the decision timeout at least
-        print(f"scope {scope} policy: {policy}", flush=True)
+        home = platform.stack.data_dir
+        if not previous:
+            policy = set_scope_policy(platform, scope, changes)  # changes hold the decision timeout at least
+            print(f"scope {scope} policy: {policy}", flush=True)
+        else:
+            print(f"scope {scope}: resuming after update {len(matrix)} of {len(items)} ({args.resume})", flush=True)
 
         def score_row(i: int, active: object) -> None:
             """The active version's answers on every passage so far, and on the core set."""
@@ -225,12 +310,28 @@ def main() -> None:
         async def drive() -> None:
             async with PlatformWatcher(platform.stack.nats_settings()) as watcher:
                 for i, item in enumerate(items):
-                    progress, waited = await submit_passage(watcher, scope, item, args.timeout, args.seed)
-                    seconds.append(waited)
-                    stages.append(progress.stage())
-                    outcomes.append(describe_outcome(progress))
+                    if i < len(matrix):
+                        continue  # measured before the run stopped
+                    what, known = ("submit", None)
+                    if previous and i == len(matrix):
+                        what, known = await asyncio.to_thread(submitted_before, platform.port_base, args.seed, item, len(resumed))
+                    if what == "measure":
+                        seconds.append(0.0)  # decided before the run stopped: its time is not known
+                        stages.append(str(known["state"]))  # type: ignore[index]
+                        outcomes.append(f"{known['state']} before the run stopped (measured on resuming)")  # type: ignore[index]
+                        resumed.append({"update": i + 1, "measured_only": True, "command": " ".join(sys.argv)})
+                        progress_id = bench_feedback_id(args.seed, item)
+                    else:
+                        again = known if what == "again" else None
+                        progress, waited = await submit_passage(watcher, scope, item, args.timeout, args.seed, again)  # type: ignore[arg-type]
+                        seconds.append(waited)
+                        stages.append(progress.stage())
+                        outcomes.append(describe_outcome(progress) + (" (resumed: submitted again)" if again else ""))
+                        if again:
+                            resumed.append({"update": i + 1, "feedback_id": again, "command": " ".join(sys.argv)})
+                        progress_id = progress.feedback_id
                     active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
-                    records.append(await asyncio.to_thread(registry_record, platform.port_base, progress.feedback_id))
+                    records.append(await asyncio.to_thread(registry_record, platform.port_base, progress_id))
                     # Off the event loop, so the NATS connections keep answering the server's pings.
                     await asyncio.to_thread(score_row, i, active)
 

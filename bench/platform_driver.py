@@ -17,7 +17,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +84,12 @@ class Platform:
 
 
 @contextmanager
-def running_platform(model: str, service_env: dict[str, str] | None, prefix: str) -> Iterator[Platform]:
-    """Start the stack and the four services in a new folder; stop them however the block ends."""
+def running_platform(model: str, service_env: dict[str, str] | None, prefix: str, home: Path | None = None,
+                     before_services: Callable[[Any], None] | None = None) -> Iterator[Platform]:
+    """Start the stack and the four services, in a new folder or in ``home`` (a stopped run's, to
+    go on with its data: NATS's streams and KV, the stored adapters); stop them however the block
+    ends. ``before_services(stack)`` runs once the stack is up and provisioned, before any
+    service starts."""
     from seal.cli import provision
     from seal.processes import (
         SERVICES,
@@ -97,11 +101,13 @@ def running_platform(model: str, service_env: dict[str, str] | None, prefix: str
     from seal.stack import LocalStack, StackPorts
     from shared.store import AdapterStore
 
-    home = Path(tempfile.mkdtemp(prefix=prefix))
+    home = home or Path(tempfile.mkdtemp(prefix=prefix))
     stack = LocalStack(home, StackPorts.free()).start()
     procs = {}
     try:
         provision(stack)
+        if before_services is not None:
+            before_services(stack)
         (home / "logs").mkdir(exist_ok=True)
         port_base = free_service_port_base()  # beside another stack (a demo, another bench)
         procs = start_services(stack, home, model, SERVICES, port_base, defaults=service_env)
@@ -110,6 +116,45 @@ def running_platform(model: str, service_env: dict[str, str] | None, prefix: str
     finally:
         stop_services(procs)
         stack.stop()
+
+
+async def drop_work_in_flight(stack: Any) -> list[str]:
+    """Terminate what the services' consumers hold undone (a stopped run's trainings and
+    evaluations), so that a resumed run does not spend its CPU on an update it will submit again;
+    what was dropped, by consumer. The registry's own consumers are left: it records, it does not work."""
+    import nats.errors
+
+    from shared.connections import connect_nats
+    from shared.subjects import EVENTS_STREAM
+
+    dropped: list[str] = []
+    nc = await connect_nats(stack.nats_settings())
+    try:
+        js = nc.jetstream()
+        for info in await js.consumers_info(EVENTS_STREAM):
+            name = info.name
+            if name.startswith("registry") or not (info.num_pending or info.num_ack_pending):
+                continue
+            sub = await js.pull_subscribe_bind(durable=name, stream=EVENTS_STREAM)
+            count = 0
+            # A message the stopped run's service held comes back once its ack wait has passed.
+            deadline = time.monotonic() + (info.config.ack_wait or 30.0) + 5.0
+            while time.monotonic() < deadline:
+                try:
+                    messages = await sub.fetch(batch=16, timeout=2)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    messages = []
+                for message in messages:
+                    await message.term()
+                    count += 1
+                now = await js.consumer_info(EVENTS_STREAM, name)
+                if not (now.num_pending or now.num_ack_pending):
+                    break
+            await sub.unsubscribe()
+            dropped.append(f"{name}: {count}")
+    finally:
+        await nc.close()
+    return dropped
 
 
 def set_scope_policy(platform: Platform, scope: str, changes: dict[str, Any]) -> dict[str, Any]:
@@ -121,18 +166,20 @@ def set_scope_policy(platform: Platform, scope: str, changes: dict[str, Any]) ->
                 params={"operator": "bench", "reason": "the benchmark's settings for this run"})
 
 
-async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float, seed: int = 0) -> tuple[Any, float]:
+async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: float, seed: int = 0,
+                         feedback_id: str | None = None) -> tuple[Any, float]:
     """Send a passage (and its title, never its questions) as feedback to ``scope`` and wait for
     its decision: (its progress, as seal.watch sees it; seconds waited). A feedback still open
     after ``timeout`` is returned as it stands.
 
     The feedback id comes from ``seed`` and the passage's id: the generator samples a feedback's
     self-edits from its id, so the same seed gives the same self-edits (a run can be repeated) and
-    another seed another sample of them (how much a result owes to one sample)."""
+    another seed another sample of them (how much a result owes to one sample); ``feedback_id``
+    overrides it (a resumed run's update submitted again)."""
     from shared import events as ev
 
     event = ev.FeedbackSubmitted(
-        feedback_id=ev.derived_id("bench", seed, item.id), scope=scope,
+        feedback_id=feedback_id or bench_feedback_id(seed, item), scope=scope,
         content=ev.KnowledgeFeedback(title=item.title, passage=item.passage), submitted_by="bench",
     )
     started = time.monotonic()
@@ -143,6 +190,13 @@ async def submit_passage(watcher: Any, scope: str, item: DemoItem, timeout: floa
     except TimeoutError:
         pass
     return progress, time.monotonic() - started
+
+
+def bench_feedback_id(seed: int, item: DemoItem, *again: object) -> str:
+    """The feedback id of ``item`` in a run with ``seed``; ``again`` for a resubmission."""
+    from shared import events as ev
+
+    return ev.derived_id("bench", seed, item.id, *again)
 
 
 def add_service_env_option(parser: argparse.ArgumentParser) -> None:

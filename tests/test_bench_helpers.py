@@ -111,3 +111,70 @@ def test_a_seed_from_1_on_samples_the_training_too_and_seed_0_repeats_the_record
     ScopePolicy.model_validate({**ScopePolicy().model_dump(mode="json"), **seeded})  # the registry takes it
     own = {"default_directives": {**defaults, "seed": 7}}
     assert forgetting.seeded_policy(own, 2) == own  # a run's own directives are left as they are
+
+
+def resume_args(tmp_path: Path, run: dict, **extra: object) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "title": f"T{i}", "passage": f"Passage {i}.",
+                                        "questions": [{"question": "Q?", "answer": "A"}]}) + "\n" for i in range(3)))
+    stopped = tmp_path / "forgetting-20261128-062736.json"
+    stopped.write_text(json.dumps(run))
+    parser = argparse.ArgumentParser()
+    parser.exit = lambda status=0, message=None: (_ for _ in ()).throw(SystemExit(message))  # type: ignore[method-assign]
+    values = {"resume": stopped, "seed": 1, "data": data, "updates": 8, "scope": None, "home": None, **extra}
+    return parser, argparse.Namespace(**values)
+
+
+def test_a_resumed_run_must_be_the_same_run_and_finds_its_scope_and_folder(tmp_path: Path) -> None:
+    home = tmp_path / "stack"
+    home.mkdir()
+    run = {"seed": 1, "policy": {"x": 1}, "service_env": {"A": "1"}, "updates_planned": 3, "matrix": [[4]]}
+    parser, args = resume_args(tmp_path, run, scope="forgetting-062736", home=home)
+    previous = forgetting.resumed_run(parser, args, {"x": 1}, {"A": "1"})
+    assert previous["scope"] == "forgetting-062736" and previous["home"] == str(home)
+
+    for changed, said in (({"seed": 2}, "seed: 2 here, 1 in the run"),):
+        parser, args = resume_args(tmp_path, run, scope="s", home=home, **changed)
+        with pytest.raises(SystemExit, match=said):
+            forgetting.resumed_run(parser, args, {"x": 1}, {"A": "1"})
+    parser, args = resume_args(tmp_path, run, scope="s", home=home)
+    with pytest.raises(SystemExit, match="service environment"):
+        forgetting.resumed_run(parser, args, {"x": 1}, {"A": "2"})
+    parser, args = resume_args(tmp_path, run)  # the JSON of a run from before 2026-11-28 names neither
+    with pytest.raises(SystemExit, match="scope and stack folder are needed"):
+        forgetting.resumed_run(parser, args, {"x": 1}, {"A": "1"})
+    parser, args = resume_args(tmp_path, {**run, "scope": "s", "home": str(tmp_path / "gone")})
+    with pytest.raises(SystemExit, match="scope and stack folder are needed"):
+        forgetting.resumed_run(parser, args, {"x": 1}, {"A": "1"})
+
+
+@pytest.mark.servers
+async def test_resuming_drops_what_the_services_held_undone_and_leaves_the_registrys(provisioned_stack) -> None:
+    import nats
+    from nats.js.api import ConsumerConfig
+
+    from shared.subjects import EVENTS_STREAM
+
+    nc = await nats.connect(provisioned_stack.nats_url)
+    try:
+        js = nc.jetstream()
+        worker = await js.pull_subscribe("seal.events.bench.resume.work", durable="bench-resume-worker", stream=EVENTS_STREAM,
+                                         config=ConsumerConfig(ack_wait=1.0))
+        keeper = await js.pull_subscribe("seal.events.bench.resume.work", durable="registry-bench-resume", stream=EVENTS_STREAM)
+        for i in range(3):
+            await js.publish("seal.events.bench.resume.work", b"{}", headers={"Nats-Msg-Id": f"bench-resume-{i}"})
+        [held] = await worker.fetch(1, timeout=5)  # in flight when the run stopped: neither acked nor nak'ed
+        assert held.metadata.num_delivered == 1
+
+        dropped = await platform_driver.drop_work_in_flight(provisioned_stack)
+        assert "bench-resume-worker: 3" in dropped and not any(name.startswith("registry") for name in dropped)
+        worker_info = await js.consumer_info(EVENTS_STREAM, "bench-resume-worker")
+        assert worker_info.num_pending == 0 and worker_info.num_ack_pending == 0
+        keeper_info = await js.consumer_info(EVENTS_STREAM, "registry-bench-resume")
+        assert keeper_info.num_pending == 3
+        await worker.unsubscribe()
+        await keeper.unsubscribe()
+        await js.delete_consumer(EVENTS_STREAM, "bench-resume-worker")
+        await js.delete_consumer(EVENTS_STREAM, "registry-bench-resume")
+    finally:
+        await nc.close()
