@@ -453,13 +453,12 @@ def test_scores_equal_but_for_float_noise_compare_equal() -> None:
 
 
 def test_accepted_probes_stay_within_one_message_however_long_they_are() -> None:
-    from services.registry.promotion import MAX_ACCEPTED_PROBE_CHARS, with_accepted
+    from services.registry.promotion import MAX_ACCEPTED_PROBE_CHARS, newest
+    from shared.registry_view import AcceptedProbes
 
     long = ev.Probe(question="q" * 1000, answer="a" * 1000)  # 2,000 characters
-    accepted = None
-    for i in range(400):  # 800,000 characters offered, fewer than the 500 probes the count allows
-        accepted = with_accepted(accepted, "acme", f"fb-{i}", (long,), 500) or accepted
-    assert accepted is not None
+    # 800,000 characters offered, oldest first, fewer than the 500 probes the count allows
+    accepted = AcceptedProbes(scope="acme", probes=newest(tuple((f"fb-{i}", long) for i in range(400)), 500))
     kept = [fid for fid, _ in accepted.probes]
     assert kept[-1] == "fb-399" and kept == [f"fb-{i}" for i in range(400 - len(kept), 400)]  # the newest, in order
     assert len(accepted.model_dump_json()) < 2 * MAX_ACCEPTED_PROBE_CHARS < 1_000_000

@@ -11,7 +11,7 @@ from test_registry_support import Bus, FakeManifests, evaluated, feedback, make_
 from services.registry import actions, handlers
 from services.registry.ledger import Ledger
 from services.registry.ports import Ports
-from services.registry.records import FeedbackRecord, ScopeHead, feedback_key, head_key, version_key
+from services.registry.records import FeedbackRecord, ScopeHead, VersionRecord, feedback_key, head_key, version_key
 from shared import events as ev
 from shared.registry_view import AcceptedProbes, probes_key
 from shared.subjects import KV_REGISTRY
@@ -85,10 +85,43 @@ async def test_a_rollback_rebuilds_from_the_head_as_it_is_when_it_runs() -> None
     assert await guarded(w) == {"fb1", "fb3"}
 
 
+async def test_a_rollbacks_rebuild_while_a_promotion_has_not_written_its_version_yet() -> None:
+    """The rollback to v2 reads the head when fb4 (trained on v2) has moved it to v4 but not yet
+    written v4's record: the rollback writes nothing then, and fb4's own rebuild, once its record
+    is written, leaves out the rolled-back fb3 and guards fb4."""
+    w = make_world()
+    await promote(w, 1, None)
+    await promote(w, 2, 1)
+    await promote(w, 3, 2)
+    rebuild, put = w.ledger.rebuild_probes, w.state.put
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def pausing_put(bucket: str, key: str, value: Any) -> None:
+        if key == version_key("acme", 4):
+            paused.set()
+            await resume.wait()
+        await put(bucket, key, value)
+
+    async def racing(scope: str) -> None:
+        w.state.put = pausing_put
+        fb4 = asyncio.create_task(promote(w, 4, 2))
+        await paused.wait()  # fb4 moved the head to v4; its record is not written
+        await rebuild(scope)
+        resume.set()
+        await fb4
+
+    w.ledger.rebuild_probes = racing  # type: ignore[method-assign]
+    await actions.rollback(w.ledger, "acme", 2, "sre-alice", "v3 answers wrong", "req-3")
+    w.state.put = put
+    assert (await w.ledger.head("acme")).version == 4  # type: ignore[union-attr]
+    assert await guarded(w) == {"fb1", "fb2", "fb4"}
+
+
 async def test_a_replica_that_finds_the_adapter_gone_leaves_another_replicas_promotion_standing() -> None:
-    """Replica A moves the head to the chosen adapter; replica B, which read the head before that,
-    finds the adapter unreadable and, before, sent the feedback back to be decided: it ended
-    rejected, with its adapter serving as the active version."""
+    """Replica A has read the chosen adapter and is about to move the head; replica B finds the
+    adapter unreadable (deleted meanwhile), sees no head yet, and sends the feedback back to be
+    decided. A's head move lands after: the head is the commit point, so the feedback ends
+    promoted. Before, it ended rejected (or held) with its adapter serving as the active version."""
     w = make_world()
     await w.set_policy("acme", approval="manual")
     f = feedback(feedback_id="F")
@@ -107,27 +140,42 @@ async def test_a_replica_that_finds_the_adapter_gone_leaves_another_replicas_pro
     b_manifests.missing.add(chosen.adapter_id)  # deleted (or damaged) right after A read it
     b = Ledger(Ports(state=w.state, publish=b_bus, manifests=b_manifests, clock=w.clock, trace_id=lambda: None),
                w.ledger.config)
-    put, paused, resume = w.state.put, asyncio.Event(), asyncio.Event()
+    cas, paused, resume = w.state.compare_and_set, asyncio.Event(), asyncio.Event()
 
-    async def pausing_put(bucket: str, key: str, value: Any) -> None:
-        if key.startswith("version.") and not paused.is_set():  # A: the head moved, its version record next
+    async def pausing_cas(bucket: str, key: str, model: Any, change: Any, **kwargs: Any) -> Any:
+        if key == head_key("acme") and not paused.is_set():  # A: the manifest read, the head move next
             paused.set()
             await resume.wait()
-        await put(bucket, key, value)
+        return await cas(bucket, key, model, change, **kwargs)
 
-    w.state.put = pausing_put
+    w.state.compare_and_set = pausing_cas  # type: ignore[method-assign]
     a = asyncio.create_task(w.ledger.settle("acme", "F"))
     await paused.wait()
     await b.settle("acme", "F")
+    assert (await w.ledger.record("acme", "F")).state != "promoting"  # type: ignore[union-attr]  # B sent it back
     resume.set()
     await a
-    w.state.put = put
+    w.state.compare_and_set = cas  # type: ignore[method-assign]
 
     record = await w.ledger.record("acme", "F")
     head = await w.ledger.head("acme")
     assert head is not None and head.version == 1 and head.adapter_id == chosen.adapter_id
-    assert record is not None and record.state == "promoted", (record.state if record else None, record)
+    assert record is not None and record.state == "promoted" and record.version == 1, record
     decided = [e for e in (*w.bus.events, *b_bus.events) if isinstance(e, ev.FeedbackDecided)]
     assert decided and {e.outcome for e in decided} == {"promoted"}, [(e.outcome, e.reasons) for e in decided]
-    assert not [e for e in (*w.bus.events, *b_bus.events) if isinstance(e, ev.AdapterRejected)
-                and e.adapter_id == chosen.adapter_id]
+
+
+async def test_a_replica_that_cannot_read_an_active_adapter_keeps_the_version_record_written_by_one_that_could() -> None:
+    w = make_world()
+    record = await promote(w, 1, None)
+    full = await w.state.read(KV_REGISTRY, version_key("acme", 1), VersionRecord)
+    assert full is not None and full.base_model == "tiny"
+    # A re-run of the promotion (the sweep, after a crash before the record said "promoted") by a
+    # replica whose store read fails now.
+    await w.state.compare_and_set(KV_REGISTRY, feedback_key("acme", "fb1"), FeedbackRecord,
+                                  lambda c: c.model_copy(update={"state": "promoting", "version": None}))
+    chosen = record.candidate(record.chosen)  # type: ignore[arg-type]
+    w.manifests.missing.add(chosen.adapter_id)  # type: ignore[union-attr]
+    await w.ledger.settle("acme", "fb1")
+    assert (await w.ledger.record("acme", "fb1")).state == "promoted"  # type: ignore[union-attr]
+    assert await w.state.read(KV_REGISTRY, version_key("acme", 1), VersionRecord) == full

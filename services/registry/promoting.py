@@ -96,27 +96,34 @@ async def promote(ledger: Ledger, record: FeedbackRecord) -> None:
     version = found.version
     assert version is not None
     tags = pr.version_record(record, cand, version, manifest, ledger.ports.trace_id(), now)
-    await ledger.ports.state.put(KV_REGISTRY, version_key(record.scope, version), tags)
-    await ledger.ports.state.compare_and_set(
-        KV_REGISTRY,
-        probes_key(record.scope),
-        AcceptedProbes,
-        lambda cur: pr.with_accepted(cur, record.scope, record.feedback_id, tags.probes, ledger.config.max_accepted_probes),
-    )
+    if manifest is not None:
+        await ledger.ports.state.put(KV_REGISTRY, version_key(record.scope, version), tags)
+    else:  # never over the record of the replica that did read the manifest
+        await ledger.ports.state.compare_and_set(
+            KV_REGISTRY, version_key(record.scope, version), VersionRecord, lambda cur: tags if cur is None else None
+        )
     head_after = await ledger.head(record.scope)
     if head_after is not None and head_after.outbox:  # a rollback's or pin's events whose publish failed
         await ledger.flush_head(record.scope)
-    if head_after is not None and head_after.version != version:
-        # A rollback (or another promotion) moved the head since this one did, and may have
-        # rebuilt the regression set before these probes went in: rebuild it from the head.
-        await rebuild_probes(ledger, record.scope)
-    await ledger._update(
-        record.scope,
-        record.feedback_id,
-        lambda cur: dc.to_promoted(cur, version, cand.parent_version, now, by)
-        if cur is not None and cur.state == "promoting"
-        else None,
-    )
+    # The regression set from the chain of the head as it is now, this version's record written:
+    # a rebuild by a rollback (or another promotion) that ran while this version's record was
+    # missing wrote nothing, or a set without these probes, and this one puts it right.
+    await rebuild_probes(ledger, record.scope)
+
+    def promoted(cur: FeedbackRecord | None) -> FeedbackRecord | None:
+        if cur is None or cur.state in ("promoted", "rejected"):
+            return None
+        if cur.state != "promoting":
+            # Another replica, which read the head before this one moved it, found the adapter
+            # unreadable and sent the record back to be decided again: the head is the commit
+            # point, and the version stands.
+            now_cand = cur.candidate(cand.index)
+            if now_cand is None or now_cand.adapter_id != cand.adapter_id:
+                return None
+            cur = cur.with_candidate(cand).model_copy(update={"chosen": cand.index, "decided_by": by, "hold": None})
+        return dc.to_promoted(cur, version, cand.parent_version, now, by)
+
+    await ledger._update(record.scope, record.feedback_id, promoted)
 
 
 async def back_off(ledger: Ledger, record: FeedbackRecord, head: ScopeHead | None, now: datetime, pinned: bool) -> None:

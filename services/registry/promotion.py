@@ -113,16 +113,6 @@ def version_record(
     )
 
 
-def with_accepted(
-    current: AcceptedProbes | None, scope: str, feedback_id: str, probes: tuple[ev.Probe, ...], limit: int
-) -> AcceptedProbes | None:
-    """The accepted probes with this feedback's appended (None: nothing to add)."""
-    current = current or AcceptedProbes(scope=scope)
-    if not probes or any(fid == feedback_id for fid, _ in current.probes):
-        return None
-    return current.model_copy(update={"probes": newest((*current.probes, *((feedback_id, p) for p in probes)), limit)})
-
-
 def chain_probes(chain: list[VersionRecord], scope: str, limit: int) -> AcceptedProbes:
     """The accepted probes of a version chain (newest first in ``chain``)."""
     pairs = tuple((v.feedback_id, p) for v in reversed(chain) for p in v.probes)
