@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -134,6 +135,8 @@ def resumed_run(parser: argparse.ArgumentParser, args: argparse.Namespace, chang
                                           ("service environment", service_env, previous.get("service_env")),
                                           ("updates", len(load_items(args.data)[: args.updates]), previous.get("updates_planned")))
                if mine != theirs]
+    if previous.get("command") and not same_run_command(previous["command"], sys.argv):
+        differs.append(f"command: {' '.join(sys.argv)!r} here, {previous['command']!r} in the run")
     if differs:
         parser.error("--resume: not the same run: " + "; ".join(differs))
     previous["scope"] = previous.get("scope") or args.scope
@@ -144,33 +147,61 @@ def resumed_run(parser: argparse.ArgumentParser, args: argparse.Namespace, chang
     return previous
 
 
-def submitted_before(port_base: int, seed: int, item: Any, times: int) -> tuple[str, object]:
-    """How the first update of a resumed run goes on, as (what, with):
+def submitted_before(port_base: int, seed: int, item: Any, update: int, resumed: list[dict[str, Any]]) -> tuple[str, object]:
+    """How update ``update`` (the first of a resumed run) goes on, as (what, with), from what the
+    registry says of its latest feedback id (the first, or the last resubmission ``resumed`` records):
 
     * ("submit", None): the stopped run had not submitted it;
-    * ("measure", its record): it was decided before the run stopped, not yet measured;
-    * ("again", new feedback id): it was in flight. That feedback is rejected (what it left undone
-      was dropped; a candidate evaluated before the stop would otherwise be promoted at its
-      deadline, in the middle of this update), and the passage goes in again under the new id."""
-    first = bench_feedback_id(seed, item)
-    record = registry_record(port_base, first)
+    * ("measure", its record): its outcome came before the run stopped (promoted, held for approval,
+      rejected by its gates), as an uninterrupted run would have measured it;
+    * ("again", a feedback id): it was in flight, or was rejected by its decision timeout while the
+      run was stopped. An open one is rejected first, as an operator would (what it left undone was
+      dropped; a candidate evaluated before the stop would otherwise be promoted at its deadline, in
+      the middle of this update). The id is new, unless the last one recorded never reached the
+      registry (the run stopped between recording and submitting it)."""
+    ids = [bench_feedback_id(seed, item), *(e["feedback_id"] for e in resumed if e.get("update") == update and e.get("feedback_id"))]
+    record = registry_record(port_base, ids[-1])
     for _ in range(60):  # a promotion the stop cut short is finished by the registry's sweep
         if not isinstance(record, dict) or record.get("state") != "promoting":
             break
         time.sleep(5)
-        record = registry_record(port_base, first)
+        record = registry_record(port_base, ids[-1])
     if not isinstance(record, dict) or "state" not in record:
-        return "submit", None
-    if record["state"] in ("promoted", "rejected"):
+        return ("submit", None) if len(ids) == 1 else ("again", ids[-1])
+    if record["state"] in ("promoted", "awaiting_approval") or (record["state"] == "rejected" and not timed_out(record)):
         return "measure", record
-    try:
-        call(service_url("registry", port_base), "POST", f"/v1/feedback/{first}/reject",
-             {"operator": "bench", "reason": "the benchmark stopped during this update; it is submitted again"})
-    except typer.Exit:  # decided meanwhile (its deadline passed): rejected is all that could become of it
-        record = registry_record(port_base, first)
-        if not isinstance(record, dict) or record.get("state") != "rejected":
-            raise
-    return "again", bench_feedback_id(seed, item, "resumed", times + 1)
+    if record["state"] != "rejected":
+        try:
+            call(service_url("registry", port_base), "POST", f"/v1/feedback/{ids[-1]}/reject",
+                 {"operator": "bench", "reason": "the benchmark stopped during this update; it is submitted again"})
+        except typer.Exit:  # decided meanwhile (the registry's first sweep): go by what it decided
+            record = registry_record(port_base, ids[-1])
+            if isinstance(record, dict) and record.get("state") in ("promoted", "awaiting_approval"):
+                return "measure", record
+            if not isinstance(record, dict) or record.get("state") != "rejected":
+                raise
+    return "again", bench_feedback_id(seed, item, "resumed", len(ids))
+
+
+def timed_out(record: dict[str, Any]) -> bool:
+    """Rejected by its decision timeout (services/registry/decision.py says so in its reasons)."""
+    return any("decision timeout" in str(reason) for reason in record.get("reasons") or ())
+
+
+def same_run_command(first: str, now: list[str]) -> bool:
+    """The stopped run's command and this one, without the options that say how to resume."""
+    def essential(tokens: list[str]) -> list[str]:
+        kept, skip = [], False
+        for token in tokens:
+            if skip:
+                skip = False
+            elif token in ("--resume", "--home", "--scope"):
+                skip = True
+            elif not token.startswith(("--resume=", "--home=", "--scope=")):
+                kept.append(token)
+        return kept
+
+    return essential(shlex.split(first)) == essential(list(now))
 
 
 def main() -> None:
@@ -314,21 +345,23 @@ def main() -> None:
                         continue  # measured before the run stopped
                     what, known = ("submit", None)
                     if previous and i == len(matrix):
-                        what, known = await asyncio.to_thread(submitted_before, platform.port_base, args.seed, item, len(resumed))
+                        what, known = await asyncio.to_thread(submitted_before, platform.port_base, args.seed, item, i + 1, resumed)
                     if what == "measure":
                         seconds.append(0.0)  # decided before the run stopped: its time is not known
-                        stages.append(str(known["state"]))  # type: ignore[index]
+                        stages.append(f"{known['state']} v{known['version']}" if known.get("version") else str(known["state"]))  # type: ignore[union-attr, index]
                         outcomes.append(f"{known['state']} before the run stopped (measured on resuming)")  # type: ignore[index]
                         resumed.append({"update": i + 1, "measured_only": True, "command": " ".join(sys.argv)})
-                        progress_id = bench_feedback_id(args.seed, item)
+                        progress_id = str(known["feedback_id"])  # type: ignore[index]
                     else:
                         again = known if what == "again" else None
+                        if again and not any(e.get("feedback_id") == again for e in resumed):
+                            # Recorded before it is sent: a run stopped again in this update finds it.
+                            resumed.append({"update": i + 1, "feedback_id": again, "command": " ".join(sys.argv)})
+                            write_report()
                         progress, waited = await submit_passage(watcher, scope, item, args.timeout, args.seed, again)  # type: ignore[arg-type]
                         seconds.append(waited)
                         stages.append(progress.stage())
                         outcomes.append(describe_outcome(progress) + (" (resumed: submitted again)" if again else ""))
-                        if again:
-                            resumed.append({"update": i + 1, "feedback_id": again, "command": " ".join(sys.argv)})
                         progress_id = progress.feedback_id
                     active = await read_active(watcher.nc.jetstream(), scope)  # type: ignore[union-attr]
                     records.append(await asyncio.to_thread(registry_record, platform.port_base, progress_id))

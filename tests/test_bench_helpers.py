@@ -178,3 +178,41 @@ async def test_resuming_drops_what_the_services_held_undone_and_leaves_the_regis
         await js.delete_consumer(EVENTS_STREAM, "registry-bench-resume")
     finally:
         await nc.close()
+
+
+def test_a_resumed_update_goes_on_by_what_the_registry_says_of_its_latest_feedback(monkeypatch) -> None:
+    item = type("Item", (), {"id": "dev-008"})()
+    first = platform_driver.bench_feedback_id(1, item)
+    states: dict[str, dict] = {}
+    rejected: list[str] = []
+    monkeypatch.setattr(forgetting, "registry_record", lambda port, fid: states.get(fid, {"feedback_id": fid, "unavailable": "404"}))
+    monkeypatch.setattr(forgetting, "call", lambda url, method, path, body: rejected.append(path.split("/")[3]))
+
+    def goes(resumed: list[dict]) -> tuple[str, object]:
+        return forgetting.submitted_before(0, 1, item, 8, resumed)
+
+    assert goes([]) == ("submit", None)  # never submitted
+    states[first] = {"feedback_id": first, "state": "collecting", "reasons": []}
+    what, again = goes([])
+    assert what == "again" and again == platform_driver.bench_feedback_id(1, item, "resumed", 1) and rejected == [first]
+    # Stopped again in the same update: its resubmission is the one to look at, and the next id is new.
+    states[again] = {"feedback_id": again, "state": "collecting", "reasons": []}  # type: ignore[index]
+    what, third = goes([{"update": 8, "feedback_id": again}])
+    assert what == "again" and third not in (first, again) and rejected[-1] == again
+    # Recorded but never sent: sent under that id.
+    assert goes([{"update": 8, "feedback_id": "never-sent"}]) == ("again", "never-sent")
+    # Rejected by its deadline while the run was stopped: submitted again, nothing to reject.
+    states[first] = {"feedback_id": first, "state": "rejected",
+                     "reasons": ["no candidate had an outcome within the decision timeout (3600s): ..."]}
+    before = len(rejected)
+    assert goes([])[0] == "again" and len(rejected) == before
+    # Decided before the stop: measured, as an uninterrupted run would have.
+    for state, reasons in (("promoted", []), ("awaiting_approval", []), ("rejected", ["gain 0.000 < 0.01"])):
+        states[first] = {"feedback_id": first, "state": state, "reasons": reasons}
+        assert goes([]) == ("measure", states[first])
+
+
+def test_a_resumed_run_is_the_same_command_but_for_how_it_resumes() -> None:
+    first = "bench/forgetting.py --data d.jsonl --updates 8 --seed 1"
+    assert forgetting.same_run_command(first, [*first.split(), "--resume", "x.json", "--home=/tmp/h", "--scope", "s"])
+    assert not forgetting.same_run_command(first, ["bench/forgetting.py", "--data", "other.jsonl", "--updates", "8", "--seed", "1"])
